@@ -1,0 +1,57 @@
+# regionshift: `make demo` runs the local world, `make test` runs every check and test.
+# Both set themselves up: a virtual environment in .venv and the Debian packages they use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_SECONDS ?= 50
+# Debian packages: what the tests need, and what the benchmarks compare against.
+TEST_DEBS :=
+BENCH_DEBS := prometheus-blackbox-exporter
+
+.PHONY: demo test check lint typecheck bench install debs-test debs-bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Installs the named Debian packages that are missing (as root, or with sudo when there is one).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+debs-test:
+	$(call apt_install,$(TEST_DEBS))
+
+debs-bench:
+	$(call apt_install,$(BENCH_DEBS))
+
+demo: install
+	$(BIN)/regionshift demo --duration $(DEMO_SECONDS)
+
+lint: install
+	$(BIN)/ruff check controller probes tests bench
+	$(BIN)/ruff format --check controller probes tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck
+
+test: check debs-test
+	$(BIN)/pytest
+
+bench: install debs-bench
+	$(BIN)/python bench/probe_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

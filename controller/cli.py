@@ -1,0 +1,195 @@
+"""The `regionshift` command: run, validate, probe, demo.
+
+Exit codes: 0 success, 1 failure at run time, 2 invalid usage or invalid configuration (with a
+message naming the file, the field and the fix, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from controller import logs
+from controller.api import ListenError
+from controller.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from controller.config import Config
+    from probes.results import Result
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regionshift",
+        description="Cross-region probes, verdicts and (soon) Route 53 traffic shifting.",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="console", choices=["console", "json"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="configuration file (YAML)")
+
+    run = commands.add_parser("run", help="run the daemon: probe, judge, serve the API")
+    with_config(run)
+    run.add_argument("--listen", metavar="HOST:PORT", help="override controller.listen")
+
+    validate = commands.add_parser("validate", help="check a configuration and its policy files")
+    with_config(validate)
+
+    probe = commands.add_parser("probe", help="run the configured probes and print what they see")
+    with_config(probe)
+    probe.add_argument("--once", action="store_true", help="run every probe once, print a table, exit")
+    probe.add_argument("--region", action="append", metavar="NAME", help="only this region (repeatable)")
+
+    demo = commands.add_parser("demo", help="start a local world of three regions and the controller")
+    demo.add_argument("--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this")
+    demo.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="API address (default: a free port)")
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than zero seconds")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        if args.command == "demo":
+            from controller.demo import run_demo  # noqa: PLC0415 - only the demo needs the local world
+
+            return asyncio.run(_until_signal(lambda stop: run_demo(stop, args.duration, args.listen)))
+        config = load_config(args.config)
+        if args.command == "validate":
+            return _validate(args.config, config)
+        if args.command == "probe":
+            return asyncio.run(_probe(config, args.once, args.region))
+        if args.listen:
+            config = config.model_copy(
+                update={"controller": config.controller.model_copy(update={"listen": args.listen})}
+            )
+        return asyncio.run(_until_signal(lambda stop: _run(config, stop)))
+    except ConfigError as exc:
+        print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ListenError as exc:
+        print(f"regionshift: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+async def _until_signal(body: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run `body(stop)` with SIGTERM and SIGINT setting `stop`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await body(stop)
+    except BaseExceptionGroup as group:  # a part that failed inside a TaskGroup
+        failed = group.subgroup(ListenError)
+        if failed is not None:
+            raise _first_leaf(failed) from None
+        raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _first_leaf(group: BaseExceptionGroup[ListenError]) -> ListenError:
+    leaf = group.exceptions[0]
+    return _first_leaf(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
+
+
+async def _run(config: Config, stop: asyncio.Event) -> int:
+    from controller.daemon import Daemon  # noqa: PLC0415 - keep `validate` light
+
+    await Daemon(config).run(stop)
+    return EXIT_OK
+
+
+def _validate(path: str, config: Config) -> int:
+    probes = sum(len(r.probes) for r in config.regions)
+    print(
+        f"{path}: ok: {len(config.regions)} regions, {probes} probes, "
+        f"{len(config.record_sets)} record sets, {len(config.policies)} policy files"
+    )
+    return EXIT_OK
+
+
+async def _probe(config: Config, once: bool, regions: list[str] | None) -> int:  # noqa: FBT001
+    from probes.scheduler import Scheduler, make_prober, run_once  # noqa: PLC0415
+
+    known = [r.name for r in config.regions]
+    for name in regions or []:
+        if name not in known:
+            raise ConfigError(f"--region {name!r}: not in the configuration; known: {', '.join(known)}")
+    vantage = config.controller.vantage
+    probers = [
+        make_prober(spec, r.name, vantage)
+        for r in config.regions
+        if not regions or r.name in regions
+        for spec in r.probes
+    ]
+    if not probers:
+        print("no probes configured", file=sys.stderr)
+        return EXIT_FAILURE
+    if once:
+        results = await run_once(probers, config.controller.max_concurrency)
+        print(format_table(results))
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILURE
+    print(_HEADER)
+    await Scheduler(
+        probers, lambda r: print(_row(r), flush=True), max_concurrency=config.controller.max_concurrency
+    ).run()
+    return EXIT_OK  # pragma: no cover - runs until interrupted
+
+
+_COLUMNS = ("REGION", "PROBE", "OK", "STATUS", "TOTAL", "DNS", "CONNECT", "TLS", "FIRST BYTE", "DETAIL")
+_WIDTHS = (16, 14, 4, 6, 9, 8, 9, 8, 11, 0)
+_HEADER = "".join(c.ljust(w) for c, w in zip(_COLUMNS, _WIDTHS, strict=True)).rstrip()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}ms"
+
+
+def _row(r: Result) -> str:
+    detail = r.error or ""
+    expires = r.extra.get("cert_expires_in_seconds")
+    if expires is not None:
+        detail = (detail + "; " if detail else "") + f"cert expires in {expires / 86400:.0f}d"
+    cells = (
+        r.region,
+        r.probe,
+        "yes" if r.ok else "NO",
+        str(r.status or "-"),
+        _ms(r.latency),
+        _ms(r.phases.get("dns")),
+        _ms(r.phases.get("connect")),
+        _ms(r.phases.get("tls")),
+        _ms(r.phases.get("first_byte")),
+        detail,
+    )
+    return "".join(c.ljust(w) for c, w in zip(cells, _WIDTHS, strict=True)).rstrip()
+
+
+def format_table(results: Sequence[Result]) -> str:
+    failed = sum(not r.ok for r in results)
+    lines = [_HEADER, *(_row(r) for r in results), f"{len(results) - failed} probes passed, {failed} failed"]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Region-tagged Prometheus metrics: the fixed names of DESIGN.md that exist so far.
+
+Instrumentation only: the registry is passed in (tests read values back from it), exposition
+is the HTTP API's job. Series that alerts and dashboards read are pre-created at zero, so a
+rate() over them works before the first failure ever happens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from controller.verdicts import STATUSES
+from probes.results import OUTCOMES
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from prometheus_client.metrics import Counter as CounterChild
+    from prometheus_client.metrics import Histogram as HistogramChild
+
+    from controller.verdicts import Status
+    from probes.results import Result
+
+# Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in
+# a few hundred, and timeouts sit at seconds.
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+_Children = tuple["dict[str, CounterChild]", "HistogramChild"]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.probe_results = Counter(
+            "regionshift_probe_results",
+            "Probe runs by region, probe, vantage and outcome (success, failure, timeout).",
+            ["region", "probe", "vantage", "outcome"],
+            registry=registry,
+        )
+        self.probe_duration = Histogram(
+            "regionshift_probe_duration_seconds",
+            "Probe run duration, start to end or to the failure.",
+            ["region", "probe", "vantage"],
+            buckets=PROBE_BUCKETS,
+            registry=registry,
+        )
+        self.region_status = Gauge(
+            "regionshift_region_status",
+            "1 for the region's current verdict status, 0 for the others.",
+            ["region", "status"],
+            registry=registry,
+        )
+        # Label lookups cost more than the increment: keep each subject's children at hand.
+        self._children: dict[tuple[str, str, str], _Children] = {}
+
+    def precreate(self, subjects: Iterable[tuple[str, str, str]], regions: Iterable[str]) -> None:
+        for subject in subjects:
+            self._subject(*subject)
+        for region in regions:
+            self.set_status(region, "unknown")
+
+    def _subject(self, region: str, probe: str, vantage: str) -> _Children:
+        key = (region, probe, vantage)
+        children = self._children.get(key)
+        if children is None:
+            counters: dict[str, CounterChild] = {
+                o: self.probe_results.labels(region, probe, vantage, o) for o in OUTCOMES
+            }
+            children = (counters, self.probe_duration.labels(region, probe, vantage))
+            self._children[key] = children
+        return children
+
+    def observe(self, result: Result) -> None:
+        counters, duration = self._subject(result.region, result.probe, result.vantage)
+        counters[result.outcome].inc()
+        duration.observe(result.latency)
+
+    def set_status(self, region: str, status: Status) -> None:
+        for s in STATUSES:
+            self.region_status.labels(region, s).set(1 if s == status else 0)

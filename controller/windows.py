@@ -1,0 +1,138 @@
+"""Rolling windows of probe results, one per (region, probe, vantage).
+
+A window keeps the last `span` seconds of outcomes and latencies and answers what detectors
+ask: how many samples, what share succeeded, a latency quantile, how fresh the newest one is.
+Time is passed in (the results' own wall-clock start times and a `now`), so the same windows
+serve the daemon, the tests and the offline benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from probes.results import Result
+
+WindowKey = tuple[str, str, str]  # region, probe, vantage
+
+
+class Sample(NamedTuple):
+    at: float
+    ok: bool
+    latency: float
+    error_class: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    samples: int
+    failures: int
+    errors: dict[str, int]  # error class -> count
+    latencies: tuple[float, ...]  # of successful samples, sorted
+
+    @property
+    def success_ratio(self) -> float:
+        return (self.samples - self.failures) / self.samples if self.samples else math.nan
+
+    def latency_quantile(self, q: float) -> float | None:
+        """Nearest-rank quantile of successful latencies; None without any."""
+        if not self.latencies:
+            return None
+        rank = max(1, math.ceil(q * len(self.latencies)))
+        return self.latencies[rank - 1]
+
+    @classmethod
+    def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
+        n = failures = 0
+        errors: Counter[str] = Counter()
+        latencies = []
+        for s in samples:
+            n += 1
+            if s.ok:
+                latencies.append(s.latency)
+            else:
+                failures += 1
+                errors[s.error_class or "unknown"] += 1
+        latencies.sort()
+        return cls(n, failures, dict(errors), tuple(latencies))
+
+
+class Window:
+    """The results of one (region, probe, vantage) over the last `span` seconds."""
+
+    __slots__ = ("_samples", "last_at", "span")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._samples: deque[Sample] = deque()
+        self.last_at: float | None = None
+
+    def add(self, result: Result) -> None:
+        sample = Sample(result.started_at, result.ok, result.latency, result.error_class)
+        # Results arrive nearly in order; one that is older than the newest goes in its place so
+        # trimming from the left stays correct.
+        if self._samples and sample.at < self._samples[-1].at:
+            items = sorted([*self._samples, sample])
+            self._samples = deque(items)
+        else:
+            self._samples.append(sample)
+        if self.last_at is None or sample.at > self.last_at:
+            self.last_at = sample.at
+        self.trim(sample.at)
+
+    def trim(self, now: float) -> None:
+        horizon = now - self.span
+        samples = self._samples
+        while samples and samples[0].at <= horizon:
+            samples.popleft()
+
+    def samples(self, now: float) -> Iterator[Sample]:
+        """Samples within (now - span, now]."""
+        horizon = now - self.span
+        return (s for s in self._samples if horizon < s.at <= now)
+
+    def last_failed(self, n: int, now: float) -> bool:
+        """Whether the newest `n` samples up to `now` (and there are that many) all failed."""
+        count = 0
+        for sample in reversed(self._samples):
+            if sample.at > now:
+                continue
+            if sample.ok:
+                return False
+            count += 1
+            if count >= n:
+                return True
+        return False
+
+    def age(self, now: float) -> float | None:
+        return None if self.last_at is None else now - self.last_at
+
+
+class WindowStore:
+    """All windows, created on first result."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._windows: dict[WindowKey, Window] = {}
+        self._by_region: dict[str, dict[tuple[str, str], Window]] = {}
+
+    def add(self, result: Result) -> None:
+        key = (result.region, result.probe, result.vantage)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = Window(self.span)
+            self._by_region.setdefault(result.region, {})[(result.probe, result.vantage)] = window
+        window.add(result)
+
+    def region(self, region: str) -> dict[tuple[str, str], Window]:
+        """(probe, vantage) -> window for one region."""
+        return self._by_region.get(region, {})
+
+    def trim(self, now: float) -> None:
+        for window in self._windows.values():
+            window.trim(now)

@@ -1,0 +1,151 @@
+"""The local world: simulated regions on loopback for the demo, the tests and the benchmarks.
+
+Each region is a small aiohttp app with a health path and API paths whose behaviour can be
+changed while it runs: an error ratio on chosen paths, added latency, `/healthz` staying 200
+while the API fails (the partial failure that load-balancer health checks miss), or refusing
+connections altogether. Behaviour can be changed in-process or over HTTP
+(`POST /_world/behaviour`), and each region counts the requests it served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Self
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+API_PATHS = ("/api/orders", "/api/users")
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a simulated region answers. The default is a healthy region."""
+
+    error_ratio: float = 0.0  # share of requests on `error_paths` that fail
+    error_paths: tuple[str, ...] = ("/api/",)  # path prefixes the error ratio applies to
+    error_status: int = 503
+    latency: float = 0.0  # seconds added to every request
+    healthz_ok: bool = True
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Behaviour:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown behaviour fields: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            )
+        if "error_paths" in data:
+            data = {**data, "error_paths": tuple(data["error_paths"])}
+        behaviour = cls(**data)
+        if not 0.0 <= behaviour.error_ratio <= 1.0:
+            raise ValueError("error_ratio must be within 0..1")
+        if behaviour.latency < 0:
+            raise ValueError("latency must not be negative")
+        return behaviour
+
+
+@dataclass
+class SimulatedRegion:
+    """One region's app on 127.0.0.1; use as an async context manager."""
+
+    name: str
+    port: int = 0
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    seed: int | None = None
+    served: Counter[str] = field(default_factory=Counter)  # path -> requests answered
+    _runner: web.AppRunner | None = None
+    _site: web.TCPSite | None = None
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)  # noqa: S311 - simulated faults, not cryptography
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set(self, **changes: Any) -> None:
+        """Change behaviour while running, e.g. `region.set(error_ratio=0.4)`."""
+        self.behaviour = replace(self.behaviour, **changes)
+
+    def heal(self) -> None:
+        self.behaviour = Behaviour()
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_route("*", "/api/{tail:.*}", self._api)
+        app.router.add_get("/_world/behaviour", self._get_behaviour)
+        app.router.add_post("/_world/behaviour", self._set_behaviour)
+        app.router.add_get("/_world/stats", self._stats)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await self.accept()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = self._site = None
+
+    async def refuse(self) -> None:
+        """Stop listening: new connections are refused until `accept()`."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def accept(self) -> None:
+        if self._site is None and self._runner is not None:
+            self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+            await self._site.start()
+            if self.port == 0:  # keep the port the system chose, so accept() after refuse() reuses it
+                self.port = int(self._runner.addresses[0][1])
+
+    async def _delay(self) -> None:
+        if self.behaviour.latency > 0:
+            await asyncio.sleep(self.behaviour.latency)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        await self._delay()
+        self.served[request.path] += 1
+        if not self.behaviour.healthz_ok:
+            return web.Response(status=503, text="unhealthy\n")
+        return web.Response(text="ok\n")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        await self._delay()
+        self.served[request.path] += 1
+        b = self.behaviour
+        failing = any(request.path.startswith(p) for p in b.error_paths)
+        if failing and self._rng.random() < b.error_ratio:
+            return web.json_response({"region": self.name, "error": "injected failure"}, status=b.error_status)
+        return web.json_response({"region": self.name, "path": request.path, "ok": True})
+
+    async def _get_behaviour(self, _: web.Request) -> web.Response:
+        return web.json_response(asdict(self.behaviour))
+
+    async def _set_behaviour(self, request: web.Request) -> web.Response:
+        try:
+            self.behaviour = Behaviour.from_json(await request.json())
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(asdict(self.behaviour))
+
+    async def _stats(self, _: web.Request) -> web.Response:
+        return web.json_response({"region": self.name, "served": dict(self.served)})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

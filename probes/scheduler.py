@@ -1,0 +1,132 @@
+"""Runs every probe on its own schedule and hands each `Result` to a sink.
+
+Each probe has a task of its own that runs, waits for its next tick, and runs again, so a probe
+never overlaps itself and a slow or hanging target delays nobody else. A semaphore bounds how many
+probes are in flight overall. Ticks follow a fixed grid (start + k * interval) moved by a small
+random jitter, so probes neither drift nor fire in lockstep; ticks missed while a run overran are
+skipped and counted, not run in a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from probes.http import HttpProber
+from probes.spec import HttpProbe, TcpProbe
+from probes.tcp import TcpProber
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from probes.results import Result
+
+Prober = HttpProber | TcpProber
+log = structlog.get_logger("regionshift.probes")
+
+# How long past its own timeout a probe may run before the scheduler gives up on it: probe kinds
+# enforce their timeout themselves, this only guards against a bug in one of them.
+OVERRUN_GRACE = 1.0
+
+
+def make_prober(spec: HttpProbe | TcpProbe, region: str, vantage: str) -> Prober:
+    if isinstance(spec, HttpProbe):
+        return HttpProber(spec, region, vantage)
+    if isinstance(spec, TcpProbe):
+        return TcpProber(spec, region, vantage)
+    raise TypeError(f"no prober for {type(spec).__name__}")  # pragma: no cover - union is closed
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    runs: int = 0
+    missed_ticks: int = 0
+    in_flight: int = 0
+
+
+async def run_guarded(prober: Prober) -> Result:
+    """One run; a prober that overruns or raises still yields a failed `Result`, never an exception."""
+    started_at = time.time()
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(prober.spec.timeout + OVERRUN_GRACE):
+            return await prober()
+    except TimeoutError:
+        error_class, error = "timeout", f"probe overran its {prober.spec.timeout:g}s timeout"
+    except Exception as exc:  # one probe's bug must not stop the others
+        log.exception("probe raised", region=prober.subject.region, probe=prober.subject.probe)
+        error_class, error = "internal", f"{type(exc).__name__}: {exc}"
+    return prober.subject.result(
+        started_at, {"total": time.perf_counter() - start}, error_class=error_class, error=error
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        probers: Sequence[Prober],
+        sink: Callable[[Result], None],
+        *,
+        max_concurrency: int = 64,
+        jitter: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.probers = list(probers)
+        self.sink = sink
+        self.jitter = jitter
+        self.stats = ProbeStats()
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    async def run(self) -> None:
+        """Probe forever (until cancelled)."""
+        async with asyncio.TaskGroup() as group:
+            for prober in self.probers:
+                subject = prober.subject
+                group.create_task(self._loop(prober), name=f"probe:{subject.region}/{subject.probe}")
+
+    async def _loop(self, prober: Prober) -> None:
+        loop = asyncio.get_running_loop()
+        interval = prober.spec.interval
+        # Spread first runs over one interval so that probes added together do not fire together.
+        base = loop.time() + self._rng.uniform(0, interval)
+        while True:
+            due = base + self._rng.uniform(-self.jitter, self.jitter) * interval
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await self._run_one(prober)
+            base += interval
+            behind = loop.time() - base
+            if behind > 0:
+                missed = math.ceil(behind / interval)
+                self.stats.missed_ticks += missed
+                base += missed * interval
+
+    async def _run_one(self, prober: Prober) -> None:
+        async with self._slots:
+            self.stats.in_flight += 1
+            try:
+                result = await run_guarded(prober)
+            finally:
+                self.stats.in_flight -= 1
+        self.stats.runs += 1
+        try:
+            self.sink(result)
+        except Exception:
+            log.exception("result sink raised", region=result.region, probe=result.probe)
+
+
+async def run_once(probers: Sequence[Prober], max_concurrency: int = 64) -> list[Result]:
+    """Every probe once, concurrently within the bound; results in the order of `probers`."""
+    slots = asyncio.Semaphore(max_concurrency)
+
+    async def one(prober: Prober) -> Result:
+        async with slots:
+            return await run_guarded(prober)
+
+    return list(await asyncio.gather(*(one(p) for p in probers)))

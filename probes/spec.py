@@ -1,0 +1,148 @@
+"""What a probe is: its kind, target, schedule and expectations, as validated data.
+
+These models are the probe half of the configuration file. They live here, not in
+`controller/`, because the probe engine (and the agents that run it inside regions) must be
+usable without the controller; the controller's configuration imports them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_HINT = "write a number with a unit: ms, s, m, h or d, e.g. '500ms', '30s', '2m' or '1h30m'"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from '250ms', '30s', '2m', '1h30m' (or a bare number of seconds)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")  # noqa: TRY004 - pydantic wants ValueError
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        parts = list(_DURATION_PART.finditer(text))
+        if not text or "".join(p.group(0) for p in parts) != text:
+            raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
+        seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
+    else:
+        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")  # noqa: TRY004 - pydantic wants ValueError
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative; a duration is zero or more")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Strict):
+    """How a probe checks the server's certificate."""
+
+    ca_file: str | None = Field(default=None, description="PEM bundle to trust instead of the system store")
+    insecure_skip_verify: bool = False
+    server_name: str | None = Field(default=None, description="SNI and name to verify; defaults to the Host")
+    min_validity: Duration | None = Field(
+        default=None, description="fail when the certificate expires sooner than this"
+    )
+
+
+class _ProbeBase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    interval: Duration = 10.0
+    timeout: Duration = 5.0
+
+    @model_validator(mode="after")
+    def _timeout_fits_interval(self) -> _ProbeBase:
+        if self.interval <= 0:
+            raise ValueError("interval must be more than zero")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be more than zero")
+        if self.timeout > self.interval:
+            raise ValueError(
+                f"timeout ({self.timeout:g}s) is longer than interval ({self.interval:g}s); "
+                "a probe never overlaps itself, so it would miss its own schedule: shorten the timeout"
+            )
+        return self
+
+
+class HttpProbe(_ProbeBase):
+    """An HTTP(S) request on a fresh connection, timed phase by phase."""
+
+    kind: Literal["http"] = "http"
+    target: str = Field(description="URL, http:// or https://")
+    method: Literal["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    host: str | None = Field(default=None, description="Host header (and SNI) when it differs from the URL")
+    body: str | None = None
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=list, description="accepted status codes; empty means any 2xx"
+    )
+    body_regex: str | None = None
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("target")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has an invalid port") from exc
+        return value
+
+    @field_validator("body_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    def accepts(self, status: int) -> bool:
+        if self.expect_status:
+            return status in self.expect_status
+        return 200 <= status < 300  # noqa: PLR2004 - the 2xx class
+
+
+class TcpProbe(_ProbeBase):
+    """A TCP connection (optionally with a TLS handshake) to host:port."""
+
+    kind: Literal["tcp"] = "tcp"
+    target: str = Field(description="host:port, [v6]:port for IPv6")
+    tls_handshake: bool = False
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("target")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+
+ProbeSpec = Annotated[HttpProbe | TcpProbe, Field(discriminator="kind")]
+
+
+def split_host_port(target: str) -> tuple[str, int]:
+    """('::1', 443) from '[::1]:443'; raises ValueError naming the mistake."""
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{target!r} is not host:port (e.g. 'db.internal:5432' or '[::1]:443')")
+    port = int(port_text)
+    if not 0 < port < 65536:  # noqa: PLR2004 - TCP port range
+        raise ValueError(f"{target!r}: port {port} is outside 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
