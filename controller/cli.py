@@ -161,20 +161,20 @@ async def _probe(config: Config, once: bool, regions: list[str] | None) -> int: 
 
 
 _COLUMNS = ("REGION", "PROBE", "OK", "STATUS", "TOTAL", "DNS", "CONNECT", "TLS", "FIRST BYTE", "DETAIL")
-_WIDTHS = (16, 14, 4, 6, 9, 8, 9, 8, 11, 0)
-_HEADER = "".join(c.ljust(w) for c, w in zip(_COLUMNS, _WIDTHS, strict=True)).rstrip()
+# Widths for streamed rows, which cannot be sized from the content ahead of time.
+_STREAM_WIDTHS = (16, 14, 4, 6, 9, 8, 9, 8, 10, 0)
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}ms"
 
 
-def _row(r: Result) -> str:
+def _cells(r: Result) -> tuple[str, ...]:
     detail = r.error or ""
     expires = r.extra.get("cert_expires_in_seconds")
     if expires is not None:
         detail = (detail + "; " if detail else "") + f"cert expires in {expires / 86400:.0f}d"
-    cells = (
+    return (
         r.region,
         r.probe,
         "yes" if r.ok else "NO",
@@ -186,10 +186,21 @@ def _row(r: Result) -> str:
         _ms(r.phases.get("first_byte")),
         detail,
     )
-    return "".join(c.ljust(w) for c, w in zip(cells, _WIDTHS, strict=True)).rstrip()
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+_HEADER = _line(_COLUMNS, _STREAM_WIDTHS)
+
+
+def _row(r: Result) -> str:
+    return _line(_cells(r), _STREAM_WIDTHS)
 
 
 def format_table(results: Sequence[Result]) -> str:
+    rows = [_COLUMNS, *(_cells(r) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     failed = sum(not r.ok for r in results)
-    lines = [_HEADER, *(_row(r) for r in results), f"{len(results) - failed} probes passed, {failed} failed"]
-    return "\n".join(lines)
+    return "\n".join([*(_line(row, widths) for row in rows), f"{len(results) - failed} probes passed, {failed} failed"])

@@ -87,6 +87,8 @@ class HttpProber:
         self._port = url.port or (443 if self._tls else 80)
         default_port = self._port == (443 if self._tls else 80)
         self._host_header = spec.host or (url.netloc.rsplit("@", 1)[-1] if not default_port else self._host)
+        # The name for SNI and certificate checks is the Host without its port.
+        self._server_name = urlsplit(f"//{self._host_header}").hostname or self._host
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._body = spec.body.encode() if spec.body is not None else b""
         headers = [("Host", self._host_header), ("User-Agent", USER_AGENT), ("Accept", "*/*")]
@@ -107,7 +109,7 @@ class HttpProber:
             async with asyncio.timeout(self.spec.timeout):
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 transport, exchange = await open_connection(
-                    self._host, self._port, lambda: _Exchange(done), phases, self._tls, self._host_header
+                    self._host, self._port, lambda: _Exchange(done), phases, self._tls, self._server_name
                 )
                 try:
                     if self._tls is not None:

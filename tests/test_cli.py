@@ -1,0 +1,75 @@
+"""The `probe` and `demo` commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import REGIONSHIFT
+
+
+def config_for(write, world, extra_probe: str = "") -> str:
+    regions = "".join(
+        f"  - name: {name}\n    probes:\n"
+        f"      - {{kind: http, name: healthz, target: '{r.url}/healthz', timeout: 2s}}\n"
+        f"      - {{kind: tcp, name: port, target: '127.0.0.1:{r.port}'}}\n"
+        for name, r in world.items()
+    )
+    return str(write("regionshift.yaml", "regions:\n" + regions + extra_probe))
+
+
+async def run_cli(*args, env):
+    proc = await asyncio.create_subprocess_exec(
+        REGIONSHIFT, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_probe_once_prints_a_table_and_exits_0_when_all_pass(world, write, cli_env):
+    code, out, err = await run_cli("probe", "-c", config_for(write, world), "--once", env=cli_env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["REGION", "PROBE", "OK", "STATUS"]
+    rows = [line.split()[:4] for line in lines[1:-1]]
+    assert rows == [
+        [region, probe, "yes", status] for region in world for probe, status in (("healthz", "200"), ("port", "-"))
+    ]
+    assert lines[-1] == "6 probes passed, 0 failed"
+
+
+async def test_probe_once_exits_1_and_says_why_when_a_probe_fails(world, write, cli_env):
+    world["eu-west-1"].set(healthz_ok=False)
+    code, out, _ = await run_cli(
+        "probe", "-c", config_for(write, world), "--once", "--region", "eu-west-1", env=cli_env
+    )
+    assert code == 1
+    assert re.search(r"eu-west-1\s+healthz\s+NO\s+503 .*status 503, expected 2xx", out), out
+    assert out.splitlines()[-1] == "1 probes passed, 1 failed"
+
+
+async def test_probe_rejects_an_unknown_region_with_exit_2(world, write, cli_env):
+    code, _, err = await run_cli("probe", "-c", config_for(write, world), "--once", "--region", "mars-1", env=cli_env)
+    assert code == 2
+    assert "--region 'mars-1': not in the configuration" in err
+
+
+async def test_demo_prints_its_api_and_stops_by_itself(cli_env):
+    code, out, err = await run_cli("demo", "--duration", "6", env=cli_env)
+    assert code == 0, err
+    assert re.search(r"^regionshift demo: API at http://127\.0\.0\.1:\d+ ", out, re.MULTILINE), out
+    assert "us-east-1: unknown -> HEALTHY" in out
+    assert "the script needs" in out  # too short to check the script, and it says so
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_demo_plays_its_script_and_checks_the_verdicts(cli_env):
+    code, out, err = await run_cli("demo", "--duration", "46", env=cli_env)
+    assert code == 0, out + err
+    assert "eu-west-1: healthy -> DEGRADED" in out
+    assert re.search(r"ap-southeast-2: \w+ -> UNHEALTHY .*all failed \(refused", out), out
+    assert out.rstrip().endswith("both recovered")

@@ -1,0 +1,283 @@
+"""Configuration: valid files load, broken ones exit 2 naming the file, line, field and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+
+import pytest
+
+from controller.cli import main
+from controller.config import load_config
+from probes.spec import parse_duration
+from tests.conftest import REGIONSHIFT, REPO
+
+EXAMPLE = REPO / "deploy" / "regionshift.example.yaml"
+
+ONE_REGION = "regions:\n  - name: eu-west-1\n"
+
+
+def record_set(member: str, extra: str = "") -> str:
+    return (
+        "regions:\n  - name: eu-west-1\n    residency: EU\n  - name: us-east-1\n    residency: US\n"
+        "  - name: us-west-2\n    type: read-only\n    residency: US\n"
+        "record_sets:\n  - zone_id: Z1ABC\n    name: api.example.com\n" + extra + "    members:\n" + member
+    )
+
+
+def probe(body: str) -> str:
+    return "regions:\n  - name: eu-west-1\n    probes:\n      - " + textwrap.indent(body, "        ").lstrip()
+
+
+# name, file content, (substrings the message must contain: the line, the field path, the fix)
+BROKEN = [
+    ("empty file", "", ("is empty",)),
+    ("only a comment", "# nothing here\n", ("is empty",)),
+    ("broken YAML", "regions: [\n", (":2:1:", "not valid YAML")),
+    ("bad indentation", "regions:\n  - name: a\n   type: full\n", ("not valid YAML",)),
+    ("a list at the top", "- eu-west-1\n", ("must be a mapping", "not a list")),
+    ("no regions", "controller: {}\n", (":1:", "regions", "required but missing")),
+    (
+        "unknown top-level key",
+        ONE_REGION + "regoins: []\n",
+        (":3:", "regoins", "unknown key", "allowed here: controller"),
+    ),
+    (
+        "unknown region key",
+        "regions:\n  - name: a\n    colour: red\n",
+        (":3:", "regions[0].colour", "allowed here: name"),
+    ),
+    (
+        "wrong type",
+        "regions:\n  - name: a\n    type: huge\n",
+        (":3:", "regions[0].type", "'full', 'lightweight' or 'read-only'", "huge"),
+    ),
+    (
+        "max_share not a number",
+        "regions:\n  - name: a\n    max_share: lots\n",
+        ("regions[0].max_share", "valid number"),
+    ),
+    (
+        "max_share over 100",
+        "regions:\n  - name: a\n    max_share: 150\n",
+        ("regions[0].max_share", "less than or equal to 100"),
+    ),
+    ("bad region name", "regions:\n  - name: EU West\n", ("regions[0].name", "should match pattern")),
+    (
+        "duplicate region",
+        "regions:\n  - name: a\n  - name: b\n  - name: a\n",
+        (":4:", "regions[2].name", "duplicate region name 'a'"),
+    ),
+    (
+        "duplicate key",
+        "regions:\n  - name: a\nregions:\n  - name: b\n",
+        (":3:", "key 'regions' twice", "first on line 1"),
+    ),
+    (
+        "member of an unknown region",
+        record_set("      - {set_identifier: x, region: mars-1, value: 192.0.2.1}\n"),
+        (":13:", "record_sets[0].members[0].region", "unknown region 'mars-1'", "known: eu-west-1"),
+    ),
+    (
+        "weight over 255",
+        record_set("      - {set_identifier: x, region: eu-west-1, value: 192.0.2.1, weight: 300}\n"),
+        ("record_sets[0].members[0].weight", "less than or equal to 255", "300"),
+    ),
+    (
+        "negative weight",
+        record_set("      - {set_identifier: x, region: eu-west-1, value: 192.0.2.1, weight: -1}\n"),
+        ("record_sets[0].members[0].weight", "greater than or equal to 0"),
+    ),
+    (
+        "all weights zero",
+        record_set(
+            "      - {set_identifier: x, region: eu-west-1, value: 192.0.2.1, weight: 0}\n"
+            "      - {set_identifier: y, region: us-east-1, value: 192.0.2.2, weight: 0}\n"
+        ),
+        ("record_sets[0].members", "all-zero group", "at least one member"),
+    ),
+    (
+        "TTL out of range",
+        record_set("      - {set_identifier: x, region: eu-west-1, value: 192.0.2.1}\n", "    ttl: 3000000000\n"),
+        (":12:", "record_sets[0].ttl", "less than or equal to 2147483647"),
+    ),
+    (
+        "set identifier too long",
+        record_set("      - {set_identifier: " + "x" * 129 + ", region: eu-west-1, value: 192.0.2.1}\n"),
+        ("record_sets[0].members[0].set_identifier", "at most 128 characters"),
+    ),
+    (
+        "duplicate set identifier",
+        record_set(
+            "      - {set_identifier: x, region: eu-west-1, value: 192.0.2.1}\n"
+            "      - {set_identifier: x, region: us-east-1, value: 192.0.2.2}\n"
+        ),
+        ("record_sets[0].members[1].set_identifier", "duplicate set_identifier 'x'"),
+    ),
+    (
+        "region outside the record set's residency",
+        record_set("      - {set_identifier: x, region: us-east-1, value: 192.0.2.1}\n", "    residency: EU\n"),
+        ("record_sets[0].members[0].region", "residency 'US'", "keeps residency 'EU'"),
+    ),
+    (
+        "read-only region in a record set that takes writes",
+        record_set("      - {set_identifier: x, region: us-west-2, value: 192.0.2.1}\n"),
+        ("record_sets[0].members[0].region", "read-only", "takes_writes: false"),
+    ),
+    (
+        "bad duration",
+        probe("kind: http\nname: h\ntarget: http://a/\ninterval: 5 parsecs\n"),
+        (":7:", "regions[0].probes[0].interval", "'5 parsecs' is not a duration", "e.g. '500ms'"),
+    ),
+    (
+        "timeout longer than interval",
+        probe("kind: http\nname: h\ntarget: http://a/\ninterval: 1s\ntimeout: 2s\n"),
+        ("regions[0].probes[0]", "timeout (2s) is longer than interval (1s)", "shorten the timeout"),
+    ),
+    (
+        "unknown probe kind",
+        probe("kind: icmp\nname: h\n"),
+        (":4:", "regions[0].probes[0]", "unknown probe kind 'icmp'", "http, tcp"),
+    ),
+    ("probe without kind", probe("name: h\ntarget: http://a/\n"), ("regions[0].probes[0]", "needs `kind:`")),
+    (
+        "misspelt probe key",
+        probe("kind: http\nname: h\ntarget: http://a/\ntiemout: 2s\n"),
+        (":7:", "regions[0].probes[0].tiemout", "unknown key", "allowed here:", "timeout"),
+    ),
+    (
+        "not a URL",
+        probe("kind: http\nname: h\ntarget: ftp://a/\n"),
+        ("regions[0].probes[0].target", "not an http:// or https:// URL"),
+    ),
+    (
+        "tcp target without port",
+        probe("kind: tcp\nname: db\ntarget: db.internal\n"),
+        ("regions[0].probes[0].target", "not host:port"),
+    ),
+    (
+        "bad status code",
+        probe("kind: http\nname: h\ntarget: http://a/\nexpect_status: [200, 999]\n"),
+        ("regions[0].probes[0].expect_status[1]", "less than or equal to 599"),
+    ),
+    (
+        "bad regex",
+        probe("kind: http\nname: h\ntarget: http://a/\nbody_regex: '(unclosed'\n"),
+        ("regions[0].probes[0].body_regex", "not a valid regular expression"),
+    ),
+    (
+        "missing policy file",
+        ONE_REGION + "policies: [nope.yaml]\n",
+        (":3:", "policies[0]", "policy file 'nope.yaml' not found"),
+    ),
+    ("policy written inline", ONE_REGION + "policy: {}\n", (":3:", "list policy files under `policies:`")),
+    (
+        "bad listen address",
+        "controller: {listen: 'nowhere'}\n" + ONE_REGION,
+        (":1:", "controller.listen", "not host:port"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_validate_rejects_broken_configuration_with_exit_2_and_names_the_field(name, text, expected, write, capsys):
+    path = write("regionshift.yaml", text)
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    for part in expected:
+        assert part in err, f"{name}: {part!r} not in {err!r}"
+    assert "Traceback" not in err
+
+
+def test_policy_errors_name_the_policy_file_and_field(write, capsys):
+    write("verdicts.yaml", "verdicts:\n  window: forever\n")
+    path = write("regionshift.yaml", ONE_REGION + "policies: [verdicts.yaml]\n")
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "verdicts.yaml:2: verdicts.window: 'forever' is not a duration" in err
+
+
+def test_policy_thresholds_out_of_order_are_rejected(write, capsys):
+    write("verdicts.yaml", "verdicts:\n  degraded_below: 0.5\n  unhealthy_below: 0.9\n")
+    path = write("regionshift.yaml", ONE_REGION + "policies: [verdicts.yaml]\n")
+    assert main(["validate", "-c", str(path)]) == 2
+    assert "must pass through degraded before unhealthy" in capsys.readouterr().err
+
+
+def test_a_policy_section_defined_in_two_files_is_rejected(write, capsys):
+    write("a.yaml", "verdicts: {window: 30s}\n")
+    write("b.yaml", "verdicts: {window: 60s}\n")
+    path = write("regionshift.yaml", ONE_REGION + "policies: [a.yaml, b.yaml]\n")
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "b.yaml: section 'verdicts' is also defined in" in err
+    assert "a.yaml" in err
+
+
+def test_missing_configuration_file_exits_2(tmp_path, capsys):
+    assert main(["validate", "-c", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: configuration file not found" in capsys.readouterr().err
+
+
+def test_a_directory_is_not_a_configuration(tmp_path, capsys):
+    assert main(["validate", "-c", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_shipped_example_configuration_is_valid_and_loads_its_policy(capsys):
+    assert main(["validate", "-c", str(EXAMPLE)]) == 0
+    assert "ok: 3 regions, 5 probes, 2 record sets, 1 policy files" in capsys.readouterr().out
+    config = load_config(EXAMPLE)
+    assert config.policy.verdicts.window == 60.0
+    assert config.policy.verdicts.down_after == 3
+    orders = config.region("us-east-1").probes[1]
+    assert orders.tls.min_validity == 14 * 86400
+
+
+def test_defaults_fill_what_the_file_leaves_out(write):
+    config = load_config(write("regionshift.yaml", ONE_REGION))
+    region = config.regions[0]
+    assert (region.type, region.max_share, region.residency) == ("full", 100.0, None)
+    assert config.controller.listen == "127.0.0.1:9181"
+    assert config.policy.verdicts.degraded_below == 0.95
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30.0), ("2m", 120.0), ("1h30m", 5400.0), ("1d", 86400.0), (5, 5.0), ("1.5s", 1.5)],
+)
+def test_durations_parse_to_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5 parsecs", "", "10", "s", "1x", "-5s", "1s2", True])
+def test_bad_durations_are_refused_with_the_accepted_forms(text):
+    with pytest.raises(ValueError, match=r"duration|negative"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["validate"], "the following arguments are required: -c/--config"),
+        (["launch"], "invalid choice: 'launch'"),
+        (["demo", "--duration", "soon"], "'soon' is not a number of seconds"),
+    ],
+)
+def test_bad_usage_exits_2_with_usage(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_console_script_reports_a_broken_configuration_without_traceback(write, cli_env):
+    path = write("regionshift.yaml", "regions:\n  - name: a\n    type: huge\n")
+    proc = subprocess.run(
+        [REGIONSHIFT, "validate", "-c", str(path)], capture_output=True, text=True, env=cli_env, check=False
+    )
+    assert proc.returncode == 2
+    assert f"{path}:3: regions[0].type:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""

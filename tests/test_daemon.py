@@ -1,0 +1,230 @@
+"""The daemon against simulated regions: probes, verdicts, metrics, state API, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.config import Config, ControllerSettings, Policy, Region, VerdictPolicy
+from controller.daemon import Daemon
+from controller.world import free_port
+from probes.spec import HttpProbe
+from tests.conftest import REGIONSHIFT
+
+FAST = VerdictPolicy(window=3, stale_after=1, min_samples=5, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
+
+
+def world_config(world, policy=FAST, interval=0.1) -> Config:
+    def probes(r):
+        return [
+            HttpProbe(name="healthz", target=r.url + "/healthz", interval=interval, timeout=interval),
+            HttpProbe(name="orders", target=r.url + "/api/orders", interval=interval, timeout=interval),
+        ]
+
+    return Config(
+        controller=ControllerSettings(listen="127.0.0.1:0", tick=0.1),
+        regions=[Region(name=name, probes=probes(r)) for name, r in world.items()],
+        policy=Policy(verdicts=policy),
+    )
+
+
+class Running:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self.daemon.run(self.stop), name="daemon under test")
+        await asyncio.wait_for(self.daemon.started.wait(), 5)
+        self.http = aiohttp.ClientSession(self.daemon.url)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.close()
+        self.stop.set()
+        await asyncio.wait_for(self.task, 5)
+
+    async def status_becomes(self, region: str, status: str, within: float = 5.0) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            verdict = self.daemon.judge.verdicts.get(region)
+            if verdict is not None and verdict.status == status:
+                return
+            await asyncio.sleep(0.05)
+        verdict = self.daemon.judge.verdicts.get(region)
+        pytest.fail(f"{region} did not become {status} within {within}s; it is {verdict}")
+
+
+async def test_daemon_judges_each_region_and_flags_a_partial_failure_by_path(world):
+    daemon = Daemon(world_config(world))
+    async with Running(daemon) as running:
+        for name in world:
+            await running.status_becomes(name, "healthy")
+        world["eu-west-1"].set(error_ratio=0.4)  # /api/ fails 40%, /healthz stays 200
+        await running.status_becomes("eu-west-1", "degraded")
+        reasons = daemon.judge.verdicts["eu-west-1"].reasons
+        assert any(r.startswith("orders: ") and "status x" in r for r in reasons), reasons
+        assert not any(r.startswith("healthz") for r in reasons)
+        assert daemon.judge.verdicts["us-east-1"].status == "healthy"
+
+        await world["ap-southeast-2"].refuse()
+        await running.status_becomes("ap-southeast-2", "unhealthy", within=3)
+        await world["ap-southeast-2"].accept()
+        world["eu-west-1"].heal()
+        await running.status_becomes("eu-west-1", "healthy", within=8)
+        await running.status_becomes("ap-southeast-2", "healthy", within=8)
+
+
+async def test_metrics_carry_the_fixed_names_with_region_labels(world):
+    daemon = Daemon(world_config(world))
+    async with Running(daemon) as running:
+        await running.status_becomes("us-east-1", "healthy")
+        response = await running.http.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+
+    results = families["regionshift_probe_results"].samples
+    ok = [s for s in results if s.name == "regionshift_probe_results_total" and s.labels["outcome"] == "success"]
+    assert {(s.labels["region"], s.labels["probe"], s.labels["vantage"]) for s in ok} == {
+        (r, p, "controller") for r in world for p in ("healthz", "orders")
+    }
+    assert all(s.value > 0 for s in ok)
+    # Outcome series exist before the first failure, for rate() in alerts and dashboards.
+    assert {s.labels["outcome"] for s in results if s.name.endswith("_total")} == {"success", "failure", "timeout"}
+
+    duration = families["regionshift_probe_duration_seconds"].samples
+    counts = [s for s in duration if s.name == "regionshift_probe_duration_seconds_count"]
+    assert {s.labels["region"] for s in counts} == set(world)
+
+    status = {(s.labels["region"], s.labels["status"]): s.value for s in families["regionshift_region_status"].samples}
+    assert status[("us-east-1", "healthy")] == 1
+    assert status[("us-east-1", "unknown")] == 0
+    assert sum(v for (region, _), v in status.items() if region == "us-east-1") == 1
+
+
+async def test_metric_values_match_the_probes_that_ran(world):
+    daemon = Daemon(world_config(world))
+    async with Running(daemon) as running:
+        await running.status_becomes("us-east-1", "healthy")
+    value = daemon.registry.get_sample_value(
+        "regionshift_probe_results_total",
+        {"region": "us-east-1", "probe": "healthz", "vantage": "controller", "outcome": "success"},
+    )
+    served = world["us-east-1"].served["/healthz"]
+    # Every probe the region answered was counted once; at most one was cut off by the stop
+    # after the region answered and before its result was recorded.
+    assert value is not None
+    assert served - value in (0, 1)
+
+
+async def test_state_api_shows_regions_verdicts_record_sets_and_events(world):
+    daemon = Daemon(world_config(world))
+    async with Running(daemon) as running:
+        await running.status_becomes("eu-west-1", "healthy")
+        world["eu-west-1"].set(error_ratio=1.0)
+        await running.status_becomes("eu-west-1", "degraded")
+        response = await running.http.get("/api/v1/state")
+        assert response.status == 200
+        state = await response.json()
+        health = await running.http.get("/healthz")
+        assert (health.status, await health.json()) == (200, {"status": "ok"})
+
+    regions = {r["name"]: r for r in state["regions"]}
+    assert set(regions) == set(world)
+    eu = regions["eu-west-1"]
+    assert eu["verdict"]["status"] == "degraded"
+    assert eu["verdict"]["evidence"]["threshold"]["orders"]["errors"]["status"] > 0
+    assert [p["name"] for p in eu["probes"]] == ["healthz", "orders"]
+    kinds = [(e["region"], e["from"], e["to"]) for e in state["events"] if e["region"] == "eu-west-1"]
+    assert kinds == [
+        ("eu-west-1", None, "unknown"),
+        ("eu-west-1", "unknown", "healthy"),
+        ("eu-west-1", "healthy", "degraded"),
+    ]
+    assert state["record_sets"] == []
+    assert state["ramps"] == []
+
+
+async def test_stopping_ends_every_task_in_order(world):
+    daemon = Daemon(world_config(world))
+    async with Running(daemon) as running:
+        await running.status_becomes("us-east-1", "healthy")
+    assert all(t.done() for t in daemon._tasks)
+    assert daemon.scheduler.stats.in_flight == 0
+    # The autouse fixture fails this test if any task is left running.
+
+
+def start_daemon(write, world_urls: dict[str, str], port: int, env):
+    probe = "{{kind: http, name: healthz, target: '{url}/healthz', interval: 200ms, timeout: 200ms}}"
+    probes = "".join(
+        f"  - name: {name}\n    probes:\n      - {probe.format(url=url)}\n" for name, url in world_urls.items()
+    )
+    path = write("regionshift.yaml", f"controller: {{listen: '127.0.0.1:{port}', tick: 100ms}}\nregions:\n{probes}")
+    return subprocess.Popen(
+        [REGIONSHIFT, "--log-format", "json", "run", "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+async def wait_for_json(url: str, within: float = 10.0) -> dict:
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as response:
+                    return await response.json()
+            except aiohttp.ClientConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_run_command_serves_and_shuts_down_cleanly_on_signal(world, write, cli_env, sig):
+    port = free_port()
+    proc = start_daemon(write, {n: r.url for n, r in world.items()}, port, cli_env)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            state = await wait_for_json(f"http://127.0.0.1:{port}/api/v1/state")
+            if all(r["verdict"] and r["verdict"]["status"] == "healthy" for r in state["regions"]):
+                break
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    events = [json.loads(line)["event"] for line in err.splitlines()]
+    assert events[0] == "started"
+    assert events[-2:] == ["stopping", "stopped"]
+    assert "verdict changed" in events
+
+
+async def test_run_command_reports_a_port_in_use_and_exits_1(world, write, cli_env):
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        proc = start_daemon(write, {"eu-west-1": world["eu-west-1"].url}, port, cli_env)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+    assert proc.returncode == 1
+    assert f"regionshift: cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err

@@ -1,0 +1,135 @@
+"""The scheduler: each probe on its own interval, never overlapping itself, bounded overall."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from types import SimpleNamespace
+
+from probes.http import HttpProber
+from probes.results import Result, Subject
+from probes.scheduler import Scheduler, run_guarded, run_once
+from probes.spec import HttpProbe
+
+
+class FakeProber:
+    """Takes `duration` seconds a run and records when runs overlap."""
+
+    def __init__(self, name: str, interval: float, duration: float, timeout: float | None = None) -> None:
+        self.spec = SimpleNamespace(name=name, interval=interval, timeout=timeout or interval)
+        self.subject = Subject("eu-west-1", name, "controller")
+        self.duration = duration
+        self.running = 0
+        self.max_running = 0
+        self.starts: list[float] = []
+
+    async def __call__(self) -> Result:
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.starts.append(time.monotonic())
+        try:
+            await asyncio.sleep(self.duration)
+        finally:
+            self.running -= 1
+        return self.subject.result(time.time(), {"total": self.duration})
+
+
+async def run_for(scheduler: Scheduler, seconds: float) -> None:
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_each_probe_runs_on_its_interval_and_every_result_reaches_the_sink():
+    fast, slow = FakeProber("fast", 0.1, 0.0), FakeProber("slow", 0.4, 0.0)
+    results: list[Result] = []
+    scheduler = Scheduler([fast, slow], results.append, jitter=0.0)
+    await run_for(scheduler, 1.25)
+    # First runs are spread over one interval, then one run per interval.
+    assert 10 <= len(fast.starts) <= 13
+    assert 3 <= len(slow.starts) <= 4
+    gaps = [b - a for a, b in itertools.pairwise(fast.starts)]
+    assert all(0.05 < g < 0.2 for g in gaps), gaps
+    assert len(results) == scheduler.stats.runs == len(fast.starts) + len(slow.starts)
+
+
+async def test_a_probe_never_overlaps_itself_and_skips_the_ticks_it_missed():
+    overrunning = FakeProber("overrun", interval=0.1, duration=0.25)
+    scheduler = Scheduler([overrunning], lambda r: None, jitter=0.0)
+    await run_for(scheduler, 1.0)
+    assert overrunning.max_running == 1
+    assert 3 <= len(overrunning.starts) <= 5  # about 1.0 / 0.3, never a burst of catch-up runs
+    assert scheduler.stats.missed_ticks >= 4
+
+
+async def test_concurrency_is_bounded_across_probes():
+    probers = [FakeProber(f"p{i}", interval=0.2, duration=0.15) for i in range(20)]
+    peak = 0
+
+    def sink(_: Result) -> None:
+        nonlocal peak
+        peak = max(peak, sum(p.running for p in probers))
+
+    in_flight = []
+    scheduler = Scheduler(probers, sink, max_concurrency=4, jitter=0.0)
+
+    async def watch():
+        while True:
+            in_flight.append(scheduler.stats.in_flight)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await run_for(scheduler, 1.0)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    assert max(in_flight) == 4
+    assert peak <= 4
+
+
+async def test_a_hanging_target_does_not_delay_the_other_probes(region, silent_port):
+    hanging = HttpProber(
+        HttpProbe(name="hang", target=f"http://127.0.0.1:{silent_port}/", interval=1, timeout=0.9),
+        "ap-southeast-2",
+        "controller",
+    )
+    healthy = HttpProber(
+        HttpProbe(name="healthz", target=region.url + "/healthz", interval=0.1, timeout=0.1), "eu-west-1", "controller"
+    )
+    results: list[Result] = []
+    scheduler = Scheduler([hanging, healthy], results.append, jitter=0.0)
+    await run_for(scheduler, 1.5)
+    healthy_runs = sorted(r.started_at for r in results if r.probe == "healthz")
+    assert all(r.ok for r in results if r.probe == "healthz")
+    assert len(healthy_runs) >= 12
+    assert max(b - a for a, b in itertools.pairwise(healthy_runs)) < 0.25
+    timeouts = [r for r in results if r.probe == "hang"]
+    assert timeouts, "the hanging probe should have timed out at least once"
+    assert all(r.error_class == "timeout" for r in timeouts)
+
+
+async def test_a_prober_that_overruns_or_raises_still_yields_a_failed_result(monkeypatch):
+    class Broken(FakeProber):
+        async def __call__(self) -> Result:
+            raise RuntimeError("bug in a probe kind")
+
+    broken = await run_guarded(Broken("broken", interval=1, duration=0))
+    assert (broken.ok, broken.error_class, broken.error) == (False, "internal", "RuntimeError: bug in a probe kind")
+    monkeypatch.setattr("probes.scheduler.OVERRUN_GRACE", 0.05)
+    overran = await run_guarded(FakeProber("stuck", interval=1, duration=10, timeout=0.05))
+    assert (overran.ok, overran.error_class) == (False, "timeout")
+    assert overran.error == "probe overran its 0.05s timeout"
+
+
+async def test_run_once_returns_results_in_probe_order(world):
+    probers = [
+        HttpProber(HttpProbe(name="healthz", target=r.url + "/healthz"), name, "controller")
+        for name, r in world.items()
+    ]
+    results = await run_once(probers, max_concurrency=2)
+    assert [r.region for r in results] == list(world)
+    assert all(r.ok for r in results)

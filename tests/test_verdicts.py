@@ -1,0 +1,232 @@
+"""Windows and verdicts: pure functions of results and the clock, checked with exact values."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.config import LatencyObjective, VerdictPolicy
+from controller.verdicts import Assessment, Judge, ThresholdDetector, combine
+from controller.windows import Window, WindowStats, WindowStore
+from probes.results import Result
+
+T0 = 1_800_000_000.0
+POLICY = VerdictPolicy(
+    window=60,
+    stale_after=30,
+    min_samples=5,
+    degraded_below=0.95,
+    unhealthy_below=0.5,
+    down_after=3,
+    latency=LatencyObjective(quantile=0.9, threshold=0.5),
+)
+
+
+def result(
+    at: float,
+    ok: bool = True,
+    *,
+    probe: str = "api",
+    region: str = "eu-west-1",
+    vantage: str = "controller",
+    latency: float = 0.05,
+    error_class: str | None = None,
+) -> Result:
+    return Result(
+        region=region,
+        probe=probe,
+        vantage=vantage,
+        started_at=at,
+        ok=ok,
+        latency=latency,
+        error_class=error_class if not ok else None,
+    )
+
+
+def feed(store: WindowStore, results: list[Result]) -> None:
+    for r in results:
+        store.add(r)
+
+
+def judge_once(results: list[Result], now: float, probes=("api",), policy=POLICY):
+    store = WindowStore(policy.window)
+    feed(store, results)
+    judge = Judge([ThresholdDetector(policy)], {"eu-west-1": tuple(probes)})
+    judge.judge(store, now)
+    return judge.verdicts["eu-west-1"]
+
+
+# --- windows -------------------------------------------------------------------------------------
+
+
+def test_window_keeps_only_the_last_span_seconds():
+    window = Window(span=10)
+    for i in range(20):
+        window.add(result(T0 + i, ok=i % 2 == 0))
+    stats = WindowStats.pooled(window.samples(T0 + 19))
+    assert stats.samples == 10  # T0+10 .. T0+19
+    assert stats.failures == 5
+    assert stats.success_ratio == 0.5
+    assert window.age(T0 + 25) == 6
+
+
+def test_window_accepts_a_late_result_in_its_place():
+    window = Window(span=10)
+    window.add(result(T0 + 5))
+    window.add(result(T0 + 2, ok=False, error_class="timeout"))
+    window.add(result(T0 + 6))
+    assert [s.at for s in window.samples(T0 + 6)] == [T0 + 2, T0 + 5, T0 + 6]
+    assert window.last_at == T0 + 6
+
+
+def test_latency_quantile_is_nearest_rank_over_successes_only():
+    stats = WindowStats.pooled(
+        Window_samples(
+            [result(T0 + i, latency=(i + 1) / 10) for i in range(10)] + [result(T0 + 11, ok=False, latency=9.0)]
+        )
+    )
+    assert stats.latency_quantile(0.9) == pytest.approx(0.9)
+    assert stats.latency_quantile(0.5) == pytest.approx(0.5)
+    assert stats.errors == {"unknown": 1}
+
+
+def Window_samples(results):  # noqa: N802 - reads as a constructor in the test above
+    window = Window(span=100)
+    for r in results:
+        window.add(r)
+    return window.samples(T0 + 50)
+
+
+def test_last_failed_needs_that_many_consecutive_failures():
+    window = Window(span=60)
+    for i, ok in enumerate([True, False, False]):
+        window.add(result(T0 + i, ok=ok, error_class="refused"))
+    assert not window.last_failed(3, T0 + 2)
+    window.add(result(T0 + 3, ok=False, error_class="refused"))
+    assert window.last_failed(3, T0 + 3)
+
+
+# --- the threshold detector ----------------------------------------------------------------------
+
+
+def test_a_region_without_results_is_unknown_never_healthy():
+    verdict = judge_once([], T0)
+    assert verdict.status == "unknown"
+    assert verdict.reasons == ("api: no result yet",)
+
+
+def test_stale_results_make_the_region_unknown():
+    results = [result(T0 + i) for i in range(10)]
+    assert judge_once(results, T0 + 10).status == "healthy"
+    stale = judge_once(results, T0 + 9 + 31)
+    assert stale.status == "unknown"
+    assert stale.reasons == ("api: no result in the last 30s",)
+
+
+def test_too_few_samples_are_not_judged():
+    verdict = judge_once([result(T0 + i) for i in range(4)], T0 + 4)
+    assert verdict.status == "unknown"
+    assert verdict.reasons == ("api: only 4 of 5 results needed to judge",)
+
+
+def test_all_passing_probes_make_a_healthy_region_with_evidence():
+    verdict = judge_once([result(T0 + i, latency=0.1) for i in range(20)], T0 + 20)
+    assert verdict.status == "healthy"
+    assert verdict.reasons == ()
+    evidence = verdict.evidence["threshold"]["api"]
+    assert evidence == {
+        "vantages": ["controller"],
+        "last_result_age": 1.0,
+        "samples": 20,
+        "failures": 0,
+        "success_ratio": 1.0,
+        "errors": {},
+        "latency_p90": 0.1,
+    }
+
+
+def test_partial_failure_on_one_path_while_healthz_passes_is_degraded_and_names_the_path():
+    results = [result(T0 + i, probe="healthz") for i in range(20)]
+    results += [result(T0 + i, probe="orders", ok=i % 5 >= 2, error_class="status") for i in range(20)]  # 40% fail
+    verdict = judge_once(results, T0 + 20, probes=("healthz", "orders"))
+    assert verdict.status == "degraded"
+    assert verdict.reasons == ("orders: 60% of 20 probes succeeded over 60s from controller (status x8), below 95%",)
+
+
+def test_every_probe_below_the_unhealthy_ratio_makes_the_region_unhealthy():
+    results = [
+        result(T0 + i, probe=p, ok=i % 4 == 0, error_class="status") for p in ("healthz", "api") for i in range(20)
+    ]
+    verdict = judge_once(results, T0 + 20, probes=("healthz", "api"))
+    assert verdict.status == "unhealthy"
+    assert len(verdict.reasons) == 2
+
+
+def test_consecutive_failures_make_a_down_region_unhealthy_before_its_window_fills():
+    results = [result(T0 + i) for i in range(30)]
+    results += [result(T0 + 30 + i, ok=False, error_class="refused") for i in range(3)]
+    verdict = judge_once(results, T0 + 33)
+    assert verdict.status == "unhealthy"
+    assert verdict.reasons == ("api: the last 3 results from controller all failed (refused x3)",)
+
+
+def test_slow_probe_is_degraded():
+    results = [result(T0 + i, latency=0.8 if i % 5 == 0 else 0.1) for i in range(20)]  # p90 = 0.8
+    verdict = judge_once(results, T0 + 20)
+    assert verdict.status == "degraded"
+    assert verdict.reasons == ("api: latency_p90 800ms over 60s exceeds 500ms",)
+
+
+def test_vantages_are_pooled_and_listed():
+    results = [result(T0 + i, vantage=v) for v in ("controller", "agent-eu-west-1") for i in range(5)]
+    verdict = judge_once(results, T0 + 5)
+    assert verdict.status == "healthy"
+    assert verdict.evidence["threshold"]["api"]["vantages"] == ["agent-eu-west-1", "controller"]
+    assert verdict.evidence["threshold"]["api"]["samples"] == 10
+
+
+def test_a_failing_probe_outweighs_a_stale_one():
+    results = [result(T0 + i, probe="orders", ok=False, error_class="status") for i in range(10)]
+    results += [result(T0 - 100, probe="healthz")]
+    verdict = judge_once(results, T0 + 10, probes=("healthz", "orders"))
+    assert verdict.status == "degraded"  # known bad beats unknown; not unhealthy while healthz is unjudged
+
+
+def test_judge_keeps_since_and_reports_only_transitions():
+    store = WindowStore(POLICY.window)
+    judge = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)})
+    assert [t.verdict.status for t in judge.judge(store, T0)] == ["unknown"]
+    feed(store, [result(T0 + i) for i in range(5)])
+    transitions = judge.judge(store, T0 + 5)
+    assert [(t.previous, t.verdict.status) for t in transitions] == [("unknown", "healthy")]
+    assert judge.judge(store, T0 + 6) == []
+    assert judge.verdicts["eu-west-1"].since == T0 + 5
+    assert judge.verdicts["eu-west-1"].at == T0 + 6
+
+
+@pytest.mark.parametrize(
+    ("statuses", "combined"),
+    [
+        ((), "unknown"),
+        (("healthy", "healthy"), "healthy"),
+        (("healthy", "unknown"), "unknown"),
+        (("unknown", "degraded"), "degraded"),
+        (("degraded", "unhealthy", "healthy"), "unhealthy"),
+    ],
+)
+def test_detectors_combine_with_failure_over_ignorance_over_health(statuses, combined):
+    assert combine(Assessment(s) for s in statuses) == combined
+
+
+@given(st.lists(st.tuples(st.floats(0, 120), st.booleans()), max_size=60), st.floats(0, 200))
+def test_no_fresh_data_is_never_healthy(outcomes, now):
+    results = [result(T0 + at, ok=ok, error_class="status") for at, ok in outcomes]
+    verdict = judge_once(results, T0 + now)
+    fresh = [at for at, _ in outcomes if 0 <= now - at <= POLICY.stale_after]
+    if not fresh:
+        assert verdict.status == "unknown"
+    if verdict.status == "healthy":
+        in_window = [ok for at, ok in outcomes if now - POLICY.window < at <= now]
+        assert len(in_window) >= POLICY.min_samples
+        assert sum(in_window) / len(in_window) >= POLICY.degraded_below
