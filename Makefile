@@ -9,7 +9,7 @@ DEMO_SECONDS ?= 50
 TEST_DEBS :=
 BENCH_DEBS := prometheus-blackbox-exporter
 
-.PHONY: demo test check lint typecheck bench install debs-test debs-bench clean
+.PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-check: lint typecheck
+layers: install
+	$(BIN)/lint-imports --no-cache
+
+check: lint typecheck layers
 
 test: check debs-test
 	$(BIN)/pytest

@@ -96,7 +96,8 @@ class HttpProber:
         headers.append(("Connection", "close"))
         if self._body or spec.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", str(len(self._body))))
-        self._headers = headers
+        # Built (and validated by h11) once: every run sends the same request.
+        self._request_event = h11.Request(method=spec.method, target=self._path, headers=headers)
         self._regex = re.compile(spec.body_regex) if spec.body_regex else None
 
     async def __call__(self) -> Result:
@@ -136,7 +137,7 @@ class HttpProber:
         )
 
     def _request(self, parser: h11.Connection) -> bytes:
-        data = parser.send(h11.Request(method=self.spec.method, target=self._path, headers=self._headers)) or b""
+        data = parser.send(self._request_event) or b""
         if self._body:
             data += parser.send(h11.Data(data=self._body)) or b""
         return data + (parser.send(h11.EndOfMessage()) or b"")
