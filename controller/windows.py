@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from probes.results import Result
 
 WindowKey = tuple[str, str, str]  # region, probe, vantage
+# Samples one window keeps at most between two trims: a probe every 10 ms for 100 s. It bounds
+# memory when results arrive faster than anyone trims; real probes never come near it.
+MAX_SAMPLES = 10_000
 
 
 class Sample(NamedTuple):
@@ -65,25 +68,24 @@ class WindowStats:
 class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds."""
 
-    __slots__ = ("_samples", "last_at", "span")
+    __slots__ = ("_samples", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
         self._samples: deque[Sample] = deque()
-        self.last_at: float | None = None
 
     def add(self, result: Result) -> None:
+        """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
+        skewed agent) cannot push out samples that are still current."""
         sample = Sample(result.started_at, result.ok, result.latency, result.error_class)
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the left stays correct.
         if self._samples and sample.at < self._samples[-1].at:
-            items = sorted([*self._samples, sample])
-            self._samples = deque(items)
+            self._samples = deque(sorted([*self._samples, sample]))
         else:
             self._samples.append(sample)
-        if self.last_at is None or sample.at > self.last_at:
-            self.last_at = sample.at
-        self.trim(sample.at)
+        if len(self._samples) > MAX_SAMPLES:
+            self._samples.popleft()
 
     def trim(self, now: float) -> None:
         horizon = now - self.span
@@ -97,12 +99,13 @@ class Window:
         return (s for s in self._samples if horizon < s.at <= now)
 
     def last_failed(self, n: int, now: float) -> bool:
-        """Whether the newest `n` samples up to `now` (and there are that many) all failed."""
+        """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""
         count = 0
+        horizon = now - self.span
         for sample in reversed(self._samples):
             if sample.at > now:
                 continue
-            if sample.ok:
+            if sample.ok or sample.at <= horizon:
                 return False
             count += 1
             if count >= n:
@@ -110,7 +113,11 @@ class Window:
         return False
 
     def age(self, now: float) -> float | None:
-        return None if self.last_at is None else now - self.last_at
+        """Seconds since the newest sample at or before `now` (one stamped later does not count yet)."""
+        for sample in reversed(self._samples):
+            if sample.at <= now:
+                return now - sample.at
+        return None
 
 
 class WindowStore:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.config import LatencyObjective, VerdictPolicy
 from controller.verdicts import Assessment, Judge, ThresholdDetector, combine
-from controller.windows import Window, WindowStats, WindowStore
+from controller.windows import MAX_SAMPLES, Window, WindowStats, WindowStore
 from probes.results import Result
 
 T0 = 1_800_000_000.0
@@ -69,6 +69,17 @@ def test_window_keeps_only_the_last_span_seconds():
     assert stats.failures == 5
     assert stats.success_ratio == 0.5
     assert window.age(T0 + 25) == 6
+    window.trim(T0 + 25)
+    assert [s.at for s in window.samples(T0 + 25)] == [T0 + i for i in range(16, 20)]
+
+
+def test_window_memory_is_bounded_between_trims():
+    window = Window(span=10**6)
+    for i in range(MAX_SAMPLES + 5):
+        window.add(result(T0 + i * 0.001))
+    samples = list(window.samples(T0 + 100))
+    assert len(samples) == MAX_SAMPLES
+    assert samples[0].at == T0 + 5 * 0.001  # the oldest went first
 
 
 def test_window_accepts_a_late_result_in_its_place():
@@ -77,7 +88,7 @@ def test_window_accepts_a_late_result_in_its_place():
     window.add(result(T0 + 2, ok=False, error_class="timeout"))
     window.add(result(T0 + 6))
     assert [s.at for s in window.samples(T0 + 6)] == [T0 + 2, T0 + 5, T0 + 6]
-    assert window.last_at == T0 + 6
+    assert window.age(T0 + 6) == 0
 
 
 def test_latency_quantile_is_nearest_rank_over_successes_only():
@@ -96,6 +107,15 @@ def Window_samples(results):  # noqa: N802 - reads as a constructor in the test 
     for r in results:
         window.add(r)
     return window.samples(T0 + 50)
+
+
+def test_a_result_stamped_after_now_does_not_make_old_data_fresh():
+    # Three failures 31s old (stale) and one stamped a second in the future (a skewed clock).
+    results = [result(T0, ok=False, error_class="refused") for _ in range(3)]
+    results.append(result(T0 + 32, ok=False, error_class="refused"))
+    verdict = judge_once(results, T0 + 31)
+    assert verdict.status == "unknown"
+    assert verdict.reasons == ("api: no result in the last 30s",)
 
 
 def test_last_failed_needs_that_many_consecutive_failures():
@@ -219,14 +239,16 @@ def test_detectors_combine_with_failure_over_ignorance_over_health(statuses, com
     assert combine(Assessment(s) for s in statuses) == combined
 
 
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 120), st.booleans()), max_size=60), st.floats(0, 200))
 def test_no_fresh_data_is_never_healthy(outcomes, now):
-    results = [result(T0 + at, ok=ok, error_class="status") for at, ok in outcomes]
-    verdict = judge_once(results, T0 + now)
-    fresh = [at for at, _ in outcomes if 0 <= now - at <= POLICY.stale_after]
+    stamped = [(T0 + at, ok) for at, ok in outcomes]  # judge the same floats the code sees
+    now = T0 + now
+    verdict = judge_once([result(at, ok=ok, error_class="status") for at, ok in stamped], now)
+    fresh = [at for at, _ in stamped if 0 <= now - at <= POLICY.stale_after]
     if not fresh:
         assert verdict.status == "unknown"
     if verdict.status == "healthy":
-        in_window = [ok for at, ok in outcomes if now - POLICY.window < at <= now]
+        in_window = [ok for at, ok in stamped if now - POLICY.window < at <= now]
         assert len(in_window) >= POLICY.min_samples
         assert sum(in_window) / len(in_window) >= POLICY.degraded_below
