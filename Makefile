@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_SECONDS ?= 50
 # Debian packages: what the tests need, and what the benchmarks compare against.
-TEST_DEBS :=
+TEST_DEBS := prometheus
 BENCH_DEBS := prometheus-blackbox-exporter
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("regionshift.daemon")
 EVENT_HISTORY = 500
+# A failing probe is logged as recovered after this many passes in a row, so a probe that
+# fails every other run logs once, not on every result.
+RECOVERED_AFTER = 3
 
 
 class Daemon:
@@ -63,7 +66,7 @@ class Daemon:
         self.listeners: list[Callable[[Transition], None]] = []
         self.started = asyncio.Event()
         self.url: str | None = None
-        self._last_ok: dict[tuple[str, str, str], bool] = {}
+        self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- the flow: results -> windows -> verdicts ------------------------------------------
@@ -73,10 +76,9 @@ class Daemon:
         self.windows.add(result)
         self.metrics.observe(result)
         key = (result.region, result.probe, result.vantage)
-        if self._last_ok.get(key, True) != result.ok:
-            if result.ok:
-                log.info("probe recovered", region=result.region, probe=result.probe, vantage=result.vantage)
-            else:
+        failing = self._passes_since_failure
+        if not result.ok:
+            if key not in failing:
                 log.info(
                     "probe failing",
                     region=result.region,
@@ -85,7 +87,18 @@ class Daemon:
                     error_class=result.error_class,
                     error=result.error,
                 )
-        self._last_ok[key] = result.ok
+            failing[key] = 0
+        elif key in failing:
+            failing[key] += 1
+            if failing[key] >= RECOVERED_AFTER:
+                del failing[key]
+                log.info(
+                    "probe recovered",
+                    region=result.region,
+                    probe=result.probe,
+                    vantage=result.vantage,
+                    passes=RECOVERED_AFTER,
+                )
 
     def tick(self) -> list[Transition]:
         """Recompute every verdict now; log, count and announce the ones that changed."""

@@ -103,12 +103,11 @@ class HttpProber:
     async def __call__(self) -> Result:
         started_at = time.time()
         phases = Phases()
-        exchange: _Exchange | None = None
         status: int | None = None
         extra: dict[str, object] = {}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(self.spec.timeout):
-                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 transport, exchange = await open_connection(
                     self._host, self._port, lambda: _Exchange(done), phases, self._tls, self._server_name
                 )
@@ -123,8 +122,7 @@ class HttpProber:
                 # h11 yields the Response event before EndOfMessage, so it is set once `done` is.
                 assert exchange.response is not None  # noqa: S101
                 status = exchange.response.status_code
-                first = exchange.first_byte_at or sent_at
-                phases.durations["first_byte"] = first - sent_at
+                phases.durations["first_byte"] = (exchange.first_byte_at or sent_at) - sent_at
                 self._check(status, exchange.body)
         except TimeoutError:
             error_class, error = "timeout", phases.timeout_message(self.spec.timeout)
@@ -132,6 +130,11 @@ class HttpProber:
             error_class, error = exc.error_class, str(exc)
         else:
             return self.subject.result(started_at, phases.finish(), status=status, extra=extra)
+        finally:
+            # The connection closes after this returns; its protocol must find `done` settled
+            # rather than leave an exception on a future nobody awaits any more.
+            if not done.done():
+                done.cancel()
         return self.subject.result(
             started_at, phases.finish(), status=status, error_class=error_class, error=error, extra=extra
         )

@@ -12,9 +12,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller import logs
 from controller.config import Config, ControllerSettings, Policy, Region, VerdictPolicy
 from controller.daemon import Daemon
 from controller.world import free_port
+from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 
@@ -228,3 +230,19 @@ async def test_run_command_reports_a_port_in_use_and_exits_1(world, write, cli_e
     assert proc.returncode == 1
     assert f"regionshift: cannot listen on 127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def test_a_flapping_probe_logs_failing_once_and_recovered_after_consecutive_passes(world, capsys):
+    logs.configure("info", "json")
+    daemon = Daemon(world_config(world))
+
+    def outcome(ok: bool, at: float) -> Result:
+        return Result("eu-west-1", "orders", "controller", at, ok, 0.01, error_class=None if ok else "status")
+
+    for i, ok in enumerate([False, True, False, True, True, False, True, True, True, True]):
+        daemon.record(outcome(ok, 1000.0 + i))
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(e["event"], e.get("error_class")) for e in lines] == [
+        ("probe failing", "status"),
+        ("probe recovered", None),
+    ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import gc
 
 import pytest
 import pytest_asyncio
@@ -204,3 +207,19 @@ async def test_tcp_probe_times_out_on_a_silent_tls_peer(silent_port):
 @pytest.mark.parametrize("target", ["[::1]:443", "db.internal:5432"])
 def test_tcp_targets_accept_host_port_forms(target):
     assert TcpProbe(name="t", target=target).target == target
+
+
+async def test_failed_and_cancelled_probes_leave_no_unretrieved_exceptions(tls_server, silent_port):
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    assert (await http(tls_server.url + "/")()).error_class == "tls"  # handshake refused
+    task = asyncio.create_task(http(f"http://127.0.0.1:{silent_port}/", timeout=5, interval=10)())
+    await asyncio.sleep(0.1)
+    task.cancel()  # as when the daemon stops mid-probe
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    gc.collect()
+    loop.set_exception_handler(None)
+    assert reported == []

@@ -1,0 +1,64 @@
+"""The simulated regions: behaviour changed in-process or over HTTP while they run."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from controller.config import LatencyObjective, VerdictPolicy
+from controller.verdicts import Judge, ThresholdDetector
+from controller.windows import WindowStore
+from probes.http import HttpProber
+from probes.spec import HttpProbe
+
+
+def prober(url: str, name: str = "p") -> HttpProber:
+    return HttpProber(HttpProbe(name=name, target=url, timeout=2), "eu-west-1", "controller")
+
+
+async def test_added_latency_slows_every_answer_and_makes_the_region_degraded(region):
+    region.set(latency=0.2)
+    store = WindowStore(60)
+    for _ in range(5):
+        result = await prober(region.url + "/api/orders", "orders")()
+        assert result.ok
+        assert 0.2 <= result.phases["first_byte"] < 1.0
+        store.add(result)
+    policy = VerdictPolicy(min_samples=5, latency=LatencyObjective(quantile=0.9, threshold=0.1))
+    judge = Judge([ThresholdDetector(policy)], {"eu-west-1": ("orders",)})
+    judge.judge(store, result.started_at + 1)
+    verdict = judge.verdicts["eu-west-1"]
+    assert verdict.status == "degraded"
+    assert verdict.reasons[0].startswith("orders: latency_p90 2")
+    assert verdict.reasons[0].endswith("exceeds 100ms")
+
+
+async def test_error_ratio_applies_only_to_the_chosen_paths(region):
+    region.set(error_ratio=1.0, error_paths=("/api/users",))
+    assert (await prober(region.url + "/api/orders")()).ok
+    assert (await prober(region.url + "/healthz")()).ok
+    failed = await prober(region.url + "/api/users")()
+    assert (failed.ok, failed.status) == (False, 503)
+
+
+async def test_behaviour_changes_over_http_and_bad_changes_are_refused(region):
+    async with aiohttp.ClientSession(region.url) as http:
+        async with http.post("/_world/behaviour", json={"error_ratio": 1.0, "healthz_ok": False}) as response:
+            assert response.status == 200
+            assert (await response.json())["error_ratio"] == 1.0
+        assert not (await prober(region.url + "/healthz")()).ok
+        assert not (await prober(region.url + "/api/orders")()).ok
+
+        async with http.post("/_world/behaviour", json={"colour": "red"}) as response:
+            assert response.status == 400
+            assert "unknown behaviour fields: colour" in (await response.json())["error"]
+        async with http.post("/_world/behaviour", json={"error_ratio": 2}) as response:
+            assert response.status == 400
+        async with http.get("/_world/behaviour") as response:
+            assert (await response.json())["healthz_ok"] is False  # the refused changes changed nothing
+
+        async with http.post("/_world/behaviour", json={}) as response:  # heals
+            assert response.status == 200
+        assert (await prober(region.url + "/healthz")()).ok
+        async with http.get("/_world/stats") as response:
+            stats = await response.json()
+    assert stats == {"region": "eu-west-1", "served": {"/healthz": 2, "/api/orders": 1}}
