@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from probes.spec import Duration, ProbeSpec
+from probes.spec import Duration, HttpProbe, ProbeSpec, TcpProbe
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -248,9 +248,11 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{path}: is a directory, not a {what} file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the {what} file: {exc}") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        # One parse: the node tree locates errors by line, the data is built from the same tree.
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -258,6 +260,8 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
     return data, node
 
 
@@ -286,8 +290,9 @@ def _dotted(loc: Sequence[int | str]) -> str:
     return out or "(top level)"
 
 
-# The parts of a pydantic error location that name a union member, not a field.
-_UNION_TAGS = {"http", "tcp"}
+# Probe kinds by their `kind:` tag; pydantic puts the tag in error locations, not a field name.
+_PROBE_KINDS: dict[str, type[BaseModel]] = {"http": HttpProbe, "tcp": TcpProbe}
+_KIND_LIST = ", ".join(_PROBE_KINDS)
 
 
 def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) -> str:
@@ -300,9 +305,9 @@ def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) 
         return "required but missing"
     if kind == "union_tag_invalid":
         given = error["input"].get("kind") if isinstance(error["input"], dict) else error["input"]
-        return f"unknown probe kind {given!r}; use one of: http, tcp"
+        return f"unknown probe kind {given!r}; use one of: {_KIND_LIST}"
     if kind == "union_tag_not_found":
-        return "a probe needs `kind:` (http or tcp)"
+        return f"a probe needs `kind:` (one of: {_KIND_LIST})"
     message = error["msg"].removeprefix("Value error, ")
     shown = error.get("input")
     if kind not in ("value_error", "assertion_error") and not isinstance(shown, dict | list):
@@ -314,11 +319,10 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]
     """Field names of the model found by walking `loc` through `model`'s fields."""
     current: Any = model
     for part in loc:
-        if isinstance(part, int) or part in _UNION_TAGS:
-            if part in _UNION_TAGS:
-                from probes.spec import HttpProbe, TcpProbe  # noqa: PLC0415 - only for error text
-
-                current = {"http": HttpProbe, "tcp": TcpProbe}[str(part)]
+        if isinstance(part, int):
+            continue
+        if part in _PROBE_KINDS:
+            current = _PROBE_KINDS[part]
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
@@ -348,7 +352,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path, node: yaml.Node | N
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_url=False):
-            loc = [p for p in error["loc"] if p not in _UNION_TAGS]
+            loc = [p for p in error["loc"] if p not in _PROBE_KINDS]
             ctx_error = (error.get("ctx") or {}).get("error")
             if isinstance(ctx_error, _LocatedError):  # a path relative to where the validator ran
                 loc = loc + _parse_dotted(ctx_error.path)

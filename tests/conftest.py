@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import ssl
@@ -82,7 +83,10 @@ class TlsServer:
         return f"https://localhost:{self.port}"
 
 
-async def _serve_tls(tmp_path: Path, not_after: dt.datetime):
+@contextlib.asynccontextmanager
+async def serve_tls(tmp_path: Path, valid_days: int):
+    """HTTPS on loopback with a fresh CA; the certificate expires in `valid_days`."""
+    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(days=valid_days)).replace(microsecond=0)
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1", not_after=not_after)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -97,27 +101,23 @@ async def _serve_tls(tmp_path: Path, not_after: dt.datetime):
     app.router.add_get("/", hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    return runner, TlsServer(int(runner.addresses[0][1]), str(ca_file), not_after)
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+    try:
+        yield TlsServer(int(runner.addresses[0][1]), str(ca_file), not_after)
+    finally:
+        await runner.cleanup()
 
 
 @pytest_asyncio.fixture
 async def tls_server(tmp_path):
-    """HTTPS on loopback with a self-signed CA; the certificate is valid for 90 days."""
-    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(days=90)).replace(microsecond=0)
-    runner, server = await _serve_tls(tmp_path, not_after)
-    yield server
-    await runner.cleanup()
+    async with serve_tls(tmp_path, valid_days=90) as server:
+        yield server
 
 
 @pytest_asyncio.fixture
 async def expiring_tls_server(tmp_path):
-    """Like `tls_server`, but the certificate expires in 5 days."""
-    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(days=5)).replace(microsecond=0)
-    runner, server = await _serve_tls(tmp_path, not_after)
-    yield server
-    await runner.cleanup()
+    async with serve_tls(tmp_path, valid_days=5) as server:
+        yield server
 
 
 @pytest.fixture
