@@ -1,0 +1,118 @@
+"""The guardrails of DESIGN.md that concern weights, as one pure check of a proposed batch.
+
+Every batch the actuator is asked to send passes through `check` first; a batch with any
+violation is refused whole. The checks hold whatever produced the batch (a ramp step, a
+rollback, an evacuation, an operator), so a bug in a planner cannot reach Route 53.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from controller.weights import MAX_WEIGHT, shares
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from controller.config import RecordSet, Region
+    from controller.verdicts import Status
+
+Kind = Literal["forward", "rollback", "evacuation", "restore"]
+# Share comparisons are in percent; this absorbs float noise, not policy.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    rule: str  # stable name: range, members, all_zero, residency, read_only, max_share, unhealthy_target, max_step
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """Weights for every member of one record set, from what Route 53 holds now."""
+
+    record_set: RecordSet
+    before: Mapping[str, int]  # set identifier -> weight, as observed
+    after: Mapping[str, int]
+    kind: Kind
+
+
+def moved_share(before: Mapping[str, int], after: Mapping[str, int]) -> float:
+    """Percent of answers that change member: the sum of the shares that grow."""
+    old, new = shares(before), shares(after)
+    return sum(max(0.0, new[k] - old.get(k, 0.0)) for k in new)
+
+
+def check(
+    proposal: Proposal,
+    regions: Mapping[str, Region],
+    verdicts: Mapping[str, Status],
+    max_step: float,
+) -> list[Violation]:
+    """Every guardrail the proposal breaks; empty when it may be sent."""
+    rs = proposal.record_set
+    after = proposal.after
+    members = {m.set_identifier: m for m in rs.members}
+    found: list[Violation] = []
+
+    if set(after) != set(members):
+        missing, extra = sorted(set(members) - set(after)), sorted(set(after) - set(members))
+        found.append(
+            Violation("members", f"{rs.name}: a batch sets every member at once (missing {missing}, unknown {extra})")
+        )
+        return found
+    for sid, weight in after.items():
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+            found.append(Violation("range", f"{rs.name}/{sid}: weight {weight!r} is not an integer 0..{MAX_WEIGHT}"))
+    if found:
+        return found
+    if not any(after.values()):
+        found.append(Violation("all_zero", f"{rs.name}: every weight 0 would split traffic equally, not stop it"))
+        return found
+
+    new_shares = shares(after)
+    old_shares = shares(proposal.before) if set(proposal.before) == set(after) else {}
+    for sid, weight in after.items():
+        region = regions[members[sid].region]
+        share = new_shares[sid]
+        if weight and rs.residency is not None and region.residency != rs.residency:
+            found.append(
+                Violation(
+                    "residency", f"{rs.name}/{sid}: {region.name} (residency {region.residency}) outside {rs.residency}"
+                )
+            )
+        if weight and rs.takes_writes and region.type == "read-only":
+            found.append(Violation("read_only", f"{rs.name}/{sid}: read-only {region.name} in a set that takes writes"))
+        if region.type == "lightweight" and share > region.max_share + _EPSILON:
+            found.append(
+                Violation(
+                    "max_share",
+                    f"{rs.name}/{sid}: {share:.2f}% for lightweight {region.name}, above its {region.max_share:g}%",
+                )
+            )
+        if share > old_shares.get(sid, 0.0) + _EPSILON and verdicts.get(region.name) != "healthy":
+            found.append(
+                Violation(
+                    "unhealthy_target",
+                    f"{rs.name}/{sid}: share would grow to {share:.2f}% on {region.name}, "
+                    f"which is {verdicts.get(region.name, 'unknown')}, not healthy",
+                )
+            )
+    if proposal.kind != "rollback":
+        if not old_shares:
+            found.append(
+                Violation("max_step", f"{rs.name}: no observed weights to step from; only a rollback may jump")
+            )
+        else:
+            moved = moved_share(proposal.before, after)
+            if moved > max_step + _EPSILON:
+                found.append(
+                    Violation(
+                        "max_step",
+                        f"{rs.name}: {proposal.kind} step moves {moved:.2f}% of traffic, "
+                        f"more than max_step {max_step:g}%",
+                    )
+                )
+    return found
