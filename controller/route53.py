@@ -1,0 +1,294 @@
+"""The actuator: the only code that reads and writes Route 53 weighted records.
+
+It reads a weighted group by name and type, and writes every member of the group in one UPSERT
+batch (Route 53 validates and applies a batch whole), then follows the change with GetChange
+until INSYNC. Before writing it compares what Route 53 holds with what was last written (a hand
+edit pauses shifting instead of being overwritten) and checks every guardrail; a batch that
+breaks one is never sent. AWS errors become `RetryableError` (throttling, a prior change still
+applying, 5xx, network) or `TerminalError` (invalid batch, access denied); retryable ones are
+retried with exponential backoff and full jitter. boto3 is blocking, so every call runs in a
+thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import structlog
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from controller.guardrails import Kind, Proposal, Violation, check
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from mypy_boto3_route53 import Route53Client
+
+    from controller.config import RecordSet, Region
+    from controller.verdicts import Status
+
+log = structlog.get_logger("regionshift.route53")
+
+RETRYABLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "PriorRequestNotComplete",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+class Route53Error(Exception):
+    """Something went wrong talking to Route 53."""
+
+
+class RetryableError(Route53Error):
+    """Try again later: throttling, a change still applying, a server or network fault."""
+
+
+class TerminalError(Route53Error):
+    """Retrying will not help: the batch is invalid, access is denied, the zone is missing."""
+
+
+class GuardrailError(Route53Error):
+    """The batch breaks a guardrail and was not sent."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        super().__init__("; ".join(v.message for v in violations))
+        self.violations = violations
+
+
+class DriftError(Route53Error):
+    """Route 53 holds weights other than the ones last written: someone changed them."""
+
+    def __init__(self, record: str, expected: Mapping[str, int], observed: Mapping[str, int | None]) -> None:
+        changed = {
+            k: (expected.get(k), observed.get(k))
+            for k in sorted(set(expected) | set(observed))
+            if expected.get(k) != observed.get(k)
+        }
+        detail = ", ".join(f"{k}: wrote {e}, found {o}" for k, (e, o) in changed.items())
+        super().__init__(f"{record}: Route 53 holds weights other than the ones last written ({detail})")
+        self.record = record
+        self.expected = dict(expected)
+        self.observed = dict(observed)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    change_id: str | None  # None in dry-run
+    submitted_at: float
+    insync_at: float | None  # None in dry-run, or when INSYNC was not seen within the wait
+    batch: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def make_client(
+    endpoint_url: str | None = None,
+    region: str = "us-east-1",
+    read_timeout: float = 15.0,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+) -> Route53Client:
+    """A Route 53 client whose retries are ours (botocore's are off), with short timeouts.
+
+    Credentials come from the usual boto3 chain unless given (the local world passes dummies).
+    """
+    config = BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout)
+    return boto3.client(
+        "route53",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        config=config,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+    )
+
+
+def classify(exc: Exception) -> Route53Error:
+    """Map an SDK exception to the project's retryable or terminal error."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = f"{code or status}: {error.get('Message', '')}".rstrip(": ")
+        if code in RETRYABLE_CODES or status >= 500 or status == 429:  # noqa: PLR2004 - HTTP classes
+            return RetryableError(message)
+        return TerminalError(message)
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return RetryableError(f"network: {exc}")
+    if isinstance(exc, BotoCoreError):
+        return TerminalError(f"{type(exc).__name__}: {exc}")
+    return TerminalError(f"{type(exc).__name__}: {exc}")
+
+
+def _name(name: str) -> str:
+    # Route 53 answers with a trailing dot and escapes '*' as \052.
+    return name.rstrip(".").replace("\\052", "*").lower()
+
+
+def _weights(record_set: RecordSet, group: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
+    return {
+        m.set_identifier: (int(group[m.set_identifier]["Weight"]) if m.set_identifier in group else None)
+        for m in record_set.members
+    }
+
+
+class Actuator:
+    """Reads and writes one account's weighted groups; one instance per Route 53 client."""
+
+    def __init__(
+        self,
+        client: Route53Client,
+        *,
+        dry_run: bool = False,
+        max_attempts: int = 8,
+        base_delay: float = 0.2,
+        max_delay: float = 10.0,
+        poll_interval: float = 2.0,
+        insync_timeout: float = 300.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.dry_run = dry_run
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.poll_interval = poll_interval
+        self.insync_timeout = insync_timeout
+        self._sleep = sleep
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter
+        self.calls = 0  # API requests sent, retries included
+
+    async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """One API operation off the event loop, retried with full jitter while retryable."""
+        method = getattr(self.client, operation)
+        for attempt in range(1, self.max_attempts + 1):
+            self.calls += 1
+            try:
+                response: dict[str, Any] = await asyncio.to_thread(method, **params)
+            except Exception as exc:
+                error = classify(exc)
+                if isinstance(error, TerminalError) or attempt == self.max_attempts:
+                    raise error from exc
+                delay = self._rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+                log.info("route53 retry", operation=operation, attempt=attempt, error=str(error), delay=round(delay, 3))
+                await self._sleep(delay)
+            else:
+                return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def read_group(self, record_set: RecordSet) -> dict[str, dict[str, Any]]:
+        """Set identifier -> the ResourceRecordSet Route 53 holds, for the group's name and type."""
+        name, rtype = record_set.name, record_set.type
+        params: dict[str, Any] = {"HostedZoneId": record_set.zone_id, "StartRecordName": name, "StartRecordType": rtype}
+        found: dict[str, dict[str, Any]] = {}
+        while True:
+            page = await self._call("list_resource_record_sets", **params)
+            for rrset in page.get("ResourceRecordSets", []):
+                if _name(rrset["Name"]) != name or rrset["Type"] != rtype:
+                    return found  # listing is ordered: past our group
+                if "SetIdentifier" in rrset and "Weight" in rrset:
+                    found[rrset["SetIdentifier"]] = rrset
+            if (
+                not page.get("IsTruncated")
+                or _name(page.get("NextRecordName", "")) != name
+                or page.get("NextRecordType") != rtype
+            ):
+                return found
+            params["StartRecordName"] = page["NextRecordName"]
+            params["StartRecordType"] = page["NextRecordType"]
+            if "NextRecordIdentifier" in page:
+                params["StartRecordIdentifier"] = page["NextRecordIdentifier"]
+
+    async def observed_weights(self, record_set: RecordSet) -> dict[str, int | None]:
+        """Weight per configured member; None for a member Route 53 does not hold."""
+        return _weights(record_set, await self.read_group(record_set))
+
+    async def apply(
+        self,
+        record_set: RecordSet,
+        weights: Mapping[str, int],
+        *,
+        expected: Mapping[str, int] | None,
+        kind: Kind,
+        regions: Mapping[str, Region],
+        verdicts: Mapping[str, Status],
+        max_step: float,
+        reason: str = "",
+    ) -> ChangeResult:
+        """Compare, check, write every member in one UPSERT batch, and wait for INSYNC.
+
+        `expected` is what was last written (None before the first write): when Route 53 holds
+        anything else, `DriftError` is raised and nothing is written.
+        """
+        group = await self.read_group(record_set)
+        observed = _weights(record_set, group)
+        if expected is not None and observed != dict(expected):
+            raise DriftError(record_set.key, expected, observed)
+        before = {k: v for k, v in observed.items() if v is not None}
+        violations = check(Proposal(record_set, before, dict(weights), kind), regions, verdicts, max_step)
+        if violations:
+            raise GuardrailError(violations)
+        batch = [
+            self._upsert(record_set, member.set_identifier, weights[member.set_identifier], group)
+            for member in record_set.members
+        ]
+        submitted = time.time()
+        if self.dry_run:
+            log.info("dry run: batch not sent", record=record_set.key, reason=reason, weights=dict(weights))
+            return ChangeResult(None, submitted, None, batch, dry_run=True)
+        comment = f"regionshift {kind}: {reason}"[:256]
+        response = await self._call(
+            "change_resource_record_sets",
+            HostedZoneId=record_set.zone_id,
+            ChangeBatch={"Comment": comment, "Changes": batch},
+        )
+        change_id = str(response["ChangeInfo"]["Id"])
+        insync_at = None if response["ChangeInfo"]["Status"] != "INSYNC" else time.time()
+        if insync_at is None:
+            insync_at = await self.wait_insync(change_id)
+        return ChangeResult(change_id, submitted, insync_at, batch)
+
+    async def wait_insync(self, change_id: str) -> float | None:
+        """Poll GetChange until INSYNC; the time it was seen, or None after `insync_timeout`."""
+        deadline = time.monotonic() + self.insync_timeout
+        while time.monotonic() < deadline:
+            await self._sleep(self.poll_interval)
+            info = (await self._call("get_change", Id=change_id))["ChangeInfo"]
+            if info["Status"] == "INSYNC":
+                return time.time()
+        log.warning("change not INSYNC in time", change_id=change_id, waited=self.insync_timeout)
+        return None
+
+    @staticmethod
+    def _upsert(record_set: RecordSet, sid: str, weight: int, group: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        """An UPSERT that changes the weight only: anything else the record holds is kept."""
+        current = group.get(sid)
+        if current is not None:
+            rrset = dict(current)
+            rrset["Weight"] = weight
+        else:
+            member = next(m for m in record_set.members if m.set_identifier == sid)
+            rrset = {
+                "Name": record_set.name,
+                "Type": record_set.type,
+                "SetIdentifier": sid,
+                "Weight": weight,
+                "TTL": record_set.ttl,
+                "ResourceRecords": [{"Value": member.value}],
+            }
+        return {"Action": "UPSERT", "ResourceRecordSet": rrset}

@@ -1,0 +1,260 @@
+"""The actuator against moto's Route 53 server, through a proxy that injects the faults moto lacks."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_asyncio
+from botocore.stub import Stubber
+
+from controller.config import Member, RecordSet, Region
+from controller.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
+from controller.world import LocalRoute53
+from tests.faults import FaultProxy
+
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+REGIONS = {r.name: r for r in [Region(name="us-east-1"), Region(name="eu-west-1")]}
+HEALTHY = dict.fromkeys(REGIONS, "healthy")
+
+
+@pytest.fixture(scope="module")
+def route53():
+    server = LocalRoute53()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def record_set(route53) -> RecordSet:
+    """A fresh zone holding api.example.com: use1 weight 99, euw1 weight 1."""
+    client = make_client(route53.url, **CREDENTIALS)
+    zone = client.create_hosted_zone(Name=f"z{uuid.uuid4().hex[:8]}.example.com", CallerReference=uuid.uuid4().hex)
+    zone_id = zone["HostedZone"]["Id"].split("/")[-1]
+    name = "api." + zone["HostedZone"]["Name"].rstrip(".")
+    rs = RecordSet(
+        zone_id=zone_id,
+        name=name,
+        ttl=60,
+        members=[
+            Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
+            Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
+        ],
+    )
+    changes = [
+        {
+            "Action": "CREATE",
+            "ResourceRecordSet": {
+                "Name": name,
+                "Type": "A",
+                "SetIdentifier": sid,
+                "Weight": w,
+                "TTL": 60,
+                "ResourceRecords": [{"Value": v}],
+            },
+        }
+        for sid, w, v in (("use1", 99, "192.0.2.10"), ("euw1", 1, "192.0.2.20"))
+    ]
+    # A neighbour under another name, which reads must not pick up.
+    changes.append(
+        {
+            "Action": "CREATE",
+            "ResourceRecordSet": {
+                "Name": "www." + name,
+                "Type": "A",
+                "SetIdentifier": "x",
+                "Weight": 5,
+                "TTL": 60,
+                "ResourceRecords": [{"Value": "192.0.2.99"}],
+            },
+        }
+    )
+    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    return rs
+
+
+@pytest_asyncio.fixture
+async def proxy(route53):
+    async with FaultProxy(route53.url) as p:
+        yield p
+
+
+class Sleeps:
+    """A sleep that records its delays and returns at once: backoff is checked, never waited."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def sleeps():
+    return Sleeps()
+
+
+@pytest.fixture
+def actuator(proxy, sleeps):
+    return Actuator(make_client(proxy.url, **CREDENTIALS), sleep=sleeps, poll_interval=0.5)
+
+
+async def step(actuator, rs, weights, expected=None, kind="forward", verdicts=HEALTHY, max_step=10.0):
+    return await actuator.apply(
+        rs, weights, expected=expected, kind=kind, regions=REGIONS, verdicts=verdicts, max_step=max_step, reason="test"
+    )
+
+
+async def test_reads_the_weighted_group_by_name_and_type(actuator, record_set):
+    group = await actuator.read_group(record_set)
+    assert sorted(group) == ["euw1", "use1"]
+    assert await actuator.observed_weights(record_set) == {"use1": 99, "euw1": 1}
+
+
+async def test_writes_every_member_in_one_upsert_batch_and_keeps_their_values(actuator, record_set, proxy):
+    result = await step(actuator, record_set, {"use1": 19, "euw1": 1}, expected={"use1": 99, "euw1": 1})
+    assert result.change_id is not None
+    assert result.insync_at is not None
+    assert proxy.count("ChangeResourceRecordSets") == 1
+    sent = next(s.body for s in proxy.seen if s.operation == "ChangeResourceRecordSets")
+    assert sent.count("<Action>UPSERT</Action>") == 2
+    assert "<Comment>regionshift forward: test</Comment>" in sent
+    group = await actuator.read_group(record_set)
+    assert {k: (v["Weight"], v["ResourceRecords"][0]["Value"], v["TTL"]) for k, v in group.items()} == {
+        "use1": (19, "192.0.2.10", 60),
+        "euw1": (1, "192.0.2.20", 60),
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("Throttling", 400), ("PriorRequestNotComplete", 400), (None, 500), (None, 503)]
+)
+async def test_retryable_errors_are_retried_with_jittered_backoff(actuator, record_set, proxy, sleeps, code, status):
+    if code:
+        proxy.fail("ChangeResourceRecordSets", code, times=3, status=status)
+    else:
+        proxy.http_error("ChangeResourceRecordSets", status, times=3)
+    await step(actuator, record_set, {"use1": 19, "euw1": 1})
+    assert proxy.count("ChangeResourceRecordSets") == 4
+    assert await actuator.observed_weights(record_set) == {"use1": 19, "euw1": 1}
+    assert len(sleeps.delays) == 3
+    for attempt, delay in enumerate(sleeps.delays, start=1):
+        assert 0 <= delay <= min(actuator.max_delay, actuator.base_delay * 2 ** (attempt - 1))
+
+
+async def test_giving_up_after_max_attempts_raises_retryable(proxy, record_set, sleeps):
+    actuator = Actuator(make_client(proxy.url, **CREDENTIALS), sleep=sleeps, max_attempts=3)
+    proxy.fail("ListResourceRecordSets", "Throttling", times=10)
+    with pytest.raises(RetryableError, match="Throttling"):
+        await actuator.read_group(record_set)
+    assert proxy.count("ListResourceRecordSets") == 3
+
+
+async def test_a_terminal_error_is_not_retried(actuator, record_set, proxy):
+    proxy.fail("ChangeResourceRecordSets", "InvalidChangeBatch", times=1)
+    with pytest.raises(TerminalError, match="InvalidChangeBatch"):
+        await step(actuator, record_set, {"use1": 19, "euw1": 1})
+    assert proxy.count("ChangeResourceRecordSets") == 1
+
+
+async def test_a_slow_answer_past_the_read_timeout_is_retried(proxy, record_set, sleeps):
+    actuator = Actuator(make_client(proxy.url, read_timeout=0.3, **CREDENTIALS), sleep=sleeps)
+    proxy.slow("ListResourceRecordSets", 0.6, times=1)
+    assert await actuator.observed_weights(record_set) == {"use1": 99, "euw1": 1}
+    assert len(sleeps.delays) == 1
+
+
+async def test_follows_a_pending_change_until_insync(actuator, record_set, proxy, sleeps):
+    proxy.pending_polls = 3
+    result = await step(actuator, record_set, {"use1": 19, "euw1": 1})
+    assert proxy.count("GetChange") == 4  # three PENDING answers, then INSYNC
+    assert result.insync_at is not None
+    assert sleeps.delays == [0.5] * 4  # the poll interval, never a busy loop
+
+
+async def test_a_hand_edit_is_reported_and_never_overwritten(actuator, record_set, proxy, route53):
+    direct = make_client(route53.url, **CREDENTIALS)
+    group = await actuator.read_group(record_set)
+    direct.change_resource_record_sets(
+        HostedZoneId=record_set.zone_id,
+        ChangeBatch={"Changes": [{"Action": "UPSERT", "ResourceRecordSet": {**group["euw1"], "Weight": 50}}]},
+    )
+    with pytest.raises(DriftError) as drift:
+        await step(actuator, record_set, {"use1": 19, "euw1": 1}, expected={"use1": 99, "euw1": 1})
+    assert (
+        str(drift.value)
+        == f"{record_set.key}: Route 53 holds weights other than the ones last written (euw1: wrote 1, found 50)"
+    )
+    assert proxy.count("ChangeResourceRecordSets") == 0
+    assert await actuator.observed_weights(record_set) == {"use1": 99, "euw1": 50}
+
+
+async def test_a_batch_breaking_a_guardrail_is_never_sent(actuator, record_set, proxy):
+    with pytest.raises(GuardrailError) as refused:
+        await step(actuator, record_set, {"use1": 1, "euw1": 1})  # 1% -> 50% in one forward step
+    assert [v.rule for v in refused.value.violations] == ["max_step"]
+    with pytest.raises(GuardrailError) as refused:
+        await step(actuator, record_set, {"use1": 19, "euw1": 1}, verdicts={**HEALTHY, "eu-west-1": "degraded"})
+    assert [v.rule for v in refused.value.violations] == ["unhealthy_target"]
+    assert proxy.count("ChangeResourceRecordSets") == 0
+
+
+async def test_dry_run_logs_the_batch_and_sends_nothing(proxy, record_set, sleeps):
+    actuator = Actuator(make_client(proxy.url, **CREDENTIALS), sleep=sleeps, dry_run=True)
+    result = await step(actuator, record_set, {"use1": 19, "euw1": 1})
+    assert result.dry_run
+    assert result.change_id is None
+    assert [c["ResourceRecordSet"]["Weight"] for c in result.batch] == [19, 1]
+    assert proxy.count("ChangeResourceRecordSets") == 0
+    assert await actuator.observed_weights(record_set) == {"use1": 99, "euw1": 1}
+
+
+async def test_reads_follow_pages_within_a_weighted_group(sleeps):
+    # moto does not page within a group (StartRecordIdentifier): botocore's Stubber plays Route 53.
+    client = make_client("http://127.0.0.1:9", **CREDENTIALS)
+    rs = RecordSet(
+        zone_id="Z1",
+        name="api.example.com",
+        members=[Member(set_identifier=s, region="us-east-1", value="192.0.2.1") for s in ("a", "b", "c")],
+    )
+
+    def rrset(sid, weight, name="api.example.com."):
+        return {
+            "Name": name,
+            "Type": "A",
+            "SetIdentifier": sid,
+            "Weight": weight,
+            "TTL": 60,
+            "ResourceRecords": [{"Value": "192.0.2.1"}],
+        }
+
+    with Stubber(client) as stub:
+        stub.add_response(
+            "list_resource_record_sets",
+            {
+                "ResourceRecordSets": [rrset("a", 1), rrset("b", 2)],
+                "IsTruncated": True,
+                "MaxItems": "2",
+                "NextRecordName": "api.example.com.",
+                "NextRecordType": "A",
+                "NextRecordIdentifier": "c",
+            },
+            {"HostedZoneId": "Z1", "StartRecordName": "api.example.com", "StartRecordType": "A"},
+        )
+        stub.add_response(
+            "list_resource_record_sets",
+            {
+                "ResourceRecordSets": [rrset("c", 3), rrset("z", 9, "www.example.com.")],
+                "IsTruncated": False,
+                "MaxItems": "2",
+            },
+            {
+                "HostedZoneId": "Z1",
+                "StartRecordName": "api.example.com.",
+                "StartRecordType": "A",
+                "StartRecordIdentifier": "c",
+            },
+        )
+        weights = await Actuator(client, sleep=sleeps).observed_weights(rs)
+    assert weights == {"a": 1, "b": 2, "c": 3}
