@@ -1,0 +1,83 @@
+"""The state store: an append-only audit log, open intents after a crash, ramp state and flags."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from controller.store import Store
+
+
+async def test_intent_then_result_is_the_last_applied_write(tmp_path):
+    async with Store(tmp_path / "state.sqlite") as store:
+        assert await store.last_applied("api.example.com/A") is None
+        first = await store.intent(
+            "api.example.com/A",
+            "ramp:launch",
+            "forward",
+            "step 1 of 5",
+            {"use1": 99, "euw1": 1},
+            {"use1": 19, "euw1": 1},
+            at=10.0,
+        )
+        assert (await store.open_intent("api.example.com/A")).id == first
+        await store.result(first, "applied", 11.0, change_id="/change/C1", insync_at=12.0)
+        assert await store.open_intent("api.example.com/A") is None
+        assert await store.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
+        failed = await store.intent(
+            "api.example.com/A",
+            "ramp:launch",
+            "forward",
+            "step 2 of 5",
+            {"use1": 19, "euw1": 1},
+            {"use1": 9, "euw1": 1},
+            at=20.0,
+        )
+        await store.result(failed, "failed", 21.0, error="Throttling: Rate exceeded")
+        assert await store.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
+        events = await store.events()
+    assert [(e["phase"], e["outcome"], e["reason"]) for e in events] == [
+        ("intent", None, "step 1 of 5"),
+        ("result", "applied", "step 1 of 5"),
+        ("intent", None, "step 2 of 5"),
+        ("result", "failed", "step 2 of 5"),
+    ]
+    assert events[1]["change_id"] == "/change/C1"
+    assert events[3]["error"] == "Throttling: Rate exceeded"
+    assert events[0]["from_weights"] == {"use1": 99, "euw1": 1}
+
+
+async def test_an_intent_without_result_survives_a_restart(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.intent("api.example.com/A", "ramp:launch", "forward", "step 1", {"a": 1}, {"a": 2}, at=1.0)
+    async with Store(path) as store:
+        intent = await store.open_intent("api.example.com/A")
+    assert intent is not None
+    assert (intent.actor, intent.from_weights, intent.to_weights) == ("ramp:launch", {"a": 1}, {"a": 2})
+
+
+async def test_the_audit_log_refuses_updates_and_deletes(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.intent("r", "operator", "rollback", "because", {}, {"a": 1}, at=1.0)
+    db = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE audit SET reason = 'rewritten'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM audit")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+async def test_ramp_state_and_flags_round_trip(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.save_ramp("launch", {"status": "baking", "step": 2}, at=1.0)
+        await store.save_ramp("launch", {"status": "baking", "step": 3}, at=2.0)
+        await store.set_flag("frozen", {"by": "alice", "reason": "incident"}, at=3.0)
+    async with Store(path) as store:
+        assert await store.load_ramps() == {"launch": {"status": "baking", "step": 3}}
+        assert await store.flag("frozen") == {"by": "alice", "reason": "incident"}
+        assert await store.flag("missing", default=False) is False
