@@ -7,9 +7,10 @@ so `regionshift validate` can print it and exit 2 without a traceback.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from probes.spec import Duration, HttpProbe, ProbeSpec, TcpProbe
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from pydantic_core import ErrorDetails
 
@@ -66,10 +67,72 @@ class VerdictPolicy(_Model):
         return self
 
 
+class GuardrailPolicy(_Model):
+    """Limits that hold for every change, whoever asks for it."""
+
+    max_step: float = Field(default=25.0, gt=0, le=100, description="percent of traffic one forward step may move")
+
+
+OnFailure = Literal["rollback", "step-back", "pause"]
+
+
+class RampPolicy(_Model):
+    """Moving a record set's traffic toward new regions, wave by wave, step by step."""
+
+    record_set: str = Field(description="name (type A) or name/TYPE of a configured record set")
+    waves: list[list[str]] = Field(min_length=1, description="regions ramped together, wave after wave")
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0],
+        min_length=1,
+        description="percent of the record set's traffic for each target region, step by step",
+    )
+    bake: Duration = 600.0
+    start_gate: Duration = 300.0
+    wave_bake: Duration = 600.0
+    on_failure: OnFailure = "rollback"
+    resume_after_rollback: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[float]) -> list[float]:
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must increase: {steps}")
+        return steps
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, waves: list[list[str]]) -> list[list[str]]:
+        if not all(waves):
+            raise ValueError("a wave names at least one region")
+        seen: set[str] = set()
+        for region in (r for wave in waves for r in wave):
+            if region in seen:
+                raise ValueError(f"region {region!r} is in more than one wave")
+            seen.add(region)
+        return waves
+
+    @property
+    def record_key(self) -> str:
+        return self.record_set if "/" in self.record_set else f"{self.record_set.rstrip('.').lower()}/A"
+
+
+class EvacuationPolicy(_Model):
+    """Moving share away from a degraded region, and back once it has recovered."""
+
+    enabled: bool = True
+    restore_after: Duration = Field(default=600.0, description="healthy this long before share comes back")
+    blind_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="more than this share of regions unknown: blind, hold"
+    )
+
+
 class Policy(_Model):
     """Everything the policy files under `policies/` define, merged."""
 
     verdicts: VerdictPolicy = Field(default_factory=VerdictPolicy)
+    guardrails: GuardrailPolicy = Field(default_factory=GuardrailPolicy)
+    evacuation: EvacuationPolicy = Field(default_factory=EvacuationPolicy)
+    ramps: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")], RampPolicy] = Field(default_factory=dict)
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -366,21 +429,76 @@ def _parse_dotted(text: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", text)]
 
 
-def load_policy(paths: Sequence[Path]) -> Policy:
-    """Merge policy files; a section defined in two files is an error naming both."""
+def load_policy(paths: Sequence[Path]) -> tuple[Policy, dict[str, tuple[Path, yaml.Node | None]]]:
+    """Merge policy files; a section defined in two files is an error naming both.
+
+    Returns the policy and, per section, the file (and its YAML tree) that defined it.
+    """
     merged: dict[str, Any] = {}
-    origin: dict[str, Path] = {}
+    sources: dict[str, tuple[Path, yaml.Node | None]] = {}
     for path in paths:
         data, node = _read_yaml(path, "policy")
         if data is None:
             continue
         policy = _validate(Policy, data, path, node, "policy")
         for section in data:
-            if section in origin:
-                raise ConfigError(f"{path}: section {section!r} is also defined in {origin[section]}; define it once")
-            origin[section] = path
+            if section in sources:
+                raise ConfigError(
+                    f"{path}: section {section!r} is also defined in {sources[section][0]}; define it once"
+                )
+            sources[section] = (path, node)
             merged[section] = getattr(policy, section)
-    return Policy(**merged)
+    return Policy(**merged), sources
+
+
+def _check_ramps(config: Config, policy: Policy, sources: Mapping[str, tuple[Path, yaml.Node | None]]) -> None:
+    """Ramps must fit the configuration they move and the guardrails they run under."""
+    if not policy.ramps:
+        return
+    path, node = sources["ramps"]
+    record_sets = {rs.key: rs for rs in config.record_sets}
+    max_step = policy.guardrails.max_step
+
+    def fail(name: str, field: str, message: str) -> ConfigError:
+        loc: list[int | str] = ["ramps", name, *_parse_dotted(field)]
+        line = _line_of(node, loc)
+        return ConfigError(f"{path}:{line}: {_dotted(loc)}: {message}")
+
+    for name, ramp in policy.ramps.items():
+        rs = record_sets.get(ramp.record_key)
+        if rs is None:
+            known = ", ".join(record_sets) or "none"
+            raise fail(name, "record_set", f"no record set {ramp.record_key!r} in the configuration; known: {known}")
+        members = {m.region for m in rs.members}
+        for w, wave in enumerate(ramp.waves):
+            for r, region_name in enumerate(wave):
+                if region_name not in members:
+                    raise fail(
+                        name,
+                        f"waves[{w}][{r}]",
+                        f"{region_name!r} is not a member of {rs.key}; members: {', '.join(sorted(members))}",
+                    )
+                region = config.region(region_name)
+                if region.type == "lightweight" and ramp.steps[-1] > region.max_share:
+                    raise fail(
+                        name,
+                        "steps",
+                        f"the last step ({ramp.steps[-1]:g}%) exceeds the max_share of {region_name} "
+                        f"({region.max_share:g}%)",
+                    )
+            if len(wave) * ramp.steps[-1] > 100:  # noqa: PLR2004 - percent
+                raise fail(name, f"waves[{w}]", f"{len(wave)} regions at {ramp.steps[-1]:g}% each exceed 100%")
+            previous = 0.0
+            for i, share in enumerate(ramp.steps):
+                moved = len(wave) * (share - previous)
+                if moved > max_step + 1e-9:
+                    raise fail(
+                        name,
+                        f"steps[{i}]",
+                        f"step to {share:g}% moves {moved:g}% of traffic at once (wave {w + 1} has "
+                        f"{len(wave)} regions), more than guardrails.max_step {max_step:g}%: add a step in between",
+                    )
+                previous = share
 
 
 def load_config(path: str | Path) -> Config:
@@ -398,4 +516,6 @@ def load_config(path: str | Path) -> Config:
             line = _line_of(node, ["policies", i])
             raise ConfigError(f"{path}:{line}: policies[{i}]: policy file {name!r} not found (looked at {policy_path})")
         policy_paths.append(policy_path)
-    return config.model_copy(update={"policy": load_policy(policy_paths)})
+    policy, sources = load_policy(policy_paths)
+    _check_ramps(config, policy, sources)
+    return config.model_copy(update={"policy": policy})
