@@ -85,14 +85,16 @@ def check(
             )
         if weight and rs.takes_writes and region.type == "read-only":
             found.append(Violation("read_only", f"{rs.name}/{sid}: read-only {region.name} in a set that takes writes"))
-        if region.type == "lightweight" and share > region.max_share + _EPSILON:
+        grows = share > old_shares.get(sid, 0.0) + _EPSILON
+        # Above the cap and growing is refused; a batch bringing a region down toward its cap is not.
+        if region.type == "lightweight" and share > region.max_share + _EPSILON and grows:
             found.append(
                 Violation(
                     "max_share",
                     f"{rs.name}/{sid}: {share:.2f}% for lightweight {region.name}, above its {region.max_share:g}%",
                 )
             )
-        if share > old_shares.get(sid, 0.0) + _EPSILON and verdicts.get(region.name) != "healthy":
+        if grows and verdicts.get(region.name) != "healthy":
             found.append(
                 Violation(
                     "unhealthy_target",

@@ -1,0 +1,154 @@
+"""Evacuation: moving share off a degraded region, step by step, and back once it has recovered.
+
+`plan_evacuation` is a pure function of the record set, its home weights (what it holds when all
+is well), what Route 53 holds now, the verdicts and the clock. It moves at most `max_step` of
+traffic per step, only onto healthy regions, never past a lightweight region's `max_share`. It
+fails static: when most regions have no fresh data (blind) or no region is healthy, it holds.
+Share comes back to a region only after it has been healthy for `restore_after` (hysteresis).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from controller.weights import MAX_WEIGHT, shares
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from controller.config import EvacuationPolicy, RecordSet, Region
+    from controller.guardrails import Kind
+    from controller.verdicts import Verdict
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class EvacuationPlan:
+    weights: dict[str, int] | None = None  # None: hold
+    action: Kind | None = None  # "evacuation" or "restore"
+    reason: str = ""
+    blind: bool = False
+
+
+def plan_evacuation(
+    record_set: RecordSet,
+    home: Mapping[str, int],
+    observed: Mapping[str, int],
+    verdicts: Mapping[str, Verdict],
+    regions: Mapping[str, Region],
+    policy: EvacuationPolicy,
+    max_step: float,
+    now: float,
+) -> EvacuationPlan:
+    region_of = {m.set_identifier: m.region for m in record_set.members}
+
+    def status(sid: str) -> str:
+        verdict = verdicts.get(region_of[sid])
+        return verdict.status if verdict is not None else "unknown"
+
+    def healthy_for(sid: str) -> float:
+        verdict = verdicts.get(region_of[sid])
+        return now - verdict.since if verdict is not None and verdict.status == "healthy" else 0.0
+
+    member_regions = sorted(set(region_of.values()))
+    unknown = [r for r in member_regions if (verdicts[r].status if r in verdicts else "unknown") == "unknown"]
+    if len(unknown) > policy.blind_fraction * len(member_regions):
+        return EvacuationPlan(
+            reason=f"blind: no fresh data for {len(unknown)} of {len(member_regions)} regions "
+            f"({', '.join(unknown)}); holding the weights",
+            blind=True,
+        )
+    current = shares(observed)
+    caps = {m.set_identifier: _cap(regions[m.region]) for m in record_set.members}
+    bad = [sid for sid in observed if current[sid] > _EPS and status(sid) in ("degraded", "unhealthy")]
+    if bad:
+        receivers = {
+            sid: float(home.get(sid, 0) or observed[sid])
+            for sid in observed
+            if status(sid) == "healthy" and (home.get(sid, 0) > 0 or observed[sid] > 0)
+        }
+        if not receivers:
+            return EvacuationPlan(reason="every region that could take traffic looks bad; holding the weights")
+        names = ", ".join(sorted({f"{region_of[s]} ({status(s)})" for s in bad}))
+        losers = {sid: float(observed[sid]) for sid in bad}
+        return _shift(observed, losers, receivers, max_step, caps, "evacuation", f"evacuating {names}")
+    if dict(observed) == dict(home):
+        return EvacuationPlan(reason="at home weights")
+    home_shares = shares(home)
+    deficit = {sid: home_shares[sid] - current[sid] for sid in home if home_shares[sid] > current[sid] + _EPS}
+    ready = {sid: d for sid, d in deficit.items() if healthy_for(sid) >= policy.restore_after}
+    if not ready:
+        waiting = ", ".join(f"{region_of[s]} ({status(s)}, healthy {healthy_for(s):.0f}s)" for s in deficit)
+        return EvacuationPlan(
+            reason=f"waiting to restore {waiting or 'nothing'}: {policy.restore_after:g}s of health needed"
+        )
+    excess = {
+        sid: current[sid] - home_shares.get(sid, 0.0)
+        for sid in current
+        if current[sid] > home_shares.get(sid, 0.0) + _EPS
+    }
+    if not excess:
+        return EvacuationPlan(reason="nothing above its home share to give back")
+    names = ", ".join(sorted(region_of[s] for s in ready))
+    amount = min(max_step, sum(ready.values()), sum(excess.values()))
+    return _shift(observed, excess, ready, amount, caps, "restore", f"restoring {names}")
+
+
+def _cap(region: Region) -> float:
+    return region.max_share if region.type == "lightweight" else 100.0
+
+
+def _shift(
+    observed: Mapping[str, int],
+    losers: Mapping[str, float],
+    gainers: Mapping[str, float],
+    amount: float,
+    caps: Mapping[str, float],
+    action: Kind,
+    reason: str,
+) -> EvacuationPlan:
+    """Move at most `amount` percent of traffic from `losers` to `gainers`, in proportion to
+    their bases, by whole weight units with the total kept: every other member's share stays
+    exactly where it was, so no rounding ever grows a region that is not meant to grow."""
+    # Same shares in finer units, with headroom for the largest member to grow too.
+    scale = max(1, MAX_WEIGHT // (2 * max(observed.values())))
+    weights = {sid: w * scale for sid, w in observed.items()}
+    total = sum(weights.values())
+    room = {sid: max(0, min(MAX_WEIGHT, math.floor(caps[sid] / 100 * total)) - weights[sid]) for sid in gainers}
+    units = min(math.floor(amount / 100 * total + _EPS), sum(weights[s] for s in losers), sum(room.values()))
+    if units <= 0:
+        return EvacuationPlan(reason=f"{reason}: no room to move within max_step and the caps; holding")
+    take = _apportion(units, {s: b for s, b in losers.items() if weights[s] > 0}, {s: weights[s] for s in losers})
+    give = _apportion(units, {s: b for s, b in gainers.items() if room[s] > 0}, room)
+    if take is None or give is None:
+        return EvacuationPlan(reason=f"{reason}: no room to move; holding")
+    for sid, n in take.items():
+        weights[sid] -= n
+    for sid, n in give.items():
+        weights[sid] += n
+    moved = 100.0 * units / total
+    return EvacuationPlan(weights, action, f"{reason}: {moved:.1f}% of traffic this step")
+
+
+def _apportion(units: int, basis: Mapping[str, float], limit: Mapping[str, int]) -> dict[str, int] | None:
+    """Split `units` in proportion to `basis` without exceeding `limit` per member."""
+    share: dict[str, int] = dict.fromkeys(basis, 0)
+    left = units
+    while left > 0:
+        open_ = {s: b for s, b in basis.items() if share[s] < limit[s]}
+        if not open_:
+            return None
+        total = sum(open_.values()) or float(len(open_))
+        quotas = {s: left * (b or 1.0) / total for s, b in open_.items()}
+        given = 0
+        for s in sorted(open_, key=lambda s: quotas[s] - math.floor(quotas[s]), reverse=True):
+            n = min(limit[s] - share[s], max(1, math.floor(quotas[s])), left - given)
+            share[s] += n
+            given += n
+            if given == left:
+                break
+        left -= given
+    return share
