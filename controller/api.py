@@ -5,6 +5,7 @@ The API observes; it never decides. It reads the daemon's state through `StateSo
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiohttp import web
@@ -15,13 +16,42 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
+    from controller.reconciler import Reconciler
+
 
 class StateSource(Protocol):
     registry: CollectorRegistry
+    reconciler: Reconciler | None
 
     def state(self) -> dict[str, Any]: ...
 
     def problems(self) -> list[str]: ...
+
+    def api_token(self) -> str | None: ...
+
+    def clock(self) -> float: ...
+
+
+ACTIONS = ("start", "pause", "resume", "abort")
+
+
+def _authorised(source: StateSource, request: web.Request) -> web.Response | None:
+    """None when the request carries the operators' bearer token; the refusal otherwise."""
+    token = source.api_token()
+    if token is None:
+        return web.json_response(
+            {"error": "no API token configured: set the variable named by controller.api_token_env"}, status=403
+        )
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.json_response(
+            {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+    return None
+
+
+def _who(request: web.Request) -> str:
+    return request.headers.get("X-Regionshift-Operator") or f"api:{request.remote}"
 
 
 def make_app(source: StateSource) -> web.Application:
@@ -38,7 +68,44 @@ def make_app(source: StateSource) -> web.Application:
     async def state(_: web.Request) -> web.Response:
         return web.json_response(source.state())
 
+    async def ramp_action(request: web.Request) -> web.Response:
+        refused = _authorised(source, request)
+        if refused is not None:
+            return refused
+        name, action = request.match_info["name"], request.match_info["action"]
+        if action not in ACTIONS:
+            return web.json_response(
+                {"error": f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}"}, status=404
+            )
+        if source.reconciler is None:
+            return web.json_response({"error": "no record sets configured: nothing to ramp"}, status=409)
+        error = await source.reconciler.act(name, action, source.clock(), _who(request))  # type: ignore[arg-type]
+        if error is not None:
+            status = 404 if error.startswith("no ramp named") else 409
+            return web.json_response({"error": error}, status=status)
+        state = source.reconciler.ramps[name]
+        return web.json_response({"ramp": name, "status": state.status, "reason": state.reason})
+
+    async def freeze(request: web.Request) -> web.Response:
+        refused = _authorised(source, request)
+        if refused is not None:
+            return refused
+        if source.reconciler is None:
+            return web.json_response({"error": "no record sets configured: nothing to freeze"}, status=409)
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response(
+                {"error": 'body must be JSON, e.g. {"frozen": true, "reason": "incident"}'}, status=400
+            )
+        frozen = bool(body.get("frozen", True))
+        reason = str(body.get("reason", "no reason given"))
+        await source.reconciler.freeze(frozen, source.clock(), _who(request), reason)
+        return web.json_response({"frozen": source.reconciler.frozen})
+
     app = web.Application()
+    app.router.add_post("/api/v1/ramps/{name}/{action}", ramp_action)
+    app.router.add_post("/api/v1/freeze", freeze)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/state", state)

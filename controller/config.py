@@ -194,12 +194,27 @@ class RecordSet(_Model):
         return f"{self.name}/{self.type}"
 
 
+class Route53Settings(_Model):
+    """How the actuator reaches Route 53."""
+
+    endpoint_url: str | None = Field(default=None, description="only for a local Route 53 (moto_server)")
+    dry_run: bool = Field(default=False, description="log each batch, send nothing")
+    reconcile_every: Duration = Field(default=10.0, description="how often observed and desired weights are compared")
+    poll_interval: Duration = 2.0
+    insync_timeout: Duration = 300.0
+
+
 class ControllerSettings(_Model):
     vantage: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     listen: str = Field(default="127.0.0.1:9181", description="host:port of the HTTP API; port 0 picks one")
     tick: Duration = Field(default=1.0, description="how often verdicts are recomputed")
     max_concurrency: int = Field(default=64, ge=1, le=10_000)
     jitter: float = Field(default=0.1, ge=0, lt=0.5, description="fraction of the interval")
+    state_path: str = Field(default="regionshift.sqlite", description="SQLite state, relative to this file")
+    api_token_env: str = Field(
+        default="REGIONSHIFT_API_TOKEN", description="environment variable holding the operators' bearer token"
+    )
+    route53: Route53Settings = Field(default_factory=Route53Settings)
 
     @field_validator("listen")
     @classmethod
@@ -222,6 +237,11 @@ class Config(_Model):
     policies: list[str] = Field(default_factory=list, description="policy files, relative to this file")
     # Filled by the loader from `policies`, never written in the file itself.
     policy: Policy = Field(default_factory=Policy, exclude=True)
+    base_dir: str = Field(default=".", exclude=True)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.base_dir) / self.controller.state_path
 
     @field_validator("regions")
     @classmethod
@@ -508,6 +528,9 @@ def load_config(path: str | Path) -> Config:
     if isinstance(data, dict) and "policy" in data:
         line = _line_of(node, ["policy"])
         raise ConfigError(f"{path}:{line}: policy: unknown key; list policy files under `policies:` instead")
+    if isinstance(data, dict) and "base_dir" in data:
+        line = _line_of(node, ["base_dir"])
+        raise ConfigError(f"{path}:{line}: base_dir: unknown key; paths are relative to this file")
     config: Config = _validate(Config, data, path, node, "configuration")
     policy_paths = []
     for i, name in enumerate(config.policies):
@@ -518,4 +541,4 @@ def load_config(path: str | Path) -> Config:
         policy_paths.append(policy_path)
     policy, sources = load_policy(policy_paths)
     _check_ramps(config, policy, sources)
-    return config.model_copy(update={"policy": policy})
+    return config.model_copy(update={"policy": policy, "base_dir": str(path.parent)})

@@ -8,6 +8,8 @@ down in order: probes stop, the last verdicts stay readable until the server clo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from controller.api import ApiServer, make_app
 from controller.metrics import Metrics
+from controller.ramps import RAMP_STATUSES
+from controller.reconciler import Reconciler
+from controller.route53 import Actuator, make_client
+from controller.store import Store
 from controller.verdicts import Judge, ThresholdDetector
+from controller.weights import shares
 from controller.windows import WindowStore
 from probes.scheduler import Scheduler, make_prober
 
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from controller.config import Config
+    from controller.reconciler import Action
     from controller.verdicts import Transition
     from probes.results import Result
 
@@ -68,6 +76,22 @@ class Daemon:
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
         self._tasks: list[asyncio.Task[None]] = []
+        self.reconciler: Reconciler | None = None
+        self.action_listeners: list[Callable[[Action], None]] = []
+        self._precreate_actions()
+
+    def _precreate_actions(self) -> None:
+        policy = self.config.policy
+        for name, ramp in policy.ramps.items():
+            for region in (r for wave in ramp.waves for r in wave):
+                for action in ("forward", "rollback"):
+                    self.metrics.actions.labels(action, region, f"ramp:{name}")
+            self.metrics.set_ramp(name, -1, "pending", RAMP_STATUSES)
+        for rs in self.config.record_sets:
+            self.metrics.route53_drift.labels(rs.key).set(0)
+            for member in rs.members:
+                for action in ("evacuation", "restore"):
+                    self.metrics.actions.labels(action, member.region, "evacuation")
 
     # --- the flow: results -> windows -> verdicts ------------------------------------------
 
@@ -122,6 +146,45 @@ class Daemon:
                 listener(t)
         return transitions
 
+    def _on_action(self, action: Action) -> None:
+        if action.outcome in ("applied", "dry_run"):
+            for region in action.regions:
+                self.metrics.actions.labels(action.kind, region, action.actor).inc()
+        self.events.append(
+            {
+                "at": self.clock(),
+                "kind": "action",
+                "record": action.record,
+                "action": action.kind,
+                "actor": action.actor,
+                "outcome": action.outcome,
+                "reason": action.reason,
+                "weights": action.weights,
+                "regions": list(action.regions),
+            }
+        )
+        for listener in self.action_listeners:
+            listener(action)
+
+    async def _reconcile_loop(self, reconciler: Reconciler) -> None:
+        every = self.config.controller.route53.reconcile_every
+        while True:
+            await reconciler.tick(self.judge.verdicts, self.clock())
+            self._export(reconciler)
+            await asyncio.sleep(every)
+
+    def _export(self, reconciler: Reconciler) -> None:
+        for rs in self.config.record_sets:
+            view = reconciler.views[rs.key]
+            for member in rs.members:
+                if member.set_identifier in view.observed:
+                    self.metrics.route53_weight.labels(rs.key, member.set_identifier, member.region).set(
+                        view.observed[member.set_identifier]
+                    )
+            self.metrics.route53_drift.labels(rs.key).set(1 if view.drift else 0)
+        for name, state in reconciler.ramps.items():
+            self.metrics.set_ramp(name, state.step, state.status, RAMP_STATUSES)
+
     async def _judge_loop(self) -> None:
         interval = self.config.controller.tick
         while True:
@@ -133,7 +196,19 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; raise `ListenError` when the API cannot bind."""
         host, port = self.config.controller.host_port
-        async with ApiServer(make_app(self), host, port) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
+            if self.config.record_sets:
+                store = await stack.enter_async_context(Store(self.config.state_file))
+                r53 = self.config.controller.route53
+                actuator = Actuator(
+                    make_client(r53.endpoint_url),
+                    dry_run=r53.dry_run,
+                    poll_interval=r53.poll_interval,
+                    insync_timeout=r53.insync_timeout,
+                )
+                self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action)
+                await self.reconciler.load()
             self.url = server.url
             log.info(
                 "started",
@@ -147,6 +222,8 @@ class Daemon:
                     group.create_task(self.scheduler.run(), name="scheduler"),
                     group.create_task(self._judge_loop(), name="judge"),
                 ]
+                if self.reconciler is not None:
+                    self._tasks.append(group.create_task(self._reconcile_loop(self.reconciler), name="reconciler"))
                 self.started.set()
                 await stop.wait()
                 log.info("stopping")
@@ -155,6 +232,63 @@ class Daemon:
         log.info("stopped", probe_runs=self.scheduler.stats.runs)
 
     # --- what the API shows ---------------------------------------------------------------------
+
+    def _record_state(self, rs: Any) -> dict[str, Any]:
+        view = self.reconciler.views.get(rs.key) if self.reconciler is not None else None
+        observed = dict(view.observed) if view is not None else {}
+        desired = dict(view.desired) if view is not None and view.desired is not None else None
+        achieved = shares(observed) if observed and any(observed.values()) else {}
+        wanted = shares(desired) if desired else {}
+        return {
+            "key": rs.key,
+            "name": rs.name,
+            "type": rs.type,
+            "zone_id": rs.zone_id,
+            "ttl": rs.ttl,
+            "residency": rs.residency,
+            "takes_writes": rs.takes_writes,
+            "members": [
+                {
+                    **m.model_dump(),
+                    "observed_weight": observed.get(m.set_identifier),
+                    "observed_share": round(achieved[m.set_identifier], 3) if m.set_identifier in achieved else None,
+                    "desired_weight": desired.get(m.set_identifier) if desired else None,
+                    "desired_share": round(wanted[m.set_identifier], 3) if m.set_identifier in wanted else None,
+                }
+                for m in rs.members
+            ],
+            "owner": view.owner if view is not None else None,
+            "reason": view.reason if view is not None else None,
+            "drift": view.drift if view is not None else None,
+            "error": view.error if view is not None else None,
+        }
+
+    def _ramp_states(self) -> list[dict[str, Any]]:
+        if self.reconciler is None:
+            return []
+        out = []
+        for name, state in self.reconciler.ramps.items():
+            policy = self.config.policy.ramps[name]
+            out.append(
+                {
+                    "name": name,
+                    "record_set": policy.record_key,
+                    "status": state.status,
+                    "wave": state.wave + 1,
+                    "waves": len(policy.waves),
+                    "targets": policy.waves[state.wave],
+                    "step": state.step + 1,
+                    "steps": len(policy.steps),
+                    "share": policy.steps[state.step] if state.step >= 0 else 0.0,
+                    "bake_until": state.bake_until,
+                    "reason": state.reason,
+                    "pending": state.pending is not None,
+                }
+            )
+        return out
+
+    def api_token(self) -> str | None:
+        return os.environ.get(self.config.controller.api_token_env) or None
 
     def problems(self) -> list[str]:
         return (
@@ -179,19 +313,9 @@ class Daemon:
                 }
                 for r in self.config.regions
             ],
-            "record_sets": [
-                {
-                    "name": rs.name,
-                    "type": rs.type,
-                    "zone_id": rs.zone_id,
-                    "ttl": rs.ttl,
-                    "residency": rs.residency,
-                    "takes_writes": rs.takes_writes,
-                    "members": [m.model_dump() for m in rs.members],
-                }
-                for rs in self.config.record_sets
-            ],
-            "ramps": [],
+            "record_sets": [self._record_state(rs) for rs in self.config.record_sets],
+            "ramps": self._ramp_states(),
+            "frozen": self.reconciler.frozen if self.reconciler is not None else None,
             "events": list(self.events)[-100:],
             "probe_runs": self.scheduler.stats.runs,
             "missed_ticks": self.scheduler.stats.missed_ticks,

@@ -53,6 +53,36 @@ class Metrics:
             ["region", "status"],
             registry=registry,
         )
+        self.route53_weight = Gauge(
+            "regionshift_route53_weight",
+            "Weight Route 53 holds for each member of a weighted record set (as last read).",
+            ["record", "set_identifier", "region"],
+            registry=registry,
+        )
+        self.route53_drift = Gauge(
+            "regionshift_route53_drift",
+            "1 while a record set holds weights other than the ones regionshift last wrote.",
+            ["record"],
+            registry=registry,
+        )
+        self.ramp_step = Gauge(
+            "regionshift_ramp_step",
+            "Current step of each ramp, 1-based; 0 before its first step.",
+            ["ramp"],
+            registry=registry,
+        )
+        self.ramp_status = Gauge(
+            "regionshift_ramp_status",
+            "1 for the ramp's current status, 0 for the others.",
+            ["ramp", "status"],
+            registry=registry,
+        )
+        self.actions = Counter(
+            "regionshift_actions",
+            "Weight changes sent, by action (forward, rollback, evacuation, restore), region and reason.",
+            ["action", "region", "reason"],
+            registry=registry,
+        )
         # Label lookups cost more than the increment: keep each subject's children at hand.
         self._children: dict[tuple[str, str, str], _Children] = {}
 
@@ -81,3 +111,8 @@ class Metrics:
     def set_status(self, region: str, status: Status) -> None:
         for s in STATUSES:
             self.region_status.labels(region, s).set(1 if s == status else 0)
+
+    def set_ramp(self, ramp: str, step: int, status: str, statuses: Iterable[str]) -> None:
+        self.ramp_step.labels(ramp).set(step + 1)
+        for s in statuses:
+            self.ramp_status.labels(ramp, s).set(1 if s == status else 0)

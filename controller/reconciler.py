@@ -1,0 +1,316 @@
+"""The reconciler: every tick, observed weights against desired weights, and one guarded step.
+
+Level-triggered, as controller-runtime's reconcile is: each tick it reads what Route 53 holds,
+settles any intent a crash left open (the write happened if Route 53 holds its weights), stops
+at a hand edit (drift: ramps on that record pause, nothing is overwritten), asks the ramp or
+the evacuation planner what the record set should hold, and if that differs takes one step
+through the actuator. The intent goes to the audit log before the request, the result after.
+Running a tick twice does nothing more than running it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from controller import ramps
+from controller.evacuation import plan_evacuation
+from controller.route53 import DriftError, GuardrailError, RetryableError, TerminalError
+from controller.weights import shares
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from controller.config import Config, RampPolicy, RecordSet
+    from controller.guardrails import Kind
+    from controller.route53 import Actuator
+    from controller.store import Outcome, Store
+    from controller.verdicts import Verdict
+
+log = structlog.get_logger("regionshift.reconciler")
+_EPS = 1e-9  # float noise in percent
+
+
+@dataclass
+class RecordView:
+    """What the state API shows of one record set."""
+
+    observed: dict[str, int] = field(default_factory=dict)
+    desired: dict[str, int] | None = None
+    reason: str = ""
+    drift: str | None = None
+    error: str | None = None
+    owner: str = "none"  # "ramp:NAME", "evacuation" or "none"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change the reconciler made, for metrics and the event stream."""
+
+    record: str
+    kind: Kind
+    weights: dict[str, int]
+    reason: str
+    regions: tuple[str, ...]  # regions whose share changed
+    outcome: str
+    actor: str
+
+
+class Reconciler:
+    def __init__(
+        self,
+        config: Config,
+        actuator: Actuator,
+        store: Store,
+        *,
+        actor: str = "regionshift",
+        on_action: Callable[[Action], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.actuator = actuator
+        self.store = store
+        self.actor = actor
+        self.on_action = on_action or (lambda _: None)
+        self.policy = config.policy
+        self.regions = {r.name: r for r in config.regions}
+        self.record_sets = {rs.key: rs for rs in config.record_sets}
+        self.ramps: dict[str, ramps.RampState] = {}
+        self.views: dict[str, RecordView] = {key: RecordView() for key in self.record_sets}
+        self.frozen: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        """Resume from the store: ramp states (new ramps start `pending`) and the freeze flag."""
+        stored = await self.store.load_ramps()
+        for name in self.policy.ramps:
+            self.ramps[name] = ramps.RampState.from_json(stored[name]) if name in stored else ramps.RampState(name)
+        self.frozen = await self.store.flag("frozen")
+        for name, state in self.ramps.items():
+            log.info("ramp loaded", ramp=name, status=state.status, step=state.step, reason=state.reason)
+
+    # --- operators ----------------------------------------------------------------------------------
+
+    async def act(self, name: str, action: ramps.Action, now: float, who: str) -> str | None:
+        """Apply an operator's action to a ramp; the reason it was refused, or None."""
+        policy = self.policy.ramps.get(name)
+        if policy is None:
+            return f"no ramp named {name!r}; known: {', '.join(self.policy.ramps) or 'none'}"
+        async with self._lock:
+            state, refused = ramps.act(policy, self.ramps[name], action, now)
+            if refused is None:
+                state = replace(state, reason=f"{state.reason} ({who})")
+                self.ramps[name] = state
+                await self.store.save_ramp(name, state.to_json(), now)
+                log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
+            return refused
+
+    async def freeze(self, frozen: bool, now: float, who: str, reason: str) -> None:  # noqa: FBT001
+        async with self._lock:
+            self.frozen = {"by": who, "reason": reason, "at": now} if frozen else None
+            await self.store.set_flag("frozen", self.frozen, now)
+            log.warning("shifting frozen" if frozen else "shifting unfrozen", by=who, reason=reason)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    async def tick(self, verdicts: Mapping[str, Verdict], now: float) -> None:
+        async with self._lock:
+            for key, rs in self.record_sets.items():
+                try:
+                    await self._reconcile(rs, verdicts, now)
+                except RetryableError as exc:
+                    self.views[key].error = str(exc)
+                    log.warning("route53 unavailable, will retry", record=key, error=str(exc))
+                except TerminalError as exc:  # e.g. access denied: nothing moves, the daemon stays up
+                    self.views[key].error = str(exc)
+                    log.error("route53 refused a read", record=key, error=str(exc))
+
+    def _ramp_for(self, key: str) -> tuple[str, RampPolicy] | None:
+        for name, policy in self.policy.ramps.items():
+            state = self.ramps[name]
+            if policy.record_key == key and (state.status in ramps.ACTIVE or state.pending is not None):
+                return name, policy
+        return None
+
+    async def _reconcile(self, rs: RecordSet, verdicts: Mapping[str, Verdict], now: float) -> None:
+        key = rs.key
+        view = self.views[key]
+        raw = await self.actuator.observed_weights(rs)
+        observed = {sid: w or 0 for sid, w in raw.items()}
+        view.observed, view.error = observed, None
+        await self._settle_open_intent(key, raw)
+        expected = await self.store.last_applied(key)
+        if expected is not None and raw != expected:
+            drift = str(DriftError(key, expected, raw))
+            if view.drift != drift:
+                log.error("drift: weights changed outside regionshift", record=key, detail=drift)
+                await self._pause_ramps(key, f"drift: {drift}", now)
+            view.drift, view.desired, view.reason = drift, None, "holding: Route 53 was changed by hand"
+            return
+        view.drift = None
+        owner = self._ramp_for(key)
+        if owner is not None:
+            name, policy = owner
+            await self._ramp_step(rs, name, policy, raw, observed, verdicts, now)
+            return
+        view.owner = "evacuation"
+        home = await self._home(rs, observed)
+        if not self.policy.evacuation.enabled or not any(home.values()):
+            view.desired, view.reason = None, "no ramp; evacuation off or no home weights"
+            return
+        evac = plan_evacuation(
+            rs, home, observed, verdicts, self.regions, self.policy.evacuation, self.policy.guardrails.max_step, now
+        )
+        view.desired, view.reason = evac.weights, evac.reason
+        if evac.weights is not None and evac.action is not None:
+            await self._write(rs, raw, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
+
+    async def _ramp_step(
+        self,
+        rs: RecordSet,
+        name: str,
+        policy: RampPolicy,
+        raw: Mapping[str, int | None],
+        observed: dict[str, int],
+        verdicts: Mapping[str, Verdict],
+        now: float,
+    ) -> None:
+        view = self.views[rs.key]
+        view.owner = f"ramp:{name}"
+        result = ramps.plan(policy, self.ramps[name], ramps.View(now, rs, observed, verdicts))
+        state = result.state
+        view.desired, view.reason = result.weights, result.reason
+        if result.weights is not None and result.action is not None:
+            if result.weights == observed:  # already there (a write before a crash, or a no-op step)
+                state = ramps.applied(policy, state, now, rs.ttl)
+            else:
+                await self._save(name, state, now)  # the pending write is durable before it is sent
+                outcome = await self._write(
+                    rs, raw, result.weights, result.action, result.reason, f"ramp:{name}", verdicts, now
+                )
+                if outcome is not None and outcome[0] == "applied":
+                    state = ramps.applied(policy, state, outcome[1] or now, rs.ttl)
+                elif outcome is not None and outcome[0] == "refused":
+                    state = ramps.failed(state, outcome[2])
+        if state.status == "done" and self.ramps[name].status != "done":
+            await self.store.set_flag(f"home:{rs.key}", observed, now)
+        await self._save(name, state, now)
+
+    async def _save(self, name: str, state: ramps.RampState, now: float) -> None:
+        if state != self.ramps.get(name):
+            if state.status != self.ramps[name].status:
+                log.info(
+                    "ramp status", ramp=name, previous=self.ramps[name].status, status=state.status, reason=state.reason
+                )
+            self.ramps[name] = state
+            await self.store.save_ramp(name, state.to_json(), now)
+
+    async def _write(
+        self,
+        rs: RecordSet,
+        raw: Mapping[str, int | None],
+        weights: dict[str, int],
+        kind: Kind,
+        reason: str,
+        actor: str,
+        verdicts: Mapping[str, Verdict],
+        now: float,
+    ) -> tuple[str, float | None, str] | None:
+        """Intent, request, result. ('applied', insync_at, ''), ('refused', None, why), or None when
+        frozen or the request failed for now (it is tried again next tick)."""
+        key = rs.key
+        if self.frozen is not None:
+            self.views[key].reason = f"frozen by {self.frozen['by']}: {self.frozen['reason']} (wanted: {reason})"
+            return None
+        intent = await self.store.intent(key, actor, kind, reason, dict(raw), weights, now)
+        statuses = {r: v.status for r, v in verdicts.items()}
+        expected = await self.store.last_applied(key)
+        try:
+            change = await self.actuator.apply(
+                rs,
+                weights,
+                expected=expected,
+                kind=kind,
+                regions=self.regions,
+                verdicts=statuses,
+                max_step=self.policy.guardrails.max_step,
+                reason=reason,
+            )
+        except (GuardrailError, TerminalError, DriftError) as exc:
+            await self.store.result(intent, "failed", now, error=str(exc))
+            log.error("change refused", record=key, kind=kind, reason=reason, error=str(exc))
+            self._announce(rs, raw, weights, kind, reason, "refused", actor)
+            return "refused", None, str(exc)
+        except RetryableError as exc:
+            await self.store.result(intent, "failed", now, error=str(exc))
+            raise
+        outcome: Outcome = "dry_run" if change.dry_run else "applied"
+        await self.store.result(intent, outcome, now, change_id=change.change_id, insync_at=change.insync_at)
+        log.info(
+            "weights changed",
+            record=key,
+            kind=kind,
+            reason=reason,
+            weights=weights,
+            shares={k: round(v, 2) for k, v in shares(weights).items()},
+            change_id=change.change_id,
+            dry_run=change.dry_run,
+        )
+        self._announce(rs, raw, weights, kind, reason, outcome, actor)
+        return ("applied", change.insync_at, "") if not change.dry_run else None
+
+    def _announce(
+        self,
+        rs: RecordSet,
+        raw: Mapping[str, int | None],
+        weights: Mapping[str, int],
+        kind: Kind,
+        reason: str,
+        outcome: str,
+        actor: str,
+    ) -> None:
+        before, after = shares({k: v or 0 for k, v in raw.items()}) if any(raw.values()) else {}, shares(weights)
+        changed = tuple(
+            sorted(
+                {
+                    m.region
+                    for m in rs.members
+                    if abs(after[m.set_identifier] - before.get(m.set_identifier, 0.0)) > _EPS
+                }
+            )
+        )
+        self.on_action(Action(rs.key, kind, dict(weights), reason, changed, outcome, actor))
+
+    async def _settle_open_intent(self, key: str, raw: Mapping[str, int | None]) -> None:
+        """After a crash between intent and result: Route 53 tells whether the write happened."""
+        intent = await self.store.open_intent(key)
+        if intent is None:
+            return
+        now = intent.at
+        if dict(raw) == intent.to_weights:
+            await self.store.result(intent.id, "applied", now, error="result recorded after a restart: found applied")
+            log.warning("settled an open intent: it was applied", record=key, intent=intent.id)
+        elif dict(raw) == intent.from_weights:
+            await self.store.result(intent.id, "not_applied", now, error="result recorded after a restart: not applied")
+            log.warning("settled an open intent: it was not applied", record=key, intent=intent.id)
+
+    async def _pause_ramps(self, key: str, why: str, now: float) -> None:
+        for name, policy in self.policy.ramps.items():
+            state = self.ramps[name]
+            if policy.record_key == key and state.status in ("running", "baking"):
+                await self._save(
+                    name, replace(state, status="paused", resume_to=state.status, reason=f"paused: {why}"), now
+                )
+
+    async def _home(self, rs: RecordSet, observed: Mapping[str, int]) -> dict[str, int]:
+        """The weights the record set holds when all is well: after the last ramp, else configured,
+        else what Route 53 held when regionshift first saw it."""
+        stored = await self.store.flag(f"home:{rs.key}")
+        if stored is not None:
+            return {str(k): int(v) for k, v in stored.items()}
+        configured = {m.set_identifier: m.weight for m in rs.members}
+        if all(w is not None for w in configured.values()):
+            return {k: int(v or 0) for k, v in configured.items()}
+        return dict(observed)

@@ -1,0 +1,285 @@
+"""Traffic shifting end to end: the daemon probes simulated regions and moves weights in moto's
+Route 53 through ramps, rollbacks, drift, freezes and operator actions over the API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from controller.config import (
+    Config,
+    ControllerSettings,
+    GuardrailPolicy,
+    Member,
+    Policy,
+    RampPolicy,
+    RecordSet,
+    Region,
+    Route53Settings,
+    VerdictPolicy,
+)
+from controller.daemon import Daemon
+from controller.route53 import make_client
+from controller.store import Store
+from controller.world import LocalRoute53, SimulatedRegion
+from probes.spec import HttpProbe
+
+TOKEN = "test-token-0123456789"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+FAST = VerdictPolicy(window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
+STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
+
+
+@pytest.fixture(scope="module")
+def route53():
+    server = LocalRoute53()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("REGIONSHIFT_API_TOKEN", TOKEN)
+
+
+def make_zone(route53) -> tuple[str, str]:
+    client = make_client(route53.url, **CREDENTIALS)
+    zone = client.create_hosted_zone(Name=f"z{uuid.uuid4().hex[:8]}.example.com", CallerReference=uuid.uuid4().hex)
+    zone_id = zone["HostedZone"]["Id"].split("/")[-1]
+    name = "api." + zone["HostedZone"]["Name"].rstrip(".")
+    changes = [
+        {
+            "Action": "CREATE",
+            "ResourceRecordSet": {
+                "Name": name,
+                "Type": "A",
+                "SetIdentifier": sid,
+                "Weight": w,
+                "TTL": 0,
+                "ResourceRecords": [{"Value": v}],
+            },
+        }
+        for sid, w, v in (("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20"))
+    ]
+    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    return zone_id, name
+
+
+def read_weights(route53, zone_id: str, name: str) -> dict[str, int]:
+    client = make_client(route53.url, **CREDENTIALS)
+    records = client.list_resource_record_sets(HostedZoneId=zone_id, StartRecordName=name, StartRecordType="A")
+    return {
+        r["SetIdentifier"]: r["Weight"]
+        for r in records["ResourceRecordSets"]
+        if r["Name"].rstrip(".") == name and "Weight" in r
+    }
+
+
+def config(world, route53, zone_id, name, tmp_path, **ramp) -> Config:
+    def probes(r):
+        return [
+            HttpProbe(name=n, target=r.url + p, interval=0.1, timeout=0.1)
+            for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
+        ]
+
+    regions = [Region(name=n, probes=probes(world[n])) for n in ("us-east-1", "eu-west-1")]
+    rs = RecordSet(
+        zone_id=zone_id,
+        name=name,
+        ttl=0,
+        members=[
+            Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
+            Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
+        ],
+    )
+    ramp_policy = RampPolicy(
+        record_set=name,
+        waves=[["eu-west-1"]],
+        steps=STEPS,
+        **{"bake": 0.6, "start_gate": 0.5, "wave_bake": 0.5, **ramp},
+    )
+    return Config(
+        controller=ControllerSettings(
+            listen="127.0.0.1:0",
+            tick=0.1,
+            state_path=str(tmp_path / "state.sqlite"),
+            route53=Route53Settings(endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05),
+        ),
+        regions=regions,
+        record_sets=[rs],
+        policy=Policy(verdicts=FAST, guardrails=GuardrailPolicy(max_step=25), ramps={"launch": ramp_policy}),
+    )
+
+
+class Running:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.stop = asyncio.Event()
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self.daemon.run(self.stop), name="daemon under test")
+        await asyncio.wait_for(self.daemon.started.wait(), 10)
+        self.http = aiohttp.ClientSession(self.daemon.url)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.close()
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+    async def post(self, path: str, token: str | None = TOKEN, **body):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.http.post(path, headers=headers, json=body or None) as response:
+            return response.status, await response.json()
+
+    async def until(self, predicate, within: float = 20.0, what: str = "condition"):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        ramp = self.daemon.reconciler.ramps["launch"] if self.daemon.reconciler else None
+        pytest.fail(f"{what} not reached in {within}s; ramp: {ramp}")
+
+    def ramp(self):
+        return self.daemon.reconciler.ramps["launch"]
+
+
+@pytest_asyncio.fixture
+async def two_regions():
+    async with SimulatedRegion("us-east-1", seed=1) as a, SimulatedRegion("eu-west-1", seed=2) as b:
+        yield {"us-east-1": a, "eu-west-1": b}
+
+
+async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every_change(two_regions, route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
+    seen: list[dict[str, int]] = []
+    async with Running(daemon) as running:
+        assert await running.post("/api/v1/ramps/launch/start") == (
+            200,
+            {"ramp": "launch", "status": "running", "reason": "started by an operator (api:127.0.0.1)"},
+        )
+        deadline = time.monotonic() + 30
+        while running.ramp().status != "done":
+            weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
+            if not seen or seen[-1] != weights:
+                seen.append(weights)
+            assert time.monotonic() < deadline, running.ramp()
+            await asyncio.sleep(0.02)
+        state = await (await running.http.get("/api/v1/state")).json()
+        value = daemon.registry.get_sample_value("regionshift_ramp_step", {"ramp": "launch"})
+        forward = daemon.registry.get_sample_value(
+            "regionshift_actions_total", {"action": "forward", "region": "eu-west-1", "reason": "ramp:launch"}
+        )
+    final = read_weights(route53, zone_id, name)
+    assert final == {"use1": 1, "euw1": 1}  # 50%
+    planned = [
+        {"use1": 1, "euw1": 0},
+        {"use1": 99, "euw1": 1},
+        {"use1": 19, "euw1": 1},
+        {"use1": 9, "euw1": 1},
+        {"use1": 3, "euw1": 1},
+        {"use1": 1, "euw1": 1},
+    ]
+    assert all(w in planned for w in seen), seen  # Route 53 only ever held planned weights
+    assert (value, forward) == (5.0, 5.0)
+    record = state["record_sets"][0]
+    assert [(m["set_identifier"], m["observed_weight"], m["observed_share"]) for m in record["members"]] == [
+        ("use1", 1, 50.0),
+        ("euw1", 1, 50.0),
+    ]
+    assert state["ramps"][0]["status"] == "done"
+    async with Store(tmp_path / "state.sqlite") as store:
+        events = await store.events()
+    results = [(e["reason"], e["outcome"], e["to_weights"]) for e in events if e["phase"] == "result"]
+    assert results == [
+        (f"step {i + 1} of 5: eu-west-1 to {s:g}%", "applied", w)
+        for i, (s, w) in enumerate(zip(STEPS, planned[1:], strict=True))
+    ]
+    assert all(e["change_id"] for e in events if e["phase"] == "result")
+
+
+async def test_a_degraded_target_rolls_the_ramp_back_to_the_weights_before_it(two_regions, route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path, bake=5.0))
+    async with Running(daemon) as running:
+        await running.post("/api/v1/ramps/launch/start")
+        await running.until(lambda: running.ramp().status == "baking" and running.ramp().step == 1, what="step 2")
+        two_regions["eu-west-1"].set(error_ratio=0.5)  # /api/ half failing, /healthz fine
+        await running.until(lambda: running.ramp().status == "rolled_back", what="rollback")
+        rollback = daemon.registry.get_sample_value(
+            "regionshift_actions_total", {"action": "rollback", "region": "eu-west-1", "reason": "ramp:launch"}
+        )
+    assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 0}
+    assert running.ramp().reason.startswith("rollback: eu-west-1 is degraded: orders:")
+    assert rollback == 1.0
+
+
+async def test_a_hand_edit_pauses_the_ramp_and_is_never_overwritten(two_regions, route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path, bake=3.0))
+    async with Running(daemon) as running:
+        await running.post("/api/v1/ramps/launch/start")
+        await running.until(lambda: running.ramp().status == "baking", what="first step")
+        client = make_client(route53.url, **CREDENTIALS)
+        client.change_resource_record_sets(
+            HostedZoneId=zone_id,
+            ChangeBatch={
+                "Changes": [
+                    {
+                        "Action": "UPSERT",
+                        "ResourceRecordSet": {
+                            "Name": name,
+                            "Type": "A",
+                            "SetIdentifier": "euw1",
+                            "Weight": 7,
+                            "TTL": 0,
+                            "ResourceRecords": [{"Value": "192.0.2.20"}],
+                        },
+                    }
+                ]
+            },
+        )
+        await running.until(lambda: running.ramp().status == "paused", what="pause on drift")
+        await asyncio.sleep(1.0)
+        drift = daemon.registry.get_sample_value("regionshift_route53_drift", {"record": f"{name}/A"})
+        state = await (await running.http.get("/api/v1/state")).json()
+    assert read_weights(route53, zone_id, name) == {"use1": 99, "euw1": 7}  # untouched
+    assert running.ramp().reason.startswith(f"paused: drift: {name}/A: Route 53 holds weights other than")
+    assert drift == 1.0
+    assert "euw1: wrote 1, found 7" in state["record_sets"][0]["drift"]
+
+
+async def test_operators_need_the_bearer_token_and_a_freeze_stops_every_write(
+    two_regions, route53, tmp_path, monkeypatch
+):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
+    async with Running(daemon) as running:
+        assert (await running.post("/api/v1/ramps/launch/start", token=None))[0] == 401
+        assert (await running.post("/api/v1/ramps/launch/start", token="wrong"))[0] == 401
+        assert await running.post("/api/v1/ramps/nope/start") == (404, {"error": "no ramp named 'nope'; known: launch"})
+        assert (await running.post("/api/v1/ramps/launch/explode"))[0] == 404
+        assert await running.post("/api/v1/ramps/launch/resume") == (
+            409,
+            {"error": "cannot resume a ramp that is pending"},
+        )
+        status, body = await running.post("/api/v1/freeze", frozen=True, reason="incident 42")
+        assert (status, body["frozen"]["reason"]) == (200, "incident 42")
+        await running.post("/api/v1/ramps/launch/start")
+        await asyncio.sleep(2.0)
+        assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 0}  # nothing moved while frozen
+        assert "frozen by api:127.0.0.1: incident 42" in daemon.reconciler.views[f"{name}/A"].reason
+        await running.post("/api/v1/freeze", frozen=False)
+        await running.until(lambda: read_weights(route53, zone_id, name) != {"use1": 1, "euw1": 0}, what="first step")
+        monkeypatch.delenv("REGIONSHIFT_API_TOKEN")
+        assert (await running.post("/api/v1/ramps/launch/pause"))[0] == 403
