@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -49,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--once", action="store_true", help="run every probe once, print a table, exit")
     probe.add_argument("--region", action="append", metavar="NAME", help="only this region (repeatable)")
 
+    plan = commands.add_parser("plan", help="print every step of a ramp: weights, shares, timing; touches nothing")
+    with_config(plan)
+    plan.add_argument("--ramp", required=True, metavar="NAME", help="a ramp defined in the policy files")
+
+    ramp = commands.add_parser("ramp", help="start, pause, resume or abort a ramp on the running daemon")
+    ramp.add_argument("action", choices=["start", "pause", "resume", "abort"])
+    ramp.add_argument("name", metavar="NAME")
+    with_config(ramp)
+    ramp.add_argument("--url", help="the daemon's API (default: from controller.listen)")
+    ramp.add_argument("--operator", help="your name, for the audit log (default: $USER)")
+
     demo = commands.add_parser("demo", help="start a local world of three regions and the controller")
     demo.add_argument("--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this")
     demo.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="API address (default: a free port)")
@@ -78,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args.config, config)
         if args.command == "probe":
             return asyncio.run(_probe(config, args.once, args.region))
+        if args.command == "plan":
+            from controller.plan import format_plan  # noqa: PLC0415
+
+            print(format_plan(config, args.ramp))
+            return EXIT_OK
+        if args.command == "ramp":
+            return asyncio.run(_ramp(config, args.action, args.name, args.url, args.operator))
         if args.listen:
             config = config.model_copy(
                 update={"controller": config.controller.model_copy(update={"listen": args.listen})}
@@ -109,6 +128,37 @@ async def _until_signal(body: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _ramp(config: Config, action: str, name: str, url: str | None, operator: str | None) -> int:
+    import aiohttp  # noqa: PLC0415 - only this command is an HTTP client
+
+    if name not in config.policy.ramps:
+        raise ConfigError(
+            f"no ramp named {name!r} in the policy files; known: {', '.join(config.policy.ramps) or 'none'}"
+        )
+    token_env = config.controller.api_token_env
+    token = os.environ.get(token_env)
+    if not token:
+        raise ConfigError(f"set {token_env} to the daemon's API token (controller.api_token_env)")
+    if url is None:
+        host, port = config.controller.host_port
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104 - mapping, not binding
+    headers = {"Authorization": f"Bearer {token}", "X-Regionshift-Operator": operator or os.environ.get("USER", "cli")}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.post(f"{url}/api/v1/ramps/{name}/{action}", headers=headers) as response,
+        ):
+            body = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)", file=sys.stderr)
+        return EXIT_FAILURE
+    if response.status == 200:  # noqa: PLR2004 - HTTP OK
+        print(f"ramp {name}: {body['status']} ({body['reason']})")
+        return EXIT_OK
+    print(f"regionshift: {action} {name}: {body.get('error', response.status)}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _first_leaf(group: BaseExceptionGroup[ListenError]) -> ListenError:

@@ -28,6 +28,7 @@ from controller.route53 import make_client
 from controller.store import Store
 from controller.world import LocalRoute53, SimulatedRegion
 from probes.spec import HttpProbe
+from tests.conftest import REGIONSHIFT
 
 TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -283,3 +284,80 @@ async def test_operators_need_the_bearer_token_and_a_freeze_stops_every_write(
         await running.until(lambda: read_weights(route53, zone_id, name) != {"use1": 1, "euw1": 0}, what="first step")
         monkeypatch.delenv("REGIONSHIFT_API_TOKEN")
         assert (await running.post("/api/v1/ramps/launch/pause"))[0] == 403
+
+
+def write_files(tmp_path, zone_id, name, weights="") -> str:
+    (tmp_path / "ramp.yaml").write_text(
+        f"ramps:\n  launch:\n    record_set: {name}\n    waves: [[eu-west-1]]\n    steps: [1, 5, 10, 25, 50]\n"
+        "    bake: 1s\n    start_gate: 1s\n"
+    )
+    path = tmp_path / "regionshift.yaml"
+    path.write_text(
+        "policies: [ramp.yaml]\nregions:\n  - name: us-east-1\n  - name: eu-west-1\n"
+        f"record_sets:\n  - zone_id: {zone_id}\n    name: {name}\n    members:\n"
+        f"      - {{set_identifier: use1, region: us-east-1, value: 192.0.2.10{weights and ', weight: 3'}}}\n"
+        f"      - {{set_identifier: euw1, region: eu-west-1, value: 192.0.2.20{weights and ', weight: 0'}}}\n"
+    )
+    return str(path)
+
+
+async def run_cli(*args, env=None):
+    proc = await asyncio.create_subprocess_exec(
+        REGIONSHIFT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    path = write_files(tmp_path, zone_id, name)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
+    async with Running(daemon) as running:
+        code, out, err = await run_cli(
+            "ramp", "start", "launch", "-c", path, "--url", daemon.url, "--operator", "alice"
+        )
+        assert (code, out) == (0, "ramp launch: running (started by an operator (alice))\n"), err
+        code, _, err = await run_cli("ramp", "start", "launch", "-c", path, "--url", daemon.url)
+        assert code == 1
+        assert "regionshift: start launch: cannot start a ramp that is " in err  # running or already baking
+        await running.until(lambda: running.ramp().status == "done", what="done")
+
+
+async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monkeypatch):
+    zone_id, name = make_zone(route53)
+    path = write_files(tmp_path, zone_id, name)
+    code, _, err = await run_cli("ramp", "start", "nope", "-c", path)
+    assert (code, err.strip().splitlines()[-1]) == (2, "no ramp named 'nope' in the policy files; known: launch")
+    monkeypatch.delenv("REGIONSHIFT_API_TOKEN")
+    code, _, err = await run_cli("ramp", "start", "launch", "-c", path)
+    assert (code, err.strip().splitlines()[-1]) == (
+        2,
+        "set REGIONSHIFT_API_TOKEN to the daemon's API token (controller.api_token_env)",
+    )
+    monkeypatch.setenv("REGIONSHIFT_API_TOKEN", TOKEN)
+    code, _, err = await run_cli("ramp", "start", "launch", "-c", path, "--url", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the daemon at http://127.0.0.1:9" in err
+
+
+async def test_plan_prints_every_step_and_touches_nothing(route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    path = write_files(tmp_path, zone_id, name, weights="yes")
+    code, out, err = await run_cli("plan", "-c", path, "--ramp", "launch")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("1.1", "use1=99", "euw1=1"),
+        ("1.2", "use1=19", "euw1=1"),
+        ("1.3", "use1=9", "euw1=1"),
+        ("1.4", "use1=3", "euw1=1"),
+        ("1.5", "use1=1", "euw1=1"),
+    ]
+    assert "eu-west-1 25->25.00%" in out
+    assert out.rstrip().endswith("nothing was sent")
+    assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 0}
+    no_weights = write_files(tmp_path, zone_id, name)
+    code, _, err = await run_cli("plan", "-c", no_weights, "--ramp", "launch")
+    assert code == 2
+    assert "give every member a weight (use1, euw1)" in err

@@ -1,0 +1,85 @@
+"""`regionshift plan`: every step of a ramp, as it would be written, before anything is."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controller.config import ConfigError
+from controller.guardrails import moved_share
+from controller.ramps import step_weights
+from controller.weights import shares
+
+if TYPE_CHECKING:
+    from controller.config import Config
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+
+
+def format_plan(config: Config, name: str) -> str:
+    policy = config.policy.ramps.get(name)
+    if policy is None:
+        known = ", ".join(config.policy.ramps) or "none"
+        raise ConfigError(f"no ramp named {name!r} in the policy files; known: {known}")
+    rs = next(r for r in config.record_sets if r.key == policy.record_key)
+    baseline = {m.set_identifier: m.weight for m in rs.members}
+    if any(w is None for w in baseline.values()) or not any(baseline.values()):
+        missing = ", ".join(sid for sid, w in baseline.items() if w is None)
+        raise ConfigError(f"{rs.key}: plan starts from the configured weights; give every member a weight ({missing})")
+    weights: dict[str, int] = {k: int(v or 0) for k, v in baseline.items()}
+    sids = [m.set_identifier for m in rs.members]
+    region_of = {m.set_identifier: m.region for m in rs.members}
+    lines = [
+        (
+            f"ramp {name}: {rs.key}, {len(policy.waves)} wave(s), {len(policy.steps)} steps each, "
+            f"bake {_duration(policy.bake)} after INSYNC + TTL {rs.ttl}s, on failure: {policy.on_failure}"
+        ),
+        (
+            f"max_step {config.policy.guardrails.max_step:g}%; a step's bake starts once Route 53 reports INSYNC "
+            "(usually within 60s) plus the TTL"
+        ),
+        "",
+    ]
+    rows: list[tuple[str, ...]] = [
+        ("STEP", "TARGETS", "WEIGHTS", "SHARE: INTENDED -> ACHIEVED", "MOVES", "EARLIEST START")
+    ]
+
+    def row(
+        label: str, targets: str, w: dict[str, int], intended: dict[str, float], moves: str, when: str
+    ) -> tuple[str, ...]:
+        achieved = shares(w)
+        ws = " ".join(f"{sid}={w[sid]}" for sid in sids)
+        sh = "  ".join(
+            f"{region_of[sid]} {intended[sid]:g}->{achieved[sid]:.2f}%"
+            if sid in intended
+            else f"{region_of[sid]} {achieved[sid]:.2f}%"
+            for sid in sids
+        )
+        return (label, targets, ws, sh, moves, when)
+
+    rows.append(row("baseline", "-", weights, {}, "-", "now"))
+    elapsed = 0.0
+    for w, wave in enumerate(policy.waves):
+        base = dict(weights)
+        elapsed += policy.start_gate if w == 0 else policy.wave_bake
+        for i, share in enumerate(policy.steps):
+            new = step_weights(policy, rs, base, w, i)
+            intended = {sid: share for sid in sids if region_of[sid] in wave}
+            when = f"+{_duration(elapsed)}" + (
+                " (start gate)" if i == 0 and w == 0 else " (wave bake)" if i == 0 else ""
+            )
+            rows.append(
+                row(f"{w + 1}.{i + 1}", ", ".join(wave), new, intended, f"{moved_share(weights, new):.1f}%", when)
+            )
+            weights = new
+            elapsed += rs.ttl + policy.bake
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(
+        f"\ndone at the earliest +{_duration(elapsed)} after start (plus INSYNC time per step); nothing was sent"
+    )
+    return "\n".join(lines)
