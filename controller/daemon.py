@@ -197,7 +197,6 @@ class Daemon:
         """Run until `stop` is set; raise `ListenError` when the API cannot bind."""
         host, port = self.config.controller.host_port
         async with contextlib.AsyncExitStack() as stack:
-            server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             if self.config.record_sets:
                 store = await stack.enter_async_context(Store(self.config.state_file))
                 r53 = self.config.controller.route53
@@ -209,6 +208,8 @@ class Daemon:
                 )
                 self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action)
                 await self.reconciler.load()
+            # Served once everything it shows is ready.
+            server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             self.url = server.url
             log.info(
                 "started",

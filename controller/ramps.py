@@ -29,6 +29,7 @@ RampStatus = Literal["pending", "running", "baking", "paused", "done", "rolled_b
 RAMP_STATUSES: tuple[RampStatus, ...] = ("pending", "running", "baking", "paused", "done", "rolled_back", "aborted")
 ACTIVE: frozenset[RampStatus] = frozenset({"running", "baking", "paused"})
 Action = Literal["start", "pause", "resume", "abort"]
+_EPS = 1e-9  # float noise in percent
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,12 @@ def _start_gate(policy: RampPolicy, state: RampState, view: View) -> str | None:
 
 
 def _gate_failure(policy: RampPolicy, state: RampState, view: View) -> tuple[str, str] | None:
-    """(which gate, why) when a gate fails during a bake."""
+    """(which gate, why) when a gate fails during a bake: evidence of failure, not lack of data."""
     for region in policy.waves[state.wave]:
         status = view.status(region)
-        if status != "healthy":
+        if status in ("degraded", "unhealthy"):
             verdict = view.verdicts.get(region)
-            why = "; ".join(verdict.reasons) if verdict is not None and verdict.reasons else "no fresh data"
+            why = "; ".join(verdict.reasons) if verdict is not None and verdict.reasons else status
             return "target", f"{region} is {status}: {why}"
     for region in state.healthy_others:
         status = view.status(region)
@@ -169,30 +170,52 @@ def _forward(policy: RampPolicy, state: RampState, view: View, step: int, baseli
 
 def _back(view: View, state: RampState, weights: Mapping[str, int], status: RampStatus, step: int, reason: str) -> Plan:
     # Going back must not hand share to a region that is not healthy (guardrail 3): hold instead.
-    old, new = shares(view.observed), shares(weights)
-    for member in view.record_set.members:
-        sid = member.set_identifier
-        if new[sid] > old.get(sid, 0.0) + 1e-9 and view.status(member.region) != "healthy":
-            status_now = view.status(member.region)
-            why = f"paused: cannot go back ({reason}): {member.region} would gain share but is {status_now}"
-            return Plan(
-                replace(
-                    state,
-                    status="paused",
-                    resume_to=state.status if state.status != "paused" else state.resume_to,
-                    reason=why,
-                ),
-                reason=why,
-            )
+    growing = _would_grow_unhealthy(view, weights)
+    if growing:
+        why = f"paused: cannot go back ({reason}): {growing}"
+        resume_to = state.status if state.status != "paused" else state.resume_to
+        return Plan(replace(state, status="paused", resume_to=resume_to, reason=why), reason=why)
     pending = Pending(dict(weights), "rollback", status, step, reason, state.healthy_others)
     return Plan(replace(state, pending=pending, reason=reason), dict(weights), "rollback", reason)
 
 
+def _ask_again(policy: RampPolicy, state: RampState, pending: Pending, view: View) -> Plan | None:
+    """The pending write again, once its preconditions hold; a hold while they cannot be known;
+    None when the target failed meanwhile (the pending forward step is dropped)."""
+    if dict(view.observed) == pending.weights:  # it happened: the reconciler confirms it
+        return Plan(state, pending.weights, pending.action, pending.reason)
+    if pending.action == "forward":
+        statuses = {r: view.status(r) for r in policy.waves[state.wave]}
+        if any(s in ("degraded", "unhealthy") for s in statuses.values()):
+            return None
+        waiting = [r for r, s in statuses.items() if s != "healthy"]
+        if waiting:
+            reason = f"holding {pending.reason}: no fresh data for {', '.join(waiting)}"
+            return Plan(replace(state, reason=reason), reason=reason)
+        return Plan(state, pending.weights, pending.action, pending.reason)
+    growing = _would_grow_unhealthy(view, pending.weights)
+    if growing:
+        reason = f"holding {pending.reason}: {growing}"
+        return Plan(replace(state, reason=reason), reason=reason)
+    return Plan(state, pending.weights, pending.action, pending.reason)
+
+
+def _would_grow_unhealthy(view: View, weights: Mapping[str, int]) -> str | None:
+    old, new = shares(view.observed), shares(weights)
+    for member in view.record_set.members:
+        sid = member.set_identifier
+        if new[sid] > old.get(sid, 0.0) + _EPS and view.status(member.region) != "healthy":
+            return f"{member.region} would gain share but is {view.status(member.region)}"
+    return None
+
+
 def plan(policy: RampPolicy, state: RampState, view: View) -> Plan:
     """What the record set should hold now under this ramp, and why."""
-    if state.pending is not None:  # asked before, not yet confirmed: ask again (level-triggered)
-        p = state.pending
-        return Plan(state, p.weights, p.action, p.reason)
+    if state.pending is not None:  # asked before, not yet confirmed: ask again (level-triggered) ...
+        again = _ask_again(policy, state, state.pending, view)
+        if again is not None:
+            return again
+        state = replace(state, pending=None)  # ... unless the target failed meanwhile: decide anew
     if state.abort_requested and state.status in ACTIVE:
         if state.baseline is not None and dict(view.observed) != state.baseline:
             return _back(
@@ -237,6 +260,12 @@ def _bake(policy: RampPolicy, state: RampState, view: View) -> Plan:
                 view, state, weights, "baking", state.step - 1, f"step back to {policy.steps[state.step - 1]:g}%: {why}"
             )
         return _back(view, state, baseline, "paused", -1, f"stepped back to the weights before the ramp: {why}")
+    blind = [r for r in policy.waves[state.wave] if view.status(r) != "healthy"]
+    if blind:
+        # No fresh data is no reason to act (fail static), nor a healthy bake: hold, and count
+        # the bake again from when the target is seen healthy.
+        reason = f"holding: no fresh data for {', '.join(blind)}; the bake restarts once it is healthy"
+        return Plan(replace(state, bake_until=view.now + policy.bake, reason=reason), reason=reason)
     if state.bake_until is not None and view.now < state.bake_until:
         reason = f"baking step {state.step + 1} of {len(policy.steps)}: {state.bake_until - view.now:.0f}s left"
         return Plan(replace(state, reason=reason), reason=reason)

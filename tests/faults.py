@@ -57,6 +57,7 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     pending_polls: int = 0  # each change answers PENDING this many times before INSYNC
+    arrived: Counter[str] = field(default_factory=Counter)  # requests received, answered or not
     _polls: Counter[str] = field(default_factory=Counter)
     port: int = 0
 
@@ -93,6 +94,7 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         operation = operation_of(request.method, request.path)
+        self.arrived[operation] += 1
         fault = next((f for f in self.faults if f.operation == operation and f.times > 0), None)
         if fault is not None:
             fault.times -= 1

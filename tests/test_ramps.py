@@ -136,6 +136,33 @@ def test_a_degraded_target_rolls_back_to_the_weights_before_the_ramp_at_once():
     assert len(sim.writes) == 5
 
 
+def test_a_target_without_fresh_data_holds_the_ramp_and_restarts_its_bake():
+    sim = started(Sim())
+    sim.tick()
+    sim.tick(TTL + 600)  # 5%
+    sim.set("eu-west-1", "unknown")  # e.g. the controller restarted and has no results yet
+    assert sim.tick(TTL + 600) == "holding: no fresh data for eu-west-1; the bake restarts once it is healthy"
+    assert (sim.share(), sim.state.status) == (5.0, "baking")  # neither forward nor back
+    sim.set("eu-west-1", "healthy")
+    assert sim.tick(599) == "baking step 2 of 5: 1s left"  # the whole bake again, healthy throughout
+    sim.tick(1)
+    assert sim.share() == 10.0
+
+
+def test_after_a_restart_a_pending_step_waits_for_fresh_data_and_is_dropped_if_the_target_failed():
+    sim = started(Sim())
+    asked = plan(POLICY, sim.state, View(sim.now, RS, dict(sim.observed), sim.verdicts()))
+    restored = RampState.from_json(asked.state.to_json())  # crashed before the write was sent
+    sim.state = restored
+    sim.set("eu-west-1", "unknown")  # no data yet after the restart
+    assert sim.tick(1) == "holding step 1 of 5: eu-west-1 to 1%: no fresh data for eu-west-1"
+    assert sim.writes == []
+    sim.set("eu-west-1", "degraded")
+    sim.tick(1)
+    assert sim.writes == []  # the step is dropped, not sent to a degraded region
+    assert sim.state.pending is None
+
+
 def test_a_rolled_back_ramp_may_resume_once_the_target_has_recovered():
     sim = started(Sim(policy=POLICY.model_copy(update={"resume_after_rollback": True})))
     sim.tick()

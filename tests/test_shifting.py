@@ -4,6 +4,7 @@ Route 53 through ramps, rollbacks, drift, freezes and operator actions over the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 
@@ -52,7 +53,7 @@ def aws_env(monkeypatch):
 
 
 def make_zone(route53) -> tuple[str, str]:
-    client = make_client(route53.url, **CREDENTIALS)
+    client = direct_client(route53.url)
     zone = client.create_hosted_zone(Name=f"z{uuid.uuid4().hex[:8]}.example.com", CallerReference=uuid.uuid4().hex)
     zone_id = zone["HostedZone"]["Id"].split("/")[-1]
     name = "api." + zone["HostedZone"]["Name"].rstrip(".")
@@ -74,8 +75,14 @@ def make_zone(route53) -> tuple[str, str]:
     return zone_id, name
 
 
+@functools.cache
+def direct_client(url: str):
+    """One client per server, kept: a client per call would leave its sockets to the collector."""
+    return make_client(url, **CREDENTIALS)
+
+
 def read_weights(route53, zone_id: str, name: str) -> dict[str, int]:
-    client = make_client(route53.url, **CREDENTIALS)
+    client = direct_client(route53.url)
     records = client.list_resource_record_sets(HostedZoneId=zone_id, StartRecordName=name, StartRecordType="A")
     return {
         r["SetIdentifier"]: r["Weight"]
