@@ -227,10 +227,14 @@ def test_a_directory_is_not_a_configuration(tmp_path, capsys):
 
 def test_shipped_example_configuration_is_valid_and_loads_its_policy(capsys):
     assert main(["validate", "-c", str(EXAMPLE)]) == 0
-    assert "ok: 3 regions, 5 probes, 2 record sets, 1 policy files" in capsys.readouterr().out
+    assert "ok: 3 regions, 5 probes, 2 record sets, 3 policy files" in capsys.readouterr().out
     config = load_config(EXAMPLE)
     assert config.policy.verdicts.window == 60.0
     assert config.policy.verdicts.down_after == 3
+    assert config.policy.guardrails.max_step == 25
+    assert config.policy.evacuation.restore_after == 600
+    ramp = config.policy.ramps["launch-eu-west-1"]
+    assert (ramp.record_key, ramp.steps, ramp.bake) == ("api.example.com/A", [1, 5, 10, 25, 50], 600)
     orders = config.region("us-east-1").probes[1]
     assert orders.tls.min_validity == 14 * 86400
 
@@ -281,3 +285,60 @@ def test_console_script_reports_a_broken_configuration_without_traceback(write, 
     assert f"{path}:3: regions[0].type:" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+RAMP_CONFIG = (
+    "policies: [ramp.yaml]\nregions:\n  - name: us-east-1\n  - name: eu-west-1\n"
+    "  - name: ap-1\n    type: lightweight\n    max_share: 10\n"
+    "record_sets:\n  - zone_id: Z1\n    name: api.example.com\n    members:\n"
+    "      - {set_identifier: a, region: us-east-1, value: 192.0.2.1}\n"
+    "      - {set_identifier: b, region: eu-west-1, value: 192.0.2.2}\n"
+    "      - {set_identifier: c, region: ap-1, value: 192.0.2.3}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("ramp", "expected"),
+    [
+        (
+            "record_set: www.example.com\n    waves: [[eu-west-1]]\n",
+            ("ramp.yaml:4: ramps.launch.record_set:", "no record set 'www.example.com/A'", "known: api.example.com/A"),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[eu-central-1]]\n",
+            ("ramps.launch.waves[0][0]:", "'eu-central-1' is not a member of api.example.com/A"),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[eu-west-1]]\n    steps: [10, 50]\n",
+            (
+                "ramps.launch.steps[1]:",
+                "moves 40% of traffic at once",
+                "more than guardrails.max_step 25%",
+                "add a step",
+            ),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[ap-1]]\n    steps: [5, 20]\n",
+            ("ramps.launch.steps:", "the last step (20%) exceeds the max_share of ap-1 (10%)"),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[eu-west-1]]\n    steps: [5, 5]\n",
+            ("ramps.launch.steps:", "steps must increase"),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[eu-west-1], [eu-west-1]]\n",
+            ("ramps.launch.waves:", "'eu-west-1' is in more than one wave"),
+        ),
+        (
+            "record_set: api.example.com\n    waves: [[eu-west-1]]\n    on_failure: panic\n",
+            ("ramps.launch.on_failure:", "'rollback', 'step-back' or 'pause'"),
+        ),
+    ],
+)
+def test_ramp_policies_must_fit_the_configuration_and_the_guardrails(ramp, expected, write, capsys):
+    write("ramp.yaml", "guardrails: {max_step: 25}\nramps:\n  launch:\n    " + ramp)
+    path = write("regionshift.yaml", RAMP_CONFIG)
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    for part in expected:
+        assert part in err, (part, err)
