@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_SECONDS ?= 50
+DEMO_SECONDS ?= 120
 # Debian packages: what the tests need, and what the benchmarks compare against.
 TEST_DEBS := prometheus
 BENCH_DEBS := prometheus-blackbox-exporter

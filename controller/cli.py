@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start a local world of three regions and the controller")
     demo.add_argument("--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this")
+    demo.add_argument(
+        "--scenario",
+        choices=["launch", "verdicts"],
+        default="launch",
+        help="launch: a ramp with a failure mid-ramp, rollback and resume (default); verdicts: faults and verdicts",
+    )
     demo.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="API address (default: a free port)")
     return parser
 
@@ -82,9 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         if args.command == "demo":
-            from controller.demo import run_demo  # noqa: PLC0415 - only the demo needs the local world
+            # Only the demo needs the local world.
+            from controller.demo import run_demo  # noqa: PLC0415
+            from controller.launch import run_launch  # noqa: PLC0415
 
-            return asyncio.run(_until_signal(lambda stop: run_demo(stop, args.duration, args.listen)))
+            scenario = run_launch if args.scenario == "launch" else run_demo
+            return asyncio.run(_until_signal(lambda stop: scenario(stop, args.duration, args.listen)))
         config = load_config(args.config)
         if args.command == "validate":
             return _validate(args.config, config)

@@ -1,4 +1,5 @@
-"""`regionshift demo`: three simulated regions, the controller watching them, a scripted fault.
+"""`regionshift demo --scenario verdicts`: three simulated regions, the controller watching them,
+a scripted fault. (The default scenario, a region launch, is in `controller.launch`.)
 
 The demo starts its own local world on loopback, configures the controller for it, prints the
 API address and a live timeline of verdicts while a script injects a partial failure (40% of
@@ -136,11 +137,7 @@ async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out
         }
         daemon = Daemon(demo_config(regions, listen))
         async with asyncio.TaskGroup() as group:
-            daemon_task = group.create_task(daemon.run(stop), name="daemon")
-            started = group.create_task(daemon.started.wait())
-            await asyncio.wait([daemon_task, started], return_when=asyncio.FIRST_COMPLETED)
-            if daemon_task.done():  # failed to start: the TaskGroup re-raises its error
-                started.cancel()
+            if not await start_daemon(group, daemon, stop):
                 return 1
             timeline = Timeline(daemon, out, daemon.clock())
             daemon.listeners.append(timeline.on_transition)
@@ -157,7 +154,7 @@ async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out
                 group.create_task(_play(SCRIPT, regions, timeline), name="script"),
             ]
             if duration is not None:
-                helpers.append(group.create_task(_stop_after(stop, duration), name="duration"))
+                helpers.append(group.create_task(stop_after(stop, duration), name="duration"))
             await stop.wait()
             for task in helpers:
                 task.cancel()
@@ -183,6 +180,17 @@ async def _play(script: tuple[Step, ...], regions: dict[str, SimulatedRegion], t
         await step.act(regions[step.region])
 
 
-async def _stop_after(stop: asyncio.Event, seconds: float) -> None:
+async def stop_after(stop: asyncio.Event, seconds: float) -> None:
     await asyncio.sleep(seconds)
     stop.set()
+
+
+async def start_daemon(group: asyncio.TaskGroup, daemon: Daemon, stop: asyncio.Event) -> bool:
+    """Run the daemon in `group`; False when it failed to start (the group then re-raises why)."""
+    daemon_task = group.create_task(daemon.run(stop), name="daemon")
+    started = group.create_task(daemon.started.wait())
+    await asyncio.wait([daemon_task, started], return_when=asyncio.FIRST_COMPLETED)
+    if daemon_task.done():
+        started.cancel()
+        return False
+    return True

@@ -130,7 +130,8 @@ class Reconciler:
     def _ramp_for(self, key: str) -> tuple[str, RampPolicy] | None:
         for name, policy in self.policy.ramps.items():
             state = self.ramps[name]
-            if policy.record_key == key and (state.status in ramps.ACTIVE or state.pending is not None):
+            resumable = state.status == "rolled_back" and policy.resume_after_rollback
+            if policy.record_key == key and (state.status in ramps.ACTIVE or state.pending is not None or resumable):
                 return name, policy
         return None
 

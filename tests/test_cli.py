@@ -58,7 +58,7 @@ async def test_probe_rejects_an_unknown_region_with_exit_2(world, write, cli_env
 
 
 async def test_demo_prints_its_api_and_stops_by_itself(cli_env):
-    code, out, err = await run_cli("demo", "--duration", "6", env=cli_env)
+    code, out, err = await run_cli("demo", "--scenario", "verdicts", "--duration", "6", env=cli_env)
     assert code == 0, err
     assert re.search(r"^regionshift demo: API at http://127\.0\.0\.1:\d+ ", out, re.MULTILINE), out
     assert "us-east-1: unknown -> HEALTHY" in out
@@ -68,8 +68,27 @@ async def test_demo_prints_its_api_and_stops_by_itself(cli_env):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_demo_plays_its_script_and_checks_the_verdicts(cli_env):
-    code, out, err = await run_cli("demo", "--duration", "46", env=cli_env)
+    code, out, err = await run_cli("demo", "--scenario", "verdicts", "--duration", "46", env=cli_env)
     assert code == 0, out + err
     assert "eu-west-1: healthy -> DEGRADED" in out
     assert re.search(r"ap-southeast-2: \w+ -> UNHEALTHY .*all failed \(refused", out), out
     assert out.rstrip().endswith("both recovered")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_the_launch_demo_ramps_rolls_back_resumes_and_completes(cli_env):
+    code, out, err = await run_cli("demo", "--duration", "120", env=cli_env)
+    assert code == 0, out + err[-3000:]
+    lines = out.splitlines()
+    actions = [line.split("** ", 1)[1] for line in lines if "** " in line]
+    kinds = [a.split(" (")[0] for a in actions]
+    fault = kinds.index("fault: eu-west-1 fails 40% of API requests, /healthz stays 200")
+    rollback = kinds.index("route53 rollback")
+    assert fault < rollback < kinds.index("fault cleared on eu-west-1")
+    assert kinds[rollback + 2 :].count("route53 forward") == 5  # resumed from the first step, to the end
+    assert "rollback: eu-west-1 is degraded: orders:" in actions[rollback]
+    final = [line for line in lines if " ramp done " in line][-1]
+    traffic = {r: int(p) for r, p in re.findall(r"(us-east-1|eu-west-1) (\d+)%", final.split("traffic")[1])}
+    assert abs(traffic["eu-west-1"] - 50) <= 15, final  # the clients really moved
+    assert lines[-1].startswith("demo: the launch played out")

@@ -1,0 +1,308 @@
+"""`regionshift demo --scenario launch`: a region launch played out on a local world.
+
+Three simulated regions, a local Route 53 (moto's server) holding the weighted record, the
+controller, and a population of clients that pick a region the way Route 53 answers (share =
+weight / sum of weights) and send real requests to it. The script starts a ramp of eu-west-1;
+once it bakes at 10%, 40% of eu-west-1's API requests start failing while /healthz stays 200;
+the ramp rolls back; the failure clears; the ramp resumes and completes. The timeline shows the
+ramp step, the weights Route 53 holds, the traffic share each region actually served, and the
+verdicts. It exits 0 only when all of that happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING, TextIO
+
+import aiohttp
+
+from controller.config import (
+    Config,
+    ControllerSettings,
+    GuardrailPolicy,
+    Member,
+    Policy,
+    RampPolicy,
+    RecordSet,
+    Region,
+    Route53Settings,
+    VerdictPolicy,
+)
+from controller.daemon import Daemon
+from controller.demo import DEMO_REGIONS, start_daemon, stop_after
+from controller.route53 import Actuator, make_client
+from controller.weights import shares
+from controller.world import LocalRoute53, SimulatedRegion
+from probes.spec import HttpProbe
+
+if TYPE_CHECKING:
+    from controller.reconciler import Action
+
+RECORD = "api.demo.regionshift.internal"
+RAMP = "launch-eu-west-1"
+TARGET = "eu-west-1"
+CLIENT_PATH = "/api/checkout"
+CLIENT_RATE = 50.0  # requests per second, spread over the regions by weight
+DEMO_KEY = "regionshift-demo"  # moto accepts any credentials
+MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier, region, starting weight
+VERDICTS = VerdictPolicy(window=6.0, stale_after=2.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5)
+LAUNCH = RampPolicy(
+    record_set=RECORD,
+    waves=[[TARGET]],
+    steps=[1.0, 5.0, 10.0, 25.0, 50.0],
+    bake=4.0,
+    start_gate=3.0,
+    on_failure="rollback",
+    resume_after_rollback=True,
+)
+INJECT_AT_STEP = 2  # 0-based: the failure starts while the 10% step bakes
+FAILURE_SECONDS = 6.0
+EVERY = 2.0
+
+
+def launch_config(
+    regions: dict[str, SimulatedRegion], listen: str, endpoint: str, zone_id: str, state_dir: str
+) -> Config:
+    def probes(region: SimulatedRegion) -> list[HttpProbe]:
+        return [
+            HttpProbe(name=n, target=region.url + p, interval=0.5, timeout=0.4)
+            for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
+        ]
+
+    return Config(
+        controller=ControllerSettings(
+            listen=listen,
+            tick=0.25,
+            state_path=os.path.join(state_dir, "state.sqlite"),  # noqa: PTH118
+            route53=Route53Settings(endpoint_url=endpoint, reconcile_every=0.25, poll_interval=0.1),
+        ),
+        regions=[
+            Region(name=n, type=t, residency=r, max_share=m, probes=probes(regions[n])) for n, t, r, m in DEMO_REGIONS
+        ],
+        record_sets=[
+            RecordSet(
+                zone_id=zone_id,
+                name=RECORD,
+                ttl=0,
+                members=[
+                    Member(set_identifier=sid, region=region, value=f"192.0.2.{i + 10}", weight=w)
+                    for i, (sid, region, w) in enumerate(MEMBERS)
+                ],
+            )
+        ],
+        policy=Policy(verdicts=VERDICTS, guardrails=GuardrailPolicy(max_step=25), ramps={RAMP: LAUNCH}),
+    )
+
+
+def create_zone(endpoint: str) -> str:
+    """A hosted zone holding the weighted record at its starting weights, in the local Route 53."""
+    client = make_client(endpoint, aws_access_key_id=DEMO_KEY, aws_secret_access_key=DEMO_KEY)
+    zone = client.create_hosted_zone(Name="demo.regionshift.internal", CallerReference=uuid.uuid4().hex)
+    zone_id = zone["HostedZone"]["Id"].split("/")[-1]
+    changes = [
+        {
+            "Action": "CREATE",
+            "ResourceRecordSet": {
+                "Name": RECORD,
+                "Type": "A",
+                "SetIdentifier": sid,
+                "Weight": w,
+                "TTL": 0,
+                "ResourceRecords": [{"Value": f"192.0.2.{i + 10}"}],
+            },
+        }
+        for i, (sid, _, w) in enumerate(MEMBERS)
+    ]
+    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})  # type: ignore[typeddict-item]
+    return zone_id
+
+
+class Clients:
+    """Clients that resolve the record the way Route 53 answers and send real requests."""
+
+    def __init__(self, regions: dict[str, SimulatedRegion], reader: Actuator, record_set: RecordSet) -> None:
+        self.regions = regions
+        self.reader = reader
+        self.record_set = record_set
+        self.region_of = {m.set_identifier: m.region for m in record_set.members}
+        self.weights: dict[str, int] = {}
+        self.sent = 0
+        self.failed = 0
+        self._rng = random.Random(1)  # noqa: S311 - simulated clients
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            refresh = 0.0
+            while True:
+                if time.monotonic() >= refresh:  # resolvers re-ask at most every half second
+                    observed = await self.reader.observed_weights(self.record_set)
+                    self.weights = {k: v or 0 for k, v in observed.items()}
+                    refresh = time.monotonic() + 0.5
+                if any(self.weights.values()):
+                    sid = self._rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
+                    asyncio.ensure_future(self._request(http, self.regions[self.region_of[sid]]))  # noqa: RUF006
+                await asyncio.sleep(1 / CLIENT_RATE)
+
+    async def _request(self, http: aiohttp.ClientSession, region: SimulatedRegion) -> None:
+        self.sent += 1
+        try:
+            async with http.get(region.url + CLIENT_PATH) as response:
+                self.failed += response.status >= 500  # noqa: PLR2004 - server errors
+        except (aiohttp.ClientError, TimeoutError):
+            self.failed += 1
+
+
+class Story:
+    """The timeline printer and the record of what happened, for the final check."""
+
+    def __init__(self, daemon: Daemon, regions: dict[str, SimulatedRegion], clients: Clients, out: TextIO) -> None:
+        self.daemon = daemon
+        self.regions = regions
+        self.clients = clients
+        self.out = out
+        self.start = time.monotonic()
+        self.statuses: list[str] = []
+        self.served: Counter[str] = Counter()
+        self.last_share: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        print(f"+{time.monotonic() - self.start:5.1f}s  {text}", file=self.out, flush=True)
+
+    def ramp(self) -> tuple[str, int]:
+        assert self.daemon.reconciler is not None  # noqa: S101 - the launch config has a record set
+        state = self.daemon.reconciler.ramps[RAMP]
+        if not self.statuses or self.statuses[-1] != state.status:
+            self.statuses.append(state.status)
+        return state.status, state.step
+
+    def on_action(self, action: Action) -> None:
+        share = shares(action.weights)
+        weights = " ".join(f"{k}={v}" for k, v in action.weights.items())
+        split = " ".join(f"{self.clients.region_of[k]} {v:.0f}%" for k, v in share.items())
+        self.say(f"** route53 {action.kind} ({action.outcome}): {weights} -> {split}; {action.reason}")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(EVERY)
+            self.line()
+
+    def line(self) -> None:
+        status, step = self.ramp()
+        now = Counter({name: r.served[CLIENT_PATH] for name, r in self.regions.items()})
+        delta = now - self.served
+        self.served = now
+        total = sum(delta.values())
+        self.last_share = {n: 100.0 * delta[n] / total for n in self.regions} if total else {}
+        traffic = " ".join(f"{n} {self.last_share.get(n, 0):.0f}%" for n in self.regions if self.last_share.get(n))
+        verdicts = self.daemon.judge.verdicts
+        verdict = " ".join(f"{n}={verdicts[n].status if n in verdicts else '-'}" for n in self.regions)
+        weights = " ".join(f"{k}={v}" for k, v in self.clients.weights.items())
+        at = f"step {step + 1}/{len(LAUNCH.steps)} ({LAUNCH.steps[step]:g}%)" if step >= 0 else "before step 1"
+        self.say(f"ramp {status:<11} {at:<17} route53 {weights:<15} traffic {traffic or '-':<36} {verdict}")
+
+
+async def wait_for(predicate: object, story: Story) -> None:
+    while not predicate():  # type: ignore[operator]
+        await asyncio.sleep(0.1)
+        story.ramp()
+
+
+async def script(daemon: Daemon, regions: dict[str, SimulatedRegion], story: Story, finished: asyncio.Event) -> None:
+    assert daemon.reconciler is not None  # noqa: S101
+    reconciler = daemon.reconciler
+    story.say(f"** operator: start ramp {RAMP} ({', '.join(f'{s:g}%' for s in LAUNCH.steps)}, bake {LAUNCH.bake:g}s)")
+    await reconciler.act(RAMP, "start", daemon.clock(), "demo operator")
+    await wait_for(lambda: story.ramp() == ("baking", INJECT_AT_STEP), story)
+    story.say(f"** fault: {TARGET} fails 40% of API requests, /healthz stays 200")
+    regions[TARGET].set(error_ratio=0.4)
+    await wait_for(lambda: story.ramp()[0] == "rolled_back", story)
+    await asyncio.sleep(FAILURE_SECONDS)
+    story.say(f"** fault cleared on {TARGET}")
+    regions[TARGET].heal()
+    await wait_for(lambda: story.ramp()[0] == "done", story)
+    finished.set()
+
+
+def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # noqa: FBT001
+    problems = []
+    statuses = story.statuses
+    if "rolled_back" not in statuses:
+        problems.append(f"the ramp never rolled back (statuses: {statuses})")
+    elif "baking" not in statuses[statuses.index("rolled_back") :]:
+        problems.append(f"the ramp did not resume after the rollback (statuses: {statuses})")
+    if not finished or statuses[-1:] != ["done"]:
+        problems.append(f"the ramp did not complete (statuses: {statuses})")
+    if final != {"use1": 1, "euw1": 1}:
+        problems.append(f"Route 53 ends at {final}, not 50/50")
+    return problems
+
+
+async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, out: TextIO = sys.stdout) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        regions = {
+            name: await stack.enter_async_context(SimulatedRegion(name, seed=i))
+            for i, (name, *_) in enumerate(DEMO_REGIONS)
+        }
+        route53 = await stack.enter_async_context(LocalRoute53())
+        zone_id = await asyncio.to_thread(create_zone, route53.url)
+        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="regionshift-demo-"))
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.setdefault(key, DEMO_KEY)  # the daemon uses the usual credential chain
+        config = launch_config(regions, listen, route53.url, zone_id, state_dir)
+        daemon = Daemon(config)
+        reader = Actuator(make_client(route53.url, aws_access_key_id=DEMO_KEY, aws_secret_access_key=DEMO_KEY))
+        clients = Clients(regions, reader, config.record_sets[0])
+        finished = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            if not await start_daemon(group, daemon, stop):
+                return 1
+            story = Story(daemon, regions, clients, out)
+            daemon.action_listeners.append(story.on_action)
+            url = daemon.url
+            print(
+                f"regionshift demo (launch): API at {url}  (state: {url}/api/v1/state, metrics: {url}/metrics)",
+                file=out,
+            )
+            print(f"  local Route 53 (moto) at {route53.url}, zone {zone_id}, record {RECORD}", file=out)
+            for name, region in regions.items():
+                print(f"  region {name:<15} {region.url}", file=out)
+            print(
+                f"  clients: {CLIENT_RATE:g} requests/s to {CLIENT_PATH}, spread by the weights Route 53 holds",
+                file=out,
+                flush=True,
+            )
+            helpers = [
+                group.create_task(clients.run(), name="clients"),
+                group.create_task(story.run(), name="timeline"),
+                group.create_task(script(daemon, regions, story, finished), name="script"),
+            ]
+            if duration is not None:  # a bounded run ends when the story does, or at the deadline
+                helpers.append(group.create_task(stop_after(stop, duration), name="duration"))
+                helpers.append(group.create_task(_stop_when(finished, stop), name="end of story"))
+            await stop.wait()
+            for task in helpers:
+                task.cancel()
+        final = {k: v or 0 for k, v in (await reader.observed_weights(config.record_sets[0])).items()}
+    problems = check(story, finished.is_set(), final)
+    for problem in problems:
+        print(f"demo: FAILED: {problem}", file=out)
+    if not problems:
+        print(
+            "demo: the launch played out: ramp -> partial failure -> rollback -> recovery -> resumed -> 50% done",
+            file=out,
+        )
+    return 1 if problems else 0
+
+
+async def _stop_when(finished: asyncio.Event, stop: asyncio.Event) -> None:
+    await finished.wait()
+    await asyncio.sleep(2 * EVERY + 0.1)  # a full timeline period of traffic at 50%
+    stop.set()
