@@ -77,6 +77,8 @@ class Daemon:
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciler: Reconciler | None = None
+        # Set on every verdict change: the reconciler looks at once instead of at its next tick.
+        self._wake = asyncio.Event()
         self.action_listeners: list[Callable[[Action], None]] = []
         self._precreate_actions()
 
@@ -144,6 +146,8 @@ class Daemon:
             log.info("verdict changed", region=t.region, previous=t.previous, status=v.status, reasons=list(v.reasons))
             for listener in self.listeners:
                 listener(t)
+        if transitions:
+            self._wake.set()
         return transitions
 
     def _on_action(self, action: Action) -> None:
@@ -169,9 +173,12 @@ class Daemon:
     async def _reconcile_loop(self, reconciler: Reconciler) -> None:
         every = self.config.controller.route53.reconcile_every
         while True:
+            self._wake.clear()  # a verdict changing during the tick wakes the next one at once
             await reconciler.tick(self.judge.verdicts, self.clock())
             self._export(reconciler)
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._wake.wait()
 
     def _export(self, reconciler: Reconciler) -> None:
         for rs in self.config.record_sets:

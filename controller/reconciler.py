@@ -138,7 +138,8 @@ class Reconciler:
     async def _reconcile(self, rs: RecordSet, verdicts: Mapping[str, Verdict], now: float) -> None:
         key = rs.key
         view = self.views[key]
-        raw = await self.actuator.observed_weights(rs)
+        group = await self.actuator.read_group(rs)  # the one read this tick: observe, and compare before write
+        raw = self.actuator.weights_of(rs, group)
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error = observed, None
         await self._settle_open_intent(key, raw)
@@ -154,7 +155,7 @@ class Reconciler:
         owner = self._ramp_for(key)
         if owner is not None:
             name, policy = owner
-            await self._ramp_step(rs, name, policy, raw, observed, verdicts, now)
+            await self._ramp_step(rs, name, policy, group, observed, verdicts, now)
             return
         view.owner = "evacuation"
         home = await self._home(rs, observed)
@@ -166,14 +167,14 @@ class Reconciler:
         )
         view.desired, view.reason = evac.weights, evac.reason
         if evac.weights is not None and evac.action is not None:
-            await self._write(rs, raw, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
+            await self._write(rs, group, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
 
     async def _ramp_step(
         self,
         rs: RecordSet,
         name: str,
         policy: RampPolicy,
-        raw: Mapping[str, int | None],
+        group: Mapping[str, Mapping[str, Any]],
         observed: dict[str, int],
         verdicts: Mapping[str, Verdict],
         now: float,
@@ -189,7 +190,7 @@ class Reconciler:
             else:
                 await self._save(name, state, now)  # the pending write is durable before it is sent
                 outcome = await self._write(
-                    rs, raw, result.weights, result.action, result.reason, f"ramp:{name}", verdicts, now
+                    rs, group, result.weights, result.action, result.reason, f"ramp:{name}", verdicts, now
                 )
                 if outcome is not None and outcome[0] == "applied":
                     state = ramps.applied(policy, state, outcome[1] or now, rs.ttl)
@@ -211,7 +212,7 @@ class Reconciler:
     async def _write(
         self,
         rs: RecordSet,
-        raw: Mapping[str, int | None],
+        group: Mapping[str, Mapping[str, Any]],
         weights: dict[str, int],
         kind: Kind,
         reason: str,
@@ -222,6 +223,7 @@ class Reconciler:
         """Intent, request, result. ('applied', insync_at, ''), ('refused', None, why), or None when
         frozen or the request failed for now (it is tried again next tick)."""
         key = rs.key
+        raw = self.actuator.weights_of(rs, group)
         if self.frozen is not None:
             self.views[key].reason = f"frozen by {self.frozen['by']}: {self.frozen['reason']} (wanted: {reason})"
             return None
@@ -238,6 +240,7 @@ class Reconciler:
                 verdicts=statuses,
                 max_step=self.policy.guardrails.max_step,
                 reason=reason,
+                group=group,
             )
         except (GuardrailError, TerminalError, DriftError) as exc:
             await self.store.result(intent, "failed", now, error=str(exc))

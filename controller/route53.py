@@ -191,6 +191,11 @@ class Actuator:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @staticmethod
+    def weights_of(record_set: RecordSet, group: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
+        """Weight per configured member of a group read; None for a member Route 53 does not hold."""
+        return _weights(record_set, group)
+
     async def read_group(self, record_set: RecordSet) -> dict[str, dict[str, Any]]:
         """Set identifier -> the ResourceRecordSet Route 53 holds, for the group's name and type."""
         name, rtype = record_set.name, record_set.type
@@ -229,13 +234,16 @@ class Actuator:
         verdicts: Mapping[str, Status],
         max_step: float,
         reason: str = "",
+        group: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> ChangeResult:
         """Compare, check, write every member in one UPSERT batch, and wait for INSYNC.
 
         `expected` is what was last written (None before the first write): when Route 53 holds
-        anything else, `DriftError` is raised and nothing is written.
+        anything else, `DriftError` is raised and nothing is written. `group` is a read made
+        just before (the reconciler's, this tick); without it the group is read here.
         """
-        group = await self.read_group(record_set)
+        if group is None:
+            group = await self.read_group(record_set)
         observed = _weights(record_set, group)
         if expected is not None and observed != dict(expected):
             raise DriftError(record_set.key, expected, observed)
@@ -275,7 +283,7 @@ class Actuator:
         return None
 
     @staticmethod
-    def _upsert(record_set: RecordSet, sid: str, weight: int, group: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    def _upsert(record_set: RecordSet, sid: str, weight: int, group: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """An UPSERT that changes the weight only: anything else the record holds is kept."""
         current = group.get(sid)
         if current is not None:
