@@ -104,6 +104,8 @@ async def decide(kind: str, i: int, client: Any, setup: Any, zone_id: str, store
     reconciler = Reconciler(config, Actuator(client), store)
     await reconciler.load()
     now = time.time()
+    reconciler.holder = "bench"
+    reconciler.lease_token = await store.acquire_lease("bench", 3600, now)
     if rollback:  # baking the 10% step of a ramp, as last written
         intent = await store.intent(rs.key, f"ramp:r{i}", "forward", "step 3", {"use1": 19, "euw1": 1}, start, now)
         await store.result(intent, "applied", now, change_id="bench", insync_at=now)

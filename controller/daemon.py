@@ -231,7 +231,11 @@ class Daemon:
                     group.create_task(self._judge_loop(), name="judge"),
                 ]
                 if self.reconciler is not None:
-                    self._tasks.append(group.create_task(self._reconcile_loop(self.reconciler), name="reconciler"))
+                    lease_ttl = self.config.controller.route53.lease_ttl
+                    self._tasks += [
+                        group.create_task(self.reconciler.keep_lease(lease_ttl, self.clock), name="lease"),
+                        group.create_task(self._reconcile_loop(self.reconciler), name="reconciler"),
+                    ]
                 self.started.set()
                 await stop.wait()
                 log.info("stopping")

@@ -11,6 +11,10 @@ Running a tick twice does nothing more than running it once.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +85,10 @@ class Reconciler:
         self.views: dict[str, RecordView] = {key: RecordView() for key in self.record_sets}
         self.frozen: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        # Guardrail 9: one writer at a time. `lease_token` is set by the lease loop while this
+        # controller holds the lease; without one it plans and reports but never writes.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_token: int | None = None
 
     async def load(self) -> None:
         """Resume from the store: ramp states (new ramps start `pending`) and the freeze flag."""
@@ -89,7 +97,7 @@ class Reconciler:
             self.ramps[name] = ramps.RampState.from_json(stored[name]) if name in stored else ramps.RampState(name)
         self.frozen = await self.store.flag("frozen")
         for name, state in self.ramps.items():
-            log.info("ramp loaded", ramp=name, status=state.status, step=state.step, reason=state.reason)
+            log.debug("ramp loaded", ramp=name, status=state.status, step=state.step, reason=state.reason)
 
     # --- operators ----------------------------------------------------------------------------------
 
@@ -106,6 +114,22 @@ class Reconciler:
                 await self.store.save_ramp(name, state.to_json(), now)
                 log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
             return refused
+
+    async def keep_lease(self, ttl: float, clock: Callable[[], float]) -> None:
+        """Hold the writer lease: take it when free, renew it at a third of its lifetime."""
+        while True:
+            token = await self.store.acquire_lease(self.holder, ttl, clock())
+            if token != self.lease_token:
+                if token is None:
+                    log.warning("standby: another controller holds the writer lease", holder=self.holder)
+                else:
+                    log.info("writer lease acquired", holder=self.holder, fencing_token=token)
+            if token is None or token != self.lease_token:
+                # A standby mirrors the writer's progress; a new writer starts from where it left.
+                async with self._lock:
+                    await self.load()
+            self.lease_token = token
+            await asyncio.sleep(ttl / 3)
 
     async def freeze(self, frozen: bool, now: float, who: str, reason: str) -> None:  # noqa: FBT001
         async with self._lock:
@@ -227,7 +251,12 @@ class Reconciler:
         if self.frozen is not None:
             self.views[key].reason = f"frozen by {self.frozen['by']}: {self.frozen['reason']} (wanted: {reason})"
             return None
-        intent = await self.store.intent(key, actor, kind, reason, dict(raw), weights, now)
+        token = self.lease_token
+        if token is None or not await self.store.holds_lease(self.holder, token, time.time()):
+            self.lease_token = None
+            self.views[key].reason = f"standby: another controller holds the writer lease (wanted: {reason})"
+            return None
+        intent = await self.store.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
         statuses = {r: v.status for r, v in verdicts.items()}
         expected = await self.store.last_applied(key)
         try:

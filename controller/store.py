@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS ramps (
     state TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS flags (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -241,5 +247,51 @@ class Store:
         def read() -> Any:
             row = self.db.execute("SELECT value FROM flags WHERE name = ?", (name,)).fetchone()
             return json.loads(row["value"]) if row else default
+
+        return await self._run(read)
+
+    # --- the writer lease ---------------------------------------------------------------------
+
+    async def acquire_lease(self, holder: str, ttl: float, now: float, name: str = "writer") -> int | None:
+        """Take or renew the lease; its fencing token while `holder` has it, None while another does.
+
+        The token grows by one each time the lease changes hands, so a writer that lost the lease
+        (paused, partitioned) is recognised by its old token even if it still believes it leads.
+        """
+
+        def swap() -> int | None:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")  # one acquirer at a time across processes
+            try:
+                row = db.execute("SELECT holder, token, expires_at FROM lease WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    token = 1
+                    db.execute("INSERT INTO lease VALUES (?, ?, ?, ?)", (name, holder, token, now + ttl))
+                elif row["holder"] == holder and row["expires_at"] > now:
+                    token = int(row["token"])
+                    db.execute("UPDATE lease SET expires_at = ? WHERE name = ?", (now + ttl, name))
+                elif row["expires_at"] <= now:
+                    token = int(row["token"]) + 1
+                    db.execute(
+                        "UPDATE lease SET holder = ?, token = ?, expires_at = ? WHERE name = ?",
+                        (holder, token, now + ttl, name),
+                    )
+                else:
+                    db.execute("COMMIT")
+                    return None
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return token
+
+        return await self._run(swap)
+
+    async def holds_lease(self, holder: str, token: int, now: float, name: str = "writer") -> bool:
+        """Whether `holder` still has the lease with this token: checked right before every write."""
+
+        def read() -> bool:
+            row = self.db.execute("SELECT holder, token, expires_at FROM lease WHERE name = ?", (name,)).fetchone()
+            return row is not None and row["holder"] == holder and row["token"] == token and row["expires_at"] > now
 
         return await self._run(read)

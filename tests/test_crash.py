@@ -53,7 +53,7 @@ def write_config(tmp_path, regions, endpoint, zone_id, name, port) -> str:
     path = tmp_path / "regionshift.yaml"
     path.write_text(
         f"controller:\n  listen: 127.0.0.1:{port}\n  tick: 100ms\n  state_path: state.sqlite\n"
-        f"  route53: {{endpoint_url: '{endpoint}', reconcile_every: 50ms, poll_interval: 20ms}}\n"
+        f"  route53: {{endpoint_url: '{endpoint}', reconcile_every: 50ms, poll_interval: 20ms, lease_ttl: 1s}}\n"
         f"policies: [policy.yaml]\nregions:\n{probes}"
         f"record_sets:\n  - zone_id: {zone_id}\n    name: {name}\n    ttl: 0\n    members:\n"
         "      - {set_identifier: use1, region: us-east-1, value: 192.0.2.10}\n"

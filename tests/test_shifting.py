@@ -368,3 +368,40 @@ async def test_plan_prints_every_step_and_touches_nothing(route53, tmp_path):
     code, _, err = await run_cli("plan", "-c", no_weights, "--ramp", "launch")
     assert code == 2
     assert "give every member a weight (use1, euw1)" in err
+
+
+async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_higher_token(
+    two_regions, route53, tmp_path
+):
+    zone_id, name = make_zone(route53)
+    base = config(two_regions, route53, zone_id, name, tmp_path, bake=1.5)
+    lease = base.controller.route53.model_copy(update={"lease_ttl": 1.0})
+    shared = base.model_copy(update={"controller": base.controller.model_copy(update={"route53": lease})})
+    first, second = Daemon(shared), Daemon(shared)  # one state file, as a failover pair would share
+    leader = Running(first)
+    await leader.__aenter__()
+    try:
+        await leader.until(lambda: first.reconciler.lease_token == 1, what="lease")
+        async with Running(second) as standby:
+            await asyncio.sleep(1.5)
+            assert second.reconciler.lease_token is None
+            await leader.post("/api/v1/ramps/launch/start")
+            await leader.until(lambda: first.reconciler.ramps["launch"].step == 1, what="two steps by the leader")
+            await standby.until(
+                lambda: (
+                    "standby: another controller holds the writer lease" in second.reconciler.views[f"{name}/A"].reason
+                ),
+                what="standby reason",
+            )
+            await leader.__aexit__(None, None, None)  # the leader stops; its lease runs out
+            leader = None
+            await standby.until(lambda: second.reconciler.lease_token == 2, within=5, what="takeover")
+            await standby.until(lambda: second.reconciler.ramps["launch"].status == "done", what="done by the standby")
+    finally:
+        if leader is not None:
+            await leader.__aexit__(None, None, None)
+    async with Store(tmp_path / "state.sqlite") as store:
+        intents = [e["actor"] for e in await store.events(limit=100) if e["phase"] == "intent"]
+    assert intents[0] == "ramp:launch (lease 1)"
+    assert intents[-1] == "ramp:launch (lease 2)"
+    assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 1}

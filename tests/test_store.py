@@ -81,3 +81,15 @@ async def test_ramp_state_and_flags_round_trip(tmp_path):
         assert await store.load_ramps() == {"launch": {"status": "baking", "step": 3}}
         assert await store.flag("frozen") == {"by": "alice", "reason": "incident"}
         assert await store.flag("missing", default=False) is False
+
+
+async def test_the_writer_lease_has_one_holder_and_a_fencing_token_that_grows_on_takeover(tmp_path):
+    async with Store(tmp_path / "state.sqlite") as a, Store(tmp_path / "state.sqlite") as b:
+        assert await a.acquire_lease("a", ttl=10, now=100.0) == 1
+        assert await b.acquire_lease("b", ttl=10, now=105.0) is None  # a holds it
+        assert await a.acquire_lease("a", ttl=10, now=108.0) == 1  # renewed, same token
+        assert await b.acquire_lease("b", ttl=10, now=117.0) is None  # renewal moved expiry to 118
+        assert await b.acquire_lease("b", ttl=10, now=118.5) == 2  # expired: b takes over
+        assert await a.holds_lease("a", 1, now=118.6) is False  # a's old token is fenced off
+        assert await b.holds_lease("b", 2, now=118.6) is True
+        assert await a.acquire_lease("a", ttl=10, now=119.0) is None
