@@ -16,7 +16,7 @@ import pytest_asyncio
 import trustme
 from aiohttp import web
 
-from controller.world import SimulatedRegion
+from controller.world import LocalRoute53, SimulatedRegion
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONSHIFT = str(Path(sys.executable).with_name("regionshift"))
@@ -37,6 +37,15 @@ async def _no_pending_tasks(request):
     for task in pending:
         task.cancel()
     pytest.fail(f"test left tasks running: {[t.get_name() + ' ' + repr(t.get_coro()) for t in pending]}")
+
+
+@pytest.fixture(scope="session")
+def route53():
+    """moto's Route 53 server for the whole session; each test makes zones of its own."""
+    server = LocalRoute53()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest_asyncio.fixture

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from controller.store import Store
-from controller.world import LocalRoute53, SimulatedRegion, free_port
+from controller.world import SimulatedRegion, free_port
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
 from tests.test_shifting import TOKEN, make_zone, read_weights
@@ -26,14 +26,6 @@ PLANNED = [
     {"use1": 3, "euw1": 1},
     {"use1": 1, "euw1": 1},
 ]
-
-
-@pytest.fixture(scope="module")
-def route53():
-    server = LocalRoute53()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest_asyncio.fixture

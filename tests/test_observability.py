@@ -11,11 +11,14 @@ import time
 
 import aiohttp
 import pytest
+import yaml
 
 from controller.daemon import Daemon
-from controller.world import free_port
+from controller.world import SimulatedRegion, free_port
 from tests.conftest import REPO
-from tests.test_daemon import Running, world_config
+from tests.test_daemon import Running
+from tests.test_shifting import config as shifting_config
+from tests.test_shifting import make_zone
 
 RULES = REPO / "deploy" / "prometheus" / "regionshift-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "regionshift-alerts.test.yml"
@@ -34,23 +37,33 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass():
         [tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 9 rules found" in check.stdout
     unit = subprocess.run(
         [tool("promtool"), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, check=False
     )
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-def test_every_alert_names_the_region_or_is_about_the_controller():
-    text = RULES.read_text()
-    alerts = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("- alert:")]
-    assert alerts == [
-        "RegionshiftRegionUnhealthy",
-        "RegionshiftRegionDegraded",
-        "RegionshiftRegionUnknown",
-        "RegionshiftBlind",
-        "RegionshiftProbeTimeouts",
-    ]
+# What each alert is about, and so which label its summary must name.
+SUBJECTS = {
+    "RegionshiftRegionUnhealthy": "region",
+    "RegionshiftRegionDegraded": "region",
+    "RegionshiftRegionUnknown": "region",
+    "RegionshiftBlind": "instance",
+    "RegionshiftProbeTimeouts": "region",
+    "RegionshiftRoute53Drift": "record",
+    "RegionshiftEvacuating": "region",
+    "RegionshiftRampRolledBack": "ramp",
+    "RegionshiftRampPaused": "ramp",
+}
+
+
+def test_every_alert_has_a_routable_severity_and_names_its_subject():
+    rules = [r for group in yaml.safe_load(RULES.read_text())["groups"] for r in group["rules"]]
+    assert [r["alert"] for r in rules] == list(SUBJECTS)
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
+        assert f"$labels.{SUBJECTS[rule['alert']]}" in rule["annotations"]["summary"], rule["alert"]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -65,42 +78,27 @@ async def query(http: aiohttp.ClientSession, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(world, tmp_path):
-    daemon = Daemon(world_config(world))
-    async with Running(daemon) as running:
-        world["eu-west-1"].set(error_ratio=0.5)
-        await running.status_becomes("eu-west-1", "degraded")
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        target = daemon.url.removeprefix("http://")
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: ['{RULES}']\n"
-            f"scrape_configs:\n  - job_name: regionshift\n    static_configs: [{{targets: ['{target}']}}]\n"
+async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route53, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    zone_id, name = make_zone(route53)
+    async with SimulatedRegion("us-east-1", seed=1) as use1, SimulatedRegion("eu-west-1", seed=2) as euw1:
+        daemon = Daemon(
+            shifting_config({"us-east-1": use1, "eu-west-1": euw1}, route53, zone_id, name, tmp_path, bake=2.0)
         )
-        log = (tmp_path / "prometheus.log").open("wb")
-        prometheus = await asyncio.create_subprocess_exec(
-            *[
-                tool("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-                results = await wait_for_panels(http, prometheus)
-                rules = await wait_for_rules(http)
-        finally:
-            prometheus.terminate()
-            await asyncio.wait_for(prometheus.wait(), 10)
-            log.close()
+        async with Running(daemon) as running:
+            await daemon.reconciler.act("launch", "start", daemon.clock(), "test")
+            await running.status_becomes("eu-west-1", "healthy")
+            while daemon.reconciler.ramps["launch"].step < 1:
+                await asyncio.sleep(0.05)
+            euw1.set(error_ratio=0.5)  # the ramp rolls back; the region is degraded
+            await running.status_becomes("eu-west-1", "degraded")
+            while daemon.reconciler.ramps["launch"].status != "rolled_back":
+                await asyncio.sleep(0.05)
+            results, rules = await scrape_with_prometheus(daemon, tmp_path)
 
     for title, series in results.items():
         assert series, f"panel {title!r} returned no series"
-        assert all("region" in s["metric"] for s in series), (title, series)
     success = {
         (s["metric"]["region"], s["metric"]["probe"]): float(s["value"][1])
         for s in results["Probe success ratio by region and probe"]
@@ -109,16 +107,56 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(world
     assert success[("eu-west-1", "orders")] < 1.0  # the injected failures show on the dashboard
     assert success[("eu-west-1", "healthz")] == 1.0
     verdicts = {s["metric"]["region"]: float(s["value"][1]) for s in results["Verdict per region"]}
-    assert verdicts == {"us-east-1": 0.0, "eu-west-1": 2.0, "ap-southeast-2": 0.0}  # 2 = degraded
-    assert {r["name"]: r["health"] for r in rules} == {
-        "RegionshiftRegionUnhealthy": "ok",
-        "RegionshiftRegionDegraded": "ok",
-        "RegionshiftRegionUnknown": "ok",
-        "RegionshiftBlind": "ok",
-        "RegionshiftProbeTimeouts": "ok",
-    }
-    degraded = next(r for r in rules if r["name"] == "RegionshiftRegionDegraded")
-    assert [a["labels"]["region"] for a in degraded["alerts"]] == ["eu-west-1"]  # pending: `for: 3m` has not passed
+    assert verdicts == {"us-east-1": 0.0, "eu-west-1": 2.0}  # 2 = degraded
+    shares = {s["metric"]["region"]: float(s["value"][1]) for s in results["Route 53 share per region"]}
+    assert shares == {"us-east-1": 100.0, "eu-west-1": 0.0}  # rolled back
+    changes = {(s["metric"]["action"], s["metric"]["region"]) for s in results["Weight changes by action and region"]}
+    assert {("forward", "eu-west-1"), ("rollback", "eu-west-1")} <= changes
+    assert {r["name"]: r["health"] for r in rules} == dict.fromkeys(
+        [
+            "RegionshiftRegionUnhealthy",
+            "RegionshiftRegionDegraded",
+            "RegionshiftRegionUnknown",
+            "RegionshiftBlind",
+            "RegionshiftProbeTimeouts",
+            "RegionshiftRoute53Drift",
+            "RegionshiftEvacuating",
+            "RegionshiftRampRolledBack",
+            "RegionshiftRampPaused",
+        ],
+        "ok",
+    )
+    firing = {r["name"]: [a["labels"] for a in r["alerts"]] for r in rules if r["alerts"]}
+    assert [a["region"] for a in firing["RegionshiftRegionDegraded"]] == ["eu-west-1"]  # pending: `for: 3m`
+    assert [a["ramp"] for a in firing["RegionshiftRampRolledBack"]] == ["launch"]
+
+
+async def scrape_with_prometheus(daemon: Daemon, tmp_path) -> tuple[dict[str, list[dict]], list[dict]]:
+    """A real Prometheus scraping the daemon with the alert rules loaded: every panel's result and the rules."""
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    target = daemon.url.removeprefix("http://")
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{RULES}']\n"
+        f"scrape_configs:\n  - job_name: regionshift\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    log = (tmp_path / "prometheus.log").open("wb")
+    prometheus = await asyncio.create_subprocess_exec(
+        tool("prometheus"),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            return await wait_for_panels(http, prometheus), await wait_for_rules(http)
+    finally:
+        prometheus.terminate()
+        await asyncio.wait_for(prometheus.wait(), 10)
+        log.close()
 
 
 async def wait_for_panels(

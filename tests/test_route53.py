@@ -10,20 +10,11 @@ from botocore.stub import Stubber
 
 from controller.config import Member, RecordSet, Region
 from controller.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
-from controller.world import LocalRoute53
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 REGIONS = {r.name: r for r in [Region(name="us-east-1"), Region(name="eu-west-1")]}
 HEALTHY = dict.fromkeys(REGIONS, "healthy")
-
-
-@pytest.fixture(scope="module")
-def route53():
-    server = LocalRoute53()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from controller.config import (
 from controller.daemon import Daemon
 from controller.route53 import make_client
 from controller.store import Store
-from controller.world import LocalRoute53, SimulatedRegion
+from controller.world import SimulatedRegion
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 
@@ -35,14 +35,6 @@ TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 FAST = VerdictPolicy(window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
-
-
-@pytest.fixture(scope="module")
-def route53():
-    server = LocalRoute53()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)
