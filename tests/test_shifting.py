@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 import uuid
 
@@ -27,6 +28,7 @@ from controller.config import (
 from controller.daemon import Daemon
 from controller.route53 import make_client
 from controller.store import Store
+from controller.weights import shares
 from controller.world import SimulatedRegion
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
@@ -395,3 +397,76 @@ async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_high
     assert set(intents[takeover:]) == {"ramp:launch (lease 2)"}
     assert len(intents) == 5
     assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 1}
+
+
+async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_sustained_health(
+    two_regions, route53, tmp_path
+):
+    zone_id, name = make_zone(route53)
+    client = direct_client(route53.url)
+    client.change_resource_record_sets(
+        HostedZoneId=zone_id,
+        ChangeBatch={
+            "Changes": [
+                {
+                    "Action": "UPSERT",
+                    "ResourceRecordSet": {
+                        "Name": name,
+                        "Type": "A",
+                        "SetIdentifier": "euw1",
+                        "Weight": 1,
+                        "TTL": 0,
+                        "ResourceRecords": [{"Value": "192.0.2.20"}],
+                    },
+                }
+            ]
+        },
+    )
+    base = config(two_regions, route53, zone_id, name, tmp_path)
+    home = [m.model_copy(update={"weight": 1}) for m in base.record_sets[0].members]  # home: 50/50
+    record = base.record_sets[0].model_copy(update={"members": home})
+    policy = base.policy.model_copy(
+        update={
+            "ramps": {},
+            "evacuation": base.policy.evacuation.model_copy(update={"restore_after": 2.0}),
+            "guardrails": base.policy.guardrails.model_copy(update={"max_step": 20}),
+        }
+    )
+    daemon = Daemon(base.model_copy(update={"record_sets": [record], "policy": policy}))
+    seen: list[dict[str, int]] = []
+
+    async def watch():
+        while True:
+            weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
+            if not seen or seen[-1] != weights:
+                seen.append(weights)
+            await asyncio.sleep(0.02)
+
+    def euw1_share() -> float:
+        return shares(seen[-1])["euw1"] if seen else 50.0
+
+    async with Running(daemon) as running:
+        watcher = asyncio.create_task(watch())
+        try:
+            await running.until(lambda: getattr(daemon.judge.verdicts.get("eu-west-1"), "status", "") == "healthy")
+            two_regions["eu-west-1"].set(error_ratio=0.5)
+            await running.until(lambda: euw1_share() == 0.0, what="evacuated")
+            evacuation = list(seen)
+            two_regions["eu-west-1"].heal()
+            await running.until(lambda: abs(euw1_share() - 50.0) < 1.0, what="restored")
+            evacuations = daemon.registry.get_sample_value(
+                "regionshift_actions_total", {"action": "evacuation", "region": "eu-west-1", "reason": "evacuation"}
+            )
+            restores = daemon.registry.get_sample_value(
+                "regionshift_actions_total", {"action": "restore", "region": "eu-west-1", "reason": "evacuation"}
+            )
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+    steps = [shares(w)["euw1"] for w in evacuation]
+    assert steps[0] == 50.0
+    assert steps[-1] == 0.0
+    assert len(steps) >= 4  # 50% off in steps of at most max_step 20%
+    assert all(0 < a - b <= 20.0 + 1e-9 for a, b in itertools.pairwise(steps)), steps
+    assert evacuations == len(steps) - 1
+    assert restores >= 3
