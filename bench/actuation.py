@@ -31,7 +31,7 @@ from controller.reconciler import Reconciler
 from controller.route53 import Actuator, make_client
 from controller.store import Store
 from controller.verdicts import Verdict
-from controller.world import LocalRoute53
+from controller.world import LocalRoute53, seed_weighted_group
 
 KEY = "bench"
 REGIONS = [Region(name="us-east-1"), Region(name="eu-west-1")]
@@ -67,33 +67,11 @@ def verdicts(now: float, target: str) -> dict[str, Verdict]:
     }
 
 
-def create(client: Any, zone_id: str, name: str, weights: dict[str, int]) -> None:
-    client.change_resource_record_sets(
-        HostedZoneId=zone_id,
-        ChangeBatch={
-            "Changes": [
-                {
-                    "Action": "CREATE",
-                    "ResourceRecordSet": {
-                        "Name": name,
-                        "Type": "A",
-                        "SetIdentifier": sid,
-                        "Weight": w,
-                        "TTL": 60,
-                        "ResourceRecords": [{"Value": "192.0.2.1"}],
-                    },
-                }
-                for sid, w in weights.items()
-            ]
-        },
-    )
-
-
 async def decide(kind: str, i: int, client: Any, setup: Any, zone_id: str, store: Store, timings: Timings) -> float:
     name = f"{kind}{i}.bench.example.com"
     rollback = kind == "rollback"
     start = {"use1": 9, "euw1": 1} if rollback else {"use1": 1, "euw1": 1}
-    await asyncio.to_thread(create, setup, zone_id, name, start)
+    await asyncio.to_thread(seed_weighted_group, setup, zone_id, name, [(k, w, "192.0.2.1") for k, w in start.items()])
     members = [
         Member(set_identifier=s, region=r, value="192.0.2.1", weight=None if rollback else 1)
         for s, r in (("use1", "us-east-1"), ("euw1", "eu-west-1"))

@@ -40,7 +40,7 @@ from controller.daemon import Daemon
 from controller.demo import DEMO_REGIONS, start_daemon, stop_after
 from controller.route53 import Actuator, make_client
 from controller.weights import shares
-from controller.world import LocalRoute53, SimulatedRegion
+from controller.world import LocalRoute53, SimulatedRegion, seed_weighted_group
 from probes.spec import HttpProbe
 
 if TYPE_CHECKING:
@@ -107,21 +107,8 @@ def create_zone(endpoint: str) -> str:
     client = make_client(endpoint, aws_access_key_id=DEMO_KEY, aws_secret_access_key=DEMO_KEY)
     zone = client.create_hosted_zone(Name="demo.regionshift.internal", CallerReference=uuid.uuid4().hex)
     zone_id = zone["HostedZone"]["Id"].split("/")[-1]
-    changes = [
-        {
-            "Action": "CREATE",
-            "ResourceRecordSet": {
-                "Name": RECORD,
-                "Type": "A",
-                "SetIdentifier": sid,
-                "Weight": w,
-                "TTL": 0,
-                "ResourceRecords": [{"Value": f"192.0.2.{i + 10}"}],
-            },
-        }
-        for i, (sid, _, w) in enumerate(MEMBERS)
-    ]
-    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})  # type: ignore[typeddict-item]
+    members = [(sid, weight, f"192.0.2.{i + 10}") for i, (sid, _, weight) in enumerate(MEMBERS)]
+    seed_weighted_group(client, zone_id, RECORD, members, ttl=0)
     return zone_id
 
 

@@ -212,3 +212,25 @@ class LocalRoute53:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def seed_weighted_group(
+    client: Any, zone_id: str, name: str, members: list[tuple[str, int, str]], ttl: int = 60
+) -> None:
+    """Create a weighted group (set identifier, weight, value per member) in a local Route 53,
+    as an operator would have before regionshift runs: the demo, the benchmarks and the tests."""
+    changes = [
+        {
+            "Action": "CREATE",
+            "ResourceRecordSet": {
+                "Name": name,
+                "Type": "A",
+                "SetIdentifier": sid,
+                "Weight": weight,
+                "TTL": ttl,
+                "ResourceRecords": [{"Value": value}],
+            },
+        }
+        for sid, weight, value in members
+    ]
+    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})

@@ -16,7 +16,7 @@ from controller.store import Store
 from controller.world import SimulatedRegion, free_port
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
-from tests.test_shifting import TOKEN, make_zone, read_weights
+from tests.test_shifting import TOKEN, make_zone, read_weights, watch_weights
 
 PLANNED = [
     {"use1": 1, "euw1": 0},
@@ -78,24 +78,11 @@ async def test_sigkill_anywhere_in_a_ramp_never_leaves_unplanned_weights_or_unre
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     rng = random.Random(7)
-    held: list[dict[str, int]] = []
     async with FaultProxy(route53.url) as proxy, aiohttp.ClientSession() as http:
         proxy.slow("ChangeResourceRecordSets", 0.4, times=1000)  # a wide window between intent and result
         path = write_config(tmp_path, regions, proxy.url, zone_id, name, port)
-
-        async def watch():
-            while True:
-                weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
-                if not held or held[-1] != weights:
-                    held.append(weights)
-                await asyncio.sleep(0.02)
-
-        watcher = asyncio.create_task(watch())
-        try:
+        async with watch_weights(route53, zone_id, name) as held:
             kills, in_flight_kills, done = await kill_until_done(http, url, path, env, proxy, rng)
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.sleep(0.5)  # a request the proxy was still holding lands now, or never
     final = read_weights(route53, zone_id, name)
     if final not in held:

@@ -10,6 +10,7 @@ from botocore.stub import Stubber
 
 from controller.config import Member, RecordSet, Region
 from controller.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
+from controller.world import seed_weighted_group
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -33,35 +34,9 @@ def record_set(route53) -> RecordSet:
             Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
         ],
     )
-    changes = [
-        {
-            "Action": "CREATE",
-            "ResourceRecordSet": {
-                "Name": name,
-                "Type": "A",
-                "SetIdentifier": sid,
-                "Weight": w,
-                "TTL": 60,
-                "ResourceRecords": [{"Value": v}],
-            },
-        }
-        for sid, w, v in (("use1", 99, "192.0.2.10"), ("euw1", 1, "192.0.2.20"))
-    ]
+    seed_weighted_group(client, zone_id, name, [("use1", 99, "192.0.2.10"), ("euw1", 1, "192.0.2.20")])
     # A neighbour under another name, which reads must not pick up.
-    changes.append(
-        {
-            "Action": "CREATE",
-            "ResourceRecordSet": {
-                "Name": "www." + name,
-                "Type": "A",
-                "SetIdentifier": "x",
-                "Weight": 5,
-                "TTL": 60,
-                "ResourceRecords": [{"Value": "192.0.2.99"}],
-            },
-        }
-    )
-    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    seed_weighted_group(client, zone_id, "www." + name, [("x", 5, "192.0.2.99")])
     return rs
 
 

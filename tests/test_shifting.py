@@ -4,6 +4,7 @@ Route 53 through ramps, rollbacks, drift, freezes and operator actions over the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import time
@@ -29,7 +30,7 @@ from controller.daemon import Daemon
 from controller.route53 import make_client
 from controller.store import Store
 from controller.weights import shares
-from controller.world import SimulatedRegion
+from controller.world import SimulatedRegion, seed_weighted_group
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 
@@ -51,21 +52,7 @@ def make_zone(route53) -> tuple[str, str]:
     zone = client.create_hosted_zone(Name=f"z{uuid.uuid4().hex[:8]}.example.com", CallerReference=uuid.uuid4().hex)
     zone_id = zone["HostedZone"]["Id"].split("/")[-1]
     name = "api." + zone["HostedZone"]["Name"].rstrip(".")
-    changes = [
-        {
-            "Action": "CREATE",
-            "ResourceRecordSet": {
-                "Name": name,
-                "Type": "A",
-                "SetIdentifier": sid,
-                "Weight": w,
-                "TTL": 0,
-                "ResourceRecords": [{"Value": v}],
-            },
-        }
-        for sid, w, v in (("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20"))
-    ]
-    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    seed_weighted_group(client, zone_id, name, [("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20")], ttl=0)
     return zone_id, name
 
 
@@ -73,6 +60,26 @@ def make_zone(route53) -> tuple[str, str]:
 def direct_client(url: str):
     """One client per server, kept: a client per call would leave its sockets to the collector."""
     return make_client(url, **CREDENTIALS)
+
+
+@contextlib.asynccontextmanager
+async def watch_weights(route53, zone_id: str, name: str):
+    """Every distinct set of weights Route 53 holds while the block runs, in order."""
+    seen: list[dict[str, int]] = []
+
+    async def watch():
+        while True:
+            weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
+            if not seen or seen[-1] != weights:
+                seen.append(weights)
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
 
 
 def read_weights(route53, zone_id: str, name: str) -> dict[str, int]:
@@ -164,19 +171,13 @@ async def two_regions():
 async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every_change(two_regions, route53, tmp_path):
     zone_id, name = make_zone(route53)
     daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
-    seen: list[dict[str, int]] = []
-    async with Running(daemon) as running:
+    async with Running(daemon) as running, watch_weights(route53, zone_id, name) as seen:
         assert await running.post("/api/v1/ramps/launch/start") == (
             200,
             {"ramp": "launch", "status": "running", "reason": "started by an operator (api:127.0.0.1)"},
         )
-        deadline = time.monotonic() + 30
-        while running.ramp().status != "done":
-            weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
-            if not seen or seen[-1] != weights:
-                seen.append(weights)
-            assert time.monotonic() < deadline, running.ramp()
-            await asyncio.sleep(0.02)
+        await running.until(lambda: running.ramp().status == "done", within=30, what="done")
+        await asyncio.sleep(0.1)  # the watcher's last read
         state = await (await running.http.get("/api/v1/state")).json()
         value = daemon.registry.get_sample_value("regionshift_ramp_step", {"ramp": "launch"})
         forward = daemon.registry.get_sample_value(
@@ -433,36 +434,23 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
         }
     )
     daemon = Daemon(base.model_copy(update={"record_sets": [record], "policy": policy}))
-    seen: list[dict[str, int]] = []
+    async with Running(daemon) as running, watch_weights(route53, zone_id, name) as seen:
 
-    async def watch():
-        while True:
-            weights = await asyncio.to_thread(read_weights, route53, zone_id, name)
-            if not seen or seen[-1] != weights:
-                seen.append(weights)
-            await asyncio.sleep(0.02)
+        def euw1_share() -> float:
+            return shares(seen[-1])["euw1"] if seen else 50.0
 
-    def euw1_share() -> float:
-        return shares(seen[-1])["euw1"] if seen else 50.0
-
-    async with Running(daemon) as running:
-        watcher = asyncio.create_task(watch())
-        try:
-            await running.until(lambda: getattr(daemon.judge.verdicts.get("eu-west-1"), "status", "") == "healthy")
-            two_regions["eu-west-1"].set(error_ratio=0.5)
-            await running.until(lambda: euw1_share() == 0.0, what="evacuated")
-            evacuation = list(seen)
-            two_regions["eu-west-1"].heal()
-            await running.until(lambda: abs(euw1_share() - 50.0) < 1.0, what="restored")
-            evacuations = daemon.registry.get_sample_value(
-                "regionshift_actions_total", {"action": "evacuation", "region": "eu-west-1", "reason": "evacuation"}
-            )
-            restores = daemon.registry.get_sample_value(
-                "regionshift_actions_total", {"action": "restore", "region": "eu-west-1", "reason": "evacuation"}
-            )
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+        await running.until(lambda: getattr(daemon.judge.verdicts.get("eu-west-1"), "status", "") == "healthy")
+        two_regions["eu-west-1"].set(error_ratio=0.5)
+        await running.until(lambda: euw1_share() == 0.0, what="evacuated")
+        evacuation = list(seen)
+        two_regions["eu-west-1"].heal()
+        await running.until(lambda: abs(euw1_share() - 50.0) < 1.0, what="restored")
+        evacuations = daemon.registry.get_sample_value(
+            "regionshift_actions_total", {"action": "evacuation", "region": "eu-west-1", "reason": "evacuation"}
+        )
+        restores = daemon.registry.get_sample_value(
+            "regionshift_actions_total", {"action": "restore", "region": "eu-west-1", "reason": "evacuation"}
+        )
     steps = [shares(w)["euw1"] for w in evacuation]
     assert steps[0] == 50.0
     assert steps[-1] == 0.0
