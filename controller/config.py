@@ -202,6 +202,7 @@ class Route53Settings(_Model):
     reconcile_every: Duration = Field(default=10.0, description="how often observed and desired weights are compared")
     poll_interval: Duration = 2.0
     insync_timeout: Duration = 300.0
+    max_attempts: int = Field(default=8, ge=1, le=50, description="tries per Route 53 request while retryable")
     lease_ttl: Duration = Field(default=30.0, description="writer lease lifetime; a standby takes over after it")
 
 

@@ -212,6 +212,7 @@ class Daemon:
                     dry_run=r53.dry_run,
                     poll_interval=r53.poll_interval,
                     insync_timeout=r53.insync_timeout,
+                    max_attempts=r53.max_attempts,
                 )
                 self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action)
                 await self.reconciler.load()

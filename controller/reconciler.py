@@ -166,7 +166,7 @@ class Reconciler:
         raw = self.actuator.weights_of(rs, group)
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error = observed, None
-        await self._settle_open_intent(key, raw)
+        await self._settle_open_intent(key, raw, now)
         expected = await self.store.last_applied(key)
         if expected is not None and raw != expected:
             drift = str(DriftError(key, expected, raw))
@@ -276,8 +276,9 @@ class Reconciler:
             log.error("change refused", record=key, kind=kind, reason=reason, error=str(exc))
             self._announce(rs, raw, weights, kind, reason, "refused", actor)
             return "refused", None, str(exc)
-        except RetryableError as exc:
-            await self.store.result(intent, "failed", now, error=str(exc))
+        except RetryableError:
+            # Sent or not, nobody knows (a timeout may hide an applied change): the intent stays
+            # open and the next tick settles it from what Route 53 holds, as after a crash.
             raise
         outcome: Outcome = "dry_run" if change.dry_run else "applied"
         await self.store.result(intent, outcome, now, change_id=change.change_id, insync_at=change.insync_at)
@@ -316,17 +317,17 @@ class Reconciler:
         )
         self.on_action(Action(rs.key, kind, dict(weights), reason, changed, outcome, actor))
 
-    async def _settle_open_intent(self, key: str, raw: Mapping[str, int | None]) -> None:
-        """After a crash between intent and result: Route 53 tells whether the write happened."""
+    async def _settle_open_intent(self, key: str, raw: Mapping[str, int | None], now: float) -> None:
+        """An intent without result (a crash, or a request whose outcome was lost): Route 53 tells
+        whether the write happened."""
         intent = await self.store.open_intent(key)
         if intent is None:
             return
-        now = intent.at
         if dict(raw) == intent.to_weights:
-            await self.store.result(intent.id, "applied", now, error="result recorded after a restart: found applied")
+            await self.store.result(intent.id, "applied", now, error="result recorded later: found applied")
             log.warning("settled an open intent: it was applied", record=key, intent=intent.id)
         elif dict(raw) == intent.from_weights:
-            await self.store.result(intent.id, "not_applied", now, error="result recorded after a restart: not applied")
+            await self.store.result(intent.id, "not_applied", now, error="result recorded later: not applied")
             log.warning("settled an open intent: it was not applied", record=key, intent=intent.id)
 
     async def _pause_ramps(self, key: str, why: str, now: float) -> None:

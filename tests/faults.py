@@ -40,6 +40,7 @@ class Fault:
     status: int = 400
     code: str | None = None  # an AWS error code, answered as Route 53 does
     delay: float = 0.0  # seconds before forwarding
+    after_forwarding: bool = False  # the request reaches Route 53, then the answer is lost
 
 
 @dataclass
@@ -71,6 +72,10 @@ class FaultProxy:
     def http_error(self, operation: str, status: int = 500, *, times: int = 1) -> None:
         self.faults.append(Fault(operation, times, status=status))
 
+    def lose_answer(self, operation: str, status: int = 503, *, times: int = 1) -> None:
+        """Forward the request (Route 53 applies it), then answer with an error."""
+        self.faults.append(Fault(operation, times, status=status, after_forwarding=True))
+
     def slow(self, operation: str, seconds: float, *, times: int = 1) -> None:
         self.faults.append(Fault(operation, times, status=0, delay=seconds))
 
@@ -100,7 +105,7 @@ class FaultProxy:
             fault.times -= 1
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            if fault.status:
+            if fault.status and not fault.after_forwarding:
                 self.seen.append(Seen(operation, request.method, request.path, body.decode(), fault.status))
                 text = ERROR.format(code=fault.code, message="injected") if fault.code else "injected server error"
                 return web.Response(status=fault.status, text=text, content_type="text/xml")
@@ -111,6 +116,8 @@ class FaultProxy:
             answer = await upstream.read()
             status = upstream.status
         self.seen.append(Seen(operation, request.method, request.path, body.decode(), status))
+        if fault is not None and fault.after_forwarding:
+            return web.Response(status=fault.status, text="answer lost", content_type="text/xml")
         if operation in ("ChangeResourceRecordSets", "GetChange") and self.pending_polls and status == 200:
             answer = self._pending(operation, answer)
         return web.Response(status=status, body=answer, content_type="text/xml")

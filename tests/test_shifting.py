@@ -33,6 +33,7 @@ from controller.weights import shares
 from controller.world import SimulatedRegion, seed_weighted_group
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
+from tests.faults import FaultProxy
 
 TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -458,3 +459,26 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
     assert all(0 < a - b <= 20.0 + 1e-9 for a, b in itertools.pairwise(steps)), steps
     assert evacuations == len(steps) - 1
     assert restores >= 3
+
+
+async def test_a_change_whose_answer_was_lost_is_settled_from_route53_not_taken_for_drift(
+    two_regions, route53, tmp_path
+):
+    zone_id, name = make_zone(route53)
+    async with FaultProxy(route53.url) as proxy:
+        base = config(two_regions, route53, zone_id, name, tmp_path)
+        r53 = base.controller.route53.model_copy(update={"endpoint_url": proxy.url, "max_attempts": 2})
+        daemon = Daemon(base.model_copy(update={"controller": base.controller.model_copy(update={"route53": r53})}))
+        async with Running(daemon) as running:
+            await running.post("/api/v1/ramps/launch/start")
+            await running.until(lambda: running.ramp().status == "baking", what="first step")
+            proxy.lose_answer("ChangeResourceRecordSets", times=2)  # step 2 lands; both answers are lost
+            await running.until(lambda: running.ramp().step >= 2, what="past the second step")
+            drift = daemon.reconciler.views[f"{name}/A"].drift
+    async with Store(tmp_path / "state.sqlite") as store:
+        second = [e for e in await store.events() if e["reason"].startswith("step 2 ")]
+    assert drift is None  # its own write, found later, is not a hand edit
+    assert [(e["phase"], e["outcome"], e["error"]) for e in second] == [
+        ("intent", None, None),
+        ("result", "applied", "result recorded later: found applied"),
+    ]
