@@ -182,7 +182,7 @@ class Reconciler:
             await self._ramp_step(rs, name, policy, group, observed, verdicts, now)
             return
         view.owner = "evacuation"
-        home = await self._home(rs, observed)
+        home = await self._home(rs, observed, now)
         if not self.policy.evacuation.enabled or not any(home.values()):
             view.desired, view.reason = None, "no ramp; evacuation off or no home weights"
             return
@@ -338,13 +338,15 @@ class Reconciler:
                     name, replace(state, status="paused", resume_to=state.status, reason=f"paused: {why}"), now
                 )
 
-    async def _home(self, rs: RecordSet, observed: Mapping[str, int]) -> dict[str, int]:
+    async def _home(self, rs: RecordSet, observed: Mapping[str, int], now: float) -> dict[str, int]:
         """The weights the record set holds when all is well: after the last ramp, else configured,
-        else what Route 53 held when regionshift first saw it."""
+        else what Route 53 held when regionshift first saw it (remembered, so that an evacuation
+        knows where to come back to)."""
         stored = await self.store.flag(f"home:{rs.key}")
         if stored is not None:
             return {str(k): int(v) for k, v in stored.items()}
         configured = {m.set_identifier: m.weight for m in rs.members}
         if all(w is not None for w in configured.values()):
             return {k: int(v or 0) for k, v in configured.items()}
+        await self.store.set_flag(f"home:{rs.key}", dict(observed), now)
         return dict(observed)

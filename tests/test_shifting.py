@@ -482,3 +482,14 @@ async def test_a_change_whose_answer_was_lost_is_settled_from_route53_not_taken_
         ("intent", None, None),
         ("result", "applied", "result recorded later: found applied"),
     ]
+
+
+async def test_without_configured_weights_home_is_what_route53_held_first_and_is_remembered(
+    two_regions, route53, tmp_path
+):
+    zone_id, name = make_zone(route53)  # use1=1, euw1=0 in Route 53, no weights in the configuration
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
+    async with Running(daemon) as running:
+        await running.until(lambda: daemon.reconciler.views[f"{name}/A"].owner == "evacuation", what="first tick")
+        async with Store(tmp_path / "state.sqlite") as store:
+            assert await store.flag(f"home:{name}/A") == {"use1": 1, "euw1": 0}
