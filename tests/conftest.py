@@ -55,6 +55,12 @@ async def region():
 
 
 @pytest_asyncio.fixture
+async def two_regions():
+    async with SimulatedRegion("us-east-1", seed=1) as a, SimulatedRegion("eu-west-1", seed=2) as b:
+        yield {"us-east-1": a, "eu-west-1": b}
+
+
+@pytest_asyncio.fixture
 async def world():
     async with (
         SimulatedRegion("us-east-1", seed=1) as a,

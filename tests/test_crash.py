@@ -10,10 +10,9 @@ import time
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from controller.store import Store
-from controller.world import SimulatedRegion, free_port
+from controller.world import free_port
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
 from tests.test_shifting import TOKEN, make_zone, read_weights, watch_weights
@@ -26,12 +25,6 @@ PLANNED = [
     {"use1": 3, "euw1": 1},
     {"use1": 1, "euw1": 1},
 ]
-
-
-@pytest_asyncio.fixture
-async def regions():
-    async with SimulatedRegion("us-east-1", seed=1) as a, SimulatedRegion("eu-west-1", seed=2) as b:
-        yield {"us-east-1": a, "eu-west-1": b}
 
 
 def write_config(tmp_path, regions, endpoint, zone_id, name, port) -> str:
@@ -65,7 +58,7 @@ async def api_state(http: aiohttp.ClientSession, url: str) -> dict | None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_sigkill_anywhere_in_a_ramp_never_leaves_unplanned_weights_or_unrecorded_changes(
-    regions, route53, tmp_path
+    two_regions, route53, tmp_path
 ):
     zone_id, name = make_zone(route53)
     env = {
@@ -80,7 +73,7 @@ async def test_sigkill_anywhere_in_a_ramp_never_leaves_unplanned_weights_or_unre
     rng = random.Random(7)
     async with FaultProxy(route53.url) as proxy, aiohttp.ClientSession() as http:
         proxy.slow("ChangeResourceRecordSets", 0.4, times=1000)  # a wide window between intent and result
-        path = write_config(tmp_path, regions, proxy.url, zone_id, name, port)
+        path = write_config(tmp_path, two_regions, proxy.url, zone_id, name, port)
         async with watch_weights(route53, zone_id, name) as held:
             kills, in_flight_kills, done = await kill_until_done(http, url, path, env, proxy, rng)
         await asyncio.sleep(0.5)  # a request the proxy was still holding lands now, or never

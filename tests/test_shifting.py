@@ -12,7 +12,6 @@ import uuid
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from controller.config import (
     Config,
@@ -30,7 +29,7 @@ from controller.daemon import Daemon
 from controller.route53 import make_client
 from controller.store import Store
 from controller.weights import shares
-from controller.world import SimulatedRegion, seed_weighted_group
+from controller.world import seed_weighted_group
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
@@ -161,12 +160,6 @@ class Running:
 
     def ramp(self):
         return self.daemon.reconciler.ramps["launch"]
-
-
-@pytest_asyncio.fixture
-async def two_regions():
-    async with SimulatedRegion("us-east-1", seed=1) as a, SimulatedRegion("eu-west-1", seed=2) as b:
-        yield {"us-east-1": a, "eu-west-1": b}
 
 
 async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every_change(two_regions, route53, tmp_path):
