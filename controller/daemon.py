@@ -31,7 +31,7 @@ from probes.scheduler import Scheduler, make_prober
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controller.config import Config
+    from controller.config import Config, RecordSet
     from controller.reconciler import Action
     from controller.verdicts import Transition
     from probes.results import Result
@@ -246,7 +246,7 @@ class Daemon:
 
     # --- what the API shows ---------------------------------------------------------------------
 
-    def _record_state(self, rs: Any) -> dict[str, Any]:
+    def _record_state(self, rs: RecordSet) -> dict[str, Any]:
         view = self.reconciler.views.get(rs.key) if self.reconciler is not None else None
         observed = dict(view.observed) if view is not None else {}
         desired = dict(view.desired) if view is not None and view.desired is not None else None

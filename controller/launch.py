@@ -44,6 +44,8 @@ from controller.world import LocalRoute53, SimulatedRegion, seed_weighted_group
 from probes.spec import HttpProbe
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from controller.reconciler import Action
 
 RECORD = "api.demo.regionshift.internal"
@@ -196,8 +198,8 @@ class Story:
         self.say(f"ramp {status:<11} {at:<17} route53 {weights:<15} traffic {traffic or '-':<36} {verdict}")
 
 
-async def wait_for(predicate: object, story: Story) -> None:
-    while not predicate():  # type: ignore[operator]
+async def wait_for(predicate: Callable[[], bool], story: Story) -> None:
+    while not predicate():
         await asyncio.sleep(0.1)
         story.ramp()
 

@@ -228,7 +228,7 @@ def plan(policy: RampPolicy, state: RampState, view: View) -> Plan:
             )
         return Plan(replace(state, status="aborted", abort_requested=False, reason="aborted by an operator"))
     if state.status == "rolled_back" and policy.resume_after_rollback:
-        if _start_gate(policy, replace(state, wave=state.wave), view) is None:
+        if _start_gate(policy, state, view) is None:
             state = replace(state, status="running", step=-1, reason="target healthy again: ramp resumes")
         else:
             return Plan(state, reason=state.reason)

@@ -179,7 +179,7 @@ class Reconciler:
         owner = self._ramp_for(key)
         if owner is not None:
             name, policy = owner
-            await self._ramp_step(rs, name, policy, group, observed, verdicts, now)
+            await self._ramp_step(rs, name, policy, group, expected, observed, verdicts, now)
             return
         view.owner = "evacuation"
         home = await self._home(rs, observed, now)
@@ -191,7 +191,7 @@ class Reconciler:
         )
         view.desired, view.reason = evac.weights, evac.reason
         if evac.weights is not None and evac.action is not None:
-            await self._write(rs, group, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
+            await self._write(rs, group, expected, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
 
     async def _ramp_step(
         self,
@@ -199,6 +199,7 @@ class Reconciler:
         name: str,
         policy: RampPolicy,
         group: Mapping[str, Mapping[str, Any]],
+        expected: Mapping[str, int] | None,
         observed: dict[str, int],
         verdicts: Mapping[str, Verdict],
         now: float,
@@ -214,7 +215,7 @@ class Reconciler:
             else:
                 await self._save(name, state, now)  # the pending write is durable before it is sent
                 outcome = await self._write(
-                    rs, group, result.weights, result.action, result.reason, f"ramp:{name}", verdicts, now
+                    rs, group, expected, result.weights, result.action, result.reason, f"ramp:{name}", verdicts, now
                 )
                 if outcome is not None and outcome[0] == "applied":
                     state = ramps.applied(policy, state, outcome[1] or now, rs.ttl)
@@ -237,6 +238,7 @@ class Reconciler:
         self,
         rs: RecordSet,
         group: Mapping[str, Mapping[str, Any]],
+        expected: Mapping[str, int] | None,
         weights: dict[str, int],
         kind: Kind,
         reason: str,
@@ -258,7 +260,6 @@ class Reconciler:
             return None
         intent = await self.store.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
         statuses = {r: v.status for r, v in verdicts.items()}
-        expected = await self.store.last_applied(key)
         try:
             change = await self.actuator.apply(
                 rs,

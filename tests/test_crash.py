@@ -15,16 +15,7 @@ from controller.store import Store
 from controller.world import free_port
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
-from tests.test_shifting import TOKEN, make_zone, read_weights, watch_weights
-
-PLANNED = [
-    {"use1": 1, "euw1": 0},
-    {"use1": 99, "euw1": 1},
-    {"use1": 19, "euw1": 1},
-    {"use1": 9, "euw1": 1},
-    {"use1": 3, "euw1": 1},
-    {"use1": 1, "euw1": 1},
-]
+from tests.test_shifting import PLANNED, TOKEN, make_zone, read_weights, watch_weights
 
 
 def write_config(tmp_path, regions, endpoint, zone_id, name, port) -> str:

@@ -38,6 +38,15 @@ TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 FAST = VerdictPolicy(window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
+# The weights a 1/5/10/25/50% ramp of euw1 from use1=1, euw1=0 goes through: Route 53 holds nothing else.
+PLANNED = [
+    {"use1": 1, "euw1": 0},
+    {"use1": 99, "euw1": 1},
+    {"use1": 19, "euw1": 1},
+    {"use1": 9, "euw1": 1},
+    {"use1": 3, "euw1": 1},
+    {"use1": 1, "euw1": 1},
+]
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +89,28 @@ async def watch_weights(route53, zone_id: str, name: str):
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+def set_weight(route53, zone_id: str, name: str, sid: str, weight: int, value: str) -> None:
+    """Change one member's weight directly in Route 53, as a person with the console would."""
+    direct_client(route53.url).change_resource_record_sets(
+        HostedZoneId=zone_id,
+        ChangeBatch={
+            "Changes": [
+                {
+                    "Action": "UPSERT",
+                    "ResourceRecordSet": {
+                        "Name": name,
+                        "Type": "A",
+                        "SetIdentifier": sid,
+                        "Weight": weight,
+                        "TTL": 0,
+                        "ResourceRecords": [{"Value": value}],
+                    },
+                }
+            ]
+        },
+    )
 
 
 def read_weights(route53, zone_id: str, name: str) -> dict[str, int]:
@@ -179,15 +210,7 @@ async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every
         )
     final = read_weights(route53, zone_id, name)
     assert final == {"use1": 1, "euw1": 1}  # 50%
-    planned = [
-        {"use1": 1, "euw1": 0},
-        {"use1": 99, "euw1": 1},
-        {"use1": 19, "euw1": 1},
-        {"use1": 9, "euw1": 1},
-        {"use1": 3, "euw1": 1},
-        {"use1": 1, "euw1": 1},
-    ]
-    assert all(w in planned for w in seen), seen  # Route 53 only ever held planned weights
+    assert all(w in PLANNED for w in seen), seen  # Route 53 only ever held planned weights
     assert (value, forward) == (5.0, 5.0)
     record = state["record_sets"][0]
     assert [(m["set_identifier"], m["observed_weight"], m["observed_share"]) for m in record["members"]] == [
@@ -200,7 +223,7 @@ async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every
     results = [(e["reason"], e["outcome"], e["to_weights"]) for e in events if e["phase"] == "result"]
     assert results == [
         (f"step {i + 1} of 5: eu-west-1 to {s:g}%", "applied", w)
-        for i, (s, w) in enumerate(zip(STEPS, planned[1:], strict=True))
+        for i, (s, w) in enumerate(zip(STEPS, PLANNED[1:], strict=True))
     ]
     assert all(e["change_id"] for e in events if e["phase"] == "result")
 
@@ -227,25 +250,7 @@ async def test_a_hand_edit_pauses_the_ramp_and_is_never_overwritten(two_regions,
     async with Running(daemon) as running:
         await running.post("/api/v1/ramps/launch/start")
         await running.until(lambda: running.ramp().status == "baking", what="first step")
-        client = make_client(route53.url, **CREDENTIALS)
-        client.change_resource_record_sets(
-            HostedZoneId=zone_id,
-            ChangeBatch={
-                "Changes": [
-                    {
-                        "Action": "UPSERT",
-                        "ResourceRecordSet": {
-                            "Name": name,
-                            "Type": "A",
-                            "SetIdentifier": "euw1",
-                            "Weight": 7,
-                            "TTL": 0,
-                            "ResourceRecords": [{"Value": "192.0.2.20"}],
-                        },
-                    }
-                ]
-            },
-        )
+        set_weight(route53, zone_id, name, "euw1", 7, "192.0.2.20")
         await running.until(lambda: running.ramp().status == "paused", what="pause on drift")
         await asyncio.sleep(1.0)
         drift = daemon.registry.get_sample_value("regionshift_route53_drift", {"record": f"{name}/A"})
@@ -398,25 +403,7 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
     two_regions, route53, tmp_path
 ):
     zone_id, name = make_zone(route53)
-    client = direct_client(route53.url)
-    client.change_resource_record_sets(
-        HostedZoneId=zone_id,
-        ChangeBatch={
-            "Changes": [
-                {
-                    "Action": "UPSERT",
-                    "ResourceRecordSet": {
-                        "Name": name,
-                        "Type": "A",
-                        "SetIdentifier": "euw1",
-                        "Weight": 1,
-                        "TTL": 0,
-                        "ResourceRecords": [{"Value": "192.0.2.20"}],
-                    },
-                }
-            ]
-        },
-    )
+    set_weight(route53, zone_id, name, "euw1", 1, "192.0.2.20")
     base = config(two_regions, route53, zone_id, name, tmp_path)
     home = [m.model_copy(update={"weight": 1}) for m in base.record_sets[0].members]  # home: 50/50
     record = base.record_sets[0].model_copy(update={"members": home})
