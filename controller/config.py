@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,8 +44,58 @@ class LatencyObjective(_Model):
     threshold: Duration = 1.0
 
 
+class SequentialTest(_Model):
+    """A sequential probability ratio test on a stream of yes/no outcomes (Page's CUSUM form):
+    is the bad-outcome ratio `acceptable` or `unacceptable`? It decides as soon as the evidence
+    crosses ln((1 - miss_rate) / false_alarm_rate)."""
+
+    acceptable: float = Field(gt=0, lt=1)
+    unacceptable: float = Field(gt=0, lt=1)
+    false_alarm_rate: float = Field(default=1e-4, gt=0, lt=0.5)
+    miss_rate: float = Field(default=0.01, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.unacceptable <= self.acceptable:
+            raise ValueError(f"unacceptable ({self.unacceptable}) must be above acceptable ({self.acceptable})")
+        return self
+
+
+class ErrorTest(SequentialTest):
+    acceptable: float = Field(default=0.005, gt=0, lt=1)
+    unacceptable: float = Field(default=0.05, gt=0, lt=1)
+
+
+class SlowdownTest(SequentialTest):
+    """Latency against the region's own recent past: a sample is slow when it exceeds the
+    `quantile` of its (region, probe, vantage) baseline, so healthy samples are slow with
+    probability 1 - quantile (the test's acceptable ratio)."""
+
+    acceptable: float = Field(default=0.1, gt=0, lt=1)
+    unacceptable: float = Field(default=0.5, gt=0, lt=1)
+    false_alarm_rate: float = Field(default=1e-6, gt=0, lt=0.5)
+    baseline: Duration = 600.0
+    min_baseline_samples: int = Field(default=20, ge=5)
+    min_effect: float = Field(default=0.25, gt=0)
+
+    @property
+    def quantile(self) -> float:
+        return 1.0 - self.acceptable
+
+
+class PeerPolicy(_Model):
+    """How a region is compared with the other regions running the same probe."""
+
+    significance: float = Field(default=0.01, gt=0, lt=0.5)
+    min_error_ratio: float = Field(default=2.0, ge=1)
+
+
+class VantagePolicy(_Model):
+    quorum: int = Field(default=2, ge=1)
+
+
 class VerdictPolicy(_Model):
-    """Thresholds that turn windows of results into a region's verdict."""
+    """Thresholds and tests that turn windows of results into a region's verdict."""
 
     window: Duration = 60.0
     stale_after: Duration = 30.0
@@ -54,6 +104,17 @@ class VerdictPolicy(_Model):
     unhealthy_below: float = Field(default=0.5, ge=0, le=1)
     down_after: int = Field(default=3, ge=1, le=100)
     latency: LatencyObjective = Field(default_factory=LatencyObjective)
+    errors: ErrorTest = Field(default_factory=ErrorTest)
+    slowdown: SlowdownTest = Field(default_factory=SlowdownTest)
+    peers: PeerPolicy = Field(default_factory=PeerPolicy)
+    vantages: VantagePolicy = Field(default_factory=VantagePolicy)
+    recover_after: Duration = 60.0
+
+    @property
+    def history(self) -> float:
+        """How long windows keep results: the latency baseline, which ends up to two verdict
+        windows back (see `detectors.Baselines`)."""
+        return self.slowdown.baseline + 2 * self.window
 
     @model_validator(mode="after")
     def _ordered(self) -> VerdictPolicy:

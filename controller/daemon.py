@@ -18,12 +18,13 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from controller.api import ApiServer, make_app
+from controller.detectors import detectors_for
 from controller.metrics import Metrics
 from controller.ramps import RAMP_STATUSES
 from controller.reconciler import Reconciler
 from controller.route53 import Actuator, make_client
 from controller.store import Store
-from controller.verdicts import Judge, ThresholdDetector
+from controller.verdicts import Judge
 from controller.weights import shares
 from controller.windows import WindowStore
 from probes.scheduler import Scheduler, make_prober
@@ -57,10 +58,12 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         settings = config.controller
         self.vantage = settings.vantage
-        self.windows = WindowStore(config.policy.verdicts.window)
+        verdict_policy = config.policy.verdicts
+        self.windows = WindowStore(verdict_policy.history)
         self.judge = Judge(
-            [ThresholdDetector(config.policy.verdicts)],
+            detectors_for(verdict_policy),
             {r.name: tuple(p.name for p in r.probes) for r in config.regions},
+            verdict_policy,
         )
         probers = [make_prober(spec, r.name, self.vantage) for r in config.regions for spec in r.probes]
         self.scheduler = Scheduler(

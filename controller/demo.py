@@ -32,7 +32,9 @@ DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
     ("ap-southeast-2", "lightweight", "AU", 20.0),
 )
 # Short windows so that a fault shows within seconds and clears within a quarter minute.
-DEMO_POLICY = VerdictPolicy(window=15.0, stale_after=3.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5)
+DEMO_POLICY = VerdictPolicy(
+    window=15.0, stale_after=3.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5, recover_after=5.0
+)
 TIMELINE_EVERY = 3.0
 
 

@@ -55,7 +55,9 @@ CLIENT_PATH = "/api/checkout"
 CLIENT_RATE = 50.0  # requests per second, spread over the regions by weight
 DEMO_KEY = "regionshift-demo"  # moto accepts any credentials
 MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier, region, starting weight
-VERDICTS = VerdictPolicy(window=6.0, stale_after=2.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5)
+VERDICTS = VerdictPolicy(
+    window=6.0, stale_after=2.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5, recover_after=3.0
+)
 LAUNCH = RampPolicy(
     record_set=RECORD,
     waves=[[TARGET]],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from controller.windows import WindowStats
+from controller.vantages import set_aside
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -31,14 +31,18 @@ _PRECEDENCE: dict[Status, int] = {"healthy": 0, "unknown": 1, "degraded": 2, "un
 
 @dataclass(frozen=True, slots=True)
 class RegionView:
-    """What a detector sees of one region: its configured probes and their windows."""
+    """What a detector sees of one region: its configured probes and their windows, the other
+    regions (its peers, to tell a regional fault from a shared one) and the vantages set aside."""
 
     region: str
     probes: tuple[str, ...]
     windows: Mapping[tuple[str, str], Window]  # (probe, vantage) -> window
+    peers: Mapping[str, RegionView] = field(default_factory=dict)  # region -> view
+    set_aside: Mapping[str, str] = field(default_factory=dict)  # vantage -> why
 
     def windows_of(self, probe: str) -> dict[str, Window]:
-        return {vantage: w for (p, vantage), w in self.windows.items() if p == probe}
+        """The probe's windows from every vantage not set aside."""
+        return {v: w for (p, v), w in self.windows.items() if p == probe and v not in self.set_aside}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,95 +85,6 @@ def combine(assessments: Iterable[Assessment]) -> Status:
     return max(statuses, key=_PRECEDENCE.__getitem__) if statuses else "unknown"
 
 
-class ThresholdDetector:
-    """Success ratio and latency quantile per probe against the policy's fixed thresholds.
-
-    Every vantage's fresh results for a probe are pooled. A probe whose last `down_after`
-    results failed at every fresh vantage is failing at once, whatever its window's ratio (a
-    region that went down must not wait for its window to fill with failures). A probe with no
-    fresh result, or with fewer than `min_samples`, is not judged. The region is `unhealthy` when every judged probe
-    is below `unhealthy_below` (and none is unjudged), `degraded` when any probe is below
-    `degraded_below` or slower than the latency objective, `unknown` when any probe is not
-    judged, and `healthy` only when every probe was judged and passed.
-    """
-
-    name = "threshold"
-
-    def __init__(self, policy: VerdictPolicy) -> None:
-        self.policy = policy
-
-    def assess(self, view: RegionView, now: float) -> Assessment:
-        if not view.probes:
-            return Assessment("unknown", ("no probes configured for this region",))
-        states: dict[str, str] = {}
-        reasons: list[str] = []
-        evidence: dict[str, Any] = {}
-        for probe in view.probes:
-            state, reason, evidence[probe] = self._probe(view.windows_of(probe), now)
-            states[probe] = state
-            if reason:
-                reasons.append(f"{probe}: {reason}")
-        values = set(states.values())
-        if values == {"failing"}:
-            status: Status = "unhealthy"
-        elif values & {"failing", "degraded", "slow"}:
-            status = "degraded"
-        elif "unknown" in values:
-            status = "unknown"
-        else:
-            status = "healthy"
-        return Assessment(status, tuple(reasons), evidence)
-
-    def _probe(self, windows: dict[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
-        p = self.policy
-        fresh = {v: w for v, w in windows.items() if (age := w.age(now)) is not None and age <= p.stale_after}
-        ages = [a for w in windows.values() if (a := w.age(now)) is not None]
-        evidence: dict[str, Any] = {
-            "vantages": sorted(fresh),
-            "last_result_age": round(min(ages), 3) if ages else None,
-        }
-        if not fresh:
-            what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
-            return "unknown", what, evidence
-        stats = WindowStats.pooled(s for w in fresh.values() for s in w.samples(now))
-        quantile = stats.latency_quantile(p.latency.quantile)
-        q_name = f"latency_p{round(p.latency.quantile * 100):d}"
-        evidence.update(
-            samples=stats.samples,
-            failures=stats.failures,
-            success_ratio=round(stats.success_ratio, 4) if stats.samples else None,
-            errors=stats.errors,
-        )
-        evidence[q_name] = round(quantile, 4) if quantile is not None else None
-        if all(w.last_failed(p.down_after, now) for w in fresh.values()):
-            evidence["consecutive_failures"] = True
-            return (
-                "failing",
-                f"the last {p.down_after} results from {', '.join(sorted(fresh))} all failed{_errors_text(stats)}",
-                evidence,
-            )
-        if stats.samples < p.min_samples:
-            return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
-        ratio = stats.success_ratio
-        summary = f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s from {', '.join(sorted(fresh))}"
-        summary += _errors_text(stats)
-        if ratio < p.unhealthy_below:
-            return "failing", f"{summary}, below {p.unhealthy_below:.0%}", evidence
-        if ratio < p.degraded_below:
-            return "degraded", f"{summary}, below {p.degraded_below:.0%}", evidence
-        if quantile is not None and quantile > p.latency.threshold:
-            return (
-                "slow",
-                f"{q_name} {quantile * 1000:.0f}ms over {p.window:g}s exceeds {p.latency.threshold * 1000:.0f}ms",
-                evidence,
-            )
-        return "ok", None, evidence
-
-
-def _errors_text(stats: WindowStats) -> str:
-    return " (" + ", ".join(f"{k} x{n}" for k, n in sorted(stats.errors.items())) + ")" if stats.errors else ""
-
-
 @dataclass(frozen=True, slots=True)
 class Transition:
     region: str
@@ -178,25 +93,59 @@ class Transition:
 
 
 class Judge:
-    """Runs the detectors on every region and keeps each verdict's `since`."""
+    """Runs the detectors on every region, keeps each verdict's `since`, and holds a region
+    that was failing until it has looked healthy for `recover_after` (hysteresis: one good
+    minute in a flapping region does not flap its verdict). Getting worse is never delayed."""
 
-    def __init__(self, detectors: Sequence[Detector], probes: Mapping[str, tuple[str, ...]]) -> None:
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        probes: Mapping[str, tuple[str, ...]],
+        policy: VerdictPolicy | None = None,
+    ) -> None:
         self.detectors = list(detectors)
         self.probes = dict(probes)  # region -> configured probe names
+        self.policy = policy
         self.verdicts: dict[str, Verdict] = {}
+        self.set_aside: dict[str, str] = {}  # vantage -> why, as of the last judgement
+        self._failing_at: dict[str, float] = {}  # region -> when it last looked degraded or worse
 
     def judge(self, windows: WindowStore, now: float) -> list[Transition]:
         """Judge every region as of `now`; return the regions whose status changed."""
+        if self.policy is not None:
+            self.set_aside = set_aside(windows, self.probes, self.policy, now)
+        views = {
+            region: RegionView(region, probes, windows.region(region), set_aside=self.set_aside)
+            for region, probes in self.probes.items()
+        }
         transitions = []
         for region, probes in self.probes.items():
-            view = RegionView(region, probes, windows.region(region))
+            peers = {r: v for r, v in views.items() if r != region}
+            view = RegionView(region, probes, views[region].windows, peers, self.set_aside)
             assessments = {d.name: d.assess(view, now) for d in self.detectors}
             status = combine(assessments.values())
             reasons = tuple(r for a in assessments.values() for r in a.reasons)
+            status, reasons = self._hysteresis(region, status, reasons, now)
             previous = self.verdicts.get(region)
             since = previous.since if previous is not None and previous.status == status else now
-            verdict = Verdict(region, status, reasons, {n: a.evidence for n, a in assessments.items()}, since, now)
+            evidence: dict[str, Any] = {n: a.evidence for n, a in assessments.items()}
+            if self.set_aside:
+                evidence["set_aside"] = dict(self.set_aside)
+            verdict = Verdict(region, status, reasons, evidence, since, now)
             self.verdicts[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))
         return transitions
+
+    def _hysteresis(
+        self, region: str, status: Status, reasons: tuple[str, ...], now: float
+    ) -> tuple[Status, tuple[str, ...]]:
+        if status in ("degraded", "unhealthy"):
+            self._failing_at[region] = now
+            return status, reasons
+        failing_at = self._failing_at.get(region)
+        hold = self.policy.recover_after if self.policy is not None else 0.0
+        if status == "healthy" and failing_at is not None and now - failing_at < hold:
+            healthy_for = now - failing_at
+            return "degraded", (*reasons, f"recovering: healthy for {healthy_for:.0f}s of the {hold:g}s required")
+        return status, reasons

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from probes.results import Result
 
@@ -93,15 +93,25 @@ class Window:
         while samples and samples[0].at <= horizon:
             samples.popleft()
 
-    def samples(self, now: float) -> Iterator[Sample]:
-        """Samples within (now - span, now]."""
-        horizon = now - self.span
-        return (s for s in self._samples if horizon < s.at <= now)
+    def samples(self, now: float, span: float | None = None) -> list[Sample]:
+        """Samples within (now - span, now], oldest first; `span` defaults to the window's own.
 
-    def last_failed(self, n: int, now: float) -> bool:
+        Walks back from the newest sample only as far as the span reaches, so a short look at a
+        window that keeps a long history costs what the short look holds."""
+        horizon = now - (self.span if span is None else span)
+        found = []
+        for sample in reversed(self._samples):
+            if sample.at <= horizon:
+                break
+            if sample.at <= now:
+                found.append(sample)
+        found.reverse()
+        return found
+
+    def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""
         count = 0
-        horizon = now - self.span
+        horizon = now - (self.span if span is None else span)
         for sample in reversed(self._samples):
             if sample.at > now:
                 continue

@@ -20,7 +20,9 @@ from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 
-FAST = VerdictPolicy(window=3, stale_after=1, min_samples=5, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
+FAST = VerdictPolicy(
+    window=3, stale_after=1, min_samples=5, degraded_below=0.9, unhealthy_below=0.5, down_after=3, recover_after=1
+)
 
 
 def world_config(world, policy=FAST, interval=0.1) -> Config:

@@ -36,7 +36,9 @@ from tests.faults import FaultProxy
 
 TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-FAST = VerdictPolicy(window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3)
+FAST = VerdictPolicy(
+    window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3, recover_after=1
+)
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
 # The weights a 1/5/10/25/50% ramp of euw1 from use1=1, euw1=0 goes through: Route 53 holds nothing else.
 PLANNED = [

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.config import LatencyObjective, VerdictPolicy
-from controller.verdicts import Assessment, Judge, ThresholdDetector, combine
+from controller.detectors import ThresholdDetector
+from controller.verdicts import Assessment, Judge, combine
 from controller.windows import MAX_SAMPLES, Window, WindowStats, WindowStore
 from probes.results import Result
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import aiohttp
 
 from controller.config import LatencyObjective, VerdictPolicy
-from controller.verdicts import Judge, ThresholdDetector
+from controller.detectors import ThresholdDetector
+from controller.verdicts import Judge
 from controller.windows import WindowStore
 from probes.http import HttpProber
 from probes.spec import HttpProbe

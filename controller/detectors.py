@@ -1,0 +1,438 @@
+"""The detectors: pure functions of one region's windows (and its peers') and the clock.
+
+- `ThresholdDetector`: fixed limits (success ratio, latency objective, consecutive failures).
+- `ErrorDetector`: a sequential test on each probe's outcomes against the acceptable error
+  ratio; decides as soon as the evidence suffices.
+- `SlowdownDetector`: a sequential test on latency against the region's own recent baseline,
+  so a region 50% slower than usual is caught even far under any fixed objective.
+
+Every finding must also hold for a quorum of the vantages (one vantage's bad path is not the
+region's fault) and against the region's peers (the same probe in the other regions: a fault
+every region shares is not held against one of them; its reasons say so instead). The probes
+of a region combine one way in every detector: every probe failing is `unhealthy`, some
+failing while others pass is `degraded` and named, probes not judged make it `unknown`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from scipy.stats import fisher_exact, mannwhitneyu
+
+from controller.sequential import QUIET, Llr, Run, cusum, failed, merge
+from controller.verdicts import Assessment, Detector, RegionView, Status
+from controller.windows import WindowStats
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
+    from controller.config import VerdictPolicy
+    from controller.windows import Sample, Window
+
+# A peer with fewer results than this over the compared span is not compared.
+MIN_PEER_SAMPLES = 5
+
+BAD_STATES = frozenset({"failing", "degraded", "slow"})
+
+
+def detectors_for(policy: VerdictPolicy) -> list[Detector]:
+    """The detectors the daemon runs, and the benchmark beside it."""
+    return [ThresholdDetector(policy), ErrorDetector(policy), SlowdownDetector(policy)]
+
+
+def fresh(windows: Mapping[str, Window], now: float, stale_after: float) -> dict[str, Window]:
+    return {v: w for v, w in windows.items() if (age := w.age(now)) is not None and age <= stale_after}
+
+
+def region_status(states: Mapping[str, str]) -> Status:
+    """One region's status from its probes' states (failing, degraded, slow, unknown, ok, shared)."""
+    values = set(states.values())
+    if values == {"failing"}:
+        return "unhealthy"
+    if values & BAD_STATES:
+        return "degraded"
+    if "unknown" in values:
+        return "unknown"
+    return "healthy"
+
+
+def quorum(policy: VerdictPolicy, vantages: int) -> int:
+    """How many vantages must agree: the policy's quorum, or all of them when fewer report."""
+    return max(1, min(policy.vantages.quorum, vantages))
+
+
+def _since(samples: Iterable[Sample], since: float) -> list[Sample]:
+    return [s for s in samples if s.at >= since]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCheck:
+    """How one region compares with the other regions running the same probe."""
+
+    compared: tuple[str, ...] = ()
+    worse_than: tuple[str, ...] = ()  # significantly worse, by at least the effect size
+    alike: tuple[str, ...] = ()  # showing the same trouble, within the effect size
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> bool:
+        """Most peers show the same trouble: a shared cause (or the prober), not this region."""
+        return len(self.alike) * 2 > len(self.compared)
+
+    def text(self) -> str:
+        if self.shared:
+            return f"like {', '.join(self.alike)}"
+        if self.worse_than:
+            return f"worse than {', '.join(self.worse_than)}"
+        if self.compared:
+            return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
+        return "no peer region to compare with"
+
+    def evidence(self) -> dict[str, Any]:
+        return {"worse_than": list(self.worse_than), "alike": list(self.alike), "peers": self.detail}
+
+
+def errors_vs_peers(view: RegionView, probe: str, since: float, now: float, policy: VerdictPolicy) -> PeerCheck:
+    """Fisher's exact test (one-sided) of this region's failures against each peer's over the
+    same span, with an effect size: worse means significant and `min_error_ratio` times theirs."""
+
+    def counts(v: RegionView) -> tuple[int, int]:
+        samples = [
+            s
+            for w in fresh(v.windows_of(probe), now, policy.stale_after).values()
+            for s in w.samples(now, policy.window)
+        ]
+        recent = _since(samples, since)
+        return len(recent), sum(not s.ok for s in recent)
+
+    n, bad = counts(view)
+    if n == 0:
+        return PeerCheck()
+    compared, worse, alike, detail = [], [], [], {}
+    for name, peer in sorted(view.peers.items()):
+        if probe not in peer.probes:
+            continue
+        pn, pbad = counts(peer)
+        if pn < MIN_PEER_SAMPLES:
+            continue
+        compared.append(name)
+        if bad / n < policy.peers.min_error_ratio * pbad / pn:
+            alike.append(name)
+        table = np.array([[bad, n - bad], [pbad, pn - pbad]])
+        p_value = float(fisher_exact(table, alternative="greater").pvalue)
+        detail[name] = {"error_ratio": round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
+        if p_value < policy.peers.significance and bad / n >= policy.peers.min_error_ratio * pbad / pn:
+            worse.append(name)
+    return PeerCheck(tuple(compared), tuple(worse), tuple(alike), detail)
+
+
+class Baseline(NamedTuple):
+    slow: float  # a successful sample slower than this counts as slow
+    median: float
+    samples: int
+
+
+class Baselines:
+    """Each (region, probe, vantage)'s usual latency: the slowdown quantile and median of its
+    successful results over `baseline` seconds ending one verdict window before the last
+    refresh. Refreshed once per verdict window, so a slowdown has a window's time to be
+    judged before it starts to become the new normal."""
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self._refreshed: float | None = None
+        self._cache: dict[int, Baseline | None] = {}
+
+    def of(self, window: Window, now: float) -> Baseline | None:
+        p = self.policy
+        refreshed = math.floor(now / p.window) * p.window
+        if refreshed != self._refreshed:
+            self._cache.clear()
+            self._refreshed = refreshed
+        key = id(window)
+        if key not in self._cache:
+            stats = WindowStats.pooled(window.samples(refreshed - p.window, p.slowdown.baseline))
+            slow = stats.latency_quantile(p.slowdown.quantile)
+            if slow is None or len(stats.latencies) < p.slowdown.min_baseline_samples:
+                self._cache[key] = None
+            else:
+                self._cache[key] = Baseline(slow, statistics.median(stats.latencies), len(stats.latencies))
+        return self._cache[key]
+
+    def normalised(self, windows: Mapping[str, Window], since: float, now: float) -> list[float]:
+        """Successful latencies since `since`, each divided by its vantage's baseline median."""
+        out: list[float] = []
+        for w in windows.values():
+            base = self.of(w, now)
+            if base is not None:
+                out.extend(s.latency / base.median for s in _since(w.samples(now, self.policy.window), since) if s.ok)
+        return out
+
+
+def _slower_than(limits: Mapping[str, float]) -> Callable[[str, Sample], bool | None]:
+    """Outcome of a latency test: slow or not, for successes only (failures are the error test's)."""
+
+    def slow(vantage: str, sample: Sample) -> bool | None:
+        return sample.latency > limits[vantage] if sample.ok else None
+
+    return slow
+
+
+def _reason_vantages(run: Run) -> str:
+    return ", ".join(f"{v} {bad}/{n}" for v, (n, bad) in sorted(run.by_vantage.items()))
+
+
+def _run_evidence(run: Run, now: float) -> dict[str, Any]:
+    return {
+        "llr": round(run.statistic, 3),
+        "threshold": round(run.threshold, 3),
+        "since": round(now - run.since, 3) if run.since is not None else None,
+        "events": run.events,
+        "bad": run.bad,
+        "agreeing": list(run.agreeing),
+    }
+
+
+class ErrorDetector:
+    """Sequential test (CUSUM) of each probe's failures, every fresh vantage pooled, against the
+    policy's acceptable and unacceptable error ratios. A probe fails the test when the evidence
+    crosses the threshold, a quorum of vantages agree, and the region is worse than its peers."""
+
+    name = "errors"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self.llr = Llr.of(policy.errors)
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        p = self.policy
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            windows = fresh(view.windows_of(probe), now, p.stale_after)
+            if not windows:
+                states[probe] = "unknown"
+                continue
+            samples = {v: w.samples(now, p.window) for v, w in windows.items()}
+            has_failures = any(not s.ok for seq in samples.values() for s in seq)
+            run = cusum(merge(samples, failed), self.llr) if has_failures else QUIET
+            evidence[probe] = _run_evidence(run, now) if has_failures else {"llr": 0.0}
+            states[probe] = "ok"
+            if not run.tripped or run.since is None:
+                continue
+            what = (
+                f"{probe}: {run.bad} of {run.events} probes failed in the last {now - run.since:.0f}s "
+                f"({run.ratio:.0%}; acceptable {p.errors.acceptable:.1%}) from {_reason_vantages(run)}"
+            )
+            needed = quorum(p, len(windows))
+            if len(run.agreeing) < needed:
+                evidence[probe]["quorum"] = needed
+                reasons.append(f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held")
+                continue
+            peers = errors_vs_peers(view, probe, run.since, now, p)
+            evidence[probe]["peers"] = peers.evidence()
+            if peers.shared:
+                states[probe] = "shared"
+                reasons.append(f"{what}, {peers.text()}: a shared cause, not held against {view.region}")
+                continue
+            states[probe] = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
+            reasons.append(f"{what}, {peers.text()}")
+        return Assessment(region_status(states), tuple(reasons), evidence)
+
+
+class SlowdownDetector:
+    """Sequential test of each probe's latency against its own baseline: a successful result
+    slower than the baseline's quantile is a 'slow' outcome, expected at 1 - quantile when
+    nothing changed. A probe is slow when the test trips, a quorum of vantages agree, its
+    median is `min_effect` above its baseline, and a rank test (Mann-Whitney U, one-sided) finds
+    it slower than its peers by that effect too, each relative to its own baseline."""
+
+    name = "slowdown"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self.llr = Llr.of(policy.slowdown)
+        self.baselines = Baselines(policy)
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        p = self.policy
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            states[probe] = "ok"
+            windows = fresh(view.windows_of(probe), now, p.stale_after)
+            base = {v: b for v, w in windows.items() if (b := self.baselines.of(w, now)) is not None}
+            if not base:
+                evidence[probe] = {"baseline": None}
+                continue
+            samples = {v: windows[v].samples(now, p.window) for v in base}
+            run = cusum(merge(samples, _slower_than({v: b.slow for v, b in base.items()})), self.llr)
+            evidence[probe] = _run_evidence(run, now) | {
+                "baseline": {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
+            }
+            if not run.tripped or run.since is None:
+                continue
+            mine = self.baselines.normalised({v: windows[v] for v in base}, run.since, now)
+            effect = statistics.median(mine) if mine else 1.0
+            evidence[probe]["relative_median"] = round(effect, 3)
+            what = (
+                f"{probe}: {run.bad} of {run.events} results slower than usual in the last "
+                f"{now - run.since:.0f}s, median {effect:.2f}x its baseline, from {_reason_vantages(run)}"
+            )
+            needed = quorum(p, len(base))
+            if len(run.agreeing) < needed:
+                reasons.append(f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held")
+                continue
+            if effect < 1 + p.slowdown.min_effect:
+                continue
+            peers = self._vs_peers(view, probe, mine, run.since, now)
+            evidence[probe]["peers"] = peers.evidence()
+            if peers.shared:
+                states[probe] = "shared"
+                reasons.append(f"{what}, {peers.text()}: a shared cause, not held against {view.region}")
+                continue
+            states[probe] = "slow"
+            reasons.append(f"{what}, {peers.text()}")
+        return Assessment(region_status(states), tuple(reasons), evidence)
+
+    def _vs_peers(self, view: RegionView, probe: str, mine: list[float], since: float, now: float) -> PeerCheck:
+        p = self.policy
+        compared, worse, alike, detail = [], [], [], {}
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            theirs = self.baselines.normalised(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
+                continue
+            compared.append(name)
+            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
+            ratio = statistics.median(mine) / statistics.median(theirs)
+            if ratio < 1 + p.slowdown.min_effect:
+                alike.append(name)
+            detail[name] = {"relative_median": round(statistics.median(theirs), 3), "p_value": round(p_value, 6)}
+            if p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect:
+                worse.append(name)
+        return PeerCheck(tuple(compared), tuple(worse), tuple(alike), detail)
+
+
+class ThresholdDetector:
+    """Success ratio and latency quantile per probe against the policy's fixed thresholds.
+
+    Every vantage's fresh results for a probe are pooled. A probe whose last `down_after`
+    results failed at every fresh vantage is failing at once, whatever its window's ratio (a
+    region that went down must not wait for its window to fill with failures). A probe with no
+    fresh result, or with fewer than `min_samples`, is not judged. The region is `unhealthy` when every judged probe
+    is below `unhealthy_below` (and none is unjudged), `degraded` when any probe is below
+    `degraded_below` or slower than the latency objective, `unknown` when any probe is not
+    judged, and `healthy` only when every probe was judged and passed.
+    """
+
+    name = "threshold"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        if not view.probes:
+            return Assessment("unknown", ("no probes configured for this region",))
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            state, reason, evidence[probe] = self._probe(view, probe, now)
+            states[probe] = state
+            if reason:
+                reasons.append(f"{probe}: {reason}")
+        return Assessment(region_status(states), tuple(reasons), evidence)
+
+    def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
+        state, reason, evidence = self._limits(view.windows_of(probe), now)
+        if state not in BAD_STATES or evidence.get("consecutive_failures"):
+            return state, reason, evidence
+        # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
+        p = self.policy
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now)[0] == state)
+        needed = quorum(p, len(windows))
+        if len(agreeing) < needed:
+            return "ok", f"{reason}: only {len(agreeing)} of {needed} vantages needed agree, not held", evidence
+        if state == "slow":
+            peers = self._slow_peers(view, probe, now)
+        else:
+            peers = errors_vs_peers(view, probe, now - p.window, now, p)
+        evidence["peers"] = peers.evidence()
+        if peers.shared:
+            return "shared", f"{reason}, {peers.text()}: a shared cause, not held against {view.region}", evidence
+        return state, reason, evidence
+
+    def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
+        """Peers over the same fixed objective: the objective is absolute, so is the comparison."""
+        compared, alike = [], []
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            state = self._limits(peer.windows_of(probe), now)[0]
+            if state in ("ok", "slow"):
+                compared.append(name)
+                if state == "slow":
+                    alike.append(name)
+        return PeerCheck(tuple(compared), alike=tuple(alike))
+
+    def _limits(self, windows: Mapping[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
+        p = self.policy
+        fresh_windows = fresh(windows, now, p.stale_after)
+        ages = [a for w in windows.values() if (a := w.age(now)) is not None]
+        evidence: dict[str, Any] = {
+            "vantages": sorted(fresh_windows),
+            "last_result_age": round(min(ages), 3) if ages else None,
+        }
+        if not fresh_windows:
+            what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
+            return "unknown", what, evidence
+        stats = WindowStats.pooled(s for w in fresh_windows.values() for s in w.samples(now, p.window))
+        quantile = stats.latency_quantile(p.latency.quantile)
+        q_name = f"latency_p{round(p.latency.quantile * 100):d}"
+        evidence.update(
+            samples=stats.samples,
+            failures=stats.failures,
+            success_ratio=round(stats.success_ratio, 4) if stats.samples else None,
+            errors=stats.errors,
+        )
+        evidence[q_name] = round(quantile, 4) if quantile is not None else None
+        if all(w.last_failed(p.down_after, now, p.window) for w in fresh_windows.values()):
+            evidence["consecutive_failures"] = True
+            vantages = ", ".join(sorted(fresh_windows))
+            return (
+                "failing",
+                f"the last {p.down_after} results from {vantages} all failed{_errors_text(stats)}",
+                evidence,
+            )
+        if stats.samples < p.min_samples:
+            return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
+        ratio = stats.success_ratio
+        summary = (
+            f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s "
+            f"from {', '.join(sorted(fresh_windows))}"
+        )
+        summary += _errors_text(stats)
+        if ratio < p.unhealthy_below:
+            return "failing", f"{summary}, below {p.unhealthy_below:.0%}", evidence
+        if ratio < p.degraded_below:
+            return "degraded", f"{summary}, below {p.degraded_below:.0%}", evidence
+        if quantile is not None and quantile > p.latency.threshold:
+            return (
+                "slow",
+                f"{q_name} {quantile * 1000:.0f}ms over {p.window:g}s exceeds {p.latency.threshold * 1000:.0f}ms",
+                evidence,
+            )
+        return "ok", None, evidence
+
+
+def _errors_text(stats: WindowStats) -> str:
+    return " (" + ", ".join(f"{k} x{n}" for k, n in sorted(stats.errors.items())) + ")" if stats.errors else ""
