@@ -74,7 +74,7 @@ class SlowdownTest(SequentialTest):
     acceptable: float = Field(default=0.1, gt=0, lt=1)
     unacceptable: float = Field(default=0.5, gt=0, lt=1)
     false_alarm_rate: float = Field(default=1e-6, gt=0, lt=0.5)
-    baseline: Duration = 600.0
+    baseline: Duration = 1800.0
     min_baseline_samples: int = Field(default=20, ge=5)
     min_effect: float = Field(default=0.25, gt=0)
 

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from scipy.stats import fisher_exact, mannwhitneyu
 
-from controller.sequential import QUIET, Llr, Run, cusum, failed, merge
+from controller.sequential import QUIET, Llr, Run, cusum, failures, slower
 from controller.verdicts import Assessment, Detector, RegionView, Status
 from controller.windows import WindowStats
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Iterable, Mapping
 
     from controller.config import VerdictPolicy
     from controller.windows import Sample, Window
@@ -80,17 +80,24 @@ class PeerCheck:
 
     @property
     def shared(self) -> bool:
-        """Most peers show the same trouble: a shared cause (or the prober), not this region."""
-        return len(self.alike) * 2 > len(self.compared)
+        """At least half of the peers show the same trouble: a shared cause (or the prober) is
+        likelier than several regions failing apart, and evacuating one region would not help."""
+        return bool(self.compared) and len(self.alike) * 2 >= len(self.compared)
+
+    @property
+    def regional(self) -> bool:
+        """Set apart from its peers: significantly worse than at least half of them, and not
+        shared (or there is no other region running this probe, so nothing to compare)."""
+        return not self.shared and len(self.worse_than) * 2 >= len(self.compared)
 
     def text(self) -> str:
         if self.shared:
-            return f"like {', '.join(self.alike)}"
-        if self.worse_than:
+            return f"like {', '.join(self.alike)}: a shared cause"
+        if not self.compared:
+            return "no peer region to compare with"
+        if self.regional:
             return f"worse than {', '.join(self.worse_than)}"
-        if self.compared:
-            return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
-        return "no peer region to compare with"
+        return f"not yet set apart from {', '.join(sorted(set(self.compared) - set(self.worse_than)))}"
 
     def evidence(self) -> dict[str, Any]:
         return {"worse_than": list(self.worse_than), "alike": list(self.alike), "peers": self.detail}
@@ -112,15 +119,16 @@ def errors_vs_peers(view: RegionView, probe: str, since: float, now: float, poli
     n, bad = counts(view)
     if n == 0:
         return PeerCheck()
+    llr = Llr.of(policy.errors)
     compared, worse, alike, detail = [], [], [], {}
     for name, peer in sorted(view.peers.items()):
         if probe not in peer.probes:
             continue
         pn, pbad = counts(peer)
+        compared.append(name)
         if pn < MIN_PEER_SAMPLES:
             continue
-        compared.append(name)
-        if bad / n < policy.peers.min_error_ratio * pbad / pn:
+        if llr.of_counts(pn, pbad) > 0:  # the peer fails more often than a healthy one would
             alike.append(name)
         table = np.array([[bad, n - bad], [pbad, pn - pbad]])
         p_value = float(fisher_exact(table, alternative="greater").pvalue)
@@ -137,10 +145,11 @@ class Baseline(NamedTuple):
 
 
 class Baselines:
-    """Each (region, probe, vantage)'s usual latency: the slowdown quantile and median of its
-    successful results over `baseline` seconds ending one verdict window before the last
-    refresh. Refreshed once per verdict window, so a slowdown has a window's time to be
-    judged before it starts to become the new normal."""
+    """Each (region, probe, vantage)'s usual latency, from its successful results over
+    `baseline` seconds ending one verdict window before the last refresh, cut into verdict-window
+    slices: the median across slices of each slice's slowdown quantile (and of its median). A
+    slowdown so becomes the new normal only once it fills half the baseline, not the
+    1 - quantile of it a plain quantile would allow. Refreshed once per verdict window."""
 
     def __init__(self, policy: VerdictPolicy) -> None:
         self.policy = policy
@@ -155,13 +164,35 @@ class Baselines:
             self._refreshed = refreshed
         key = id(window)
         if key not in self._cache:
-            stats = WindowStats.pooled(window.samples(refreshed - p.window, p.slowdown.baseline))
-            slow = stats.latency_quantile(p.slowdown.quantile)
-            if slow is None or len(stats.latencies) < p.slowdown.min_baseline_samples:
-                self._cache[key] = None
-            else:
-                self._cache[key] = Baseline(slow, statistics.median(stats.latencies), len(stats.latencies))
+            self._cache[key] = self._compute(window.samples(refreshed - p.window, p.slowdown.baseline))
         return self._cache[key]
+
+    def _compute(self, samples: list[Sample]) -> Baseline | None:
+        p = self.policy
+        slices: dict[int, list[Sample]] = {}
+        for s in samples:
+            slices.setdefault(math.floor(s.at / p.window), []).append(s)
+        slows, medians, count = [], [], 0
+        for part in slices.values():
+            stats = WindowStats.pooled(part)
+            if stats.latencies:
+                slows.append(stats.latency_quantile(p.slowdown.quantile) or 0.0)
+                medians.append(statistics.median(stats.latencies))
+                count += len(stats.latencies)
+        if count < p.slowdown.min_baseline_samples:
+            return None
+        return Baseline(statistics.median(slows), statistics.median(medians), count)
+
+    def slow_counts(self, windows: Mapping[str, Window], since: float, now: float) -> tuple[int, int]:
+        """Successful results since `since`, and how many of them were slower than usual."""
+        n = slow = 0
+        for w in windows.values():
+            base = self.of(w, now)
+            if base is not None:
+                latencies = [s.latency for s in _since(w.samples(now, self.policy.window), since) if s.ok]
+                n += len(latencies)
+                slow += sum(latency > base.slow for latency in latencies)
+        return n, slow
 
     def normalised(self, windows: Mapping[str, Window], since: float, now: float) -> list[float]:
         """Successful latencies since `since`, each divided by its vantage's baseline median."""
@@ -171,15 +202,6 @@ class Baselines:
             if base is not None:
                 out.extend(s.latency / base.median for s in _since(w.samples(now, self.policy.window), since) if s.ok)
         return out
-
-
-def _slower_than(limits: Mapping[str, float]) -> Callable[[str, Sample], bool | None]:
-    """Outcome of a latency test: slow or not, for successes only (failures are the error test's)."""
-
-    def slow(vantage: str, sample: Sample) -> bool | None:
-        return sample.latency > limits[vantage] if sample.ok else None
-
-    return slow
 
 
 def _reason_vantages(run: Run) -> str:
@@ -220,7 +242,7 @@ class ErrorDetector:
                 continue
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
             has_failures = any(not s.ok for seq in samples.values() for s in seq)
-            run = cusum(merge(samples, failed), self.llr) if has_failures else QUIET
+            run = cusum(failures(samples), self.llr) if has_failures else QUIET
             evidence[probe] = _run_evidence(run, now) if has_failures else {"llr": 0.0}
             states[probe] = "ok"
             if not run.tripped or run.since is None:
@@ -236,9 +258,9 @@ class ErrorDetector:
                 continue
             peers = errors_vs_peers(view, probe, run.since, now, p)
             evidence[probe]["peers"] = peers.evidence()
-            if peers.shared:
-                states[probe] = "shared"
-                reasons.append(f"{what}, {peers.text()}: a shared cause, not held against {view.region}")
+            if not peers.regional:
+                states[probe] = "shared" if peers.shared else "ok"
+                reasons.append(f"{what}, {peers.text()}, not held against {view.region}")
                 continue
             states[probe] = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
             reasons.append(f"{what}, {peers.text()}")
@@ -272,7 +294,7 @@ class SlowdownDetector:
                 evidence[probe] = {"baseline": None}
                 continue
             samples = {v: windows[v].samples(now, p.window) for v in base}
-            run = cusum(merge(samples, _slower_than({v: b.slow for v, b in base.items()})), self.llr)
+            run = cusum(slower(samples, {v: b.slow for v, b in base.items()}), self.llr)
             evidence[probe] = _run_evidence(run, now) | {
                 "baseline": {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
             }
@@ -293,9 +315,9 @@ class SlowdownDetector:
                 continue
             peers = self._vs_peers(view, probe, mine, run.since, now)
             evidence[probe]["peers"] = peers.evidence()
-            if peers.shared:
-                states[probe] = "shared"
-                reasons.append(f"{what}, {peers.text()}: a shared cause, not held against {view.region}")
+            if not peers.regional:
+                states[probe] = "shared" if peers.shared else "ok"
+                reasons.append(f"{what}, {peers.text()}, not held against {view.region}")
                 continue
             states[probe] = "slow"
             reasons.append(f"{what}, {peers.text()}")
@@ -308,12 +330,13 @@ class SlowdownDetector:
             if probe not in peer.probes:
                 continue
             theirs = self.baselines.normalised(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            compared.append(name)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
                 continue
-            compared.append(name)
             p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
             ratio = statistics.median(mine) / statistics.median(theirs)
-            if ratio < 1 + p.slowdown.min_effect:
+            slow = self.baselines.slow_counts(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            if self.llr.of_counts(*slow) > 0:  # the peer is slower than usual too
                 alike.append(name)
             detail[name] = {"relative_median": round(statistics.median(theirs), 3), "p_value": round(p_value, 6)}
             if p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect:
@@ -367,22 +390,27 @@ class ThresholdDetector:
         else:
             peers = errors_vs_peers(view, probe, now - p.window, now, p)
         evidence["peers"] = peers.evidence()
-        if peers.shared:
-            return "shared", f"{reason}, {peers.text()}: a shared cause, not held against {view.region}", evidence
+        if not peers.regional:
+            return (
+                ("shared" if peers.shared else "ok"),
+                f"{reason}, {peers.text()}, not held against {view.region}",
+                evidence,
+            )
         return state, reason, evidence
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
         """Peers over the same fixed objective: the objective is absolute, so is the comparison."""
-        compared, alike = [], []
+        compared: list[str] = []
+        worse: list[str] = []
+        alike: list[str] = []
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
                 continue
             state = self._limits(peer.windows_of(probe), now)[0]
             if state in ("ok", "slow"):
                 compared.append(name)
-                if state == "slow":
-                    alike.append(name)
-        return PeerCheck(tuple(compared), alike=tuple(alike))
+                (alike if state == "slow" else worse).append(name)
+        return PeerCheck(tuple(compared), tuple(worse), tuple(alike))
 
     def _limits(self, windows: Mapping[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
         p = self.policy

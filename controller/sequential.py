@@ -11,23 +11,21 @@ small closed form the design notes name; nothing here needs a statistics package
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import TYPE_CHECKING, NamedTuple
+from itertools import accumulate
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from controller.config import SequentialTest
     from controller.windows import Sample
 
 
-class Event(NamedTuple):
-    at: float
-    vantage: str
-    bad: bool
+# One outcome: when, from which vantage, and whether it counts against the region. Plain
+# tuples, sorted by time: the judge builds thousands of them every second.
+Event = tuple[float, str, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,41 +72,41 @@ QUIET = Run(0.0, math.inf, None, 0, 0, {}, ())
 
 
 def cusum(events: Sequence[Event], llr: Llr) -> Run:
-    """The CUSUM statistic over `events` (oldest first) and the run that makes it."""
-    total = low = 0.0
-    start = len(events)
-    for i, event in enumerate(events):
-        total += llr.bad if event.bad else llr.good
-        if total <= low:  # ties move the start later: the shortest run with the most evidence
-            low = total
-            start = i + 1
+    """The CUSUM statistic over `events` (oldest first) and the run that makes it: the largest
+    sum of the newest outcomes, which is the last total less the lowest running total."""
+    bad, good = llr.bad, llr.good
+    totals = list(accumulate([bad if e[2] else good for e in events], initial=0.0))
+    low = min(totals)
+    start = len(totals) - 1 - totals[::-1].index(low)  # the latest low: the shortest run
     run = events[start:]
     counts: dict[str, list[int]] = {}
-    for event in run:
-        count = counts.setdefault(event.vantage, [0, 0])
+    for _, vantage, is_bad in run:
+        count = counts.setdefault(vantage, [0, 0])
         count[0] += 1
-        count[1] += event.bad
-    by_vantage = {v: (n, bad) for v, (n, bad) in counts.items()}
-    agreeing = tuple(sorted(v for v, (n, bad) in by_vantage.items() if llr.of_counts(n, bad) > 0))
+        count[1] += is_bad
+    by_vantage = {v: (n, b) for v, (n, b) in counts.items()}
+    agreeing = tuple(sorted(v for v, (n, b) in by_vantage.items() if llr.of_counts(n, b) > 0))
     return Run(
-        statistic=total - low,
+        statistic=totals[-1] - low,
         threshold=llr.threshold,
-        since=run[0].at if run else None,
+        since=run[0][0] if run else None,
         events=len(run),
-        bad=sum(bad for _, bad in by_vantage.values()),
+        bad=sum(b for _, b in by_vantage.values()),
         by_vantage=by_vantage,
         agreeing=agreeing,
     )
 
 
-def merge(samples: Mapping[str, Sequence[Sample]], bad: Callable[[str, Sample], bool | None]) -> list[Event]:
-    """One time-ordered stream of outcomes from several vantages' samples (each oldest first).
-    `bad(vantage, sample)` says whether a sample counts against the region; None leaves it out."""
-    streams = (
-        [Event(s.at, vantage, b) for s in seq if (b := bad(vantage, s)) is not None] for vantage, seq in samples.items()
-    )
-    return list(heapq.merge(*streams, key=attrgetter("at")))
+def failures(samples: Mapping[str, Sequence[Sample]]) -> list[Event]:
+    """Every sample as an outcome, bad when it failed, from several vantages in time order."""
+    events = [(s.at, vantage, not s.ok) for vantage, seq in samples.items() for s in seq]
+    events.sort()  # each vantage's run is in order already: Timsort merges them
+    return events
 
 
-def failed(_vantage: str, sample: Sample) -> bool:
-    return not sample.ok
+def slower(samples: Mapping[str, Sequence[Sample]], limits: Mapping[str, float]) -> list[Event]:
+    """Successful samples as outcomes, bad when slower than their vantage's limit; failures are
+    left to the error test."""
+    events = [(s.at, v, s.latency > limit) for v, seq in samples.items() for limit in (limits[v],) for s in seq if s.ok]
+    events.sort()
+    return events

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.sequential import Llr, cusum, failed, merge
+from controller.sequential import Llr, cusum, failures
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -36,7 +36,7 @@ def set_aside(
             sees.setdefault(vantage, set()).add(region)
             if any(not s.ok for seq in samples.values() for s in seq):
                 # Every probe of this region from this vantage, as one stream of outcomes.
-                events = merge({f"{vantage}/{p}": seq for p, seq in samples.items()}, failed)
+                events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
                 if cusum(events, llr).tripped:
                     failing.setdefault(vantage, set()).add(region)
     blind = {v for v, regions in sees.items() if len(regions) >= 2 and failing.get(v) == regions}  # noqa: PLR2004

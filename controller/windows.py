@@ -51,33 +51,31 @@ class WindowStats:
 
     @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
-        n = failures = 0
-        errors: Counter[str] = Counter()
-        latencies = []
-        for s in samples:
-            n += 1
-            if s.ok:
-                latencies.append(s.latency)
-            else:
-                failures += 1
-                errors[s.error_class or "unknown"] += 1
-        latencies.sort()
-        return cls(n, failures, dict(errors), tuple(latencies))
+        samples = list(samples)
+        latencies = sorted([s.latency for s in samples if s.ok])
+        errors = (
+            Counter(s.error_class or "unknown" for s in samples if not s.ok) if len(latencies) < len(samples) else {}
+        )
+        return cls(len(samples), len(samples) - len(latencies), dict(errors), tuple(latencies))
 
 
 class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds."""
 
-    __slots__ = ("_samples", "span")
+    __slots__ = ("_looked", "_samples", "_version", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
         self._samples: deque[Sample] = deque()
+        self._version = 0  # changes whenever the samples do
+        # The last answer of `samples`: every detector asks the same question in one judgement.
+        self._looked: tuple[float, float, int, list[Sample]] | None = None
 
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
         skewed agent) cannot push out samples that are still current."""
         sample = Sample(result.started_at, result.ok, result.latency, result.error_class)
+        self._version += 1
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the left stays correct.
         if self._samples and sample.at < self._samples[-1].at:
@@ -92,13 +90,19 @@ class Window:
         samples = self._samples
         while samples and samples[0].at <= horizon:
             samples.popleft()
+            self._version += 1
 
     def samples(self, now: float, span: float | None = None) -> list[Sample]:
         """Samples within (now - span, now], oldest first; `span` defaults to the window's own.
 
         Walks back from the newest sample only as far as the span reaches, so a short look at a
-        window that keeps a long history costs what the short look holds."""
-        horizon = now - (self.span if span is None else span)
+        window that keeps a long history costs what the short look holds. The list is shared
+        with the next caller asking the same; do not change it."""
+        span = self.span if span is None else span
+        looked = self._looked
+        if looked is not None and looked[0] == now and looked[1] == span and looked[2] == self._version:
+            return looked[3]
+        horizon = now - span
         found = []
         for sample in reversed(self._samples):
             if sample.at <= horizon:
@@ -106,6 +110,7 @@ class Window:
             if sample.at <= now:
                 found.append(sample)
         found.reverse()
+        self._looked = (now, span, self._version, found)
         return found
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
