@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -241,7 +242,7 @@ class ErrorDetector:
                 states[probe] = "unknown"
                 continue
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
-            has_failures = any(not s.ok for seq in samples.values() for s in seq)
+            has_failures = any(w.failures(now, p.window) for w in windows.values())
             run = cusum(failures(samples), self.llr) if has_failures else QUIET
             evidence[probe] = _run_evidence(run, now) if has_failures else {"llr": 0.0}
             states[probe] = "ok"
@@ -423,7 +424,7 @@ class ThresholdDetector:
         if not fresh_windows:
             what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
             return "unknown", what, evidence
-        stats = WindowStats.pooled(s for w in fresh_windows.values() for s in w.samples(now, p.window))
+        stats = WindowStats.pooled(list(chain.from_iterable(w.samples(now, p.window) for w in fresh_windows.values())))
         quantile = stats.latency_quantile(p.latency.quantile)
         q_name = f"latency_p{round(p.latency.quantile * 100):d}"
         evidence.update(

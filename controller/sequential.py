@@ -47,6 +47,11 @@ class Llr:
         return bad * self.bad + (events - bad) * self.good
 
 
+# A vantage agrees with a finding when at least this many of its own outcomes in the run are
+# bad and they lean towards a fault: one stray failure (healthy targets fail ~0.1%) is no vote.
+AGREE_BAD = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Run:
     """The newest run of outcomes that carries the most evidence of a fault."""
@@ -57,7 +62,7 @@ class Run:
     events: int
     bad: int
     by_vantage: dict[str, tuple[int, int]]  # vantage -> (outcomes, bad ones) within the run
-    agreeing: tuple[str, ...]  # vantages whose own outcomes within the run lean towards a fault
+    agreeing: tuple[str, ...]  # vantages whose own outcomes within the run point to a fault
 
     @property
     def tripped(self) -> bool:
@@ -85,7 +90,7 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
         count[0] += 1
         count[1] += is_bad
     by_vantage = {v: (n, b) for v, (n, b) in counts.items()}
-    agreeing = tuple(sorted(v for v, (n, b) in by_vantage.items() if llr.of_counts(n, b) > 0))
+    agreeing = tuple(sorted(v for v, (n, b) in by_vantage.items() if b >= AGREE_BAD and llr.of_counts(n, b) > 0))
     return Run(
         statistic=totals[-1] - low,
         threshold=llr.threshold,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.config import VerdictPolicy
-    from controller.windows import Sample, WindowStore
+    from controller.windows import Window, WindowStore
 
 
 def set_aside(
@@ -27,14 +27,15 @@ def set_aside(
     sees: dict[str, set[str]] = {}  # vantage -> regions it has fresh results for
     failing: dict[str, set[str]] = {}  # vantage -> regions whose results from it fail the test
     for region, names in probes.items():
-        by_vantage: dict[str, dict[str, list[Sample]]] = {}
+        by_vantage: dict[str, dict[str, Window]] = {}
         for (probe, vantage), window in windows.region(region).items():
             age = window.age(now)
             if probe in names and age is not None and age <= policy.stale_after:
-                by_vantage.setdefault(vantage, {})[probe] = window.samples(now, policy.window)
-        for vantage, samples in by_vantage.items():
+                by_vantage.setdefault(vantage, {})[probe] = window
+        for vantage, probe_windows in by_vantage.items():
             sees.setdefault(vantage, set()).add(region)
-            if any(not s.ok for seq in samples.values() for s in seq):
+            if any(w.failures(now, policy.window) for w in probe_windows.values()):
+                samples = {p: w.samples(now, policy.window) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
                 events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
                 if cusum(events, llr).tripped:

@@ -69,7 +69,7 @@ class Window:
         self._samples: deque[Sample] = deque()
         self._version = 0  # changes whenever the samples do
         # The last answer of `samples`: every detector asks the same question in one judgement.
-        self._looked: tuple[float, float, int, list[Sample]] | None = None
+        self._looked: tuple[float, float, int, list[Sample], int] | None = None
 
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
@@ -104,14 +104,22 @@ class Window:
             return looked[3]
         horizon = now - span
         found = []
+        failures = 0
         for sample in reversed(self._samples):
             if sample.at <= horizon:
                 break
             if sample.at <= now:
                 found.append(sample)
+                failures += not sample.ok
         found.reverse()
-        self._looked = (now, span, self._version, found)
+        self._looked = (now, span, self._version, found, failures)
         return found
+
+    def failures(self, now: float, span: float | None = None) -> int:
+        """How many of `samples(now, span)` failed."""
+        self.samples(now, span)
+        assert self._looked is not None  # noqa: S101 - set by samples()
+        return self._looked[4]
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""

@@ -1,0 +1,197 @@
+"""The statistical detectors on generated streams with known answers (simulated time: no sleeps)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.config import ErrorTest, VerdictPolicy, load_policy
+from controller.detectors import detectors_for
+from controller.sequential import Llr, cusum
+from controller.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
+from controller.verdicts import Judge, Verdict
+from controller.windows import WindowStore
+
+POLICY = load_policy([Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"])[0].verdicts
+SCENARIOS = {s.name: s for s in scenarios("eu-west-1")}
+ONSET = 600.0  # every scenario's fault starts here, after the latency baselines have history
+
+
+def replay(scenario: Scenario, seconds: float, policy: VerdictPolicy = POLICY, seed: int = 1):
+    """Judge a generated stream every simulated second as the daemon does; yield (t, judge)
+    after each judgement, t in seconds since the stream started."""
+    stream = Stream(scenario, seed=seed)
+    windows = WindowStore(policy.history)
+    judge = Judge(detectors_for(policy), dict.fromkeys(REGIONS, PROBES), policy)
+    tick = stream.start + 1.0
+    for result in stream.results(seconds):
+        while result.started_at >= tick:
+            windows.trim(tick)
+            judge.judge(windows, tick)
+            yield tick - stream.start, judge
+            tick += 1.0
+        windows.add(result)
+
+
+def first_verdict(scenario: Scenario, seconds: float, region: str, statuses=("degraded", "unhealthy"), **kw):
+    for t, judge in replay(scenario, seconds, **kw):
+        if judge.verdicts[region].status in statuses:
+            return t, judge.verdicts[region]
+    return None, None
+
+
+def flagged_regions(scenario: Scenario, seconds: float, **kw) -> list[tuple[float, str, Verdict]]:
+    return [
+        (t, region, v)
+        for t, judge in replay(scenario, seconds, **kw)
+        for region, v in judge.verdicts.items()
+        if v.status in ("degraded", "unhealthy")
+    ]
+
+
+# --- the sequential test ---------------------------------------------------------------------
+
+
+def test_llr_steps_are_the_closed_form_of_the_policy_rates():
+    llr = Llr.of(ErrorTest(acceptable=0.01, unacceptable=0.1, false_alarm_rate=0.001, miss_rate=0.05))
+    assert llr.bad == pytest.approx(math.log(10))
+    assert llr.good == pytest.approx(math.log(0.9 / 0.99))
+    assert llr.threshold == pytest.approx(math.log(0.95 / 0.001))
+
+
+def test_cusum_starts_its_run_after_the_last_healthy_stretch_and_counts_vantages():
+    llr = Llr.of(ErrorTest())
+    events = [(float(i), "a", False) for i in range(10)]
+    events += [(10.0, "a", True), (11.0, "b", True), (12.0, "b", False), (13.0, "c", True)]
+    run = cusum(events, llr)
+    assert run.since == 10.0
+    assert (run.events, run.bad) == (4, 3)
+    assert run.by_vantage == {"a": (1, 1), "b": (2, 1), "c": (1, 1)}
+    assert run.agreeing == ()  # one bad outcome each is no vote
+    assert run.statistic == pytest.approx(3 * llr.bad + llr.good)
+
+
+def test_a_vantage_agrees_with_two_bad_outcomes_that_lean_towards_a_fault():
+    llr = Llr.of(ErrorTest())
+    events = [(1.0, "a", True), (2.0, "b", True), (3.0, "a", True), (4.0, "b", False), (5.0, "c", True)]
+    assert cusum(events, llr).agreeing == ("a",)
+
+
+def test_cusum_of_only_successes_is_zero_with_no_run():
+    run = cusum([(float(i), "a", False) for i in range(50)], Llr.of(ErrorTest()))
+    assert (run.statistic, run.since, run.events, run.tripped) == (0.0, None, 0, False)
+
+
+@given(st.lists(st.booleans(), max_size=200))
+def test_cusum_is_the_largest_sum_over_any_run_of_the_newest_outcomes(outcomes):
+    llr = Llr.of(ErrorTest())
+    events = [(float(i), "v", bad) for i, bad in enumerate(outcomes)]
+    steps = [llr.bad if bad else llr.good for bad in outcomes]
+    brute = max([0.0, *(sum(steps[k:]) for k in range(len(steps)))])
+    run = cusum(events, llr)
+    assert run.statistic == pytest.approx(brute, abs=1e-9)
+    assert run.statistic == pytest.approx(sum(steps[len(steps) - run.events :]), abs=1e-9)
+
+
+# --- detection on generated streams ----------------------------------------------------------
+
+
+def test_forty_percent_api_errors_turn_the_region_degraded_within_five_seconds_naming_the_path():
+    t, verdict = first_verdict(SCENARIOS["errors 40% on api"], ONSET + 60, "eu-west-1")
+    assert t is not None
+    assert ONSET < t <= ONSET + 5
+    assert verdict.status == "degraded"
+    assert any(r.startswith("api: ") and "probes failed" in r for r in verdict.reasons), verdict.reasons
+    assert not any(r.startswith("healthz") for r in verdict.reasons)
+
+
+def test_five_percent_errors_are_caught_within_a_minute():
+    t, _ = first_verdict(SCENARIOS["errors 5% on api"], ONSET + 120, "eu-west-1")
+    assert t is not None
+    assert ONSET < t <= ONSET + 60
+
+
+def test_tripled_latency_is_caught_within_thirty_seconds_against_the_region_s_own_baseline():
+    t, verdict = first_verdict(SCENARIOS["latency +200%"], ONSET + 60, "eu-west-1")
+    assert t is not None
+    assert ONSET < t <= ONSET + 30
+    assert any("slower than usual" in r and "worse than" in r for r in verdict.reasons), verdict.reasons
+
+
+def test_a_region_that_goes_down_is_unhealthy_within_a_few_probe_rounds():
+    t, verdict = first_verdict(SCENARIOS["region down"], ONSET + 30, "eu-west-1", statuses=("unhealthy",))
+    assert t is not None
+    assert ONSET < t <= ONSET + 4
+    assert {r.split(":")[0] for r in verdict.reasons} >= {"healthz", "api"}
+
+
+def test_healthy_noise_gives_no_region_verdict_for_a_simulated_hour():
+    assert flagged_regions(HEALTHY, 3600, seed=7) == []
+
+
+def test_a_vantage_that_sees_every_region_fail_is_set_aside_and_blames_no_region():
+    scenario = SCENARIOS["one vantage loses network"]
+    set_aside_seen = []
+    flagged = []
+    for t, judge in replay(scenario, ONSET + 300):
+        if judge.set_aside:
+            set_aside_seen.append((t, dict(judge.set_aside)))
+        flagged += [(t, r) for r, v in judge.verdicts.items() if v.status in ("degraded", "unhealthy")]
+    assert flagged == []
+    assert set_aside_seen, "the broken vantage was never set aside"
+    t, reasons = set_aside_seen[0]
+    assert ONSET < t <= ONSET + 10
+    assert list(reasons) == [VANTAGES[1]]
+    assert "sees all 3 regions failing" in reasons[VANTAGES[1]]
+
+
+def test_every_region_degrading_together_is_a_shared_cause_held_against_none():
+    scenario = SCENARIOS["every region degrading"]
+    shared_reasons = []
+    for _t, judge in replay(scenario, ONSET + 300):
+        for region, v in judge.verdicts.items():
+            assert v.status not in ("degraded", "unhealthy"), (region, v.reasons)
+            shared_reasons += [r for r in v.reasons if "a shared cause" in r]
+    assert shared_reasons
+
+
+def test_one_vantage_alone_cannot_blame_a_region():
+    # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
+    scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)
+    assert flagged_regions(scenario, ONSET + 180) == []
+
+
+def test_a_flapping_region_does_not_flap_its_verdict():
+    statuses = [
+        judge.verdicts["eu-west-1"].status
+        for t, judge in replay(SCENARIOS["flapping 40% (30s on/off)"], ONSET + 600)
+        if t > ONSET
+    ]
+    first_bad = statuses.index("degraded")
+    assert first_bad <= 5
+    assert set(statuses[first_bad:]) == {"degraded"}
+
+
+def test_recovery_waits_for_sustained_health():
+    scenario = replace(SCENARIOS["errors 40% on api"], flap=60.0)  # 60 s bad, then 60 s healthy
+    policy = POLICY.model_copy(update={"recover_after": 90.0})
+    history = [(t, judge.verdicts["eu-west-1"]) for t, judge in replay(scenario, ONSET + 119, policy=policy)]
+    last = history[-1][1]
+    assert last.status == "degraded"
+    assert any(r.startswith("recovering: healthy for") for r in last.reasons), last.reasons
+
+
+def test_false_alarm_rate_of_the_error_test_stays_under_the_policy_bound_on_long_healthy_streams():
+    # A test 100x looser than the default (false_alarm_rate 1e-2) on two hours of healthy noise:
+    # each probe decides about once a second, so the bound allows up to ~1% of decisions.
+    loose = POLICY.model_copy(update={"errors": ErrorTest(false_alarm_rate=0.01)})
+    ticks = flagged_ticks = 0
+    for _t, judge in replay(HEALTHY, 2 * 3600, policy=loose, seed=3):
+        ticks += len(REGIONS)
+        flagged_ticks += sum(v.status in ("degraded", "unhealthy") for v in judge.verdicts.values())
+    assert flagged_ticks / ticks <= 0.01
