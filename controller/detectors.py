@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from scipy.stats import fisher_exact, mannwhitneyu
 
-from controller.sequential import QUIET, Llr, Run, cusum, failures, slower
+from controller.sequential import Llr, Run, cusum, failures, slower
 from controller.verdicts import Assessment, Detector, RegionView, Status
 from controller.windows import WindowStats
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from controller.config import VerdictPolicy
     from controller.windows import Sample, Window
@@ -220,7 +220,49 @@ def _run_evidence(run: Run, now: float) -> dict[str, Any]:
     }
 
 
-class ErrorDetector:
+class _SequentialDetector:
+    """What the sequential detectors share: one pass over the region's probes, and how a
+    tripped test becomes a finding (a quorum of vantages, then the peers)."""
+
+    name: str
+    policy: VerdictPolicy
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            evidence[probe] = {}
+            states[probe], reason = self._probe(view, probe, now, evidence[probe])
+            if reason:
+                reasons.append(reason)
+        return Assessment(region_status(states), tuple(reasons), evidence)
+
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    def _finding(
+        self,
+        view: RegionView,
+        what: str,
+        run: Run,
+        vantages: int,
+        peers: Callable[[], PeerCheck],
+        state: str,
+        evidence: dict[str, Any],
+    ) -> tuple[str, str]:
+        needed = quorum(self.policy, vantages)
+        if len(run.agreeing) < needed:
+            evidence["quorum"] = needed
+            return "ok", f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held"
+        check = peers()
+        evidence["peers"] = check.evidence()
+        if not check.regional:
+            return ("shared" if check.shared else "ok"), f"{what}, {check.text()}, not held against {view.region}"
+        return state, f"{what}, {check.text()}"
+
+
+class ErrorDetector(_SequentialDetector):
     """Sequential test (CUSUM) of each probe's failures, every fresh vantage pooled, against the
     policy's acceptable and unacceptable error ratios. A probe fails the test when the evidence
     crosses the threshold, a quorum of vantages agree, and the region is worse than its peers."""
@@ -231,44 +273,30 @@ class ErrorDetector:
         self.policy = policy
         self.llr = Llr.of(policy.errors)
 
-    def assess(self, view: RegionView, now: float) -> Assessment:
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
-        states: dict[str, str] = {}
-        reasons: list[str] = []
-        evidence: dict[str, Any] = {}
-        for probe in view.probes:
-            windows = fresh(view.windows_of(probe), now, p.stale_after)
-            if not windows:
-                states[probe] = "unknown"
-                continue
-            samples = {v: w.samples(now, p.window) for v, w in windows.items()}
-            has_failures = any(w.failures(now, p.window) for w in windows.values())
-            run = cusum(failures(samples), self.llr) if has_failures else QUIET
-            evidence[probe] = _run_evidence(run, now) if has_failures else {"llr": 0.0}
-            states[probe] = "ok"
-            if not run.tripped or run.since is None:
-                continue
-            what = (
-                f"{probe}: {run.bad} of {run.events} probes failed in the last {now - run.since:.0f}s "
-                f"({run.ratio:.0%}; acceptable {p.errors.acceptable:.1%}) from {_reason_vantages(run)}"
-            )
-            needed = quorum(p, len(windows))
-            if len(run.agreeing) < needed:
-                evidence[probe]["quorum"] = needed
-                reasons.append(f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held")
-                continue
-            peers = errors_vs_peers(view, probe, run.since, now, p)
-            evidence[probe]["peers"] = peers.evidence()
-            if not peers.regional:
-                states[probe] = "shared" if peers.shared else "ok"
-                reasons.append(f"{what}, {peers.text()}, not held against {view.region}")
-                continue
-            states[probe] = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
-            reasons.append(f"{what}, {peers.text()}")
-        return Assessment(region_status(states), tuple(reasons), evidence)
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        if not windows:
+            return "unknown", None
+        if not any(w.failures(now, p.window) for w in windows.values()):
+            evidence["llr"] = 0.0
+            return "ok", None
+        run = cusum(failures({v: w.samples(now, p.window) for v, w in windows.items()}), self.llr)
+        evidence.update(_run_evidence(run, now))
+        if not run.tripped or run.since is None:
+            return "ok", None
+        since = run.since
+        what = (
+            f"{probe}: {run.bad} of {run.events} probes failed in the last {now - since:.0f}s "
+            f"({run.ratio:.0%}; acceptable {p.errors.acceptable:.1%}) from {_reason_vantages(run)}"
+        )
+        state = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
+        return self._finding(
+            view, what, run, len(windows), lambda: errors_vs_peers(view, probe, since, now, p), state, evidence
+        )
 
 
-class SlowdownDetector:
+class SlowdownDetector(_SequentialDetector):
     """Sequential test of each probe's latency against its own baseline: a successful result
     slower than the baseline's quantile is a 'slow' outcome, expected at 1 - quantile when
     nothing changed. A probe is slow when the test trips, a quorum of vantages agree, its
@@ -282,47 +310,32 @@ class SlowdownDetector:
         self.llr = Llr.of(policy.slowdown)
         self.baselines = Baselines(policy)
 
-    def assess(self, view: RegionView, now: float) -> Assessment:
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
-        states: dict[str, str] = {}
-        reasons: list[str] = []
-        evidence: dict[str, Any] = {}
-        for probe in view.probes:
-            states[probe] = "ok"
-            windows = fresh(view.windows_of(probe), now, p.stale_after)
-            base = {v: b for v, w in windows.items() if (b := self.baselines.of(w, now)) is not None}
-            if not base:
-                evidence[probe] = {"baseline": None}
-                continue
-            samples = {v: windows[v].samples(now, p.window) for v in base}
-            run = cusum(slower(samples, {v: b.slow for v, b in base.items()}), self.llr)
-            evidence[probe] = _run_evidence(run, now) | {
-                "baseline": {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
-            }
-            if not run.tripped or run.since is None:
-                continue
-            mine = self.baselines.normalised({v: windows[v] for v in base}, run.since, now)
-            effect = statistics.median(mine) if mine else 1.0
-            evidence[probe]["relative_median"] = round(effect, 3)
-            what = (
-                f"{probe}: {run.bad} of {run.events} results slower than usual in the last "
-                f"{now - run.since:.0f}s, median {effect:.2f}x its baseline, from {_reason_vantages(run)}"
-            )
-            needed = quorum(p, len(base))
-            if len(run.agreeing) < needed:
-                reasons.append(f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held")
-                continue
-            if effect < 1 + p.slowdown.min_effect:
-                continue
-            peers = self._vs_peers(view, probe, mine, run.since, now)
-            evidence[probe]["peers"] = peers.evidence()
-            if not peers.regional:
-                states[probe] = "shared" if peers.shared else "ok"
-                reasons.append(f"{what}, {peers.text()}, not held against {view.region}")
-                continue
-            states[probe] = "slow"
-            reasons.append(f"{what}, {peers.text()}")
-        return Assessment(region_status(states), tuple(reasons), evidence)
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        base = {v: b for v, w in windows.items() if (b := self.baselines.of(w, now)) is not None}
+        evidence["baseline"] = {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
+        if not base:
+            return "ok", None
+        run = cusum(
+            slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}), self.llr
+        )
+        evidence.update(_run_evidence(run, now))
+        if not run.tripped or run.since is None:
+            return "ok", None
+        since = run.since
+        mine = self.baselines.normalised({v: windows[v] for v in base}, since, now)
+        effect = statistics.median(mine) if mine else 1.0
+        evidence["relative_median"] = round(effect, 3)
+        if effect < 1 + p.slowdown.min_effect:
+            return "ok", None
+        what = (
+            f"{probe}: {run.bad} of {run.events} results slower than usual in the last "
+            f"{now - since:.0f}s, median {effect:.2f}x its baseline, from {_reason_vantages(run)}"
+        )
+        return self._finding(
+            view, what, run, len(base), lambda: self._vs_peers(view, probe, mine, since, now), "slow", evidence
+        )
 
     def _vs_peers(self, view: RegionView, probe: str, mine: list[float], since: float, now: float) -> PeerCheck:
         p = self.policy

@@ -73,9 +73,6 @@ class Run:
         return self.bad / self.events if self.events else 0.0
 
 
-QUIET = Run(0.0, math.inf, None, 0, 0, {}, ())
-
-
 def cusum(events: Sequence[Event], llr: Llr) -> Run:
     """The CUSUM statistic over `events` (oldest first) and the run that makes it: the largest
     sum of the newest outcomes, which is the last total less the lowest running total."""
