@@ -439,7 +439,9 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
     assert steps[-1] == 0.0
     assert len(steps) >= 4  # 50% off in steps of at most max_step 20%
     assert all(0 < a - b <= 20.0 + 1e-9 for a, b in itertools.pairwise(steps)), steps
-    assert evacuations == len(steps) - 1
+    # The watcher polls Route 53, so under load it can miss a state between two writes: every
+    # state it saw was one evacuation write, and no write moved more than max_step.
+    assert evacuations >= len(steps) - 1
     assert restores >= 3
 
 
