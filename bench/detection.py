@@ -182,11 +182,9 @@ class RunResult:
     scenario: str
     seconds: float
     outcomes: dict[str, Outcome] = field(default_factory=dict)
-    wall: float = 0.0
 
 
 def run(scenario: Scenario, seed: int, duration: float, policy: VerdictPolicy) -> RunResult:
-    started = time.perf_counter()
     stream = Stream(scenario, seed=seed)
     methods: list[Method] = [Ours(policy), Route53Check(), Flagger(), BurnRate(stream.start)]
     outcomes = {m.name: Outcome() for m in methods}
@@ -216,11 +214,11 @@ def run(scenario: Scenario, seed: int, duration: float, policy: VerdictPolicy) -
                 previous[m.name] = now_flagged
             tick += 1.0
             if scenario.culprit and not observe_flaps and all(o.detected_at is not None for o in outcomes.values()):
-                return RunResult(scenario.name, seconds, outcomes, time.perf_counter() - started)
+                return RunResult(scenario.name, seconds, outcomes)
         for m in methods:
             if outcomes[m.name].detected_at is None or observe_flaps:
                 m.observe(result)
-    return RunResult(scenario.name, seconds, outcomes, time.perf_counter() - started)
+    return RunResult(scenario.name, seconds, outcomes)
 
 
 def _job(args: tuple[Scenario, int, float]) -> RunResult:

@@ -76,7 +76,7 @@ class PeerCheck:
 
     compared: tuple[str, ...] = ()
     worse_than: tuple[str, ...] = ()  # significantly worse, by at least the effect size
-    alike: tuple[str, ...] = ()  # showing the same trouble, within the effect size
+    alike: tuple[str, ...] = ()  # elevated themselves: failing or slow more than a healthy peer
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -142,7 +142,6 @@ def errors_vs_peers(view: RegionView, probe: str, since: float, now: float, poli
 class Baseline(NamedTuple):
     slow: float  # a successful sample slower than this counts as slow
     median: float
-    samples: int
 
 
 class Baselines:
@@ -182,27 +181,20 @@ class Baselines:
                 count += len(stats.latencies)
         if count < p.slowdown.min_baseline_samples:
             return None
-        return Baseline(statistics.median(slows), statistics.median(medians), count)
+        return Baseline(statistics.median(slows), statistics.median(medians))
 
-    def slow_counts(self, windows: Mapping[str, Window], since: float, now: float) -> tuple[int, int]:
-        """Successful results since `since`, and how many of them were slower than usual."""
-        n = slow = 0
+    def relative(self, windows: Mapping[str, Window], since: float, now: float) -> tuple[list[float], int]:
+        """Successful latencies since `since`, each divided by its vantage's baseline median, and
+        how many of them were slower than usual."""
+        out: list[float] = []
+        slow = 0
         for w in windows.values():
             base = self.of(w, now)
             if base is not None:
                 latencies = [s.latency for s in _since(w.samples(now, self.policy.window), since) if s.ok]
-                n += len(latencies)
+                out.extend(latency / base.median for latency in latencies)
                 slow += sum(latency > base.slow for latency in latencies)
-        return n, slow
-
-    def normalised(self, windows: Mapping[str, Window], since: float, now: float) -> list[float]:
-        """Successful latencies since `since`, each divided by its vantage's baseline median."""
-        out: list[float] = []
-        for w in windows.values():
-            base = self.of(w, now)
-            if base is not None:
-                out.extend(s.latency / base.median for s in _since(w.samples(now, self.policy.window), since) if s.ok)
-        return out
+        return out, slow
 
 
 def _reason_vantages(run: Run) -> str:
@@ -324,7 +316,7 @@ class SlowdownDetector(_SequentialDetector):
         if not run.tripped or run.since is None:
             return "ok", None
         since = run.since
-        mine = self.baselines.normalised({v: windows[v] for v in base}, since, now)
+        mine, _ = self.baselines.relative({v: windows[v] for v in base}, since, now)
         effect = statistics.median(mine) if mine else 1.0
         evidence["relative_median"] = round(effect, 3)
         if effect < 1 + p.slowdown.min_effect:
@@ -343,16 +335,16 @@ class SlowdownDetector(_SequentialDetector):
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
                 continue
-            theirs = self.baselines.normalised(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            theirs, slow = self.baselines.relative(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
             compared.append(name)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
                 continue
-            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
-            ratio = statistics.median(mine) / statistics.median(theirs)
-            slow = self.baselines.slow_counts(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
-            if self.llr.of_counts(*slow) > 0:  # the peer is slower than usual too
+            if self.llr.of_counts(len(theirs), slow) > 0:  # the peer is slower than usual too
                 alike.append(name)
-            detail[name] = {"relative_median": round(statistics.median(theirs), 3), "p_value": round(p_value, 6)}
+            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
+            their_median = statistics.median(theirs)
+            ratio = statistics.median(mine) / their_median
+            detail[name] = {"relative_median": round(their_median, 3), "p_value": round(p_value, 6)}
             if p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect:
                 worse.append(name)
         return PeerCheck(tuple(compared), tuple(worse), tuple(alike), detail)

@@ -5,8 +5,9 @@ Each outcome moves the log-likelihood ratio of "the bad ratio is `unacceptable`"
 `acceptable`": a bad outcome adds ln(p1/p0), a good one adds ln((1-p1)/(1-p0)). The statistic
 is the largest sum over any run of the newest outcomes, so old good outcomes cannot hide a
 fault that started a moment ago, and the test decides as soon as that sum crosses
-ln((1 - miss_rate) / false_alarm_rate): a region failing 40% of probes crosses it within a few probe rounds. This is the
-small closed form the design notes name; nothing here needs a statistics package.
+ln((1 - miss_rate) / false_alarm_rate): a region failing 40% of probes crosses it within a
+few probe rounds. This is the small closed form the design notes name; nothing here needs a
+statistics package.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class Window:
         self.span = span
         self._samples: deque[Sample] = deque()
         self._version = 0  # changes whenever the samples do
-        # The last answer of `samples`: every detector asks the same question in one judgement.
+        # The last answer of `_look`: (now, span, version, samples, failures).
         self._looked: tuple[float, float, int, list[Sample], int] | None = None
 
     def add(self, result: Result) -> None:
@@ -94,14 +94,21 @@ class Window:
 
     def samples(self, now: float, span: float | None = None) -> list[Sample]:
         """Samples within (now - span, now], oldest first; `span` defaults to the window's own.
+        The list is shared with the next caller asking the same; do not change it."""
+        return self._look(now, span)[0]
 
-        Walks back from the newest sample only as far as the span reaches, so a short look at a
-        window that keeps a long history costs what the short look holds. The list is shared
-        with the next caller asking the same; do not change it."""
+    def failures(self, now: float, span: float | None = None) -> int:
+        """How many of `samples(now, span)` failed."""
+        return self._look(now, span)[1]
+
+    def _look(self, now: float, span: float | None) -> tuple[list[Sample], int]:
+        """Walks back from the newest sample only as far as the span reaches, so a short look at
+        a window that keeps a long history costs what the short look holds, and remembers the
+        answer: every detector asks the same question in one judgement."""
         span = self.span if span is None else span
         looked = self._looked
         if looked is not None and looked[0] == now and looked[1] == span and looked[2] == self._version:
-            return looked[3]
+            return looked[3], looked[4]
         horizon = now - span
         found = []
         failures = 0
@@ -113,13 +120,7 @@ class Window:
                 failures += not sample.ok
         found.reverse()
         self._looked = (now, span, self._version, found, failures)
-        return found
-
-    def failures(self, now: float, span: float | None = None) -> int:
-        """How many of `samples(now, span)` failed."""
-        self.samples(now, span)
-        assert self._looked is not None  # noqa: S101 - set by samples()
-        return self._looked[4]
+        return found, failures
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""

@@ -16,10 +16,13 @@ import pytest_asyncio
 import trustme
 from aiohttp import web
 
+from controller.config import load_policy
 from controller.world import LocalRoute53, SimulatedRegion
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONSHIFT = str(Path(sys.executable).with_name("regionshift"))
+# The verdict policy the project ships, as a user gets it.
+SHIPPED_VERDICTS = load_policy([Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"])[0].verdicts
 
 
 @pytest_asyncio.fixture(autouse=True)

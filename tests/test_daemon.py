@@ -7,25 +7,22 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller import logs
-from controller.config import Config, ControllerSettings, Policy, Region, VerdictPolicy, load_policy
+from controller.config import Config, ControllerSettings, Policy, Region, VerdictPolicy
 from controller.daemon import Daemon
 from controller.world import free_port
 from probes.results import Result
 from probes.spec import HttpProbe
-from tests.conftest import REGIONSHIFT
+from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS
 
 FAST = VerdictPolicy(
     window=3, stale_after=1, min_samples=5, degraded_below=0.9, unhealthy_below=0.5, down_after=3, recover_after=1
 )
-
-SHIPPED = load_policy([Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"])[0].verdicts
 
 
 def world_config(world, policy=FAST, interval=0.1) -> Config:
@@ -255,7 +252,7 @@ def test_a_flapping_probe_logs_failing_once_and_recovered_after_consecutive_pass
 
 async def test_daemon_turns_a_region_failing_forty_percent_of_api_calls_degraded_by_the_sequential_test(world):
     # The shipped detection policy, on a shorter window: /healthz stays 200 throughout.
-    policy = SHIPPED.model_copy(update={"window": 5.0, "stale_after": 1.0, "recover_after": 1.0})
+    policy = SHIPPED_VERDICTS.model_copy(update={"window": 5.0, "stale_after": 1.0, "recover_after": 1.0})
     daemon = Daemon(world_config(world, policy))
     async with Running(daemon) as running:
         for name in world:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.config import ErrorTest, VerdictPolicy, load_policy
+from controller.config import ErrorTest, VerdictPolicy
 from controller.detectors import detectors_for
 from controller.sequential import Llr, cusum
 from controller.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.verdicts import Judge, Verdict
 from controller.windows import WindowStore
+from tests.conftest import SHIPPED_VERDICTS
 
-POLICY = load_policy([Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"])[0].verdicts
+POLICY = SHIPPED_VERDICTS
 SCENARIOS = {s.name: s for s in scenarios("eu-west-1")}
 ONSET = 600.0  # every scenario's fault starts here, after the latency baselines have history
 
