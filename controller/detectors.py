@@ -87,18 +87,20 @@ class PeerCheck:
 
     @property
     def regional(self) -> bool:
-        """Set apart from its peers: significantly worse than at least half of them, and not
-        shared (or there is no other region running this probe, so nothing to compare)."""
-        return not self.shared and len(self.worse_than) * 2 >= len(self.compared)
+        """Fewer than half of the peers show the same trouble (or there is no other region
+        running this probe): the finding stands against this region. Whether it is already
+        significantly worse than them is evidence, not a condition: a few results from a region
+        that started failing a moment ago must not wait for a test with enough power."""
+        return not self.shared
 
     def text(self) -> str:
         if self.shared:
             return f"like {', '.join(self.alike)}: a shared cause"
         if not self.compared:
             return "no peer region to compare with"
-        if self.regional:
+        if self.worse_than:
             return f"worse than {', '.join(self.worse_than)}"
-        return f"not yet set apart from {', '.join(sorted(set(self.compared) - set(self.worse_than)))}"
+        return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
 
     def evidence(self) -> dict[str, Any]:
         return {"worse_than": list(self.worse_than), "alike": list(self.alike), "peers": self.detail}
