@@ -251,8 +251,17 @@ def test_a_flapping_probe_logs_failing_once_and_recovered_after_consecutive_pass
 
 
 async def test_daemon_turns_a_region_failing_forty_percent_of_api_calls_degraded_by_the_sequential_test(world):
-    # The shipped detection policy, on a shorter window: /healthz stays 200 throughout.
-    policy = SHIPPED_VERDICTS.model_copy(update={"window": 5.0, "stale_after": 1.0, "recover_after": 1.0})
+    # The shipped detection policy, on a shorter window, with the fixed ratio limits off so the
+    # verdict can only come from the sequential test. /healthz stays 200 throughout.
+    policy = SHIPPED_VERDICTS.model_copy(
+        update={
+            "window": 5.0,
+            "stale_after": 1.0,
+            "recover_after": 1.0,
+            "degraded_below": 0.0,
+            "unhealthy_below": 0.0,
+        }
+    )
     daemon = Daemon(world_config(world, policy))
     async with Running(daemon) as running:
         for name in world:
