@@ -93,6 +93,12 @@ class PeerCheck:
         that started failing a moment ago must not wait for a test with enough power."""
         return not self.shared
 
+    @property
+    def set_apart(self) -> bool:
+        """Significantly worse than at least half of the peers (or no peers to compare): what
+        a raw limit, which carries no test of its own, needs before it blames a region."""
+        return self.regional and len(self.worse_than) * 2 >= len(self.compared)
+
     def text(self) -> str:
         if self.shared:
             return f"like {', '.join(self.alike)}: a shared cause"
@@ -183,7 +189,8 @@ class Baselines:
                 count += len(stats.latencies)
         if count < p.slowdown.min_baseline_samples:
             return None
-        return Baseline(statistics.median(slows), statistics.median(medians))
+        # median_low: always one slice's own value, never a blend of an old and a new normal.
+        return Baseline(statistics.median_low(slows), statistics.median_low(medians))
 
     def relative(self, windows: Mapping[str, Window], since: float, now: float) -> tuple[list[float], int]:
         """Successful latencies since `since`, each divided by its vantage's baseline median, and
@@ -398,7 +405,7 @@ class ThresholdDetector:
         else:
             peers = errors_vs_peers(view, probe, now - p.window, now, p)
         evidence["peers"] = peers.evidence()
-        if not peers.regional:
+        if not peers.set_apart:  # a raw limit has no test of its own: the peers supply it
             return (
                 ("shared" if peers.shared else "ok"),
                 f"{reason}, {peers.text()}, not held against {view.region}",

@@ -1,14 +1,18 @@
 """Which vantages to trust: a vantage that sees every region fail at once is the vantage's own
 trouble (its network, its DNS, its clock), not every region's, and is set aside.
 
-Set aside only while some other vantage still sees at least one region working: when every
-vantage sees every region fail, the cause is shared (or everything is down) and no single
-vantage is to blame, so none is set aside and the detectors see the failures.
+Set aside only when, for every one of those regions, it fails significantly more often than the
+other vantages see it fail: when they see the regions fail too, the cause is shared (or
+everything is down), no single vantage is to blame, none is set aside and the detectors see
+the failures.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.stats import fisher_exact
 
 from controller.sequential import Llr, cusum, failures
 
@@ -26,6 +30,7 @@ def set_aside(
     llr = Llr.of(policy.errors)
     sees: dict[str, set[str]] = {}  # vantage -> regions it has fresh results for
     failing: dict[str, set[str]] = {}  # vantage -> regions whose results from it fail the test
+    counts: dict[str, dict[str, tuple[int, int]]] = {}  # region -> vantage -> (results, failures)
     for region, names in probes.items():
         by_vantage: dict[str, dict[str, Window]] = {}
         for (probe, vantage), window in windows.region(region).items():
@@ -34,18 +39,36 @@ def set_aside(
                 by_vantage.setdefault(vantage, {})[probe] = window
         for vantage, probe_windows in by_vantage.items():
             sees.setdefault(vantage, set()).add(region)
+            looks = [
+                (len(w.samples(now, policy.window)), w.failures(now, policy.window)) for w in probe_windows.values()
+            ]
+            counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
             if any(w.failures(now, policy.window) for w in probe_windows.values()):
                 samples = {p: w.samples(now, policy.window) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
                 events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
                 if cusum(events, llr).tripped:
                     failing.setdefault(vantage, set()).add(region)
-    blind = {v for v, regions in sees.items() if len(regions) >= 2 and failing.get(v) == regions}  # noqa: PLR2004
-    seeing = sorted(v for v, regions in sees.items() if failing.get(v, set()) != regions)
-    if not seeing:
-        return {}
+
+    def apart(vantage: str, region: str) -> bool:
+        """This vantage fails on `region` significantly more, and `min_error_ratio` times more
+        often, than the other vantages pooled (Fisher's exact test, one-sided)."""
+        mine = counts[region][vantage]
+        others = [c for v, c in counts[region].items() if v != vantage]
+        if not others:
+            return False
+        n, bad = sum(c[0] for c in others), sum(c[1] for c in others)
+        table = np.array([[mine[1], mine[0] - mine[1]], [bad, n - bad]])
+        p_value = float(fisher_exact(table, alternative="greater").pvalue)
+        return p_value < policy.peers.significance and mine[1] * n >= policy.peers.min_error_ratio * bad * mine[0]
+
+    blind = sorted(
+        v
+        for v, regions in sees.items()
+        if len(regions) >= 2 and failing.get(v) == regions and all(apart(v, r) for r in regions)  # noqa: PLR2004
+    )
     return {
-        v: f"vantage {v} sees all {len(sees[v])} regions failing while {', '.join(seeing)} "
-        "still sees some working: set aside as the vantage's own trouble"
-        for v in sorted(blind)
+        v: f"vantage {v} sees all {len(sees[v])} regions failing, far more often than the other vantages "
+        "see them fail: set aside as the vantage's own trouble"
+        for v in blind
     }
