@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from controller.config import Config, ControllerSettings, Policy, Region, RegionType, VerdictPolicy
+from controller.config import Config, ControllerSettings, Policy, Region, RegionType, SlowdownTest, VerdictPolicy
 from controller.daemon import Daemon
 from controller.world import API_PATHS, SimulatedRegion
 from probes.spec import HttpProbe
@@ -32,8 +32,16 @@ DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
     ("ap-southeast-2", "lightweight", "AU", 20.0),
 )
 # Short windows so that a fault shows within seconds and clears within a quarter minute.
+# The local world answers on loopback in about a millisecond: a busy machine would make that
+# "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 DEMO_POLICY = VerdictPolicy(
-    window=15.0, stale_after=3.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5, recover_after=5.0
+    window=15.0,
+    stale_after=3.0,
+    min_samples=5,
+    degraded_below=0.85,
+    unhealthy_below=0.5,
+    slowdown=SlowdownTest(min_effect=9.0),
+    recover_after=5.0,
 )
 TIMELINE_EVERY = 3.0
 

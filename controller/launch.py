@@ -34,6 +34,7 @@ from controller.config import (
     RecordSet,
     Region,
     Route53Settings,
+    SlowdownTest,
     VerdictPolicy,
 )
 from controller.daemon import Daemon
@@ -55,8 +56,16 @@ CLIENT_PATH = "/api/checkout"
 CLIENT_RATE = 50.0  # requests per second, spread over the regions by weight
 DEMO_KEY = "regionshift-demo"  # moto accepts any credentials
 MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier, region, starting weight
+# The local world answers on loopback in about a millisecond: a busy machine would make that
+# "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 VERDICTS = VerdictPolicy(
-    window=6.0, stale_after=2.0, min_samples=5, degraded_below=0.85, unhealthy_below=0.5, recover_after=3.0
+    window=6.0,
+    stale_after=2.0,
+    min_samples=5,
+    degraded_below=0.85,
+    unhealthy_below=0.5,
+    slowdown=SlowdownTest(min_effect=9.0),
+    recover_after=3.0,
 )
 LAUNCH = RampPolicy(
     record_set=RECORD,

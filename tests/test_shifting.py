@@ -23,6 +23,7 @@ from controller.config import (
     RecordSet,
     Region,
     Route53Settings,
+    SlowdownTest,
     VerdictPolicy,
 )
 from controller.daemon import Daemon
@@ -36,8 +37,18 @@ from tests.faults import FaultProxy
 
 TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+# Loopback answers in about a millisecond, so a busy CI machine makes any of them "slower than
+# usual" by a large factor: these tests are about failures, not latency, and only count
+# slowdowns of ten times the baseline.
 FAST = VerdictPolicy(
-    window=3, stale_after=1, min_samples=3, degraded_below=0.9, unhealthy_below=0.5, down_after=3, recover_after=1
+    window=3,
+    stale_after=1,
+    min_samples=3,
+    degraded_below=0.9,
+    unhealthy_below=0.5,
+    down_after=3,
+    recover_after=1,
+    slowdown=SlowdownTest(min_effect=9.0),
 )
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
 # The weights a 1/5/10/25/50% ramp of euw1 from use1=1, euw1=0 goes through: Route 53 holds nothing else.
