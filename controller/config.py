@@ -62,8 +62,22 @@ class SequentialTest(_Model):
 
 
 class ErrorTest(SequentialTest):
-    acceptable: float = Field(default=0.005, gt=0, lt=1)
+    """The sequential test on failures, over the last `horizon` seconds of results (default:
+    the verdict window). A test against a large `unacceptable` ratio decides within seconds on
+    a big fault; one against a small ratio over a long horizon sees a small one sooner than any
+    window ratio can."""
+
+    acceptable: float = Field(default=0.001, gt=0, lt=1)
     unacceptable: float = Field(default=0.05, gt=0, lt=1)
+    horizon: Duration | None = None
+
+
+def _default_error_tests() -> list[ErrorTest]:
+    """A quick test for big faults and a patient one for small faults (see policies/verdicts.yaml)."""
+    return [
+        ErrorTest(unacceptable=0.1, false_alarm_rate=1e-7),
+        ErrorTest(unacceptable=0.03, false_alarm_rate=1e-6, horizon=600.0),
+    ]
 
 
 class SlowdownTest(SequentialTest):
@@ -86,12 +100,15 @@ class SlowdownTest(SequentialTest):
 class PeerPolicy(_Model):
     """How a region is compared with the other regions running the same probe."""
 
-    significance: float = Field(default=0.01, gt=0, lt=0.5)
+    significance: float = Field(default=0.003, gt=0, lt=0.5)
     min_error_ratio: float = Field(default=2.0, ge=1)
 
 
 class VantagePolicy(_Model):
     quorum: int = Field(default=2, ge=1)
+    # A finding holds when, leaving out the quorum - 1 vantages that saw the most of it, the
+    # other vantages' bad outcomes in its run would be this unlikely from a healthy target.
+    agree_level: float = Field(default=0.001, gt=0, lt=0.5)
 
 
 class VerdictPolicy(_Model):
@@ -104,17 +121,25 @@ class VerdictPolicy(_Model):
     unhealthy_below: float = Field(default=0.5, ge=0, le=1)
     down_after: int = Field(default=3, ge=1, le=100)
     latency: LatencyObjective = Field(default_factory=LatencyObjective)
-    errors: ErrorTest = Field(default_factory=ErrorTest)
+    errors: list[ErrorTest] = Field(default_factory=_default_error_tests, min_length=1)
     slowdown: SlowdownTest = Field(default_factory=SlowdownTest)
     peers: PeerPolicy = Field(default_factory=PeerPolicy)
     vantages: VantagePolicy = Field(default_factory=VantagePolicy)
     recover_after: Duration = 60.0
 
+    @field_validator("errors", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    def horizon(self, test: ErrorTest) -> float:
+        return self.window if test.horizon is None else test.horizon
+
     @property
     def history(self) -> float:
         """How long windows keep results: the latency baseline, which ends up to two verdict
-        windows back (see `detectors.Baselines`)."""
-        return self.slowdown.baseline + 2 * self.window
+        windows back (see `detectors.Baselines`), or the longest error test's horizon."""
+        return max(self.slowdown.baseline + 2 * self.window, *(self.horizon(t) for t in self.errors))
 
     @model_validator(mode="after")
     def _ordered(self) -> VerdictPolicy:

@@ -78,6 +78,9 @@ class PeerCheck:
     worse_than: tuple[str, ...] = ()  # significantly worse, by at least the effect size
     alike: tuple[str, ...] = ()  # elevated themselves: failing or slow more than a healthy peer
     detail: dict[str, Any] = field(default_factory=dict)
+    # Significantly worse (by the effect size) than every compared peer's results pooled; None
+    # when no peer has enough results to compare.
+    apart: bool | None = None
 
     @property
     def shared(self) -> bool:
@@ -87,11 +90,12 @@ class PeerCheck:
 
     @property
     def regional(self) -> bool:
-        """Fewer than half of the peers show the same trouble (or there is no other region
-        running this probe): the finding stands against this region. Whether it is already
-        significantly worse than them is evidence, not a condition: a few results from a region
-        that started failing a moment ago must not wait for a test with enough power."""
-        return not self.shared
+        """Fewer than half of the peers show the same trouble, and the region is significantly
+        worse than the peers taken together (or there is none to compare with): the finding
+        stands against this region. Pooled, because in the first seconds of a fault that every
+        region shares, each peer has too few results of its own to look alike; pooled peers
+        still tell a region failing 40% of probes apart within a few probe rounds."""
+        return not self.shared and self.apart is not False
 
     @property
     def set_apart(self) -> bool:
@@ -104,23 +108,39 @@ class PeerCheck:
             return f"like {', '.join(self.alike)}: a shared cause"
         if not self.compared:
             return "no peer region to compare with"
+        if self.apart is False:
+            return f"not yet significantly worse than {', '.join(self.compared)} together"
         if self.worse_than:
             return f"worse than {', '.join(self.worse_than)}"
         return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
 
     def evidence(self) -> dict[str, Any]:
-        return {"worse_than": list(self.worse_than), "alike": list(self.alike), "peers": self.detail}
+        return {
+            "worse_than": list(self.worse_than),
+            "alike": list(self.alike),
+            "apart": self.apart,
+            "peers": self.detail,
+        }
 
 
-def errors_vs_peers(view: RegionView, probe: str, since: float, now: float, policy: VerdictPolicy) -> PeerCheck:
-    """Fisher's exact test (one-sided) of this region's failures against each peer's over the
-    same span, with an effect size: worse means significant and `min_error_ratio` times theirs."""
+def _pooled(samples: int, test: Callable[[], bool]) -> bool | None:
+    """The pooled comparison: None without any peer result (nothing to compare with: the
+    finding stands), False while there are too few to tell (a run a second old waits a moment)."""
+    if samples == 0:
+        return None
+    return samples >= MIN_PEER_SAMPLES and test()
+
+
+def errors_vs_peers(
+    view: RegionView, probe: str, since: float, now: float, policy: VerdictPolicy, llr: Llr, span: float
+) -> PeerCheck:
+    """Fisher's exact test (one-sided) of this region's failures against each peer's since
+    `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
+    times theirs. A peer is alike when its own failures lean bad on the test `llr` steps."""
 
     def counts(v: RegionView) -> tuple[int, int]:
         samples = [
-            s
-            for w in fresh(v.windows_of(probe), now, policy.stale_after).values()
-            for s in w.samples(now, policy.window)
+            s for w in fresh(v.windows_of(probe), now, policy.stale_after).values() for s in w.samples(now, span)
         ]
         recent = _since(samples, since)
         return len(recent), sum(not s.ok for s in recent)
@@ -128,23 +148,31 @@ def errors_vs_peers(view: RegionView, probe: str, since: float, now: float, poli
     n, bad = counts(view)
     if n == 0:
         return PeerCheck()
-    llr = Llr.of(policy.errors)
-    compared, worse, alike, detail = [], [], [], {}
+
+    def worse(theirs: int, their_bad: int) -> tuple[bool, float]:
+        table = np.array([[bad, n - bad], [their_bad, theirs - their_bad]])
+        p_value = float(fisher_exact(table, alternative="greater").pvalue)
+        ratio_ok = bad * theirs >= policy.peers.min_error_ratio * their_bad * n
+        return p_value < policy.peers.significance and ratio_ok, p_value
+
+    compared, worse_than, alike, detail = [], [], [], {}
+    total, total_bad = 0, 0
     for name, peer in sorted(view.peers.items()):
         if probe not in peer.probes:
             continue
         pn, pbad = counts(peer)
         compared.append(name)
+        total, total_bad = total + pn, total_bad + pbad
         if pn < MIN_PEER_SAMPLES:
             continue
         if llr.of_counts(pn, pbad) > 0:  # the peer fails more often than a healthy one would
             alike.append(name)
-        table = np.array([[bad, n - bad], [pbad, pn - pbad]])
-        p_value = float(fisher_exact(table, alternative="greater").pvalue)
+        is_worse, p_value = worse(pn, pbad)
         detail[name] = {"error_ratio": round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
-        if p_value < policy.peers.significance and bad / n >= policy.peers.min_error_ratio * pbad / pn:
-            worse.append(name)
-    return PeerCheck(tuple(compared), tuple(worse), tuple(alike), detail)
+        if is_worse:
+            worse_than.append(name)
+    apart = _pooled(total, lambda: worse(total, total_bad)[0])
+    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)
 
 
 class Baseline(NamedTuple):
@@ -217,7 +245,6 @@ def _run_evidence(run: Run, now: float) -> dict[str, Any]:
         "since": round(now - run.since, 3) if run.since is not None else None,
         "events": run.events,
         "bad": run.bad,
-        "agreeing": list(run.agreeing),
     }
 
 
@@ -253,9 +280,10 @@ class _SequentialDetector:
         evidence: dict[str, Any],
     ) -> tuple[str, str]:
         needed = quorum(self.policy, vantages)
-        if len(run.agreeing) < needed:
-            evidence["quorum"] = needed
-            return "ok", f"{what}: only {len(run.agreeing)} of {needed} vantages needed agree, not held"
+        left_out, tail = run.beyond(needed - 1)
+        evidence["quorum"] = {"needed": needed, "left_out": list(left_out), "p_rest": round(tail, 6)}
+        if tail >= self.policy.vantages.agree_level:
+            return "ok", f"{what}: not seen beyond {', '.join(left_out)} (quorum {needed}), not held"
         check = peers()
         evidence["peers"] = check.evidence()
         if not check.regional:
@@ -264,37 +292,61 @@ class _SequentialDetector:
 
 
 class ErrorDetector(_SequentialDetector):
-    """Sequential test (CUSUM) of each probe's failures, every fresh vantage pooled, against the
-    policy's acceptable and unacceptable error ratios. A probe fails the test when the evidence
-    crosses the threshold, a quorum of vantages agree, and the region is worse than its peers."""
+    """Sequential tests (CUSUM) of each probe's failures, every fresh vantage pooled, against
+    the policy's acceptable and unacceptable error ratios, each over its own horizon. A probe
+    fails when one test's evidence crosses its threshold, a quorum of vantages agree, and the
+    region is worse than its peers. The tests run in the policy's order; the first that holds
+    decides, so a big fault is named by the fast test and a small one by the patient test."""
 
     name = "errors"
 
     def __init__(self, policy: VerdictPolicy) -> None:
         self.policy = policy
-        self.llr = Llr.of(policy.errors)
+        self.tests = [(test, Llr.of(test), policy.horizon(test)) for test in policy.errors]
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
         windows = fresh(view.windows_of(probe), now, p.stale_after)
         if not windows:
             return "unknown", None
-        if not any(w.failures(now, p.window) for w in windows.values()):
-            evidence["llr"] = 0.0
-            return "ok", None
-        run = cusum(failures({v: w.samples(now, p.window) for v, w in windows.items()}), self.llr)
-        evidence.update(_run_evidence(run, now))
-        if not run.tripped or run.since is None:
-            return "ok", None
-        since = run.since
-        what = (
-            f"{probe}: {run.bad} of {run.events} probes failed in the last {now - since:.0f}s "
-            f"({run.ratio:.0%}; acceptable {p.errors.acceptable:.1%}) from {_reason_vantages(run)}"
-        )
-        state = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
-        return self._finding(
-            view, what, run, len(windows), lambda: errors_vs_peers(view, probe, since, now, p), state, evidence
-        )
+        outcome: tuple[str, str | None] = ("ok", None)
+        best = 0.0
+        for test, llr, horizon in self.tests:
+            bad = sum(w.failures(now, horizon) for w in windows.values())
+            if bad * llr.bad < llr.threshold:  # even every failure in a row could not trip it
+                continue
+            events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
+            run = cusum(events, llr)
+            if run.statistic / run.threshold > best:
+                best = run.statistic / run.threshold
+                evidence.update(_run_evidence(run, now), acceptable=test.acceptable, unacceptable=test.unacceptable)
+            if not run.tripped or run.since is None:
+                continue
+            # A fault that has stopped is not held: a long run's evidence would otherwise take
+            # as long to fade as it took to build. The last verdict window must still lean bad.
+            recent = [e[2] for e in events if e[0] > now - p.window]
+            if horizon > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
+                outcome = ("ok", f"{probe}: {run.bad} failures over {now - run.since:.0f}s, none lately: over")
+                continue
+            since = run.since
+            what = (
+                f"{probe}: {run.bad} of {run.events} probes failed in the last {now - since:.0f}s "
+                f"({run.ratio:.1%}; acceptable {test.acceptable:.1%}) from {_reason_vantages(run)}"
+            )
+            state = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
+            outcome = self._finding(
+                view,
+                what,
+                run,
+                len(windows),
+                lambda: errors_vs_peers(view, probe, since, now, p, llr, horizon),  # noqa: B023 - called at once
+                state,
+                evidence,
+            )
+            if outcome[0] in BAD_STATES or outcome[0] == "shared":
+                break
+        evidence.setdefault("llr", 0.0)
+        return outcome
 
 
 class SlowdownDetector(_SequentialDetector):
@@ -319,7 +371,8 @@ class SlowdownDetector(_SequentialDetector):
         if not base:
             return "ok", None
         run = cusum(
-            slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}), self.llr
+            slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}),
+            self.llr,
         )
         evidence.update(_run_evidence(run, now))
         if not run.tripped or run.since is None:
@@ -340,23 +393,31 @@ class SlowdownDetector(_SequentialDetector):
 
     def _vs_peers(self, view: RegionView, probe: str, mine: list[float], since: float, now: float) -> PeerCheck:
         p = self.policy
-        compared, worse, alike, detail = [], [], [], {}
+
+        def worse(theirs: list[float]) -> tuple[bool, float, float]:
+            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
+            their_median = statistics.median(theirs)
+            ratio = statistics.median(mine) / their_median
+            return p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect, p_value, their_median
+
+        compared, worse_than, alike, detail = [], [], [], {}
+        pooled: list[float] = []
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
                 continue
             theirs, slow = self.baselines.relative(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
             compared.append(name)
+            pooled.extend(theirs)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
                 continue
             if self.llr.of_counts(len(theirs), slow) > 0:  # the peer is slower than usual too
                 alike.append(name)
-            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
-            their_median = statistics.median(theirs)
-            ratio = statistics.median(mine) / their_median
+            is_worse, p_value, their_median = worse(theirs)
             detail[name] = {"relative_median": round(their_median, 3), "p_value": round(p_value, 6)}
-            if p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect:
-                worse.append(name)
-        return PeerCheck(tuple(compared), tuple(worse), tuple(alike), detail)
+            if is_worse:
+                worse_than.append(name)
+        apart = _pooled(min(len(pooled), len(mine)), lambda: worse(pooled)[0])
+        return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)
 
 
 class ThresholdDetector:
@@ -375,6 +436,7 @@ class ThresholdDetector:
 
     def __init__(self, policy: VerdictPolicy) -> None:
         self.policy = policy
+        self.llr = Llr.of(policy.errors[0])  # whose steps say whether a peer fails too
 
     def assess(self, view: RegionView, now: float) -> Assessment:
         if not view.probes:
@@ -403,7 +465,7 @@ class ThresholdDetector:
         if state == "slow":
             peers = self._slow_peers(view, probe, now)
         else:
-            peers = errors_vs_peers(view, probe, now - p.window, now, p)
+            peers = errors_vs_peers(view, probe, now - p.window, now, p, self.llr, p.window)
         evidence["peers"] = peers.evidence()
         if not peers.set_apart:  # a raw limit has no test of its own: the peers supply it
             return (

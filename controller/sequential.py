@@ -7,7 +7,8 @@ is the largest sum over any run of the newest outcomes, so old good outcomes can
 fault that started a moment ago, and the test decides as soon as that sum crosses
 ln((1 - miss_rate) / false_alarm_rate): a region failing 40% of probes crosses it within a
 few probe rounds. This is the small closed form the design notes name; nothing here needs a
-statistics package.
+statistics package, except the binomial tail of the quorum check: do the vantages other than
+the worst one(s) show the fault too?
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
+
+from scipy.stats import binom
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -34,6 +37,7 @@ class Llr:
     bad: float  # added by a bad outcome: ln(p1/p0) > 0
     good: float  # added by a good outcome: ln((1-p1)/(1-p0)) < 0
     threshold: float  # ln((1 - miss_rate) / false_alarm_rate)
+    acceptable: float  # p0: the bad ratio of a healthy target
 
     @classmethod
     def of(cls, test: SequentialTest) -> Llr:
@@ -42,15 +46,11 @@ class Llr:
             bad=math.log(p1 / p0),
             good=math.log((1 - p1) / (1 - p0)),
             threshold=math.log((1 - test.miss_rate) / test.false_alarm_rate),
+            acceptable=p0,
         )
 
     def of_counts(self, events: int, bad: int) -> float:
         return bad * self.bad + (events - bad) * self.good
-
-
-# A vantage agrees with a finding when at least this many of its own outcomes in the run are
-# bad and they lean towards a fault: one stray failure (healthy targets fail ~0.1%) is no vote.
-AGREE_BAD = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +59,11 @@ class Run:
 
     statistic: float  # log-likelihood ratio over the run; 0 when the window leans healthy
     threshold: float
+    acceptable: float  # the test's healthy bad ratio
     since: float | None  # time of the run's first outcome
     events: int
     bad: int
     by_vantage: dict[str, tuple[int, int]]  # vantage -> (outcomes, bad ones) within the run
-    agreeing: tuple[str, ...]  # vantages whose own outcomes within the run point to a fault
 
     @property
     def tripped(self) -> bool:
@@ -72,6 +72,16 @@ class Run:
     @property
     def ratio(self) -> float:
         return self.bad / self.events if self.events else 0.0
+
+    def beyond(self, dropped: int) -> tuple[tuple[str, ...], float]:
+        """The quorum check: leave out the `dropped` vantages with the most bad outcomes in the
+        run (the ones a broken network path would be) and return them, with the chance that the
+        other vantages' outcomes would hold at least as many bad ones from a healthy target
+        (binomial tail at the acceptable ratio; 1.0 when no vantage is left)."""
+        ranked = sorted(self.by_vantage, key=lambda v: (-self.by_vantage[v][1], self.by_vantage[v][0], v))
+        rest = [self.by_vantage[v] for v in ranked[dropped:]]
+        n, bad = sum(c[0] for c in rest), sum(c[1] for c in rest)
+        return tuple(ranked[:dropped]), float(binom.sf(bad - 1, n, self.acceptable)) if n else 1.0
 
 
 def cusum(events: Sequence[Event], llr: Llr) -> Run:
@@ -88,15 +98,14 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
         count[0] += 1
         count[1] += is_bad
     by_vantage = {v: (n, b) for v, (n, b) in counts.items()}
-    agreeing = tuple(sorted(v for v, (n, b) in by_vantage.items() if b >= AGREE_BAD and llr.of_counts(n, b) > 0))
     return Run(
         statistic=totals[-1] - low,
         threshold=llr.threshold,
+        acceptable=llr.acceptable,
         since=run[0][0] if run else None,
         events=len(run),
         bad=sum(b for _, b in by_vantage.values()),
         by_vantage=by_vantage,
-        agreeing=agreeing,
     )
 
 

@@ -27,7 +27,8 @@ def set_aside(
     windows: WindowStore, probes: Mapping[str, tuple[str, ...]], policy: VerdictPolicy, now: float
 ) -> dict[str, str]:
     """Vantages to leave out of every verdict as of `now`, each with the reason."""
-    llr = Llr.of(policy.errors)
+    test = min(policy.errors, key=policy.horizon)  # the quickest: a vantage's network goes at once
+    llr, span = Llr.of(test), policy.horizon(test)
     sees: dict[str, set[str]] = {}  # vantage -> regions it has fresh results for
     failing: dict[str, set[str]] = {}  # vantage -> regions whose results from it fail the test
     counts: dict[str, dict[str, tuple[int, int]]] = {}  # region -> vantage -> (results, failures)
@@ -39,12 +40,10 @@ def set_aside(
                 by_vantage.setdefault(vantage, {})[probe] = window
         for vantage, probe_windows in by_vantage.items():
             sees.setdefault(vantage, set()).add(region)
-            looks = [
-                (len(w.samples(now, policy.window)), w.failures(now, policy.window)) for w in probe_windows.values()
-            ]
+            looks = [(len(w.samples(now, span)), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
-            if any(w.failures(now, policy.window) for w in probe_windows.values()):
-                samples = {p: w.samples(now, policy.window) for p, w in probe_windows.items()}
+            if any(w.failures(now, span) for w in probe_windows.values()):
+                samples = {p: w.samples(now, span) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
                 events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
                 if cusum(events, llr).tripped:

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.stats import binom
 
 from controller.config import ErrorTest, VerdictPolicy
 from controller.detectors import detectors_for
@@ -72,14 +73,30 @@ def test_cusum_starts_its_run_after_the_last_healthy_stretch_and_counts_vantages
     assert run.since == 10.0
     assert (run.events, run.bad) == (4, 3)
     assert run.by_vantage == {"a": (1, 1), "b": (2, 1), "c": (1, 1)}
-    assert run.agreeing == ()  # one bad outcome each is no vote
     assert run.statistic == pytest.approx(3 * llr.bad + llr.good)
 
 
-def test_a_vantage_agrees_with_two_bad_outcomes_that_lean_towards_a_fault():
+def test_the_quorum_check_leaves_out_the_worst_vantages_and_tests_the_rest():
+    run = cusum(
+        [(1.0, "a", True), (2.0, "b", True), (3.0, "a", True), (4.0, "b", False), (5.0, "c", True)], Llr.of(ErrorTest())
+    )
+    left_out, tail = run.beyond(1)
+    assert left_out == ("a",)  # the most failures
+    assert tail == pytest.approx(binom.sf(1, 3, 0.001))  # b and c: 2 failures in 3 results
+    assert run.beyond(0)[1] == pytest.approx(binom.sf(3, 5, 0.001))  # all of them: 4 in 5
+    assert run.beyond(3) == (("a", "c", "b"), 1.0)  # c: 1 in 1 before b: 1 in 2; none left
+
+
+def test_one_stray_failure_in_a_long_run_kept_going_by_a_broken_path_is_not_a_quorum():
     llr = Llr.of(ErrorTest())
-    events = [(1.0, "a", True), (2.0, "b", True), (3.0, "a", True), (4.0, "b", False), (5.0, "c", True)]
-    assert cusum(events, llr).agreeing == ("a",)
+    events = [(float(i), "broken", True) for i in range(200)]
+    events += [(i + 0.5, "healthy", i == 100) for i in range(200)]  # one stray failure
+    run = cusum(sorted(events), llr)
+    assert run.tripped
+    assert run.by_vantage["healthy"] == (200, 1)
+    left_out, tail = run.beyond(1)
+    assert left_out == ("broken",)
+    assert tail == pytest.approx(1 - 0.999**200)  # ~18%: nothing a healthy target would not do
 
 
 def test_cusum_of_only_successes_is_zero_with_no_run():
@@ -178,18 +195,20 @@ def test_a_flapping_region_does_not_flap_its_verdict():
 
 
 def test_recovery_waits_for_sustained_health():
-    scenario = replace(SCENARIOS["errors 40% on api"], flap=60.0)  # 60 s bad, then 60 s healthy
+    # 100 s bad, then 100 s healthy: the patient error test lets go one verdict window after the
+    # fault ends (its last window must still lean bad), then hysteresis holds for recover_after.
+    scenario = replace(SCENARIOS["errors 40% on api"], flap=100.0)
     policy = POLICY.model_copy(update={"recover_after": 90.0})
-    history = [(t, judge.verdicts["eu-west-1"]) for t, judge in replay(scenario, ONSET + 119, policy=policy)]
+    history = [(t, judge.verdicts["eu-west-1"]) for t, judge in replay(scenario, ONSET + 199, policy=policy)]
     last = history[-1][1]
     assert last.status == "degraded"
     assert any(r.startswith("recovering: healthy for") for r in last.reasons), last.reasons
 
 
 def test_false_alarm_rate_of_the_error_test_stays_under_the_policy_bound_on_long_healthy_streams():
-    # A test 100x looser than the default (false_alarm_rate 1e-2) on two hours of healthy noise:
+    # One test far looser than the defaults (false_alarm_rate 1e-2) on two hours of healthy noise:
     # each probe decides about once a second, so the bound allows up to ~1% of decisions.
-    loose = POLICY.model_copy(update={"errors": ErrorTest(false_alarm_rate=0.01)})
+    loose = POLICY.model_copy(update={"errors": [ErrorTest(false_alarm_rate=0.01)]})
     ticks = flagged_ticks = 0
     for _t, judge in replay(HEALTHY, 2 * 3600, policy=loose, seed=3):
         ticks += len(REGIONS)
