@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_SECONDS ?= 120
 # Debian packages: what the tests need, and what the benchmarks compare against.
-TEST_DEBS := prometheus
+TEST_DEBS := prometheus postgresql
 BENCH_DEBS := prometheus-blackbox-exporter
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from probes.http import HttpProber
-from probes.spec import HttpProbe, TcpProbe
+from probes.replication import PostgresLagProber
+from probes.spec import HttpProbe, PostgresLagProbe, TcpProbe
 from probes.tcp import TcpProber
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from probes.results import Result
 
-Prober = HttpProber | TcpProber
+Prober = HttpProber | TcpProber | PostgresLagProber
 log = structlog.get_logger("regionshift.probes")
 
 # How long past its own timeout a probe may run before the scheduler gives up on it: probe kinds
@@ -35,11 +36,13 @@ log = structlog.get_logger("regionshift.probes")
 OVERRUN_GRACE = 1.0
 
 
-def make_prober(spec: HttpProbe | TcpProbe, region: str, vantage: str) -> Prober:
+def make_prober(spec: HttpProbe | TcpProbe | PostgresLagProbe, region: str, vantage: str) -> Prober:
     if isinstance(spec, HttpProbe):
         return HttpProber(spec, region, vantage)
     if isinstance(spec, TcpProbe):
         return TcpProber(spec, region, vantage)
+    if isinstance(spec, PostgresLagProbe):
+        return PostgresLagProber(spec, region, vantage)
     raise TypeError(f"no prober for {type(spec).__name__}")  # pragma: no cover - union is closed
 
 

@@ -7,7 +7,9 @@ usable without the controller; the controller's configuration imports them.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -132,7 +134,56 @@ class TcpProbe(_ProbeBase):
         return value
 
 
-ProbeSpec = Annotated[HttpProbe | TcpProbe, Field(discriminator="kind")]
+class Secret(_Strict):
+    """Where a secret (a connection string) is read from: an environment variable or a file,
+    never the configuration itself. Errors name where it was looked for, never what it holds."""
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Secret:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (a variable's name) or file (a path)")
+        return self
+
+    @property
+    def where(self) -> str:
+        return f"${self.env}" if self.env is not None else f"file {self.file}"
+
+    def read(self) -> str:
+        """The secret; raises LookupError saying where it is missing."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "").strip()
+        else:
+            try:
+                value = Path(self.file or "").read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise LookupError(f"cannot read {self.where}: {exc.strerror}") from exc
+        if not value:
+            raise LookupError(f"{self.where} is empty or not set")
+        return value
+
+
+class PostgresLagProbe(_ProbeBase):
+    """Replication lag of a PostgreSQL replica, timed by heartbeat on the prober's own clock."""
+
+    kind: Literal["replication-lag"] = "replication-lag"
+    source: Literal["postgres"] = "postgres"
+    primary: Secret = Field(description="where the primary's connection string is")
+    replica: Secret = Field(description="where the replica's connection string is")
+    table: str = Field(default="regionshift_heartbeat", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    poll: Duration = Field(default=0.01, description="how often the replica is asked while waiting: the resolution")
+    stalled_after: Duration = Field(
+        default=10.0, description="a replica whose heartbeat has not advanced this long, while written, is stalled"
+    )
+
+    @property
+    def target(self) -> str:
+        return f"postgres {self.primary.where} -> {self.replica.where}"
+
+
+ProbeSpec = Annotated[HttpProbe | TcpProbe | PostgresLagProbe, Field(discriminator="kind")]
 
 
 def split_host_port(target: str) -> tuple[str, int]:
