@@ -111,6 +111,21 @@ class VantagePolicy(_Model):
     agree_level: float = Field(default=0.001, gt=0, lt=0.5)
 
 
+class LagPolicy(_Model):
+    """Replication lag limits: per source (`postgres`, `cloudwatch`...), overridden per region,
+    and a trend check that breaks the limit early when lag grows fast enough to cross it soon."""
+
+    threshold: Duration = 30.0
+    sources: dict[str, Duration] = Field(default_factory=dict)  # source -> threshold
+    regions: dict[str, dict[str, Duration]] = Field(default_factory=dict)  # region -> source -> threshold
+    trend_over: Duration = 60.0  # the newest results the growth is fitted on
+    crosses_within: Duration = 60.0  # growing to cross the threshold within this breaks it now
+    min_trend_samples: int = Field(default=5, ge=3)
+
+    def limit(self, region: str, source: str) -> float:
+        return self.regions.get(region, {}).get(source, self.sources.get(source, self.threshold))
+
+
 class VerdictPolicy(_Model):
     """Thresholds and tests that turn windows of results into a region's verdict."""
 
@@ -126,6 +141,7 @@ class VerdictPolicy(_Model):
     peers: PeerPolicy = Field(default_factory=PeerPolicy)
     vantages: VantagePolicy = Field(default_factory=VantagePolicy)
     recover_after: Duration = 60.0
+    lag: LagPolicy = Field(default_factory=LagPolicy)
 
     @field_validator("errors", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.api import ApiServer, make_app
 from controller.detectors import detectors_for
+from controller.lag import LagDetector
 from controller.metrics import Metrics
 from controller.ramps import RAMP_STATUSES
 from controller.reconciler import Reconciler
@@ -60,9 +61,23 @@ class Daemon:
         self.vantage = settings.vantage
         verdict_policy = config.policy.verdicts
         self.windows = WindowStore(verdict_policy.history)
+        # Lag probes are judged by the lag detector alone: their latency is a lag, their limits
+        # are the lag policy's, not the latency objective's.
+        self.lag_sources = {
+            (r.name, p.name): p.source for r in config.regions for p in r.probes if p.kind == "replication-lag"
+        }
+        lag_probes: dict[str, dict[str, str]] = {}
+        for (region, probe), source in self.lag_sources.items():
+            lag_probes.setdefault(region, {})[probe] = source
         self.judge = Judge(
-            detectors_for(verdict_policy),
-            {r.name: tuple(p.name for p in r.probes) for r in config.regions},
+            [
+                *detectors_for(verdict_policy),
+                LagDetector(verdict_policy, lag_probes, {r.name: r.type for r in config.regions}),
+            ],
+            {
+                r.name: tuple(p.name for p in r.probes if (r.name, p.name) not in self.lag_sources)
+                for r in config.regions
+            },
             verdict_policy,
         )
         probers = [make_prober(spec, r.name, self.vantage) for r in config.regions for spec in r.probes]
@@ -104,6 +119,8 @@ class Daemon:
         """Sink for every probe result, from the scheduler or (later) from agents."""
         self.windows.add(result)
         self.metrics.observe(result)
+        if (source := self.lag_sources.get((result.region, result.probe))) is not None:
+            self.metrics.set_lag(result.region, source, result)
         key = (result.region, result.probe, result.vantage)
         failing = self._passes_since_failure
         if not result.ok:

@@ -440,6 +440,10 @@ class ThresholdDetector:
 
     def assess(self, view: RegionView, now: float) -> Assessment:
         if not view.probes:
+            # A region probed only by kinds other detectors judge (replication lag) has nothing
+            # for this one to say; a region with no probe of any kind has no results at all.
+            if view.windows:
+                return Assessment("healthy")
             return Assessment("unknown", ("no probes configured for this region",))
         states: dict[str, str] = {}
         reasons: list[str] = []

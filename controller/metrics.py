@@ -7,6 +7,7 @@ rate() over them works before the first failure ever happens.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -51,6 +52,13 @@ class Metrics:
             "regionshift_region_status",
             "1 for the region's current verdict status, 0 for the others.",
             ["region", "status"],
+            registry=registry,
+        )
+        self.replication_lag = Gauge(
+            "regionshift_replication_lag_seconds",
+            "Replication lag by region and source: measured, or its lower bound while the heartbeat "
+            "is not on the replica yet (growing when stalled); NaN when it could not be measured.",
+            ["region", "source"],
             registry=registry,
         )
         self.route53_weight = Gauge(
@@ -107,6 +115,10 @@ class Metrics:
         counters, duration = self._subject(result.region, result.probe, result.vantage)
         counters[result.outcome].inc()
         duration.observe(result.latency)
+
+    def set_lag(self, region: str, source: str, result: Result) -> None:
+        measured = result.error_class in (None, "lagging", "stalled")
+        self.replication_lag.labels(region, source).set(result.latency if measured else math.nan)
 
     def set_status(self, region: str, status: Status) -> None:
         for s in STATUSES:

@@ -73,7 +73,7 @@ def primary_and_replica() -> Iterator[Cluster]:
         _run(bin_dir, "initdb", "-D", str(primary), "-U", "postgres", "--auth=trust", "--no-sync")
         conf = (
             f"listen_addresses = '127.0.0.1'\nport = {cluster.primary_port}\nunix_socket_directories = '{root}'\n"
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nwal_level = replica\n"
+            "fsync = off\nfull_page_writes = off\nwal_level = replica\n"
             "max_wal_senders = 4\nhot_standby = on\nwal_receiver_status_interval = 1s\n"
         )
         with (primary / "postgresql.conf").open("a") as f:
