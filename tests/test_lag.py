@@ -18,7 +18,7 @@ from controller.config import (
 )
 from controller.daemon import Daemon
 from controller.lag import LagDetector
-from controller.verdicts import RegionView
+from controller.verdicts import Judge, RegionView
 from controller.windows import WindowStore
 from probes.results import Result
 from probes.spec import PostgresLagProbe, Secret
@@ -146,3 +146,32 @@ async def status_becomes(daemon: Daemon, status: str, within: float) -> None:
             return
         await asyncio.sleep(0.05)
     pytest.fail(f"eu-west-1 did not become {status} within {within}s: {daemon.judge.verdicts.get('eu-west-1')}")
+
+
+def test_a_lag_breach_during_a_ramp_is_a_failed_gate_and_rolls_it_back():
+    from tests.test_ramps import TTL, Sim, started  # the ramp planner on virtual time
+
+    sim = started(Sim())
+    windows = WindowStore(POLICY.history)
+    judge = Judge([LagDetector(POLICY, {"eu-west-1": {"db": "postgres"}}, {})], {"eu-west-1": ()}, POLICY)
+
+    def lag_now(lag: float) -> str:
+        windows.add(Result("eu-west-1", "db", "controller", sim.now - 0.5, ok=True, latency=lag))
+        judge.judge(windows, sim.now)
+        verdict = judge.verdicts["eu-west-1"]
+        sim.set("eu-west-1", verdict.status)
+        return verdict.status
+
+    assert lag_now(0.05) == "healthy"
+    sim.tick()
+    sim.tick(TTL + 600)
+    assert sim.share() == 5.0
+    assert lag_now(0.05) == "healthy"
+    sim.tick(TTL + 600)
+    assert sim.share() == 10.0  # the ramp advances while lag is under its limit
+    sim.tick(30)
+    assert lag_now(14.0) == "degraded"
+    assert judge.verdicts["eu-west-1"].reasons == ("db (postgres lag): 14.0s, over its 10s limit",)
+    assert sim.tick(1).startswith("rollback: eu-west-1 is degraded")
+    assert sim.share() == 0.0
+    assert sim.state.status == "rolled_back"
