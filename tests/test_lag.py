@@ -23,6 +23,7 @@ from controller.windows import WindowStore
 from probes.results import Result
 from probes.spec import PostgresLagProbe, Secret
 from tests.postgres import primary_and_replica
+from tests.test_ramps import TTL, Sim, started  # the ramp planner on virtual time
 
 POLICY = VerdictPolicy(
     lag=LagPolicy(threshold=30.0, sources={"postgres": 10.0}, regions={"ap-southeast-2": {"postgres": 60.0}})
@@ -149,8 +150,6 @@ async def status_becomes(daemon: Daemon, status: str, within: float) -> None:
 
 
 def test_a_lag_breach_during_a_ramp_is_a_failed_gate_and_rolls_it_back():
-    from tests.test_ramps import TTL, Sim, started  # the ramp planner on virtual time
-
     sim = started(Sim())
     windows = WindowStore(POLICY.history)
     judge = Judge([LagDetector(POLICY, {"eu-west-1": {"db": "postgres"}}, {})], {"eu-west-1": ()}, POLICY)
