@@ -17,6 +17,7 @@ whose verdict is `healthy`.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import theilslopes
@@ -74,10 +75,15 @@ class LagDetector:
             return "unknown", f"{probe} ({source} lag): no result in the last {p.stale_after:g}s", evidence
         newest = samples[-1]
         lag = newest.latency
-        evidence.update(lag=round(lag, 4), measured=newest.ok, stalled=newest.error_class == "stalled")
+        evidence.update(
+            lag=round(lag, 4) if math.isfinite(lag) else None,
+            measured=newest.ok,
+            stalled=newest.error_class == "stalled",
+        )
         what = f"{probe} ({source} lag)"
         if newest.error_class == "stalled":
-            return "breach", f"{what}: replication stalled, lag unknown and growing (at least {lag:.1f}s)", evidence
+            bound = f" (at least {lag:.1f}s)" if math.isfinite(lag) else ""
+            return "breach", f"{what}: replication stalled, lag unknown and growing{bound}", evidence
         if newest.error_class not in (None, "lagging"):
             return "unknown", f"{what}: not measured ({newest.error_class})", evidence
         shown = f"{lag:.1f}s" if newest.ok else f"at least {lag:.1f}s"

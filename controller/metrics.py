@@ -117,7 +117,7 @@ class Metrics:
         duration.observe(result.latency)
 
     def set_lag(self, region: str, source: str, result: Result) -> None:
-        measured = result.error_class in (None, "lagging", "stalled")
+        measured = result.error_class in (None, "lagging", "stalled") and math.isfinite(result.latency)
         self.replication_lag.labels(region, source).set(result.latency if measured else math.nan)
 
     def set_status(self, region: str, status: Status) -> None:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from probes.cloudwatch import CloudWatchLagProber
 from probes.http import HttpProber
 from probes.replication import PostgresLagProber
-from probes.spec import HttpProbe, PostgresLagProbe, TcpProbe
+from probes.spec import CloudWatchLagProbe, HttpProbe, PostgresLagProbe, TcpProbe
 from probes.tcp import TcpProber
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from probes.results import Result
 
-Prober = HttpProber | TcpProber | PostgresLagProber
+Prober = HttpProber | TcpProber | PostgresLagProber | CloudWatchLagProber
 log = structlog.get_logger("regionshift.probes")
 
 # How long past its own timeout a probe may run before the scheduler gives up on it: probe kinds
@@ -36,13 +37,17 @@ log = structlog.get_logger("regionshift.probes")
 OVERRUN_GRACE = 1.0
 
 
-def make_prober(spec: HttpProbe | TcpProbe | PostgresLagProbe, region: str, vantage: str) -> Prober:
+def make_prober(
+    spec: HttpProbe | TcpProbe | PostgresLagProbe | CloudWatchLagProbe, region: str, vantage: str
+) -> Prober:
     if isinstance(spec, HttpProbe):
         return HttpProber(spec, region, vantage)
     if isinstance(spec, TcpProbe):
         return TcpProber(spec, region, vantage)
     if isinstance(spec, PostgresLagProbe):
         return PostgresLagProber(spec, region, vantage)
+    if isinstance(spec, CloudWatchLagProbe):
+        return CloudWatchLagProber(spec, region, vantage)
     raise TypeError(f"no prober for {type(spec).__name__}")  # pragma: no cover - union is closed
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -183,7 +192,39 @@ class PostgresLagProbe(_ProbeBase):
         return f"postgres {self.primary.where} -> {self.replica.where}"
 
 
-ProbeSpec = Annotated[HttpProbe | TcpProbe | PostgresLagProbe, Field(discriminator="kind")]
+class CloudWatchLagProbe(_ProbeBase):
+    """Replication lag as CloudWatch reports it (GetMetricData), normalised to seconds."""
+
+    kind: Literal["replication-lag"] = "replication-lag"
+    source: Literal["cloudwatch"] = "cloudwatch"
+    metric: Literal["aurora-global", "aurora-rpo", "rds-replica", "dynamodb", "s3"]
+    aws_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", description="where the metric lives")
+    dimensions: dict[str, str] = Field(min_length=1)
+    period: Duration = 60.0
+    lookback: Duration = 300.0
+    endpoint_url: str | None = Field(default=None, description="only for a local CloudWatch (moto_server)")
+
+    @property
+    def target(self) -> str:
+        return f"cloudwatch {self.metric} {self.aws_region} " + ",".join(f"{k}={v}" for k, v in self.dimensions.items())
+
+
+def _probe_tag(value: object) -> str | None:
+    """kind, or kind/source for the replication-lag kind (postgres by default)."""
+    if isinstance(value, dict):
+        kind, source = value.get("kind"), value.get("source", "postgres")
+    else:
+        kind, source = getattr(value, "kind", None), getattr(value, "source", "postgres")
+    return f"{kind}/{source}" if kind == "replication-lag" else kind
+
+
+ProbeSpec = Annotated[
+    Annotated[HttpProbe, Tag("http")]
+    | Annotated[TcpProbe, Tag("tcp")]
+    | Annotated[PostgresLagProbe, Tag("replication-lag/postgres")]
+    | Annotated[CloudWatchLagProbe, Tag("replication-lag/cloudwatch")],
+    Discriminator(_probe_tag),
+]
 
 
 def split_host_port(target: str) -> tuple[str, int]:
