@@ -4,9 +4,12 @@ Three simulated regions, a local Route 53 (moto's server) holding the weighted r
 controller, and a population of clients that pick a region the way Route 53 answers (share =
 weight / sum of weights) and send real requests to it. The script starts a ramp of eu-west-1;
 once it bakes at 10%, 40% of eu-west-1's API requests start failing while /healthz stays 200;
-the ramp rolls back; the failure clears; the ramp resumes and completes. The timeline shows the
-ramp step, the weights Route 53 holds, the traffic share each region actually served, and the
-verdicts. It exits 0 only when all of that happened.
+the ramp rolls back; the failure clears; the ramp resumes and completes. Before the ramp, eu-west-1's replica falls
+behind (each region has a simulated replication source publishing its lag to the local
+CloudWatch, read by a CloudWatch lag probe): the ramp is started but holds at its start gate
+until the lag recovers. The timeline shows the ramp step, the weights Route 53 holds, the
+traffic share each region actually served, and the verdicts. It exits 0 only when all of that
+happened.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from collections import Counter
 from typing import TYPE_CHECKING, TextIO
 
 import aiohttp
+import boto3
 
 from controller.config import (
     Config,
     ControllerSettings,
+    ErrorTest,
     GuardrailPolicy,
+    LagPolicy,
     Member,
+    PeerPolicy,
     Policy,
     RampPolicy,
     RecordSet,
@@ -41,8 +48,8 @@ from controller.daemon import Daemon
 from controller.demo import DEMO_REGIONS, start_daemon, stop_after
 from controller.route53 import Actuator, make_client
 from controller.weights import shares
-from controller.world import LocalRoute53, SimulatedRegion, seed_weighted_group
-from probes.spec import HttpProbe
+from controller.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
+from probes.spec import CloudWatchLagProbe, HttpProbe
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,6 +65,9 @@ DEMO_KEY = "regionshift-demo"  # moto accepts any credentials
 MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier, region, starting weight
 # The local world answers on loopback in about a millisecond: a busy machine would make that
 # "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
+LAG_LIMIT = 5.0  # seconds of replica lag a region may have
+LAG_SPIKE = 30.0  # how far eu-west-1's replica falls behind before the ramp
+LAG_HOLD = 5.0  # seconds the started ramp is held by the lag before it recovers
 VERDICTS = VerdictPolicy(
     window=6.0,
     stale_after=2.0,
@@ -66,6 +76,12 @@ VERDICTS = VerdictPolicy(
     unhealthy_below=0.5,
     slowdown=SlowdownTest(min_effect=9.0),
     recover_after=3.0,
+    lag=LagPolicy(sources={"cloudwatch": LAG_LIMIT}, trend_over=3.0, crosses_within=5.0, min_trend_samples=3),
+    # One vantage at 2 probes/s and minutes of run time: the shipped error test and peer level
+    # (tuned for 3 vantages over days without a false verdict) would let a 40% fault go ~5 s,
+    # long enough for a ramp step. A short demo can afford a looser test.
+    errors=[ErrorTest(unacceptable=0.1, false_alarm_rate=1e-4), ErrorTest(unacceptable=0.03, horizon=60.0)],
+    peers=PeerPolicy(significance=0.05),
 )
 LAUNCH = RampPolicy(
     record_set=RECORD,
@@ -84,10 +100,24 @@ EVERY = 2.0
 def launch_config(
     regions: dict[str, SimulatedRegion], listen: str, endpoint: str, zone_id: str, state_dir: str
 ) -> Config:
-    def probes(region: SimulatedRegion) -> list[HttpProbe]:
+    def probes(name: str, region: SimulatedRegion) -> list[HttpProbe | CloudWatchLagProbe]:
+        lag = CloudWatchLagProbe(
+            name="replica-lag",
+            metric="rds-replica",
+            aws_region="us-east-1",
+            dimensions={"DBInstanceIdentifier": SimulatedReplication.instance(name)},
+            endpoint_url=endpoint,
+            period=1.0,
+            lookback=5.0,
+            interval=0.5,
+            timeout=0.4,
+        )
         return [
-            HttpProbe(name=n, target=region.url + p, interval=0.5, timeout=0.4)
-            for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
+            *(
+                HttpProbe(name=n, target=region.url + p, interval=0.5, timeout=0.4)
+                for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
+            ),
+            lag,
         ]
 
     return Config(
@@ -98,7 +128,8 @@ def launch_config(
             route53=Route53Settings(endpoint_url=endpoint, reconcile_every=0.25, poll_interval=0.1),
         ),
         regions=[
-            Region(name=n, type=t, residency=r, max_share=m, probes=probes(regions[n])) for n, t, r, m in DEMO_REGIONS
+            Region(name=n, type=t, residency=r, max_share=m, probes=probes(n, regions[n]))
+            for n, t, r, m in DEMO_REGIONS
         ],
         record_sets=[
             RecordSet(
@@ -172,6 +203,8 @@ class Story:
         self.statuses: list[str] = []
         self.served: Counter[str] = Counter()
         self.last_share: dict[str, float] = {}
+        self.actions: list[tuple[float, str]] = []  # (monotonic time, kind) of every Route 53 write
+        self.lag_spike: list[float] = []  # when the lag spike started and when it was cleared
 
     def say(self, text: str) -> None:
         print(f"+{time.monotonic() - self.start:5.1f}s  {text}", file=self.out, flush=True)
@@ -184,6 +217,7 @@ class Story:
         return state.status, state.step
 
     def on_action(self, action: Action) -> None:
+        self.actions.append((time.monotonic(), action.kind))
         share = shares(action.weights)
         weights = " ".join(f"{k}={v}" for k, v in action.weights.items())
         split = " ".join(f"{self.clients.region_of[k]} {v:.0f}%" for k, v in share.items())
@@ -215,11 +249,27 @@ async def wait_for(predicate: Callable[[], bool], story: Story) -> None:
         story.ramp()
 
 
-async def script(daemon: Daemon, regions: dict[str, SimulatedRegion], story: Story, finished: asyncio.Event) -> None:
+async def script(
+    daemon: Daemon,
+    regions: dict[str, SimulatedRegion],
+    replication: SimulatedReplication,
+    story: Story,
+    finished: asyncio.Event,
+) -> None:
     assert daemon.reconciler is not None  # noqa: S101
     reconciler = daemon.reconciler
+    story.say(f"** lag spike: {TARGET}'s replica falls {LAG_SPIKE:g}s behind (its limit is {LAG_LIMIT:g}s)")
+    replication.lag[TARGET] = LAG_SPIKE
+    story.lag_spike.append(time.monotonic())
+    await wait_for(lambda: _status(daemon, TARGET) == "degraded", story)
+    lag = [r for r in daemon.judge.verdicts[TARGET].reasons if "lag" in r]
+    story.say(f"** verdict: {TARGET} degraded: {'; '.join(lag)}")
     story.say(f"** operator: start ramp {RAMP} ({', '.join(f'{s:g}%' for s in LAUNCH.steps)}, bake {LAUNCH.bake:g}s)")
     await reconciler.act(RAMP, "start", daemon.clock(), "demo operator")
+    await asyncio.sleep(LAG_HOLD)
+    story.say(f"** lag recovered: {TARGET}'s replica caught up")
+    replication.lag[TARGET] = 0.2
+    story.lag_spike.append(time.monotonic())
     await wait_for(lambda: story.ramp() == ("baking", INJECT_AT_STEP), story)
     story.say(f"** fault: {TARGET} fails 40% of API requests, /healthz stays 200")
     regions[TARGET].set(error_ratio=0.4)
@@ -231,8 +281,20 @@ async def script(daemon: Daemon, regions: dict[str, SimulatedRegion], story: Sto
     finished.set()
 
 
+def _status(daemon: Daemon, region: str) -> str | None:
+    verdict = daemon.judge.verdicts.get(region)
+    return verdict.status if verdict is not None else None
+
+
 def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # noqa: FBT001
     problems = []
+    if len(story.lag_spike) == 2:  # noqa: PLR2004 - started and cleared
+        start, end = story.lag_spike
+        during = [kind for at, kind in story.actions if start <= at <= end and kind == "forward"]
+        if during:
+            problems.append(f"the ramp stepped forward {len(during)} time(s) while {TARGET}'s replica lagged")
+    else:
+        problems.append("the lag spike did not play out")
     statuses = story.statuses
     if "rolled_back" not in statuses:
         problems.append(f"the ramp never rolled back (statuses: {statuses})")
@@ -253,6 +315,15 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
         }
         route53 = await stack.enter_async_context(LocalRoute53())
         zone_id = await asyncio.to_thread(create_zone, route53.url)
+        cloudwatch = boto3.client(
+            "cloudwatch",
+            region_name="us-east-1",
+            endpoint_url=route53.url,
+            aws_access_key_id=DEMO_KEY,
+            aws_secret_access_key=DEMO_KEY,
+        )
+        replication = SimulatedReplication(cloudwatch, regions)
+        await asyncio.to_thread(replication.publish)  # the lag probes find data from the start
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="regionshift-demo-"))
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(key, DEMO_KEY)  # the daemon uses the usual credential chain
@@ -272,6 +343,7 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
                 file=out,
             )
             print(f"  local Route 53 (moto) at {route53.url}, zone {zone_id}, record {RECORD}", file=out)
+            print(f"  replication: each region's replica lag published to CloudWatch at {route53.url}", file=out)
             for name, region in regions.items():
                 print(f"  region {name:<15} {region.url}", file=out)
             print(
@@ -282,7 +354,8 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             helpers = [
                 group.create_task(clients.run(), name="clients"),
                 group.create_task(story.run(), name="timeline"),
-                group.create_task(script(daemon, regions, story, finished), name="script"),
+                group.create_task(replication.run(), name="replication"),
+                group.create_task(script(daemon, regions, replication, story, finished), name="script"),
             ]
             if duration is not None:  # a bounded run ends when the story does, or at the deadline
                 helpers.append(group.create_task(stop_after(stop, duration), name="duration"))
@@ -296,7 +369,8 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
         print(f"demo: FAILED: {problem}", file=out)
     if not problems:
         print(
-            "demo: the launch played out: ramp -> partial failure -> rollback -> recovery -> resumed -> 50% done",
+            "demo: the launch played out: lag spike holds the ramp -> lag recovers -> ramp -> partial failure -> "
+            "rollback -> recovery -> resumed -> 50% done",
             file=out,
         )
     return 1 if problems else 0

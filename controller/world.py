@@ -18,12 +18,14 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import TracebackType
 
 API_PATHS = ("/api/orders", "/api/users")
@@ -212,6 +214,44 @@ class LocalRoute53:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class SimulatedReplication:
+    """A replication source per region, with a lag knob: every `every` seconds it publishes
+    each region's replica lag as RDS `ReplicaLag` (seconds) to a local CloudWatch (moto's
+    server, through the `client` given), so the daemon's CloudWatch lag probes read it the way
+    they read AWS. `lag[region]` is the knob; -1 means not replicating, as RDS reports it."""
+
+    def __init__(self, client: Any, regions: Iterable[str], lag: float = 0.2, every: float = 0.5) -> None:
+        self.client = client
+        self.lag = dict.fromkeys(regions, lag)
+        self.every = every
+
+    @staticmethod
+    def instance(region: str) -> str:
+        """The replica's DBInstanceIdentifier, the dimension its lag probe reads."""
+        return f"orders-{region}"
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.publish)
+            await asyncio.sleep(self.every)
+
+    def publish(self) -> None:
+        now = datetime.now(UTC)
+        for region, lag in self.lag.items():
+            self.client.put_metric_data(
+                Namespace="AWS/RDS",
+                MetricData=[
+                    {
+                        "MetricName": "ReplicaLag",
+                        "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": self.instance(region)}],
+                        "Timestamp": now,
+                        "Value": lag,
+                        "Unit": "Seconds",
+                    }
+                ],
+            )
 
 
 def seed_weighted_group(

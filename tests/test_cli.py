@@ -77,12 +77,18 @@ async def test_demo_plays_its_script_and_checks_the_verdicts(cli_env):
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-async def test_the_launch_demo_ramps_rolls_back_resumes_and_completes(cli_env):
+async def test_the_launch_demo_holds_for_lag_ramps_rolls_back_resumes_and_completes(cli_env):
     code, out, err = await run_cli("demo", "--duration", "120", env=cli_env)
     assert code == 0, out + err[-3000:]
     lines = out.splitlines()
     actions = [line.split("** ", 1)[1] for line in lines if "** " in line]
     kinds = [a.split(" (")[0] for a in actions]
+    # The lag spike comes first: the started ramp holds until the replica has caught up.
+    assert kinds[0] == "lag spike: eu-west-1's replica falls 30s behind"
+    assert actions[1] == "verdict: eu-west-1 degraded: replica-lag (cloudwatch lag): 30.0s, over its 5s limit"
+    assert kinds[2] == "operator: start ramp launch-eu-west-1"
+    assert kinds[3] == "lag recovered: eu-west-1's replica caught up"
+    assert kinds[4] == "route53 forward"
     fault = kinds.index("fault: eu-west-1 fails 40% of API requests, /healthz stays 200")
     rollback = kinds.index("route53 rollback")
     assert fault < rollback < kinds.index("fault cleared on eu-west-1")
