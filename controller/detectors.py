@@ -326,7 +326,8 @@ class ErrorDetector(_SequentialDetector):
             # as long to fade as it took to build. The last verdict window must still lean bad.
             recent = [e[2] for e in events if e[0] > now - p.window]
             if horizon > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
-                outcome = ("ok", f"{probe}: {run.bad} failures over {now - run.since:.0f}s, none lately: over")
+                what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s, the last {p.window:g}s lean healthy"
+                outcome = ("ok", f"{what}: over")
                 continue
             since = run.since
             what = (
