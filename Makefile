@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_SECONDS ?= 120
 # Debian packages: what the tests need, and what the benchmarks compare against.
 TEST_DEBS := prometheus postgresql
-BENCH_DEBS := prometheus-blackbox-exporter
+BENCH_DEBS := prometheus-blackbox-exporter postgresql
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean
 
@@ -58,6 +58,7 @@ test: check debs-test
 bench: install debs-bench
 	$(BIN)/python bench/probe_throughput.py
 	$(BIN)/python bench/actuation.py
+	$(BIN)/python bench/replication_lag.py
 	$(BIN)/python bench/detection.py
 
 clean:
