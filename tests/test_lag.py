@@ -17,11 +17,14 @@ from controller.config import (
     VerdictPolicy,
 )
 from controller.daemon import Daemon
+from controller.evacuation import plan_evacuation
 from controller.lag import LagDetector
-from controller.verdicts import Judge, RegionView
+from controller.verdicts import Judge, RegionView, Verdict
+from controller.weights import shares
 from controller.windows import WindowStore
 from probes.results import Result
 from probes.spec import PostgresLagProbe, Secret
+from tests import test_evacuation as evac  # the evacuation planner's fixtures
 from tests.postgres import primary_and_replica
 from tests.test_ramps import TTL, Sim, started  # the ramp planner on virtual time
 
@@ -174,3 +177,25 @@ def test_a_lag_breach_during_a_ramp_is_a_failed_gate_and_rolls_it_back():
     assert sim.tick(1).startswith("rollback: eu-west-1 is degraded")
     assert sim.share() == 0.0
     assert sim.state.status == "rolled_back"
+
+
+def test_an_evacuation_sends_no_share_to_a_region_whose_lag_breaks_its_limit():
+    # eu-west-1 is degraded and evacuated; us-east-1's replica runs 14 s behind (limit 10 s).
+    lagging = assess([lag_result(t, 14.0, region="us-east-1") for t in range(5)], region="us-east-1")
+    assert lagging.status == "degraded"
+    now = T0 + 10
+    statuses = {"eu-west-1": "degraded", "us-east-1": lagging.status, "ap-southeast-2": "healthy"}
+    verdicts = {r: Verdict(r, s, (), {}, now - 3600, now) for r, s in statuses.items()}
+    observed = dict(evac.HOME)
+    for _ in range(5):
+        result = plan_evacuation(evac.RS, evac.HOME, observed, verdicts, evac.REGIONS, evac.POLICY, evac.MAX_STEP, now)
+        if result.weights is None:
+            break
+        before, after = shares(observed), shares(result.weights)
+        assert after["use1"] <= before["use1"] + 1e-9, result.reason  # never more share to the lagging region
+        observed = result.weights
+        now += 70
+    final = shares(observed)
+    assert final["euw1"] < 25.0  # the evacuation did move share, onto ap-southeast-2 only
+    assert final["apse2"] > 25.0
+    assert final["use1"] <= 50.0
