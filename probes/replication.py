@@ -113,9 +113,12 @@ class PostgresLagProber:
                 connection = await asyncpg.connect(dsn)
         except TimeoutError:
             raise _RunError("timeout", f"connecting to the {side} timed out", side) from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The class and PostgreSQL's own message; never the connection string.
+        except (OSError, asyncpg.PostgresError) as exc:
+            # The class and the server's or the socket's own message; never the connection string.
             raise _RunError("connect", f"cannot connect to the {side}: {_describe(exc)}", side) from None
+        except Exception as exc:  # noqa: BLE001 - a malformed string's error may quote it: name the class only
+            message = f"cannot connect to the {side}: {type(exc).__name__} (check {secret.where})"
+            raise _RunError("connect", message, side) from None
         self._connections[side] = connection
         return connection
 

@@ -124,6 +124,12 @@ async def test_connection_strings_come_from_outside_the_configuration_and_never_
     result = await PostgresLagProber(spec(), "eu-west-1", "controller")()
     assert result.error == "primary connection string: $RS_PG_PRIMARY is empty or not set"
 
+    monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://app:s3cret-pass@127.0.0.1:notaport/orders?sslmode=bogus")
+    result = await PostgresLagProber(spec(), "eu-west-1", "controller")()
+    assert (result.ok, result.error_class) == (False, "connect")
+    assert "s3cret" not in repr(result)
+    assert "$RS_PG_PRIMARY" in (result.error or "")
+
 
 def test_a_secret_is_an_environment_variable_or_a_file_never_both_nor_inline():
     with pytest.raises(ValidationError, match="exactly one of env"):
