@@ -62,14 +62,17 @@ class WindowStats:
 class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds."""
 
-    __slots__ = ("_looked", "_samples", "_version", "span")
+    __slots__ = ("_failed_at", "_looked", "_samples", "_version", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
         self._samples: deque[Sample] = deque()
+        # When each kept sample that failed started, in order: failures are rare, so counting
+        # them over a long span does not walk every sample (the error tests ask every tick).
+        self._failed_at: deque[float] = deque()
         self._version = 0  # changes whenever the samples do
-        # The last answer of `_look`: (now, span, version, samples, failures).
-        self._looked: tuple[float, float, int, list[Sample], int] | None = None
+        # The last answer of `samples`: (now, span, version, samples).
+        self._looked: tuple[float, float, int, list[Sample]] | None = None
 
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
@@ -82,8 +85,15 @@ class Window:
             self._samples = deque(sorted([*self._samples, sample]))
         else:
             self._samples.append(sample)
+        if not sample.ok:
+            if self._failed_at and sample.at < self._failed_at[-1]:
+                self._failed_at = deque(sorted([*self._failed_at, sample.at]))
+            else:
+                self._failed_at.append(sample.at)
         if len(self._samples) > MAX_SAMPLES:
-            self._samples.popleft()
+            dropped = self._samples.popleft()
+            if not dropped.ok:
+                self._failed_at.popleft()
 
     def trim(self, now: float) -> None:
         horizon = now - self.span
@@ -91,36 +101,40 @@ class Window:
         while samples and samples[0].at <= horizon:
             samples.popleft()
             self._version += 1
+        failed = self._failed_at
+        while failed and failed[0] <= horizon:
+            failed.popleft()
 
     def samples(self, now: float, span: float | None = None) -> list[Sample]:
         """Samples within (now - span, now], oldest first; `span` defaults to the window's own.
-        The list is shared with the next caller asking the same; do not change it."""
-        return self._look(now, span)[0]
-
-    def failures(self, now: float, span: float | None = None) -> int:
-        """How many of `samples(now, span)` failed."""
-        return self._look(now, span)[1]
-
-    def _look(self, now: float, span: float | None) -> tuple[list[Sample], int]:
-        """Walks back from the newest sample only as far as the span reaches, so a short look at
-        a window that keeps a long history costs what the short look holds, and remembers the
-        answer: every detector asks the same question in one judgement."""
+        Walks back from the newest sample only as far as the span reaches, so a short look at a
+        window that keeps a long history costs what the short look holds, and remembers the
+        answer (every detector asks the same in one judgement): the list is shared with the next
+        caller asking the same; do not change it."""
         span = self.span if span is None else span
         looked = self._looked
         if looked is not None and looked[0] == now and looked[1] == span and looked[2] == self._version:
-            return looked[3], looked[4]
+            return looked[3]
         horizon = now - span
         found = []
-        failures = 0
         for sample in reversed(self._samples):
             if sample.at <= horizon:
                 break
             if sample.at <= now:
                 found.append(sample)
-                failures += not sample.ok
         found.reverse()
-        self._looked = (now, span, self._version, found, failures)
-        return found, failures
+        self._looked = (now, span, self._version, found)
+        return found
+
+    def failures(self, now: float, span: float | None = None) -> int:
+        """How many of `samples(now, span)` failed, from the failure times alone."""
+        horizon = now - (self.span if span is None else span)
+        count = 0
+        for at in reversed(self._failed_at):
+            if at <= horizon:
+                break
+            count += at <= now
+        return count
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""

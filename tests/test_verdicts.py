@@ -253,3 +253,18 @@ def test_no_fresh_data_is_never_healthy(outcomes, now):
         in_window = [ok for at, ok in stamped if now - POLICY.window < at <= now]
         assert len(in_window) >= POLICY.min_samples
         assert sum(in_window) / len(in_window) >= POLICY.degraded_below
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 100), st.booleans()), max_size=60),
+    st.floats(0, 120),
+    st.floats(1, 200),
+    st.floats(0, 50),
+)
+def test_failure_counts_from_failure_times_match_the_samples(outcomes, now, span, trim_at):
+    window = Window(span=60)
+    for at, ok in outcomes:  # out of order too
+        window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=0.1))
+    window.trim(trim_at)
+    assert window.failures(now, span) == sum(not s.ok for s in window.samples(now, span))
