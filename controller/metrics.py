@@ -114,7 +114,8 @@ class Metrics:
     def observe(self, result: Result) -> None:
         counters, duration = self._subject(result.region, result.probe, result.vantage)
         counters[result.outcome].inc()
-        duration.observe(result.latency)
+        if math.isfinite(result.latency):  # a lag probe's unknown lag is infinite: not a duration
+            duration.observe(result.latency)
 
     def set_lag(self, region: str, source: str, result: Result) -> None:
         measured = result.error_class in (None, "lagging", "stalled") and math.isfinite(result.latency)
