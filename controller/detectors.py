@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-from scipy.stats import fisher_exact, mannwhitneyu
+from scipy.stats import mannwhitneyu
 
-from controller.sequential import Llr, Run, cusum, failures, slower
+from controller.sequential import Llr, Run, cusum, fails_more, failures, slower
 from controller.verdicts import Assessment, Detector, RegionView, Status
 from controller.windows import WindowStats
 
@@ -150,10 +149,7 @@ def errors_vs_peers(
         return PeerCheck()
 
     def worse(theirs: int, their_bad: int) -> tuple[bool, float]:
-        table = np.array([[bad, n - bad], [their_bad, theirs - their_bad]])
-        p_value = float(fisher_exact(table, alternative="greater").pvalue)
-        ratio_ok = bad * theirs >= policy.peers.min_error_ratio * their_bad * n
-        return p_value < policy.peers.significance and ratio_ok, p_value
+        return fails_more((n, bad), (theirs, their_bad), policy.peers.significance, policy.peers.min_error_ratio)
 
     compared, worse_than, alike, detail = [], [], [], {}
     total, total_bad = 0, 0

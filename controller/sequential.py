@@ -7,8 +7,9 @@ is the largest sum over any run of the newest outcomes, so old good outcomes can
 fault that started a moment ago, and the test decides as soon as that sum crosses
 ln((1 - miss_rate) / false_alarm_rate): a region failing 40% of probes crosses it within a
 few probe rounds. This is the small closed form the design notes name; nothing here needs a
-statistics package, except the binomial tail of the quorum check: do the vantages other than
-the worst one(s) show the fault too?
+statistics package, except the binomial tail of the quorum check (do the vantages other than
+the worst one(s) show the fault too?) and Fisher's exact test of one failure count against
+another's (`fails_more`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from scipy.stats import binom
+import numpy as np
+from scipy.stats import binom, fisher_exact
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -107,6 +109,18 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
         bad=sum(b for _, b in by_vantage.values()),
         by_vantage=by_vantage,
     )
+
+
+def fails_more(
+    mine: tuple[int, int], theirs: tuple[int, int], significance: float, min_ratio: float
+) -> tuple[bool, float]:
+    """Whether `mine` (results, failures) fails significantly more often than `theirs`
+    (Fisher's exact test, one-sided, at `significance`) and at least `min_ratio` times their
+    ratio; and the p-value."""
+    (n, bad), (their_n, their_bad) = mine, theirs
+    table = np.array([[bad, n - bad], [their_bad, their_n - their_bad]])
+    p_value = float(fisher_exact(table, alternative="greater").pvalue)
+    return p_value < significance and bad * their_n >= min_ratio * their_bad * n, p_value
 
 
 def failures(samples: Mapping[str, Sequence[Sample]]) -> list[Event]:

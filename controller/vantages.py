@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-from scipy.stats import fisher_exact
-
-from controller.sequential import Llr, cusum, failures
+from controller.sequential import Llr, cusum, fails_more, failures
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,7 +39,7 @@ def set_aside(
             sees.setdefault(vantage, set()).add(region)
             looks = [(len(w.samples(now, span)), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
-            if any(w.failures(now, span) for w in probe_windows.values()):
+            if counts[region][vantage][1]:
                 samples = {p: w.samples(now, span) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
                 events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
@@ -51,15 +48,12 @@ def set_aside(
 
     def apart(vantage: str, region: str) -> bool:
         """This vantage fails on `region` significantly more, and `min_error_ratio` times more
-        often, than the other vantages pooled (Fisher's exact test, one-sided)."""
-        mine = counts[region][vantage]
+        often, than the other vantages pooled."""
         others = [c for v, c in counts[region].items() if v != vantage]
         if not others:
             return False
-        n, bad = sum(c[0] for c in others), sum(c[1] for c in others)
-        table = np.array([[mine[1], mine[0] - mine[1]], [bad, n - bad]])
-        p_value = float(fisher_exact(table, alternative="greater").pvalue)
-        return p_value < policy.peers.significance and mine[1] * n >= policy.peers.min_error_ratio * bad * mine[0]
+        pooled = (sum(c[0] for c in others), sum(c[1] for c in others))
+        return fails_more(counts[region][vantage], pooled, policy.peers.significance, policy.peers.min_error_ratio)[0]
 
     blind = sorted(
         v

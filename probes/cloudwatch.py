@@ -123,9 +123,4 @@ class CloudWatchLagProber:
         error: str | None,
         lag: float | None = None,
     ) -> Result:
-        """The lag is the latency (infinite when not replicating: unknown, never zero); the
-        call's own time when there is no lag to report."""
-        if lag is None:
-            lag = extra.get("lag_seconds")
-        total = lag if lag is not None else time.monotonic() - start
-        return self.subject.result(started_at, {"total": total}, error_class=error_class, error=error, extra=extra)
+        return self.subject.lag_result(started_at, time.monotonic() - start, extra, error_class, error, lag)

@@ -91,13 +91,7 @@ class PostgresLagProber:
     def _result(
         self, started_at: float, start: float, extra: dict[str, Any], error_class: str | None, error: str | None
     ) -> Result:
-        lag = extra.get("lag_seconds")
-        if lag is None:
-            lag = extra.get("lag_at_least")
-        # The lag is this probe's latency: measured, or its lower bound while the heartbeat is
-        # not on the replica; the run's own time when there is neither (it could not connect).
-        total = lag if lag is not None else time.monotonic() - start
-        return self.subject.result(started_at, {"total": total}, error_class=error_class, error=error, extra=extra)
+        return self.subject.lag_result(started_at, time.monotonic() - start, extra, error_class, error)
 
     async def _connect(self, side: str, deadline: float) -> asyncpg.Connection:
         connection = self._connections.get(side)

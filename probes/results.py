@@ -69,3 +69,22 @@ class Subject:
             error=error,
             extra=extra or {},
         )
+
+    def lag_result(
+        self,
+        started_at: float,
+        elapsed: float,
+        extra: dict[str, Any],
+        error_class: str | None = None,
+        error: str | None = None,
+        lag: float | None = None,
+    ) -> Result:
+        """A replication-lag probe's result: the lag is its latency, as given (infinite when
+        not replicating), else the measured `lag_seconds`, else the lower bound `lag_at_least`;
+        the run's own `elapsed` time when there is no lag at all (it could not ask)."""
+        for value in (lag, extra.get("lag_seconds"), extra.get("lag_at_least")):
+            if value is not None:
+                break
+        else:
+            value = elapsed
+        return self.result(started_at, {"total": value}, error_class=error_class, error=error, extra=extra)
