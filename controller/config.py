@@ -223,6 +223,9 @@ class EvacuationPolicy(_Model):
 
     enabled: bool = True
     restore_after: Duration = Field(default=600.0, description="healthy this long before share comes back")
+    step_bake: Duration = Field(
+        default=0.0, description="after each step's INSYNC + TTL, wait this long before the next evacuation step"
+    )
     blind_fraction: float = Field(
         default=0.5, ge=0, le=1, description="more than this share of regions unknown: blind, hold"
     )

@@ -233,8 +233,9 @@ class Daemon:
                     poll_interval=r53.poll_interval,
                     insync_timeout=r53.insync_timeout,
                     max_attempts=r53.max_attempts,
+                    clock=self.clock,
                 )
-                self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action)
+                self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action, clock=self.clock)
                 await self.reconciler.load()
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))

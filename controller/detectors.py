@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 MIN_PEER_SAMPLES = 5
 
 BAD_STATES = frozenset({"failing", "degraded", "slow"})
+# A probe in one of these states shows trouble, held against its region or not.
+TROUBLE_STATES = BAD_STATES | {"shared"}
+# A sequential test this far toward its threshold leans bad: the probe shows trouble even while
+# nothing is held against it. For errors that is two close failures (one is noise); for latency,
+# slow outcomes that also clear the effect size.
+LEANING = 0.5
 
 
 def detectors_for(policy: VerdictPolicy) -> list[Detector]:
@@ -106,7 +112,7 @@ class PeerCheck:
         if self.shared:
             return f"like {', '.join(self.alike)}: a shared cause"
         if not self.compared:
-            return "no peer region to compare with"
+            return "no peer result yet to compare with" if self.apart is False else "no peer region to compare with"
         if self.apart is False:
             return f"not yet significantly worse than {', '.join(self.compared)} together"
         if self.worse_than:
@@ -260,7 +266,8 @@ class _SequentialDetector:
             states[probe], reason = self._probe(view, probe, now, evidence[probe])
             if reason:
                 reasons.append(reason)
-        return Assessment(region_status(states), tuple(reasons), evidence)
+        troubles = frozenset(p for p, state in states.items() if state in TROUBLE_STATES or evidence[p].get("leaning"))
+        return Assessment(region_status(states), tuple(reasons), evidence, troubles)
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         raise NotImplementedError
@@ -309,10 +316,13 @@ class ErrorDetector(_SequentialDetector):
         best = 0.0
         for test, llr, horizon in self.tests:
             bad = sum(w.failures(now, horizon) for w in windows.values())
-            if bad * llr.bad < llr.threshold:  # even every failure in a row could not trip it
+            floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
+            if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
                 continue
             events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
             run = cusum(events, llr)
+            if run.statistic / run.threshold >= floor:
+                evidence["leaning"] = True
             if run.statistic / run.threshold > best:
                 best = run.statistic / run.threshold
                 evidence.update(_run_evidence(run, now), acceptable=test.acceptable, unacceptable=test.unacceptable)
@@ -372,13 +382,17 @@ class SlowdownDetector(_SequentialDetector):
             self.llr,
         )
         evidence.update(_run_evidence(run, now))
-        if not run.tripped or run.since is None:
+        leaning = run.statistic / run.threshold >= LEANING
+        if not (run.tripped or leaning) or run.since is None:
             return "ok", None
         since = run.since
         mine, _ = self.baselines.relative({v: windows[v] for v in base}, since, now)
         effect = statistics.median(mine) if mine else 1.0
         evidence["relative_median"] = round(effect, 3)
-        if effect < 1 + p.slowdown.min_effect:
+        if effect < 1 + p.slowdown.min_effect:  # slower than usual, but not by enough to count
+            return "ok", None
+        evidence["leaning"] = True
+        if not run.tripped:
             return "ok", None
         what = (
             f"{probe}: {run.bad} of {run.events} results slower than usual in the last "
@@ -450,15 +464,30 @@ class ThresholdDetector:
             states[probe] = state
             if reason:
                 reasons.append(f"{probe}: {reason}")
-        return Assessment(region_status(states), tuple(reasons), evidence)
+        troubles = frozenset(p for p, state in states.items() if state in TROUBLE_STATES)
+        # Every probe down, at least one of them held against this region: the region is down,
+        # even where a peer happens to fail one of the same probes (that probe alone would be
+        # a shared cause, not the region as a whole).
+        down = all(e.get("consecutive_failures") for e in evidence.values())
+        if down and "failing" in states.values():
+            states = dict.fromkeys(states, "failing")
+        return Assessment(region_status(states), tuple(reasons), evidence, troubles)
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._limits(view.windows_of(probe), now)
-        if state not in BAD_STATES or evidence.get("consecutive_failures"):
+        if state not in BAD_STATES:
             return state, reason, evidence
-        # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
         p = self.policy
         windows = fresh(view.windows_of(probe), now, p.stale_after)
+        if evidence.get("consecutive_failures"):
+            # Every fresh vantage saw the run (a quorum by construction); the peers must be
+            # answering where this region fails, or it is a shared cause, not this region.
+            down = self._down_peers(view, probe, _run_start(windows.values(), now, p.window), now)
+            evidence["peers"] = down.evidence()
+            if not down.set_apart:
+                return ("shared" if down.shared else "ok"), f"{reason}, {down.text()}, not held", evidence
+            return state, f"{reason}, {down.text()}", evidence
+        # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
         agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now)[0] == state)
         needed = quorum(p, len(windows))
         if len(agreeing) < needed:
@@ -475,6 +504,33 @@ class ThresholdDetector:
                 evidence,
             )
         return state, reason, evidence
+
+    def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
+        """Peers over the span of this region's run of failures: a peer that failed in it too, or
+        whose recent results lean bad, is alike; one that only answered is not. A peer with no
+        result in the span cannot vouch either way and is not compared; when peers run the probe
+        but none can vouch yet, nothing is held (`apart` False) until they report."""
+        p = self.policy
+        compared: list[str] = []
+        clean: list[str] = []
+        alike: list[str] = []
+        detail: dict[str, Any] = {}
+        running = 0
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            running += 1
+            samples = [s for w in fresh(peer.windows_of(probe), now, p.stale_after).values() for s in w.samples(now)]
+            recent = _since(samples, since)
+            if not recent:
+                continue
+            compared.append(name)
+            failed = sum(not s.ok for s in recent)
+            leaning = self.llr.of_counts(len(samples), sum(not s.ok for s in samples)) > 0
+            detail[name] = {"samples": len(recent), "failures": failed}
+            (alike if failed or leaning else clean).append(name)
+        apart = False if running and not compared else None
+        return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
         """Peers over the same fixed objective: the objective is absolute, so is the comparison."""
@@ -538,6 +594,17 @@ class ThresholdDetector:
                 evidence,
             )
         return "ok", None, evidence
+
+
+def _run_start(windows: Iterable[Window], now: float, span: float) -> float:
+    """When the newest run of failures began: the oldest failure of the run at any vantage."""
+    start = now
+    for window in windows:
+        for sample in reversed(window.samples(now, span)):
+            if sample.ok:
+                break
+            start = min(start, sample.at)
+    return start
 
 
 def _errors_text(stats: WindowStats) -> str:

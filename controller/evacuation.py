@@ -3,7 +3,9 @@
 `plan_evacuation` is a pure function of the record set, its home weights (what it holds when all
 is well), what Route 53 holds now, the verdicts and the clock. It moves at most `max_step` of
 traffic per step, only onto healthy regions, never past a lightweight region's `max_share`. It
-fails static: when most regions have no fresh data (blind) or no region is healthy, it holds.
+fails static: when most regions have no fresh data (blind), no region is healthy, or every healthy
+region shows the trouble of the one to evacuate (a shared cause), it holds. It says what the
+record set should hold, not when: the reconciler paces every step (INSYNC + TTL + `step_bake`).
 Share comes back to a region only after it has been healthy for `restore_after` (hysteresis).
 """
 
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from controller.verdicts import shared_trouble
 from controller.weights import MAX_WEIGHT, shares
 
 if TYPE_CHECKING:
@@ -65,13 +68,20 @@ def plan_evacuation(
     caps = {m.set_identifier: _cap(regions[m.region]) for m in record_set.members}
     bad = [sid for sid in observed if current[sid] > _EPS and status(sid) in ("degraded", "unhealthy")]
     if bad:
-        receivers = {
-            sid: float(home.get(sid, 0) or observed[sid])
-            for sid in observed
-            if status(sid) == "healthy" and (home.get(sid, 0) > 0 or observed[sid] > 0)
-        }
-        if not receivers:
+        candidates = [
+            sid for sid in observed if status(sid) == "healthy" and (home.get(sid, 0) > 0 or observed[sid] > 0)
+        ]
+        if not candidates:
             return EvacuationPlan(reason="every region that could take traffic looks bad; holding the weights")
+        # Guardrail 6: a region that shows the trouble of the one losing share would fare no
+        # better; when every candidate does, the cause is shared and nothing moves.
+        troubles = {r: v.troubles for r, v in verdicts.items()}
+        losing = [region_of[s] for s in bad]
+        alike = {sid: same for sid in candidates if (same := shared_trouble([region_of[sid]], losing, troubles))}
+        receivers = {sid: float(home.get(sid, 0) or observed[sid]) for sid in candidates if sid not in alike}
+        if not receivers:
+            detail = "; ".join(f"{g} shows the trouble of {lo} ({', '.join(sorted(p))})" for g, lo, p in alike.values())
+            return EvacuationPlan(reason=f"holding the weights: a shared cause: {detail}")
         names = ", ".join(sorted({f"{region_of[s]} ({status(s)})" for s in bad}))
         losers = {sid: float(observed[sid]) for sid in bad}
         return _shift(observed, losers, receivers, max_step, caps, "evacuation", f"evacuating {names}")

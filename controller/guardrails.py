@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from controller.verdicts import shared_trouble
 from controller.weights import MAX_WEIGHT, shares
 
 if TYPE_CHECKING:
@@ -19,13 +20,18 @@ if TYPE_CHECKING:
     from controller.verdicts import Status
 
 Kind = Literal["forward", "rollback", "evacuation", "restore"]
+# Every kind that gives some region more share on purpose: paced (guardrail 2). A rollback may
+# jump back at once.
+FORWARD_KINDS: tuple[Kind, ...] = ("forward", "evacuation", "restore")
 # Share comparisons are in percent; this absorbs float noise, not policy.
 _EPSILON = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    rule: str  # stable name: range, members, all_zero, residency, read_only, max_share, unhealthy_target, max_step
+    # stable name: range, members, all_zero, residency, read_only, max_share, unhealthy_target,
+    # shared_trouble, max_step, pacing
+    rule: str
     message: str
 
 
@@ -37,6 +43,9 @@ class Proposal:
     before: Mapping[str, int]  # set identifier -> weight, as observed
     after: Mapping[str, int]
     kind: Kind
+    now: float | None = None
+    # No forward change before this: the previous one's INSYNC + the record's TTL + its bake.
+    not_before: float | None = None
 
 
 def moved_share(before: Mapping[str, int], after: Mapping[str, int]) -> float:
@@ -50,6 +59,7 @@ def check(
     regions: Mapping[str, Region],
     verdicts: Mapping[str, Status],
     max_step: float,
+    troubles: Mapping[str, frozenset[str]] | None = None,
 ) -> list[Violation]:
     """Every guardrail the proposal breaks; empty when it may be sent."""
     rs = proposal.record_set
@@ -102,6 +112,31 @@ def check(
                     f"which is {verdicts.get(region.name, 'unknown')}, not healthy",
                 )
             )
+    if old_shares:
+        region_of = {sid: members[sid].region for sid in after}
+        gaining = [region_of[s] for s in after if new_shares[s] > old_shares.get(s, 0.0) + _EPSILON]
+        losing = [region_of[s] for s in after if new_shares[s] < old_shares.get(s, 0.0) - _EPSILON]
+        same = shared_trouble(gaining, losing, troubles or {})
+        if same is not None:
+            gainer, loser, probes = same
+            found.append(
+                Violation(
+                    "shared_trouble",
+                    f"{rs.name}: share would move from {loser} to {gainer}, which shows the same trouble "
+                    f"({', '.join(sorted(probes))})",
+                )
+            )
+    early = 0.0
+    if proposal.not_before is not None and proposal.now is not None:
+        early = proposal.not_before - proposal.now
+    if proposal.kind in FORWARD_KINDS and early > 0:
+        found.append(
+            Violation(
+                "pacing",
+                f"{rs.name}: a {proposal.kind} step {early:.1f}s before the previous one has baked "
+                "(its INSYNC + TTL + bake)",
+            )
+        )
     if proposal.kind != "rollback":
         if not old_shares:
             found.append(

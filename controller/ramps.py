@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from controller.verdicts import shared_trouble
 from controller.weights import shares, to_weights
 
 if TYPE_CHECKING:
@@ -163,6 +164,10 @@ def _forward(policy: RampPolicy, state: RampState, view: View, step: int, baseli
     reason = f"step {step + 1} of {len(policy.steps)}: {targets} to {policy.steps[step]:g}%"
     if len(policy.waves) > 1:
         reason = f"wave {state.wave + 1} of {len(policy.waves)}, {reason}"
+    shared = _would_grow_unhealthy(view, weights)
+    if shared:  # the target is healthy (its gate held); a shared cause with the regions losing share
+        why = f"holding {reason}: {shared}"
+        return Plan(replace(state, reason=why), reason=why)
     pending = Pending(weights, "forward", "baking", step, reason, _healthy_others(policy, state, view))
     new = replace(state, pending=pending, baseline=dict(baseline), reason=reason)
     return Plan(new, weights, "forward", reason)
@@ -192,7 +197,6 @@ def _ask_again(policy: RampPolicy, state: RampState, pending: Pending, view: Vie
         if waiting:
             reason = f"holding {pending.reason}: no fresh data for {', '.join(waiting)}"
             return Plan(replace(state, reason=reason), reason=reason)
-        return Plan(state, pending.weights, pending.action, pending.reason)
     growing = _would_grow_unhealthy(view, pending.weights)
     if growing:
         reason = f"holding {pending.reason}: {growing}"
@@ -201,11 +205,23 @@ def _ask_again(policy: RampPolicy, state: RampState, pending: Pending, view: Vie
 
 
 def _would_grow_unhealthy(view: View, weights: Mapping[str, int]) -> str | None:
+    """Why these weights must not be sent now: a region would gain share that is not healthy
+    (guardrail 3) or that shows the trouble of a region losing share (guardrail 6)."""
     old, new = shares(view.observed), shares(weights)
+    gaining, losing = [], []
     for member in view.record_set.members:
         sid = member.set_identifier
-        if new[sid] > old.get(sid, 0.0) + _EPS and view.status(member.region) != "healthy":
-            return f"{member.region} would gain share but is {view.status(member.region)}"
+        if new[sid] > old.get(sid, 0.0) + _EPS:
+            if view.status(member.region) != "healthy":
+                return f"{member.region} would gain share but is {view.status(member.region)}"
+            gaining.append(member.region)
+        elif new[sid] < old.get(sid, 0.0) - _EPS:
+            losing.append(member.region)
+    troubles = {r: v.troubles for r, v in view.verdicts.items()}
+    same = shared_trouble(gaining, losing, troubles)
+    if same is not None:
+        gainer, loser, probes = same
+        return f"{gainer} shows the same trouble as {loser} ({', '.join(sorted(probes))}): a shared cause"
     return None
 
 
@@ -263,9 +279,11 @@ def _bake(policy: RampPolicy, state: RampState, view: View) -> Plan:
     blind = [r for r in policy.waves[state.wave] if view.status(r) != "healthy"]
     if blind:
         # No fresh data is no reason to act (fail static), nor a healthy bake: hold, and count
-        # the bake again from when the target is seen healthy.
+        # the bake again from when the target is seen healthy. Never earlier than the step's own
+        # bake (INSYNC + TTL + bake): a gap right after a step must not shorten its wait.
         reason = f"holding: no fresh data for {', '.join(blind)}; the bake restarts once it is healthy"
-        return Plan(replace(state, bake_until=view.now + policy.bake, reason=reason), reason=reason)
+        bake_until = max(view.now + policy.bake, state.bake_until or 0.0)
+        return Plan(replace(state, bake_until=bake_until, reason=reason), reason=reason)
     if state.bake_until is not None and view.now < state.bake_until:
         reason = f"baking step {state.step + 1} of {len(policy.steps)}: {state.bake_until - view.now:.0f}s left"
         return Plan(replace(state, reason=reason), reason=reason)

@@ -11,17 +11,18 @@ Running a tick twice does nothing more than running it once.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
+import math
 import time
-import uuid
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from controller import ramps
 from controller.evacuation import plan_evacuation
+from controller.guardrails import FORWARD_KINDS
+from controller.lease import provably_gone, this_process
 from controller.route53 import DriftError, GuardrailError, RetryableError, TerminalError
 from controller.weights import shares
 
@@ -48,6 +49,7 @@ class RecordView:
     drift: str | None = None
     error: str | None = None
     owner: str = "none"  # "ramp:NAME", "evacuation" or "none"
+    held: str | None = None  # why the pacing holds the next forward step, while it does
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Reconciler:
         *,
         actor: str = "regionshift",
         on_action: Callable[[Action], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.actuator = actuator
@@ -85,9 +88,10 @@ class Reconciler:
         self.views: dict[str, RecordView] = {key: RecordView() for key in self.record_sets}
         self.frozen: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        self.clock = clock
         # Guardrail 9: one writer at a time. `lease_token` is set by the lease loop while this
         # controller holds the lease; without one it plans and reports but never writes.
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = str(this_process())
         self.lease_token: int | None = None
 
     async def load(self) -> None:
@@ -118,7 +122,9 @@ class Reconciler:
     async def keep_lease(self, ttl: float, clock: Callable[[], float]) -> None:
         """Hold the writer lease: take it when free, renew it at a third of its lifetime."""
         while True:
-            token = await self.store.acquire_lease(self.holder, ttl, clock())
+            # A predecessor on this host whose process is gone (a crash, a SIGKILL) hands over
+            # at once; any other holder keeps the lease until it expires.
+            token = await self.store.acquire_lease(self.holder, ttl, clock(), gone=provably_gone)
             if token != self.lease_token:
                 if token is None:
                     log.warning("standby: another controller holds the writer lease", holder=self.holder)
@@ -254,12 +260,27 @@ class Reconciler:
             self.views[key].reason = f"frozen by {self.frozen['by']}: {self.frozen['reason']} (wanted: {reason})"
             return None
         token = self.lease_token
-        if token is None or not await self.store.holds_lease(self.holder, token, time.time()):
+        if token is None or not await self.store.holds_lease(self.holder, token, self.clock()):
             self.lease_token = None
             self.views[key].reason = f"standby: another controller holds the writer lease (wanted: {reason})"
             return None
+        not_before = None
+        if kind in FORWARD_KINDS:
+            not_before, why = await self._paced(rs)
+            if not_before is not None and now < not_before:
+                when = "once that is known" if math.isinf(not_before) else f"in {not_before - now:.0f}s"
+                if self.views[key].held != why:  # once per wait, not every tick
+                    log.info("step waits for the pacing", record=key, kind=kind, step=reason, until=why, when=when)
+                self.views[key].held = why
+                self.views[key].reason = f"pacing: {reason}, {when} ({why})"
+                return None
+            self.views[key].held = None
         intent = await self.store.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
         statuses = {r: v.status for r, v in verdicts.items()}
+
+        async def submitted(change_id: str, at: float) -> None:
+            await self.store.submitted(intent, change_id, at)
+
         try:
             change = await self.actuator.apply(
                 rs,
@@ -271,6 +292,9 @@ class Reconciler:
                 max_step=self.policy.guardrails.max_step,
                 reason=reason,
                 group=group,
+                troubles={r: v.troubles for r, v in verdicts.items()},
+                not_before=not_before,
+                on_submitted=submitted,
             )
         except (GuardrailError, TerminalError, DriftError) as exc:
             await self.store.result(intent, "failed", now, error=str(exc))
@@ -318,6 +342,42 @@ class Reconciler:
         )
         self.on_action(Action(rs.key, kind, dict(weights), reason, changed, outcome, actor))
 
+    async def _paced(self, rs: RecordSet) -> tuple[float | None, str]:
+        """The earliest time the next forward change to `rs` may be sent (guardrail 2), and why:
+        the previous forward change's INSYNC + the record's TTL + that step's bake, all read from
+        the audit log, so no restart, data gap or lost answer can shorten the wait. A change whose
+        INSYNC was not seen is asked about (GetChange); one whose change id never came back (the
+        answer was lost) counts from when it was found applied plus the longest INSYNC wait."""
+        prev = await self.store.last_forward(rs.key, FORWARD_KINDS)
+        if prev is None:
+            return None, "no forward change yet"
+        if prev.outcome is None:
+            return math.inf, f"the previous {prev.action} change (intent {prev.intent_id}) is not settled yet"
+        insync = prev.insync_at
+        if insync is None and prev.change_id is not None:
+            if not await self.actuator.is_insync(prev.change_id):
+                return math.inf, f"the previous {prev.action} change {prev.change_id} is not INSYNC yet"
+            insync = self.clock()  # seen now: at or after the moment it happened
+            await self.store.insync(prev.intent_id, prev.change_id, insync)
+            log.info("previous change seen INSYNC", record=rs.key, change_id=prev.change_id, intent=prev.intent_id)
+        if insync is None:
+            found = prev.settled_at if prev.settled_at is not None else prev.sent_at
+            allowance = self.config.controller.route53.insync_timeout
+            insync = found + allowance
+            basis = f"its answer was lost: found applied at {_clock_text(found)}, + {allowance:g}s for INSYNC"
+        else:
+            basis = f"INSYNC at {_clock_text(insync)}"
+        bake = self._bake_after(rs, prev.action)
+        why = f"previous {prev.action} step {basis} + TTL {rs.ttl}s + bake {bake:g}s"
+        return insync + rs.ttl + bake, why
+
+    def _bake_after(self, rs: RecordSet, action: str) -> float:
+        """How long a forward step of this kind bakes after its INSYNC + TTL."""
+        if action == "forward":
+            bakes = [p.bake for p in self.policy.ramps.values() if p.record_key == rs.key]
+            return max(bakes, default=0.0)
+        return self.policy.evacuation.step_bake
+
     async def _settle_open_intent(self, key: str, raw: Mapping[str, int | None], now: float) -> None:
         """An intent without result (a crash, or a request whose outcome was lost): Route 53 tells
         whether the write happened."""
@@ -351,3 +411,7 @@ class Reconciler:
             return {k: int(v or 0) for k, v in configured.items()}
         await self.store.set_flag(f"home:{rs.key}", dict(observed), now)
         return dict(observed)
+
+
+def _clock_text(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S")

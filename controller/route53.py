@@ -161,6 +161,7 @@ class Actuator:
         insync_timeout: float = 300.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.dry_run = dry_run
@@ -171,6 +172,7 @@ class Actuator:
         self.insync_timeout = insync_timeout
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter
+        self._clock = clock
         self.calls = 0  # API requests sent, retries included
 
     async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
@@ -235,12 +237,17 @@ class Actuator:
         max_step: float,
         reason: str = "",
         group: Mapping[str, Mapping[str, Any]] | None = None,
+        troubles: Mapping[str, frozenset[str]] | None = None,
+        not_before: float | None = None,
+        on_submitted: Callable[[str, float], Awaitable[None]] | None = None,
     ) -> ChangeResult:
         """Compare, check, write every member in one UPSERT batch, and wait for INSYNC.
 
         `expected` is what was last written (None before the first write): when Route 53 holds
         anything else, `DriftError` is raised and nothing is written. `group` is a read made
         just before (the reconciler's, this tick); without it the group is read here.
+        `not_before` paces forward kinds; `on_submitted` hears the change id as soon as Route 53
+        accepts the batch, before the INSYNC wait, so a crash during the wait loses neither.
         """
         if group is None:
             group = await self.read_group(record_set)
@@ -248,14 +255,15 @@ class Actuator:
         if expected is not None and observed != dict(expected):
             raise DriftError(record_set.key, expected, observed)
         before = {k: v for k, v in observed.items() if v is not None}
-        violations = check(Proposal(record_set, before, dict(weights), kind), regions, verdicts, max_step)
+        proposal = Proposal(record_set, before, dict(weights), kind, self._clock(), not_before)
+        violations = check(proposal, regions, verdicts, max_step, troubles)
         if violations:
             raise GuardrailError(violations)
         batch = [
             self._upsert(record_set, member.set_identifier, weights[member.set_identifier], group)
             for member in record_set.members
         ]
-        submitted = time.time()
+        submitted = self._clock()
         if self.dry_run:
             log.info("dry run: batch not sent", record=record_set.key, reason=reason, weights=dict(weights))
             return ChangeResult(None, submitted, None, batch, dry_run=True)
@@ -266,7 +274,9 @@ class Actuator:
             ChangeBatch={"Comment": comment, "Changes": batch},
         )
         change_id = str(response["ChangeInfo"]["Id"])
-        insync_at = None if response["ChangeInfo"]["Status"] != "INSYNC" else time.time()
+        if on_submitted is not None:
+            await on_submitted(change_id, submitted)
+        insync_at = None if response["ChangeInfo"]["Status"] != "INSYNC" else self._clock()
         if insync_at is None:
             insync_at = await self.wait_insync(change_id)
         return ChangeResult(change_id, submitted, insync_at, batch)
@@ -276,11 +286,15 @@ class Actuator:
         deadline = time.monotonic() + self.insync_timeout
         while time.monotonic() < deadline:
             await self._sleep(self.poll_interval)
-            info = (await self._call("get_change", Id=change_id))["ChangeInfo"]
-            if info["Status"] == "INSYNC":
-                return time.time()
+            if await self.is_insync(change_id):
+                return self._clock()
         log.warning("change not INSYNC in time", change_id=change_id, waited=self.insync_timeout)
         return None
+
+    async def is_insync(self, change_id: str) -> bool:
+        """Whether Route 53 reports the change INSYNC (every authoritative server has it)."""
+        info = (await self._call("get_change", Id=change_id))["ChangeInfo"]
+        return bool(info["Status"] == "INSYNC")
 
     @staticmethod
     def _upsert(record_set: RecordSet, sid: str, weight: int, group: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
     from types import TracebackType
 
@@ -46,6 +46,21 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- What Route 53 said of a change after its intent: its id once the batch was accepted
+-- ('submitted'), and when it was seen INSYNC if that came after the result ('insync'). Kept
+-- apart from the audit rows so a crash during the INSYNC wait still leaves the change id.
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    intent_id INTEGER NOT NULL REFERENCES audit(id),
+    status TEXT NOT NULL CHECK (status IN ('submitted', 'insync')),
+    change_id TEXT,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_intent ON changes (intent_id);
+CREATE TRIGGER IF NOT EXISTS changes_no_update BEFORE UPDATE ON changes
+    BEGIN SELECT RAISE(ABORT, 'the change log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS changes_no_delete BEFORE DELETE ON changes
+    BEGIN SELECT RAISE(ABORT, 'the change log is append-only'); END;
 CREATE TABLE IF NOT EXISTS ramps (
     name TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -75,6 +90,20 @@ class Intent:
     reason: str
     from_weights: dict[str, int | None]
     to_weights: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardChange:
+    """The newest change to a record that gave some region more share, and what is known of it:
+    what the pacing of the next such change counts from."""
+
+    intent_id: int
+    action: str
+    sent_at: float  # when its intent was written, just before the request
+    outcome: str | None  # None while its intent is open
+    settled_at: float | None  # when its result was written
+    change_id: str | None
+    insync_at: float | None  # when it was seen INSYNC; None while that is not known
 
 
 class Store:
@@ -187,6 +216,50 @@ class Store:
 
         return await self._run(read)
 
+    async def submitted(self, intent_id: int, change_id: str, at: float) -> None:
+        """Route 53 accepted the intent's batch as `change_id`: durable before the INSYNC wait."""
+        await self._change(intent_id, "submitted", change_id, at)
+
+    async def insync(self, intent_id: int, change_id: str | None, at: float) -> None:
+        """The intent's change was seen INSYNC at `at`, after its result was written."""
+        await self._change(intent_id, "insync", change_id, at)
+
+    async def _change(self, intent_id: int, status: str, change_id: str | None, at: float) -> None:
+        def write() -> None:
+            self.db.execute(
+                "INSERT INTO changes (intent_id, status, change_id, at) VALUES (?, ?, ?, ?)",
+                (intent_id, status, change_id, at),
+            )
+
+        await self._run(write)
+
+    async def last_forward(self, record: str, actions: Sequence[str]) -> ForwardChange | None:
+        """The newest intent for `record` with one of `actions` that was applied or is still open
+        (a change that failed or was found not applied moved nothing)."""
+
+        def read() -> ForwardChange | None:
+            row = self.db.execute(
+                "SELECT i.id, i.at, i.action, r.outcome, r.at AS settled_at, r.change_id, r.insync_at"
+                " FROM audit i LEFT JOIN audit r ON r.intent_id = i.id AND r.phase = 'result'"
+                " WHERE i.record = ? AND i.phase = 'intent' AND i.action IN (SELECT value FROM json_each(?))"
+                " AND (r.id IS NULL OR r.outcome = 'applied') ORDER BY i.id DESC LIMIT 1",
+                (record, json.dumps(list(actions))),
+            ).fetchone()
+            if row is None:
+                return None
+            change_id, insync_at = row["change_id"], row["insync_at"]
+            for change in self.db.execute(
+                "SELECT status, change_id, at FROM changes WHERE intent_id = ? ORDER BY id", (row["id"],)
+            ):
+                change_id = change_id or change["change_id"]
+                if change["status"] == "insync" and insync_at is None:
+                    insync_at = change["at"]
+            return ForwardChange(
+                row["id"], row["action"], row["at"], row["outcome"], row["settled_at"], change_id, insync_at
+            )
+
+        return await self._run(read)
+
     async def last_applied(self, record: str) -> dict[str, int] | None:
         """The weights last written to `record` and seen applied; None before the first write."""
 
@@ -252,11 +325,20 @@ class Store:
 
     # --- the writer lease ---------------------------------------------------------------------
 
-    async def acquire_lease(self, holder: str, ttl: float, now: float, name: str = "writer") -> int | None:
+    async def acquire_lease(
+        self,
+        holder: str,
+        ttl: float,
+        now: float,
+        name: str = "writer",
+        *,
+        gone: Callable[[str], bool] | None = None,
+    ) -> int | None:
         """Take or renew the lease; its fencing token while `holder` has it, None while another does.
 
         The token grows by one each time the lease changes hands, so a writer that lost the lease
         (paused, partitioned) is recognised by its old token even if it still believes it leads.
+        A lease whose holder `gone` proves dead is taken before it expires.
         """
 
         def swap() -> int | None:
@@ -270,7 +352,7 @@ class Store:
                 elif row["holder"] == holder and row["expires_at"] > now:
                     token = int(row["token"])
                     db.execute("UPDATE lease SET expires_at = ? WHERE name = ?", (now + ttl, name))
-                elif row["expires_at"] <= now:
+                elif row["expires_at"] <= now or (gone is not None and gone(str(row["holder"]))):
                     token = int(row["token"]) + 1
                     db.execute(
                         "UPDATE lease SET holder = ?, token = ?, expires_at = ? WHERE name = ?",

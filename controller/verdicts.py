@@ -50,6 +50,10 @@ class Assessment:
     status: Status
     reasons: tuple[str, ...] = ()
     evidence: dict[str, Any] = field(default_factory=dict)
+    # Probes that show trouble here, held against the region or not: a finding, a shared cause,
+    # or recent evidence leaning bad. Share never moves onto a region that shows the trouble of
+    # the one losing it (guardrail 6), whatever the verdicts say.
+    troubles: frozenset[str] = frozenset()
 
 
 class Detector(Protocol):
@@ -68,6 +72,7 @@ class Verdict:
     evidence: dict[str, Any]  # detector name -> its evidence
     since: float  # when the region entered this status
     at: float  # when this verdict was computed
+    troubles: frozenset[str] = frozenset()  # probes showing trouble (see Assessment)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,7 +82,22 @@ class Verdict:
             "evidence": self.evidence,
             "since": self.since,
             "at": self.at,
+            "troubles": sorted(self.troubles),
         }
+
+
+def shared_trouble(
+    gaining: Iterable[str], losing: Iterable[str], troubles: Mapping[str, frozenset[str]]
+) -> tuple[str, str, frozenset[str]] | None:
+    """(gaining region, losing region, the probes both show trouble on) for the first pair that
+    would move share between regions with the same trouble; None when there is none."""
+    losers = list(losing)
+    for gainer in gaining:
+        for loser in losers:
+            common = troubles.get(gainer, frozenset()) & troubles.get(loser, frozenset())
+            if common:
+                return gainer, loser, common
+    return None
 
 
 def combine(assessments: Iterable[Assessment]) -> Status:
@@ -131,7 +151,8 @@ class Judge:
             evidence: dict[str, Any] = {n: a.evidence for n, a in assessments.items()}
             if self.set_aside:
                 evidence["set_aside"] = dict(self.set_aside)
-            verdict = Verdict(region, status, reasons, evidence, since, now)
+            troubles = frozenset().union(*(a.troubles for a in assessments.values()))
+            verdict = Verdict(region, status, reasons, evidence, since, now, troubles)
             self.verdicts[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Self
@@ -50,6 +51,7 @@ class Seen:
     path: str
     body: str
     answered: int
+    at: float = 0.0  # when the request reached Route 53 (or would have, for an injected error)
 
 
 @dataclass
@@ -58,8 +60,10 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     pending_polls: int = 0  # each change answers PENDING this many times before INSYNC
+    pending_for: float = 0.0  # or: each change is PENDING this many seconds after it arrived
     arrived: Counter[str] = field(default_factory=Counter)  # requests received, answered or not
     _polls: Counter[str] = field(default_factory=Counter)
+    _changed_at: float = 0.0
     port: int = 0
 
     @property
@@ -106,20 +110,27 @@ class FaultProxy:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.status and not fault.after_forwarding:
-                self.seen.append(Seen(operation, request.method, request.path, body.decode(), fault.status))
+                seen = Seen(operation, request.method, request.path, body.decode(), fault.status, time.time())
+                self.seen.append(seen)
                 text = ERROR.format(code=fault.code, message="injected") if fault.code else "injected server error"
                 return web.Response(status=fault.status, text=text, content_type="text/xml")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        forwarded_at = time.time()
         async with self._http.request(
             request.method, self.upstream + request.path_qs, data=body, headers=headers
         ) as upstream:
             answer = await upstream.read()
             status = upstream.status
-        self.seen.append(Seen(operation, request.method, request.path, body.decode(), status))
+        self.seen.append(Seen(operation, request.method, request.path, body.decode(), status, forwarded_at))
         if fault is not None and fault.after_forwarding:
             return web.Response(status=fault.status, text="answer lost", content_type="text/xml")
         if operation in ("ChangeResourceRecordSets", "GetChange") and self.pending_polls and status == 200:
             answer = self._pending(operation, answer)
+        if operation in ("ChangeResourceRecordSets", "GetChange") and self.pending_for and status == 200:
+            if operation == "ChangeResourceRecordSets":
+                self._changed_at = forwarded_at
+            if time.time() - self._changed_at < self.pending_for:
+                answer = answer.replace(b"<Status>INSYNC</Status>", b"<Status>PENDING</Status>")
         return web.Response(status=status, body=answer, content_type="text/xml")
 
     def _pending(self, operation: str, answer: bytes) -> bytes:

@@ -136,6 +136,20 @@ def test_a_degraded_target_rolls_back_to_the_weights_before_the_ramp_at_once():
     assert len(sim.writes) == 5
 
 
+def test_a_data_gap_right_after_a_step_never_shortens_its_wait_of_insync_plus_ttl_plus_bake():
+    sim = started(Sim())
+    sim.tick()  # 1%, INSYNC now: the next step is due at now + TTL + 600
+    due = sim.now + TTL + 600
+    sim.tick(8)
+    sim.set("eu-west-1", "unknown")  # e.g. a restart 8 s after INSYNC: no results yet
+    assert sim.tick(1) == "holding: no fresh data for eu-west-1; the bake restarts once it is healthy"
+    assert sim.state.bake_until == due  # not now + bake, which is 51 s sooner
+    sim.set("eu-west-1", "healthy")
+    assert sim.tick(due - sim.now - 1) == "baking step 1 of 5: 1s left"
+    sim.tick(1)
+    assert sim.share() == 5.0
+
+
 def test_a_target_without_fresh_data_holds_the_ramp_and_restarts_its_bake():
     sim = started(Sim())
     sim.tick()

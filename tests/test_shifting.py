@@ -51,6 +51,10 @@ FAST = VerdictPolicy(
     slowdown=SlowdownTest(min_effect=9.0),
 )
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
+# The test world's record TTL and the INSYNC wait, scaled down from Route 53's (60 s, 300 s) so
+# tests stay short, never zero: a TTL of 0 once hid an evacuation that never waited between steps.
+TTL = 3
+INSYNC_TIMEOUT = 5.0
 # The weights a 1/5/10/25/50% ramp of euw1 from use1=1, euw1=0 goes through: Route 53 holds nothing else.
 PLANNED = [
     {"use1": 1, "euw1": 0},
@@ -74,7 +78,7 @@ def make_zone(route53) -> tuple[str, str]:
     zone = client.create_hosted_zone(Name=f"z{uuid.uuid4().hex[:8]}.example.com", CallerReference=uuid.uuid4().hex)
     zone_id = zone["HostedZone"]["Id"].split("/")[-1]
     name = "api." + zone["HostedZone"]["Name"].rstrip(".")
-    seed_weighted_group(client, zone_id, name, [("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20")], ttl=0)
+    seed_weighted_group(client, zone_id, name, [("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20")], ttl=TTL)
     return zone_id, name
 
 
@@ -117,7 +121,7 @@ def set_weight(route53, zone_id: str, name: str, sid: str, weight: int, value: s
                         "Type": "A",
                         "SetIdentifier": sid,
                         "Weight": weight,
-                        "TTL": 0,
+                        "TTL": TTL,
                         "ResourceRecords": [{"Value": value}],
                     },
                 }
@@ -147,7 +151,7 @@ def config(world, route53, zone_id, name, tmp_path, **ramp) -> Config:
     rs = RecordSet(
         zone_id=zone_id,
         name=name,
-        ttl=0,
+        ttl=TTL,
         members=[
             Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
             Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
@@ -164,7 +168,9 @@ def config(world, route53, zone_id, name, tmp_path, **ramp) -> Config:
             listen="127.0.0.1:0",
             tick=0.1,
             state_path=str(tmp_path / "state.sqlite"),
-            route53=Route53Settings(endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05),
+            route53=Route53Settings(
+                endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05, insync_timeout=INSYNC_TIMEOUT
+            ),
         ),
         regions=regions,
         record_sets=[rs],

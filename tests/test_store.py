@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import sys
+from dataclasses import replace
 
 import pytest
 
+from controller.lease import provably_gone, start_time, this_process
 from controller.store import Store
 
 
@@ -93,3 +97,34 @@ async def test_the_writer_lease_has_one_holder_and_a_fencing_token_that_grows_on
         assert await a.holds_lease("a", 1, now=118.6) is False  # a's old token is fenced off
         assert await b.holds_lease("b", 2, now=118.6) is True
         assert await a.acquire_lease("a", ttl=10, now=119.0) is None
+
+
+async def test_a_predecessor_on_this_host_whose_process_is_gone_hands_over_the_lease_at_once(tmp_path):
+    # A live process on this host stands for the predecessor daemon.
+    sleeper = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    try:
+        me = this_process()
+        live = str(replace(me, pid=sleeper.pid, start=start_time(sleeper.pid)))
+        async with Store(tmp_path / "state.sqlite") as store:
+            assert await store.acquire_lease(live, ttl=30, now=100.0) == 1
+            # Alive: the lease is kept until it expires, whoever asks.
+            assert await store.acquire_lease(str(me), ttl=30, now=101.0, gone=provably_gone) is None
+            sleeper.kill()
+            await sleeper.wait()
+            # Gone (a SIGKILL): taken at once, 29 s before it would expire, with a higher token.
+            assert await store.acquire_lease(str(me), ttl=30, now=101.0, gone=provably_gone) == 2
+    finally:
+        if sleeper.returncode is None:
+            sleeper.kill()
+            await sleeper.wait()
+
+
+def test_only_a_holder_provably_gone_from_this_host_counts_as_gone():
+    me = this_process()
+    assert not provably_gone(str(me))  # this very process
+    assert not provably_gone(str(replace(me, nonce="other")))  # another controller in this process
+    assert provably_gone(str(replace(me, start=str(int(me.start) + 1))))  # our pid, an earlier process
+    assert not provably_gone(str(replace(me, host="elsewhere", pid=999_999)))  # another host: cannot tell
+    assert not provably_gone(str(replace(me, boot="0" * 12, pid=999_999)))  # before a reboot? cannot tell
+    assert not provably_gone("vm:4242:1a2b3c4d")  # an older holder name carries no proof
+    assert provably_gone(str(replace(me, pid=999_999_999)))  # no such process

@@ -189,7 +189,10 @@ def test_consecutive_failures_make_a_down_region_unhealthy_before_its_window_fil
     results += [result(T0 + 30 + i, ok=False, error_class="refused") for i in range(3)]
     verdict = judge_once(results, T0 + 33)
     assert verdict.status == "unhealthy"
-    assert verdict.reasons == ("api: the last 3 results from controller all failed (refused x3)",)
+    # Alone, with no peer region to tell a shared cause from its own: held against it.
+    assert verdict.reasons == (
+        "api: the last 3 results from controller all failed (refused x3), no peer region to compare with",
+    )
 
 
 def test_slow_probe_is_degraded():

@@ -1,0 +1,171 @@
+"""Guardrail 6 from results to weights: a fault every region shares is held against none of them,
+and share never moves onto a region that shows the trouble of the one losing it. The judge runs
+the shipped detectors on results fed on simulated time (one vantage, as a deployment without
+agents has); the evacuation and ramp planners turn its verdicts into weights."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.config import EvacuationPolicy, Member, RampPolicy, RecordSet, Region
+from controller.detectors import detectors_for
+from controller.evacuation import plan_evacuation
+from controller.ramps import Pending, RampState, View, plan
+from controller.verdicts import Judge
+from controller.windows import WindowStore
+from probes.results import Result
+from tests.conftest import SHIPPED_VERDICTS
+
+POLICY = SHIPPED_VERDICTS
+REGIONS = ("us-east-1", "eu-west-1", "ap-south-1")
+PROBES = ("healthz", "orders")
+VANTAGE = "controller"
+T0 = 1_800_000_000.0
+WARM_UP = 90  # seconds of health first: full windows, as in a daemon that has run a while
+RS = RecordSet(
+    zone_id="Z1",
+    name="api.example.com",
+    ttl=60,
+    members=[Member(set_identifier=r, region=r, value="192.0.2.1") for r in REGIONS],
+)
+HOME = {"us-east-1": 100, "eu-west-1": 100, "ap-south-1": 100}
+RAMPED = {"us-east-1": 95, "eu-west-1": 10, "ap-south-1": 95}  # eu-west-1 at 5%, baking
+
+
+def result(region: str, probe: str, at: float, ok: bool, latency: float = 0.02) -> Result:
+    return Result(region, probe, VANTAGE, at, ok, latency, error_class=None if ok else "status")
+
+
+class World:
+    """Results in, one judgement a second, the planners' answers out."""
+
+    def __init__(self) -> None:
+        self.windows = WindowStore(POLICY.history)
+        self.judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
+        self.now = T0
+        self.ramp_policy = RampPolicy(record_set=RS.name, waves=[["eu-west-1"]], steps=[1, 5, 10], bake=3600)
+        self.regions = {r: Region(name=r) for r in REGIONS}
+
+    def second(self, outcomes: dict[str, dict[str, bool]], offsets: dict[str, float] | None = None) -> None:
+        """One probe round: outcomes[region][probe], each region's results arriving `offsets`
+        into it. With offsets, the judge also runs right after each arrival: the moments when
+        one region has a result its peers have not had yet."""
+        start = self.now
+        for region in sorted(outcomes, key=lambda r: (offsets or {}).get(r, 0.0)):
+            at = start + (offsets or {}).get(region, 0.0)
+            for probe, ok in outcomes[region].items():
+                self.windows.add(result(region, probe, at, ok))
+            if offsets is not None:
+                self.at(at + 0.001)
+                self.after_each()
+        self.at(start + 1.0)
+
+    def at(self, now: float) -> None:
+        self.now = now
+        self.windows.trim(now)
+        self.judge.judge(self.windows, now)
+
+    def after_each(self) -> None:
+        """What to check after each judgement within a round."""
+
+    def healthy(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.second({r: dict.fromkeys(PROBES, True) for r in REGIONS})
+
+    def moves(self) -> list[str]:
+        """What the planners would send now: evacuation at home weights, and a ramp mid-bake."""
+        verdicts = self.judge.verdicts
+        found = []
+        evac = plan_evacuation(
+            RS, HOME, HOME, verdicts, self.regions, EvacuationPolicy(restore_after=600), 25.0, self.now
+        )
+        if evac.weights is not None and evac.weights != HOME:
+            found.append(f"evacuation {evac.weights}: {evac.reason}")
+        state = RampState(
+            "launch",
+            "baking",
+            step=1,
+            baseline=HOME,
+            bake_until=self.now + 3600,
+            healthy_others=("us-east-1", "ap-south-1"),
+        )
+        ramp = plan(self.ramp_policy, state, View(self.now, RS, RAMPED, verdicts))
+        if ramp.weights is not None and ramp.weights != RAMPED:
+            found.append(f"ramp {ramp.action} {ramp.weights}: {ramp.reason}")
+        return found
+
+
+def test_a_region_down_while_its_peers_answer_turns_unhealthy_within_down_after_rounds():
+    world = World()
+    world.healthy(WARM_UP)
+    for n in range(1, POLICY.down_after + 1):
+        world.second({**{r: dict.fromkeys(PROBES, True) for r in REGIONS}, "eu-west-1": dict.fromkeys(PROBES, False)})
+        status = world.judge.verdicts["eu-west-1"].status
+        assert status == ("unhealthy" if n == POLICY.down_after else "healthy"), (n, world.judge.verdicts["eu-west-1"])
+    reasons = world.judge.verdicts["eu-west-1"].reasons
+    assert (
+        "healthz: the last 3 results from controller all failed (status x3), worse than ap-south-1, us-east-1"
+        in reasons
+    )
+    assert world.moves()  # evacuation and rollback both act on it
+
+
+def test_three_failures_in_a_row_are_not_held_against_a_region_whose_peers_fail_the_same_probe():
+    # The fault every region shares, at 50%: eu-west-1 happens to fail three in a row while its
+    # peers fail as often, just not in a row. Its verdict names the shared cause; nothing moves.
+    world = World()
+    world.healthy(WARM_UP)
+    rounds = [
+        {"us-east-1": False, "eu-west-1": True, "ap-south-1": True},
+        {"us-east-1": True, "eu-west-1": False, "ap-south-1": False},
+        {"us-east-1": False, "eu-west-1": False, "ap-south-1": True},
+        {"us-east-1": True, "eu-west-1": False, "ap-south-1": False},
+    ]
+    for orders in rounds:
+        world.second({r: {"healthz": True, "orders": ok} for r, ok in orders.items()})
+        assert {r: v.status for r, v in world.judge.verdicts.items()} == dict.fromkeys(REGIONS, "healthy")
+        assert world.moves() == []
+    verdict = world.judge.verdicts["eu-west-1"]
+    assert (
+        "orders: the last 3 results from controller all failed (status x3), like ap-south-1, us-east-1: "
+        "a shared cause, not held"
+    ) in verdict.reasons
+    assert all(v.troubles == {"orders"} for v in world.judge.verdicts.values())
+
+
+shared_round = st.tuples(
+    st.booleans(),  # healthz ok, in every region
+    st.booleans(),  # orders ok, in every region
+    st.lists(st.floats(0.0, 0.9), min_size=3, max_size=3),  # when each region's results arrive
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(shared_round, min_size=1, max_size=60))
+def test_weights_never_move_on_any_fault_every_region_shares(rounds):
+    world = World()
+    world.healthy(WARM_UP)
+    moved: list[tuple[float, list[str]]] = []
+    world.after_each = lambda: moved.extend([(world.now, m)] if (m := world.moves()) else [])
+    for healthz, orders, offsets in rounds:
+        world.second(
+            {r: {"healthz": healthz, "orders": orders} for r in REGIONS},
+            dict(zip(REGIONS, offsets, strict=True)),
+        )
+        if m := world.moves():
+            moved.append((world.now, m))
+        assert moved == [], (moved, {r: (v.status, v.reasons) for r, v in world.judge.verdicts.items()})
+
+
+def test_pending_forward_step_waits_while_target_and_the_region_losing_share_show_the_same_trouble():
+    world = World()
+    world.healthy(WARM_UP)
+    for orders in (False, True, False, True):  # both fail orders now and then: a shared cause
+        world.second({r: {"healthz": True, "orders": orders} for r in REGIONS})
+    pending = Pending(dict(RAMPED), "forward", "baking", 1, "step 2 of 3: eu-west-1 to 5%")
+    state = RampState("launch", "running", baseline=HOME, pending=pending)
+    at_one_percent = {"us-east-1": 99, "eu-west-1": 2, "ap-south-1": 99}
+    step = plan(world.ramp_policy, state, View(world.now, RS, at_one_percent, world.judge.verdicts))
+    assert step.weights is None
+    assert step.reason.startswith("holding step 2 of 3: eu-west-1 to 5%: eu-west-1 shows the same trouble as ")
