@@ -63,6 +63,9 @@ CLIENT_PATH = "/api/checkout"
 CLIENT_RATE = 50.0  # requests per second, spread over the regions by weight
 DEMO_KEY = "regionshift-demo"  # moto accepts any credentials
 MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier, region, starting weight
+# The record's TTL, scaled down from a production 60 s like every wait in the demo, never zero:
+# each step bakes only after INSYNC + TTL, and the clients below cache an answer for the TTL.
+TTL = 2
 # The local world answers on loopback in about a millisecond: a busy machine would make that
 # "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 LAG_LIMIT = 5.0  # seconds of replica lag a region may have
@@ -135,7 +138,7 @@ def launch_config(
             RecordSet(
                 zone_id=zone_id,
                 name=RECORD,
-                ttl=0,
+                ttl=TTL,
                 members=[
                     Member(set_identifier=sid, region=region, value=f"192.0.2.{i + 10}", weight=w)
                     for i, (sid, region, w) in enumerate(MEMBERS)
@@ -152,7 +155,7 @@ def create_zone(endpoint: str) -> str:
     zone = client.create_hosted_zone(Name="demo.regionshift.internal", CallerReference=uuid.uuid4().hex)
     zone_id = zone["HostedZone"]["Id"].split("/")[-1]
     members = [(sid, weight, f"192.0.2.{i + 10}") for i, (sid, _, weight) in enumerate(MEMBERS)]
-    seed_weighted_group(client, zone_id, RECORD, members, ttl=0)
+    seed_weighted_group(client, zone_id, RECORD, members, ttl=TTL)
     return zone_id
 
 
@@ -173,10 +176,10 @@ class Clients:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             refresh = 0.0
             while True:
-                if time.monotonic() >= refresh:  # resolvers re-ask at most every half second
+                if time.monotonic() >= refresh:  # resolvers keep an answer for the record's TTL
                     observed = await self.reader.observed_weights(self.record_set)
                     self.weights = {k: v or 0 for k, v in observed.items()}
-                    refresh = time.monotonic() + 0.5
+                    refresh = time.monotonic() + TTL
                 if any(self.weights.values()):
                     sid = self._rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
                     asyncio.ensure_future(self._request(http, self.regions[self.region_of[sid]]))  # noqa: RUF006
