@@ -520,7 +520,8 @@ class ThresholdDetector:
             if probe not in peer.probes:
                 continue
             running += 1
-            samples = [s for w in fresh(peer.windows_of(probe), now, p.stale_after).values() for s in w.samples(now)]
+            windows = fresh(peer.windows_of(probe), now, p.stale_after).values()
+            samples = [s for w in windows for s in w.samples(now, p.window)]
             recent = _since(samples, since)
             if not recent:
                 continue

@@ -56,6 +56,7 @@ def plan_evacuation(
         verdict = verdicts.get(region_of[sid])
         return now - verdict.since if verdict is not None and verdict.status == "healthy" else 0.0
 
+    troubles = {r: v.troubles for r, v in verdicts.items()}
     member_regions = sorted(set(region_of.values()))
     unknown = [r for r in member_regions if (verdicts[r].status if r in verdicts else "unknown") == "unknown"]
     if len(unknown) > policy.blind_fraction * len(member_regions):
@@ -75,7 +76,6 @@ def plan_evacuation(
             return EvacuationPlan(reason="every region that could take traffic looks bad; holding the weights")
         # Guardrail 6: a region that shows the trouble of the one losing share would fare no
         # better; when every candidate does, the cause is shared and nothing moves.
-        troubles = {r: v.troubles for r, v in verdicts.items()}
         losing = [region_of[s] for s in bad]
         alike = {sid: same for sid in candidates if (same := shared_trouble([region_of[sid]], losing, troubles))}
         receivers = {sid: float(home.get(sid, 0) or observed[sid]) for sid in candidates if sid not in alike}
@@ -102,6 +102,12 @@ def plan_evacuation(
     }
     if not excess:
         return EvacuationPlan(reason="nothing above its home share to give back")
+    giving = [region_of[s] for s in excess]
+    alike = {sid: same for sid in ready if (same := shared_trouble([region_of[sid]], giving, troubles))}
+    ready = {sid: d for sid, d in ready.items() if sid not in alike}
+    if not ready:
+        detail = "; ".join(f"{g} shows the trouble of {lo} ({', '.join(sorted(p))})" for g, lo, p in alike.values())
+        return EvacuationPlan(reason=f"holding the restore: a shared cause: {detail}")
     names = ", ".join(sorted(region_of[s] for s in ready))
     amount = min(max_step, sum(ready.values()), sum(excess.values()))
     return _shift(observed, excess, ready, amount, caps, "restore", f"restoring {names}")

@@ -355,16 +355,23 @@ class Reconciler:
             return math.inf, f"the previous {prev.action} change (intent {prev.intent_id}) is not settled yet"
         insync = prev.insync_at
         if insync is None and prev.change_id is not None:
-            if not await self.actuator.is_insync(prev.change_id):
-                return math.inf, f"the previous {prev.action} change {prev.change_id} is not INSYNC yet"
-            insync = self.clock()  # seen now: at or after the moment it happened
-            await self.store.insync(prev.intent_id, prev.change_id, insync)
-            log.info("previous change seen INSYNC", record=rs.key, change_id=prev.change_id, intent=prev.intent_id)
+            try:
+                done = await self.actuator.is_insync(prev.change_id)
+            except TerminalError as exc:  # e.g. a change id Route 53 no longer knows: fall back below
+                log.warning(
+                    "cannot ask about the previous change", record=rs.key, change_id=prev.change_id, error=str(exc)
+                )
+            else:
+                if not done:
+                    return math.inf, f"the previous {prev.action} change {prev.change_id} is not INSYNC yet"
+                insync = self.clock()  # seen now: at or after the moment it happened
+                await self.store.insync(prev.intent_id, prev.change_id, insync)
+                log.info("previous change seen INSYNC", record=rs.key, change_id=prev.change_id, intent=prev.intent_id)
         if insync is None:
             found = prev.settled_at if prev.settled_at is not None else prev.sent_at
             allowance = self.config.controller.route53.insync_timeout
             insync = found + allowance
-            basis = f"its answer was lost: found applied at {_clock_text(found)}, + {allowance:g}s for INSYNC"
+            basis = f"INSYNC not known: found applied at {_clock_text(found)}, + {allowance:g}s for INSYNC"
         else:
             basis = f"INSYNC at {_clock_text(insync)}"
         bake = self._bake_after(rs, prev.action)

@@ -5,6 +5,7 @@ agents has); the evacuation and ramp planners turn its verdicts into weights."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,8 @@ from controller.config import EvacuationPolicy, Member, RampPolicy, RecordSet, R
 from controller.detectors import detectors_for
 from controller.evacuation import plan_evacuation
 from controller.ramps import Pending, RampState, View, plan
-from controller.verdicts import Judge
+from controller.verdicts import Judge, Verdict
+from controller.weights import shares
 from controller.windows import WindowStore
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
@@ -169,3 +171,43 @@ def test_pending_forward_step_waits_while_target_and_the_region_losing_share_sho
     step = plan(world.ramp_policy, state, View(world.now, RS, at_one_percent, world.judge.verdicts))
     assert step.weights is None
     assert step.reason.startswith("holding step 2 of 3: eu-west-1 to 5%: eu-west-1 shows the same trouble as ")
+
+
+statuses = st.sampled_from(["healthy", "degraded", "unhealthy", "unknown"])
+weights = st.integers(0, 255)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.tuples(statuses, statuses, statuses), st.floats(0, 900), st.frozensets(st.sampled_from(PROBES))),
+        min_size=1,
+        max_size=30,
+    ),
+    st.tuples(weights, weights, weights),
+    st.sampled_from(["evacuation", "bake over", "target failing"]),
+)
+def test_no_planner_moves_share_when_every_region_shows_the_same_trouble(sequence, start, planner):
+    """Any verdicts, as long as every region shows trouble on `orders` (held against it or
+    not): evacuations, restores, ramp steps and rollbacks all hold."""
+    observed = dict(zip(REGIONS, start, strict=True))
+    if not any(observed.values()):
+        observed["us-east-1"] = 1
+    now, since = T0, dict.fromkeys(REGIONS, ("healthy", T0 - 3600))
+    regions = {r: Region(name=r) for r in REGIONS}
+    ramp_policy = RampPolicy(record_set=RS.name, waves=[["eu-west-1"]], steps=[1, 5, 10, 25], bake=60)
+    for status_of, dt, extra in sequence:
+        now += dt
+        for region, status in zip(REGIONS, status_of, strict=True):
+            if since[region][0] != status:
+                since[region] = (status, now)
+        verdicts = {r: Verdict(r, s, (), {}, at, now, frozenset({"orders"}) | extra) for r, (s, at) in since.items()}
+        if planner == "evacuation":
+            plan_ = plan_evacuation(RS, HOME, observed, verdicts, regions, EvacuationPolicy(restore_after=0), 25.0, now)
+            moved = plan_.weights
+        else:
+            bake_until = now - 1 if planner == "bake over" else now + 3600
+            state = RampState("launch", "baking", step=1, baseline=HOME, bake_until=bake_until)
+            moved = plan(ramp_policy, state, View(now, RS, observed, verdicts)).weights
+        # The same shares in other whole numbers (a rollback to equal weights) move nothing.
+        assert moved is None or shares(moved) == pytest.approx(shares(observed)), (planner, moved, observed)
