@@ -58,6 +58,7 @@ test: check debs-test
 bench: install debs-bench
 	$(BIN)/python bench/probe_throughput.py
 	$(BIN)/python bench/actuation.py
+	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/replication_lag.py
 	$(BIN)/python bench/detection.py
 

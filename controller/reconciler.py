@@ -217,7 +217,11 @@ class Reconciler:
         view.desired, view.reason = result.weights, result.reason
         if result.weights is not None and result.action is not None:
             if result.weights == observed:  # already there (a write before a crash, or a no-op step)
-                state = ramps.applied(policy, state, now, rs.ttl)
+                # Its bake counts from its INSYNC when the audit log has it (a crash after the
+                # result, before the ramp state was saved), else from now.
+                last = await self.store.last_forward(rs.key, (result.action,))
+                known = last.insync_at if last is not None and last.outcome == "applied" else None
+                state = ramps.applied(policy, state, known if known is not None else now, rs.ttl)
             else:
                 await self._save(name, state, now)  # the pending write is durable before it is sent
                 outcome = await self._write(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Self
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
     from types import TracebackType
 
 API_PATHS = ("/api/orders", "/api/users")
@@ -274,3 +274,39 @@ def seed_weighted_group(
         for sid, weight, value in members
     ]
     client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+
+
+def ramp_config(
+    root: Path,
+    regions: Mapping[str, SimulatedRegion],
+    endpoint: str,
+    zone_id: str,
+    name: str,
+    *,
+    port: int,
+    ttl: int,
+    bake: float,
+    insync_timeout: float = 300.0,
+) -> Path:
+    """A configuration file (and its policy file) for a daemon that ramps eu-west-1 on `name`
+    (members use1 and euw1) over these regions, each probed every 100 ms: what the restart
+    benchmark and the SIGKILL test run as a subprocess. The lease is the default 30 s."""
+    (root / "policy.yaml").write_text(
+        "verdicts: {window: 3s, stale_after: 1s, min_samples: 3, degraded_below: 0.9, recover_after: 1s,"
+        " slowdown: {min_effect: 9}}\n"
+        f"ramps:\n  launch:\n    record_set: {name}\n    waves: [[eu-west-1]]\n    steps: [1, 5, 10, 25, 50]\n"
+        f"    bake: {bake}s\n    start_gate: 300ms\n"
+    )
+    probe = "{{kind: http, name: orders, target: '{url}/api/orders', interval: 100ms, timeout: 100ms}}"
+    probes = "".join(f"  - name: {n}\n    probes:\n      - {probe.format(url=r.url)}\n" for n, r in regions.items())
+    path = root / "regionshift.yaml"
+    path.write_text(
+        f"controller:\n  listen: 127.0.0.1:{port}\n  tick: 100ms\n  state_path: state.sqlite\n"
+        f"  route53: {{endpoint_url: '{endpoint}', reconcile_every: 100ms, poll_interval: 50ms,"
+        f" insync_timeout: {insync_timeout}s}}\n"
+        f"policies: [policy.yaml]\nregions:\n{probes}"
+        f"record_sets:\n  - zone_id: {zone_id}\n    name: {name}\n    ttl: {ttl}\n    members:\n"
+        "      - {set_identifier: use1, region: us-east-1, value: 192.0.2.10}\n"
+        "      - {set_identifier: euw1, region: eu-west-1, value: 192.0.2.20}\n"
+    )
+    return path

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from controller.store import Store
-from controller.world import free_port
+from controller.world import free_port, ramp_config
 from tests import pacing
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
@@ -24,28 +24,6 @@ from tests.test_shifting import PLANNED, TOKEN, TTL, make_zone, read_weights, wa
 BAKE = 1.0
 INSYNC_TIMEOUT = 3.0  # the allowance for a change whose answer a kill lost (Route 53's: 300 s)
 PENDING_FOR = 0.5  # each change is PENDING this long: a kill can land in the INSYNC wait
-
-
-def write_config(tmp_path, regions, endpoint, zone_id, name, port) -> str:
-    (tmp_path / "policy.yaml").write_text(
-        "verdicts: {window: 3s, stale_after: 1s, min_samples: 3, degraded_below: 0.9, recover_after: 1s,"
-        " slowdown: {min_effect: 9}}\n"
-        f"ramps:\n  launch:\n    record_set: {name}\n    waves: [[eu-west-1]]\n    steps: [1, 5, 10, 25, 50]\n"
-        f"    bake: {BAKE}s\n    start_gate: 300ms\n"
-    )
-    probe = "{{kind: http, name: orders, target: '{url}/api/orders', interval: 100ms, timeout: 100ms}}"
-    probes = "".join(f"  - name: {n}\n    probes:\n      - {probe.format(url=r.url)}\n" for n, r in regions.items())
-    path = tmp_path / "regionshift.yaml"
-    path.write_text(
-        f"controller:\n  listen: 127.0.0.1:{port}\n  tick: 100ms\n  state_path: state.sqlite\n"
-        f"  route53: {{endpoint_url: '{endpoint}', reconcile_every: 100ms, poll_interval: 50ms,"
-        f" insync_timeout: {INSYNC_TIMEOUT}s}}\n"  # lease_ttl: the default 30 s
-        f"policies: [policy.yaml]\nregions:\n{probes}"
-        f"record_sets:\n  - zone_id: {zone_id}\n    name: {name}\n    ttl: {TTL}\n    members:\n"
-        "      - {set_identifier: use1, region: us-east-1, value: 192.0.2.10}\n"
-        "      - {set_identifier: euw1, region: eu-west-1, value: 192.0.2.20}\n"
-    )
-    return str(path)
 
 
 async def api_state(http: aiohttp.ClientSession, url: str) -> dict | None:
@@ -74,7 +52,17 @@ async def test_sigkills_over_a_whole_ramp_keep_its_pace_and_leave_only_planned_r
     rng = random.Random(7)
     async with FaultProxy(route53.url, pending_for=PENDING_FOR) as proxy, aiohttp.ClientSession() as http:
         proxy.slow("ChangeResourceRecordSets", 0.4, times=1000)  # a wide window between intent and result
-        path = write_config(tmp_path, two_regions, proxy.url, zone_id, name, port)
+        path = ramp_config(
+            tmp_path,
+            two_regions,
+            proxy.url,
+            zone_id,
+            name,
+            port=port,
+            ttl=TTL,
+            bake=BAKE,
+            insync_timeout=INSYNC_TIMEOUT,
+        )
         async with watch_weights(route53, zone_id, name) as held:
             runs, in_flight_kills, done = await kill_until_done(http, url, path, env, proxy, rng, tmp_path, name)
         await asyncio.sleep(0.5)  # a request the proxy was still holding lands now, or never
@@ -91,6 +79,7 @@ async def test_sigkills_over_a_whole_ramp_keep_its_pace_and_leave_only_planned_r
         events = await store.events(limit=1000)
         assert all([await store.open_intent(f"{name}/A") is None])
     applied = [e["to_weights"] for e in events if e["phase"] == "result" and e["outcome"] == "applied"]
+    assert len(applied) == len({tuple(sorted(w.items())) for w in applied}) == 5, f"a step applied twice: {applied}"
     assert all(w in applied for w in held if w != PLANNED[0]), "every change Route 53 held is in the audit log"
     settled = [e for e in events if e["phase"] == "result" and (e["error"] or "").startswith("result recorded later")]
     assert in_flight_kills >= 3, f"only {in_flight_kills} kills landed between intent and result"

@@ -20,7 +20,7 @@ from controller.verdicts import Verdict
 from controller.weights import shares
 from controller.world import seed_weighted_group
 from tests import pacing
-from tests.test_shifting import CREDENTIALS, direct_client, read_weights
+from tests.test_shifting import CREDENTIALS, direct_client, read_weights, set_weight
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 T0 = 1_800_000_000.0
@@ -206,25 +206,8 @@ async def test_a_step_whose_answer_was_lost_counts_its_insync_from_when_it_was_f
         after = {**before, sids["eu-west-1"]: 40, sids["us-east-1"]: 130, sids["ap-south-1"]: 130}
         # A process wrote its intent and sent the batch, and died before the answer came.
         await store.intent(world.key, "regionshift (lease 1)", "evacuation", "evacuating eu-west-1", before, after, T0)
-        world.client.change_resource_record_sets(
-            HostedZoneId=zone_id,
-            ChangeBatch={
-                "Changes": [
-                    {
-                        "Action": "UPSERT",
-                        "ResourceRecordSet": {
-                            "Name": name,
-                            "Type": "A",
-                            "SetIdentifier": sid,
-                            "Weight": w,
-                            "TTL": TTL,
-                            "ResourceRecords": [{"Value": f"192.0.2.{i + 1}"}],
-                        },
-                    }
-                    for i, (sid, w) in enumerate(after.items())
-                ]
-            },
-        )
+        for i, (sid, weight) in enumerate(after.items()):
+            set_weight(route53, zone_id, name, sid, weight, f"192.0.2.{i + 1}", ttl=TTL)
         await world.start()
         world.set("eu-west-1", "degraded", frozenset({"orders"}))
         await world.run(500, every=2)
@@ -266,3 +249,21 @@ async def test_nothing_moves_when_every_region_shares_the_trouble(route53, tmp_p
     else:
         assert reason.startswith("holding the weights: a shared cause: ")
         assert "shows the trouble of eu-west-1 (orders)" in reason
+
+
+async def test_a_rollback_is_not_paced_it_goes_back_at_once(route53, tmp_path):
+    home = {"us-east-1": 100, "eu-west-1": 0, "ap-south-1": 100}
+    config, zone_id, name, sids = shipped_config(route53, tmp_path, home)
+    async with Virtual(config) as world:
+        await world.run(301, every=5)
+        assert await world.reconciler.act("launch", "start", world.now, "test") is None
+        await world.run(1)  # step 1: eu-west-1 at 1%, INSYNC now
+        stepped = world.now
+        await world.run(5)
+        world.set("eu-west-1", "degraded", frozenset({"orders"}))
+        await world.run(1)  # the next tick: back to the weights before the ramp, 6 s after the step
+        weights = read_weights(route53, zone_id, name)
+        events = await world.reconciler.store.events()
+    rollback = next(e for e in events if e["phase"] == "intent" and e["action"] == "rollback")
+    assert rollback["at"] - stepped == 6.0
+    assert weights == {sids[r]: w for r, w in home.items()}

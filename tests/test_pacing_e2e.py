@@ -112,6 +112,19 @@ async def daemon(path: Path, url: str):
             await asyncio.wait_for(proc.wait(), 10)
 
 
+@contextlib.asynccontextmanager
+async def running(world, route53, tmp_path: Path):
+    """A fresh zone at home weights behind the fault proxy, the daemon watching the world, every
+    region healthy: (proxy, the weights Route 53 held, the API, zone id, record name)."""
+    zone_id, name = make_zone(route53)
+    port = free_port()
+    async with FaultProxy(route53.url) as proxy:
+        path = write_config(tmp_path, world, proxy.url, zone_id, name, port)
+        async with watch_weights(route53, zone_id, name) as held, daemon(path, f"http://127.0.0.1:{port}") as http:
+            await until(http, lambda s: all(r["verdict"]["status"] == "healthy" for r in s["regions"]), 30, "health")
+            yield proxy, held, http, zone_id, name
+
+
 async def state(http: aiohttp.ClientSession) -> dict:
     async with http.get("/api/v1/state") as response:
         return await response.json()
@@ -130,17 +143,12 @@ async def until(http: aiohttp.ClientSession, predicate, within: float, what: str
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_an_evacuation_and_its_restore_keep_their_pace_in_route53s_own_history(world, route53, tmp_path):
-    zone_id, name = make_zone(route53)
-    port = free_port()
-    async with FaultProxy(route53.url) as proxy:
-        path = write_config(tmp_path, world, proxy.url, zone_id, name, port)
-        async with watch_weights(route53, zone_id, name) as held, daemon(path, f"http://127.0.0.1:{port}") as http:
-            await until(http, lambda s: all(r["verdict"]["status"] == "healthy" for r in s["regions"]), 30, "health")
-            await world["eu-west-1"].refuse()  # down: every probe refused
-            await until(http, lambda s: _share(s, "euw1") == 0.0, 30, "eu-west-1 evacuated")
-            await world["eu-west-1"].accept()
-            await until(http, lambda s: s["record_sets"][0]["reason"] == "at home weights", 40, "restored")
-        changes = pacing.weights_sent(proxy.seen)
+    async with running(world, route53, tmp_path) as (proxy, held, http, zone_id, name):
+        await world["eu-west-1"].refuse()  # down: every probe refused
+        await until(http, lambda s: _share(s, "euw1") == 0.0, 30, "eu-west-1 evacuated")
+        await world["eu-west-1"].accept()
+        await until(http, lambda s: s["record_sets"][0]["reason"] == "at home weights", 40, "restored")
+    changes = pacing.weights_sent(proxy.seen)
     received = pacing.from_route53(changes, HOME, TTL, STEP_BAKE)
     audited = pacing.from_audit(tmp_path / "state.sqlite", f"{name}/A", TTL, lambda _: STEP_BAKE, 300.0)
     print("\nRoute 53's history:\n" + pacing.report(received) + "\naudit log:\n" + pacing.report(audited))
@@ -156,22 +164,17 @@ async def test_an_evacuation_and_its_restore_keep_their_pace_in_route53s_own_his
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_every_region_failing_together_moves_nothing_and_says_why(world, route53, tmp_path):
-    zone_id, name = make_zone(route53)
-    port = free_port()
-    async with FaultProxy(route53.url) as proxy:
-        path = write_config(tmp_path, world, proxy.url, zone_id, name, port)
-        async with watch_weights(route53, zone_id, name) as held, daemon(path, f"http://127.0.0.1:{port}") as http:
-            await until(http, lambda s: all(r["verdict"]["status"] == "healthy" for r in s["regions"]), 30, "health")
-            for region in world.values():
-                region.set(error_ratio=0.5)  # half of every region's API requests fail
-            reasons: set[str] = set()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                current = await state(http)
-                reasons.update(r for region in current["regions"] for r in region["verdict"]["reasons"])
-                await asyncio.sleep(0.2)
-            troubles = {r["name"]: r["verdict"]["troubles"] for r in current["regions"]}
-        requests = proxy.count("ChangeResourceRecordSets")
+    async with running(world, route53, tmp_path) as (proxy, held, http, _, _):
+        for region in world.values():
+            region.set(error_ratio=0.5)  # half of every region's API requests fail
+        reasons: set[str] = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            current = await state(http)
+            reasons.update(r for region in current["regions"] for r in region["verdict"]["reasons"])
+            await asyncio.sleep(0.2)
+        troubles = {r["name"]: r["verdict"]["troubles"] for r in current["regions"]}
+    requests = proxy.count("ChangeResourceRecordSets")
     assert held == [HOME], f"Route 53 moved: {held}"
     assert requests == 0
     assert any("a shared cause" in r for r in reasons), sorted(reasons)

@@ -108,7 +108,7 @@ async def watch_weights(route53, zone_id: str, name: str):
         await asyncio.gather(watcher, return_exceptions=True)
 
 
-def set_weight(route53, zone_id: str, name: str, sid: str, weight: int, value: str) -> None:
+def set_weight(route53, zone_id: str, name: str, sid: str, weight: int, value: str, ttl: int = TTL) -> None:
     """Change one member's weight directly in Route 53, as a person with the console would."""
     direct_client(route53.url).change_resource_record_sets(
         HostedZoneId=zone_id,
@@ -121,7 +121,7 @@ def set_weight(route53, zone_id: str, name: str, sid: str, weight: int, value: s
                         "Type": "A",
                         "SetIdentifier": sid,
                         "Weight": weight,
-                        "TTL": TTL,
+                        "TTL": ttl,
                         "ResourceRecords": [{"Value": value}],
                     },
                 }
