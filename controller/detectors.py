@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from scipy.stats import mannwhitneyu
+from scipy.stats import binom, mannwhitneyu
 
 from controller.sequential import Llr, Run, cusum, fails_more, failures, slower
 from controller.verdicts import Assessment, Detector, RegionView, Status
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 MIN_PEER_SAMPLES = 5
 
 BAD_STATES = frozenset({"failing", "degraded", "slow"})
-# A probe in one of these states shows trouble, held against its region or not.
-TROUBLE_STATES = BAD_STATES | {"shared"}
+# A probe in one of these states shows trouble, held against its region or not ("shared-down":
+# its last results all failed, and so did its peers': not held, and not healthy either).
+TROUBLE_STATES = BAD_STATES | {"shared", "shared-down"}
 # A sequential test this far toward its threshold leans bad: the probe shows trouble even while
 # nothing is held against it. For errors that is two close failures (one is noise); for latency,
 # slow outcomes that also clear the effect size.
@@ -61,7 +62,7 @@ def region_status(states: Mapping[str, str]) -> Status:
         return "unhealthy"
     if values & BAD_STATES:
         return "degraded"
-    if "unknown" in values:
+    if values & {"unknown", "shared-down"}:
         return "unknown"
     return "healthy"
 
@@ -272,6 +273,11 @@ class _SequentialDetector:
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         raise NotImplementedError
 
+    def _beyond_quorum(self, run: Run, vantages: int) -> bool:
+        """Whether the run still shows beyond the quorum - 1 vantages that see most of it: what
+        a probe needs to show trouble, so that one vantage's bad path marks no region."""
+        return run.beyond(quorum(self.policy, vantages) - 1)[1] < self.policy.vantages.agree_level
+
     def _finding(
         self,
         view: RegionView,
@@ -321,7 +327,7 @@ class ErrorDetector(_SequentialDetector):
                 continue
             events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
             run = cusum(events, llr)
-            if run.statistic / run.threshold >= floor:
+            if run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows)):
                 evidence["leaning"] = True
             if run.statistic / run.threshold > best:
                 best = run.statistic / run.threshold
@@ -382,7 +388,7 @@ class SlowdownDetector(_SequentialDetector):
             self.llr,
         )
         evidence.update(_run_evidence(run, now))
-        leaning = run.statistic / run.threshold >= LEANING
+        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(base))
         if not (run.tripped or leaning) or run.since is None:
             return "ok", None
         since = run.since
@@ -481,11 +487,13 @@ class ThresholdDetector:
         windows = fresh(view.windows_of(probe), now, p.stale_after)
         if evidence.get("consecutive_failures"):
             # Every fresh vantage saw the run (a quorum by construction); the peers must be
-            # answering where this region fails, or it is a shared cause, not this region.
-            down = self._down_peers(view, probe, _run_start(windows.values(), now, p.window), now)
+            # answering where this region fails, or it is a shared cause, not this region. A
+            # probe whose results all fail is never healthy, though: not held, it is unknown.
+            start = _run_start(windows.values(), now, p.window, p.down_after)
+            down = self._down_peers(view, probe, start, now)
             evidence["peers"] = down.evidence()
             if not down.set_apart:
-                return ("shared" if down.shared else "ok"), f"{reason}, {down.text()}, not held", evidence
+                return ("shared-down" if down.shared else "unknown"), f"{reason}, {down.text()}, not held", evidence
             return state, f"{reason}, {down.text()}", evidence
         # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
         agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now)[0] == state)
@@ -506,10 +514,14 @@ class ThresholdDetector:
         return state, reason, evidence
 
     def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
-        """Peers over the span of this region's run of failures: a peer that failed in it too, or
-        whose recent results lean bad, is alike; one that only answered is not. A peer with no
-        result in the span cannot vouch either way and is not compared; when peers run the probe
-        but none can vouch yet, nothing is held (`apart` False) until they report."""
+        """Peers over the span of this region's last `down_after` failures (the span slides as
+        an outage goes on, so one stray failure of a peer holds nothing for long). A peer is
+        alike when it failed in that span too, or when its failures over the verdict window are
+        more than a healthy target's noise (binomial tail at the acceptable ratio under
+        `vantages.agree_level`); either after leaving out its quorum - 1 vantages that fail
+        most, as a vantage's own bad path is not the peer's trouble. A peer with no result in
+        the span cannot vouch and is not compared; when peers run the probe but none can vouch
+        yet, nothing is held (`apart` False) until they report."""
         p = self.policy
         compared: list[str] = []
         clean: list[str] = []
@@ -520,16 +532,21 @@ class ThresholdDetector:
             if probe not in peer.probes:
                 continue
             running += 1
-            windows = fresh(peer.windows_of(probe), now, p.stale_after).values()
-            samples = [s for w in windows for s in w.samples(now, p.window)]
-            recent = _since(samples, since)
-            if not recent:
+            windows = fresh(peer.windows_of(probe), now, p.stale_after)
+            samples = {v: w.samples(now, p.window) for v, w in windows.items()}
+            if not any(s.at >= since for seq in samples.values() for s in seq):
                 continue
             compared.append(name)
+            # The quorum - 1 vantages that fail this peer most are left out, in both counts.
+            ranked = sorted(samples, key=lambda v: -sum(not s.ok for s in samples[v]))
+            kept = ranked[quorum(p, len(samples)) - 1 :]
+            recent = [s for v in kept for s in samples[v] if s.at >= since]
+            window = [s for v in kept for s in samples[v]]
             failed = sum(not s.ok for s in recent)
-            leaning = self.llr.of_counts(len(samples), sum(not s.ok for s in samples)) > 0
-            detail[name] = {"samples": len(recent), "failures": failed}
-            (alike if failed or leaning else clean).append(name)
+            bad = sum(not s.ok for s in window)
+            noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
+            detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
+            (alike if failed or noise < p.vantages.agree_level else clean).append(name)
         apart = False if running and not compared else None
         return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
 
@@ -597,12 +614,12 @@ class ThresholdDetector:
         return "ok", None, evidence
 
 
-def _run_start(windows: Iterable[Window], now: float, span: float) -> float:
-    """When the newest run of failures began: the oldest failure of the run at any vantage."""
+def _run_start(windows: Iterable[Window], now: float, span: float, last: int) -> float:
+    """When the newest `last` failures in a row began: the oldest of them at any vantage."""
     start = now
     for window in windows:
-        for sample in reversed(window.samples(now, span)):
-            if sample.ok:
+        for count, sample in enumerate(reversed(window.samples(now, span))):
+            if sample.ok or count >= last:
                 break
             start = min(start, sample.at)
     return start

@@ -112,7 +112,10 @@ def check(
                     f"which is {verdicts.get(region.name, 'unknown')}, not healthy",
                 )
             )
-    if old_shares:
+    # Guardrail 6 for every forward kind. A rollback returns to the last known good weights at
+    # once (guardrail 2): holding a failing canary's share because the baseline leans on the
+    # same probe would keep users on the failing region; unhealthy_target still applies to it.
+    if old_shares and proposal.kind in FORWARD_KINDS:
         region_of = {sid: members[sid].region for sid in after}
         gaining = [region_of[s] for s in after if new_shares[s] > old_shares.get(s, 0.0) + _EPSILON]
         losing = [region_of[s] for s in after if new_shares[s] < old_shares.get(s, 0.0) - _EPSILON]

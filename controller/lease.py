@@ -1,12 +1,13 @@
 """Who holds the writer lease, and whether a holder on this host is provably gone.
 
-A lease holder names itself by host, boot, process id and the process's start time. A daemon
-restarted on the same host (after a crash or a SIGKILL) finds its predecessor's lease still
-running; waiting out the lease there would cost a whole lease lifetime of no actuation for a
-process that no longer exists. When the holder ran on this host, in this boot, and its process
-is gone (or its pid now belongs to a process that started at another time), the lease can be
-taken at once, with a higher fencing token. Anything else (another host, an older holder name,
-a system without /proc) still waits for the lease to expire.
+A lease holder names itself by host, boot, PID namespace, process id and the process's start
+time. A daemon restarted on the same host (after a crash or a SIGKILL) finds its predecessor's
+lease still running; waiting out the lease there would cost a whole lease lifetime of no
+actuation for a process that no longer exists. When the holder ran on this host, in this boot
+and in this PID namespace, and its process is gone (or its pid now belongs to a process that
+started at another time), the lease can be taken at once, with a higher fencing token. Anything
+else (another host or container, an older holder name, a process this one may not look at, a
+system without /proc) still waits for the lease to expire.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _PROC = Path("/proc")
+_FIELDS = 6
 
 
 def _boot_id() -> str:
@@ -27,11 +29,19 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    try:
+        return str((_PROC / "self/ns/pid").stat().st_ino)
+    except OSError:
+        return ""
+
+
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot; None when there is no such process."""
+    """The process's start time in clock ticks since boot; None when there is no such process.
+    Raises PermissionError when it may not be looked at (/proc mounted with hidepid)."""
     try:
         stat = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may hold spaces and parentheses: count from its closing one.
     fields = stat[stat.rindex(")") + 2 :].split()
@@ -45,32 +55,41 @@ class Holder:
     nonce: str
     boot: str
     start: str
+    namespace: str
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.pid}:{self.nonce}:{self.boot}:{self.start}"
+        return f"{self.host}:{self.pid}:{self.nonce}:{self.boot}:{self.start}:{self.namespace}"
 
     @classmethod
     def parse(cls, text: str) -> Holder | None:
-        parts = text.rsplit(":", 4)
-        if len(parts) != 5 or not parts[1].isdigit():  # noqa: PLR2004 - the five fields above
+        parts = text.rsplit(":", _FIELDS - 1)
+        if len(parts) != _FIELDS or not parts[1].isdigit():
             return None
-        host, pid, nonce, boot, start = parts
-        return cls(host, int(pid), nonce, boot, start)
+        host, pid, nonce, boot, start, namespace = parts
+        return cls(host, int(pid), nonce, boot, start, namespace)
 
 
 def this_process() -> Holder:
     pid = os.getpid()
-    return Holder(socket.gethostname(), pid, uuid.uuid4().hex[:8], _boot_id(), start_time(pid) or "")
+    try:
+        start = start_time(pid) or ""
+    except OSError:
+        start = ""
+    return Holder(socket.gethostname(), pid, uuid.uuid4().hex[:8], _boot_id(), start, _pid_namespace())
 
 
 def provably_gone(holder: str) -> bool:
-    """Whether `holder` ran on this host in this boot and its process no longer runs."""
+    """Whether `holder` ran on this host, in this boot and PID namespace, and its process no
+    longer runs. Anything that cannot be told for sure counts as alive."""
     other = Holder.parse(holder)
-    if other is None or not other.boot or not other.start:
+    if other is None or not (other.boot and other.start and other.namespace):
         return False
     me = this_process()
-    if other.host != me.host or other.boot != me.boot:
+    if (other.host, other.boot, other.namespace) != (me.host, me.boot, me.namespace):
         return False
     if other.pid == me.pid:
         return other.start != me.start
-    return start_time(other.pid) != other.start
+    try:
+        return start_time(other.pid) != other.start
+    except OSError:  # e.g. hidepid: not ours to see, so not provably gone
+        return False

@@ -175,7 +175,7 @@ def _forward(policy: RampPolicy, state: RampState, view: View, step: int, baseli
 
 def _back(view: View, state: RampState, weights: Mapping[str, int], status: RampStatus, step: int, reason: str) -> Plan:
     # Going back must not hand share to a region that is not healthy (guardrail 3): hold instead.
-    growing = _would_grow_unhealthy(view, weights)
+    growing = _would_grow_unhealthy(view, weights, forward=False)
     if growing:
         why = f"paused: cannot go back ({reason}): {growing}"
         resume_to = state.status if state.status != "paused" else state.resume_to
@@ -197,16 +197,17 @@ def _ask_again(policy: RampPolicy, state: RampState, pending: Pending, view: Vie
         if waiting:
             reason = f"holding {pending.reason}: no fresh data for {', '.join(waiting)}"
             return Plan(replace(state, reason=reason), reason=reason)
-    growing = _would_grow_unhealthy(view, pending.weights)
+    growing = _would_grow_unhealthy(view, pending.weights, forward=pending.action == "forward")
     if growing:
         reason = f"holding {pending.reason}: {growing}"
         return Plan(replace(state, reason=reason), reason=reason)
     return Plan(state, pending.weights, pending.action, pending.reason)
 
 
-def _would_grow_unhealthy(view: View, weights: Mapping[str, int]) -> str | None:
+def _would_grow_unhealthy(view: View, weights: Mapping[str, int], *, forward: bool = True) -> str | None:
     """Why these weights must not be sent now: a region would gain share that is not healthy
-    (guardrail 3) or that shows the trouble of a region losing share (guardrail 6)."""
+    (guardrail 3) or, for a forward step, that shows the trouble of a region losing share
+    (guardrail 6; a rollback returns to known good weights at once)."""
     old, new = shares(view.observed), shares(weights)
     gaining, losing = [], []
     for member in view.record_set.members:
@@ -218,7 +219,7 @@ def _would_grow_unhealthy(view: View, weights: Mapping[str, int]) -> str | None:
         elif new[sid] < old.get(sid, 0.0) - _EPS:
             losing.append(member.region)
     troubles = {r: v.troubles for r, v in view.verdicts.items()}
-    same = shared_trouble(gaining, losing, troubles)
+    same = shared_trouble(gaining, losing, troubles) if forward else None
     if same is not None:
         gainer, loser, probes = same
         return f"{gainer} shows the same trouble as {loser} ({', '.join(sorted(probes))}): a shared cause"

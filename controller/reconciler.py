@@ -282,8 +282,11 @@ class Reconciler:
         intent = await self.store.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
         statuses = {r: v.status for r, v in verdicts.items()}
 
+        accepted: list[str] = []
+
         async def submitted(change_id: str, at: float) -> None:
             await self.store.submitted(intent, change_id, at)
+            accepted.append(change_id)
 
         try:
             change = await self.actuator.apply(
@@ -301,7 +304,16 @@ class Reconciler:
                 on_submitted=submitted,
             )
         except (GuardrailError, TerminalError, DriftError) as exc:
-            await self.store.result(intent, "failed", now, error=str(exc))
+            if accepted:
+                # Route 53 accepted the batch; only following it failed (GetChange denied, say).
+                # It is applied, INSYNC unknown: the pacing asks again, or waits the longest.
+                await self.store.result(
+                    intent, "applied", self.clock(), change_id=accepted[0], error=f"INSYNC not confirmed: {exc}"
+                )
+                log.warning("change sent, INSYNC not confirmed", record=key, change_id=accepted[0], error=str(exc))
+                self._announce(rs, raw, weights, kind, reason, "applied", actor)
+                return "applied", None, ""
+            await self.store.result(intent, "failed", self.clock(), error=str(exc))
             log.error("change refused", record=key, kind=kind, reason=reason, error=str(exc))
             self._announce(rs, raw, weights, kind, reason, "refused", actor)
             return "refused", None, str(exc)
@@ -310,7 +322,8 @@ class Reconciler:
             # open and the next tick settles it from what Route 53 holds, as after a crash.
             raise
         outcome: Outcome = "dry_run" if change.dry_run else "applied"
-        await self.store.result(intent, outcome, now, change_id=change.change_id, insync_at=change.insync_at)
+        # Stamped when written, after the INSYNC wait: a wait that timed out ends at or after this.
+        await self.store.result(intent, outcome, self.clock(), change_id=change.change_id, insync_at=change.insync_at)
         log.info(
             "weights changed",
             record=key,
@@ -372,7 +385,7 @@ class Reconciler:
                 await self.store.insync(prev.intent_id, prev.change_id, insync)
                 log.info("previous change seen INSYNC", record=rs.key, change_id=prev.change_id, intent=prev.intent_id)
         if insync is None:
-            found = prev.settled_at if prev.settled_at is not None else prev.sent_at
+            found = max(prev.sent_at, prev.settled_at or prev.sent_at)
             allowance = self.config.controller.route53.insync_timeout
             insync = found + allowance
             basis = f"INSYNC not known: found applied at {_clock_text(found)}, + {allowance:g}s for INSYNC"

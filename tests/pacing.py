@@ -79,7 +79,7 @@ def audit_walk(
         steps.append(Step(row["action"], row["at"], due, moved_share(before, after)))
         insync = row["insync_at"] or seen_insync.get(row["id"])
         if insync is None:
-            insync = (row["settled"] if row["settled"] is not None else row["at"]) + insync_timeout
+            insync = max(row["at"], row["settled"] or row["at"]) + insync_timeout
         due = insync + ttl + bake_of(row["action"])
     return steps, due
 

@@ -126,14 +126,59 @@ def test_three_failures_in_a_row_are_not_held_against_a_region_whose_peers_fail_
     ]
     for orders in rounds:
         world.second({r: {"healthz": True, "orders": ok} for r, ok in orders.items()})
-        assert {r: v.status for r, v in world.judge.verdicts.items()} == dict.fromkeys(REGIONS, "healthy")
+        assert all(v.status in ("healthy", "unknown") for v in world.judge.verdicts.values())
         assert world.moves() == []
+    # Not held against it, and not healthy either: a probe whose every result fails is unknown.
     verdict = world.judge.verdicts["eu-west-1"]
+    assert verdict.status == "unknown"
     assert (
         "orders: the last 3 results from controller all failed (status x3), like ap-south-1, us-east-1: "
         "a shared cause, not held"
     ) in verdict.reasons
     assert all(v.troubles == {"orders"} for v in world.judge.verdicts.values())
+
+
+def test_one_stray_failure_at_a_peer_delays_a_down_verdict_by_at_most_down_after_rounds():
+    world = World()
+    world.healthy(WARM_UP)
+    everyone_up = {r: dict.fromkeys(PROBES, True) for r in REGIONS}
+    down = dict.fromkeys(PROBES, False)
+    world.second({**everyone_up, "eu-west-1": down, "us-east-1": down})  # us-east-1: one round of noise
+    statuses = []
+    for _ in range(POLICY.down_after):
+        world.second({**everyone_up, "eu-west-1": down})
+        statuses.append(world.judge.verdicts["eu-west-1"].status)
+    # Round 3: down, but us-east-1 failed in the span of its last 3 failures: not held, and not
+    # healthy either. Round 4: the stray failure has left that span.
+    assert statuses == ["healthy", "unknown", "unhealthy"]
+    assert world.judge.verdicts["us-east-1"].status == "healthy"
+
+
+def test_an_agent_cut_off_with_its_region_blames_the_region_and_marks_no_other():
+    # Agents inside each region: eu-west-1 goes dark, and its own agent can then reach nothing.
+    # Every vantage sees eu-west-1 down; only agent-eu-west-1 sees the other regions fail.
+    vantages = ("controller", "agent-us-east-1", "agent-eu-west-1", "agent-ap-south-1")
+    world = World()
+    for _ in range(WARM_UP):
+        for v in vantages:
+            for r in REGIONS:
+                for probe in PROBES:
+                    world.windows.add(Result(r, probe, v, world.now, ok=True, latency=0.02))
+        world.at(world.now + 1.0)
+    for n in range(1, POLICY.down_after + 1):
+        for v in vantages:
+            for r in REGIONS:
+                ok = r != "eu-west-1" and v != "agent-eu-west-1"
+                for probe in PROBES:
+                    world.windows.add(Result(r, probe, v, world.now, ok, 0.02, error_class=None if ok else "timeout"))
+        world.at(world.now + 1.0)
+        if n < POLICY.down_after:
+            assert world.judge.verdicts["eu-west-1"].status == "healthy"
+    verdicts = world.judge.verdicts
+    assert verdicts["eu-west-1"].status == "unhealthy", verdicts["eu-west-1"].reasons
+    assert (verdicts["us-east-1"].status, verdicts["us-east-1"].troubles) == ("healthy", frozenset())
+    assert (verdicts["ap-south-1"].status, verdicts["ap-south-1"].troubles) == ("healthy", frozenset())
+    assert any(m.startswith("evacuation") for m in world.moves())
 
 
 shared_round = st.tuples(
@@ -189,7 +234,8 @@ weights = st.integers(0, 255)
 )
 def test_no_planner_moves_share_when_every_region_shows_the_same_trouble(sequence, start, planner):
     """Any verdicts, as long as every region shows trouble on `orders` (held against it or
-    not): evacuations, restores, ramp steps and rollbacks all hold."""
+    not): evacuations, restores and ramp steps all hold. A rollback may still go back to the
+    weights before the ramp (known good, at once), never onto a region that is not healthy."""
     observed = dict(zip(REGIONS, start, strict=True))
     if not any(observed.values()):
         observed["us-east-1"] = 1
@@ -208,6 +254,12 @@ def test_no_planner_moves_share_when_every_region_shows_the_same_trouble(sequenc
         else:
             bake_until = now - 1 if planner == "bake over" else now + 3600
             state = RampState("launch", "baking", step=1, baseline=HOME, bake_until=bake_until)
-            moved = plan(ramp_policy, state, View(now, RS, observed, verdicts)).weights
+            ramp = plan(ramp_policy, state, View(now, RS, observed, verdicts))
+            moved = ramp.weights
+            if ramp.action == "rollback":
+                assert moved == HOME
+                before, after = shares(observed), shares(HOME)
+                assert all(verdicts[r].status == "healthy" for r in REGIONS if after[r] > before[r] + 1e-9)
+                continue
         # The same shares in other whole numbers (a rollback to equal weights) move nothing.
         assert moved is None or shares(moved) == pytest.approx(shares(observed)), (planner, moved, observed)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from controller.lease import provably_gone, start_time, this_process
+from controller.lease import Holder, provably_gone, start_time, this_process
 from controller.store import Store
 
 
@@ -126,5 +126,16 @@ def test_only_a_holder_provably_gone_from_this_host_counts_as_gone():
     assert provably_gone(str(replace(me, start=str(int(me.start) + 1))))  # our pid, an earlier process
     assert not provably_gone(str(replace(me, host="elsewhere", pid=999_999)))  # another host: cannot tell
     assert not provably_gone(str(replace(me, boot="0" * 12, pid=999_999)))  # before a reboot? cannot tell
+    assert not provably_gone(str(replace(me, namespace="1", pid=999_999)))  # another container: cannot tell
     assert not provably_gone("vm:4242:1a2b3c4d")  # an older holder name carries no proof
     assert provably_gone(str(replace(me, pid=999_999_999)))  # no such process
+    assert Holder.parse(str(replace(me, host="host:with:colons"))) == replace(me, host="host:with:colons")
+
+
+def test_a_holder_this_process_may_not_look_at_is_taken_for_alive(monkeypatch):
+    def hidden(pid: int) -> str:
+        raise PermissionError(f"/proc/{pid}/stat")  # /proc mounted with hidepid=2
+
+    me = this_process()
+    monkeypatch.setattr("controller.lease.start_time", hidden)
+    assert not provably_gone(str(replace(me, pid=4242)))
