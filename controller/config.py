@@ -229,6 +229,9 @@ class EvacuationPolicy(_Model):
     blind_fraction: float = Field(
         default=0.5, ge=0, le=1, description="more than this share of regions unknown: blind, hold"
     )
+    confirm_after: Duration = Field(
+        default=30.0, description="a region degraded or unhealthy this long before its share starts to move"
+    )
 
 
 class Policy(_Model):

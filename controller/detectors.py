@@ -489,8 +489,11 @@ class ThresholdDetector:
             # Every fresh vantage saw the run (a quorum by construction); the peers must be
             # answering where this region fails, or it is a shared cause, not this region. A
             # probe whose results all fail is never healthy, though: not held, it is unknown.
+            # The peers are looked at over twice the span of the last `down_after` failures: a
+            # fault every region shares fails each at random, and a peer that happened to
+            # answer a few times in a row would otherwise vouch for a shared fault's first seconds.
             start = _run_start(windows.values(), now, p.window, p.down_after)
-            down = self._down_peers(view, probe, start, now)
+            down = self._down_peers(view, probe, start - (now - start), now)
             evidence["peers"] = down.evidence()
             if not down.set_apart:
                 return ("shared-down" if down.shared else "unknown"), f"{reason}, {down.text()}, not held", evidence
@@ -514,12 +517,12 @@ class ThresholdDetector:
         return state, reason, evidence
 
     def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
-        """Peers over the span of this region's last `down_after` failures (the span slides as
-        an outage goes on, so one stray failure of a peer holds nothing for long). A peer is
-        alike when it failed in that span too, or when its failures over the verdict window are
-        more than a healthy target's noise (binomial tail at the acceptable ratio under
-        `vantages.agree_level`); either after leaving out its quorum - 1 vantages that fail
-        most, as a vantage's own bad path is not the peer's trouble. A peer with no result in
+        """Peers since `since` (the caller's span slides as an outage goes on, so one stray
+        failure of a peer holds nothing for long). A peer is alike when it failed in that span
+        too, or when its failures over the verdict window are more than a healthy target's noise
+        (binomial tail at the acceptable ratio under `peers.significance`); either after leaving
+        out its quorum - 1 vantages that fail most, as a vantage's own bad path is not the
+        peer's trouble. A peer with no result in
         the span cannot vouch and is not compared; when peers run the probe but none can vouch
         yet, nothing is held (`apart` False) until they report."""
         p = self.policy
@@ -546,7 +549,7 @@ class ThresholdDetector:
             bad = sum(not s.ok for s in window)
             noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
             detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
-            (alike if failed or noise < p.vantages.agree_level else clean).append(name)
+            (alike if failed or noise < p.peers.significance else clean).append(name)
         apart = False if running and not compared else None
         return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
 

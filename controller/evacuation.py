@@ -68,6 +68,11 @@ def plan_evacuation(
     current = shares(observed)
     caps = {m.set_identifier: _cap(regions[m.region]) for m in record_set.members}
     bad = [sid for sid in observed if current[sid] > _EPS and status(sid) in ("degraded", "unhealthy")]
+    unconfirmed = [sid for sid in bad if now - verdicts[region_of[sid]].since < policy.confirm_after]
+    if unconfirmed and len(unconfirmed) == len(bad):
+        names = ", ".join(sorted(f"{region_of[s]} ({status(s)})" for s in bad))
+        return EvacuationPlan(reason=f"confirming {names}: {policy.confirm_after:g}s before share moves")
+    bad = [sid for sid in bad if sid not in unconfirmed]
     if bad:
         candidates = [
             sid for sid in observed if status(sid) == "healthy" and (home.get(sid, 0) > 0 or observed[sid] > 0)

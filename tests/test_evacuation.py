@@ -30,7 +30,7 @@ RS = RecordSet(
     ],
 )
 HOME = {"use1": 2, "euw1": 1, "apse2": 1}  # 50 / 25 / 25
-POLICY = EvacuationPolicy(restore_after=600, blind_fraction=0.5)
+POLICY = EvacuationPolicy(restore_after=600, blind_fraction=0.5, confirm_after=0)
 MAX_STEP = 10.0
 
 
@@ -138,3 +138,12 @@ def test_every_evacuation_and_restore_step_keeps_the_guardrails(sequence, start)
         if result.weights is not None:
             observed = result.weights
         assert any(observed.values())
+
+
+def test_share_starts_to_move_only_once_the_region_has_been_bad_for_confirm_after():
+    policy = EvacuationPolicy(restore_after=600, confirm_after=30)
+    bad = {"eu_west_1": ("unhealthy", T0)}
+    waiting = plan_evacuation(RS, HOME, dict(HOME), verdicts(T0 + 29, **bad), REGIONS, policy, MAX_STEP, T0 + 29)
+    assert (waiting.weights, waiting.reason) == (None, "confirming eu-west-1 (unhealthy): 30s before share moves")
+    moving = plan_evacuation(RS, HOME, dict(HOME), verdicts(T0 + 30, **bad), REGIONS, policy, MAX_STEP, T0 + 30)
+    assert moving.action == "evacuation"

@@ -154,11 +154,11 @@ async def test_evacuation_and_restore_wait_insync_plus_ttl_between_steps(route53
         steps = world.steps()
     assert_paced(steps)
     t0 = T0 + 5
-    # Each evacuation step 60 s (the TTL; step_bake 0) after the previous one's INSYNC, one tick
-    # later at most; the restore waits 10 minutes of health, then steps as slowly.
+    # Each evacuation step 60 s (the TTL; step_bake 0) after the previous one's INSYNC; the
+    # restore waits 10 minutes of health, then steps as slowly.
     assert [(s.action, round(s.sent_at - t0)) for s in steps] == [
-        ("evacuation", 1),
-        ("evacuation", 61),
+        ("evacuation", 30),  # once degraded for confirm_after (30 s)
+        ("evacuation", 90),
         ("restore", 800),
         ("restore", 860),
     ]
@@ -222,11 +222,11 @@ async def test_a_change_seen_pending_at_a_restart_paces_from_when_it_is_seen_ins
     config, _zone_id, _name, _sids = shipped_config(route53, tmp_path, home)
     async with Virtual(config) as world:
         world.set("eu-west-1", "degraded", frozenset({"orders"}))
-        await world.run(1)  # the first evacuation step, INSYNC at T0 + 1
+        await world.run(30)  # the first evacuation step once confirmed (30 s), INSYNC at once
         store = world.reconciler.store
         first = await store.last_forward(world.key, ("evacuation",))
         assert first is not None
-        assert first.insync_at == T0 + 1
+        assert first.insync_at == T0 + 30
         assert first.change_id is not None  # recorded when Route 53 accepted the batch
     async with Store(config.state_file) as store:
         assert (await store.last_forward(world.key, ("evacuation",))) == first

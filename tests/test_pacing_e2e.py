@@ -46,7 +46,7 @@ def write_config(tmp_path: Path, world, endpoint: str, zone_id: str, name: str, 
     verdicts.update(window="5s", stale_after="1s", recover_after="2s")
     verdicts["slowdown"]["min_effect"] = 9
     guardrails = yaml.safe_load((POLICIES / "guardrails.yaml").read_text())
-    guardrails["evacuation"].update(restore_after="3s", step_bake=f"{STEP_BAKE}s")
+    guardrails["evacuation"].update(restore_after="3s", step_bake=f"{STEP_BAKE}s", confirm_after="1s")
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"verdicts": verdicts, **guardrails}))
     probes = [
         {"kind": "http", "name": n, "target": f"{r.url}{p}", "interval": "100ms", "timeout": "100ms"}

@@ -429,7 +429,7 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
     policy = base.policy.model_copy(
         update={
             "ramps": {},
-            "evacuation": base.policy.evacuation.model_copy(update={"restore_after": 2.0}),
+            "evacuation": base.policy.evacuation.model_copy(update={"restore_after": 2.0, "confirm_after": 1.0}),
             "guardrails": base.policy.guardrails.model_copy(update={"max_step": 20}),
         }
     )
