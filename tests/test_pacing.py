@@ -217,7 +217,7 @@ async def test_a_step_whose_answer_was_lost_counts_its_insync_from_when_it_was_f
     assert [(s.action, round(s.sent_at - T0)) for s in steps] == [("evacuation", 0), ("evacuation", 362)]
 
 
-async def test_a_change_seen_pending_at_a_restart_paces_from_when_it_is_seen_insync(route53, tmp_path):
+async def test_an_evacuation_step_keeps_its_change_id_and_insync_time_in_the_state_file(route53, tmp_path):
     home = {"us-east-1": 100, "eu-west-1": 100, "ap-south-1": 100}
     config, _zone_id, _name, _sids = shipped_config(route53, tmp_path, home)
     async with Virtual(config) as world:
