@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from controller import logs
-from controller.config import Config, Member, Policy, RampPolicy, RecordSet, Region
-from controller.ramps import RampState
-from controller.reconciler import Reconciler
-from controller.route53 import Actuator, make_client
-from controller.store import Store
-from controller.verdicts import Verdict
-from controller.world import LocalRoute53, seed_weighted_group
+from controller.acting.reconciler import Reconciler
+from controller.acting.route53 import Actuator, make_client
+from controller.demo.world import LocalRoute53, seed_weighted_group
+from controller.judging.verdicts import Verdict
+from controller.planning.ramps import RampState
+from controller.settings.config import Config, Member, Policy, RampPolicy, RecordSet, Region
+from controller.state.store import Store
 
 KEY = "bench"
 REGIONS = [Region(name="us-east-1"), Region(name="eu-west-1")]

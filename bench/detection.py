@@ -2,7 +2,7 @@
 
 Run:  make bench       (or: .venv/bin/python bench/detection.py [--seeds 20] [--days 7] [--jobs 2])
 
-Labelled result streams (`controller/streams.py`: 3 regions, 2 probes, 3 vantages, each probe
+Labelled result streams (`controller/demo/streams.py`: 3 regions, 2 probes, 3 vantages, each probe
 every second per vantage; healthy results fail 0.1% of the time and jitter) are replayed, on
 simulated time, through the daemon's own windows, detectors and judge (`detectors_for` with the
 default policy in `policies/verdicts.yaml`, judged every second as the daemon does), and side by
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.config import VerdictPolicy, load_policy
-from controller.detectors import detectors_for
-from controller.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
-from controller.verdicts import Judge
-from controller.windows import WindowStore
+from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
+from controller.judging.detectors import detectors_for
+from controller.judging.verdicts import Judge
+from controller.judging.windows import WindowStore
+from controller.settings.config import VerdictPolicy, load_policy
 
 if TYPE_CHECKING:
     from probes.results import Result

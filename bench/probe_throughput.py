@@ -33,9 +33,9 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from controller.metrics import Metrics
-from controller.windows import WindowStore
-from probes.http import HttpProber
+from controller.judging.windows import WindowStore
+from controller.sinks.prometheus import Metrics
+from probes.kinds.http import HttpProber
 from probes.scheduler import run_guarded
 from probes.spec import HttpProbe
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg
 
-from probes.replication import PostgresLagProber
+from probes.kinds.replication import PostgresLagProber
 from probes.spec import PostgresLagProbe, Secret
 from tests.postgres import primary_and_replica
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import aiohttp
 
-from controller.route53 import make_client
-from controller.world import LocalRoute53, SimulatedRegion, free_port, ramp_config, seed_weighted_group
+from controller.acting.route53 import make_client
+from controller.demo.world import LocalRoute53, SimulatedRegion, free_port, ramp_config, seed_weighted_group
 
 TTL, BAKE = 3, 1.0
 REGIONSHIFT = str(Path(sys.executable).with_name("regionshift"))

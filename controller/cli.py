@@ -14,13 +14,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from controller import logs
-from controller.api import ListenError
-from controller.config import ConfigError, load_config
+from controller.settings.config import ConfigError, load_config
+from controller.web.api import ListenError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from controller.config import Config
+    from controller.settings.config import Config
     from probes.results import Result
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -89,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             # Only the demo needs the local world.
-            from controller.demo import run_demo  # noqa: PLC0415
-            from controller.launch import run_launch  # noqa: PLC0415
+            from controller.demo.launch import run_launch  # noqa: PLC0415
+            from controller.demo.verdicts import run_demo  # noqa: PLC0415
 
             scenario = run_launch if args.scenario == "launch" else run_demo
             return asyncio.run(_until_signal(lambda stop: scenario(stop, args.duration, args.listen)))
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "probe":
             return asyncio.run(_probe(config, args.once, args.region))
         if args.command == "plan":
-            from controller.plan import format_plan  # noqa: PLC0415
+            from controller.planning.preview import format_plan  # noqa: PLC0415
 
             print(format_plan(config, args.ramp))
             return EXIT_OK

@@ -17,25 +17,25 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from controller.api import ApiServer, make_app
-from controller.detectors import detectors_for
-from controller.lag import LagDetector
-from controller.metrics import Metrics
-from controller.ramps import RAMP_STATUSES
-from controller.reconciler import Reconciler
-from controller.route53 import Actuator, make_client
-from controller.store import Store
-from controller.verdicts import Judge
-from controller.weights import shares
-from controller.windows import WindowStore
+from controller.acting.reconciler import Reconciler
+from controller.acting.route53 import Actuator, make_client
+from controller.judging.detectors import detectors_for
+from controller.judging.lag import LagDetector
+from controller.judging.verdicts import Judge
+from controller.judging.windows import WindowStore
+from controller.planning.ramps import RAMP_STATUSES
+from controller.planning.weights import shares
+from controller.sinks.prometheus import Metrics
+from controller.state.store import Store
+from controller.web.api import ApiServer, make_app
 from probes.scheduler import Scheduler, make_prober
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controller.config import Config, RecordSet
-    from controller.reconciler import Action
-    from controller.verdicts import Transition
+    from controller.acting.reconciler import Action
+    from controller.judging.verdicts import Transition
+    from controller.settings.config import Config, RecordSet
     from probes.results import Result
 
 log = structlog.get_logger("regionshift.daemon")

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from probes.cloudwatch import CloudWatchLagProber
-from probes.http import HttpProber
-from probes.replication import PostgresLagProber
+from probes.kinds.cloudwatch import CloudWatchLagProber
+from probes.kinds.http import HttpProber
+from probes.kinds.replication import PostgresLagProber
+from probes.kinds.tcp import TcpProber
 from probes.spec import CloudWatchLagProbe, HttpProbe, PostgresLagProbe, TcpProbe
-from probes.tcp import TcpProber
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

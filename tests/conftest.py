@@ -16,8 +16,8 @@ import pytest_asyncio
 import trustme
 from aiohttp import web
 
-from controller.config import load_policy
-from controller.world import LocalRoute53, SimulatedRegion
+from controller.demo.world import LocalRoute53, SimulatedRegion
+from controller.settings.config import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONSHIFT = str(Path(sys.executable).with_name("regionshift"))

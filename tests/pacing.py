@@ -10,8 +10,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controller.guardrails import moved_share
-from controller.weights import shares
+from controller.planning.guardrails import moved_share
+from controller.planning.weights import shares
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping

@@ -9,7 +9,7 @@ import boto3
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from probes.cloudwatch import CloudWatchLagProber
+from probes.kinds.cloudwatch import CloudWatchLagProber
 from probes.spec import CloudWatchLagProbe, PostgresLagProbe, ProbeSpec
 
 KEY = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # moto accepts any

@@ -14,8 +14,8 @@ import time
 import aiohttp
 import pytest
 
-from controller.store import Store
-from controller.world import free_port, ramp_config
+from controller.demo.world import free_port, ramp_config
+from controller.state.store import Store
 from tests import pacing
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller import logs
-from controller.config import Config, ControllerSettings, Policy, Region, SlowdownTest, VerdictPolicy
 from controller.daemon import Daemon
-from controller.world import free_port
+from controller.demo.world import free_port
+from controller.settings.config import Config, ControllerSettings, Policy, Region, SlowdownTest, VerdictPolicy
 from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS

@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from controller.config import ErrorTest, VerdictPolicy
-from controller.detectors import detectors_for
-from controller.sequential import Llr, cusum
-from controller.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
-from controller.verdicts import Judge, Verdict
-from controller.windows import WindowStore
+from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
+from controller.judging.detectors import detectors_for
+from controller.judging.sequential import Llr, cusum
+from controller.judging.verdicts import Judge, Verdict
+from controller.judging.windows import WindowStore
+from controller.settings.config import ErrorTest, VerdictPolicy
 from tests.conftest import SHIPPED_VERDICTS
 
 POLICY = SHIPPED_VERDICTS

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import EvacuationPolicy, Member, RecordSet, Region
-from controller.evacuation import plan_evacuation
-from controller.guardrails import Proposal, check
-from controller.verdicts import Verdict
-from controller.weights import shares
+from controller.judging.verdicts import Verdict
+from controller.planning.evacuation import plan_evacuation
+from controller.planning.guardrails import Proposal, check
+from controller.planning.weights import shares
+from controller.settings.config import EvacuationPolicy, Member, RecordSet, Region
 
 T0 = 1_800_000_000.0
 REGIONS = {

@@ -8,7 +8,13 @@ import time
 import asyncpg
 import pytest
 
-from controller.config import (
+from controller.daemon import Daemon
+from controller.judging.lag import LagDetector
+from controller.judging.verdicts import Judge, RegionView, Verdict
+from controller.judging.windows import WindowStore
+from controller.planning.evacuation import plan_evacuation
+from controller.planning.weights import shares
+from controller.settings.config import (
     Config,
     ControllerSettings,
     LagPolicy,
@@ -16,12 +22,6 @@ from controller.config import (
     Region,
     VerdictPolicy,
 )
-from controller.daemon import Daemon
-from controller.evacuation import plan_evacuation
-from controller.lag import LagDetector
-from controller.verdicts import Judge, RegionView, Verdict
-from controller.weights import shares
-from controller.windows import WindowStore
 from probes.results import Result
 from probes.spec import PostgresLagProbe, Secret
 from tests import test_evacuation as evac  # the evacuation planner's fixtures

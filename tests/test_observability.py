@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from controller.daemon import Daemon
-from controller.world import SimulatedRegion, free_port
+from controller.demo.world import SimulatedRegion, free_port
 from tests.conftest import REPO
 from tests.test_daemon import Running
 from tests.test_shifting import config as shifting_config

@@ -12,13 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings, load_policy
-from controller.reconciler import Reconciler
-from controller.route53 import Actuator, make_client
-from controller.store import Store
-from controller.verdicts import Verdict
-from controller.weights import shares
-from controller.world import seed_weighted_group
+from controller.acting.reconciler import Reconciler
+from controller.acting.route53 import Actuator, make_client
+from controller.demo.world import seed_weighted_group
+from controller.judging.verdicts import Verdict
+from controller.planning.weights import shares
+from controller.settings.config import (
+    Config,
+    ControllerSettings,
+    Member,
+    RecordSet,
+    Region,
+    Route53Settings,
+    load_policy,
+)
+from controller.state.store import Store
 from tests import pacing
 from tests.test_shifting import CREDENTIALS, direct_client, read_weights, set_weight
 

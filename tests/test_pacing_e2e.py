@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from controller.world import free_port, seed_weighted_group
+from controller.demo.world import free_port, seed_weighted_group
 from tests import pacing
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy

@@ -11,10 +11,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from controller.world import free_port as free_port_closed
-from probes.http import HttpProber
+from controller.demo.world import free_port as free_port_closed
+from probes.kinds.http import HttpProber
+from probes.kinds.tcp import TcpProber
 from probes.spec import HttpProbe, TcpProbe, TlsSettings
-from probes.tcp import TcpProber
 
 
 def http(target: str, **kw) -> HttpProber:

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import Member, RampPolicy, RecordSet, Region
-from controller.guardrails import Proposal, check
-from controller.ramps import RampState, View, act, applied, plan
-from controller.verdicts import Verdict
-from controller.weights import shares
+from controller.judging.verdicts import Verdict
+from controller.planning.guardrails import Proposal, check
+from controller.planning.ramps import RampState, View, act, applied, plan
+from controller.planning.weights import shares
+from controller.settings.config import Member, RampPolicy, RecordSet, Region
 
 T0 = 1_800_000_000.0
 TTL = 60

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from probes.replication import PostgresLagProber
+from probes.kinds.replication import PostgresLagProber
 from probes.spec import PostgresLagProbe, Secret
 from tests.postgres import primary_and_replica
 

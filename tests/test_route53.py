@@ -8,9 +8,9 @@ import pytest
 import pytest_asyncio
 from botocore.stub import Stubber
 
-from controller.config import Member, RecordSet, Region
-from controller.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
-from controller.world import seed_weighted_group
+from controller.acting.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
+from controller.demo.world import seed_weighted_group
+from controller.settings.config import Member, RecordSet, Region
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

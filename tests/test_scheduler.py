@@ -8,7 +8,7 @@ import itertools
 import time
 from types import SimpleNamespace
 
-from probes.http import HttpProber
+from probes.kinds.http import HttpProber
 from probes.results import Result, Subject
 from probes.scheduler import Scheduler, run_guarded, run_once
 from probes.spec import HttpProbe

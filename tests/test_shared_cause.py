@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import EvacuationPolicy, Member, RampPolicy, RecordSet, Region
-from controller.detectors import detectors_for
-from controller.evacuation import plan_evacuation
-from controller.ramps import Pending, RampState, View, plan
-from controller.verdicts import Judge, Verdict
-from controller.weights import shares
-from controller.windows import WindowStore
+from controller.judging.detectors import detectors_for
+from controller.judging.verdicts import Judge, Verdict
+from controller.judging.windows import WindowStore
+from controller.planning.evacuation import plan_evacuation
+from controller.planning.ramps import Pending, RampState, View, plan
+from controller.planning.weights import shares
+from controller.settings.config import EvacuationPolicy, Member, RampPolicy, RecordSet, Region
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
 

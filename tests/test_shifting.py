@@ -13,7 +13,11 @@ import uuid
 import aiohttp
 import pytest
 
-from controller.config import (
+from controller.acting.route53 import make_client
+from controller.daemon import Daemon
+from controller.demo.world import seed_weighted_group
+from controller.planning.weights import shares
+from controller.settings.config import (
     Config,
     ControllerSettings,
     GuardrailPolicy,
@@ -26,11 +30,7 @@ from controller.config import (
     SlowdownTest,
     VerdictPolicy,
 )
-from controller.daemon import Daemon
-from controller.route53 import make_client
-from controller.store import Store
-from controller.weights import shares
-from controller.world import seed_weighted_group
+from controller.state.store import Store
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from controller.lease import Holder, provably_gone, start_time, this_process
-from controller.store import Store
+from controller.state.holder import Holder, provably_gone, start_time, this_process
+from controller.state.store import Store
 
 
 async def test_intent_then_result_is_the_last_applied_write(tmp_path):
@@ -137,5 +137,5 @@ def test_a_holder_this_process_may_not_look_at_is_taken_for_alive(monkeypatch):
         raise PermissionError(f"/proc/{pid}/stat")  # /proc mounted with hidepid=2
 
     me = this_process()
-    monkeypatch.setattr("controller.lease.start_time", hidden)
+    monkeypatch.setattr("controller.state.holder.start_time", hidden)
     assert not provably_gone(str(replace(me, pid=4242)))

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import Member, RecordSet, Region
-from controller.guardrails import Proposal, check, moved_share
-from controller.weights import MAX_WEIGHT, shares, to_weights
+from controller.planning.guardrails import Proposal, check, moved_share
+from controller.planning.weights import MAX_WEIGHT, shares, to_weights
+from controller.settings.config import Member, RecordSet, Region
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import aiohttp
 
-from controller.config import LatencyObjective, VerdictPolicy
-from controller.detectors import ThresholdDetector
-from controller.verdicts import Judge
-from controller.windows import WindowStore
-from probes.http import HttpProber
+from controller.judging.detectors import ThresholdDetector
+from controller.judging.verdicts import Judge
+from controller.judging.windows import WindowStore
+from controller.settings.config import LatencyObjective, VerdictPolicy
+from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
 
 

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from scipy.stats import binom, mannwhitneyu
 
-from controller.sequential import Llr, Run, cusum, fails_more, failures, slower
-from controller.verdicts import Assessment, Detector, RegionView, Status
-from controller.windows import WindowStats
+from controller.judging.sequential import Llr, Run, cusum, fails_more, failures, slower
+from controller.judging.verdicts import Assessment, Detector, RegionView, Status
+from controller.judging.windows import WindowStats
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
-    from controller.config import VerdictPolicy
-    from controller.windows import Sample, Window
+    from controller.judging.windows import Sample, Window
+    from controller.settings.config import VerdictPolicy
 
 # A peer with fewer results than this over the compared span is not compared.
 MIN_PEER_SAMPLES = 5

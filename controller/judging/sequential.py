@@ -25,8 +25,8 @@ from scipy.stats import binom, fisher_exact
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from controller.config import SequentialTest
-    from controller.windows import Sample
+    from controller.judging.windows import Sample
+    from controller.settings.config import SequentialTest
 
 
 # One outcome: when, from which vantage, and whether it counts against the region. Plain

@@ -15,15 +15,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controller.verdicts import shared_trouble
-from controller.weights import MAX_WEIGHT, shares
+from controller.judging.verdicts import shared_trouble
+from controller.planning.weights import MAX_WEIGHT, shares
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from controller.config import EvacuationPolicy, RecordSet, Region
-    from controller.guardrails import Kind
-    from controller.verdicts import Verdict
+    from controller.judging.verdicts import Verdict
+    from controller.planning.guardrails import Kind
+    from controller.settings.config import EvacuationPolicy, RecordSet, Region
 
 _EPS = 1e-9
 

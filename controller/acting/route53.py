@@ -24,15 +24,15 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from controller.guardrails import Kind, Proposal, Violation, check
+from controller.planning.guardrails import Kind, Proposal, Violation, check
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from mypy_boto3_route53 import Route53Client
 
-    from controller.config import RecordSet, Region
-    from controller.verdicts import Status
+    from controller.judging.verdicts import Status
+    from controller.settings.config import RecordSet, Region
 
 log = structlog.get_logger("regionshift.route53")
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from controller.verdicts import shared_trouble
-from controller.weights import shares, to_weights
+from controller.judging.verdicts import shared_trouble
+from controller.planning.weights import shares, to_weights
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from controller.config import RampPolicy, RecordSet
-    from controller.guardrails import Kind
-    from controller.verdicts import Verdict
+    from controller.judging.verdicts import Verdict
+    from controller.planning.guardrails import Kind
+    from controller.settings.config import RampPolicy, RecordSet
 
 RampStatus = Literal["pending", "running", "baking", "paused", "done", "rolled_back", "aborted"]
 RAMP_STATUSES: tuple[RampStatus, ...] = ("pending", "running", "baking", "paused", "done", "rolled_back", "aborted")

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, TextIO
 import aiohttp
 import boto3
 
-from controller.config import (
+from controller.acting.route53 import Actuator, make_client
+from controller.daemon import Daemon
+from controller.demo.verdicts import DEMO_REGIONS, start_daemon, stop_after
+from controller.demo.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
+from controller.planning.weights import shares
+from controller.settings.config import (
     Config,
     ControllerSettings,
     ErrorTest,
@@ -44,17 +49,12 @@ from controller.config import (
     SlowdownTest,
     VerdictPolicy,
 )
-from controller.daemon import Daemon
-from controller.demo import DEMO_REGIONS, start_daemon, stop_after
-from controller.route53 import Actuator, make_client
-from controller.weights import shares
-from controller.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
 from probes.spec import CloudWatchLagProbe, HttpProbe
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controller.reconciler import Action
+    from controller.acting.reconciler import Action
 
 RECORD = "api.demo.regionshift.internal"
 RAMP = "launch-eu-west-1"

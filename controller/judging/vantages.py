@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.sequential import Llr, cusum, fails_more, failures
+from controller.judging.sequential import Llr, cusum, fails_more, failures
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from controller.config import VerdictPolicy
-    from controller.windows import Window, WindowStore
+    from controller.judging.windows import Window, WindowStore
+    from controller.settings.config import VerdictPolicy
 
 
 def set_aside(

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from controller.verdicts import shared_trouble
-from controller.weights import MAX_WEIGHT, shares
+from controller.judging.verdicts import shared_trouble
+from controller.planning.weights import MAX_WEIGHT, shares
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from controller.config import RecordSet, Region
-    from controller.verdicts import Status
+    from controller.judging.verdicts import Status
+    from controller.settings.config import RecordSet, Region
 
 Kind = Literal["forward", "rollback", "evacuation", "restore"]
 # Every kind that gives some region more share on purpose: paced (guardrail 2). A rollback may

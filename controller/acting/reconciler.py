@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller import ramps
-from controller.evacuation import plan_evacuation
-from controller.guardrails import FORWARD_KINDS
-from controller.lease import provably_gone, this_process
-from controller.route53 import DriftError, GuardrailError, RetryableError, TerminalError
-from controller.weights import shares
+from controller.acting.route53 import DriftError, GuardrailError, RetryableError, TerminalError
+from controller.planning import ramps
+from controller.planning.evacuation import plan_evacuation
+from controller.planning.guardrails import FORWARD_KINDS
+from controller.planning.weights import shares
+from controller.state.holder import provably_gone, this_process
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from controller.config import Config, RampPolicy, RecordSet
-    from controller.guardrails import Kind
-    from controller.route53 import Actuator
-    from controller.store import Outcome, Store
-    from controller.verdicts import Verdict
+    from controller.acting.route53 import Actuator
+    from controller.judging.verdicts import Verdict
+    from controller.planning.guardrails import Kind
+    from controller.settings.config import Config, RampPolicy, RecordSet
+    from controller.state.store import Outcome, Store
 
 log = structlog.get_logger("regionshift.reconciler")
 _EPS = 1e-9  # float noise in percent

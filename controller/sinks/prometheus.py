@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.verdicts import STATUSES
+from controller.judging.verdicts import STATUSES
 from probes.results import OUTCOMES
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import Counter as CounterChild
     from prometheus_client.metrics import Histogram as HistogramChild
 
-    from controller.verdicts import Status
+    from controller.judging.verdicts import Status
     from probes.results import Result
 
 # Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in

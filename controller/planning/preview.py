@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.config import ConfigError
-from controller.guardrails import moved_share
-from controller.ramps import step_weights
-from controller.weights import shares
+from controller.planning.guardrails import moved_share
+from controller.planning.ramps import step_weights
+from controller.planning.weights import shares
+from controller.settings.config import ConfigError
 
 if TYPE_CHECKING:
-    from controller.config import Config
+    from controller.settings.config import Config
 
 
 def _duration(seconds: float) -> str:

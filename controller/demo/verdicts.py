@@ -1,5 +1,5 @@
 """`regionshift demo --scenario verdicts`: three simulated regions, the controller watching them,
-a scripted fault. (The default scenario, a region launch, is in `controller.launch`.)
+a scripted fault. (The default scenario, a region launch, is in `controller.demo.launch`.)
 
 The demo starts its own local world on loopback, configures the controller for it, prints the
 API address and a live timeline of verdicts while a script injects a partial failure (40% of
@@ -15,15 +15,23 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from controller.config import Config, ControllerSettings, Policy, Region, RegionType, SlowdownTest, VerdictPolicy
 from controller.daemon import Daemon
-from controller.world import API_PATHS, SimulatedRegion
+from controller.demo.world import API_PATHS, SimulatedRegion
+from controller.settings.config import (
+    Config,
+    ControllerSettings,
+    Policy,
+    Region,
+    RegionType,
+    SlowdownTest,
+    VerdictPolicy,
+)
 from probes.spec import HttpProbe
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-    from controller.verdicts import Status, Transition
+    from controller.judging.verdicts import Status, Transition
 
 # name, type, residency, max_share
 DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (

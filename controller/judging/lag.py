@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from scipy.stats import theilslopes
 
-from controller.detectors import fresh
-from controller.verdicts import Assessment, RegionView, Status
+from controller.judging.detectors import fresh
+from controller.judging.verdicts import Assessment, RegionView, Status
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from controller.config import VerdictPolicy
-    from controller.windows import Sample
+    from controller.judging.windows import Sample
+    from controller.settings.config import VerdictPolicy
 
 
 class LagDetector:

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from controller.vantages import set_aside
+from controller.judging.vantages import set_aside
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
-    from controller.config import VerdictPolicy
-    from controller.windows import Window, WindowStore
+    from controller.judging.windows import Window, WindowStore
+    from controller.settings.config import VerdictPolicy
 
 Status = Literal["healthy", "degraded", "unhealthy", "unknown"]
 STATUSES: tuple[Status, ...] = ("healthy", "degraded", "unhealthy", "unknown")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-    from controller.reconciler import Reconciler
+    from controller.acting.reconciler import Reconciler
 
 
 class StateSource(Protocol):
