@@ -30,7 +30,8 @@ from controller.acting.route53 import Actuator, make_client
 from controller.demo.world import LocalRoute53, seed_weighted_group
 from controller.judging.verdicts import Verdict
 from controller.planning.ramps import RampState
-from controller.settings.config import Config, Member, Policy, RampPolicy, RecordSet, Region
+from controller.settings.policy import Policy, RampPolicy
+from controller.settings.schema import Config, Member, RecordSet, Region
 from controller.state.store import Store
 
 KEY = "bench"

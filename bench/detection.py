@@ -44,9 +44,10 @@ from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario
 from controller.judging.detectors import detectors_for
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
-from controller.settings.config import VerdictPolicy, load_policy
+from controller.settings.loading import load_policy
 
 if TYPE_CHECKING:
+    from controller.settings.policy import VerdictPolicy
     from probes.results import Result
 
 ONSET = 600.0

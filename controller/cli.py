@@ -14,13 +14,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from controller import logs
-from controller.settings.config import ConfigError, load_config
+from controller.settings.loading import ConfigError, load_config
 from controller.web.api import ListenError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from controller.settings.config import Config
+    from controller.settings.schema import Config
     from probes.results import Result
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

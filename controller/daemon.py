@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from controller.acting.reconciler import Action
     from controller.judging.verdicts import Transition
-    from controller.settings.config import Config, RecordSet
+    from controller.settings.schema import Config, RecordSet
     from probes.results import Result
 
 log = structlog.get_logger("regionshift.daemon")

@@ -17,7 +17,7 @@ import trustme
 from aiohttp import web
 
 from controller.demo.world import LocalRoute53, SimulatedRegion
-from controller.settings.config import load_policy
+from controller.settings.loading import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONSHIFT = str(Path(sys.executable).with_name("regionshift"))

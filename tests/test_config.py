@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from controller.cli import main
-from controller.settings.config import load_config
+from controller.settings.loading import load_config
 from probes.spec import parse_duration
 from tests.conftest import REGIONSHIFT, REPO
 

@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller import logs
 from controller.daemon import Daemon
 from controller.demo.world import free_port
-from controller.settings.config import Config, ControllerSettings, Policy, Region, SlowdownTest, VerdictPolicy
+from controller.settings.policy import Policy, SlowdownTest, VerdictPolicy
+from controller.settings.schema import Config, ControllerSettings, Region
 from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS

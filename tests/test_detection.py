@@ -15,7 +15,7 @@ from controller.judging.detectors import detectors_for
 from controller.judging.sequential import Llr, cusum
 from controller.judging.verdicts import Judge, Verdict
 from controller.judging.windows import WindowStore
-from controller.settings.config import ErrorTest, VerdictPolicy
+from controller.settings.policy import ErrorTest, VerdictPolicy
 from tests.conftest import SHIPPED_VERDICTS
 
 POLICY = SHIPPED_VERDICTS

@@ -10,7 +10,8 @@ from controller.judging.verdicts import Verdict
 from controller.planning.evacuation import plan_evacuation
 from controller.planning.guardrails import Proposal, check
 from controller.planning.weights import shares
-from controller.settings.config import EvacuationPolicy, Member, RecordSet, Region
+from controller.settings.policy import EvacuationPolicy
+from controller.settings.schema import Member, RecordSet, Region
 
 T0 = 1_800_000_000.0
 REGIONS = {

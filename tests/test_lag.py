@@ -14,14 +14,8 @@ from controller.judging.verdicts import Judge, RegionView, Verdict
 from controller.judging.windows import WindowStore
 from controller.planning.evacuation import plan_evacuation
 from controller.planning.weights import shares
-from controller.settings.config import (
-    Config,
-    ControllerSettings,
-    LagPolicy,
-    Policy,
-    Region,
-    VerdictPolicy,
-)
+from controller.settings.policy import LagPolicy, Policy, VerdictPolicy
+from controller.settings.schema import Config, ControllerSettings, Region
 from probes.results import Result
 from probes.spec import PostgresLagProbe, Secret
 from tests import test_evacuation as evac  # the evacuation planner's fixtures

@@ -17,15 +17,8 @@ from controller.acting.route53 import Actuator, make_client
 from controller.demo.world import seed_weighted_group
 from controller.judging.verdicts import Verdict
 from controller.planning.weights import shares
-from controller.settings.config import (
-    Config,
-    ControllerSettings,
-    Member,
-    RecordSet,
-    Region,
-    Route53Settings,
-    load_policy,
-)
+from controller.settings.loading import load_policy
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from controller.state.store import Store
 from tests import pacing
 from tests.test_shifting import CREDENTIALS, direct_client, read_weights, set_weight

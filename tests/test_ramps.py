@@ -12,7 +12,8 @@ from controller.judging.verdicts import Verdict
 from controller.planning.guardrails import Proposal, check
 from controller.planning.ramps import RampState, View, act, applied, plan
 from controller.planning.weights import shares
-from controller.settings.config import Member, RampPolicy, RecordSet, Region
+from controller.settings.policy import RampPolicy
+from controller.settings.schema import Member, RecordSet, Region
 
 T0 = 1_800_000_000.0
 TTL = 60

@@ -10,7 +10,7 @@ from botocore.stub import Stubber
 
 from controller.acting.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
 from controller.demo.world import seed_weighted_group
-from controller.settings.config import Member, RecordSet, Region
+from controller.settings.schema import Member, RecordSet, Region
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

@@ -15,7 +15,8 @@ from controller.judging.windows import WindowStore
 from controller.planning.evacuation import plan_evacuation
 from controller.planning.ramps import Pending, RampState, View, plan
 from controller.planning.weights import shares
-from controller.settings.config import EvacuationPolicy, Member, RampPolicy, RecordSet, Region
+from controller.settings.policy import EvacuationPolicy, RampPolicy
+from controller.settings.schema import Member, RecordSet, Region
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
 

@@ -17,19 +17,8 @@ from controller.acting.route53 import make_client
 from controller.daemon import Daemon
 from controller.demo.world import seed_weighted_group
 from controller.planning.weights import shares
-from controller.settings.config import (
-    Config,
-    ControllerSettings,
-    GuardrailPolicy,
-    Member,
-    Policy,
-    RampPolicy,
-    RecordSet,
-    Region,
-    Route53Settings,
-    SlowdownTest,
-    VerdictPolicy,
-)
+from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy, SlowdownTest, VerdictPolicy
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from controller.state.store import Store
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT

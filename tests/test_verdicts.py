@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.judging.detectors import ThresholdDetector
+from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, combine
 from controller.judging.windows import MAX_SAMPLES, Window, WindowStats, WindowStore
-from controller.settings.config import LatencyObjective, VerdictPolicy
+from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.results import Result
 
 T0 = 1_800_000_000.0

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.planning.guardrails import Proposal, check, moved_share
-from controller.planning.weights import MAX_WEIGHT, shares, to_weights
-from controller.settings.config import Member, RecordSet, Region
+from controller.planning.weights import shares, to_weights
+from controller.settings.limits import MAX_WEIGHT
+from controller.settings.schema import Member, RecordSet, Region
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import aiohttp
 
-from controller.judging.detectors import ThresholdDetector
+from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
-from controller.settings.config import LatencyObjective, VerdictPolicy
+from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
 

@@ -24,6 +24,7 @@ from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
 from controller.planning.guardrails import FORWARD_KINDS
 from controller.planning.weights import shares
+from controller.settings.limits import SHARE_EPSILON
 from controller.state.holder import provably_gone, this_process
 
 if TYPE_CHECKING:
@@ -32,11 +33,11 @@ if TYPE_CHECKING:
     from controller.acting.route53 import Actuator
     from controller.judging.verdicts import Verdict
     from controller.planning.guardrails import Kind
-    from controller.settings.config import Config, RampPolicy, RecordSet
+    from controller.settings.policy import RampPolicy
+    from controller.settings.schema import Config, RecordSet
     from controller.state.store import Outcome, Store
 
 log = structlog.get_logger("regionshift.reconciler")
-_EPS = 1e-9  # float noise in percent
 
 
 @dataclass
@@ -353,7 +354,7 @@ class Reconciler:
                 {
                     m.region
                     for m in rs.members
-                    if abs(after[m.set_identifier] - before.get(m.set_identifier, 0.0)) > _EPS
+                    if abs(after[m.set_identifier] - before.get(m.set_identifier, 0.0)) > SHARE_EPSILON
                 }
             )
         )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from mypy_boto3_route53 import Route53Client
 
     from controller.judging.verdicts import Status
-    from controller.settings.config import RecordSet, Region
+    from controller.settings.schema import RecordSet, Region
 
 log = structlog.get_logger("regionshift.route53")
 

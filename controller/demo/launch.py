@@ -33,22 +33,17 @@ from controller.daemon import Daemon
 from controller.demo.verdicts import DEMO_REGIONS, start_daemon, stop_after
 from controller.demo.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
 from controller.planning.weights import shares
-from controller.settings.config import (
-    Config,
-    ControllerSettings,
+from controller.settings.policy import (
     ErrorTest,
     GuardrailPolicy,
     LagPolicy,
-    Member,
     PeerPolicy,
     Policy,
     RampPolicy,
-    RecordSet,
-    Region,
-    Route53Settings,
     SlowdownTest,
     VerdictPolicy,
 )
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from probes.spec import CloudWatchLagProbe, HttpProbe
 
 if TYPE_CHECKING:

@@ -17,15 +17,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from controller.daemon import Daemon
 from controller.demo.world import API_PATHS, SimulatedRegion
-from controller.settings.config import (
-    Config,
-    ControllerSettings,
-    Policy,
-    Region,
-    RegionType,
-    SlowdownTest,
-    VerdictPolicy,
-)
+from controller.settings.policy import Policy, SlowdownTest, VerdictPolicy
+from controller.settings.schema import Config, ControllerSettings, Region, RegionType
 from probes.spec import HttpProbe
 
 if TYPE_CHECKING:

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from scipy.stats import theilslopes
 
-from controller.judging.detectors import fresh
+from controller.judging.findings import fresh
 from controller.judging.verdicts import Assessment, RegionView, Status
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.judging.windows import Sample
-    from controller.settings.config import VerdictPolicy
+    from controller.settings.policy import VerdictPolicy
 
 
 class LagDetector:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from controller.judging.windows import Sample
-    from controller.settings.config import SequentialTest
+    from controller.settings.policy import SequentialTest
 
 
 # One outcome: when, from which vantage, and whether it counts against the region. Plain

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.judging.windows import Window, WindowStore
-    from controller.settings.config import VerdictPolicy
+    from controller.settings.policy import VerdictPolicy
 
 
 def set_aside(

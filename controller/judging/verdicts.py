@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
     from controller.judging.windows import Window, WindowStore
-    from controller.settings.config import VerdictPolicy
+    from controller.settings.policy import VerdictPolicy
 
 Status = Literal["healthy", "degraded", "unhealthy", "unknown"]
 STATUSES: tuple[Status, ...] = ("healthy", "degraded", "unhealthy", "unknown")

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.judging.verdicts import shared_trouble
-from controller.planning.weights import MAX_WEIGHT, shares
+from controller.planning.weights import shares
+from controller.settings.limits import MAX_WEIGHT, SHARE_EPSILON
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.judging.verdicts import Verdict
     from controller.planning.guardrails import Kind
-    from controller.settings.config import EvacuationPolicy, RecordSet, Region
-
-_EPS = 1e-9
+    from controller.settings.policy import EvacuationPolicy
+    from controller.settings.schema import RecordSet, Region
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ def plan_evacuation(
         )
     current = shares(observed)
     caps = {m.set_identifier: _cap(regions[m.region]) for m in record_set.members}
-    bad = [sid for sid in observed if current[sid] > _EPS and status(sid) in ("degraded", "unhealthy")]
+    bad = [sid for sid in observed if current[sid] > SHARE_EPSILON and status(sid) in ("degraded", "unhealthy")]
     unconfirmed = [sid for sid in bad if now - verdicts[region_of[sid]].since < policy.confirm_after]
     if unconfirmed and len(unconfirmed) == len(bad):
         names = ", ".join(sorted(f"{region_of[s]} ({status(s)})" for s in bad))
@@ -93,7 +93,7 @@ def plan_evacuation(
     if dict(observed) == dict(home):
         return EvacuationPlan(reason="at home weights")
     home_shares = shares(home)
-    deficit = {sid: home_shares[sid] - current[sid] for sid in home if home_shares[sid] > current[sid] + _EPS}
+    deficit = {sid: home_shares[sid] - current[sid] for sid in home if home_shares[sid] > current[sid] + SHARE_EPSILON}
     ready = {sid: d for sid, d in deficit.items() if healthy_for(sid) >= policy.restore_after}
     if not ready:
         waiting = ", ".join(f"{region_of[s]} ({status(s)}, healthy {healthy_for(s):.0f}s)" for s in deficit)
@@ -103,7 +103,7 @@ def plan_evacuation(
     excess = {
         sid: current[sid] - home_shares.get(sid, 0.0)
         for sid in current
-        if current[sid] > home_shares.get(sid, 0.0) + _EPS
+        if current[sid] > home_shares.get(sid, 0.0) + SHARE_EPSILON
     }
     if not excess:
         return EvacuationPlan(reason="nothing above its home share to give back")
@@ -139,7 +139,7 @@ def _shift(
     weights = {sid: w * scale for sid, w in observed.items()}
     total = sum(weights.values())
     room = {sid: max(0, min(MAX_WEIGHT, math.floor(caps[sid] / 100 * total)) - weights[sid]) for sid in gainers}
-    units = min(math.floor(amount / 100 * total + _EPS), sum(weights[s] for s in losers), sum(room.values()))
+    units = min(math.floor(amount / 100 * total + SHARE_EPSILON), sum(weights[s] for s in losers), sum(room.values()))
     if units <= 0:
         return EvacuationPlan(reason=f"{reason}: no room to move within max_step and the caps; holding")
     take = _apportion(units, {s: b for s, b in losers.items() if weights[s] > 0}, {s: weights[s] for s in losers})

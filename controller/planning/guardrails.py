@@ -11,20 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from controller.judging.verdicts import shared_trouble
-from controller.planning.weights import MAX_WEIGHT, shares
+from controller.planning.weights import shares
+from controller.settings.limits import MAX_WEIGHT, SHARE_EPSILON
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.judging.verdicts import Status
-    from controller.settings.config import RecordSet, Region
+    from controller.settings.schema import RecordSet, Region
 
 Kind = Literal["forward", "rollback", "evacuation", "restore"]
 # Every kind that gives some region more share on purpose: paced (guardrail 2). A rollback may
 # jump back at once.
 FORWARD_KINDS: tuple[Kind, ...] = ("forward", "evacuation", "restore")
 # Share comparisons are in percent; this absorbs float noise, not policy.
-_EPSILON = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +95,9 @@ def check(
             )
         if weight and rs.takes_writes and region.type == "read-only":
             found.append(Violation("read_only", f"{rs.name}/{sid}: read-only {region.name} in a set that takes writes"))
-        grows = share > old_shares.get(sid, 0.0) + _EPSILON
+        grows = share > old_shares.get(sid, 0.0) + SHARE_EPSILON
         # Above the cap and growing is refused; a batch bringing a region down toward its cap is not.
-        if region.type == "lightweight" and share > region.max_share + _EPSILON and grows:
+        if region.type == "lightweight" and share > region.max_share + SHARE_EPSILON and grows:
             found.append(
                 Violation(
                     "max_share",
@@ -117,8 +117,8 @@ def check(
     # same probe would keep users on the failing region; unhealthy_target still applies to it.
     if old_shares and proposal.kind in FORWARD_KINDS:
         region_of = {sid: members[sid].region for sid in after}
-        gaining = [region_of[s] for s in after if new_shares[s] > old_shares.get(s, 0.0) + _EPSILON]
-        losing = [region_of[s] for s in after if new_shares[s] < old_shares.get(s, 0.0) - _EPSILON]
+        gaining = [region_of[s] for s in after if new_shares[s] > old_shares.get(s, 0.0) + SHARE_EPSILON]
+        losing = [region_of[s] for s in after if new_shares[s] < old_shares.get(s, 0.0) - SHARE_EPSILON]
         same = shared_trouble(gaining, losing, troubles or {})
         if same is not None:
             gainer, loser, probes = same
@@ -147,7 +147,7 @@ def check(
             )
         else:
             moved = moved_share(proposal.before, after)
-            if moved > max_step + _EPSILON:
+            if moved > max_step + SHARE_EPSILON:
                 found.append(
                     Violation(
                         "max_step",

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 from controller.planning.guardrails import moved_share
 from controller.planning.ramps import step_weights
 from controller.planning.weights import shares
-from controller.settings.config import ConfigError
+from controller.settings.loading import ConfigError
 
 if TYPE_CHECKING:
-    from controller.settings.config import Config
+    from controller.settings.schema import Config
 
 
 def _duration(seconds: float) -> str:

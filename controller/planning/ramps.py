@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from controller.judging.verdicts import shared_trouble
 from controller.planning.weights import shares, to_weights
+from controller.settings.limits import SHARE_EPSILON
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from controller.judging.verdicts import Verdict
     from controller.planning.guardrails import Kind
-    from controller.settings.config import RampPolicy, RecordSet
+    from controller.settings.policy import RampPolicy
+    from controller.settings.schema import RecordSet
 
 RampStatus = Literal["pending", "running", "baking", "paused", "done", "rolled_back", "aborted"]
 RAMP_STATUSES: tuple[RampStatus, ...] = ("pending", "running", "baking", "paused", "done", "rolled_back", "aborted")
 ACTIVE: frozenset[RampStatus] = frozenset({"running", "baking", "paused"})
 Action = Literal["start", "pause", "resume", "abort"]
-_EPS = 1e-9  # float noise in percent
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,11 @@ def _would_grow_unhealthy(view: View, weights: Mapping[str, int], *, forward: bo
     gaining, losing = [], []
     for member in view.record_set.members:
         sid = member.set_identifier
-        if new[sid] > old.get(sid, 0.0) + _EPS:
+        if new[sid] > old.get(sid, 0.0) + SHARE_EPSILON:
             if view.status(member.region) != "healthy":
                 return f"{member.region} would gain share but is {view.status(member.region)}"
             gaining.append(member.region)
-        elif new[sid] < old.get(sid, 0.0) - _EPS:
+        elif new[sid] < old.get(sid, 0.0) - SHARE_EPSILON:
             losing.append(member.region)
     troubles = {r: v.troubles for r, v in view.verdicts.items()}
     same = shared_trouble(gaining, losing, troubles) if forward else None

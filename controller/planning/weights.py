@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from controller.settings.limits import MAX_WEIGHT
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-MAX_WEIGHT = 255
 _EXACT = 1e-12
 
 

@@ -1,0 +1,84 @@
+"""The error-rate detector: sequential tests of each probe's failures against the acceptable error
+ratio; it decides as soon as the evidence suffices.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from controller.judging.findings import (
+    BAD_STATES,
+    LEANING,
+    SequentialDetector,
+    fresh,
+    run_evidence,
+    vantages_text,
+)
+from controller.judging.peers import errors_vs_peers
+from controller.judging.sequential import Llr, cusum, failures
+
+if TYPE_CHECKING:
+    from controller.judging.verdicts import RegionView
+    from controller.settings.policy import VerdictPolicy
+
+
+class ErrorDetector(SequentialDetector):
+    """Sequential tests (CUSUM) of each probe's failures, every fresh vantage pooled, against
+    the policy's acceptable and unacceptable error ratios, each over its own horizon. A probe
+    fails when one test's evidence crosses its threshold, a quorum of vantages agree, and the
+    region is worse than its peers. The tests run in the policy's order; the first that holds
+    decides, so a big fault is named by the fast test and a small one by the patient test."""
+
+    name = "errors"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self.tests = [(test, Llr.of(test), policy.horizon(test)) for test in policy.errors]
+
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
+        p = self.policy
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        if not windows:
+            return "unknown", None
+        outcome: tuple[str, str | None] = ("ok", None)
+        best = 0.0
+        for test, llr, horizon in self.tests:
+            bad = sum(w.failures(now, horizon) for w in windows.values())
+            floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
+            if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
+                continue
+            events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
+            run = cusum(events, llr)
+            if run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows)):
+                evidence["leaning"] = True
+            if run.statistic / run.threshold > best:
+                best = run.statistic / run.threshold
+                evidence.update(run_evidence(run, now), acceptable=test.acceptable, unacceptable=test.unacceptable)
+            if not run.tripped or run.since is None:
+                continue
+            # A fault that has stopped is not held: a long run's evidence would otherwise take
+            # as long to fade as it took to build. The last verdict window must still lean bad.
+            recent = [e[2] for e in events if e[0] > now - p.window]
+            if horizon > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
+                what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s, the last {p.window:g}s lean healthy"
+                outcome = ("ok", f"{what}: over")
+                continue
+            since = run.since
+            what = (
+                f"{probe}: {run.bad} of {run.events} probes failed in the last {now - since:.0f}s "
+                f"({run.ratio:.1%}; acceptable {test.acceptable:.1%}) from {vantages_text(run)}"
+            )
+            state = "failing" if run.ratio >= 1 - p.unhealthy_below else "degraded"
+            outcome = self._finding(
+                view,
+                what,
+                run,
+                len(windows),
+                lambda: errors_vs_peers(view, probe, since, now, p, llr, horizon),  # noqa: B023 - called at once
+                state,
+                evidence,
+            )
+            if outcome[0] in BAD_STATES or outcome[0] == "shared":
+                break
+        evidence.setdefault("llr", 0.0)
+        return outcome

@@ -1,0 +1,135 @@
+"""How a probe's state becomes a finding, and a region's status: which states show trouble,
+which vantages are fresh, the quorum, and what the sequential detectors share (a tripped test
+held at a quorum of vantages, then against the peers).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from controller.judging.verdicts import Assessment, RegionView, Status
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
+    from controller.judging.peers import PeerCheck
+    from controller.judging.sequential import Run
+    from controller.judging.windows import Sample, Window, WindowStats
+    from controller.settings.policy import VerdictPolicy
+
+
+BAD_STATES = frozenset({"failing", "degraded", "slow"})
+
+
+# A probe in one of these states shows trouble, held against its region or not ("shared-down":
+# its last results all failed, and so did its peers': not held, and not healthy either).
+TROUBLE_STATES = BAD_STATES | {"shared", "shared-down"}
+
+
+# A sequential test this far toward its threshold leans bad: the probe shows trouble even while
+# nothing is held against it. For errors that is two close failures (one is noise); for latency,
+# slow outcomes that also clear the effect size.
+LEANING = 0.5
+
+
+def fresh(windows: Mapping[str, Window], now: float, stale_after: float) -> dict[str, Window]:
+    return {v: w for v, w in windows.items() if (age := w.age(now)) is not None and age <= stale_after}
+
+
+def region_status(states: Mapping[str, str]) -> Status:
+    """One region's status from its probes' states (failing, degraded, slow, unknown, ok, shared)."""
+    values = set(states.values())
+    if values == {"failing"}:
+        return "unhealthy"
+    if values & BAD_STATES:
+        return "degraded"
+    if values & {"unknown", "shared-down"}:
+        return "unknown"
+    return "healthy"
+
+
+def quorum(policy: VerdictPolicy, vantages: int) -> int:
+    """How many vantages must agree: the policy's quorum, or all of them when fewer report."""
+    return max(1, min(policy.vantages.quorum, vantages))
+
+
+def samples_since(samples: Iterable[Sample], since: float) -> list[Sample]:
+    return [s for s in samples if s.at >= since]
+
+
+def vantages_text(run: Run) -> str:
+    return ", ".join(f"{v} {bad}/{n}" for v, (n, bad) in sorted(run.by_vantage.items()))
+
+
+def run_evidence(run: Run, now: float) -> dict[str, Any]:
+    return {
+        "llr": round(run.statistic, 3),
+        "threshold": round(run.threshold, 3),
+        "since": round(now - run.since, 3) if run.since is not None else None,
+        "events": run.events,
+        "bad": run.bad,
+    }
+
+
+class SequentialDetector:
+    """What the sequential detectors share: one pass over the region's probes, and how a
+    tripped test becomes a finding (a quorum of vantages, then the peers)."""
+
+    name: str
+    policy: VerdictPolicy
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            evidence[probe] = {}
+            states[probe], reason = self._probe(view, probe, now, evidence[probe])
+            if reason:
+                reasons.append(reason)
+        troubles = frozenset(p for p, state in states.items() if state in TROUBLE_STATES or evidence[p].get("leaning"))
+        return Assessment(region_status(states), tuple(reasons), evidence, troubles)
+
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    def _beyond_quorum(self, run: Run, vantages: int) -> bool:
+        """Whether the run still shows beyond the quorum - 1 vantages that see most of it: what
+        a probe needs to show trouble, so that one vantage's bad path marks no region."""
+        return run.beyond(quorum(self.policy, vantages) - 1)[1] < self.policy.vantages.agree_level
+
+    def _finding(
+        self,
+        view: RegionView,
+        what: str,
+        run: Run,
+        vantages: int,
+        peers: Callable[[], PeerCheck],
+        state: str,
+        evidence: dict[str, Any],
+    ) -> tuple[str, str]:
+        needed = quorum(self.policy, vantages)
+        left_out, tail = run.beyond(needed - 1)
+        evidence["quorum"] = {"needed": needed, "left_out": list(left_out), "p_rest": round(tail, 6)}
+        if tail >= self.policy.vantages.agree_level:
+            return "ok", f"{what}: not seen beyond {', '.join(left_out)} (quorum {needed}), not held"
+        check = peers()
+        evidence["peers"] = check.evidence()
+        if not check.regional:
+            return ("shared" if check.shared else "ok"), f"{what}, {check.text()}, not held against {view.region}"
+        return state, f"{what}, {check.text()}"
+
+
+def run_start(windows: Iterable[Window], now: float, span: float, last: int) -> float:
+    """When the newest `last` failures in a row began: the oldest of them at any vantage."""
+    start = now
+    for window in windows:
+        for count, sample in enumerate(reversed(window.samples(now, span))):
+            if sample.ok or count >= last:
+                break
+            start = min(start, sample.at)
+    return start
+
+
+def errors_text(stats: WindowStats) -> str:
+    return " (" + ", ".join(f"{k} x{n}" for k, n in sorted(stats.errors.items())) + ")" if stats.errors else ""

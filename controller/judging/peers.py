@@ -1,0 +1,126 @@
+"""Peers: how one region compares with the other regions running the same probe. A fault every
+region shares is not held against one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controller.judging.findings import (
+    fresh,
+    samples_since,
+)
+from controller.judging.sequential import Llr, fails_more
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from controller.judging.verdicts import RegionView
+    from controller.settings.policy import VerdictPolicy
+
+
+# A peer with fewer results than this over the compared span is not compared.
+MIN_PEER_SAMPLES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCheck:
+    """How one region compares with the other regions running the same probe."""
+
+    compared: tuple[str, ...] = ()
+    worse_than: tuple[str, ...] = ()  # significantly worse, by at least the effect size
+    alike: tuple[str, ...] = ()  # elevated themselves: failing or slow more than a healthy peer
+    detail: dict[str, Any] = field(default_factory=dict)
+    # Significantly worse (by the effect size) than every compared peer's results pooled; None
+    # when no peer has enough results to compare.
+    apart: bool | None = None
+
+    @property
+    def shared(self) -> bool:
+        """At least half of the peers show the same trouble: a shared cause (or the prober) is
+        likelier than several regions failing apart, and evacuating one region would not help."""
+        return bool(self.compared) and len(self.alike) * 2 >= len(self.compared)
+
+    @property
+    def regional(self) -> bool:
+        """Fewer than half of the peers show the same trouble, and the region is significantly
+        worse than the peers taken together (or there is none to compare with): the finding
+        stands against this region. Pooled, because in the first seconds of a fault that every
+        region shares, each peer has too few results of its own to look alike; pooled peers
+        still tell a region failing 40% of probes apart within a few probe rounds."""
+        return not self.shared and self.apart is not False
+
+    @property
+    def set_apart(self) -> bool:
+        """Significantly worse than at least half of the peers (or no peers to compare): what
+        a raw limit, which carries no test of its own, needs before it blames a region."""
+        return self.regional and len(self.worse_than) * 2 >= len(self.compared)
+
+    def text(self) -> str:
+        if self.shared:
+            return f"like {', '.join(self.alike)}: a shared cause"
+        if not self.compared:
+            return "no peer result yet to compare with" if self.apart is False else "no peer region to compare with"
+        if self.apart is False:
+            return f"not yet significantly worse than {', '.join(self.compared)} together"
+        if self.worse_than:
+            return f"worse than {', '.join(self.worse_than)}"
+        return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "worse_than": list(self.worse_than),
+            "alike": list(self.alike),
+            "apart": self.apart,
+            "peers": self.detail,
+        }
+
+
+def pooled_apart(samples: int, test: Callable[[], bool]) -> bool | None:
+    """The pooled comparison: None without any peer result (nothing to compare with: the
+    finding stands), False while there are too few to tell (a run a second old waits a moment)."""
+    if samples == 0:
+        return None
+    return samples >= MIN_PEER_SAMPLES and test()
+
+
+def errors_vs_peers(
+    view: RegionView, probe: str, since: float, now: float, policy: VerdictPolicy, llr: Llr, span: float
+) -> PeerCheck:
+    """Fisher's exact test (one-sided) of this region's failures against each peer's since
+    `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
+    times theirs. A peer is alike when its own failures lean bad on the test `llr` steps."""
+
+    def counts(v: RegionView) -> tuple[int, int]:
+        samples = [
+            s for w in fresh(v.windows_of(probe), now, policy.stale_after).values() for s in w.samples(now, span)
+        ]
+        recent = samples_since(samples, since)
+        return len(recent), sum(not s.ok for s in recent)
+
+    n, bad = counts(view)
+    if n == 0:
+        return PeerCheck()
+
+    def worse(theirs: int, their_bad: int) -> tuple[bool, float]:
+        return fails_more((n, bad), (theirs, their_bad), policy.peers.significance, policy.peers.min_error_ratio)
+
+    compared, worse_than, alike, detail = [], [], [], {}
+    total, total_bad = 0, 0
+    for name, peer in sorted(view.peers.items()):
+        if probe not in peer.probes:
+            continue
+        pn, pbad = counts(peer)
+        compared.append(name)
+        total, total_bad = total + pn, total_bad + pbad
+        if pn < MIN_PEER_SAMPLES:
+            continue
+        if llr.of_counts(pn, pbad) > 0:  # the peer fails more often than a healthy one would
+            alike.append(name)
+        is_worse, p_value = worse(pn, pbad)
+        detail[name] = {"error_ratio": round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
+        if is_worse:
+            worse_than.append(name)
+    apart = pooled_apart(total, lambda: worse(total, total_bad)[0])
+    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)

@@ -1,0 +1,100 @@
+"""The slowdown detector: a sequential test on latency against the region's own recent baseline,
+so a region 50% slower than usual is caught even far under any fixed objective.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from scipy.stats import mannwhitneyu
+
+from controller.judging.baselines import Baselines
+from controller.judging.findings import (
+    LEANING,
+    SequentialDetector,
+    fresh,
+    run_evidence,
+    vantages_text,
+)
+from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
+from controller.judging.sequential import Llr, cusum, slower
+
+if TYPE_CHECKING:
+    from controller.judging.verdicts import RegionView
+    from controller.settings.policy import VerdictPolicy
+
+
+class SlowdownDetector(SequentialDetector):
+    """Sequential test of each probe's latency against its own baseline: a successful result
+    slower than the baseline's quantile is a 'slow' outcome, expected at 1 - quantile when
+    nothing changed. A probe is slow when the test trips, a quorum of vantages agree, its
+    median is `min_effect` above its baseline, and a rank test (Mann-Whitney U, one-sided) finds
+    it slower than its peers by that effect too, each relative to its own baseline."""
+
+    name = "slowdown"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self.llr = Llr.of(policy.slowdown)
+        self.baselines = Baselines(policy)
+
+    def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
+        p = self.policy
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        base = {v: b for v, w in windows.items() if (b := self.baselines.of(w, now)) is not None}
+        evidence["baseline"] = {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
+        if not base:
+            return "ok", None
+        run = cusum(
+            slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}),
+            self.llr,
+        )
+        evidence.update(run_evidence(run, now))
+        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(base))
+        if not (run.tripped or leaning) or run.since is None:
+            return "ok", None
+        since = run.since
+        mine, _ = self.baselines.relative({v: windows[v] for v in base}, since, now)
+        effect = statistics.median(mine) if mine else 1.0
+        evidence["relative_median"] = round(effect, 3)
+        if effect < 1 + p.slowdown.min_effect:  # slower than usual, but not by enough to count
+            return "ok", None
+        evidence["leaning"] = True
+        if not run.tripped:
+            return "ok", None
+        what = (
+            f"{probe}: {run.bad} of {run.events} results slower than usual in the last "
+            f"{now - since:.0f}s, median {effect:.2f}x its baseline, from {vantages_text(run)}"
+        )
+        return self._finding(
+            view, what, run, len(base), lambda: self._vs_peers(view, probe, mine, since, now), "slow", evidence
+        )
+
+    def _vs_peers(self, view: RegionView, probe: str, mine: list[float], since: float, now: float) -> PeerCheck:
+        p = self.policy
+
+        def worse(theirs: list[float]) -> tuple[bool, float, float]:
+            p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
+            their_median = statistics.median(theirs)
+            ratio = statistics.median(mine) / their_median
+            return p_value < p.peers.significance and ratio >= 1 + p.slowdown.min_effect, p_value, their_median
+
+        compared, worse_than, alike, detail = [], [], [], {}
+        pooled: list[float] = []
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            theirs, slow = self.baselines.relative(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            compared.append(name)
+            pooled.extend(theirs)
+            if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
+                continue
+            if self.llr.of_counts(len(theirs), slow) > 0:  # the peer is slower than usual too
+                alike.append(name)
+            is_worse, p_value, their_median = worse(theirs)
+            detail[name] = {"relative_median": round(their_median, 3), "p_value": round(p_value, 6)}
+            if is_worse:
+                worse_than.append(name)
+        apart = pooled_apart(min(len(pooled), len(mine)), lambda: worse(pooled)[0])
+        return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)

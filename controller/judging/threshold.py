@@ -1,0 +1,208 @@
+"""The threshold detector: fixed limits (success ratio, latency objective, consecutive failures)."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+from scipy.stats import binom
+
+from controller.judging.findings import (
+    BAD_STATES,
+    TROUBLE_STATES,
+    errors_text,
+    fresh,
+    quorum,
+    region_status,
+    run_start,
+)
+from controller.judging.peers import PeerCheck, errors_vs_peers
+from controller.judging.sequential import Llr
+from controller.judging.verdicts import Assessment, RegionView
+from controller.judging.windows import WindowStats
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from controller.judging.windows import Window
+    from controller.settings.policy import VerdictPolicy
+
+
+class ThresholdDetector:
+    """Success ratio and latency quantile per probe against the policy's fixed thresholds.
+
+    Every vantage's fresh results for a probe are pooled. A probe whose last `down_after`
+    results failed at every fresh vantage is failing at once, whatever its window's ratio (a
+    region that went down must not wait for its window to fill with failures). A probe with no
+    fresh result, or with fewer than `min_samples`, is not judged. The region is `unhealthy` when every judged probe
+    is below `unhealthy_below` (and none is unjudged), `degraded` when any probe is below
+    `degraded_below` or slower than the latency objective, `unknown` when any probe is not
+    judged, and `healthy` only when every probe was judged and passed.
+    """
+
+    name = "threshold"
+
+    def __init__(self, policy: VerdictPolicy) -> None:
+        self.policy = policy
+        self.llr = Llr.of(policy.errors[0])  # whose steps say whether a peer fails too
+
+    def assess(self, view: RegionView, now: float) -> Assessment:
+        if not view.probes:
+            # A region probed only by kinds other detectors judge (replication lag) has nothing
+            # for this one to say; a region with no probe of any kind has no results at all.
+            if view.windows:
+                return Assessment("healthy")
+            return Assessment("unknown", ("no probes configured for this region",))
+        states: dict[str, str] = {}
+        reasons: list[str] = []
+        evidence: dict[str, Any] = {}
+        for probe in view.probes:
+            state, reason, evidence[probe] = self._probe(view, probe, now)
+            states[probe] = state
+            if reason:
+                reasons.append(f"{probe}: {reason}")
+        troubles = frozenset(p for p, state in states.items() if state in TROUBLE_STATES)
+        # Every probe down, at least one of them held against this region: the region is down,
+        # even where a peer happens to fail one of the same probes (that probe alone would be
+        # a shared cause, not the region as a whole).
+        down = all(e.get("consecutive_failures") for e in evidence.values())
+        if down and "failing" in states.values():
+            states = dict.fromkeys(states, "failing")
+        return Assessment(region_status(states), tuple(reasons), evidence, troubles)
+
+    def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
+        state, reason, evidence = self._limits(view.windows_of(probe), now)
+        if state not in BAD_STATES:
+            return state, reason, evidence
+        p = self.policy
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        if evidence.get("consecutive_failures"):
+            # Every fresh vantage saw the run (a quorum by construction); the peers must be
+            # answering where this region fails, or it is a shared cause, not this region. A
+            # probe whose results all fail is never healthy, though: not held, it is unknown.
+            # The peers are looked at over twice the span of the last `down_after` failures: a
+            # fault every region shares fails each at random, and a peer that happened to
+            # answer a few times in a row would otherwise vouch for a shared fault's first seconds.
+            start = run_start(windows.values(), now, p.window, p.down_after)
+            down = self._down_peers(view, probe, start - (now - start), now)
+            evidence["peers"] = down.evidence()
+            if not down.set_apart:
+                return ("shared-down" if down.shared else "unknown"), f"{reason}, {down.text()}, not held", evidence
+            return state, f"{reason}, {down.text()}", evidence
+        # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
+        agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now)[0] == state)
+        needed = quorum(p, len(windows))
+        if len(agreeing) < needed:
+            return "ok", f"{reason}: only {len(agreeing)} of {needed} vantages needed agree, not held", evidence
+        if state == "slow":
+            peers = self._slow_peers(view, probe, now)
+        else:
+            peers = errors_vs_peers(view, probe, now - p.window, now, p, self.llr, p.window)
+        evidence["peers"] = peers.evidence()
+        if not peers.set_apart:  # a raw limit has no test of its own: the peers supply it
+            return (
+                ("shared" if peers.shared else "ok"),
+                f"{reason}, {peers.text()}, not held against {view.region}",
+                evidence,
+            )
+        return state, reason, evidence
+
+    def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
+        """Peers since `since` (the caller's span slides as an outage goes on, so one stray
+        failure of a peer holds nothing for long). A peer is alike when it failed in that span
+        too, or when its failures over the verdict window are more than a healthy target's noise
+        (binomial tail at the acceptable ratio under `peers.significance`); either after leaving
+        out its quorum - 1 vantages that fail most, as a vantage's own bad path is not the
+        peer's trouble. A peer with no result in
+        the span cannot vouch and is not compared; when peers run the probe but none can vouch
+        yet, nothing is held (`apart` False) until they report."""
+        p = self.policy
+        compared: list[str] = []
+        clean: list[str] = []
+        alike: list[str] = []
+        detail: dict[str, Any] = {}
+        running = 0
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            running += 1
+            windows = fresh(peer.windows_of(probe), now, p.stale_after)
+            samples = {v: w.samples(now, p.window) for v, w in windows.items()}
+            if not any(s.at >= since for seq in samples.values() for s in seq):
+                continue
+            compared.append(name)
+            # The quorum - 1 vantages that fail this peer most are left out, in both counts.
+            ranked = sorted(samples, key=lambda v: -sum(not s.ok for s in samples[v]))
+            kept = ranked[quorum(p, len(samples)) - 1 :]
+            recent = [s for v in kept for s in samples[v] if s.at >= since]
+            window = [s for v in kept for s in samples[v]]
+            failed = sum(not s.ok for s in recent)
+            bad = sum(not s.ok for s in window)
+            noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
+            detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
+            (alike if failed or noise < p.peers.significance else clean).append(name)
+        apart = False if running and not compared else None
+        return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
+
+    def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
+        """Peers over the same fixed objective: the objective is absolute, so is the comparison."""
+        compared: list[str] = []
+        worse: list[str] = []
+        alike: list[str] = []
+        for name, peer in sorted(view.peers.items()):
+            if probe not in peer.probes:
+                continue
+            state = self._limits(peer.windows_of(probe), now)[0]
+            if state in ("ok", "slow"):
+                compared.append(name)
+                (alike if state == "slow" else worse).append(name)
+        return PeerCheck(tuple(compared), tuple(worse), tuple(alike))
+
+    def _limits(self, windows: Mapping[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
+        p = self.policy
+        fresh_windows = fresh(windows, now, p.stale_after)
+        ages = [a for w in windows.values() if (a := w.age(now)) is not None]
+        evidence: dict[str, Any] = {
+            "vantages": sorted(fresh_windows),
+            "last_result_age": round(min(ages), 3) if ages else None,
+        }
+        if not fresh_windows:
+            what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
+            return "unknown", what, evidence
+        stats = WindowStats.pooled(list(chain.from_iterable(w.samples(now, p.window) for w in fresh_windows.values())))
+        quantile = stats.latency_quantile(p.latency.quantile)
+        q_name = f"latency_p{round(p.latency.quantile * 100):d}"
+        evidence.update(
+            samples=stats.samples,
+            failures=stats.failures,
+            success_ratio=round(stats.success_ratio, 4) if stats.samples else None,
+            errors=stats.errors,
+        )
+        evidence[q_name] = round(quantile, 4) if quantile is not None else None
+        if all(w.last_failed(p.down_after, now, p.window) for w in fresh_windows.values()):
+            evidence["consecutive_failures"] = True
+            vantages = ", ".join(sorted(fresh_windows))
+            return (
+                "failing",
+                f"the last {p.down_after} results from {vantages} all failed{errors_text(stats)}",
+                evidence,
+            )
+        if stats.samples < p.min_samples:
+            return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
+        ratio = stats.success_ratio
+        summary = (
+            f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s "
+            f"from {', '.join(sorted(fresh_windows))}"
+        )
+        summary += errors_text(stats)
+        if ratio < p.unhealthy_below:
+            return "failing", f"{summary}, below {p.unhealthy_below:.0%}", evidence
+        if ratio < p.degraded_below:
+            return "degraded", f"{summary}, below {p.degraded_below:.0%}", evidence
+        if quantile is not None and quantile > p.latency.threshold:
+            return (
+                "slow",
+                f"{q_name} {quantile * 1000:.0f}ms over {p.window:g}s exceeds {p.latency.threshold * 1000:.0f}ms",
+                evidence,
+            )
+        return "ok", None, evidence

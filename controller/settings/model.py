@@ -1,0 +1,35 @@
+"""The strict base every settings model shares (unknown keys refused, values frozen), and the
+error a cross-field check raises so that the loader can say which field it belongs to.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class SettingsModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocatedError(ValueError):
+    """A cross-field error that knows which field it belongs to."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def no_duplicates(names: Sequence[str], what: str, field: str = "name") -> None:
+    """Raise at the second occurrence, located relative to the list (e.g. `[2].name`)."""
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first:
+            raise LocatedError(
+                f"[{index}].{field}", f"duplicate {what} {name!r} (also at [{first[name]}]): each must appear once"
+            )
+        first[name] = index

@@ -1,0 +1,165 @@
+"""The configuration file's schema: the controller, its regions with their probes, and the Route 53
+record sets it moves traffic on.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS
+from controller.settings.model import LocatedError, SettingsModel, no_duplicates
+from controller.settings.policy import Policy
+from probes.spec import Duration, ProbeSpec
+
+RegionType = Literal["full", "lightweight", "read-only"]
+
+
+REGION_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class Region(SettingsModel):
+    name: str = Field(pattern=REGION_NAME)
+    type: RegionType = "full"
+    residency: str | None = Field(default=None, min_length=1, max_length=32)
+    max_share: float = Field(default=100.0, gt=0, le=100, description="percent of a record set, at most")
+    probes: list[ProbeSpec] = Field(default_factory=list)
+
+    @field_validator("probes")
+    @classmethod
+    def _unique_probe_names(cls, probes: list[ProbeSpec]) -> list[ProbeSpec]:
+        no_duplicates([p.name for p in probes], "probe name")
+        return probes
+
+
+class Member(SettingsModel):
+    set_identifier: str = Field(min_length=1, max_length=128)
+    region: str
+    value: str = Field(min_length=1)
+    weight: int | None = Field(default=None, ge=0, le=MAX_WEIGHT, description="initial weight 0..255")
+
+
+class RecordSet(SettingsModel):
+    zone_id: str = Field(pattern=r"^[A-Z0-9]{1,32}$")
+    name: str = Field(min_length=1, max_length=255)
+    type: Literal["A", "AAAA", "CNAME", "TXT", "MX", "SRV", "CAA", "NS", "PTR", "SPF", "NAPTR", "DS"] = "A"
+    ttl: int = Field(default=60, ge=0, le=MAX_TTL)
+    residency: str | None = None
+    takes_writes: bool = True
+    members: list[Member] = Field(min_length=1, max_length=MAX_WEIGHTED_RECORDS)
+
+    @field_validator("name")
+    @classmethod
+    def _fqdn(cls, name: str) -> str:
+        if not re.fullmatch(r"(\*\.)?([A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?", name):
+            raise ValueError(f"{name!r} is not a DNS name like 'api.example.com'")
+        return name.rstrip(".").lower()
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, members: list[Member]) -> list[Member]:
+        no_duplicates([m.set_identifier for m in members], "set_identifier", "set_identifier")
+        weights = [m.weight for m in members if m.weight is not None]
+        if weights and len(weights) == len(members) and not any(weights):
+            raise ValueError(
+                "every member has weight 0; Route 53 answers an all-zero group as if all weights were "
+                "equal: give at least one member a weight above 0"
+            )
+        return members
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.type}"
+
+
+class Route53Settings(SettingsModel):
+    """How the actuator reaches Route 53."""
+
+    endpoint_url: str | None = Field(default=None, description="only for a local Route 53 (moto_server)")
+    dry_run: bool = Field(default=False, description="log each batch, send nothing")
+    reconcile_every: Duration = Field(default=10.0, description="how often observed and desired weights are compared")
+    poll_interval: Duration = 2.0
+    insync_timeout: Duration = 300.0
+    max_attempts: int = Field(default=8, ge=1, le=50, description="tries per Route 53 request while retryable")
+    lease_ttl: Duration = Field(default=30.0, description="writer lease lifetime; a standby takes over after it")
+
+
+class ControllerSettings(SettingsModel):
+    vantage: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    listen: str = Field(default="127.0.0.1:9181", description="host:port of the HTTP API; port 0 picks one")
+    tick: Duration = Field(default=1.0, description="how often verdicts are recomputed")
+    max_concurrency: int = Field(default=64, ge=1, le=10_000)
+    jitter: float = Field(default=0.1, ge=0, lt=0.5, description="fraction of the interval")
+    state_path: str = Field(default="regionshift.sqlite", description="SQLite state, relative to this file")
+    api_token_env: str = Field(
+        default="REGIONSHIFT_API_TOKEN", description="environment variable holding the operators' bearer token"
+    )
+    route53: Route53Settings = Field(default_factory=Route53Settings)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:  # noqa: PLR2004 - port range
+            raise ValueError(f"{value!r} is not host:port, e.g. '127.0.0.1:9181'")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class Config(SettingsModel):
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    regions: list[Region] = Field(min_length=1)
+    record_sets: list[RecordSet] = Field(default_factory=list)
+    policies: list[str] = Field(default_factory=list, description="policy files, relative to this file")
+    # Filled by the loader from `policies`, never written in the file itself.
+    policy: Policy = Field(default_factory=Policy, exclude=True)
+    base_dir: str = Field(default=".", exclude=True)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.base_dir) / self.controller.state_path
+
+    @field_validator("regions")
+    @classmethod
+    def _unique_regions(cls, regions: list[Region]) -> list[Region]:
+        no_duplicates([r.name for r in regions], "region name")
+        return regions
+
+    @field_validator("record_sets")
+    @classmethod
+    def _unique_record_sets(cls, record_sets: list[RecordSet]) -> list[RecordSet]:
+        no_duplicates([rs.key for rs in record_sets], "record set (name/type)")
+        return record_sets
+
+    @model_validator(mode="after")
+    def _record_sets_fit_regions(self) -> Config:
+        regions = {r.name: r for r in self.regions}
+        for i, rs in enumerate(self.record_sets):
+            for j, member in enumerate(rs.members):
+                where = f"record_sets[{i}].members[{j}].region"
+                region = regions.get(member.region)
+                if region is None:
+                    raise LocatedError(where, f"unknown region {member.region!r}; known: {', '.join(regions)}")
+                if rs.residency is not None and region.residency != rs.residency:
+                    raise LocatedError(
+                        where,
+                        f"region {region.name!r} has residency {region.residency!r} but the record set "
+                        f"{rs.name!r} keeps residency {rs.residency!r}: only regions of that residency may serve it",
+                    )
+                if rs.takes_writes and region.type == "read-only":
+                    raise LocatedError(
+                        where,
+                        f"region {region.name!r} is read-only and {rs.name!r} takes writes; "
+                        "set takes_writes: false or use another region",
+                    )
+        return self
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
