@@ -80,14 +80,16 @@ async def decide(kind: str, i: int, client: Any, setup: Any, zone_id: str, store
     rs = RecordSet(zone_id=zone_id, name=name, members=members)
     ramps = {f"r{i}": RampPolicy(record_set=name, waves=[["eu-west-1"]])} if rollback else {}
     config = Config(regions=REGIONS, record_sets=[rs], policy=Policy(ramps=ramps))
-    reconciler = Reconciler(config, Actuator(client), store)
+    lease = store.lease("bench", 3600)
+    reconciler = Reconciler(config, Actuator(client), store, lease)
     await reconciler.load()
     now = time.time()
-    reconciler.holder = "bench"
-    reconciler.lease_token = await store.acquire_lease("bench", 3600, now)
+    reconciler.lease_token = await lease.acquire(now)
     if rollback:  # baking the 10% step of a ramp, as last written
-        intent = await store.intent(rs.key, f"ramp:r{i}", "forward", "step 3", {"use1": 19, "euw1": 1}, start, now)
-        await store.result(intent, "applied", now, change_id="bench", insync_at=now)
+        intent = await store.audit.intent(
+            rs.key, f"ramp:r{i}", "forward", "step 3", {"use1": 19, "euw1": 1}, start, now
+        )
+        await store.audit.result(intent, "applied", now, change_id="bench", insync_at=now)
         reconciler.ramps[f"r{i}"] = RampState(
             f"r{i}",
             status="baking",

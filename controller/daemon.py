@@ -26,6 +26,7 @@ from controller.judging.windows import WindowStore
 from controller.planning.ramps import RAMP_STATUSES
 from controller.planning.weights import shares
 from controller.sinks.prometheus import Metrics
+from controller.state.holder import this_process
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
 from probes.scheduler import Scheduler, make_prober
@@ -235,7 +236,10 @@ class Daemon:
                     max_attempts=r53.max_attempts,
                     clock=self.clock,
                 )
-                self.reconciler = Reconciler(self.config, actuator, store, on_action=self._on_action, clock=self.clock)
+                lease = store.lease(str(this_process()), r53.lease_ttl)
+                self.reconciler = Reconciler(
+                    self.config, actuator, store, lease, on_action=self._on_action, clock=self.clock
+                )
                 await self.reconciler.load()
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
@@ -255,7 +259,7 @@ class Daemon:
                 if self.reconciler is not None:
                     lease_ttl = self.config.controller.route53.lease_ttl
                     self._tasks += [
-                        group.create_task(self.reconciler.keep_lease(lease_ttl, self.clock), name="lease"),
+                        group.create_task(self.reconciler.keep_lease(lease_ttl / 3, self.clock), name="lease"),
                         group.create_task(self._reconcile_loop(self.reconciler), name="reconciler"),
                     ]
                 self.started.set()

@@ -76,8 +76,8 @@ async def test_sigkills_over_a_whole_ramp_keep_its_pace_and_leave_only_planned_r
     assert all(w in PLANNED for w in held), f"unplanned weights: {[w for w in held if w not in PLANNED]}"
     assert final == PLANNED[-1]
     async with Store(tmp_path / "state.sqlite") as store:
-        events = await store.events(limit=1000)
-        assert all([await store.open_intent(f"{name}/A") is None])
+        events = await store.audit.events(limit=1000)
+        assert all([await store.audit.open_intent(f"{name}/A") is None])
     applied = [e["to_weights"] for e in events if e["phase"] == "result" and e["outcome"] == "applied"]
     assert len(applied) == len({tuple(sorted(w.items())) for w in applied}) == 5, f"a step applied twice: {applied}"
     assert all(w in applied for w in held if w != PLANNED[0]), "every change Route 53 held is in the audit log"

@@ -19,6 +19,7 @@ from controller.judging.verdicts import Verdict
 from controller.planning.weights import shares
 from controller.settings.loading import load_policy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
+from controller.state.holder import this_process
 from controller.state.store import Store
 from tests import pacing
 from tests.test_shifting import CREDENTIALS, direct_client, read_weights, set_weight
@@ -99,11 +100,10 @@ class Virtual:
             return None
 
         actuator = Actuator(self.client, clock=lambda: self.now, sleep=no_wait, poll_interval=0.0)
-        self.reconciler = Reconciler(self.config, actuator, store, clock=lambda: self.now)
+        lease = store.lease(str(this_process()), 30, gone=lambda _: True)
+        self.reconciler = Reconciler(self.config, actuator, store, lease, clock=lambda: self.now)
         await self.reconciler.load()
-        self.reconciler.lease_token = await store.acquire_lease(
-            self.reconciler.holder, 30, self.now, gone=lambda _: True
-        )
+        self.reconciler.lease_token = await lease.acquire(self.now)
         assert self.reconciler.lease_token is not None
 
     def set(self, region: str, status: str, troubles: frozenset[str] = frozenset()) -> None:
@@ -124,7 +124,7 @@ class Virtual:
     async def renew(self) -> None:
         """What the lease loop does, on the virtual clock."""
         reconciler = self.reconciler
-        reconciler.lease_token = await reconciler.store.acquire_lease(reconciler.holder, 30, self.now)
+        reconciler.lease_token = await reconciler.lease.acquire(self.now)
         assert reconciler.lease_token is not None
 
     def steps(self) -> list[pacing.Step]:
@@ -206,7 +206,9 @@ async def test_a_step_whose_answer_was_lost_counts_its_insync_from_when_it_was_f
         before = read_weights(route53, zone_id, name)
         after = {**before, sids["eu-west-1"]: 40, sids["us-east-1"]: 130, sids["ap-south-1"]: 130}
         # A process wrote its intent and sent the batch, and died before the answer came.
-        await store.intent(world.key, "regionshift (lease 1)", "evacuation", "evacuating eu-west-1", before, after, T0)
+        await store.audit.intent(
+            world.key, "regionshift (lease 1)", "evacuation", "evacuating eu-west-1", before, after, T0
+        )
         for i, (sid, weight) in enumerate(after.items()):
             set_weight(route53, zone_id, name, sid, weight, f"192.0.2.{i + 1}", ttl=TTL)
         await world.start()
@@ -225,12 +227,12 @@ async def test_an_evacuation_step_keeps_its_change_id_and_insync_time_in_the_sta
         world.set("eu-west-1", "degraded", frozenset({"orders"}))
         await world.run(30)  # the first evacuation step once confirmed (30 s), INSYNC at once
         store = world.reconciler.store
-        first = await store.last_forward(world.key, ("evacuation",))
+        first = await store.audit.last_forward(world.key, ("evacuation",))
         assert first is not None
         assert first.insync_at == T0 + 30
         assert first.change_id is not None  # recorded when Route 53 accepted the batch
     async with Store(config.state_file) as store:
-        assert (await store.last_forward(world.key, ("evacuation",))) == first
+        assert (await store.audit.last_forward(world.key, ("evacuation",))) == first
 
 
 @pytest.mark.parametrize("everyone", ["degraded", "healthy but troubled"])
@@ -264,7 +266,7 @@ async def test_a_rollback_is_not_paced_it_goes_back_at_once(route53, tmp_path):
         world.set("eu-west-1", "degraded", frozenset({"orders"}))
         await world.run(1)  # the next tick: back to the weights before the ramp, 6 s after the step
         weights = read_weights(route53, zone_id, name)
-        events = await world.reconciler.store.events()
+        events = await world.reconciler.store.audit.events()
     rollback = next(e for e in events if e["phase"] == "intent" and e["action"] == "rollback")
     assert rollback["at"] - stepped == 6.0
     assert weights == {sids[r]: w for r, w in home.items()}

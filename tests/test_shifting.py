@@ -227,7 +227,7 @@ async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every
     ]
     assert state["ramps"][0]["status"] == "done"
     async with Store(tmp_path / "state.sqlite") as store:
-        events = await store.events()
+        events = await store.audit.events()
     results = [(e["reason"], e["outcome"], e["to_weights"]) for e in events if e["phase"] == "result"]
     assert results == [
         (f"step {i + 1} of 5: eu-west-1 to {s:g}%", "applied", w)
@@ -398,7 +398,7 @@ async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_high
         if leader is not None:
             await leader.__aexit__(None, None, None)
     async with Store(tmp_path / "state.sqlite") as store:
-        intents = [e["actor"] for e in await store.events(limit=100) if e["phase"] == "intent"]
+        intents = [e["actor"] for e in await store.audit.events(limit=100) if e["phase"] == "intent"]
     # Two steps by the leader alone, then the rest by the standby alone, each under its own token.
     takeover = intents.index("ramp:launch (lease 2)")
     assert intents[:takeover] == ["ramp:launch (lease 1)"] * 2
@@ -466,7 +466,7 @@ async def test_a_change_whose_answer_was_lost_is_settled_from_route53_not_taken_
             await running.until(lambda: running.ramp().step >= 2, what="past the second step")
             drift = daemon.reconciler.views[f"{name}/A"].drift
     async with Store(tmp_path / "state.sqlite") as store:
-        second = [e for e in await store.events() if e["reason"].startswith("step 2 ")]
+        second = [e for e in await store.audit.events() if e["reason"].startswith("step 2 ")]
     assert drift is None  # its own write, found later, is not a hand edit
     assert [(e["phase"], e["outcome"], e["error"]) for e in second] == [
         ("intent", None, None),
@@ -482,4 +482,4 @@ async def test_without_configured_weights_home_is_what_route53_held_first_and_is
     async with Running(daemon) as running:
         await running.until(lambda: daemon.reconciler.views[f"{name}/A"].owner == "evacuation", what="first tick")
         async with Store(tmp_path / "state.sqlite") as store:
-            assert await store.flag(f"home:{name}/A") == {"use1": 1, "euw1": 0}
+            assert await store.flags.home(f"{name}/A") == {"use1": 1, "euw1": 0}

@@ -15,8 +15,8 @@ from controller.state.store import Store
 
 async def test_intent_then_result_is_the_last_applied_write(tmp_path):
     async with Store(tmp_path / "state.sqlite") as store:
-        assert await store.last_applied("api.example.com/A") is None
-        first = await store.intent(
+        assert await store.audit.last_applied("api.example.com/A") is None
+        first = await store.audit.intent(
             "api.example.com/A",
             "ramp:launch",
             "forward",
@@ -25,11 +25,11 @@ async def test_intent_then_result_is_the_last_applied_write(tmp_path):
             {"use1": 19, "euw1": 1},
             at=10.0,
         )
-        assert (await store.open_intent("api.example.com/A")).id == first
-        await store.result(first, "applied", 11.0, change_id="/change/C1", insync_at=12.0)
-        assert await store.open_intent("api.example.com/A") is None
-        assert await store.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
-        failed = await store.intent(
+        assert (await store.audit.open_intent("api.example.com/A")).id == first
+        await store.audit.result(first, "applied", 11.0, change_id="/change/C1", insync_at=12.0)
+        assert await store.audit.open_intent("api.example.com/A") is None
+        assert await store.audit.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
+        failed = await store.audit.intent(
             "api.example.com/A",
             "ramp:launch",
             "forward",
@@ -38,9 +38,9 @@ async def test_intent_then_result_is_the_last_applied_write(tmp_path):
             {"use1": 9, "euw1": 1},
             at=20.0,
         )
-        await store.result(failed, "failed", 21.0, error="Throttling: Rate exceeded")
-        assert await store.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
-        events = await store.events()
+        await store.audit.result(failed, "failed", 21.0, error="Throttling: Rate exceeded")
+        assert await store.audit.last_applied("api.example.com/A") == {"use1": 19, "euw1": 1}
+        events = await store.audit.events()
     assert [(e["phase"], e["outcome"], e["reason"]) for e in events] == [
         ("intent", None, "step 1 of 5"),
         ("result", "applied", "step 1 of 5"),
@@ -55,9 +55,9 @@ async def test_intent_then_result_is_the_last_applied_write(tmp_path):
 async def test_an_intent_without_result_survives_a_restart(tmp_path):
     path = tmp_path / "state.sqlite"
     async with Store(path) as store:
-        await store.intent("api.example.com/A", "ramp:launch", "forward", "step 1", {"a": 1}, {"a": 2}, at=1.0)
+        await store.audit.intent("api.example.com/A", "ramp:launch", "forward", "step 1", {"a": 1}, {"a": 2}, at=1.0)
     async with Store(path) as store:
-        intent = await store.open_intent("api.example.com/A")
+        intent = await store.audit.open_intent("api.example.com/A")
     assert intent is not None
     assert (intent.actor, intent.from_weights, intent.to_weights) == ("ramp:launch", {"a": 1}, {"a": 2})
 
@@ -65,7 +65,7 @@ async def test_an_intent_without_result_survives_a_restart(tmp_path):
 async def test_the_audit_log_refuses_updates_and_deletes(tmp_path):
     path = tmp_path / "state.sqlite"
     async with Store(path) as store:
-        await store.intent("r", "operator", "rollback", "because", {}, {"a": 1}, at=1.0)
+        await store.audit.intent("r", "operator", "rollback", "because", {}, {"a": 1}, at=1.0)
     db = sqlite3.connect(path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         db.execute("UPDATE audit SET reason = 'rewritten'")
@@ -78,25 +78,25 @@ async def test_the_audit_log_refuses_updates_and_deletes(tmp_path):
 async def test_ramp_state_and_flags_round_trip(tmp_path):
     path = tmp_path / "state.sqlite"
     async with Store(path) as store:
-        await store.save_ramp("launch", {"status": "baking", "step": 2}, at=1.0)
-        await store.save_ramp("launch", {"status": "baking", "step": 3}, at=2.0)
-        await store.set_flag("frozen", {"by": "alice", "reason": "incident"}, at=3.0)
+        await store.ramps.save("launch", {"status": "baking", "step": 2}, at=1.0)
+        await store.ramps.save("launch", {"status": "baking", "step": 3}, at=2.0)
+        await store.flags.set_frozen({"by": "alice", "reason": "incident", "at": 3.0}, at=3.0)
     async with Store(path) as store:
-        assert await store.load_ramps() == {"launch": {"status": "baking", "step": 3}}
-        assert await store.flag("frozen") == {"by": "alice", "reason": "incident"}
-        assert await store.flag("missing", default=False) is False
+        assert await store.ramps.load() == {"launch": {"status": "baking", "step": 3}}
+        assert await store.flags.frozen() == {"by": "alice", "reason": "incident", "at": 3.0}
+        assert await store.flags.home("missing/A") is None
 
 
 async def test_the_writer_lease_has_one_holder_and_a_fencing_token_that_grows_on_takeover(tmp_path):
     async with Store(tmp_path / "state.sqlite") as a, Store(tmp_path / "state.sqlite") as b:
-        assert await a.acquire_lease("a", ttl=10, now=100.0) == 1
-        assert await b.acquire_lease("b", ttl=10, now=105.0) is None  # a holds it
-        assert await a.acquire_lease("a", ttl=10, now=108.0) == 1  # renewed, same token
-        assert await b.acquire_lease("b", ttl=10, now=117.0) is None  # renewal moved expiry to 118
-        assert await b.acquire_lease("b", ttl=10, now=118.5) == 2  # expired: b takes over
-        assert await a.holds_lease("a", 1, now=118.6) is False  # a's old token is fenced off
-        assert await b.holds_lease("b", 2, now=118.6) is True
-        assert await a.acquire_lease("a", ttl=10, now=119.0) is None
+        assert await a.lease("a", 10).acquire(100.0) == 1
+        assert await b.lease("b", 10).acquire(105.0) is None  # a holds it
+        assert await a.lease("a", 10).acquire(108.0) == 1  # renewed, same token
+        assert await b.lease("b", 10).acquire(117.0) is None  # renewal moved expiry to 118
+        assert await b.lease("b", 10).acquire(118.5) == 2  # expired: b takes over
+        assert await a.lease("a", 10).holds(1, 118.6) is False  # a's old token is fenced off
+        assert await b.lease("b", 10).holds(2, 118.6) is True
+        assert await a.lease("a", 10).acquire(119.0) is None
 
 
 async def test_a_predecessor_on_this_host_whose_process_is_gone_hands_over_the_lease_at_once(tmp_path):
@@ -106,13 +106,13 @@ async def test_a_predecessor_on_this_host_whose_process_is_gone_hands_over_the_l
         me = this_process()
         live = str(replace(me, pid=sleeper.pid, start=start_time(sleeper.pid)))
         async with Store(tmp_path / "state.sqlite") as store:
-            assert await store.acquire_lease(live, ttl=30, now=100.0) == 1
+            assert await store.lease(live, 30).acquire(100.0) == 1
             # Alive: the lease is kept until it expires, whoever asks.
-            assert await store.acquire_lease(str(me), ttl=30, now=101.0, gone=provably_gone) is None
+            assert await store.lease(str(me), 30, gone=provably_gone).acquire(101.0) is None
             sleeper.kill()
             await sleeper.wait()
             # Gone (a SIGKILL): taken at once, 29 s before it would expire, with a higher token.
-            assert await store.acquire_lease(str(me), ttl=30, now=101.0, gone=provably_gone) == 2
+            assert await store.lease(str(me), 30, gone=provably_gone).acquire(101.0) == 2
     finally:
         if sleeper.returncode is None:
             sleeper.kill()
@@ -139,3 +139,19 @@ def test_a_holder_this_process_may_not_look_at_is_taken_for_alive(monkeypatch):
     me = this_process()
     monkeypatch.setattr("controller.state.holder.start_time", hidden)
     assert not provably_gone(str(replace(me, pid=4242)))
+
+
+async def test_the_sqlite_lease_renews_only_with_its_token_and_a_release_hands_over_at_once(tmp_path):
+    async with Store(tmp_path / "state.sqlite") as store:
+        a, b = store.lease("a", 10), store.lease("b", 10)
+        token = await a.acquire(100.0)
+        assert token == 1
+        assert await a.renew(token, 109.0) is True  # expiry moves to 119
+        assert await b.acquire(115.0) is None
+        assert await a.renew(token + 1, 116.0) is False  # a token it was never given
+        await b.release(token)  # not b's lease: nothing happens
+        assert await a.holds(token, 116.0) is True
+        await a.release(token)  # an orderly stop
+        assert await a.holds(token, 116.0) is False
+        assert await b.acquire(116.0) == 2  # taken at once, fenced with a new token
+        assert await a.renew(token, 117.0) is False

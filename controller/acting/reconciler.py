@@ -25,7 +25,7 @@ from controller.planning.evacuation import plan_evacuation
 from controller.planning.guardrails import FORWARD_KINDS
 from controller.planning.weights import shares
 from controller.settings.limits import SHARE_EPSILON
-from controller.state.holder import provably_gone, this_process
+from controller.state.flags import Freeze
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from controller.planning.guardrails import Kind
     from controller.settings.policy import RampPolicy
     from controller.settings.schema import Config, RecordSet
-    from controller.state.store import Outcome, Store
+    from controller.state.audit import Outcome
+    from controller.state.lease import Lease
+    from controller.state.store import Store
 
 log = structlog.get_logger("regionshift.reconciler")
 
@@ -72,6 +74,7 @@ class Reconciler:
         config: Config,
         actuator: Actuator,
         store: Store,
+        lease: Lease,
         *,
         actor: str = "regionshift",
         on_action: Callable[[Action], None] | None = None,
@@ -87,20 +90,21 @@ class Reconciler:
         self.record_sets = {rs.key: rs for rs in config.record_sets}
         self.ramps: dict[str, ramps.RampState] = {}
         self.views: dict[str, RecordView] = {key: RecordView() for key in self.record_sets}
-        self.frozen: dict[str, Any] | None = None
+        self.frozen: Freeze | None = None
         self._lock = asyncio.Lock()
         self.clock = clock
         # Guardrail 9: one writer at a time. `lease_token` is set by the lease loop while this
         # controller holds the lease; without one it plans and reports but never writes.
-        self.holder = str(this_process())
+        self.lease = lease
+        self.holder = lease.holder
         self.lease_token: int | None = None
 
     async def load(self) -> None:
         """Resume from the store: ramp states (new ramps start `pending`) and the freeze flag."""
-        stored = await self.store.load_ramps()
+        stored = await self.store.ramps.load()
         for name in self.policy.ramps:
             self.ramps[name] = ramps.RampState.from_json(stored[name]) if name in stored else ramps.RampState(name)
-        self.frozen = await self.store.flag("frozen")
+        self.frozen = await self.store.flags.frozen()
         for name, state in self.ramps.items():
             log.debug("ramp loaded", ramp=name, status=state.status, step=state.step, reason=state.reason)
 
@@ -116,16 +120,18 @@ class Reconciler:
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
                 self.ramps[name] = state
-                await self.store.save_ramp(name, state.to_json(), now)
+                await self.store.ramps.save(name, state.to_json(), now)
                 log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
             return refused
 
-    async def keep_lease(self, ttl: float, clock: Callable[[], float]) -> None:
-        """Hold the writer lease: take it when free, renew it at a third of its lifetime."""
+    async def keep_lease(self, every: float, clock: Callable[[], float]) -> None:
+        """Hold the writer lease: take it when free, renew it every `every` seconds."""
         while True:
-            # A predecessor on this host whose process is gone (a crash, a SIGKILL) hands over
-            # at once; any other holder keeps the lease until it expires.
-            token = await self.store.acquire_lease(self.holder, ttl, clock(), gone=provably_gone)
+            token = self.lease_token
+            if token is None or not await self.lease.renew(token, clock()):
+                # A predecessor on this host whose process is gone (a crash, a SIGKILL) hands over
+                # at once; any other holder keeps the lease until it expires.
+                token = await self.lease.acquire(clock())
             if token != self.lease_token:
                 if token is None:
                     log.warning("standby: another controller holds the writer lease", holder=self.holder)
@@ -136,12 +142,12 @@ class Reconciler:
                 async with self._lock:
                     await self.load()
             self.lease_token = token
-            await asyncio.sleep(ttl / 3)
+            await asyncio.sleep(every)
 
     async def freeze(self, frozen: bool, now: float, who: str, reason: str) -> None:  # noqa: FBT001
         async with self._lock:
-            self.frozen = {"by": who, "reason": reason, "at": now} if frozen else None
-            await self.store.set_flag("frozen", self.frozen, now)
+            self.frozen = Freeze(by=who, reason=reason, at=now) if frozen else None
+            await self.store.flags.set_frozen(self.frozen, now)
             log.warning("shifting frozen" if frozen else "shifting unfrozen", by=who, reason=reason)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -174,7 +180,7 @@ class Reconciler:
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error = observed, None
         await self._settle_open_intent(key, raw, now)
-        expected = await self.store.last_applied(key)
+        expected = await self.store.audit.last_applied(key)
         if expected is not None and raw != expected:
             drift = str(DriftError(key, expected, raw))
             if view.drift != drift:
@@ -220,7 +226,7 @@ class Reconciler:
             if result.weights == observed:  # already there (a write before a crash, or a no-op step)
                 # Its bake counts from its INSYNC when the audit log has it (a crash after the
                 # result, before the ramp state was saved), else from now.
-                last = await self.store.last_forward(rs.key, (result.action,))
+                last = await self.store.audit.last_forward(rs.key, (result.action,))
                 known = last.insync_at if last is not None and last.outcome == "applied" else None
                 state = ramps.applied(policy, state, known if known is not None else now, rs.ttl)
             else:
@@ -233,7 +239,7 @@ class Reconciler:
                 elif outcome is not None and outcome[0] == "refused":
                     state = ramps.failed(state, outcome[2])
         if state.status == "done" and self.ramps[name].status != "done":
-            await self.store.set_flag(f"home:{rs.key}", observed, now)
+            await self.store.flags.set_home(rs.key, observed, now)
         await self._save(name, state, now)
 
     async def _save(self, name: str, state: ramps.RampState, now: float) -> None:
@@ -243,7 +249,7 @@ class Reconciler:
                     "ramp status", ramp=name, previous=self.ramps[name].status, status=state.status, reason=state.reason
                 )
             self.ramps[name] = state
-            await self.store.save_ramp(name, state.to_json(), now)
+            await self.store.ramps.save(name, state.to_json(), now)
 
     async def _write(
         self,
@@ -265,7 +271,7 @@ class Reconciler:
             self.views[key].reason = f"frozen by {self.frozen['by']}: {self.frozen['reason']} (wanted: {reason})"
             return None
         token = self.lease_token
-        if token is None or not await self.store.holds_lease(self.holder, token, self.clock()):
+        if token is None or not await self.lease.holds(token, self.clock()):
             self.lease_token = None
             self.views[key].reason = f"standby: another controller holds the writer lease (wanted: {reason})"
             return None
@@ -280,13 +286,13 @@ class Reconciler:
                 self.views[key].reason = f"pacing: {reason}, {when} ({why})"
                 return None
             self.views[key].held = None
-        intent = await self.store.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
+        intent = await self.store.audit.intent(key, f"{actor} (lease {token})", kind, reason, dict(raw), weights, now)
         statuses = {r: v.status for r, v in verdicts.items()}
 
         accepted: list[str] = []
 
         async def submitted(change_id: str, at: float) -> None:
-            await self.store.submitted(intent, change_id, at)
+            await self.store.audit.submitted(intent, change_id, at)
             accepted.append(change_id)
 
         try:
@@ -308,13 +314,13 @@ class Reconciler:
             if accepted:
                 # Route 53 accepted the batch; only following it failed (GetChange denied, say).
                 # It is applied, INSYNC unknown: the pacing asks again, or waits the longest.
-                await self.store.result(
+                await self.store.audit.result(
                     intent, "applied", self.clock(), change_id=accepted[0], error=f"INSYNC not confirmed: {exc}"
                 )
                 log.warning("change sent, INSYNC not confirmed", record=key, change_id=accepted[0], error=str(exc))
                 self._announce(rs, raw, weights, kind, reason, "applied", actor)
                 return "applied", None, ""
-            await self.store.result(intent, "failed", self.clock(), error=str(exc))
+            await self.store.audit.result(intent, "failed", self.clock(), error=str(exc))
             log.error("change refused", record=key, kind=kind, reason=reason, error=str(exc))
             self._announce(rs, raw, weights, kind, reason, "refused", actor)
             return "refused", None, str(exc)
@@ -324,7 +330,9 @@ class Reconciler:
             raise
         outcome: Outcome = "dry_run" if change.dry_run else "applied"
         # Stamped when written, after the INSYNC wait: a wait that timed out ends at or after this.
-        await self.store.result(intent, outcome, self.clock(), change_id=change.change_id, insync_at=change.insync_at)
+        await self.store.audit.result(
+            intent, outcome, self.clock(), change_id=change.change_id, insync_at=change.insync_at
+        )
         log.info(
             "weights changed",
             record=key,
@@ -366,7 +374,7 @@ class Reconciler:
         the audit log, so no restart, data gap or lost answer can shorten the wait. A change whose
         INSYNC was not seen is asked about (GetChange); one whose change id never came back (the
         answer was lost) counts from when it was found applied plus the longest INSYNC wait."""
-        prev = await self.store.last_forward(rs.key, FORWARD_KINDS)
+        prev = await self.store.audit.last_forward(rs.key, FORWARD_KINDS)
         if prev is None:
             return None, "no forward change yet"
         if prev.outcome is None:
@@ -383,7 +391,7 @@ class Reconciler:
                 if not done:
                     return math.inf, f"the previous {prev.action} change {prev.change_id} is not INSYNC yet"
                 insync = self.clock()  # seen now: at or after the moment it happened
-                await self.store.insync(prev.intent_id, prev.change_id, insync)
+                await self.store.audit.insync(prev.intent_id, prev.change_id, insync)
                 log.info("previous change seen INSYNC", record=rs.key, change_id=prev.change_id, intent=prev.intent_id)
         if insync is None:
             found = max(prev.sent_at, prev.settled_at or prev.sent_at)
@@ -406,14 +414,14 @@ class Reconciler:
     async def _settle_open_intent(self, key: str, raw: Mapping[str, int | None], now: float) -> None:
         """An intent without result (a crash, or a request whose outcome was lost): Route 53 tells
         whether the write happened."""
-        intent = await self.store.open_intent(key)
+        intent = await self.store.audit.open_intent(key)
         if intent is None:
             return
         if dict(raw) == intent.to_weights:
-            await self.store.result(intent.id, "applied", now, error="result recorded later: found applied")
+            await self.store.audit.result(intent.id, "applied", now, error="result recorded later: found applied")
             log.warning("settled an open intent: it was applied", record=key, intent=intent.id)
         elif dict(raw) == intent.from_weights:
-            await self.store.result(intent.id, "not_applied", now, error="result recorded later: not applied")
+            await self.store.audit.result(intent.id, "not_applied", now, error="result recorded later: not applied")
             log.warning("settled an open intent: it was not applied", record=key, intent=intent.id)
 
     async def _pause_ramps(self, key: str, why: str, now: float) -> None:
@@ -428,13 +436,13 @@ class Reconciler:
         """The weights the record set holds when all is well: after the last ramp, else configured,
         else what Route 53 held when regionshift first saw it (remembered, so that an evacuation
         knows where to come back to)."""
-        stored = await self.store.flag(f"home:{rs.key}")
+        stored = await self.store.flags.home(rs.key)
         if stored is not None:
-            return {str(k): int(v) for k, v in stored.items()}
+            return stored
         configured = {m.set_identifier: m.weight for m in rs.members}
         if all(w is not None for w in configured.values()):
             return {k: int(v or 0) for k, v in configured.items()}
-        await self.store.set_flag(f"home:{rs.key}", dict(observed), now)
+        await self.store.flags.set_home(rs.key, observed, now)
         return dict(observed)
 
 

@@ -1,0 +1,1 @@
+"""Lease backends, one module each (see `controller.state.lease` for the protocol)."""
