@@ -8,8 +8,10 @@ import pytest
 import pytest_asyncio
 from botocore.stub import Stubber
 
-from controller.acting.route53 import Actuator, DriftError, GuardrailError, RetryableError, TerminalError, make_client
+from controller.acting.reconciler import checked_apply
+from controller.acting.route53 import Actuator, DriftError, RetryableError, TerminalError, make_client
 from controller.demo.world import seed_weighted_group
+from controller.planning.guardrails import GuardrailError
 from controller.settings.schema import Member, RecordSet, Region
 from tests.faults import FaultProxy
 
@@ -67,8 +69,16 @@ def actuator(proxy, sleeps):
 
 
 async def step(actuator, rs, weights, expected=None, kind="forward", verdicts=HEALTHY, max_step=10.0):
-    return await actuator.apply(
-        rs, weights, expected=expected, kind=kind, regions=REGIONS, verdicts=verdicts, max_step=max_step, reason="test"
+    return await checked_apply(
+        actuator,
+        rs,
+        weights,
+        expected=expected,
+        kind=kind,
+        regions=REGIONS,
+        verdicts=verdicts,
+        max_step=max_step,
+        reason="test",
     )
 
 

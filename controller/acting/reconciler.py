@@ -19,22 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller.acting.route53 import DriftError, GuardrailError, RetryableError, TerminalError
+from controller.acting.route53 import DriftError, RetryableError, TerminalError
 from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
-from controller.planning.guardrails import FORWARD_KINDS
+from controller.planning.guardrails import FORWARD_KINDS, GuardrailError, Proposal, check
 from controller.planning.weights import shares
 from controller.settings.limits import SHARE_EPSILON
 from controller.state.flags import Freeze
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
-    from controller.acting.route53 import Actuator
-    from controller.judging.verdicts import Verdict
+    from controller.acting.route53 import Actuator, ChangeResult
+    from controller.judging.verdicts import Status, Verdict
     from controller.planning.guardrails import Kind
     from controller.settings.policy import RampPolicy
-    from controller.settings.schema import Config, RecordSet
+    from controller.settings.schema import Config, RecordSet, Region
     from controller.state.audit import Outcome
     from controller.state.lease import Lease
     from controller.state.store import Store
@@ -296,7 +296,8 @@ class Reconciler:
             accepted.append(change_id)
 
         try:
-            change = await self.actuator.apply(
+            change = await checked_apply(
+                self.actuator,
                 rs,
                 weights,
                 expected=expected,
@@ -307,6 +308,7 @@ class Reconciler:
                 reason=reason,
                 group=group,
                 troubles={r: v.troubles for r, v in verdicts.items()},
+                now=self.clock(),
                 not_before=not_before,
                 on_submitted=submitted,
             )
@@ -444,6 +446,44 @@ class Reconciler:
             return {k: int(v or 0) for k, v in configured.items()}
         await self.store.flags.set_home(rs.key, observed, now)
         return dict(observed)
+
+
+async def checked_apply(
+    actuator: Actuator,
+    record_set: RecordSet,
+    weights: Mapping[str, int],
+    *,
+    expected: Mapping[str, int] | None,
+    kind: Kind,
+    regions: Mapping[str, Region],
+    verdicts: Mapping[str, Status],
+    max_step: float,
+    reason: str,
+    group: Mapping[str, Mapping[str, Any]] | None = None,
+    troubles: Mapping[str, frozenset[str]] | None = None,
+    now: float | None = None,
+    not_before: float | None = None,
+    on_submitted: Callable[[str, float], Awaitable[None]] | None = None,
+) -> ChangeResult:
+    """Every guardrail in front of the actuator: a batch that breaks one raises `GuardrailError`
+    and is never sent; one that passes goes to Route 53 as one batch."""
+    if group is None:
+        group = await actuator.read_group(record_set)
+    observed = actuator.weights_of(record_set, group)
+    if expected is None or observed == dict(expected):  # else the actuator refuses it as drift
+        before = {k: v for k, v in observed.items() if v is not None}
+        proposal = Proposal(record_set, before, dict(weights), kind, now, not_before)
+        violations = check(proposal, regions, verdicts, max_step, troubles)
+        if violations:
+            raise GuardrailError(violations)
+    return await actuator.apply(
+        record_set,
+        weights,
+        expected=expected,
+        comment=f"regionshift {kind}: {reason}",
+        group=group,
+        on_submitted=on_submitted,
+    )
 
 
 def _clock_text(at: float) -> str:

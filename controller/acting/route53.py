@@ -3,8 +3,8 @@
 It reads a weighted group by name and type, and writes every member of the group in one UPSERT
 batch (Route 53 validates and applies a batch whole), then follows the change with GetChange
 until INSYNC. Before writing it compares what Route 53 holds with what was last written (a hand
-edit pauses shifting instead of being overwritten) and checks every guardrail; a batch that
-breaks one is never sent. AWS errors become `RetryableError` (throttling, a prior change still
+edit pauses shifting instead of being overwritten). The guardrails are checked in front of it,
+by the reconciler. AWS errors become `RetryableError` (throttling, a prior change still
 applying, 5xx, network) or `TerminalError` (invalid batch, access denied); retryable ones are
 retried with exponential backoff and full jitter. boto3 is blocking, so every call runs in a
 thread.
@@ -24,15 +24,12 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from controller.planning.guardrails import Kind, Proposal, Violation, check
-
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from mypy_boto3_route53 import Route53Client
 
-    from controller.judging.verdicts import Status
-    from controller.settings.schema import RecordSet, Region
+    from controller.settings.schema import RecordSet
 
 log = structlog.get_logger("regionshift.route53")
 
@@ -60,14 +57,6 @@ class RetryableError(Route53Error):
 
 class TerminalError(Route53Error):
     """Retrying will not help: the batch is invalid, access is denied, the zone is missing."""
-
-
-class GuardrailError(Route53Error):
-    """The batch breaks a guardrail and was not sent."""
-
-    def __init__(self, violations: list[Violation]) -> None:
-        super().__init__("; ".join(v.message for v in violations))
-        self.violations = violations
 
 
 class DriftError(Route53Error):
@@ -231,47 +220,36 @@ class Actuator:
         weights: Mapping[str, int],
         *,
         expected: Mapping[str, int] | None,
-        kind: Kind,
-        regions: Mapping[str, Region],
-        verdicts: Mapping[str, Status],
-        max_step: float,
-        reason: str = "",
+        comment: str = "regionshift",
         group: Mapping[str, Mapping[str, Any]] | None = None,
-        troubles: Mapping[str, frozenset[str]] | None = None,
-        not_before: float | None = None,
         on_submitted: Callable[[str, float], Awaitable[None]] | None = None,
     ) -> ChangeResult:
-        """Compare, check, write every member in one UPSERT batch, and wait for INSYNC.
+        """Compare, write every member in one UPSERT batch, and wait for INSYNC. The batch has
+        passed the guardrails already (the reconciler checks them, in front of this call).
 
         `expected` is what was last written (None before the first write): when Route 53 holds
         anything else, `DriftError` is raised and nothing is written. `group` is a read made
         just before (the reconciler's, this tick); without it the group is read here.
-        `not_before` paces forward kinds; `on_submitted` hears the change id as soon as Route 53
-        accepts the batch, before the INSYNC wait, so a crash during the wait loses neither.
+        `on_submitted` hears the change id as soon as Route 53 accepts the batch, before the
+        INSYNC wait, so a crash during the wait loses neither.
         """
         if group is None:
             group = await self.read_group(record_set)
         observed = _weights(record_set, group)
         if expected is not None and observed != dict(expected):
             raise DriftError(record_set.key, expected, observed)
-        before = {k: v for k, v in observed.items() if v is not None}
-        proposal = Proposal(record_set, before, dict(weights), kind, self._clock(), not_before)
-        violations = check(proposal, regions, verdicts, max_step, troubles)
-        if violations:
-            raise GuardrailError(violations)
         batch = [
             self._upsert(record_set, member.set_identifier, weights[member.set_identifier], group)
             for member in record_set.members
         ]
         submitted = self._clock()
         if self.dry_run:
-            log.info("dry run: batch not sent", record=record_set.key, reason=reason, weights=dict(weights))
+            log.info("dry run: batch not sent", record=record_set.key, comment=comment, weights=dict(weights))
             return ChangeResult(None, submitted, None, batch, dry_run=True)
-        comment = f"regionshift {kind}: {reason}"[:256]
         response = await self._call(
             "change_resource_record_sets",
             HostedZoneId=record_set.zone_id,
-            ChangeBatch={"Comment": comment, "Changes": batch},
+            ChangeBatch={"Comment": comment[:256], "Changes": batch},
         )
         change_id = str(response["ChangeInfo"]["Id"])
         if on_submitted is not None:

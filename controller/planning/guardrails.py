@@ -156,3 +156,11 @@ def check(
                     )
                 )
     return found
+
+
+class GuardrailError(Exception):
+    """The batch breaks a guardrail and was not sent."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        super().__init__("; ".join(v.message for v in violations))
+        self.violations = violations
