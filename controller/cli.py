@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from controller import logs
+from controller.planning.operator import ACTIONS
 from controller.settings.loading import ConfigError, load_config
 from controller.web.api import ListenError
 
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--ramp", required=True, metavar="NAME", help="a ramp defined in the policy files")
 
     ramp = commands.add_parser("ramp", help="start, pause, resume or abort a ramp on the running daemon")
-    ramp.add_argument("action", choices=["start", "pause", "resume", "abort"])
+    ramp.add_argument("action", choices=ACTIONS)
     ramp.add_argument("name", metavar="NAME")
     with_config(ramp)
     ramp.add_argument("--url", help="the daemon's API (default: from controller.listen)")

@@ -11,20 +11,19 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from controller.acting.reconciler import Reconciler
 from controller.acting.route53 import Actuator, make_client
+from controller.events.bus import Bus
+from controller.events.kinds import VerdictChanged
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
-from controller.planning.ramps import RAMP_STATUSES
-from controller.planning.weights import shares
 from controller.sinks.prometheus import Metrics
 from controller.state.holder import this_process
 from controller.state.store import Store
@@ -32,15 +31,13 @@ from controller.web.api import ApiServer, make_app
 from probes.scheduler import Scheduler, make_prober
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
-    from controller.acting.reconciler import Action
-    from controller.judging.verdicts import Transition
-    from controller.settings.schema import Config, RecordSet
+    from controller.judging.verdicts import Transition, Verdict
+    from controller.settings.schema import Config
     from probes.results import Result
 
 log = structlog.get_logger("regionshift.daemon")
-EVENT_HISTORY = 500
 # A failing probe is logged as recovered after this many passes in a row, so a probe that
 # fails every other run logs once, not on every result.
 RECOVERED_AFTER = 3
@@ -89,8 +86,9 @@ class Daemon:
             ((r.name, p.name, self.vantage) for r in config.regions for p in r.probes),
             (r.name for r in config.regions),
         )
-        self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
-        self.listeners: list[Callable[[Transition], None]] = []
+        # Every change (verdicts, actions, ramps, drift, the lease, operators) is published once;
+        # the API, the metrics and the demo's timeline subscribe.
+        self.bus = Bus()
         self.started = asyncio.Event()
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
@@ -98,21 +96,8 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         # Set on every verdict change: the reconciler looks at once instead of at its next tick.
         self._wake = asyncio.Event()
-        self.action_listeners: list[Callable[[Action], None]] = []
-        self._precreate_actions()
-
-    def _precreate_actions(self) -> None:
-        policy = self.config.policy
-        for name, ramp in policy.ramps.items():
-            for region in (r for wave in ramp.waves for r in wave):
-                for action in ("forward", "rollback"):
-                    self.metrics.actions.labels(action, region, f"ramp:{name}")
-            self.metrics.set_ramp(name, -1, "pending", RAMP_STATUSES)
-        for rs in self.config.record_sets:
-            self.metrics.route53_drift.labels(rs.key).set(0)
-            for member in rs.members:
-                for action in ("evacuation", "restore"):
-                    self.metrics.actions.labels(action, member.region, "evacuation")
+        self.metrics.precreate_shifting(config.policy, config.record_sets)
+        self._metric_events = self.bus.subscribe()
 
     # --- the flow: results -> windows -> verdicts ------------------------------------------
 
@@ -155,63 +140,23 @@ class Daemon:
         for t in transitions:
             v = t.verdict
             self.metrics.set_status(t.region, v.status)
-            event = {
-                "at": now,
-                "kind": "verdict",
-                "region": t.region,
-                "from": t.previous,
-                "to": v.status,
-                "reasons": list(v.reasons),
-            }
-            self.events.append(event)
+            self.bus.publish(
+                VerdictChanged(at=now, region=t.region, previous=t.previous, status=v.status, reasons=v.reasons)
+            )
             log.info("verdict changed", region=t.region, previous=t.previous, status=v.status, reasons=list(v.reasons))
-            for listener in self.listeners:
-                listener(t)
         if transitions:
             self._wake.set()
         return transitions
-
-    def _on_action(self, action: Action) -> None:
-        if action.outcome in ("applied", "dry_run"):
-            for region in action.regions:
-                self.metrics.actions.labels(action.kind, region, action.actor).inc()
-        self.events.append(
-            {
-                "at": self.clock(),
-                "kind": "action",
-                "record": action.record,
-                "action": action.kind,
-                "actor": action.actor,
-                "outcome": action.outcome,
-                "reason": action.reason,
-                "weights": action.weights,
-                "regions": list(action.regions),
-            }
-        )
-        for listener in self.action_listeners:
-            listener(action)
 
     async def _reconcile_loop(self, reconciler: Reconciler) -> None:
         every = self.config.controller.route53.reconcile_every
         while True:
             self._wake.clear()  # a verdict changing during the tick wakes the next one at once
             await reconciler.tick(self.judge.verdicts, self.clock())
-            self._export(reconciler)
+            self.metrics.export(self.config.record_sets, reconciler)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await self._wake.wait()
-
-    def _export(self, reconciler: Reconciler) -> None:
-        for rs in self.config.record_sets:
-            view = reconciler.views[rs.key]
-            for member in rs.members:
-                if member.set_identifier in view.observed:
-                    self.metrics.route53_weight.labels(rs.key, member.set_identifier, member.region).set(
-                        view.observed[member.set_identifier]
-                    )
-            self.metrics.route53_drift.labels(rs.key).set(1 if view.drift else 0)
-        for name, state in reconciler.ramps.items():
-            self.metrics.set_ramp(name, state.step, state.status, RAMP_STATUSES)
 
     async def _judge_loop(self) -> None:
         interval = self.config.controller.tick
@@ -238,7 +183,7 @@ class Daemon:
                 )
                 lease = store.lease(str(this_process()), r53.lease_ttl)
                 self.reconciler = Reconciler(
-                    self.config, actuator, store, lease, on_action=self._on_action, clock=self.clock
+                    self.config, actuator, store, lease, publish=self.bus.publish, clock=self.clock
                 )
                 await self.reconciler.load()
             # Served once everything it shows is ready.
@@ -255,6 +200,7 @@ class Daemon:
                 self._tasks = [
                     group.create_task(self.scheduler.run(), name="scheduler"),
                     group.create_task(self._judge_loop(), name="judge"),
+                    group.create_task(self.metrics.follow(self._metric_events), name="metrics"),
                 ]
                 if self.reconciler is not None:
                     lease_ttl = self.config.controller.route53.lease_ttl
@@ -269,61 +215,14 @@ class Daemon:
                     task.cancel()
         log.info("stopped", probe_runs=self.scheduler.stats.runs)
 
-    # --- what the API shows ---------------------------------------------------------------------
+    # --- what the API shows (built by controller.web.views) ------------------------------------
 
-    def _record_state(self, rs: RecordSet) -> dict[str, Any]:
-        view = self.reconciler.views.get(rs.key) if self.reconciler is not None else None
-        observed = dict(view.observed) if view is not None else {}
-        desired = dict(view.desired) if view is not None and view.desired is not None else None
-        achieved = shares(observed) if observed and any(observed.values()) else {}
-        wanted = shares(desired) if desired else {}
-        return {
-            "key": rs.key,
-            "name": rs.name,
-            "type": rs.type,
-            "zone_id": rs.zone_id,
-            "ttl": rs.ttl,
-            "residency": rs.residency,
-            "takes_writes": rs.takes_writes,
-            "members": [
-                {
-                    **m.model_dump(),
-                    "observed_weight": observed.get(m.set_identifier),
-                    "observed_share": round(achieved[m.set_identifier], 3) if m.set_identifier in achieved else None,
-                    "desired_weight": desired.get(m.set_identifier) if desired else None,
-                    "desired_share": round(wanted[m.set_identifier], 3) if m.set_identifier in wanted else None,
-                }
-                for m in rs.members
-            ],
-            "owner": view.owner if view is not None else None,
-            "reason": view.reason if view is not None else None,
-            "drift": view.drift if view is not None else None,
-            "error": view.error if view is not None else None,
-        }
+    @property
+    def verdicts(self) -> Mapping[str, Verdict]:
+        return self.judge.verdicts
 
-    def _ramp_states(self) -> list[dict[str, Any]]:
-        if self.reconciler is None:
-            return []
-        out = []
-        for name, state in self.reconciler.ramps.items():
-            policy = self.config.policy.ramps[name]
-            out.append(
-                {
-                    "name": name,
-                    "record_set": policy.record_key,
-                    "status": state.status,
-                    "wave": state.wave + 1,
-                    "waves": len(policy.waves),
-                    "targets": policy.waves[state.wave],
-                    "step": state.step + 1,
-                    "steps": len(policy.steps),
-                    "share": policy.steps[state.step] if state.step >= 0 else 0.0,
-                    "bake_until": state.bake_until,
-                    "reason": state.reason,
-                    "pending": state.pending is not None,
-                }
-            )
-        return out
+    def probe_stats(self) -> tuple[int, int]:
+        return self.scheduler.stats.runs, self.scheduler.stats.missed_ticks
 
     def api_token(self) -> str | None:
         return os.environ.get(self.config.controller.api_token_env) or None
@@ -332,29 +231,3 @@ class Daemon:
         return (
             [f"task {t.get_name()} ended" for t in self._tasks if t.done()] if self.started.is_set() else ["starting"]
         )
-
-    def state(self) -> dict[str, Any]:
-        verdicts = self.judge.verdicts
-        return {
-            "generated_at": self.clock(),
-            "vantage": self.vantage,
-            "regions": [
-                {
-                    "name": r.name,
-                    "type": r.type,
-                    "residency": r.residency,
-                    "max_share": r.max_share,
-                    "probes": [
-                        {"name": p.name, "kind": p.kind, "target": p.target, "interval": p.interval} for p in r.probes
-                    ],
-                    "verdict": verdicts[r.name].to_json() if r.name in verdicts else None,
-                }
-                for r in self.config.regions
-            ],
-            "record_sets": [self._record_state(rs) for rs in self.config.record_sets],
-            "ramps": self._ramp_states(),
-            "frozen": self.reconciler.frozen if self.reconciler is not None else None,
-            "events": list(self.events)[-100:],
-            "probe_runs": self.scheduler.stats.runs,
-            "missed_ticks": self.scheduler.stats.missed_ticks,
-        }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -225,6 +225,21 @@ ProbeSpec = Annotated[
     | Annotated[CloudWatchLagProbe, Tag("replication-lag/cloudwatch")],
     Discriminator(_probe_tag),
 ]
+
+
+def _tagged() -> dict[str, type[BaseModel]]:
+    union = get_args(ProbeSpec)[0]
+    return {next(m.tag for m in get_args(a)[1:] if isinstance(m, Tag)): get_args(a)[0] for a in get_args(union)}
+
+
+# Every probe model by its tag ("http", "replication-lag/postgres"...): read off the union above,
+# so an error message never lists a stale set of kinds.
+PROBE_TAGS: dict[str, type[BaseModel]] = _tagged()
+# The kinds a configuration names, and each kind's sources where it has several.
+PROBE_KINDS: dict[str, tuple[str, ...]] = {}
+for _tag in PROBE_TAGS:
+    _kind, _, _source = _tag.partition("/")
+    PROBE_KINDS[_kind] = (*PROBE_KINDS.get(_kind, ()), *((_source,) if _source else ()))
 
 
 def split_host_port(target: str) -> tuple[str, int]:

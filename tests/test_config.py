@@ -141,6 +141,21 @@ BROKEN = [
     ),
     ("probe without kind", probe("name: h\ntarget: http://a/\n"), ("regions[0].probes[0]", "needs `kind:`")),
     (
+        "a typo inside a replication-lag probe, on its own line and path",
+        probe("kind: replication-lag\nname: db\nprimary: {env: P}\nreplica: {env: R}\ntabel: x\n"),
+        (":8:", "regions[0].probes[0].tabel: unknown key 'tabel'", "table"),
+    ),
+    (
+        "an unknown kind is told every kind the probe union has",
+        probe("kind: udp\nname: u\n"),
+        (":4:", "use one of: http, tcp, replication-lag (source: postgres or cloudwatch)"),
+    ),
+    (
+        "an unknown source of a known kind",
+        probe("kind: replication-lag\nsource: mysql\nname: m\n"),
+        (":4:", "unknown source 'mysql' for kind 'replication-lag'; use postgres or cloudwatch"),
+    ),
+    (
         "misspelt probe key",
         probe("kind: http\nname: h\ntarget: http://a/\ntiemout: 2s\n"),
         (":7:", "regions[0].probes[0].tiemout", "unknown key", "allowed here:", "timeout"),

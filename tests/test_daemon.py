@@ -15,25 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller import logs
 from controller.daemon import Daemon
 from controller.demo.world import free_port
-from controller.settings.policy import Policy, SlowdownTest, VerdictPolicy
+from controller.settings.policy import Policy
 from controller.settings.schema import Config, ControllerSettings, Region
 from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS
-
-# Loopback answers in about a millisecond, so a busy CI machine makes any of them "slower than
-# usual" by a large factor: these tests are about failures, not latency, and only count
-# slowdowns of ten times the baseline.
-FAST = VerdictPolicy(
-    window=3,
-    stale_after=1,
-    min_samples=5,
-    degraded_below=0.9,
-    unhealthy_below=0.5,
-    down_after=3,
-    recover_after=1,
-    slowdown=SlowdownTest(min_effect=9.0),
-)
+from tests.policies import FAST
 
 
 def world_config(world, policy=FAST, interval=0.1) -> Config:

@@ -17,28 +17,18 @@ from controller.acting.route53 import make_client
 from controller.daemon import Daemon
 from controller.demo.world import seed_weighted_group
 from controller.planning.weights import shares
-from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy, SlowdownTest, VerdictPolicy
+from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from controller.state.store import Store
 from probes.spec import HttpProbe
+from tests import policies
 from tests.conftest import REGIONSHIFT
 from tests.faults import FaultProxy
 
 TOKEN = "test-token-0123456789"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-# Loopback answers in about a millisecond, so a busy CI machine makes any of them "slower than
-# usual" by a large factor: these tests are about failures, not latency, and only count
-# slowdowns of ten times the baseline.
-FAST = VerdictPolicy(
-    window=3,
-    stale_after=1,
-    min_samples=3,
-    degraded_below=0.9,
-    unhealthy_below=0.5,
-    down_after=3,
-    recover_after=1,
-    slowdown=SlowdownTest(min_effect=9.0),
-)
+# The shared fast policy, judging on 3 results (a 10-probe-per-second world fills a window fast).
+FAST = policies.FAST.model_copy(update={"min_samples": 3})
 STEPS = [1.0, 5.0, 10.0, 25.0, 50.0]
 # The test world's record TTL and the INSYNC wait, scaled down from Route 53's (60 s, 300 s) so
 # tests stay short, never zero: a TTL of 0 once hid an evacuation that never waited between steps.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from controller.acting.route53 import DriftError, RetryableError, TerminalError
+from controller.events.kinds import ActionTaken, DriftFound, Event, LeaseChanged, OperatorAction, RampChanged
 from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
 from controller.planning.guardrails import FORWARD_KINDS, GuardrailError, Proposal, check
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from controller.acting.route53 import Actuator, ChangeResult
     from controller.judging.verdicts import Status, Verdict
     from controller.planning.guardrails import Kind
+    from controller.planning.operator import Action
     from controller.settings.policy import RampPolicy
     from controller.settings.schema import Config, RecordSet, Region
     from controller.state.audit import Outcome
@@ -55,19 +57,6 @@ class RecordView:
     held: str | None = None  # why the pacing holds the next forward step, while it does
 
 
-@dataclass(frozen=True)
-class Action:
-    """One change the reconciler made, for metrics and the event stream."""
-
-    record: str
-    kind: Kind
-    weights: dict[str, int]
-    reason: str
-    regions: tuple[str, ...]  # regions whose share changed
-    outcome: str
-    actor: str
-
-
 class Reconciler:
     def __init__(
         self,
@@ -77,14 +66,14 @@ class Reconciler:
         lease: Lease,
         *,
         actor: str = "regionshift",
-        on_action: Callable[[Action], None] | None = None,
+        publish: Callable[[Event], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.actuator = actuator
         self.store = store
         self.actor = actor
-        self.on_action = on_action or (lambda _: None)
+        self.publish: Callable[[Event], object] = publish or (lambda _: None)
         self.policy = config.policy
         self.regions = {r.name: r for r in config.regions}
         self.record_sets = {rs.key: rs for rs in config.record_sets}
@@ -110,7 +99,7 @@ class Reconciler:
 
     # --- operators ----------------------------------------------------------------------------------
 
-    async def act(self, name: str, action: ramps.Action, now: float, who: str) -> str | None:
+    async def act(self, name: str, action: Action, now: float, who: str) -> str | None:
         """Apply an operator's action to a ramp; the reason it was refused, or None."""
         policy = self.policy.ramps.get(name)
         if policy is None:
@@ -119,6 +108,8 @@ class Reconciler:
             state, refused = ramps.act(policy, self.ramps[name], action, now)
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
+                self.publish(OperatorAction(at=now, who=who, action=action, target=f"ramp:{name}", reason=state.reason))
+                self._ramp_changed(name, state, now)
                 self.ramps[name] = state
                 await self.store.ramps.save(name, state.to_json(), now)
                 log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
@@ -133,6 +124,7 @@ class Reconciler:
                 # at once; any other holder keeps the lease until it expires.
                 token = await self.lease.acquire(clock())
             if token != self.lease_token:
+                self.publish(LeaseChanged(at=clock(), holder=self.holder, token=token))
                 if token is None:
                     log.warning("standby: another controller holds the writer lease", holder=self.holder)
                 else:
@@ -147,6 +139,8 @@ class Reconciler:
     async def freeze(self, frozen: bool, now: float, who: str, reason: str) -> None:  # noqa: FBT001
         async with self._lock:
             self.frozen = Freeze(by=who, reason=reason, at=now) if frozen else None
+            what = "freeze" if frozen else "unfreeze"
+            self.publish(OperatorAction(at=now, who=who, action=what, target="shifting", reason=reason))
             await self.store.flags.set_frozen(self.frozen, now)
             log.warning("shifting frozen" if frozen else "shifting unfrozen", by=who, reason=reason)
 
@@ -185,9 +179,13 @@ class Reconciler:
             drift = str(DriftError(key, expected, raw))
             if view.drift != drift:
                 log.error("drift: weights changed outside regionshift", record=key, detail=drift)
+                self.publish(DriftFound(at=now, record=key, detail=drift))
                 await self._pause_ramps(key, f"drift: {drift}", now)
             view.drift, view.desired, view.reason = drift, None, "holding: Route 53 was changed by hand"
             return
+        if view.drift is not None:
+            log.info("drift over: Route 53 holds the weights last written", record=key)
+            self.publish(DriftFound(at=now, record=key, detail=None))
         view.drift = None
         owner = self._ramp_for(key)
         if owner is not None:
@@ -242,12 +240,27 @@ class Reconciler:
             await self.store.flags.set_home(rs.key, observed, now)
         await self._save(name, state, now)
 
+    def _ramp_changed(self, name: str, state: ramps.RampState, now: float) -> None:
+        previous = self.ramps[name]
+        if state.status != previous.status or state.step != previous.step:
+            self.publish(
+                RampChanged(
+                    at=now,
+                    ramp=name,
+                    previous=previous.status,
+                    status=state.status,
+                    step=state.step,
+                    reason=state.reason,
+                )
+            )
+
     async def _save(self, name: str, state: ramps.RampState, now: float) -> None:
         if state != self.ramps.get(name):
             if state.status != self.ramps[name].status:
                 log.info(
                     "ramp status", ramp=name, previous=self.ramps[name].status, status=state.status, reason=state.reason
                 )
+            self._ramp_changed(name, state, now)
             self.ramps[name] = state
             await self.store.ramps.save(name, state.to_json(), now)
 
@@ -272,6 +285,9 @@ class Reconciler:
             return None
         token = self.lease_token
         if token is None or not await self.lease.holds(token, self.clock()):
+            if token is not None:
+                log.warning("writer lease lost", holder=self.holder, fencing_token=token)
+                self.publish(LeaseChanged(at=self.clock(), holder=self.holder, token=None))
             self.lease_token = None
             self.views[key].reason = f"standby: another controller holds the writer lease (wanted: {reason})"
             return None
@@ -368,7 +384,18 @@ class Reconciler:
                 }
             )
         )
-        self.on_action(Action(rs.key, kind, dict(weights), reason, changed, outcome, actor))
+        self.publish(
+            ActionTaken(
+                at=self.clock(),
+                record=rs.key,
+                action=kind,
+                actor=actor,
+                outcome=outcome,
+                reason=reason,
+                weights=dict(weights),
+                regions=changed,
+            )
+        )
 
     async def _paced(self, rs: RecordSet) -> tuple[float | None, str]:
         """The earliest time the next forward change to `rs` may be sent (guardrail 2), and why:

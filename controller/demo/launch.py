@@ -32,6 +32,7 @@ from controller.acting.route53 import Actuator, make_client
 from controller.daemon import Daemon
 from controller.demo.verdicts import DEMO_REGIONS, start_daemon, stop_after
 from controller.demo.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
+from controller.events.kinds import ActionTaken
 from controller.planning.weights import shares
 from controller.settings.policy import (
     ErrorTest,
@@ -49,7 +50,7 @@ from probes.spec import CloudWatchLagProbe, HttpProbe
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controller.acting.reconciler import Action
+    from controller.events.bus import Subscription
 
 RECORD = "api.demo.regionshift.internal"
 RAMP = "launch-eu-west-1"
@@ -214,12 +215,17 @@ class Story:
             self.statuses.append(state.status)
         return state.status, state.step
 
-    def on_action(self, action: Action) -> None:
-        self.actions.append((time.monotonic(), action.kind))
+    async def follow(self, events: Subscription) -> None:
+        async for event in events:
+            if isinstance(event, ActionTaken):
+                self.on_action(event)
+
+    def on_action(self, action: ActionTaken) -> None:
+        self.actions.append((time.monotonic(), action.action))
         share = shares(action.weights)
         weights = " ".join(f"{k}={v}" for k, v in action.weights.items())
         split = " ".join(f"{self.clients.region_of[k]} {v:.0f}%" for k, v in share.items())
-        self.say(f"** route53 {action.kind} ({action.outcome}): {weights} -> {split}; {action.reason}")
+        self.say(f"** route53 {action.action} ({action.outcome}): {weights} -> {split}; {action.reason}")
 
     async def run(self) -> None:
         while True:
@@ -327,6 +333,7 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             os.environ.setdefault(key, DEMO_KEY)  # the daemon uses the usual credential chain
         config = launch_config(regions, listen, route53.url, zone_id, state_dir)
         daemon = Daemon(config)
+        events = daemon.bus.subscribe()
         reader = Actuator(make_client(route53.url, aws_access_key_id=DEMO_KEY, aws_secret_access_key=DEMO_KEY))
         clients = Clients(regions, reader, config.record_sets[0])
         finished = asyncio.Event()
@@ -334,7 +341,6 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             if not await start_daemon(group, daemon, stop):
                 return 1
             story = Story(daemon, regions, clients, out)
-            daemon.action_listeners.append(story.on_action)
             url = daemon.url
             print(
                 f"regionshift demo (launch): API at {url}  (state: {url}/api/v1/state, metrics: {url}/metrics)",
@@ -352,6 +358,7 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             helpers = [
                 group.create_task(clients.run(), name="clients"),
                 group.create_task(story.run(), name="timeline"),
+                group.create_task(story.follow(events), name="events"),
                 group.create_task(replication.run(), name="replication"),
                 group.create_task(script(daemon, regions, replication, story, finished), name="script"),
             ]

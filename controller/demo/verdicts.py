@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from controller.daemon import Daemon
 from controller.demo.world import API_PATHS, SimulatedRegion
+from controller.events.kinds import VerdictChanged
 from controller.settings.policy import Policy, SlowdownTest, VerdictPolicy
 from controller.settings.schema import Config, ControllerSettings, Region, RegionType
 from probes.spec import HttpProbe
@@ -24,7 +25,8 @@ from probes.spec import HttpProbe
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-    from controller.judging.verdicts import Status, Transition
+    from controller.events.bus import Subscription
+    from controller.judging.verdicts import Status
 
 # name, type, residency, max_share
 DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
@@ -109,10 +111,15 @@ class Timeline:
     def say(self, text: str) -> None:
         print(f"{self._t()}  {text}", file=self.out, flush=True)
 
-    def on_transition(self, t: Transition) -> None:
-        self.seen[t.region].append(t.verdict.status)
-        why = f"  ({'; '.join(t.verdict.reasons)})" if t.verdict.reasons else ""
-        self.say(f"{t.region}: {t.previous or 'start'} -> {t.verdict.status.upper()}{why}")
+    def on_verdict(self, event: VerdictChanged) -> None:
+        self.seen[event.region].append(event.status)  # type: ignore[arg-type]
+        why = f"  ({'; '.join(event.reasons)})" if event.reasons else ""
+        self.say(f"{event.region}: {event.previous or 'start'} -> {event.status.upper()}{why}")
+
+    async def follow(self, events: Subscription) -> None:
+        async for event in events:
+            if isinstance(event, VerdictChanged):
+                self.on_verdict(event)
 
     def summary(self) -> str:
         verdicts = self.daemon.judge.verdicts
@@ -147,11 +154,11 @@ async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out
             for i, (name, *_) in enumerate(DEMO_REGIONS)
         }
         daemon = Daemon(demo_config(regions, listen))
+        events = daemon.bus.subscribe()
         async with asyncio.TaskGroup() as group:
             if not await start_daemon(group, daemon, stop):
                 return 1
             timeline = Timeline(daemon, out, daemon.clock())
-            daemon.listeners.append(timeline.on_transition)
             url = daemon.url
             print(f"regionshift demo: API at {url}  (state: {url}/api/v1/state, metrics: {url}/metrics)", file=out)
             for name, region in regions.items():
@@ -162,6 +169,7 @@ async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out
             print(f"  script: {'; '.join(f'+{s.at:g}s {s.region} {s.say}' for s in SCRIPT)}", file=out, flush=True)
             helpers = [
                 group.create_task(timeline.run(), name="timeline"),
+                group.create_task(timeline.follow(events), name="events"),
                 group.create_task(_play(SCRIPT, regions, timeline), name="script"),
             ]
             if duration is not None:

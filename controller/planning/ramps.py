@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
     from controller.judging.verdicts import Verdict
     from controller.planning.guardrails import Kind
+    from controller.planning.operator import Action
     from controller.settings.policy import RampPolicy
     from controller.settings.schema import RecordSet
 
 RampStatus = Literal["pending", "running", "baking", "paused", "done", "rolled_back", "aborted"]
 RAMP_STATUSES: tuple[RampStatus, ...] = ("pending", "running", "baking", "paused", "done", "rolled_back", "aborted")
 ACTIVE: frozenset[RampStatus] = frozenset({"running", "baking", "paused"})
-Action = Literal["start", "pause", "resume", "abort"]
 
 
 @dataclass(frozen=True)

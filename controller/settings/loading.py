@@ -17,7 +17,7 @@ from controller.settings.limits import SHARE_EPSILON
 from controller.settings.model import LocatedError
 from controller.settings.policy import Policy
 from controller.settings.schema import Config
-from probes.spec import HttpProbe, TcpProbe
+from probes.spec import PROBE_KINDS, PROBE_TAGS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -98,11 +98,10 @@ def _dotted(loc: Sequence[int | str]) -> str:
     return out or "(top level)"
 
 
-# Probe kinds by their `kind:` tag; pydantic puts the tag in error locations, not a field name.
-_PROBE_KINDS: dict[str, type[BaseModel]] = {"http": HttpProbe, "tcp": TcpProbe}
-
-
-_KIND_LIST = ", ".join(_PROBE_KINDS)
+def _kind_list() -> str:
+    return ", ".join(
+        f"{kind} (source: {' or '.join(sources)})" if sources else kind for kind, sources in PROBE_KINDS.items()
+    )
 
 
 def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) -> str:
@@ -114,10 +113,13 @@ def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) 
     if kind == "missing":
         return "required but missing"
     if kind == "union_tag_invalid":
-        given = error["input"].get("kind") if isinstance(error["input"], dict) else error["input"]
-        return f"unknown probe kind {given!r}; use one of: {_KIND_LIST}"
+        given = error["input"] if isinstance(error["input"], dict) else {"kind": error["input"]}
+        if given.get("kind") in PROBE_KINDS:
+            sources = " or ".join(PROBE_KINDS[given["kind"]])
+            return f"unknown source {given.get('source')!r} for kind {given['kind']!r}; use {sources}"
+        return f"unknown probe kind {given.get('kind')!r}; use one of: {_kind_list()}"
     if kind == "union_tag_not_found":
-        return f"a probe needs `kind:` (one of: {_KIND_LIST})"
+        return f"a probe needs `kind:` (one of: {_kind_list()})"
     message = error["msg"].removeprefix("Value error, ")
     shown = error.get("input")
     if kind not in ("value_error", "assertion_error") and not isinstance(shown, dict | list):
@@ -131,8 +133,8 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]
     for part in loc:
         if isinstance(part, int):
             continue
-        if part in _PROBE_KINDS:
-            current = _PROBE_KINDS[part]
+        if part in PROBE_TAGS:
+            current = PROBE_TAGS[part]
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
@@ -162,7 +164,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path, node: yaml.Node | N
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_url=False):
-            loc = [p for p in error["loc"] if p not in _PROBE_KINDS]
+            loc = [p for p in error["loc"] if p not in PROBE_TAGS]
             ctx_error = (error.get("ctx") or {}).get("error")
             if isinstance(ctx_error, LocatedError):  # a path relative to where the validator ran
                 loc = loc + _parse_dotted(ctx_error.path)

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from controller.events.kinds import ActionTaken
 from controller.judging.verdicts import STATUSES
+from controller.planning.ramps import RAMP_STATUSES
 from probes.results import OUTCOMES
 
 if TYPE_CHECKING:
@@ -21,7 +23,11 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import Counter as CounterChild
     from prometheus_client.metrics import Histogram as HistogramChild
 
+    from controller.acting.reconciler import Reconciler
+    from controller.events.bus import Subscription
     from controller.judging.verdicts import Status
+    from controller.settings.policy import Policy
+    from controller.settings.schema import RecordSet
     from probes.results import Result
 
 # Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in
@@ -129,3 +135,36 @@ class Metrics:
         self.ramp_step.labels(ramp).set(step + 1)
         for s in statuses:
             self.ramp_status.labels(ramp, s).set(1 if s == status else 0)
+
+    def precreate_shifting(self, policy: Policy, record_sets: Iterable[RecordSet]) -> None:
+        """The series the shifting alerts and panels read, before the first action."""
+        for name, ramp in policy.ramps.items():
+            for region in (r for wave in ramp.waves for r in wave):
+                for action in ("forward", "rollback"):
+                    self.actions.labels(action, region, f"ramp:{name}")
+            self.set_ramp(name, -1, "pending", RAMP_STATUSES)
+        for rs in record_sets:
+            self.route53_drift.labels(rs.key).set(0)
+            for member in rs.members:
+                for action in ("evacuation", "restore"):
+                    self.actions.labels(action, member.region, "evacuation")
+
+    def export(self, record_sets: Iterable[RecordSet], reconciler: Reconciler) -> None:
+        """What the reconciler saw this tick: weights, drift, ramp steps."""
+        for rs in record_sets:
+            view = reconciler.views[rs.key]
+            for member in rs.members:
+                if member.set_identifier in view.observed:
+                    self.route53_weight.labels(rs.key, member.set_identifier, member.region).set(
+                        view.observed[member.set_identifier]
+                    )
+            self.route53_drift.labels(rs.key).set(1 if view.drift else 0)
+        for name, state in reconciler.ramps.items():
+            self.set_ramp(name, state.step, state.status, RAMP_STATUSES)
+
+    async def follow(self, events: Subscription) -> None:
+        """Count every weight change sent (applied or dry run), from the event bus."""
+        async for event in events:
+            if isinstance(event, ActionTaken) and event.outcome in ("applied", "dry_run"):
+                for region in event.regions:
+                    self.actions.labels(event.action, region, event.actor).inc()

@@ -6,33 +6,27 @@ The API observes; it never decides. It reads the daemon's state through `StateSo
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controller.planning.operator import ACTIONS, is_action
+from controller.web import views
+from controller.web.views import Observed
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from prometheus_client import CollectorRegistry
 
-    from controller.acting.reconciler import Reconciler
 
-
-class StateSource(Protocol):
+class StateSource(Observed, Protocol):
     registry: CollectorRegistry
-    reconciler: Reconciler | None
-
-    def state(self) -> dict[str, Any]: ...
 
     def problems(self) -> list[str]: ...
 
     def api_token(self) -> str | None: ...
-
-    def clock(self) -> float: ...
-
-
-ACTIONS = ("start", "pause", "resume", "abort")
 
 
 def _authorised(source: StateSource, request: web.Request) -> web.Response | None:
@@ -66,20 +60,20 @@ def make_app(source: StateSource) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def state(_: web.Request) -> web.Response:
-        return web.json_response(source.state())
+        return web.json_response(views.state(source))
 
     async def ramp_action(request: web.Request) -> web.Response:
         refused = _authorised(source, request)
         if refused is not None:
             return refused
         name, action = request.match_info["name"], request.match_info["action"]
-        if action not in ACTIONS:
+        if not is_action(action):
             return web.json_response(
                 {"error": f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}"}, status=404
             )
         if source.reconciler is None:
             return web.json_response({"error": "no record sets configured: nothing to ramp"}, status=409)
-        error = await source.reconciler.act(name, action, source.clock(), _who(request))  # type: ignore[arg-type]
+        error = await source.reconciler.act(name, action, source.clock(), _who(request))
         if error is not None:
             status = 404 if error.startswith("no ramp named") else 409
             return web.json_response({"error": error}, status=status)

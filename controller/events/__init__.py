@@ -1,0 +1,1 @@
+"""What happened, as typed events, and the bus that carries each one once to every subscriber."""
