@@ -7,55 +7,126 @@ usable without the controller; the controller's configuration imports them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_HINT = "write a number with a unit: ms, s, m, h or d, e.g. '500ms', '30s', '2m' or '1h30m'"
 
 
+# The longest duration any setting takes: a year and a day. Longer is a typo, not a plan.
+MAX_DURATION = 366 * 86400.0
+
+
+def format_duration(seconds: float) -> str:
+    """'10ms', '30s', '2m', '1h30m', '366d': the shortest exact form parse_duration reads back."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    out, rest = "", seconds
+    for unit in ("d", "h", "m"):
+        whole = int(rest // _UNIT_SECONDS[unit])
+        if whole:
+            out, rest = out + f"{whole}{unit}", rest - whole * _UNIT_SECONDS[unit]
+    return out + (f"{rest:g}s" if rest or not out else "")
+
+
 def parse_duration(value: object) -> float:
-    """Seconds from '250ms', '30s', '2m', '1h30m' (or a bare number of seconds)."""
+    """Seconds from '250ms', '30s', '2m', '1h30m' (or a bare number of seconds): finite, not
+    negative, at most MAX_DURATION. Each field's own range is checked after (see `Duration`)."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")  # noqa: TRY004 - pydantic wants ValueError
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        parts = list(_DURATION_PART.finditer(text))
-        if not text or "".join(p.group(0) for p in parts) != text:
-            raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
-        seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
-    else:
-        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")  # noqa: TRY004 - pydantic wants ValueError
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str):
+            text = value.strip().replace(" ", "")
+            parts = list(_DURATION_PART.finditer(text))
+            if not text or "".join(p.group(0) for p in parts) != text:
+                raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
+            seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
+        else:
+            raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")  # noqa: TRY004 - pydantic wants ValueError
+    except OverflowError:
+        seconds = math.inf
+    if math.isnan(seconds):
+        raise ValueError(f"{value!r} is not a number of seconds; {DURATION_HINT}")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative; a duration is zero or more")
+    if seconds > MAX_DURATION:
+        shown = repr(value) if len(repr(value)) < 40 else "this value"  # noqa: PLR2004 - a short echo
+        raise ValueError(f"{shown} is longer than any setting takes: at most {format_duration(MAX_DURATION)}")
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+def _within(low: float, high: float, *, zero: bool) -> Callable[[float], float]:
+    allowed = f"{'0 or ' if zero and low > 0 else ''}{format_duration(low)} to {format_duration(high)}"
+    if low == 0 and not zero:
+        allowed = f"more than 0s, at most {format_duration(high)}"
+
+    def check(seconds: float) -> float:
+        if (seconds == 0 and zero) or (low <= seconds <= high and seconds > 0):
+            return seconds
+        raise ValueError(f"{format_duration(seconds)} is out of range: allowed {allowed}")
+
+    return check
 
 
-class _Strict(BaseModel):
+# A length of time above zero: timeouts, windows, limits.
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0.0, MAX_DURATION, zero=False))]
+# A wait that may be zero (none): bakes, gates, confirmations.
+Wait = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0.0, MAX_DURATION, zero=True))]
+# How often something runs: at least every day, at most every 10 ms (faster spins a core).
+Interval = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0.01, 86400.0, zero=False))]
+
+
+def _mentions_bool(annotation: object) -> bool:
+    return annotation is bool or any(_mentions_bool(a) for a in get_args(annotation))
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are refused, values frozen, and a YAML boolean is never taken for a number
+    (pydantic would read `weight: true` as 1)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        values = value if isinstance(value, list) else [value]
+        name = info.field_name
+        if (
+            name is not None
+            and any(isinstance(v, bool) for v in values)
+            and not _mentions_bool(cls.model_fields[name].annotation)
+        ):
+            raise ValueError("a boolean (true/false) is not a value this field takes")
+        return value
 
-class TlsSettings(_Strict):
+
+class TlsSettings(StrictModel):
     """How a probe checks the server's certificate."""
 
     ca_file: str | None = Field(default=None, description="PEM bundle to trust instead of the system store")
@@ -66,9 +137,9 @@ class TlsSettings(_Strict):
     )
 
 
-class _ProbeBase(_Strict):
+class _ProbeBase(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    interval: Duration = 10.0
+    interval: Interval = 10.0
     timeout: Duration = 5.0
 
     @model_validator(mode="after")
@@ -143,7 +214,7 @@ class TcpProbe(_ProbeBase):
         return value
 
 
-class Secret(_Strict):
+class Secret(StrictModel):
     """Where a secret (a connection string) is read from: an environment variable or a file,
     never the configuration itself. Errors name where it was looked for, never what it holds."""
 
@@ -182,7 +253,7 @@ class PostgresLagProbe(_ProbeBase):
     primary: Secret = Field(description="where the primary's connection string is")
     replica: Secret = Field(description="where the replica's connection string is")
     table: str = Field(default="regionshift_heartbeat", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    poll: Duration = Field(default=0.01, description="how often the replica is asked while waiting: the resolution")
+    poll: Interval = Field(default=0.01, description="how often the replica is asked while waiting: the resolution")
     stalled_after: Duration = Field(
         default=10.0, description="a replica whose heartbeat has not advanced this long, while written, is stalled"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import textwrap
 
@@ -191,6 +192,46 @@ BROKEN = [
         "controller: {listen: 'nowhere'}\n" + ONE_REGION,
         (":1:", "controller.listen", "not host:port"),
     ),
+    (
+        "a zero tick would spin a core",
+        "controller: {tick: 0s}\n" + ONE_REGION,
+        (":1:", "controller.tick: 0s is out of range: allowed 10ms to 1d"),
+    ),
+    (
+        "a NaN interval",
+        probe("kind: http\nname: h\ntarget: http://a/\ninterval: .nan\n"),
+        (":7:", "probes[0].interval: nan is not a number of seconds"),
+    ),
+    (
+        "an infinite timeout",
+        probe("kind: http\nname: h\ntarget: http://a/\ntimeout: .inf\n"),
+        (":7:", "probes[0].timeout: inf is longer than any setting takes: at most 366d"),
+    ),
+    (
+        "an absurd duration",
+        "controller: {route53: {insync_timeout: 99999999999999999999999d}}\n" + ONE_REGION,
+        (":1:", "controller.route53.insync_timeout", "at most 366d"),
+    ),
+    (
+        "a zero timeout",
+        probe("kind: http\nname: h\ntarget: http://a/\ntimeout: 0s\n"),
+        ("probes[0].timeout: 0s is out of range: allowed more than 0s, at most 366d",),
+    ),
+    (
+        "a boolean weight",
+        record_set("      - {set_identifier: a, region: eu-west-1, value: 192.0.2.1, weight: true}\n"),
+        (":13:", "members[0].weight: a boolean (true/false) is not a value this field takes"),
+    ),
+    (
+        "a boolean in a list of numbers",
+        probe("kind: http\nname: h\ntarget: http://a/\nexpect_status: [200, true]\n"),
+        ("probes[0].expect_status", "a boolean"),
+    ),
+    (
+        "a 5,000-digit number",
+        "controller: {max_concurrency: " + "9" * 5000 + "}\n" + ONE_REGION,
+        (":1:", "a number with 5000 digits"),
+    ),
 ]
 
 
@@ -270,10 +311,23 @@ def test_durations_parse_to_seconds(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["5 parsecs", "", "10", "s", "1x", "-5s", "1s2", True])
+@pytest.mark.parametrize("text", ["5 parsecs", "", "10", "s", "1x", "-5s", "1s2", True, math.nan, math.inf, 10**400])
 def test_bad_durations_are_refused_with_the_accepted_forms(text):
-    with pytest.raises(ValueError, match=r"duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative|number of seconds|longer than any setting"):
         parse_duration(text)
+
+
+def test_waits_may_be_zero_where_zero_means_none(write):
+    path = write("p.yaml", "evacuation: {step_bake: 0s, confirm_after: 0s}\n")
+    config = load_config(write("regionshift.yaml", ONE_REGION + "policies: [p.yaml]\n"))
+    assert path.exists()
+    assert (config.policy.evacuation.step_bake, config.policy.evacuation.confirm_after) == (0.0, 0.0)
+
+
+def test_a_configuration_file_larger_than_any_configuration_is_refused_before_it_is_read(write, capsys):
+    path = write("regionshift.yaml", ONE_REGION + "# padding\n" * 300_000)  # 3 MB
+    assert main(["validate", "-c", str(path)]) == 2
+    assert "larger than 2 MiB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def shipped_config(route53, tmp_path, home: dict[str, int], regions=("us-east-1"
     config = Config(
         controller=ControllerSettings(
             state_path=str(tmp_path / "state.sqlite"),
-            route53=Route53Settings(endpoint_url=route53.url, poll_interval=0.0),
+            route53=Route53Settings(endpoint_url=route53.url, poll_interval=0.01),
         ),
         regions=[Region(name=r) for r in regions],
         record_sets=[

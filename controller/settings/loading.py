@@ -47,9 +47,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A configuration for a hundred regions with ten probes each is about 300 KB; a file many times
+# that is a mistake (a log, a dump), and validating it would take minutes and gigabytes.
+MAX_FILE_BYTES = 2 * 1024 * 1024
+# No setting takes a number with more digits than this (Python refuses to read one of 4,300).
+MAX_DIGITS = 30
+
+
 def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"{path}: the {what} file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; no {what} needs "
+                "that much: is it the right file?"
+            )
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
     except IsADirectoryError:
@@ -60,6 +74,7 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
     try:
         # One parse: the node tree locates errors by line, the data is built from the same tree.
         node = loader.get_single_node()
+        _refuse_long_numbers(path, node)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -68,9 +83,27 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (ValueError, OverflowError) as exc:  # a scalar PyYAML cannot turn into a value
+        raise ConfigError(f"{path}: a value cannot be read: {exc}") from None
     finally:
         loader.dispose()
     return data, node
+
+
+def _refuse_long_numbers(path: Path, node: yaml.Node | None) -> None:
+    """A number with more digits than any setting takes, by its line (before PyYAML converts it)."""
+    stack = [node] if node is not None else []
+    while stack:
+        current = stack.pop()
+        if isinstance(current, yaml.ScalarNode):
+            digits = sum(c.isdigit() for c in current.value)
+            if current.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and digits > MAX_DIGITS:
+                line = current.start_mark.line + 1
+                raise ConfigError(f"{path}:{line}: a number with {digits} digits; no setting takes one that long")
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(v for pair in current.value for v in pair)
 
 
 def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:

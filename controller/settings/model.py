@@ -1,4 +1,5 @@
-"""The strict base every settings model shares (unknown keys refused, values frozen), and the
+"""The strict base every settings model shares (the probes' own: unknown keys refused, values
+frozen, no boolean taken for a number), and the
 error a cross-field check raises so that the loader can say which field it belongs to.
 """
 
@@ -6,14 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
+from probes.spec import StrictModel
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
-class SettingsModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SettingsModel(StrictModel):
+    pass
 
 
 class LocatedError(ValueError):

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from controller.settings.model import SettingsModel
-from probes.spec import Duration
+from probes.spec import Duration, Wait
 
 OnFailure = Literal["rollback", "step-back", "pause"]
 
@@ -114,7 +114,7 @@ class VerdictPolicy(SettingsModel):
     slowdown: SlowdownTest = Field(default_factory=SlowdownTest)
     peers: PeerPolicy = Field(default_factory=PeerPolicy)
     vantages: VantagePolicy = Field(default_factory=VantagePolicy)
-    recover_after: Duration = 60.0
+    recover_after: Wait = 60.0
     lag: LagPolicy = Field(default_factory=LagPolicy)
 
     @field_validator("errors", mode="before")
@@ -159,9 +159,9 @@ class RampPolicy(SettingsModel):
         min_length=1,
         description="percent of the record set's traffic for each target region, step by step",
     )
-    bake: Duration = 600.0
-    start_gate: Duration = 300.0
-    wave_bake: Duration = 600.0
+    bake: Wait = 600.0
+    start_gate: Wait = 300.0
+    wave_bake: Wait = 600.0
     on_failure: OnFailure = "rollback"
     resume_after_rollback: bool = False
 
@@ -193,14 +193,14 @@ class EvacuationPolicy(SettingsModel):
     """Moving share away from a degraded region, and back once it has recovered."""
 
     enabled: bool = True
-    restore_after: Duration = Field(default=600.0, description="healthy this long before share comes back")
-    step_bake: Duration = Field(
+    restore_after: Wait = Field(default=600.0, description="healthy this long before share comes back")
+    step_bake: Wait = Field(
         default=0.0, description="after each step's INSYNC + TTL, wait this long before the next evacuation step"
     )
     blind_fraction: float = Field(
         default=0.5, ge=0, le=1, description="more than this share of regions unknown: blind, hold"
     )
-    confirm_after: Duration = Field(
+    confirm_after: Wait = Field(
         default=30.0, description="a region degraded or unhealthy this long before its share starts to move"
     )
 

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS
 from controller.settings.model import LocatedError, SettingsModel, no_duplicates
 from controller.settings.policy import Policy
-from probes.spec import Duration, ProbeSpec
+from probes.spec import Duration, Interval, ProbeSpec
 
 RegionType = Literal["full", "lightweight", "read-only"]
 
@@ -80,8 +80,8 @@ class Route53Settings(SettingsModel):
 
     endpoint_url: str | None = Field(default=None, description="only for a local Route 53 (moto_server)")
     dry_run: bool = Field(default=False, description="log each batch, send nothing")
-    reconcile_every: Duration = Field(default=10.0, description="how often observed and desired weights are compared")
-    poll_interval: Duration = 2.0
+    reconcile_every: Interval = Field(default=10.0, description="how often observed and desired weights are compared")
+    poll_interval: Interval = 2.0
     insync_timeout: Duration = 300.0
     max_attempts: int = Field(default=8, ge=1, le=50, description="tries per Route 53 request while retryable")
     lease_ttl: Duration = Field(default=30.0, description="writer lease lifetime; a standby takes over after it")
@@ -90,7 +90,7 @@ class Route53Settings(SettingsModel):
 class ControllerSettings(SettingsModel):
     vantage: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     listen: str = Field(default="127.0.0.1:9181", description="host:port of the HTTP API; port 0 picks one")
-    tick: Duration = Field(default=1.0, description="how often verdicts are recomputed")
+    tick: Interval = Field(default=1.0, description="how often verdicts are recomputed")
     max_concurrency: int = Field(default=64, ge=1, le=10_000)
     jitter: float = Field(default=0.1, ge=0, lt=0.5, description="fraction of the interval")
     state_path: str = Field(default="regionshift.sqlite", description="SQLite state, relative to this file")
