@@ -13,9 +13,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+import structlog
+
 from controller import logs
 from controller.planning.operator import ACTIONS
 from controller.settings.loading import ConfigError, load_config
+from controller.settings.schema import split_listen
+from controller.state.database import StateError
 from controller.web.api import ListenError
 
 if TYPE_CHECKING:
@@ -25,6 +29,9 @@ if TYPE_CHECKING:
     from probes.results import Result
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Faults of the environment at run time, each with a message naming what and where.
+FAULTS = (ListenError, StateError)
+log = structlog.get_logger("regionshift.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the daemon: probe, judge, serve the API")
     with_config(run)
-    run.add_argument("--listen", metavar="HOST:PORT", help="override controller.listen")
+    run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="override controller.listen")
 
     validate = commands.add_parser("validate", help="check a configuration and its policy files")
     with_config(validate)
@@ -70,8 +77,18 @@ def _parser() -> argparse.ArgumentParser:
         default="launch",
         help="launch: a ramp with a failure mid-ramp, rollback and resume (default); verdicts: faults and verdicts",
     )
-    demo.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="API address (default: a free port)")
+    demo.add_argument(
+        "--listen", type=_listen, default="127.0.0.1:0", metavar="HOST:PORT", help="API address (default: a free port)"
+    )
     return parser
+
+
+def _listen(text: str) -> str:
+    try:
+        split_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_seconds(text: str) -> float:
@@ -115,10 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ListenError as exc:
+    except FAULTS as exc:  # the environment, at run time: one sentence naming what and where
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:  # a bug: say so in one sentence; the traceback is in the debug log
+        log.debug("unexpected error", exc_info=exc)
+        print(
+            f"regionshift: unexpected {type(exc).__name__}: {exc} "
+            "(a bug; run with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 
@@ -130,11 +155,8 @@ async def _until_signal(body: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         return await body(stop)
-    except BaseExceptionGroup as group:  # a part that failed inside a TaskGroup
-        failed = group.subgroup(ListenError)
-        if failed is not None:
-            raise _first_leaf(failed) from None
-        raise
+    except BaseExceptionGroup as group:  # a part that failed inside a TaskGroup: the first cause
+        raise _first_leaf(group) from None
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -171,9 +193,17 @@ async def _ramp(config: Config, action: str, name: str, url: str | None, operato
     return EXIT_FAILURE
 
 
-def _first_leaf(group: BaseExceptionGroup[ListenError]) -> ListenError:
-    leaf = group.exceptions[0]
-    return _first_leaf(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first fault in a group (a faulty part stops the others, whose cancellations follow)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        current = stack.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            stack[:0] = current.exceptions
+        else:
+            leaves.append(current)
+    return next((e for e in leaves if isinstance(e, FAULTS)), leaves[0])
 
 
 async def _run(config: Config, stop: asyncio.Event) -> int:

@@ -336,6 +336,9 @@ def test_a_configuration_file_larger_than_any_configuration_is_refused_before_it
         (["validate"], "the following arguments are required: -c/--config"),
         (["launch"], "invalid choice: 'launch'"),
         (["demo", "--duration", "soon"], "'soon' is not a number of seconds"),
+        (["run", "-c", "any.yaml", "--listen", "garbage"], "argument --listen: 'garbage' is not host:port"),
+        (["run", "-c", "any.yaml", "--listen", "127.0.0.1:99999"], "with a port from 0 to 65535"),
+        (["demo", "--listen", "127.0.0.1:99999"], "argument --listen: '127.0.0.1:99999' is not host:port"),
     ],
 )
 def test_bad_usage_exits_2_with_usage(args, expected, capsys):
@@ -354,6 +357,35 @@ def test_console_script_reports_a_broken_configuration_without_traceback(write, 
     assert f"{path}:3: regions[0].type:" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("state_path", "expected"),
+    [
+        ("missing/state.sqlite", "the state file's directory {dir}/missing does not exist"),
+        (".", "the state file {dir} is a directory"),
+        ("notes.txt", "{dir}/notes.txt is not a regionshift state file"),
+    ],
+    ids=["missing directory", "a directory", "not a state file"],
+)
+def test_run_refuses_a_state_path_it_cannot_use_in_one_sentence_with_exit_1(state_path, expected, write, cli_env):
+    notes = write("notes.txt", "keep me\n")
+    path = write(
+        "regionshift.yaml",
+        f"controller: {{listen: '127.0.0.1:0', state_path: '{state_path}'}}\n"
+        "regions:\n  - name: a\n"
+        "record_sets:\n  - zone_id: Z1\n    name: api.example.com\n    members:\n"
+        "      - {set_identifier: a, region: a, value: 192.0.2.1, weight: 1}\n",
+    )
+    proc = subprocess.run(
+        [REGIONSHIFT, "run", "-c", str(path)], capture_output=True, text=True, env=cli_env, check=False, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("regionshift: ")
+    assert expected.format(dir=path.parent) in last
+    assert "Traceback" not in proc.stderr
+    assert notes.read_text() == "keep me\n"
 
 
 RAMP_CONFIG = (

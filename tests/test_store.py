@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
+import shutil
 import sqlite3
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from controller.state.database import StateError
 from controller.state.holder import Holder, provably_gone, start_time, this_process
 from controller.state.store import Store
 
@@ -155,3 +160,89 @@ async def test_the_sqlite_lease_renews_only_with_its_token_and_a_release_hands_o
         assert await a.holds(token, 116.0) is False
         assert await b.acquire(116.0) == 2  # taken at once, fenced with a new token
         assert await a.renew(token, 117.0) is False
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_state_file_regionshift_did_not_write_is_refused_and_left_untouched(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"a log file, not a database\n" * 100)
+    foreign = tmp_path / "foreign.sqlite"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE customers (id INTEGER)")
+    db.commit()
+    db.close()
+    for path, expected in (
+        (garbage, "is not a regionshift state file"),
+        (foreign, "did not create (tables: customers)"),
+    ):
+        before = _digest(path)
+        with pytest.raises(StateError, match=re.escape(expected)) as refused:
+            async with Store(path):
+                pass
+        assert str(path) in str(refused.value)
+        assert "left untouched" in str(refused.value)
+        assert _digest(path) == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(path.name)) == [path.name]
+
+
+async def test_a_damaged_state_file_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        for i in range(200):
+            await store.audit.intent("r", "x", "forward", "why " * 50, {"a": i}, {"a": i + 1}, at=float(i))
+    data = bytearray(path.read_bytes())
+    data[4096:8192] = b"\xff" * 4096  # a page of the audit table overwritten
+    path.write_bytes(bytes(data))
+    before = _digest(path)
+    with pytest.raises(StateError, match="damaged") as refused:
+        async with Store(path) as store:
+            await store.audit.events()
+    assert str(path) in str(refused.value)
+    assert _digest(path) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (lambda tmp: tmp / "missing" / "state.sqlite", "directory {parent} does not exist"),
+        (lambda tmp: tmp, "{path} is a directory"),
+        # A directory nobody may write in, root included: sysfs refuses new files.
+        (lambda tmp: Path("/sys/regionshift-test.sqlite"), "cannot open the state file {path}"),
+    ],
+    ids=["missing directory", "a directory", "read-only directory"],
+)
+async def test_a_state_path_that_cannot_hold_a_state_file_says_where_and_what_to_do(tmp_path, where, expected):
+    path = where(tmp_path)
+    with pytest.raises(StateError, match=re.escape(expected.format(path=path, parent=path.parent))):
+        async with Store(path):
+            pass
+
+
+async def chattr(flag: str, path: Path) -> tuple[int, str]:
+    tool = shutil.which("chattr")
+    if tool is None:
+        return 127, "no chattr on this machine"
+    proc = await asyncio.create_subprocess_exec(tool, flag, str(path), stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    return proc.returncode or 0, err.decode().strip()
+
+
+async def test_a_read_only_state_file_is_refused_with_its_path(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.ramps.save("launch", {"status": "baking"}, at=1.0)
+    code, why = await chattr("+i", path)
+    if code != 0:
+        pytest.skip(f"this filesystem cannot make a file immutable: {why}")
+    try:
+        with pytest.raises(StateError, match="readonly") as refused:
+            async with Store(path):
+                pass
+        assert str(path) in str(refused.value)
+    finally:
+        assert (await chattr("-i", path))[0] == 0
+    async with Store(path) as store:  # nothing was lost
+        assert await store.ramps.load() == {"launch": {"status": "baking"}}

@@ -87,6 +87,15 @@ class Route53Settings(SettingsModel):
     lease_ttl: Duration = Field(default=30.0, description="writer lease lifetime; a standby takes over after it")
 
 
+def split_listen(value: str) -> tuple[str, int]:
+    """('127.0.0.1', 9181) from '127.0.0.1:9181' ('[::1]:0' picks a free port on ::1); a ValueError
+    that says what is wrong otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or len(port) > 5 or int(port) > 65535:  # noqa: PLR2004 - port range
+        raise ValueError(f"{value!r} is not host:port with a port from 0 to 65535, e.g. '127.0.0.1:9181'")
+    return host.strip("[]"), int(port)
+
+
 class ControllerSettings(SettingsModel):
     vantage: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     listen: str = Field(default="127.0.0.1:9181", description="host:port of the HTTP API; port 0 picks one")
@@ -102,15 +111,12 @@ class ControllerSettings(SettingsModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:  # noqa: PLR2004 - port range
-            raise ValueError(f"{value!r} is not host:port, e.g. '127.0.0.1:9181'")
+        split_listen(value)
         return value
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return split_listen(self.listen)
 
 
 class Config(SettingsModel):
