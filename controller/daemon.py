@@ -189,6 +189,11 @@ class Daemon:
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             self.url = server.url
+            if self.api_token() is None:
+                log.warning(
+                    "no API token: operator actions (ramp start, pause, resume, abort; freeze) are refused",
+                    set=self.config.controller.api_token_env,
+                )
             log.info(
                 "started",
                 api=server.url,
@@ -225,7 +230,8 @@ class Daemon:
         return self.scheduler.stats.runs, self.scheduler.stats.missed_ticks
 
     def api_token(self) -> str | None:
-        return os.environ.get(self.config.controller.api_token_env) or None
+        # Surrounding whitespace is the file or secret store's, not the token's (a trailing newline).
+        return os.environ.get(self.config.controller.api_token_env, "").strip() or None
 
     def problems(self) -> list[str]:
         return (

@@ -274,3 +274,24 @@ async def test_daemon_turns_a_region_failing_forty_percent_of_api_calls_degraded
         )
         assert not any(r.startswith("healthz") for r in verdict.reasons)
         assert daemon.judge.verdicts["us-east-1"].status == "healthy"
+
+
+async def test_a_daemon_without_an_api_token_says_at_start_that_operator_actions_are_refused(
+    world, capsys, monkeypatch
+):
+    monkeypatch.delenv("REGIONSHIFT_API_TOKEN", raising=False)
+    logs.configure("info", "json")
+    async with Running(Daemon(world_config(world))):
+        pass
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    warned = [e for e in lines if e["event"].startswith("no API token")]
+    assert len(warned) == 1
+    assert warned[0]["set"] == "REGIONSHIFT_API_TOKEN"
+    assert warned[0]["level"] == "warning"
+
+
+def test_whitespace_around_the_api_token_is_not_part_of_it(world, monkeypatch):
+    monkeypatch.setenv("REGIONSHIFT_API_TOKEN", "  s3cret\n")
+    assert Daemon(world_config(world)).api_token() == "s3cret"
+    monkeypatch.setenv("REGIONSHIFT_API_TOKEN", " \n")
+    assert Daemon(world_config(world)).api_token() is None

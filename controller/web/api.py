@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controller.planning.operator import ACTIONS, is_action
 from controller.web import views
@@ -29,23 +30,53 @@ class StateSource(Observed, Protocol):
     def api_token(self) -> str | None: ...
 
 
+MAX_OPERATOR = 100  # characters of an operator's name
+MAX_REASON = 500  # characters of a reason
+
+
+class FreezeBody(BaseModel):
+    """`POST /api/v1/freeze`: {"frozen": true, "reason": "incident 42"}; both optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    frozen: bool = True
+    reason: str = Field(default="no reason given", min_length=1, max_length=MAX_REASON)
+
+
 def _authorised(source: StateSource, request: web.Request) -> web.Response | None:
-    """None when the request carries the operators' bearer token; the refusal otherwise."""
+    """None when the request carries the operators' bearer token; the refusal otherwise. The
+    scheme is case-insensitive (RFC 6750, via RFC 7235)."""
     token = source.api_token()
     if token is None:
         return web.json_response(
             {"error": "no API token configured: set the variable named by controller.api_token_env"}, status=403
         )
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         return web.json_response(
             {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
         )
     return None
 
 
-def _who(request: web.Request) -> str:
-    return request.headers.get("X-Regionshift-Operator") or f"api:{request.remote}"
+def _who(request: web.Request) -> str | web.Response:
+    """The operator's name for the audit log, or the refusal of one that is not a name."""
+    name = request.headers.get("X-Regionshift-Operator", "").strip()
+    if not name:
+        return f"api:{request.remote}"
+    if len(name) > MAX_OPERATOR or not name.isprintable():
+        return web.json_response(
+            {"error": f"X-Regionshift-Operator must be a printable name of at most {MAX_OPERATOR} characters"},
+            status=400,
+        )
+    return name
+
+
+def _invalid(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors(include_url=False)
+    )
 
 
 def make_app(source: StateSource) -> web.Application:
@@ -73,7 +104,10 @@ def make_app(source: StateSource) -> web.Application:
             )
         if source.reconciler is None:
             return web.json_response({"error": "no record sets configured: nothing to ramp"}, status=409)
-        error = await source.reconciler.act(name, action, source.clock(), _who(request))
+        who = _who(request)
+        if isinstance(who, web.Response):
+            return who
+        error = await source.reconciler.act(name, action, source.clock(), who)
         if error is not None:
             status = 404 if error.startswith("no ramp named") else 409
             return web.json_response({"error": error}, status=status)
@@ -86,15 +120,18 @@ def make_app(source: StateSource) -> web.Application:
             return refused
         if source.reconciler is None:
             return web.json_response({"error": "no record sets configured: nothing to freeze"}, status=409)
+        who = _who(request)
+        if isinstance(who, web.Response):
+            return who
+        example = '{"frozen": true, "reason": "incident 42"}'
         try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response(
-                {"error": 'body must be JSON, e.g. {"frozen": true, "reason": "incident"}'}, status=400
-            )
-        frozen = bool(body.get("frozen", True))
-        reason = str(body.get("reason", "no reason given"))
-        await source.reconciler.freeze(frozen, source.clock(), _who(request), reason)
+            raw = await request.read()
+            body = FreezeBody.model_validate_json(raw) if raw.strip() else FreezeBody()
+        except ValidationError as exc:
+            if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
+                return web.json_response({"error": f"the body must be a JSON object like {example}"}, status=400)
+            return web.json_response({"error": f"{_invalid(exc)}; e.g. {example}"}, status=400)
+        await source.reconciler.freeze(body.frozen, source.clock(), who, body.reason)
         return web.json_response({"frozen": source.reconciler.frozen})
 
     app = web.Application()

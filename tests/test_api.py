@@ -1,0 +1,137 @@
+"""The HTTP API's edges: what it refuses, and how, before anything reaches the reconciler."""
+
+from __future__ import annotations
+
+import contextlib
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controller.events.bus import Bus
+from controller.settings.schema import Config, Region
+from controller.web.api import ApiServer, make_app
+
+TOKEN = "s3cret-token"
+
+
+class FakeReconciler:
+    def __init__(self) -> None:
+        self.frozen = None
+        self.ramps: dict = {}
+        self.calls: list[tuple] = []
+
+    async def freeze(self, frozen, now, who, reason) -> None:
+        self.calls.append((frozen, who, reason))
+        self.frozen = {"by": who, "reason": reason, "at": now} if frozen else None
+
+
+class Source:
+    def __init__(self, token: str | None = TOKEN) -> None:
+        self.config = Config(regions=[Region(name="eu-west-1")])
+        self.registry = CollectorRegistry()
+        self.bus = Bus()
+        self.reconciler = FakeReconciler()
+        self.vantage = "controller"
+        self.verdicts: dict = {}
+        self._token = token
+
+    def probe_stats(self):
+        return 0, 0
+
+    def clock(self) -> float:
+        return 1000.0
+
+    def problems(self):
+        return []
+
+    def api_token(self):
+        return self._token
+
+
+@contextlib.asynccontextmanager
+async def serving(source: Source):
+    async with ApiServer(make_app(source), "127.0.0.1", 0) as server, aiohttp.ClientSession(server.url) as http:
+        yield http
+
+
+async def post(http, path, *, data=None, headers=None, auth=f"Bearer {TOKEN}"):
+    headers = {"Authorization": auth, "Content-Type": "application/json", **(headers or {})}
+    async with http.post(path, data=data, headers=headers) as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("[1]", "the body must be a JSON object"),
+        ("null", "the body must be a JSON object"),
+        ('"x"', "the body must be a JSON object"),
+        ("{not json", "the body must be a JSON object"),
+        ('{"frozen": "false"}', "frozen: Input should be a valid boolean"),
+        ('{"frozen": 1}', "frozen: Input should be a valid boolean"),
+        ('{"frozen": true, "reason": ""}', "reason: String should have at least 1 character"),
+        ('{"frozen": true, "reason": "' + "x" * 501 + '"}', "reason: String should have at most 500 characters"),
+        ('{"frozen": true, "why": "typo"}', "why: Extra inputs are not permitted"),
+    ],
+)
+async def test_a_freeze_body_that_is_not_what_it_should_be_is_refused_with_what_is_wrong(body, expected):
+    source = Source()
+    async with serving(source) as http:
+        status, answer = await post(http, "/api/v1/freeze", data=body)
+    assert status == 400
+    assert expected in answer["error"]
+    assert source.reconciler.calls == []  # nothing froze, nothing unfroze
+
+
+async def test_a_valid_freeze_and_an_empty_body_freeze_with_the_operator_named():
+    source = Source()
+    async with serving(source) as http:
+        assert await post(
+            http,
+            "/api/v1/freeze",
+            data='{"frozen": true, "reason": "incident 42"}',
+            headers={"X-Regionshift-Operator": "alice"},
+        ) == (200, {"frozen": {"by": "alice", "reason": "incident 42", "at": 1000.0}})
+        assert (await post(http, "/api/v1/freeze", data='{"frozen": false}'))[0] == 200
+        assert (await post(http, "/api/v1/freeze"))[0] == 200
+    assert source.reconciler.calls == [
+        (True, "alice", "incident 42"),
+        (False, "api:127.0.0.1", "no reason given"),
+        (True, "api:127.0.0.1", "no reason given"),
+    ]
+
+
+@pytest.mark.parametrize("auth", [f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer  {TOKEN} "])
+async def test_the_bearer_scheme_is_case_insensitive(auth):
+    source = Source()
+    async with serving(source) as http:
+        assert (await post(http, "/api/v1/freeze", data="{}", auth=auth))[0] == 200
+
+
+@pytest.mark.parametrize("auth", ["", f"Basic {TOKEN}", "Bearer wrong", f"Bearer {TOKEN}x", TOKEN])
+async def test_a_missing_or_wrong_token_is_refused(auth):
+    source = Source()
+    async with serving(source) as http:
+        status, answer = await post(http, "/api/v1/freeze", data="{}", auth=auth)
+    assert (status, answer) == (401, {"error": "missing or wrong bearer token"})
+    assert source.reconciler.calls == []
+
+
+async def test_without_a_configured_token_every_mutation_is_refused():
+    source = Source(token=None)
+    async with serving(source) as http:
+        status, answer = await post(http, "/api/v1/freeze", data="{}")
+        ramp_status, _ = await post(http, "/api/v1/ramps/launch/start")
+    assert (status, ramp_status) == (403, 403)
+    assert "no API token configured" in answer["error"]
+
+
+async def test_an_operator_name_that_is_not_a_name_is_refused():
+    source = Source()
+    async with serving(source) as http:
+        long_name = await post(http, "/api/v1/freeze", data="{}", headers={"X-Regionshift-Operator": "a" * 101})
+        control = await post(http, "/api/v1/freeze", data="{}", headers={"X-Regionshift-Operator": "bob\u200b"})
+    assert long_name[0] == control[0] == 400
+    assert "at most 100 characters" in long_name[1]["error"]
+    assert source.reconciler.calls == []
