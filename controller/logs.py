@@ -8,6 +8,8 @@ from typing import Literal
 
 import structlog
 
+from probes.spec import redact
+
 LogFormat = Literal["console", "json"]
 
 
@@ -19,6 +21,11 @@ class _Stderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+def _redact(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """No credential in a URL ever reaches a log line, whoever logged it."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
 def configure(level: str = "info", fmt: LogFormat = "console") -> None:
@@ -33,6 +40,7 @@ def configure(level: str = "info", fmt: LogFormat = "console") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probes.spec import redact
+
 Outcome = Literal["success", "failure", "timeout"]
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "timeout")
 
@@ -66,7 +68,7 @@ class Subject:
             phases=phases,
             status=status,
             error_class=error_class,
-            error=error,
+            error=redact(error) if error else error,
             extra=extra or {},
         )
 

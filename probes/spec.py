@@ -30,6 +30,16 @@ from pydantic import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# The user-information part of a URL (user:password@) wherever it stands in a text.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """The text with the credentials of every URL in it replaced: 'https://***@host/path'. What a
+    state API, a log line or an error message shows of a probe target."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_HINT = "write a number with a unit: ms, s, m, h or d, e.g. '500ms', '30s', '2m' or '1h30m'"
@@ -126,6 +136,37 @@ class StrictModel(BaseModel):
         return value
 
 
+class Secret(StrictModel):
+    """Where a secret (a connection string) is read from: an environment variable or a file,
+    never the configuration itself. Errors name where it was looked for, never what it holds."""
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Secret:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (a variable's name) or file (a path)")
+        return self
+
+    @property
+    def where(self) -> str:
+        return f"${self.env}" if self.env is not None else f"file {self.file}"
+
+    def read(self) -> str:
+        """The secret; raises LookupError saying where it is missing."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "").strip()
+        else:
+            try:
+                value = Path(self.file or "").read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise LookupError(f"cannot read {self.where}: {exc.strerror}") from exc
+        if not value:
+            raise LookupError(f"{self.where} is empty or not set")
+        return value
+
+
 class TlsSettings(StrictModel):
     """How a probe checks the server's certificate."""
 
@@ -162,7 +203,9 @@ class HttpProbe(_ProbeBase):
     kind: Literal["http"] = "http"
     target: str = Field(description="URL, http:// or https://")
     method: Literal["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str | Secret] = Field(
+        default_factory=dict, description="a value, or {env: NAME} / {file: PATH} for a secret (never shown)"
+    )
     host: str | None = Field(default=None, description="Host header (and SNI) when it differs from the URL")
     body: str | None = None
     expect_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
@@ -176,11 +219,11 @@ class HttpProbe(_ProbeBase):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+            raise ValueError(f"{redact(value)!r} is not an http:// or https:// URL with a host")
         try:
             _ = parts.port
         except ValueError as exc:
-            raise ValueError(f"{value!r} has an invalid port") from exc
+            raise ValueError(f"{redact(value)!r} has an invalid port") from exc
         return value
 
     @field_validator("body_regex")
@@ -211,37 +254,6 @@ class TcpProbe(_ProbeBase):
     @classmethod
     def _host_port(cls, value: str) -> str:
         split_host_port(value)
-        return value
-
-
-class Secret(StrictModel):
-    """Where a secret (a connection string) is read from: an environment variable or a file,
-    never the configuration itself. Errors name where it was looked for, never what it holds."""
-
-    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    file: str | None = None
-
-    @model_validator(mode="after")
-    def _one_place(self) -> Secret:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env (a variable's name) or file (a path)")
-        return self
-
-    @property
-    def where(self) -> str:
-        return f"${self.env}" if self.env is not None else f"file {self.file}"
-
-    def read(self) -> str:
-        """The secret; raises LookupError saying where it is missing."""
-        if self.env is not None:
-            value = os.environ.get(self.env, "").strip()
-        else:
-            try:
-                value = Path(self.file or "").read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise LookupError(f"cannot read {self.where}: {exc.strerror}") from exc
-        if not value:
-            raise LookupError(f"{self.where} is empty or not set")
         return value
 
 

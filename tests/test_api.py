@@ -6,11 +6,14 @@ import contextlib
 
 import aiohttp
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
+from controller import logs
 from controller.events.bus import Bus
 from controller.settings.schema import Config, Region
 from controller.web.api import ApiServer, make_app
+from probes.spec import HttpProbe
 
 TOKEN = "s3cret-token"
 
@@ -135,3 +138,22 @@ async def test_an_operator_name_that_is_not_a_name_is_refused():
     assert long_name[0] == control[0] == 400
     assert "at most 100 characters" in long_name[1]["error"]
     assert source.reconciler.calls == []
+
+
+async def test_the_state_never_shows_a_password_in_a_probe_url():
+    source = Source()
+    probe = HttpProbe(name="orders", target="https://probe:hunter2@api.example.com/orders", headers={"K": {"env": "X"}})
+    source.config = Config(regions=[Region(name="eu-west-1", probes=[probe])])
+    async with serving(source) as http, http.get("/api/v1/state") as response:
+        text = await response.text()
+    assert "hunter2" not in text
+    assert '"target": "https://***@api.example.com/orders"' in text
+
+
+def test_no_log_line_carries_a_password_in_a_url(capsys):
+    logs.configure("info", "json")
+    structlog.get_logger("test").warning("cannot reach", url="postgres://app:hunter2@db/x", error="at https://u:p@h/")
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    assert "u:p@" not in err
+    assert "postgres://***@db/x" in err

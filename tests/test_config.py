@@ -443,3 +443,11 @@ def test_ramp_policies_must_fit_the_configuration_and_the_guardrails(ramp, expec
     err = capsys.readouterr().err
     for part in expected:
         assert part in err, (part, err)
+
+
+def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
+    path = write("regionshift.yaml", probe("kind: http\nname: h\ntarget: 'https://u:hunter2@a.example:99999/'\n"))
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'https://***@a.example:99999/' has an invalid port" in err
+    assert "hunter2" not in err

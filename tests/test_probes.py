@@ -223,3 +223,30 @@ async def test_failed_and_cancelled_probes_leave_no_unretrieved_exceptions(tls_s
     gc.collect()
     loop.set_exception_handler(None)
     assert reported == []
+
+
+async def test_credentials_in_the_url_go_as_basic_auth_and_never_show_in_an_error(echo):
+    target = echo.replace("http://", "http://probe:hunter2@") + "/who"
+    result = await http(target, body_regex=r'"authorization": "Basic cHJvYmU6aHVudGVyMg=="')()
+    assert result.ok, result.error  # base64("probe:hunter2")
+    failed = await http(target.replace("/who", "/nothing"), expect_status=[418])()
+    assert not failed.ok
+    assert "hunter2" not in (failed.error or "")
+
+
+async def test_a_secret_header_is_read_from_the_environment_on_each_run(echo, monkeypatch):
+    prober = http(
+        echo + "/secret",
+        headers={"X-Api-Key": {"env": "PROBE_KEY"}, "X-Plain": "visible"},
+        body_regex=r'"x-api-key": "k-2"',
+    )
+    monkeypatch.delenv("PROBE_KEY", raising=False)
+    missing = await prober()
+    assert (missing.ok, missing.error_class) == (False, "config")
+    assert missing.error == "header X-Api-Key: $PROBE_KEY is empty or not set"
+    monkeypatch.setenv("PROBE_KEY", "k-1\n")
+    first = await prober()
+    assert (first.ok, first.error_class) == (False, "body")  # k-1 was sent, not k-2
+    monkeypatch.setenv("PROBE_KEY", "k-2")  # rotated: the next run sends the new one
+    second = await prober()
+    assert second.ok, second.error

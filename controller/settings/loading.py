@@ -17,7 +17,7 @@ from controller.settings.limits import SHARE_EPSILON
 from controller.settings.model import LocatedError
 from controller.settings.policy import Policy
 from controller.settings.schema import Config
-from probes.spec import PROBE_KINDS, PROBE_TAGS
+from probes.spec import PROBE_KINDS, PROBE_TAGS, redact
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -156,7 +156,7 @@ def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) 
     message = error["msg"].removeprefix("Value error, ")
     shown = error.get("input")
     if kind not in ("value_error", "assertion_error") and not isinstance(shown, dict | list):
-        message += f" (got {shown!r})"
+        message += f" (got {redact(repr(shown))})"
     return message
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from controller.planning.weights import shares
+from probes.spec import redact
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -53,7 +54,8 @@ def state(source: Observed) -> dict[str, Any]:
                 "residency": r.residency,
                 "max_share": r.max_share,
                 "probes": [
-                    {"name": p.name, "kind": p.kind, "target": p.target, "interval": p.interval} for p in r.probes
+                    {"name": p.name, "kind": p.kind, "target": redact(p.target), "interval": p.interval}
+                    for p in r.probes
                 ],
                 "verdict": verdicts[r.name].to_json() if r.name in verdicts else None,
             }

@@ -8,15 +8,17 @@ blackbox_exporter reports them, at a fraction of a full client's cost per probe.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 
 from probes.connection import Phases, ProbeError, check_certificate, open_connection
 from probes.results import Result, Subject
+from probes.spec import Secret
 
 if TYPE_CHECKING:
     from probes.spec import HttpProbe
@@ -92,12 +94,20 @@ class HttpProber:
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._body = spec.body.encode() if spec.body is not None else b""
         headers = [("Host", self._host_header), ("User-Agent", USER_AGENT), ("Accept", "*/*")]
-        headers += [(k, v) for k, v in spec.headers.items() if k.lower() not in ("host", "connection")]
-        headers.append(("Connection", "close"))
+        wanted = {k: v for k, v in spec.headers.items() if k.lower() not in ("host", "connection")}
+        headers += [(k, v) for k, v in wanted.items() if isinstance(v, str)]
+        # Credentials in the URL (https://user:pass@host/) are sent as Basic auth, as a browser would.
+        if url.username is not None and not any(k.lower() == "authorization" for k in wanted):
+            basic = base64.b64encode(f"{unquote(url.username)}:{unquote(url.password or '')}".encode()).decode()
+            headers.append(("Authorization", f"Basic {basic}"))
+        tail = [("Connection", "close")]
         if self._body or spec.method in ("POST", "PUT", "PATCH"):
-            headers.append(("Content-Length", str(len(self._body))))
-        # Built (and validated by h11) once: every run sends the same request.
-        self._request_event = h11.Request(method=spec.method, target=self._path, headers=headers)
+            tail.append(("Content-Length", str(len(self._body))))
+        self._head, self._tail = headers, tail
+        # Headers whose values are secrets are read on every run (a rotated secret is picked up).
+        self._secret_headers = [(k, v) for k, v in wanted.items() if isinstance(v, Secret)]
+        # Built (and validated by h11) once when nothing is secret: every run sends the same request.
+        self._request_event = None if self._secret_headers else self._build([])
         self._regex = re.compile(spec.body_regex) if spec.body_regex else None
 
     async def __call__(self) -> Result:
@@ -107,6 +117,7 @@ class HttpProber:
         extra: dict[str, object] = {}
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
+            request = self._request_for_run()
             async with asyncio.timeout(self.spec.timeout):
                 transport, exchange = await open_connection(
                     self._host, self._port, lambda: _Exchange(done), phases, self._tls, self._server_name
@@ -114,7 +125,7 @@ class HttpProber:
                 try:
                     if self._tls is not None:
                         check_certificate(transport, self._tls, extra)
-                    transport.write(self._request(exchange.parser))
+                    transport.write(self._request(exchange.parser, request))
                     sent_at = time.perf_counter()
                     await done
                 finally:
@@ -139,8 +150,29 @@ class HttpProber:
             started_at, phases.finish(), status=status, error_class=error_class, error=error, extra=extra
         )
 
-    def _request(self, parser: h11.Connection) -> bytes:
-        data = parser.send(self._request_event) or b""
+    def _build(self, secrets: list[tuple[str, str]]) -> h11.Request:
+        headers = [*self._head, *secrets, *self._tail]
+        return h11.Request(method=self.spec.method, target=self._path, headers=headers)
+
+    def _request_for_run(self) -> h11.Request:
+        """This run's request: the one built up front, or one with its secret headers read now."""
+        if self._request_event is not None:
+            return self._request_event
+        secrets = []
+        for name, secret in self._secret_headers:
+            try:
+                secrets.append((name, secret.read()))
+            except LookupError as exc:
+                raise ProbeError("config", f"header {name}: {exc}") from None
+        try:
+            return self._build(secrets)
+        except h11.LocalProtocolError:
+            raise ProbeError(
+                "config", f"a secret header ({', '.join(n for n, _ in secrets)}) is not a valid value"
+            ) from None
+
+    def _request(self, parser: h11.Connection, request: h11.Request) -> bytes:
+        data = parser.send(request) or b""
         if self._body:
             data += parser.send(h11.Data(data=self._body)) or b""
         return data + (parser.send(h11.EndOfMessage()) or b"")
