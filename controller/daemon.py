@@ -186,6 +186,7 @@ class Daemon:
                     self.config, actuator, store, lease, publish=self.bus.publish, clock=self.clock
                 )
                 await self.reconciler.load()
+                self.metrics.watch_route53(self.reconciler)
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             self.url = server.url
@@ -232,6 +233,13 @@ class Daemon:
     def api_token(self) -> str | None:
         # Surrounding whitespace is the file or secret store's, not the token's (a trailing newline).
         return os.environ.get(self.config.controller.api_token_env, "").strip() or None
+
+    def actuation(self) -> dict[str, str]:
+        """Record sets whose actuation is impaired (Route 53 unreachable, no credentials, denied)."""
+        if self.reconciler is None:
+            return {}
+        every = self.config.controller.route53.reconcile_every
+        return self.reconciler.actuation(self.clock(), stale_after=max(3 * every, 60.0))
 
     def problems(self) -> list[str]:
         return (

@@ -48,6 +48,9 @@ class Source:
     def problems(self):
         return []
 
+    def actuation(self):
+        return {}
+
     def api_token(self):
         return self._token
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 
@@ -16,7 +17,7 @@ from controller import logs
 from controller.daemon import Daemon
 from controller.demo.world import free_port
 from controller.settings.policy import Policy
-from controller.settings.schema import Config, ControllerSettings, Region
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS
@@ -295,3 +296,76 @@ def test_whitespace_around_the_api_token_is_not_part_of_it(world, monkeypatch):
     assert Daemon(world_config(world)).api_token() == "s3cret"
     monkeypatch.setenv("REGIONSHIFT_API_TOKEN", " \n")
     assert Daemon(world_config(world)).api_token() is None
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cut_off_config(world, tmp_path, endpoint: str) -> Config:
+    config = world_config(world)
+    rs = RecordSet(
+        zone_id="Z1ABC",
+        name="api.example.com",
+        members=[Member(set_identifier=r[:4], region=r, value=f"192.0.2.{i + 1}") for i, r in enumerate(world)],
+    )
+    settings = config.controller.model_copy(
+        update={
+            "state_path": str(tmp_path / "state.sqlite"),
+            "route53": Route53Settings(endpoint_url=endpoint, reconcile_every=0.1, max_attempts=1),
+        }
+    )
+    return config.model_copy(update={"record_sets": [rs], "controller": settings})
+
+
+async def until(predicate, within: float = 10.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("condition not reached")
+
+
+@pytest.mark.parametrize(
+    ("credentials", "kind", "says"),
+    [(True, "retryable", "Route 53: network: "), (False, "no_credentials", "Route 53: no AWS credentials")],
+    ids=["route53 unreachable", "no credentials"],
+)
+async def test_a_daemon_cut_off_from_route53_stays_healthy_and_says_so_in_healthz_and_metrics(
+    world, tmp_path, monkeypatch, credentials, kind, says
+):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role lookup: loopback only
+    if credentials:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    daemon = Daemon(cut_off_config(world, tmp_path, f"http://127.0.0.1:{closed_port()}"))
+    async with Running(daemon) as running:
+        errors = {"record": "api.example.com/A", "kind": kind}
+
+        async def counted() -> bool:
+            return (daemon.registry.get_sample_value("regionshift_route53_errors_total", errors) or 0) >= 2
+
+        await until(counted)
+        async with running.http.get("/healthz") as response:
+            health = (response.status, await response.json())
+        age = daemon.registry.get_sample_value(
+            "regionshift_route53_last_read_age_seconds", {"record": "api.example.com/A"}
+        )
+        other = "terminal" if kind != "terminal" else "retryable"
+        precreated = daemon.registry.get_sample_value(
+            "regionshift_route53_errors_total", {"record": "api.example.com/A", "kind": other}
+        )
+        await running.status_becomes("us-east-1", "healthy")  # probing and judging go on
+    assert health[0] == 200
+    assert health[1]["status"] == "degraded"
+    assert health[1]["actuation"]["api.example.com/A"].startswith(says)
+    assert age is not None
+    assert age > 0
+    assert precreated == 0.0

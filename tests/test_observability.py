@@ -37,7 +37,7 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass():
         [tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 9 rules found" in check.stdout
+    assert f"SUCCESS: {len(SUBJECTS)} rules found" in check.stdout
     unit = subprocess.run(
         [tool("promtool"), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, check=False
     )
@@ -52,6 +52,8 @@ SUBJECTS = {
     "RegionshiftBlind": "instance",
     "RegionshiftProbeTimeouts": "region",
     "RegionshiftRoute53Drift": "record",
+    "RegionshiftRoute53Unreachable": "record",
+    "RegionshiftRoute53Errors": "record",
     "RegionshiftEvacuating": "region",
     "RegionshiftRampRolledBack": "ramp",
     "RegionshiftRampPaused": "ramp",
@@ -111,6 +113,10 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
     shares = {s["metric"]["region"]: float(s["value"][1]) for s in results["Route 53 share per region"]}
     assert shares == {"us-east-1": 100.0, "eu-west-1": 0.0}  # rolled back
     changes = {(s["metric"]["action"], s["metric"]["region"]) for s in results["Weight changes by action and region"]}
+    ages = {s["metric"]["record"]: float(s["value"][1]) for s in results["Route 53: seconds since the last read"]}
+    assert 0 <= ages[f"{name}/A"] < 30  # read every reconcile, and Prometheus saw it
+    errors = {s["metric"]["kind"] for s in results["Route 53 errors by record and kind"]}
+    assert errors == {"retryable", "terminal", "no_credentials"}  # pre-created, at zero
     assert {("forward", "eu-west-1"), ("rollback", "eu-west-1")} <= changes
     assert {r["name"]: r["health"] for r in rules} == dict.fromkeys(
         [
@@ -120,6 +126,8 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
             "RegionshiftBlind",
             "RegionshiftProbeTimeouts",
             "RegionshiftRoute53Drift",
+            "RegionshiftRoute53Unreachable",
+            "RegionshiftRoute53Errors",
             "RegionshiftEvacuating",
             "RegionshiftRampRolledBack",
             "RegionshiftRampPaused",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller.acting.route53 import DriftError, RetryableError, TerminalError
+from controller.acting.route53 import DriftError, NoCredentialsError, RetryableError, Route53Error, TerminalError
 from controller.events.kinds import ActionTaken, DriftFound, Event, LeaseChanged, OperatorAction, RampChanged
 from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
@@ -55,6 +55,8 @@ class RecordView:
     error: str | None = None
     owner: str = "none"  # "ramp:NAME", "evacuation" or "none"
     held: str | None = None  # why the pacing holds the next forward step, while it does
+    last_read_at: float | None = None  # the last successful read of the group from Route 53
+    errors: dict[str, int] = field(default_factory=dict)  # Route 53 errors so far, by kind
 
 
 class Reconciler:
@@ -82,6 +84,7 @@ class Reconciler:
         self.frozen: Freeze | None = None
         self._lock = asyncio.Lock()
         self.clock = clock
+        self.started_at = clock()
         # Guardrail 9: one writer at a time. `lease_token` is set by the lease loop while this
         # controller holds the lease; without one it plans and reports but never writes.
         self.lease = lease
@@ -152,11 +155,30 @@ class Reconciler:
                 try:
                     await self._reconcile(rs, verdicts, now)
                 except RetryableError as exc:
-                    self.views[key].error = str(exc)
+                    self._route53_error(key, exc)
                     log.warning("route53 unavailable, will retry", record=key, error=str(exc))
+                except NoCredentialsError as exc:
+                    self._route53_error(key, exc)
+                    log.error("no AWS credentials: Route 53 cannot be read or written", record=key, error=str(exc))
                 except TerminalError as exc:  # e.g. access denied: nothing moves, the daemon stays up
-                    self.views[key].error = str(exc)
+                    self._route53_error(key, exc)
                     log.error("route53 refused a read", record=key, error=str(exc))
+
+    def _route53_error(self, key: str, exc: Route53Error) -> None:
+        view = self.views[key]
+        view.error = str(exc)
+        view.errors[exc.kind] = view.errors.get(exc.kind, 0) + 1
+
+    def actuation(self, now: float, stale_after: float) -> dict[str, str]:
+        """Record sets whose actuation is impaired, and how: what `/healthz` reports."""
+        out = {}
+        for key, view in self.views.items():
+            since = view.last_read_at if view.last_read_at is not None else self.started_at
+            if view.error is not None:
+                out[key] = f"Route 53: {view.error}"
+            elif now - since > stale_after:
+                out[key] = f"Route 53 not read for {now - since:.0f}s"
+        return out
 
     def _ramp_for(self, key: str) -> tuple[str, RampPolicy] | None:
         for name, policy in self.policy.ramps.items():
@@ -172,7 +194,7 @@ class Reconciler:
         group = await self.actuator.read_group(rs)  # the one read this tick: observe, and compare before write
         raw = self.actuator.weights_of(rs, group)
         observed = {sid: w or 0 for sid, w in raw.items()}
-        view.observed, view.error = observed, None
+        view.observed, view.error, view.last_read_at = observed, None, self.clock()
         await self._settle_open_intent(key, raw, now)
         expected = await self.store.audit.last_applied(key)
         if expected is not None and raw != expected:
@@ -329,6 +351,8 @@ class Reconciler:
                 on_submitted=submitted,
             )
         except (GuardrailError, TerminalError, DriftError) as exc:
+            if isinstance(exc, TerminalError):
+                self._route53_error(key, exc)
             if accepted:
                 # Route 53 accepted the batch; only following it failed (GetChange denied, say).
                 # It is applied, INSYNC unknown: the pacing asks again, or waits the longest.

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import structlog
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import NoCredentialsError as BotoNoCredentialsError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -50,13 +51,29 @@ RETRYABLE_CODES = frozenset(
 class Route53Error(Exception):
     """Something went wrong talking to Route 53."""
 
+    kind = "error"
+
+
+# How a Route 53 error is counted (regionshift_route53_errors_total{kind}).
+ERROR_KINDS = ("retryable", "terminal", "no_credentials")
+
 
 class RetryableError(Route53Error):
     """Try again later: throttling, a change still applying, a server or network fault."""
 
+    kind = "retryable"
+
 
 class TerminalError(Route53Error):
     """Retrying will not help: the batch is invalid, access is denied, the zone is missing."""
+
+    kind = "terminal"
+
+
+class NoCredentialsError(TerminalError):
+    """boto3 found no AWS credentials at all: nothing was asked of Route 53."""
+
+    kind = "no_credentials"
 
 
 class DriftError(Route53Error):
@@ -96,7 +113,8 @@ def make_client(
     Credentials come from the usual boto3 chain unless given (the local world passes dummies).
     """
     config = BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout)
-    return boto3.client(
+    # A session of its own: credentials are looked up for this client, not cached process-wide.
+    return boto3.session.Session().client(
         "route53",
         endpoint_url=endpoint_url,
         region_name=region,
@@ -118,6 +136,11 @@ def classify(exc: Exception) -> Route53Error:
         return TerminalError(message)
     if isinstance(exc, BotoConnectionError | HTTPClientError):
         return RetryableError(f"network: {exc}")
+    if isinstance(exc, BotoNoCredentialsError | PartialCredentialsError):
+        return NoCredentialsError(
+            f"no AWS credentials ({exc}): set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or run with an instance or task role"
+        )
     if isinstance(exc, BotoCoreError):
         return TerminalError(f"{type(exc).__name__}: {exc}")
     return TerminalError(f"{type(exc).__name__}: {exc}")

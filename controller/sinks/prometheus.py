@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from controller.acting.route53 import ERROR_KINDS
 from controller.events.kinds import ActionTaken
 from controller.judging.verdicts import STATUSES
 from controller.planning.ramps import RAMP_STATUSES
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import Counter as CounterChild
     from prometheus_client.metrics import Histogram as HistogramChild
 
-    from controller.acting.reconciler import Reconciler
+    from controller.acting.reconciler import Reconciler, RecordView
     from controller.events.bus import Subscription
     from controller.judging.verdicts import Status
     from controller.settings.policy import Policy
@@ -97,6 +98,20 @@ class Metrics:
             ["action", "region", "reason"],
             registry=registry,
         )
+        self.route53_errors = Counter(
+            "regionshift_route53_errors",
+            "Route 53 requests that failed after their retries, by record set and kind "
+            "(retryable: throttling, 5xx, network; terminal: denied, invalid; no_credentials).",
+            ["record", "kind"],
+            registry=registry,
+        )
+        self.route53_read_age = Gauge(
+            "regionshift_route53_last_read_age_seconds",
+            "Seconds since the record set was last read from Route 53 (since the daemon started, before the first).",
+            ["record"],
+            registry=registry,
+        )
+        self._route53_counted: dict[tuple[str, str], int] = {}
         # Label lookups cost more than the increment: keep each subject's children at hand.
         self._children: dict[tuple[str, str, str], _Children] = {}
 
@@ -145,14 +160,32 @@ class Metrics:
             self.set_ramp(name, -1, "pending", RAMP_STATUSES)
         for rs in record_sets:
             self.route53_drift.labels(rs.key).set(0)
+            for kind in ERROR_KINDS:
+                self.route53_errors.labels(rs.key, kind)
             for member in rs.members:
                 for action in ("evacuation", "restore"):
                     self.actions.labels(action, member.region, "evacuation")
 
+    def watch_route53(self, reconciler: Reconciler) -> None:
+        """Each record set's read age, computed when scraped: it grows while the reconciler is
+        stuck in retries too, not only once they fail."""
+        for key, view in reconciler.views.items():
+
+            def age(view: RecordView = view) -> float:
+                since = view.last_read_at if view.last_read_at is not None else reconciler.started_at
+                return max(0.0, reconciler.clock() - since)
+
+            self.route53_read_age.labels(key).set_function(age)
+
     def export(self, record_sets: Iterable[RecordSet], reconciler: Reconciler) -> None:
-        """What the reconciler saw this tick: weights, drift, ramp steps."""
+        """What the reconciler saw this tick: weights, drift, ramp steps, Route 53 errors."""
         for rs in record_sets:
             view = reconciler.views[rs.key]
+            for kind, count in view.errors.items():
+                counted = self._route53_counted.get((rs.key, kind), 0)
+                if count > counted:
+                    self.route53_errors.labels(rs.key, kind).inc(count - counted)
+                    self._route53_counted[rs.key, kind] = count
             for member in rs.members:
                 if member.set_identifier in view.observed:
                     self.route53_weight.labels(rs.key, member.set_identifier, member.region).set(

@@ -27,6 +27,8 @@ class StateSource(Observed, Protocol):
 
     def problems(self) -> list[str]: ...
 
+    def actuation(self) -> dict[str, str]: ...
+
     def api_token(self) -> str | None: ...
 
 
@@ -84,6 +86,11 @@ def make_app(source: StateSource) -> web.Application:
         problems = source.problems()
         if problems:
             return web.json_response({"status": "failing", "problems": problems}, status=503)
+        # Cut off from Route 53, the daemon still probes and judges: 200, so that an orchestrator
+        # does not restart it for what a restart cannot fix; the body and the metrics say it.
+        actuation = source.actuation()
+        if actuation:
+            return web.json_response({"status": "degraded", "actuation": actuation})
         return web.json_response({"status": "ok"})
 
     async def metrics(_: web.Request) -> web.Response:
