@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import sys
+from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 import structlog
@@ -37,8 +38,9 @@ log = structlog.get_logger("regionshift.cli")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regionshift",
-        description="Cross-region probes, verdicts and (soon) Route 53 traffic shifting.",
+        description="Cross-region probes, region verdicts and step-by-step Route 53 traffic shifting.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('regionshift')}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,12 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         if args.command == "demo":
-            # Only the demo needs the local world.
-            from controller.demo.launch import run_launch  # noqa: PLC0415
-            from controller.demo.verdicts import run_demo  # noqa: PLC0415
-
-            scenario = run_launch if args.scenario == "launch" else run_demo
-            return asyncio.run(_until_signal(lambda stop: scenario(stop, args.duration, args.listen)))
+            return _demo(args.scenario, args.duration, args.listen)
         config = load_config(args.config)
         if args.command == "validate":
             return _validate(args.config, config)
@@ -144,6 +141,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(a bug; run with --log-level debug for the traceback)",
             file=sys.stderr,
         )
+        return EXIT_FAILURE
+
+
+def _demo(scenario: str, duration: float | None, listen: str) -> int:
+    # Only the demo needs the local world.
+    from controller.demo import launch, verdicts  # noqa: PLC0415
+    from controller.demo.world import MOTO_MISSING, WorldError, moto_server  # noqa: PLC0415
+
+    needs = launch.STORY_SECONDS if scenario == "launch" else verdicts.SCRIPT_LENGTH
+    if duration is not None and duration < needs:
+        print(
+            f"regionshift demo: --duration {duration:g}: the {scenario} story needs {needs:g}s to play out; "
+            f"give {needs:g} or more (the demo ends as soon as the story has)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if scenario == "launch" and moto_server() is None:
+        print(f"regionshift: {MOTO_MISSING}", file=sys.stderr)
+        return EXIT_FAILURE
+    run = launch.run_launch if scenario == "launch" else verdicts.run_demo
+    try:
+        return asyncio.run(_until_signal(lambda stop: run(stop, duration, listen)))
+    except WorldError as exc:
+        print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import re
+import signal
 import subprocess
 
 import pytest
 
+from controller.cli import main
 from tests.conftest import REGIONSHIFT
 
 
@@ -57,12 +60,35 @@ async def test_probe_rejects_an_unknown_region_with_exit_2(world, write, cli_env
     assert "--region 'mars-1': not in the configuration" in err
 
 
-async def test_demo_prints_its_api_and_stops_by_itself(cli_env):
-    code, out, err = await run_cli("demo", "--scenario", "verdicts", "--duration", "6", env=cli_env)
-    assert code == 0, err
+async def test_demo_prints_its_api_and_stops_on_ctrl_c_saying_the_script_was_not_checked(cli_env):
+    proc = await asyncio.create_subprocess_exec(
+        REGIONSHIFT, "demo", "--scenario", "verdicts", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env
+    )
+    seen = b""
+    async with asyncio.timeout(30):
+        while b"us-east-1: unknown -> HEALTHY" not in seen:
+            line = await proc.stdout.readline()
+            assert line, "the demo ended before its first verdict"
+            seen += line
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    out = seen.decode() + out.decode()
+    assert proc.returncode == 0, err.decode()
     assert re.search(r"^regionshift demo: API at http://127\.0\.0\.1:\d+ ", out, re.MULTILINE), out
-    assert "us-east-1: unknown -> HEALTHY" in out
-    assert "the script needs" in out  # too short to check the script, and it says so
+    assert "the script needs" in out  # stopped before the script played out, and it says so
+    assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize(("scenario", "needs"), [("launch", "120s"), ("verdicts", "45s")])
+async def test_a_demo_duration_too_short_for_its_story_is_refused_up_front(scenario, needs, cli_env):
+    code, out, err = await run_cli("demo", "--scenario", scenario, "--duration", "30", env=cli_env)
+    assert (code, out) == (2, "")
+    assert f"--duration 30: the {scenario} story needs {needs} to play out" in err
+
+
+async def test_the_version_is_the_installed_one(cli_env):
+    code, out, _ = await run_cli("--version", env=cli_env)
+    assert (code, out) == (0, f"regionshift {importlib.metadata.version('regionshift')}\n")
 
 
 @pytest.mark.slow
@@ -98,3 +124,13 @@ async def test_the_launch_demo_holds_for_lag_ramps_rolls_back_resumes_and_comple
     traffic = {r: int(p) for r, p in re.findall(r"(us-east-1|eu-west-1) (\d+)%", final.split("traffic")[1])}
     assert abs(traffic["eu-west-1"] - 50) <= 15, final  # the clients really moved
     assert lines[-1].startswith("demo: the launch played out")
+
+
+def test_without_moto_the_launch_demo_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr("controller.demo.world.moto_server", lambda: None)  # as after `pip install .`
+    assert main(["demo", "--duration", "120"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "regionshift: the launch demo needs moto's server as its local Route 53: pip install 'regionshift[demo]'\n"
+    )

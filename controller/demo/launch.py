@@ -311,6 +311,11 @@ def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # 
     return problems
 
 
+# The longest the story may take: it played out in about 80 s here. A bounded demo ends as soon
+# as the story has, so this is a deadline it needs, not a wait.
+STORY_SECONDS = 120.0
+
+
 async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, out: TextIO = sys.stdout) -> int:
     async with contextlib.AsyncExitStack() as stack:
         regions = {

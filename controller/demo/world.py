@@ -158,6 +158,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class WorldError(RuntimeError):
+    """The local world cannot start: a sentence saying what is missing and how to get it."""
+
+
+MOTO_MISSING = "the launch demo needs moto's server as its local Route 53: pip install 'regionshift[demo]'"
+
+
+def moto_server() -> Path | None:
+    """The moto_server beside this interpreter (the project's virtual environment), if installed."""
+    server = Path(sys.executable).with_name("moto_server")
+    return server if server.exists() else None
+
+
 class LocalRoute53:
     """moto's server mode on a loopback port: the Route 53 API that boto3 reaches by endpoint_url.
 
@@ -175,9 +188,9 @@ class LocalRoute53:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, within: float = 20.0) -> None:
-        server = Path(sys.executable).with_name("moto_server")
-        if not server.exists():
-            raise RuntimeError(f"{server} not found: install the project with its dev extra (make install)")
+        server = moto_server()
+        if server is None:
+            raise WorldError(MOTO_MISSING)
         self.port = free_port()
         self._proc = subprocess.Popen(  # noqa: S603 - our own venv's moto_server
             [str(server), "-H", "127.0.0.1", "-p", str(self.port)],
@@ -191,7 +204,7 @@ class LocalRoute53:
             except OSError:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("moto_server did not start") from None
+                    raise WorldError(f"the local Route 53 ({server}) did not start within {within:g}s") from None
                 time.sleep(0.1)
             else:
                 return
