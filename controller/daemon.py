@@ -219,6 +219,8 @@ class Daemon:
                 log.info("stopping")
                 for task in self._tasks:
                     task.cancel()
+            if self.reconciler is not None:
+                await self.reconciler.release_lease()
         log.info("stopped", probe_runs=self.scheduler.stats.runs)
 
     # --- what the API shows (built by controller.web.views) ------------------------------------

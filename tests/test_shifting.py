@@ -380,7 +380,7 @@ async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_high
             await leader.post("/api/v1/ramps/launch/start")
             await leader.until(lambda: first.reconciler.ramps["launch"].step == 1, what="two steps by the leader")
             assert second.reconciler.lease_token is None  # still standby; the audit log below shows it wrote nothing
-            await leader.__aexit__(None, None, None)  # the leader stops; its lease runs out
+            await leader.__aexit__(None, None, None)  # the leader stops and releases its lease
             leader = None
             await standby.until(lambda: second.reconciler.lease_token == 2, within=5, what="takeover")
             await standby.until(lambda: second.reconciler.ramps["launch"].status == "done", what="done by the standby")

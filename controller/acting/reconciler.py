@@ -139,6 +139,13 @@ class Reconciler:
             self.lease_token = token
             await asyncio.sleep(every)
 
+    async def release_lease(self) -> None:
+        """Give the writer lease up on an orderly stop: a standby takes over at once, not at expiry."""
+        token, self.lease_token = self.lease_token, None
+        if token is not None:
+            await self.lease.release(token)
+            log.info("writer lease released", holder=self.holder, fencing_token=token)
+
     async def freeze(self, frozen: bool, now: float, who: str, reason: str) -> None:  # noqa: FBT001
         async with self._lock:
             self.frozen = Freeze(by=who, reason=reason, at=now) if frozen else None

@@ -13,12 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controller.settings.limits import MAX_WEIGHT
+from controller.settings.limits import MAX_WEIGHT, SHARE_EPSILON
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-_EXACT = 1e-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +67,9 @@ def to_weights(intended: Mapping[str, float]) -> Allocation:
         if weights is None:
             continue
         error = max(abs(100.0 * weights[k] / total - norm[k]) for k in norm)
-        if error < best_error - _EXACT:
+        if error < best_error - SHARE_EPSILON:
             best, best_error = weights, error
-            if error <= _EXACT:
+            if error <= SHARE_EPSILON:
                 break
     if best is None:  # pragma: no cover - total = len(positive) always fits
         raise ValueError(f"no weights fit {dict(intended)}")
