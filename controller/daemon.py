@@ -190,11 +190,6 @@ class Daemon:
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             self.url = server.url
-            if self.api_token() is None:
-                log.warning(
-                    "no API token: operator actions (ramp start, pause, resume, abort; freeze) are refused",
-                    set=self.config.controller.api_token_env,
-                )
             log.info(
                 "started",
                 api=server.url,
@@ -202,6 +197,11 @@ class Daemon:
                 probes=len(self.scheduler.probers),
                 vantage=self.vantage,
             )
+            if self.api_token() is None:
+                log.warning(
+                    "no API token: operator actions (ramp start, pause, resume, abort; freeze) are refused",
+                    set=self.config.controller.api_token_env,
+                )
             async with asyncio.TaskGroup() as group:
                 self._tasks = [
                     group.create_task(self.scheduler.run(), name="scheduler"),
