@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 import structlog
@@ -22,6 +23,7 @@ from controller.settings.loading import ConfigError, load_config
 from controller.settings.schema import split_listen
 from controller.state.database import StateError
 from controller.web.api import ListenError
+from probes.spec import redact
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="regionshift",
         description="Cross-region probes, region verdicts and step-by-step Route 53 traffic shifting.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('regionshift')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("regionshift")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _listen(text: str) -> str:
     try:
         split_listen(text)
@@ -98,8 +107,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be more than zero seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above zero")
     return value
 
 
@@ -191,7 +200,7 @@ async def _ramp(config: Config, action: str, name: str, url: str | None, operato
             f"no ramp named {name!r} in the policy files; known: {', '.join(config.policy.ramps) or 'none'}"
         )
     token_env = config.controller.api_token_env
-    token = os.environ.get(token_env)
+    token = os.environ.get(token_env, "").strip()
     if not token:
         raise ConfigError(f"set {token_env} to the daemon's API token (controller.api_token_env)")
     if url is None:
@@ -205,7 +214,10 @@ async def _ramp(config: Config, action: str, name: str, url: str | None, operato
         ):
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)", file=sys.stderr)
+        print(
+            redact(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)"),
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     if response.status == 200:  # noqa: PLR2004 - HTTP OK
         print(f"ramp {name}: {body['status']} ({body['reason']})")
@@ -228,9 +240,14 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _run(config: Config, stop: asyncio.Event) -> int:
-    from controller.daemon import Daemon  # noqa: PLC0415 - keep `validate` light
+    from controller.acting.errors import Route53Error  # noqa: PLC0415 - keep `validate` light
+    from controller.daemon import Daemon  # noqa: PLC0415
 
-    await Daemon(config).run(stop)
+    try:
+        await Daemon(config).run(stop)
+    except Route53Error as exc:  # a client that cannot even be made (an AWS profile that is not there)
+        print(f"regionshift: Route 53: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from controller.acting.reconciler import Reconciler
-from controller.acting.route53 import Actuator, make_client
+from controller.acting.route53 import READ_TIMEOUT, Actuator, make_client
 from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
 from controller.judging.detectors import detectors_for
@@ -220,7 +220,12 @@ class Daemon:
                 for task in self._tasks:
                     task.cancel()
             if self.reconciler is not None:
-                await self.reconciler.release_lease()
+                # A batch sent before the stop must land (or fail) before another controller may
+                # write: the lease is given up only once no Route 53 request is in flight.
+                if await self.reconciler.actuator.quiesce(within=READ_TIMEOUT + 10):
+                    await self.reconciler.release_lease()
+                else:
+                    log.warning("a Route 53 request is still running: the writer lease is left to expire")
         log.info("stopped", probe_runs=self.scheduler.stats.runs)
 
     # --- what the API shows (built by controller.web.views) ------------------------------------

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 # The user-information part of a URL (user:password@) wherever it stands in a text.
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]+@")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")  # to the last @ of the authority
 
 
 def redact(text: str) -> str:
@@ -185,10 +185,6 @@ class _ProbeBase(StrictModel):
 
     @model_validator(mode="after")
     def _timeout_fits_interval(self) -> _ProbeBase:
-        if self.interval <= 0:
-            raise ValueError("interval must be more than zero")
-        if self.timeout <= 0:
-            raise ValueError("timeout must be more than zero")
         if self.timeout > self.interval:
             raise ValueError(
                 f"timeout ({self.timeout:g}s) is longer than interval ({self.interval:g}s); "

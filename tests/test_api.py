@@ -13,7 +13,7 @@ from controller import logs
 from controller.events.bus import Bus
 from controller.settings.schema import Config, Region
 from controller.web.api import ApiServer, make_app
-from probes.spec import HttpProbe
+from probes.spec import HttpProbe, redact
 
 TOKEN = "s3cret-token"
 
@@ -160,3 +160,16 @@ def test_no_log_line_carries_a_password_in_a_url(capsys):
     assert "hunter2" not in err
     assert "u:p@" not in err
     assert "postgres://***@db/x" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://user:p@ss@host/x", "https://***@host/x"),  # an @ in the password hides nothing
+        ("a https://u:p@h/ and postgres://x:y@db:5432/z", "a https://***@h/ and postgres://***@db:5432/z"),
+        ("https://host/path and user@example.com", "https://host/path and user@example.com"),
+        ("http://host:80/a@b?c=d@e", "http://host:80/a@b?c=d@e"),  # an @ after the host is not a credential
+    ],
+)
+def test_redaction_hides_every_credential_of_every_url_and_nothing_else(text, shown):
+    assert redact(text) == shown

@@ -336,6 +336,8 @@ def test_a_configuration_file_larger_than_any_configuration_is_refused_before_it
         (["validate"], "the following arguments are required: -c/--config"),
         (["launch"], "invalid choice: 'launch'"),
         (["demo", "--duration", "soon"], "'soon' is not a number of seconds"),
+        (["demo", "--duration", "nan"], "'nan': must be a finite number of seconds above zero"),
+        (["demo", "--duration", "inf"], "'inf': must be a finite number of seconds above zero"),
         (["run", "-c", "any.yaml", "--listen", "garbage"], "argument --listen: 'garbage' is not host:port"),
         (["run", "-c", "any.yaml", "--listen", "127.0.0.1:99999"], "with a port from 0 to 65535"),
         (["demo", "--listen", "127.0.0.1:99999"], "argument --listen: '127.0.0.1:99999' is not host:port"),

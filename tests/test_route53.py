@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
 import uuid
 
 import pytest
 import pytest_asyncio
 from botocore.stub import Stubber
 
-from controller.acting.reconciler import checked_apply
-from controller.acting.route53 import Actuator, DriftError, RetryableError, TerminalError, make_client
+from controller.acting.errors import DriftError, RetryableError, TerminalError
+from controller.acting.reconciler import Reconciler, checked_apply
+from controller.acting.route53 import Actuator, make_client
 from controller.demo.world import seed_weighted_group
 from controller.planning.guardrails import GuardrailError
-from controller.settings.schema import Member, RecordSet, Region
+from controller.settings.schema import Config, Member, RecordSet, Region
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -79,6 +84,7 @@ async def step(actuator, rs, weights, expected=None, kind="forward", verdicts=HE
         verdicts=verdicts,
         max_step=max_step,
         reason="test",
+        now=time.time(),
     )
 
 
@@ -234,3 +240,56 @@ async def test_reads_follow_pages_within_a_weighted_group(sleeps):
         )
         weights = await Actuator(client, sleep=sleeps).observed_weights(rs)
     assert weights == {"a": 1, "b": 2, "c": 3}
+
+
+class BlockingClient:
+    """A Route 53 client whose list call blocks its thread until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def list_resource_record_sets(self, **_):
+        self.entered.set()
+        self.release.wait(10)
+        return {"ResourceRecordSets": [], "IsTruncated": False}
+
+
+async def test_quiesce_waits_for_a_request_whose_task_was_cancelled(record_set):
+    client = BlockingClient()
+    actuator = Actuator(client)
+    assert await actuator.quiesce(within=0.1)  # nothing in flight
+    task = asyncio.create_task(actuator.read_group(record_set))
+    await asyncio.to_thread(client.entered.wait, 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # The task is gone, its request is not: a batch could still land.
+    assert not await actuator.quiesce(within=0.2)
+    client.release.set()
+    assert await actuator.quiesce(within=5)
+
+
+def test_a_record_set_waiting_its_turn_is_in_contact_one_whose_reads_fail_is_not():
+    rs = RecordSet(
+        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
+    )
+    other = rs.model_copy(update={"name": "b.example.com"})
+    config = Config(regions=[Region(name="us-east-1")], record_sets=[rs, other])
+    now = [1000.0]
+    actuator = Actuator(BlockingClient(), clock=lambda: now[0])
+
+    class Lease:
+        holder = "test"
+
+    reconciler = Reconciler(config, actuator, store=None, lease=Lease(), clock=lambda: now[0])
+    now[0] = 1300.0
+    assert reconciler.actuation(now[0], stale_after=60) == {
+        rs.key: "Route 53 not read for 300s",
+        other.key: "Route 53 not read for 300s",
+    }
+    actuator.last_success_at = 1290.0  # GetChange answers while another record set's change goes INSYNC
+    reconciler.views[other.key].error = "AccessDenied: not allowed"
+    assert reconciler.actuation(now[0], stale_after=60) == {other.key: "Route 53: AccessDenied: not allowed"}
+    assert reconciler.last_contact(rs.key) == 1290.0
+    assert reconciler.last_contact(other.key) == 1000.0  # its own reads fail: only they count

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from controller.acting.route53 import DriftError, NoCredentialsError, RetryableError, Route53Error, TerminalError
+from controller.acting.errors import DriftError, NoCredentialsError, RetryableError, Route53Error, TerminalError
 from controller.events.kinds import ActionTaken, DriftFound, Event, LeaseChanged, OperatorAction, RampChanged
 from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
@@ -176,11 +176,20 @@ class Reconciler:
         view.error = str(exc)
         view.errors[exc.kind] = view.errors.get(exc.kind, 0) + 1
 
+    def last_contact(self, key: str) -> float:
+        """When Route 53 last answered for this record set: its own last read or, while its last
+        attempt did not fail, any answer (an INSYNC wait for another record set holds the tick)."""
+        view = self.views[key]
+        times = [self.started_at, view.last_read_at or 0.0]
+        if view.error is None:
+            times.append(self.actuator.last_success_at or 0.0)
+        return max(times)
+
     def actuation(self, now: float, stale_after: float) -> dict[str, str]:
         """Record sets whose actuation is impaired, and how: what `/healthz` reports."""
         out = {}
         for key, view in self.views.items():
-            since = view.last_read_at if view.last_read_at is not None else self.started_at
+            since = self.last_contact(key)
             if view.error is not None:
                 out[key] = f"Route 53: {view.error}"
             elif now - since > stale_after:
@@ -517,9 +526,9 @@ async def checked_apply(
     verdicts: Mapping[str, Status],
     max_step: float,
     reason: str,
+    now: float,
     group: Mapping[str, Mapping[str, Any]] | None = None,
     troubles: Mapping[str, frozenset[str]] | None = None,
-    now: float | None = None,
     not_before: float | None = None,
     on_submitted: Callable[[str, float], Awaitable[None]] | None = None,
 ) -> ChangeResult:

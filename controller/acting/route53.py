@@ -13,6 +13,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,21 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import structlog
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, PartialCredentialsError
+from botocore.exceptions import (
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    SSOError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import NoCredentialsError as BotoNoCredentialsError
+
+from controller.acting.errors import DriftError, NoCredentialsError, RetryableError, Route53Error, TerminalError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -48,50 +61,6 @@ RETRYABLE_CODES = frozenset(
 )
 
 
-class Route53Error(Exception):
-    """Something went wrong talking to Route 53."""
-
-    kind = "error"
-
-
-# How a Route 53 error is counted (regionshift_route53_errors_total{kind}).
-ERROR_KINDS = ("retryable", "terminal", "no_credentials")
-
-
-class RetryableError(Route53Error):
-    """Try again later: throttling, a change still applying, a server or network fault."""
-
-    kind = "retryable"
-
-
-class TerminalError(Route53Error):
-    """Retrying will not help: the batch is invalid, access is denied, the zone is missing."""
-
-    kind = "terminal"
-
-
-class NoCredentialsError(TerminalError):
-    """boto3 found no AWS credentials at all: nothing was asked of Route 53."""
-
-    kind = "no_credentials"
-
-
-class DriftError(Route53Error):
-    """Route 53 holds weights other than the ones last written: someone changed them."""
-
-    def __init__(self, record: str, expected: Mapping[str, int], observed: Mapping[str, int | None]) -> None:
-        changed = {
-            k: (expected.get(k), observed.get(k))
-            for k in sorted(set(expected) | set(observed))
-            if expected.get(k) != observed.get(k)
-        }
-        detail = ", ".join(f"{k}: wrote {e}, found {o}" for k, (e, o) in changed.items())
-        super().__init__(f"{record}: Route 53 holds weights other than the ones last written ({detail})")
-        self.record = record
-        self.expected = dict(expected)
-        self.observed = dict(observed)
-
-
 @dataclass(frozen=True, slots=True)
 class ChangeResult:
     change_id: str | None  # None in dry-run
@@ -101,10 +70,15 @@ class ChangeResult:
     dry_run: bool = False
 
 
+# Seconds a Route 53 request may wait for its answer (and 5 to connect): the longest a request
+# whose task was cancelled can still be running.
+READ_TIMEOUT = 15.0
+
+
 def make_client(
     endpoint_url: str | None = None,
     region: str = "us-east-1",
-    read_timeout: float = 15.0,
+    read_timeout: float = READ_TIMEOUT,
     aws_access_key_id: str | None = None,
     aws_secret_access_key: str | None = None,
 ) -> Route53Client:
@@ -114,7 +88,11 @@ def make_client(
     """
     config = BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout)
     # A session of its own: credentials are looked up for this client, not cached process-wide.
-    return boto3.session.Session().client(
+    try:
+        session = boto3.session.Session()
+    except ProfileNotFound as exc:
+        raise classify(exc) from exc
+    return session.client(
         "route53",
         endpoint_url=endpoint_url,
         region_name=region,
@@ -122,6 +100,19 @@ def make_client(
         aws_access_key_id=aws_access_key_id,
         aws_secret_access_key=aws_secret_access_key,
     )
+
+
+# No credentials, or none that could be loaded (a missing profile, an expired SSO token).
+_CREDENTIAL_ERRORS = (
+    BotoNoCredentialsError,
+    PartialCredentialsError,
+    CredentialRetrievalError,
+    ProfileNotFound,
+    SSOError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+)
 
 
 def classify(exc: Exception) -> Route53Error:
@@ -136,13 +127,11 @@ def classify(exc: Exception) -> Route53Error:
         return TerminalError(message)
     if isinstance(exc, BotoConnectionError | HTTPClientError):
         return RetryableError(f"network: {exc}")
-    if isinstance(exc, BotoNoCredentialsError | PartialCredentialsError):
+    if isinstance(exc, _CREDENTIAL_ERRORS):
         return NoCredentialsError(
-            f"no AWS credentials ({exc}): set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            f"no usable AWS credentials ({exc}): set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or run with an instance or task role"
         )
-    if isinstance(exc, BotoCoreError):
-        return TerminalError(f"{type(exc).__name__}: {exc}")
     return TerminalError(f"{type(exc).__name__}: {exc}")
 
 
@@ -186,6 +175,11 @@ class Actuator:
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter
         self._clock = clock
         self.calls = 0  # API requests sent, retries included
+        self.last_success_at: float | None = None  # when Route 53 last answered any request
+        # Requests whose thread still runs: cancelling the task that awaits one stops nobody
+        # waiting, not the request. `quiesce` waits for them before the lease is given up.
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
 
     async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         """One API operation off the event loop, retried with full jitter while retryable."""
@@ -193,7 +187,7 @@ class Actuator:
         for attempt in range(1, self.max_attempts + 1):
             self.calls += 1
             try:
-                response: dict[str, Any] = await asyncio.to_thread(method, **params)
+                response: dict[str, Any] = await self._in_thread(method, params)
             except Exception as exc:
                 error = classify(exc)
                 if isinstance(error, TerminalError) or attempt == self.max_attempts:
@@ -202,8 +196,42 @@ class Actuator:
                 log.info("route53 retry", operation=operation, attempt=attempt, error=str(error), delay=round(delay, 3))
                 await self._sleep(delay)
             else:
+                self.last_success_at = self._clock()
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _in_thread(self, method: Callable[..., dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._in_flight += 1
+        self._idle.clear()
+
+        def finished() -> None:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+        def call() -> dict[str, Any]:
+            try:
+                return method(**params)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                    loop.call_soon_threadsafe(finished)
+
+        return await asyncio.to_thread(call)
+
+    async def quiesce(self, within: float) -> bool:
+        """Wait until no request is in flight (a batch sent by a cancelled task has landed or
+        failed); False when one still runs after `within` seconds."""
+        if self._in_flight == 0 or self._idle is None:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @staticmethod
     def weights_of(record_set: RecordSet, group: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.acting.route53 import ERROR_KINDS
+from controller.acting.errors import ERROR_KINDS
 from controller.events.kinds import ActionTaken
 from controller.judging.verdicts import STATUSES
 from controller.planning.ramps import RAMP_STATUSES
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import Counter as CounterChild
     from prometheus_client.metrics import Histogram as HistogramChild
 
-    from controller.acting.reconciler import Reconciler, RecordView
+    from controller.acting.reconciler import Reconciler
     from controller.events.bus import Subscription
     from controller.judging.verdicts import Status
     from controller.settings.policy import Policy
@@ -107,7 +107,8 @@ class Metrics:
         )
         self.route53_read_age = Gauge(
             "regionshift_route53_last_read_age_seconds",
-            "Seconds since the record set was last read from Route 53 (since the daemon started, before the first).",
+            "Seconds since Route 53 last answered for the record set: its last read, or any answer while "
+            "its last attempt did not fail (since the daemon started, before the first).",
             ["record"],
             registry=registry,
         )
@@ -169,11 +170,10 @@ class Metrics:
     def watch_route53(self, reconciler: Reconciler) -> None:
         """Each record set's read age, computed when scraped: it grows while the reconciler is
         stuck in retries too, not only once they fail."""
-        for key, view in reconciler.views.items():
+        for key in reconciler.views:
 
-            def age(view: RecordView = view) -> float:
-                since = view.last_read_at if view.last_read_at is not None else reconciler.started_at
-                return max(0.0, reconciler.clock() - since)
+            def age(key: str = key) -> float:
+                return max(0.0, reconciler.clock() - reconciler.last_contact(key))
 
             self.route53_read_age.labels(key).set_function(age)
 

@@ -53,14 +53,19 @@ class Database:
 
     def _open(self) -> None:
         path = Path(self.path)
-        _check_path(path)
+        try:
+            existing = _check_path(path)
+        except OSError as exc:  # e.g. a directory on the way this user may not enter
+            raise StateError(f"cannot use the state file {path}: {exc.strerror or exc}") from exc
+        if existing:
+            # Looked at read-only first: a file that is not ours, or damaged, is never written to
+            # (a read-write open may roll back a journal or checkpoint a WAL left beside it).
+            _inspect(path)
         try:
             db = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions explicit
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state file {path}: {exc}; check the path and its permissions") from exc
         try:
-            _check_ours(db, path)
-            _check_intact(db, path)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # an intent must survive a power cut
             db.execute("PRAGMA foreign_keys=ON")
@@ -70,9 +75,6 @@ class Database:
         except sqlite3.Error as exc:
             db.close()
             raise StateError(f"cannot use the state file {path}: {_sqlite_problem(exc)}") from exc
-        except StateError:
-            db.close()
-            raise
         db.row_factory = sqlite3.Row
         self._db = db
 
@@ -88,8 +90,9 @@ class Database:
         return self._db
 
 
-def _check_path(path: Path) -> None:
-    """Refuse what is not a state file, or cannot become one, before SQLite touches it."""
+def _check_path(path: Path) -> bool:
+    """Refuse what is not a state file, or cannot become one, before SQLite touches it; whether
+    the file exists (and so is to be inspected)."""
     if path.is_dir():
         raise StateError(f"the state file {path} is a directory; point controller.state_path at a file")
     if not path.parent.is_dir():
@@ -100,7 +103,7 @@ def _check_path(path: Path) -> None:
         with path.open("rb") as file:
             header = file.read(len(_SQLITE_HEADER))
     except FileNotFoundError:
-        return  # a new state file
+        return False  # a new state file
     except OSError as exc:
         raise StateError(f"cannot read the state file {path}: {exc.strerror or exc}") from exc
     if header and header != _SQLITE_HEADER:
@@ -108,6 +111,22 @@ def _check_path(path: Path) -> None:
             f"{path} is not a regionshift state file (not SQLite, or damaged); it was left untouched: "
             "move it aside to start afresh, or point controller.state_path elsewhere"
         )
+    return bool(header)
+
+
+def _inspect(path: Path) -> None:
+    """An existing file, read-only: regionshift's, and intact."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open the state file {path}: {exc}; check the path and its permissions") from exc
+    try:
+        _check_ours(db, path)
+        _check_intact(db, path)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot use the state file {path}: {_sqlite_problem(exc)}") from exc
+    finally:
+        db.close()
 
 
 def _check_ours(db: sqlite3.Connection, path: Path) -> None:
