@@ -129,7 +129,7 @@ def classify(exc: Exception) -> Route53Error:
         return RetryableError(f"network: {exc}")
     if isinstance(exc, _CREDENTIAL_ERRORS):
         return NoCredentialsError(
-            f"no usable AWS credentials ({exc}): set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            f"no AWS credentials ({exc}): set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or run with an instance or task role"
         )
     return TerminalError(f"{type(exc).__name__}: {exc}")
