@@ -105,9 +105,11 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
         (s["metric"]["region"], s["metric"]["probe"]): float(s["value"][1])
         for s in results["Probe success ratio by region and probe"]
     }
-    assert success[("us-east-1", "orders")] == 1.0
-    assert success[("eu-west-1", "orders")] < 1.0  # the injected failures show on the dashboard
-    assert success[("eu-west-1", "healthz")] == 1.0
+    # A healthy region's probes time out now and then on a loaded machine (their timeout is 0.1 s
+    # and Prometheus starts beside them); the injected failures show as a clear gap.
+    assert success[("us-east-1", "orders")] >= 0.9
+    assert success[("eu-west-1", "orders")] < success[("us-east-1", "orders")] - 0.1
+    assert success[("eu-west-1", "healthz")] >= 0.9
     verdicts = {s["metric"]["region"]: float(s["value"][1]) for s in results["Verdict per region"]}
     assert verdicts == {"us-east-1": 0.0, "eu-west-1": 2.0}  # 2 = degraded
     shares = {s["metric"]["region"]: float(s["value"][1]) for s in results["Route 53 share per region"]}
