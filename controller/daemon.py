@@ -22,6 +22,7 @@ from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
+from controller.judging.suspicion import suspects
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
@@ -92,6 +93,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
+        self._suspects: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciler: Reconciler | None = None
         # Set on every verdict change: the reconciler looks at once instead of at its next tick.
@@ -162,7 +164,21 @@ class Daemon:
         interval = self.config.controller.tick
         while True:
             self.tick()
+            self._probe_suspects(interval)
             await asyncio.sleep(interval)
+
+    def _probe_suspects(self, tick: float) -> None:
+        """Probe harder where the evidence leans toward a finding: renewed every judge tick while
+        it does, so a suspicion ends a tick or two after the evidence fades or a verdict holds."""
+        policy = self.config.policy.verdicts.suspicion
+        found = suspects(self.windows, self.judge.probes, self.judge.verdicts, self.clock(), policy)
+        for (region, probe), why in found.items():
+            self.scheduler.hasten(region, probe, every=policy.every, hold=2 * tick, budget=policy.budget)
+            if (region, probe) not in self._suspects:
+                log.info("probing a suspect harder", region=region, probe=probe, why=why, every=policy.every)
+        for region, probe in self._suspects - found.keys():
+            log.info("suspicion over", region=region, probe=probe)
+        self._suspects = set(found)
 
     # --- running -----------------------------------------------------------------------------
 

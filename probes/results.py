@@ -13,6 +13,9 @@ from probes.spec import redact
 
 Outcome = Literal["success", "failure", "timeout"]
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "timeout")
+# Why a probe ran: on its interval, or as an extra run on a target under suspicion.
+RunReason = Literal["scheduled", "suspicion"]
+RUN_REASONS: tuple[RunReason, ...] = ("scheduled", "suspicion")
 
 # Phase names, as blackbox_exporter's probe_http_duration_seconds{phase} splits a request:
 # each is the duration of that phase alone, in seconds.
@@ -32,6 +35,7 @@ class Result:
     error_class: str | None = None  # short and stable: timeout, refused, tls, status, body, dns, ...
     error: str | None = None  # human sentence with the detail
     extra: dict[str, Any] = field(default_factory=dict)  # per kind, e.g. cert_expires_in_seconds
+    reason: RunReason = "scheduled"
 
     @property
     def outcome(self) -> Outcome:

@@ -5,15 +5,22 @@ never overlaps itself and a slow or hanging target delays nobody else. A semapho
 probes are in flight overall. Ticks follow a fixed grid (start + k * interval) moved by a small
 random jitter, so probes neither drift nor fire in lockstep; ticks missed while a run overran are
 skipped and counted, not run in a burst.
+
+A target under suspicion (`hasten`) is probed faster between its ticks: every `every` seconds at
+most, within a budget of extra runs per minute, until the suspicion ends. Extra runs are real runs,
+marked `reason="suspicion"`; the grid of scheduled ticks is not moved by them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -27,7 +34,7 @@ from probes.spec import CloudWatchLagProbe, HttpProbe, PostgresLagProbe, TcpProb
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from probes.results import Result
+    from probes.results import Result, RunReason
 
 Prober = HttpProber | TcpProber | PostgresLagProber | CloudWatchLagProber
 log = structlog.get_logger("regionshift.probes")
@@ -56,6 +63,28 @@ class ProbeStats:
     runs: int = 0
     missed_ticks: int = 0
     in_flight: int = 0
+    extra_runs: int = 0  # runs on suspicion, beyond the scheduled ones
+
+
+@dataclass(slots=True)
+class Hurry:
+    """A suspicion on one target: extra runs every `every` seconds until `until` (loop time),
+    at most `budget` extra runs in any 60 s."""
+
+    every: float
+    until: float
+    budget: int
+    spent: deque[float] = field(default_factory=deque)  # loop times of the extra runs in the last 60 s
+
+    def next_extra(self, last_run: float, now: float) -> float | None:
+        """When the next extra run is due, or None when the suspicion is over or its budget spent."""
+        while self.spent and self.spent[0] <= now - 60.0:
+            self.spent.popleft()
+        if now >= self.until:
+            return None
+        if len(self.spent) >= self.budget:
+            return self.spent[0] + 60.0 if self.spent[0] + 60.0 < self.until else None
+        return max(now, last_run + self.every)
 
 
 async def run_guarded(prober: Prober) -> Result:
@@ -91,6 +120,26 @@ class Scheduler:
         self.stats = ProbeStats()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._hurries: dict[tuple[str, str], Hurry] = {}
+        self._wake: dict[tuple[str, str], asyncio.Event] = {}
+
+    def hasten(self, region: str, probe: str, *, every: float, hold: float, budget: int) -> None:
+        """Probe this target every `every` seconds (on top of its ticks) for the next `hold`
+        seconds, at most `budget` extra runs a minute; called again, the suspicion is extended."""
+        key = (region, probe)
+        until = asyncio.get_running_loop().time() + hold
+        hurry = self._hurries.get(key)
+        if hurry is None:
+            self._hurries[key] = Hurry(every, until, budget)
+        else:
+            hurry.every, hurry.until, hurry.budget = every, max(hurry.until, until), budget
+        if key in self._wake:
+            self._wake[key].set()
+
+    def hastened(self) -> set[tuple[str, str]]:
+        """The targets under suspicion now."""
+        now = asyncio.get_running_loop().time()
+        return {key for key, hurry in self._hurries.items() if hurry.until > now}
 
     async def run(self) -> None:
         """Probe forever (until cancelled)."""
@@ -102,11 +151,33 @@ class Scheduler:
     async def _loop(self, prober: Prober) -> None:
         loop = asyncio.get_running_loop()
         interval = prober.spec.interval
+        key = (prober.subject.region, prober.subject.probe)
+        wake = self._wake.setdefault(key, asyncio.Event())
         # Spread first runs over one interval so that probes added together do not fire together.
         base = loop.time() + self._rng.uniform(0, interval)
+        last_run = -math.inf
         while True:
             due = base + self._rng.uniform(-self.jitter, self.jitter) * interval
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            while True:  # extra runs on suspicion, until the scheduled tick is nearer
+                hurry = self._hurries.get(key)
+                extra = hurry.next_extra(last_run, loop.time()) if hurry is not None else None
+                if hurry is not None and extra is None and hurry.until <= loop.time():
+                    del self._hurries[key]
+                wake.clear()
+                if extra is None or extra >= due:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, due - loop.time())):
+                            await wake.wait()  # a new suspicion wakes it early
+                    if loop.time() >= due:
+                        break
+                    continue
+                await asyncio.sleep(max(0.0, extra - loop.time()))
+                if hurry is not None and self._hurries.get(key) is hurry:
+                    hurry.spent.append(loop.time())
+                last_run = loop.time()
+                self.stats.extra_runs += 1
+                await self._run_one(prober, "suspicion")
+            last_run = loop.time()
             await self._run_one(prober)
             base += interval
             behind = loop.time() - base
@@ -115,13 +186,15 @@ class Scheduler:
                 self.stats.missed_ticks += missed
                 base += missed * interval
 
-    async def _run_one(self, prober: Prober) -> None:
+    async def _run_one(self, prober: Prober, reason: RunReason = "scheduled") -> None:
         async with self._slots:
             self.stats.in_flight += 1
             try:
                 result = await run_guarded(prober)
             finally:
                 self.stats.in_flight -= 1
+        if reason != "scheduled":
+            result = dataclasses.replace(result, reason=reason)
         self.stats.runs += 1
         try:
             self.sink(result)

@@ -135,3 +135,46 @@ async def test_run_once_returns_results_in_probe_order(world):
     results = await run_once(probers, max_concurrency=2)
     assert [r.region for r in results] == list(world)
     assert all(r.ok for r in results)
+
+
+@contextlib.asynccontextmanager
+async def running(scheduler: Scheduler):
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await asyncio.sleep(0.05)
+        yield scheduler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_suspect_is_probed_faster_within_its_budget_and_back_to_its_interval_after():
+    prober = FakeProber("orders", interval=10.0, duration=0.0)  # one scheduled run in the test at most
+    results: list[Result] = []
+    async with running(Scheduler([prober], results.append, jitter=0.0)) as scheduler:
+        scheduler.hasten("eu-west-1", "orders", every=0.05, hold=0.6, budget=6)
+        assert scheduler.hastened() == {("eu-west-1", "orders")}
+        await asyncio.sleep(1.0)
+        extra = [r for r in results if r.reason == "suspicion"]
+        assert len(extra) == 6  # the budget, not the 12 that 0.6 s at one per 0.05 s would allow
+        starts = [r.started_at for r in extra]
+        assert all(b - a >= 0.04 for a, b in itertools.pairwise(starts))  # never faster than `every`
+        assert scheduler.hastened() == set()  # the suspicion ended with its hold
+        await asyncio.sleep(0.3)
+    assert len([r for r in results if r.reason == "suspicion"]) == 6  # back to its interval
+    assert scheduler.stats.extra_runs == 6
+    assert all(r.reason == "scheduled" for r in results if r not in extra)
+
+
+async def test_a_renewed_suspicion_extends_it_and_other_targets_are_untouched():
+    suspect, other = FakeProber("orders", 10.0, 0.0), FakeProber("healthz", 10.0, 0.0)
+    results: list[Result] = []
+    async with running(Scheduler([suspect, other], results.append, jitter=0.0)) as scheduler:
+        for _ in range(4):  # what the daemon does each judge tick while the evidence leans bad
+            scheduler.hasten("eu-west-1", "orders", every=0.1, hold=0.25, budget=100)
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.4)
+    extra = [r for r in results if r.reason == "suspicion"]
+    assert {r.probe for r in extra} == {"orders"}
+    assert 7 <= len(extra) <= 11  # about one per 0.1 s over the 0.85 s the renewals held it

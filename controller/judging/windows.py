@@ -95,6 +95,10 @@ class Window:
             if not dropped.ok:
                 self._failed_at.popleft()
 
+    def last_failure(self) -> float | None:
+        """When the newest kept failure started; None without one."""
+        return self._failed_at[-1] if self._failed_at else None
+
     def trim(self, now: float) -> None:
         horizon = now - self.span
         samples = self._samples

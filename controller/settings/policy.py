@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from controller.settings.model import SettingsModel
-from probes.spec import Duration, Wait
+from probes.spec import Duration, Interval, Wait
 
 OnFailure = Literal["rollback", "step-back", "pause"]
 
@@ -100,6 +100,17 @@ class LagPolicy(SettingsModel):
         return self.regions.get(region, {}).get(source, self.sources.get(source, self.threshold))
 
 
+class SuspicionPolicy(SettingsModel):
+    """Probe suspects harder: a target whose evidence leans toward a finding (a failure in the last
+    `after_failure`) that no verdict has decided yet is probed every `every`, at most `budget`
+    extra runs a minute, until the evidence fades or a verdict holds it."""
+
+    enabled: bool = True
+    after_failure: Duration = Field(default=30.0, description="a failure this recent makes a target a suspect")
+    every: Interval = Field(default=0.1, description="extra runs at most this often (10 per second)")
+    budget: int = Field(default=30, ge=1, le=600, description="extra runs per target per minute, at most")
+
+
 class VerdictPolicy(SettingsModel):
     """Thresholds and tests that turn windows of results into a region's verdict."""
 
@@ -116,6 +127,7 @@ class VerdictPolicy(SettingsModel):
     vantages: VantagePolicy = Field(default_factory=VantagePolicy)
     recover_after: Wait = 60.0
     lag: LagPolicy = Field(default_factory=LagPolicy)
+    suspicion: SuspicionPolicy = Field(default_factory=SuspicionPolicy)
 
     @field_validator("errors", mode="before")
     @classmethod

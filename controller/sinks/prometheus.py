@@ -16,7 +16,7 @@ from controller.acting.errors import ERROR_KINDS
 from controller.events.kinds import ActionTaken
 from controller.judging.verdicts import STATUSES
 from controller.planning.ramps import RAMP_STATUSES
-from probes.results import OUTCOMES
+from probes.results import OUTCOMES, RUN_REASONS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-_Children = tuple["dict[str, CounterChild]", "HistogramChild"]
+_Children = tuple["dict[str, CounterChild]", "HistogramChild", "dict[str, CounterChild]"]
 
 
 class Metrics:
@@ -46,6 +46,13 @@ class Metrics:
             "regionshift_probe_results",
             "Probe runs by region, probe, vantage and outcome (success, failure, timeout).",
             ["region", "probe", "vantage", "outcome"],
+            registry=registry,
+        )
+        self.probe_runs = Counter(
+            "regionshift_probe_runs",
+            "Probe runs by region, probe, vantage and why they ran: scheduled (on the interval) or "
+            "suspicion (an extra run on a target whose evidence leans toward a finding).",
+            ["region", "probe", "vantage", "reason"],
             registry=registry,
         )
         self.probe_duration = Histogram(
@@ -129,13 +136,17 @@ class Metrics:
             counters: dict[str, CounterChild] = {
                 o: self.probe_results.labels(region, probe, vantage, o) for o in OUTCOMES
             }
-            children = (counters, self.probe_duration.labels(region, probe, vantage))
+            reasons: dict[str, CounterChild] = {
+                r: self.probe_runs.labels(region, probe, vantage, r) for r in RUN_REASONS
+            }
+            children = (counters, self.probe_duration.labels(region, probe, vantage), reasons)
             self._children[key] = children
         return children
 
     def observe(self, result: Result) -> None:
-        counters, duration = self._subject(result.region, result.probe, result.vantage)
+        counters, duration, reasons = self._subject(result.region, result.probe, result.vantage)
         counters[result.outcome].inc()
+        reasons[result.reason].inc()
         if math.isfinite(result.latency):  # a lag probe's unknown lag is infinite: not a duration
             duration.observe(result.latency)
 
