@@ -31,19 +31,24 @@ def verdict(region: str, status: str, troubles: frozenset[str] = frozenset()) ->
 def test_a_recent_failure_makes_its_probe_a_suspect_and_nothing_else():
     windows = store(("eu-west-1", "orders", "controller", 55.0), ("us-east-1", "healthz", "controller", 10.0))
     found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
-    assert found == {("eu-west-1", "orders"): "failed 5.0s ago at controller"}  # us-east-1's is 50 s old
+    assert found == {  # us-east-1's own failure is 50 s old; it is probed harder as eu-west-1's peer
+        ("eu-west-1", "orders"): "failed 5.0s ago at controller",
+        ("us-east-1", "orders"): "peer of eu-west-1, a suspect",
+    }
 
 
 def test_the_newest_failure_at_any_vantage_counts():
     windows = store(("eu-west-1", "orders", "controller", 40.0), ("eu-west-1", "orders", "agent-2", 58.0))
-    assert suspects(windows, PROBES, {}, T0 + 60, POLICY) == {("eu-west-1", "orders"): "failed 2.0s ago at agent-2"}
+    found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
+    assert found[("eu-west-1", "orders")] == "failed 2.0s ago at agent-2"
 
 
 def test_a_probe_the_verdict_already_holds_is_decided_and_not_hastened():
     windows = store(("eu-west-1", "orders", "controller", 59.0), ("eu-west-1", "healthz", "controller", 59.0))
     verdicts = {"eu-west-1": verdict("eu-west-1", "degraded", frozenset({"orders"}))}
     assert suspects(windows, PROBES, verdicts, T0 + 60, POLICY) == {
-        ("eu-west-1", "healthz"): "failed 1.0s ago at controller"  # not held: still undecided
+        ("eu-west-1", "healthz"): "failed 1.0s ago at controller",  # not held: still undecided
+        ("us-east-1", "healthz"): "peer of eu-west-1, a suspect",
     }
     # Troubles alone (a test leaning bad) decide nothing while the region is healthy.
     leaning = {"eu-west-1": verdict("eu-west-1", "healthy", frozenset({"orders"}))}
@@ -54,3 +59,9 @@ def test_probes_not_judged_this_way_and_a_disabled_policy_hasten_nothing():
     windows = store(("eu-west-1", "orders", "controller", 59.0))
     assert suspects(windows, {"eu-west-1": ("healthz",)}, {}, T0 + 60, POLICY) == {}  # e.g. a lag probe
     assert suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(enabled=False)) == {}
+
+
+def test_a_failure_followed_by_enough_passes_is_noise_and_clears_the_suspicion():
+    windows = store(("eu-west-1", "orders", "controller", 38.5))  # 21 passes after it, at 39..59
+    assert suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(after_failure=30.0, clear_after=21)) == {}
+    assert ("eu-west-1", "orders") in suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(clear_after=22))

@@ -28,8 +28,9 @@ def suspects(
     now: float,
     policy: SuspicionPolicy,
 ) -> dict[tuple[str, str], str]:
-    """(region, probe) -> why, for each probe with a failure in the last `after_failure` that the
-    region's verdict does not already hold against it."""
+    """(region, probe) -> why, for each probe with a failure in the last `after_failure` followed by
+    fewer than `clear_after` passes, that the region's verdict does not already hold against it;
+    and for the same probe in its peers."""
     if not policy.enabled:
         return {}
     newest: dict[tuple[str, str], tuple[float, str]] = {}
@@ -40,6 +41,15 @@ def suspects(
             last = window.last_failure()
             if probe in held or probe not in names or last is None or not 0 <= now - last <= policy.after_failure:
                 continue
+            if window.passes_since_failure(policy.clear_after) >= policy.clear_after:
+                continue  # the evidence decided healthy: one failure among many passes is noise
             if (region, probe) not in newest or last > newest[region, probe][0]:
                 newest[region, probe] = (last, vantage)
-    return {key: f"failed {now - at:.1f}s ago at {vantage}" for key, (at, vantage) in newest.items()}
+    found = {key: f"failed {now - at:.1f}s ago at {vantage}" for key, (at, vantage) in newest.items()}
+    # The peers running the same probe are probed harder too: a suspect is judged against them over
+    # the same span, and a cause they share shows only in samples taken at the same time.
+    for region, probe in list(found):
+        for peer, names in probes.items():
+            if peer != region and probe in names and (peer, probe) not in found:
+                found[peer, probe] = f"peer of {region}, a suspect"
+    return found

@@ -99,6 +99,17 @@ class Window:
         """When the newest kept failure started; None without one."""
         return self._failed_at[-1] if self._failed_at else None
 
+    def passes_since_failure(self, limit: int) -> int:
+        """How many results passed after the newest failure, counting at most `limit` of them
+        (a walk back from the newest that stops there: cheap however long the window)."""
+        last = self.last_failure()
+        count = 0
+        for sample in reversed(self._samples):
+            if count >= limit or (last is not None and sample.at <= last):
+                break
+            count += sample.ok
+        return count
+
     def trim(self, now: float) -> None:
         horizon = now - self.span
         samples = self._samples

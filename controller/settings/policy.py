@@ -102,13 +102,15 @@ class LagPolicy(SettingsModel):
 
 class SuspicionPolicy(SettingsModel):
     """Probe suspects harder: a target whose evidence leans toward a finding (a failure in the last
-    `after_failure`) that no verdict has decided yet is probed every `every`, at most `budget`
-    extra runs a minute, until the evidence fades or a verdict holds it."""
+    `after_failure`, fewer than `clear_after` passes since) that no verdict has decided yet is
+    probed every `every`, at most `budget` extra runs a minute, and so is the same probe in its
+    peers, until the evidence fades or a verdict holds it."""
 
     enabled: bool = True
     after_failure: Duration = Field(default=30.0, description="a failure this recent makes a target a suspect")
-    every: Interval = Field(default=0.1, description="extra runs at most this often (10 per second)")
-    budget: int = Field(default=30, ge=1, le=600, description="extra runs per target per minute, at most")
+    clear_after: int = Field(default=20, ge=1, le=1000, description="this many passes after the failure clear it")
+    every: Interval = Field(default=0.25, description="extra runs at most this often (4 per second)")
+    budget: int = Field(default=120, ge=1, le=600, description="extra runs per target per minute, at most")
 
 
 class VerdictPolicy(SettingsModel):
