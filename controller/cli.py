@@ -227,16 +227,12 @@ async def _ramp(config: Config, action: str, name: str, url: str | None, operato
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first fault in a group (a faulty part stops the others, whose cancellations follow)."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        current = stack.pop(0)
-        if isinstance(current, BaseExceptionGroup):
-            stack[:0] = current.exceptions
-        else:
-            leaves.append(current)
-    return next((e for e in leaves if isinstance(e, FAULTS)), leaves[0])
+    """The first fault in a group (a faulty part stops the others, whose cancellations follow),
+    else its first exception."""
+    chosen: BaseException = group.subgroup(FAULTS) or group
+    while isinstance(chosen, BaseExceptionGroup):
+        chosen = chosen.exceptions[0]
+    return chosen
 
 
 async def _run(config: Config, stop: asyncio.Event) -> int:

@@ -164,7 +164,7 @@ class Scheduler:
                 if hurry is not None and extra is None and hurry.until <= loop.time():
                     del self._hurries[key]
                 wake.clear()
-                if extra is None or extra >= due:
+                if hurry is None or extra is None or extra >= due:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(max(0.0, due - loop.time())):
                             await wake.wait()  # a new suspicion wakes it early
@@ -172,8 +172,7 @@ class Scheduler:
                         break
                     continue
                 await asyncio.sleep(max(0.0, extra - loop.time()))
-                if hurry is not None and self._hurries.get(key) is hurry:
-                    hurry.spent.append(loop.time())
+                hurry.spent.append(loop.time())
                 last_run = loop.time()
                 self.stats.extra_runs += 1
                 await self._run_one(prober, "suspicion")

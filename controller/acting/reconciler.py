@@ -112,10 +112,8 @@ class Reconciler:
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
                 self.publish(OperatorAction(at=now, who=who, action=action, target=f"ramp:{name}", reason=state.reason))
-                self._ramp_changed(name, state, now)
-                self.ramps[name] = state
-                await self.store.ramps.save(name, state.to_json(), now)
                 log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
+                await self._save(name, state, now)
             return refused
 
     async def keep_lease(self, every: float, clock: Callable[[], float]) -> None:
@@ -278,27 +276,22 @@ class Reconciler:
             await self.store.flags.set_home(rs.key, observed, now)
         await self._save(name, state, now)
 
-    def _ramp_changed(self, name: str, state: ramps.RampState, now: float) -> None:
-        previous = self.ramps[name]
-        if state.status != previous.status or state.step != previous.step:
-            self.publish(
-                RampChanged(
-                    at=now,
-                    ramp=name,
-                    previous=previous.status,
-                    status=state.status,
-                    step=state.step,
-                    reason=state.reason,
-                )
-            )
-
     async def _save(self, name: str, state: ramps.RampState, now: float) -> None:
-        if state != self.ramps.get(name):
-            if state.status != self.ramps[name].status:
-                log.info(
-                    "ramp status", ramp=name, previous=self.ramps[name].status, status=state.status, reason=state.reason
+        previous = self.ramps[name]
+        if state != previous:
+            if state.status != previous.status:
+                log.info("ramp status", ramp=name, previous=previous.status, status=state.status, reason=state.reason)
+            if state.status != previous.status or state.step != previous.step:
+                self.publish(
+                    RampChanged(
+                        at=now,
+                        ramp=name,
+                        previous=previous.status,
+                        status=state.status,
+                        step=state.step,
+                        reason=state.reason,
+                    )
                 )
-            self._ramp_changed(name, state, now)
             self.ramps[name] = state
             await self.store.ramps.save(name, state.to_json(), now)
 

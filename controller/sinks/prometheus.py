@@ -158,9 +158,9 @@ class Metrics:
         for s in STATUSES:
             self.region_status.labels(region, s).set(1 if s == status else 0)
 
-    def set_ramp(self, ramp: str, step: int, status: str, statuses: Iterable[str]) -> None:
+    def set_ramp(self, ramp: str, step: int, status: str) -> None:
         self.ramp_step.labels(ramp).set(step + 1)
-        for s in statuses:
+        for s in RAMP_STATUSES:
             self.ramp_status.labels(ramp, s).set(1 if s == status else 0)
 
     def precreate_shifting(self, policy: Policy, record_sets: Iterable[RecordSet]) -> None:
@@ -169,7 +169,7 @@ class Metrics:
             for region in (r for wave in ramp.waves for r in wave):
                 for action in ("forward", "rollback"):
                     self.actions.labels(action, region, f"ramp:{name}")
-            self.set_ramp(name, -1, "pending", RAMP_STATUSES)
+            self.set_ramp(name, -1, "pending")
         for rs in record_sets:
             self.route53_drift.labels(rs.key).set(0)
             for kind in ERROR_KINDS:
@@ -204,7 +204,7 @@ class Metrics:
                     )
             self.route53_drift.labels(rs.key).set(1 if view.drift else 0)
         for name, state in reconciler.ramps.items():
-            self.set_ramp(name, state.step, state.status, RAMP_STATUSES)
+            self.set_ramp(name, state.step, state.status)
 
     async def follow(self, events: Subscription) -> None:
         """Count every weight change sent (applied or dry run), from the event bus."""

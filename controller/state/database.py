@@ -6,6 +6,7 @@ brings its own tables; the database creates whichever are missing when it opens.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ T = TypeVar("T")
 # Written into every state file regionshift creates (PRAGMA application_id): "RgSh".
 APPLICATION_ID = 0x52675368
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)")
 
 
 class StateError(Exception):
@@ -60,7 +62,8 @@ class Database:
         if existing:
             # Looked at read-only first: a file that is not ours, or damaged, is never written to
             # (a read-write open may roll back a journal or checkpoint a WAL left beside it).
-            _inspect(path)
+            ours = {name for schema in self.schemas for name in _TABLE.findall(schema)}
+            _inspect(path, ours)
         try:
             db = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions explicit
         except sqlite3.Error as exc:
@@ -114,14 +117,14 @@ def _check_path(path: Path) -> bool:
     return bool(header)
 
 
-def _inspect(path: Path) -> None:
+def _inspect(path: Path, ours: set[str]) -> None:
     """An existing file, read-only: regionshift's, and intact."""
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise StateError(f"cannot open the state file {path}: {exc}; check the path and its permissions") from exc
     try:
-        _check_ours(db, path)
+        _check_ours(db, path, ours)
         _check_intact(db, path)
     except sqlite3.Error as exc:
         raise StateError(f"cannot use the state file {path}: {_sqlite_problem(exc)}") from exc
@@ -129,14 +132,13 @@ def _inspect(path: Path) -> None:
         db.close()
 
 
-def _check_ours(db: sqlite3.Connection, path: Path) -> None:
+def _check_ours(db: sqlite3.Connection, path: Path, ours: set[str]) -> None:
     """A SQLite file regionshift did not write is never written to."""
     application_id = db.execute("PRAGMA application_id").fetchone()[0]
     if application_id == APPLICATION_ID:
         return
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     tables -= {"sqlite_sequence"}
-    ours = {"audit", "changes", "ramps", "lease", "flags"}
     # A state file from before application ids: only our tables, the audit log among them.
     if application_id == 0 and (not tables or ("audit" in tables and tables <= ours)):
         return
