@@ -20,9 +20,10 @@ from controller.acting.reconciler import Reconciler
 from controller.acting.route53 import READ_TIMEOUT, Actuator, make_client
 from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
+from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
-from controller.judging.suspicion import suspects
+from controller.judging.suspicion import judge_delay, suspects
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
@@ -42,6 +43,8 @@ log = structlog.get_logger("regionshift.daemon")
 # A failing probe is logged as recovered after this many passes in a row, so a probe that
 # fails every other run logs once, not on every result.
 RECOVERED_AFTER = 3
+# How often the latency baselines are saved to the state store.
+BASELINES_EVERY = 60.0
 
 
 class Daemon:
@@ -68,9 +71,10 @@ class Daemon:
         lag_probes: dict[str, dict[str, str]] = {}
         for (region, probe), source in self.lag_sources.items():
             lag_probes.setdefault(region, {})[probe] = source
+        self.baselines = Baselines(verdict_policy)
         self.judge = Judge(
             [
-                *detectors_for(verdict_policy),
+                *detectors_for(verdict_policy, self.baselines),
                 LagDetector(verdict_policy, lag_probes, {r.name: r.type for r in config.regions}),
             ],
             {
@@ -94,6 +98,9 @@ class Daemon:
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
         self._suspects: set[tuple[str, str]] = set()
+        # Set by a failed result while suspicion is on: the judge looks at once (after its
+        # minimum gap, `suspicion.judge_every`) instead of at its next tick.
+        self._judge_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciler: Reconciler | None = None
         # Set on every verdict change: the reconciler looks at once instead of at its next tick.
@@ -112,6 +119,8 @@ class Daemon:
         key = (result.region, result.probe, result.vantage)
         failing = self._passes_since_failure
         if not result.ok:
+            if self.config.policy.verdicts.suspicion.enabled:
+                self._judge_wake.set()
             if key not in failing:
                 log.info(
                     "probe failing",
@@ -138,7 +147,22 @@ class Daemon:
         """Recompute every verdict now; log, count and announce the ones that changed."""
         now = self.clock()
         self.windows.trim(now)
-        transitions = self.judge.judge(self.windows, now)
+        return self._announce(self.judge.judge(self.windows, now), now)
+
+    async def tick_async(self) -> list[Transition]:
+        """`tick`, letting the event loop run between regions (probes in flight are timed truly)."""
+        now = self.clock()
+        self.windows.trim(now)
+        steps = self.judge.steps(self.windows, now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                transitions: list[Transition] = done.value
+                return self._announce(transitions, now)
+            await asyncio.sleep(0)
+
+    def _announce(self, transitions: list[Transition], now: float) -> list[Transition]:
         for t in transitions:
             v = t.verdict
             self.metrics.set_status(t.region, v.status)
@@ -161,24 +185,54 @@ class Daemon:
                     await self._wake.wait()
 
     async def _judge_loop(self) -> None:
-        interval = self.config.controller.tick
-        while True:
-            self.tick()
-            self._probe_suspects(interval)
-            await asyncio.sleep(interval)
-
-    def _probe_suspects(self, tick: float) -> None:
-        """Probe harder where the evidence leans toward a finding: renewed every judge tick while
-        it does, so a suspicion ends a tick or two after the evidence fades or a verdict holds."""
+        tick = self.config.controller.tick
         policy = self.config.policy.verdicts.suspicion
-        found = suspects(self.windows, self.judge.probes, self.judge.verdicts, self.clock(), policy)
+        while True:
+            self._judge_wake.clear()
+            await self.tick_async()
+            self._probe_suspects(2 * judge_delay(tick, suspecting=True, policy=policy))
+            delay = judge_delay(tick, bool(self._suspects), policy)
+            gap = min(delay, policy.judge_every)
+            await asyncio.sleep(gap)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay - gap):
+                    await self._judge_wake.wait()  # a failure is judged (and suspected) at once
+
+    def _probe_suspects(self, hold: float) -> None:
+        """Probe harder where the evidence leans toward a finding: renewed on every judge pass
+        while it does (each for `hold` seconds), so a suspicion ends a pass or two after the
+        evidence fades or a verdict holds. Only this vantage's targets: agents hasten their own."""
+        policy = self.config.policy.verdicts.suspicion
+        found = {
+            (region, probe): why
+            for (region, probe, vantage), why in suspects(
+                self.windows,
+                self.judge.probes,
+                self.judge.verdicts,
+                self.clock(),
+                self.config.policy.verdicts,
+                self.judge.set_aside,
+            ).items()
+            if vantage == self.vantage
+        }
         for (region, probe), why in found.items():
-            self.scheduler.hasten(region, probe, every=policy.every, hold=2 * tick, budget=policy.budget)
+            self.scheduler.hasten(region, probe, every=policy.every, hold=hold, budget=policy.budget)
             if (region, probe) not in self._suspects:
                 log.info("probing a suspect harder", region=region, probe=probe, why=why, every=policy.every)
         for region, probe in self._suspects - found.keys():
             log.info("suspicion over", region=region, probe=probe)
         self._suspects = set(found)
+
+    async def _keep_baselines(self, store: Store) -> None:
+        """Save the latency baselines every `BASELINES_EVERY`, so a restart judges slowdowns at once."""
+        while True:
+            await asyncio.sleep(BASELINES_EVERY)
+            await self._save_baselines(store)
+
+    async def _save_baselines(self, store: Store) -> None:
+        current = self.baselines.current()
+        if current:
+            await store.baselines.save({key: (b.slow, b.median, b.samples, b.at) for key, b in current.items()})
 
     # --- running -----------------------------------------------------------------------------
 
@@ -203,6 +257,10 @@ class Daemon:
                 )
                 await self.reconciler.load()
                 self.metrics.watch_route53(self.reconciler)
+                stored = await store.baselines.load()
+                self.baselines.stored = {key: Baseline(*value) for key, value in stored.items()}
+                if stored:
+                    log.info("latency baselines loaded", baselines=len(stored), state_file=str(self.config.state_file))
             # Served once everything it shows is ready.
             server = await stack.enter_async_context(ApiServer(make_app(self), host, port))
             self.url = server.url
@@ -229,6 +287,7 @@ class Daemon:
                     self._tasks += [
                         group.create_task(self.reconciler.keep_lease(lease_ttl / 3, self.clock), name="lease"),
                         group.create_task(self._reconcile_loop(self.reconciler), name="reconciler"),
+                        group.create_task(self._keep_baselines(store), name="baselines"),
                     ]
                 self.started.set()
                 await stop.wait()
@@ -236,6 +295,7 @@ class Daemon:
                 for task in self._tasks:
                     task.cancel()
             if self.reconciler is not None:
+                await self._save_baselines(store)
                 # A batch sent before the stop must land (or fail) before another controller may
                 # write: the lease is given up only once no Route 53 request is in flight.
                 if await self.reconciler.actuator.quiesce(within=READ_TIMEOUT + 10):

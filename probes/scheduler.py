@@ -87,6 +87,16 @@ class Hurry:
         return max(now, last_run + self.every)
 
 
+def next_run(hurry: Hurry | None, last_run: float, due: float, now: float) -> tuple[float, RunReason]:
+    """When a target runs next and why: an extra run on suspicion when one falls before its
+    scheduled tick `due`, else that tick. The scheduler and the closed-loop detection benchmark
+    (`bench/detection.py`) both decide with this."""
+    extra = hurry.next_extra(last_run, now) if hurry is not None else None
+    if extra is None or extra >= due:
+        return due, "scheduled"
+    return extra, "suspicion"
+
+
 async def run_guarded(prober: Prober) -> Result:
     """One run; a prober that overruns or raises still yields a failed `Result`, never an exception."""
     started_at = time.time()
@@ -160,18 +170,19 @@ class Scheduler:
             due = base + self._rng.uniform(-self.jitter, self.jitter) * interval
             while True:  # extra runs on suspicion, until the scheduled tick is nearer
                 hurry = self._hurries.get(key)
-                extra = hurry.next_extra(last_run, loop.time()) if hurry is not None else None
-                if hurry is not None and extra is None and hurry.until <= loop.time():
+                if hurry is not None and hurry.until <= loop.time():
                     del self._hurries[key]
+                    hurry = None
                 wake.clear()
-                if hurry is None or extra is None or extra >= due:
+                at, reason = next_run(hurry, last_run, due, loop.time())
+                if hurry is None or reason == "scheduled":
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(max(0.0, due - loop.time())):
                             await wake.wait()  # a new suspicion wakes it early
                     if loop.time() >= due:
                         break
                     continue
-                await asyncio.sleep(max(0.0, extra - loop.time()))
+                await asyncio.sleep(max(0.0, at - loop.time()))
                 hurry.spent.append(loop.time())
                 last_run = loop.time()
                 self.stats.extra_runs += 1

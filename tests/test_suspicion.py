@@ -1,67 +1,137 @@
-"""Suspects: a probe with a recent failure that no verdict holds yet is probed harder."""
+"""Suspects: a target whose evidence leans toward a finding that no verdict holds yet is probed harder."""
 
 from __future__ import annotations
 
-from controller.judging.suspicion import suspects
+from controller.judging.suspicion import judge_delay, suspects
 from controller.judging.verdicts import Verdict
 from controller.judging.windows import WindowStore
-from controller.settings.policy import SuspicionPolicy
+from controller.settings.policy import SuspicionPolicy, VerdictPolicy
 from probes.results import Result
 
 T0 = 1_800_000_000.0
-POLICY = SuspicionPolicy(after_failure=30.0)
+POLICY = VerdictPolicy(suspicion=SuspicionPolicy(after_failure=30.0))
 PROBES = {"eu-west-1": ("orders", "healthz"), "us-east-1": ("orders", "healthz")}
 
 
-def store(*failures: tuple[str, str, str, float]) -> WindowStore:
+def store(*failures: tuple[str, str, str, float], vantages: tuple[str, ...] = ("controller",)) -> WindowStore:
     windows = WindowStore(3600.0)
     for region, probes in PROBES.items():
         for probe in probes:
-            for i in range(60):
-                windows.add(Result(region, probe, "controller", T0 + i, ok=True, latency=0.01))
+            for vantage in vantages:
+                for i in range(60):
+                    windows.add(Result(region, probe, vantage, T0 + i, ok=True, latency=0.01))
     for region, probe, vantage, at in failures:
         windows.add(Result(region, probe, vantage, T0 + at, ok=False, latency=0.01, error_class="status"))
     return windows
 
 
-def verdict(region: str, status: str, troubles: frozenset[str] = frozenset()) -> Verdict:
-    return Verdict(region, status, (), {}, T0, T0 + 60, troubles)
+def verdict(region: str, status: str, troubles: frozenset[str] = frozenset(), evidence: dict | None = None) -> Verdict:
+    return Verdict(region, status, (), evidence or {}, T0, T0 + 60, troubles)
 
 
-def test_a_recent_failure_makes_its_probe_a_suspect_and_nothing_else():
-    windows = store(("eu-west-1", "orders", "controller", 55.0), ("us-east-1", "healthz", "controller", 10.0))
+def with_suspicion(**changes) -> VerdictPolicy:
+    return VerdictPolicy(suspicion=SuspicionPolicy(**{"after_failure": 30.0, **changes}))
+
+
+def test_one_recent_failure_makes_its_target_a_suspect_at_that_vantage_alone():
+    windows = store(("eu-west-1", "orders", "controller", 55.5), ("us-east-1", "healthz", "controller", 10.0))
     found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
-    assert found == {  # us-east-1's own failure is 50 s old; it is probed harder as eu-west-1's peer
-        ("eu-west-1", "orders"): "failed 5.0s ago at controller",
-        ("us-east-1", "orders"): "peer of eu-west-1, a suspect",
+    # us-east-1's own failure is 50 s old; one failure is not yet worth probing the peers for.
+    assert list(found) == [("eu-west-1", "orders", "controller")]
+    assert found["eu-west-1", "orders", "controller"].startswith("failed 4.5s ago at controller (evidence ")
+
+
+def test_a_second_close_failure_leans_bad_and_hastens_the_peers_at_that_vantage():
+    windows = store(("eu-west-1", "orders", "controller", 50.5), ("eu-west-1", "orders", "controller", 58.5))
+    assert suspects(windows, PROBES, {}, T0 + 60, POLICY) == {
+        ("eu-west-1", "orders", "controller"): "failed 1.5s ago at controller (evidence 6.5)",
+        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
     }
 
 
-def test_the_newest_failure_at_any_vantage_counts():
-    windows = store(("eu-west-1", "orders", "controller", 40.0), ("eu-west-1", "orders", "agent-2", 58.0))
+def test_each_vantage_is_its_own_suspect():
+    vantages = ("controller", "agent-2")
+    windows = store(("eu-west-1", "orders", "agent-2", 58.5), vantages=vantages)
+    assert list(suspects(windows, PROBES, {}, T0 + 60, POLICY)) == [("eu-west-1", "orders", "agent-2")]
+
+
+def test_leaning_bad_at_one_vantage_hastens_every_vantage_the_quorum_and_peers_need():
+    vantages = ("controller", "agent-2")
+    windows = store(
+        ("eu-west-1", "orders", "agent-2", 50.5), ("eu-west-1", "orders", "agent-2", 58.5), vantages=vantages
+    )
     found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
-    assert found[("eu-west-1", "orders")] == "failed 2.0s ago at agent-2"
+    assert found == {
+        ("eu-west-1", "orders", "agent-2"): "failed 1.5s ago at agent-2 (evidence 6.5)",
+        ("eu-west-1", "orders", "controller"): "leaning bad at agent-2: the quorum needs controller too",
+        ("us-east-1", "orders", "agent-2"): "peer of eu-west-1, a suspect leaning bad",
+        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
+    }
+
+
+def test_a_vantage_set_aside_raises_no_suspicion_and_gets_none():
+    vantages = ("controller", "agent-2")
+    windows = store(
+        ("eu-west-1", "orders", "agent-2", 50.5), ("eu-west-1", "orders", "agent-2", 58.5), vantages=vantages
+    )
+    assert suspects(windows, PROBES, {}, T0 + 60, POLICY, set_aside={"agent-2"}) == {}
+    windows = store(
+        ("eu-west-1", "orders", "controller", 50.5), ("eu-west-1", "orders", "controller", 58.5), vantages=vantages
+    )
+    assert set(suspects(windows, PROBES, {}, T0 + 60, POLICY, set_aside={"agent-2"})) == {
+        ("eu-west-1", "orders", "controller"),
+        ("us-east-1", "orders", "controller"),
+    }
 
 
 def test_a_probe_the_verdict_already_holds_is_decided_and_not_hastened():
     windows = store(("eu-west-1", "orders", "controller", 59.0), ("eu-west-1", "healthz", "controller", 59.0))
     verdicts = {"eu-west-1": verdict("eu-west-1", "degraded", frozenset({"orders"}))}
-    assert suspects(windows, PROBES, verdicts, T0 + 60, POLICY) == {
-        ("eu-west-1", "healthz"): "failed 1.0s ago at controller",  # not held: still undecided
-        ("us-east-1", "healthz"): "peer of eu-west-1, a suspect",
-    }
+    assert list(suspects(windows, PROBES, verdicts, T0 + 60, POLICY)) == [("eu-west-1", "healthz", "controller")]
     # Troubles alone (a test leaning bad) decide nothing while the region is healthy.
     leaning = {"eu-west-1": verdict("eu-west-1", "healthy", frozenset({"orders"}))}
-    assert ("eu-west-1", "orders") in suspects(windows, PROBES, leaning, T0 + 60, POLICY)
+    assert ("eu-west-1", "orders", "controller") in suspects(windows, PROBES, leaning, T0 + 60, POLICY)
 
 
 def test_probes_not_judged_this_way_and_a_disabled_policy_hasten_nothing():
     windows = store(("eu-west-1", "orders", "controller", 59.0))
     assert suspects(windows, {"eu-west-1": ("healthz",)}, {}, T0 + 60, POLICY) == {}  # e.g. a lag probe
-    assert suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(enabled=False)) == {}
+    assert suspects(windows, PROBES, {}, T0 + 60, VerdictPolicy(suspicion=SuspicionPolicy(enabled=False))) == {}
 
 
-def test_a_failure_followed_by_enough_passes_is_noise_and_clears_the_suspicion():
+def test_a_failure_followed_by_clear_after_passes_is_noise_and_clears_the_suspicion():
     windows = store(("eu-west-1", "orders", "controller", 38.5))  # 21 passes after it, at 39..59
-    assert suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(after_failure=30.0, clear_after=21)) == {}
-    assert ("eu-west-1", "orders") in suspects(windows, PROBES, {}, T0 + 60, SuspicionPolicy(clear_after=22))
+    assert suspects(windows, PROBES, {}, T0 + 60, with_suspicion(clear_after=21)) == {}
+    assert list(suspects(windows, PROBES, {}, T0 + 60, with_suspicion(clear_after=22))) == [
+        ("eu-west-1", "orders", "controller")
+    ]
+
+
+def test_two_failures_keep_a_suspect_far_longer_than_one():
+    # 21 passes after the newer failure clear a lone failure, not two of them close together.
+    windows = store(("eu-west-1", "orders", "controller", 36.5), ("eu-west-1", "orders", "controller", 38.5))
+    assert ("eu-west-1", "orders", "controller") in suspects(
+        windows, PROBES, {}, T0 + 60, with_suspicion(clear_after=21)
+    )
+
+
+def test_latency_leaning_slow_hastens_the_probe_at_its_vantages_and_its_peers():
+    windows = store()
+    evidence = {"slowdown": {"orders": {"llr": 5.6, "threshold": 13.8, "slower": True, "baseline": {"controller": {}}}}}
+    slow = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=evidence)}
+    assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {
+        ("eu-west-1", "orders", "controller"): "latency leaning slow",
+        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
+    }
+    evidence["slowdown"]["orders"]["llr"] = 5.4  # under 0.4 of the threshold: not yet
+    assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {}
+    evidence["slowdown"]["orders"].update(llr=5.6, slower=False)  # not slower by the effect size: noise
+    assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {}
+
+
+def test_the_judge_runs_faster_only_while_a_suspect_is_probed():
+    policy = SuspicionPolicy(judge_every=0.25)
+    assert judge_delay(1.0, suspecting=True, policy=policy) == 0.25
+    assert judge_delay(1.0, suspecting=False, policy=policy) == 1.0
+    assert judge_delay(0.1, suspecting=True, policy=policy) == 0.1  # never slower than the tick
+    assert judge_delay(1.0, suspecting=True, policy=SuspicionPolicy(enabled=False, judge_every=0.25)) == 1.0

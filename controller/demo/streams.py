@@ -58,7 +58,7 @@ def scenarios(culprit: str = "eu-west-1") -> list[Scenario]:
     one = (culprit,)
     return [
         Scenario("errors 40% on api", culprit, one, ("api",), error_ratio=0.40),
-        Scenario("errors 10% on api", culprit, one, ("api",), error_ratio=0.10),
+        Scenario("errors 15% on api", culprit, one, ("api",), error_ratio=0.15),
         Scenario("errors 5% on api", culprit, one, ("api",), error_ratio=0.05),
         Scenario("errors 2% on api", culprit, one, ("api",), error_ratio=0.02),
         Scenario("latency +50%", culprit, one, latency_factor=1.5),
@@ -84,6 +84,7 @@ class Stream:
     probes: tuple[str, ...] = PROBES
     vantages: tuple[str, ...] = VANTAGES
     _rng: random.Random = field(init=False)
+    _base: dict[tuple[str, str, str], float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)  # noqa: S311 - reproducible noise, not secrets
@@ -93,33 +94,36 @@ class Stream:
         distance = (self.regions.index(region) + self.vantages.index(vantage)) % len(self.regions)
         return (0.02 + 0.06 * distance) * (1.5 if probe == "api" else 1.0)
 
-    def results(self, duration: float) -> Iterator[Result]:
+    def answer(self, region: str, probe: str, vantage: str, t: float) -> Result:
+        """One probe of (region, probe, vantage) started `t` seconds into the stream, as the world
+        answers it then: the closed-loop benchmark asks this whenever its scheduler runs a probe."""
         rng = self._rng
-        keys = [(r, p, v) for r in self.regions for p in self.probes for v in self.vantages]
-        phases = sorted((rng.random() * self.interval, key) for key in keys)
-        base = {key: self.base_latency(*key) for key in keys}
+        key = (region, probe, vantage)
+        base = self._base.get(key)
+        if base is None:
+            base = self._base[key] = self.base_latency(*key)
+        latency = base * rng.lognormvariate(0.0, 0.15)
+        if rng.random() < SPIKE_RATIO:
+            latency *= rng.uniform(2.0, 5.0)
+        error_ratio = HEALTHY_ERROR_RATIO
+        down = False
         scenario = self.scenario
-        ticks = int(duration / self.interval)
-        for tick in range(ticks):
+        if scenario.active(region, probe, vantage, t):
+            latency *= scenario.latency_factor
+            error_ratio = max(error_ratio, scenario.error_ratio)
+            down = scenario.down
+        ok = rng.random() >= error_ratio
+        at = self.start + t
+        if ok:
+            return Result(region, probe, vantage, at, ok=True, latency=latency, status=200)
+        if down:
+            return Result(region, probe, vantage, at, ok=False, latency=TIMEOUT, error_class="timeout")
+        return Result(region, probe, vantage, at, ok=False, latency=latency, status=503, error_class="status")
+
+    def results(self, duration: float) -> Iterator[Result]:
+        """Every key probed once per `interval` at its own phase, in time order (open loop)."""
+        keys = [(r, p, v) for r in self.regions for p in self.probes for v in self.vantages]
+        phases = sorted((self._rng.random() * self.interval, key) for key in keys)
+        for tick in range(int(duration / self.interval)):
             for phase, key in phases:
-                t = tick * self.interval + phase
-                region, probe, vantage = key
-                latency = base[key] * rng.lognormvariate(0.0, 0.15)
-                if rng.random() < SPIKE_RATIO:
-                    latency *= rng.uniform(2.0, 5.0)
-                error_ratio = HEALTHY_ERROR_RATIO
-                down = False
-                if scenario.active(region, probe, vantage, t):
-                    latency *= scenario.latency_factor
-                    error_ratio = max(error_ratio, scenario.error_ratio)
-                    down = scenario.down
-                ok = rng.random() >= error_ratio
-                at = self.start + t
-                if ok:
-                    yield Result(region, probe, vantage, at, ok=True, latency=latency, status=200)
-                elif down:
-                    yield Result(region, probe, vantage, at, ok=False, latency=TIMEOUT, error_class="timeout")
-                else:
-                    yield Result(
-                        region, probe, vantage, at, ok=False, latency=latency, status=503, error_class="status"
-                    )
+                yield self.answer(*key, tick * self.interval + phase)

@@ -1,79 +1,155 @@
 """Latency baselines: each (region, probe, vantage)'s usual latency, what the slowdown test
 compares new results with.
+
+A baseline is the sample-weighted median, across slices of one verdict window each, of every
+slice's slowdown quantile and median, over `slowdown.baseline` seconds of successful results
+ending one verdict window ago (so a slowdown under way is not its own baseline). Weighted by
+samples, so a short slice counts for what it holds; a median across slices, so a slowdown
+becomes the new normal only once it fills half the baseline, not the 1 - quantile of it that a
+plain quantile would allow; one slice's own value, never a blend of an old and a new normal.
+
+Nothing follows the wall clock: slices start at each key's first result, each key refreshes
+`REFRESHES` times a verdict window from its own last refresh, and a slice once complete is
+summarised once. A young key (less than two verdict windows of results) takes the older half of
+what it has, so a fresh daemon judges slowdowns from its first `2 x min_baseline_samples`
+results. Baselines are saved in the state store (see `controller.state.baselines`) and a restart
+starts from them until its own history suffices.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from controller.judging.findings import (
-    samples_since,
-)
-from controller.judging.windows import WindowStats
+from controller.judging.findings import samples_since
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
-    from controller.judging.windows import Sample, Window
+    from controller.judging.windows import Sample, Window, WindowKey
     from controller.settings.policy import VerdictPolicy
+
+# How many times a verdict window each key's baseline is recomputed.
+REFRESHES = 4
 
 
 class Baseline(NamedTuple):
     slow: float  # a successful sample slower than this counts as slow
     median: float
+    samples: int  # successful results it was computed from
+    at: float  # when it was computed
+
+
+class _Slice(NamedTuple):
+    number: int  # counted from the key's first result
+    samples: int
+    slow: float
+    median: float
+
+
+@dataclass(slots=True)
+class _Key:
+    anchor: float  # the key's first result: slices are counted from it
+    summaries: dict[int, _Slice] = field(default_factory=dict)  # complete slices, summarised once
+    baseline: Baseline | None = None
+    refreshed: float = -math.inf
 
 
 class Baselines:
-    """Each (region, probe, vantage)'s usual latency, from its successful results over
-    `baseline` seconds ending one verdict window before the last refresh, cut into verdict-window
-    slices: the median across slices of each slice's slowdown quantile (and of its median). A
-    slowdown so becomes the new normal only once it fills half the baseline, not the
-    1 - quantile of it a plain quantile would allow. Refreshed once per verdict window."""
+    """Every key's baseline, refreshed on its own schedule; `stored` ones (from a previous run)
+    stand in until a key's own history suffices, for as long as they are not older than the
+    baseline span itself."""
 
-    def __init__(self, policy: VerdictPolicy) -> None:
+    def __init__(self, policy: VerdictPolicy, stored: Mapping[WindowKey, Baseline] | None = None) -> None:
         self.policy = policy
-        self._refreshed: float | None = None
-        self._cache: dict[int, Baseline | None] = {}
+        self.stored: dict[WindowKey, Baseline] = dict(stored or {})
+        self._keys: dict[WindowKey, _Key] = {}
 
-    def of(self, window: Window, now: float) -> Baseline | None:
+    def of(self, key: WindowKey, window: Window, now: float) -> Baseline | None:
         p = self.policy
-        refreshed = math.floor(now / p.window) * p.window
-        if refreshed != self._refreshed:
-            self._cache.clear()
-            self._refreshed = refreshed
-        key = id(window)
-        if key not in self._cache:
-            self._cache[key] = self._compute(window.samples(refreshed - p.window, p.slowdown.baseline))
-        return self._cache[key]
+        state = self._keys.get(key)
+        if state is None:
+            first = window.first_at()
+            if first is None:
+                return self._stored(key, now)
+            state = self._keys[key] = _Key(anchor=first)
+        if now - state.refreshed >= p.window / REFRESHES:
+            state.refreshed = now
+            state.baseline = self._compute(state, window, now)
+        return state.baseline or self._stored(key, now)
 
-    def _compute(self, samples: list[Sample]) -> Baseline | None:
+    def current(self) -> dict[WindowKey, Baseline]:
+        """Every key's baseline computed from its own history (what the store saves)."""
+        return {k: s.baseline for k, s in self._keys.items() if s.baseline is not None}
+
+    def _stored(self, key: WindowKey, now: float) -> Baseline | None:
+        stored = self.stored.get(key)
+        if stored is None or now - stored.at > self.policy.slowdown.baseline:
+            return None
+        return stored
+
+    def _compute(self, state: _Key, window: Window, now: float) -> Baseline | None:
         p = self.policy
-        slices: dict[int, list[Sample]] = {}
-        for s in samples:
-            slices.setdefault(math.floor(s.at / p.window), []).append(s)
-        slows, medians, count = [], [], 0
-        for part in slices.values():
-            stats = WindowStats.pooled(part)
-            if stats.latencies:
-                slows.append(stats.latency_quantile(p.slowdown.quantile) or 0.0)
-                medians.append(statistics.median(stats.latencies))
-                count += len(stats.latencies)
+        span = p.window
+        end = now - min(span, max(0.0, now - state.anchor) / 2)  # a young key: the older half
+        first = math.floor((end - p.slowdown.baseline - state.anchor) / span)
+        last_complete = math.floor((end - state.anchor) / span) - 1
+        for index in [i for i in state.summaries if i < first]:
+            del state.summaries[index]
+        # Only slices not summarised yet are read: the newest (partial) one, and any complete one
+        # a refresh has not seen (a walk back from the newest result that stops there).
+        missing = next((i for i in range(max(first, 0), last_complete + 1) if i not in state.summaries), None)
+        start = max(
+            state.anchor + (last_complete + 1 if missing is None else missing) * span, end - p.slowdown.baseline
+        )
+        grouped: dict[int, list[Sample]] = {}
+        for sample in window.samples(end, end - start + 1.0):  # a second more: float time is coarse
+            if sample.at < start:
+                continue  # the end of a slice summarised already
+            grouped.setdefault(math.floor((sample.at - state.anchor) / span), []).append(sample)
+        slices = [s for i, s in state.summaries.items() if i >= first and i not in grouped]
+        for index, group in grouped.items():
+            summary = self._summary(index, group)
+            if summary is not None:
+                slices.append(summary)
+                if index <= last_complete:
+                    state.summaries[index] = summary
+        count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
-        # median_low: always one slice's own value, never a blend of an old and a new normal.
-        return Baseline(statistics.median_low(slows), statistics.median_low(medians))
+        return Baseline(_weighted_median(slices, "slow"), _weighted_median(slices, "median"), count, now)
 
-    def relative(self, windows: Mapping[str, Window], since: float, now: float) -> tuple[list[float], int]:
+    def _summary(self, index: int, samples: Iterable[Sample]) -> _Slice | None:
+        latencies = sorted(s.latency for s in samples if s.ok)
+        if not latencies:
+            return None
+        rank = max(1, math.ceil(self.policy.slowdown.quantile * len(latencies)))
+        return _Slice(index, len(latencies), latencies[rank - 1], latencies[(len(latencies) - 1) // 2])
+
+    def relative(
+        self, region: str, probe: str, windows: Mapping[str, Window], since: float, now: float
+    ) -> tuple[list[float], int]:
         """Successful latencies since `since`, each divided by its vantage's baseline median, and
         how many of them were slower than usual."""
         out: list[float] = []
         slow = 0
-        for w in windows.values():
-            base = self.of(w, now)
+        for vantage, w in windows.items():
+            base = self.of((region, probe, vantage), w, now)
             if base is not None:
                 latencies = [s.latency for s in samples_since(w.samples(now, self.policy.window), since) if s.ok]
                 out.extend(latency / base.median for latency in latencies)
                 slow += sum(latency > base.slow for latency in latencies)
         return out, slow
+
+
+def _weighted_median(slices: list[_Slice], what: str) -> float:
+    """The value (one slice's own) at which half the samples lie on each side."""
+    ranked = sorted(slices, key=lambda s: getattr(s, what))
+    half = sum(s.samples for s in ranked) / 2
+    running = 0
+    for s in ranked:
+        running += s.samples
+        if running >= half:
+            return float(getattr(s, what))
+    return float(getattr(ranked[-1], what))  # pragma: no cover - slices are never empty here

@@ -23,10 +23,12 @@ from controller.judging.slowdown import SlowdownDetector
 from controller.judging.threshold import ThresholdDetector
 
 if TYPE_CHECKING:
+    from controller.judging.baselines import Baselines
     from controller.judging.verdicts import Detector
     from controller.settings.policy import VerdictPolicy
 
 
-def detectors_for(policy: VerdictPolicy) -> list[Detector]:
-    """The detectors the daemon runs, and the benchmark beside it."""
-    return [ThresholdDetector(policy), ErrorDetector(policy), SlowdownDetector(policy)]
+def detectors_for(policy: VerdictPolicy, baselines: Baselines | None = None) -> list[Detector]:
+    """The detectors the daemon runs, and the benchmark beside it; `baselines` the latency
+    baselines the slowdown detector keeps (the daemon's, saved in its state store)."""
+    return [ThresholdDetector(policy), ErrorDetector(policy), SlowdownDetector(policy, baselines)]

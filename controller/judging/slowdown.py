@@ -34,15 +34,17 @@ class SlowdownDetector(SequentialDetector):
 
     name = "slowdown"
 
-    def __init__(self, policy: VerdictPolicy) -> None:
+    def __init__(self, policy: VerdictPolicy, baselines: Baselines | None = None) -> None:
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
-        self.baselines = Baselines(policy)
+        self.baselines = baselines if baselines is not None else Baselines(policy)
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
         windows = fresh(view.windows_of(probe), now, p.stale_after)
-        base = {v: b for v, w in windows.items() if (b := self.baselines.of(w, now)) is not None}
+        base = {
+            v: b for v, w in windows.items() if (b := self.baselines.of((view.region, probe, v), w, now)) is not None
+        }
         evidence["baseline"] = {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
         if not base:
             return "ok", None
@@ -51,14 +53,19 @@ class SlowdownDetector(SequentialDetector):
             self.llr,
         )
         evidence.update(run_evidence(run, now))
-        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(base))
-        if not (run.tripped or leaning) or run.since is None:
+        # The effect size is looked at from where suspicion starts (see judging.suspicion).
+        start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
+        if run.statistic / run.threshold < start or run.since is None:
             return "ok", None
         since = run.since
-        mine, _ = self.baselines.relative({v: windows[v] for v in base}, since, now)
+        mine, _ = self.baselines.relative(view.region, probe, {v: windows[v] for v in base}, since, now)
         effect = statistics.median(mine) if mine else 1.0
         evidence["relative_median"] = round(effect, 3)
         if effect < 1 + p.slowdown.min_effect:  # slower than usual, but not by enough to count
+            return "ok", None
+        evidence["slower"] = True  # by the effect size: what makes a suspect (with the statistic)
+        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(base))
+        if not (run.tripped or leaning):
             return "ok", None
         evidence["leaning"] = True
         if not run.tripped:
@@ -85,7 +92,9 @@ class SlowdownDetector(SequentialDetector):
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
                 continue
-            theirs, slow = self.baselines.relative(fresh(peer.windows_of(probe), now, p.stale_after), since, now)
+            theirs, slow = self.baselines.relative(
+                name, probe, fresh(peer.windows_of(probe), now, p.stale_after), since, now
+            )
             compared.append(name)
             pooled.extend(theirs)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:

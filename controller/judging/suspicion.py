@@ -3,22 +3,41 @@
 A rare failure needs samples to show: at a fixed rate, a 15% fault takes half a minute to build
 evidence at one probe a second. Probing a suspect harder spends samples where the evidence is.
 This module only says which targets are suspects and why (pure, like every detector); the
-scheduler runs the extra probes.
+scheduler of each vantage runs the extra probes.
+
+Suspicion is graded, because what it costs is paid on every healthy target's noise too:
+
+- a failure at a vantage makes that (region, probe, vantage) a suspect for as long as the
+  evidence leans on it: the most patient error test's CUSUM over the last `after_failure`, at that
+  vantage alone, stays above what `clear_after` passes leave of one lone failure. So a 0.1% noise
+  failure costs about `clear_after` extra probes there, and each further failure keeps it a
+  suspect for longer (two close failures, ~135 passes with the shipped tests);
+- once it leans bad (its statistic above one failure's worth: a second failure before the
+  first has faded) the same probe at the region's other vantages (the quorum needs them) and in
+  the peer regions, at every vantage, are suspects too, since the suspect is judged against its
+  peers over the same seconds and only samples taken at the same time tell a regional fault from
+  a shared one;
+- a latency test leaning slow (the slowdown test at `slow_fraction` of its threshold, its run
+  slower than usual by the effect size) makes the probe and its peers suspects at every vantage.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from controller.judging.sequential import Llr
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Collection, Mapping, Sequence
 
     from controller.judging.verdicts import Verdict
-    from controller.judging.windows import WindowStore
-    from controller.settings.policy import SuspicionPolicy
+    from controller.judging.windows import Window, WindowStore
+    from controller.settings.policy import SuspicionPolicy, VerdictPolicy
 
 # A region in one of these holds its troubled probes: decided, no extra samples needed.
 _DECIDED = frozenset({"degraded", "unhealthy"})
+
+Target = tuple[str, str, str]  # region, probe, vantage
 
 
 def suspects(
@@ -26,30 +45,81 @@ def suspects(
     probes: Mapping[str, Sequence[str]],
     verdicts: Mapping[str, Verdict],
     now: float,
-    policy: SuspicionPolicy,
-) -> dict[tuple[str, str], str]:
-    """(region, probe) -> why, for each probe with a failure in the last `after_failure` followed by
-    fewer than `clear_after` passes, that the region's verdict does not already hold against it;
-    and for the same probe in its peers."""
+    verdict_policy: VerdictPolicy,
+    set_aside: Collection[str] = (),
+) -> dict[Target, str]:
+    """(region, probe, vantage) -> why, for each target the evidence leans on that the region's
+    verdict does not already hold (see the module's docstring for the grades). Vantages set
+    aside (their own trouble, see judging.vantages) raise no suspicion and get none."""
+    policy = verdict_policy.suspicion
     if not policy.enabled:
         return {}
-    newest: dict[tuple[str, str], tuple[float, str]] = {}
+    llr = Llr.of(min(verdict_policy.errors, key=lambda t: t.unacceptable))  # the most patient
+    clear = llr.bad + policy.clear_after * llr.good  # what clear_after passes leave of one failure
+    found: dict[Target, str] = {}
+    leaning: list[Target] = []
     for region, names in probes.items():
         verdict = verdicts.get(region)
         held = verdict.troubles if verdict is not None and verdict.status in _DECIDED else frozenset()
         for (probe, vantage), window in windows.region(region).items():
             last = window.last_failure()
-            if probe in held or probe not in names or last is None or not 0 <= now - last <= policy.after_failure:
+            if (
+                vantage in set_aside
+                or probe in held
+                or probe not in names
+                or last is None
+                or not 0 <= now - last <= policy.after_failure
+            ):
                 continue
-            if window.passes_since_failure(policy.clear_after) >= policy.clear_after:
+            statistic = _statistic(window, now, policy.after_failure, llr)
+            if statistic <= clear:
                 continue  # the evidence decided healthy: one failure among many passes is noise
-            if (region, probe) not in newest or last > newest[region, probe][0]:
-                newest[region, probe] = (last, vantage)
-    found = {key: f"failed {now - at:.1f}s ago at {vantage}" for key, (at, vantage) in newest.items()}
-    # The peers running the same probe are probed harder too: a suspect is judged against them over
-    # the same span, and a cause they share shows only in samples taken at the same time.
-    for region, probe in list(found):
+            found[region, probe, vantage] = f"failed {now - last:.1f}s ago at {vantage} (evidence {statistic:.1f})"
+            if statistic > llr.bad:
+                leaning.append((region, probe, vantage))
+        if verdict is not None:
+            for probe, vantages in _slow(verdict.evidence, policy.slow_fraction).items():
+                if probe in names and probe not in held:
+                    for vantage in set(vantages) - set(set_aside):
+                        found.setdefault((region, probe, vantage), "latency leaning slow")
+                        leaning.append((region, probe, vantage))
+    for region, probe, vantage in leaning:
+        for other in _vantages(windows, region, probe, set_aside) - {vantage}:
+            found.setdefault((region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
         for peer, names in probes.items():
-            if peer != region and probe in names and (peer, probe) not in found:
-                found[peer, probe] = f"peer of {region}, a suspect"
+            if peer != region and probe in names:
+                for other in _vantages(windows, peer, probe, set_aside) | {vantage}:
+                    found.setdefault((peer, probe, other), f"peer of {region}, a suspect leaning bad")
     return found
+
+
+def _vantages(windows: WindowStore, region: str, probe: str, set_aside: Collection[str]) -> set[str]:
+    return {v for (p, v) in windows.region(region) if p == probe and v not in set_aside}
+
+
+def _statistic(window: Window, now: float, span: float, llr: Llr) -> float:
+    """The CUSUM of one target's outcomes over the last `span` (a suspect's only: few, short)."""
+    statistic = 0.0
+    for sample in window.samples(now, span):
+        statistic = max(0.0, statistic + (llr.good if sample.ok else llr.bad))
+    return statistic
+
+
+def _slow(evidence: Mapping[str, Any], fraction: float) -> dict[str, list[str]]:
+    """probe -> vantages with a baseline, for each probe whose slowdown test stands at `fraction`
+    of its threshold or more and whose run is slower than usual by the effect size (read from the
+    verdict's evidence: the detector already computed both)."""
+    out: dict[str, list[str]] = {}
+    for probe, found in (evidence.get("slowdown") or {}).items():
+        if not isinstance(found, dict):
+            continue
+        llr, threshold = found.get("llr") or 0.0, found.get("threshold") or 0.0
+        if found.get("slower") and threshold > 0 and llr >= fraction * threshold:
+            out[probe] = sorted(found.get("baseline") or {})
+    return out
+
+
+def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy) -> float:  # noqa: FBT001
+    """How long the judge waits before its next pass: `judge_every` while a suspect is probed
+    (extra samples are worth judging at once), the controller's tick otherwise."""
+    return min(tick, policy.judge_every) if suspecting and policy.enabled else tick

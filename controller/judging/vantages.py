@@ -14,22 +14,24 @@ from typing import TYPE_CHECKING
 from controller.judging.sequential import Llr, cusum, fails_more, failures
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Generator, Mapping
 
     from controller.judging.windows import Window, WindowStore
     from controller.settings.policy import VerdictPolicy
 
 
-def set_aside(
+def set_aside_steps(
     windows: WindowStore, probes: Mapping[str, tuple[str, ...]], policy: VerdictPolicy, now: float
-) -> dict[str, str]:
-    """Vantages to leave out of every verdict as of `now`, each with the reason."""
+) -> Generator[None, None, dict[str, str]]:
+    """Vantages to leave out of every verdict as of `now`, each with the reason; a generator that
+    yields between regions and returns them (see `Judge.steps`)."""
     test = min(policy.errors, key=policy.horizon)  # the quickest: a vantage's network goes at once
     llr, span = Llr.of(test), policy.horizon(test)
     sees: dict[str, set[str]] = {}  # vantage -> regions it has fresh results for
     failing: dict[str, set[str]] = {}  # vantage -> regions whose results from it fail the test
     counts: dict[str, dict[str, tuple[int, int]]] = {}  # region -> vantage -> (results, failures)
     for region, names in probes.items():
+        yield
         by_vantage: dict[str, dict[str, Window]] = {}
         for (probe, vantage), window in windows.region(region).items():
             age = window.age(now)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from controller.judging.vantages import set_aside
+from controller.judging.vantages import set_aside_steps
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Generator, Iterable, Mapping, Sequence
 
     from controller.judging.windows import Window, WindowStore
     from controller.settings.policy import VerdictPolicy
@@ -132,14 +132,28 @@ class Judge:
 
     def judge(self, windows: WindowStore, now: float) -> list[Transition]:
         """Judge every region as of `now`; return the regions whose status changed."""
+        steps = self.steps(windows, now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                transitions: list[Transition] = done.value
+                return transitions
+
+    def steps(self, windows: WindowStore, now: float) -> Generator[None, None, list[Transition]]:
+        """`judge`, one region at a time: it yields between regions (the daemon lets its event loop
+        run there, so judging many regions never stalls probes in flight) and returns the
+        transitions."""
         if self.policy is not None:
-            self.set_aside = set_aside(windows, self.probes, self.policy, now)
+            self.set_aside = yield from set_aside_steps(windows, self.probes, self.policy, now)
         views = {
             region: RegionView(region, probes, windows.region(region), set_aside=self.set_aside)
             for region, probes in self.probes.items()
         }
         transitions = []
+        judged: dict[str, Verdict] = {}  # shown all at once: a reader never sees half a judgement
         for region, probes in self.probes.items():
+            yield
             peers = {r: v for r, v in views.items() if r != region}
             view = RegionView(region, probes, views[region].windows, peers, self.set_aside)
             assessments = {d.name: d.assess(view, now) for d in self.detectors}
@@ -153,9 +167,10 @@ class Judge:
                 evidence["set_aside"] = dict(self.set_aside)
             troubles = frozenset().union(*(a.troubles for a in assessments.values()))
             verdict = Verdict(region, status, reasons, evidence, since, now, troubles)
-            self.verdicts[region] = verdict
+            judged[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))
+        self.verdicts.update(judged)
         return transitions
 
     def _hysteresis(

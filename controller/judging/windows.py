@@ -95,6 +95,10 @@ class Window:
             if not dropped.ok:
                 self._failed_at.popleft()
 
+    def first_at(self) -> float | None:
+        """When the oldest kept sample started; None without any."""
+        return self._samples[0].at if self._samples else None
+
     def last_failure(self) -> float | None:
         """When the newest kept failure started; None without one."""
         return self._failed_at[-1] if self._failed_at else None

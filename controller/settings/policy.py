@@ -101,16 +101,19 @@ class LagPolicy(SettingsModel):
 
 
 class SuspicionPolicy(SettingsModel):
-    """Probe suspects harder: a target whose evidence leans toward a finding (a failure in the last
-    `after_failure`, fewer than `clear_after` passes since) that no verdict has decided yet is
-    probed every `every`, at most `budget` extra runs a minute, and so is the same probe in its
-    peers, until the evidence fades or a verdict holds it."""
+    """Probe suspects harder: a target with a failure in the last `after_failure` and fewer than
+    `clear_after` passes since, that no verdict has decided yet, is probed every `every` (at most
+    `budget` extra runs a minute); once it leans bad (a second failure, or its latency test at
+    `slow_fraction` of its threshold) the same probe in its peers is too. While any target is a
+    suspect the judge runs every `judge_every` instead of every controller tick."""
 
     enabled: bool = True
     after_failure: Duration = Field(default=30.0, description="a failure this recent makes a target a suspect")
     clear_after: int = Field(default=20, ge=1, le=1000, description="this many passes after the failure clear it")
-    every: Interval = Field(default=0.25, description="extra runs at most this often (4 per second)")
-    budget: int = Field(default=120, ge=1, le=600, description="extra runs per target per minute, at most")
+    every: Interval = Field(default=0.1, description="extra runs at most this often (10 per second)")
+    budget: int = Field(default=300, ge=1, le=6000, description="extra runs per target per minute, at most")
+    slow_fraction: float = Field(default=0.4, gt=0, le=1, description="the slowdown test this far to its threshold")
+    judge_every: Interval = Field(default=0.25, description="the judge's tick while a suspect is probed")
 
 
 class VerdictPolicy(SettingsModel):
@@ -141,9 +144,9 @@ class VerdictPolicy(SettingsModel):
 
     @property
     def history(self) -> float:
-        """How long windows keep results: the latency baseline, which ends up to two verdict
-        windows back (see `baselines.Baselines`), or the longest error test's horizon."""
-        return max(self.slowdown.baseline + 2 * self.window, *(self.horizon(t) for t in self.errors))
+        """How long windows keep results: the latency baseline, which ends one verdict window
+        back (see `baselines.Baselines`), or the longest error test's horizon."""
+        return max(self.slowdown.baseline + self.window, *(self.horizon(t) for t in self.errors))
 
     @model_validator(mode="after")
     def _ordered(self) -> VerdictPolicy:

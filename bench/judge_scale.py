@@ -1,0 +1,251 @@
+"""Judge cost at scale: what one judge tick costs as the series grow, beside the floor of only
+keeping their results, and what judging does to a real probe's measured latency.
+
+Run:  .venv/bin/python bench/judge_scale.py [--sizes 18,150,1000,10000] [--ticks 30] [--warmup 600]
+                                            [--probe-sizes 1000,10000] [--probes 200]
+
+Each size is a world of regions x probes x vantages (18 = 3 x 2 x 3, 150 = 5 x 6 x 5, 1,000 =
+20 x 10 x 5, 10,000 = 40 x 50 x 5), one result a second per series from the generated streams of
+`controller/demo/streams.py` (healthy noise), judged by the daemon's judge with the shipped policy
+(`policies/verdicts.yaml`). First `--warmup` simulated seconds of results fill the windows (judged
+every 10th second, so baselines and caches are as in a running daemon); then `--ticks` ticks,
+each adding one second of results and judging once. Printed per size:
+
+- tick p50 / p99: one judge tick (trim + every region), in ms, and the share of a core that is at
+  one tick a second;
+- floor p50: adding that second of results to the windows alone (what any judge pays), in ms, and
+  the tick / floor ratio (the figure that does not depend on this machine's speed that day);
+- stall: the longest time the event loop went without running, while the daemon's chunked tick
+  (`Daemon.tick_async`: it yields between regions) judges on it, in ms;
+- RSS after the warm-up and at the end (MB): flat means the windows' trimming holds.
+
+Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
+that answers after a fixed 50 ms, `--probes` times one after another while the judge loop runs on
+the same event loop at one tick a second: the probe's p50 / p99 beside the same probe with no
+judging, so the difference is what judging adds to every probe's latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from itertools import chain
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controller.demo.streams import Stream
+from controller.judging.detectors import detectors_for
+from controller.judging.verdicts import Judge
+from controller.judging.windows import WindowStore
+from controller.settings.loading import load_policy
+from probes.kinds.http import HttpProber
+from probes.spec import HttpProbe
+
+POLICY_FILE = Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"
+SHAPES = {18: (3, 2, 3), 150: (5, 6, 5), 1000: (20, 10, 5), 10000: (40, 50, 5)}
+TARGET_LATENCY = 0.05
+
+
+def rss_mb() -> float:
+    with Path("/proc/self/status").open() as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
+
+
+class HealthyStream(Stream):
+    """The generated streams' noise, with the three-region world's latencies (20 to 140 ms, API
+    calls 1.5 times that) at any number of regions: far regions do not break the objective."""
+
+    def base_latency(self, region: str, probe: str, vantage: str) -> float:
+        distance = (self.regions.index(region) + self.vantages.index(vantage)) % 3
+        return (0.02 + 0.06 * distance) * (1.5 if self.probes.index(probe) % 2 else 1.0)
+
+
+class World:
+    """Windows and a judge for `size` series, fed one simulated second at a time."""
+
+    def __init__(self, size: int) -> None:
+        regions, probes, vantages = SHAPES[size]
+        self.stream = HealthyStream(
+            seed=size,
+            regions=tuple(f"region-{i:02d}" for i in range(regions)),
+            probes=tuple(f"probe-{i:02d}" for i in range(probes)),
+            vantages=tuple(f"vantage-{i}" for i in range(vantages)),
+        )
+        policy = load_policy([POLICY_FILE])[0].verdicts
+        self.windows = WindowStore(policy.history)
+        self.judge = Judge(detectors_for(policy), dict.fromkeys(self.stream.regions, self.stream.probes), policy)
+        self.keys = [(r, p, v) for r in self.stream.regions for p in self.stream.probes for v in self.stream.vantages]
+        self.second = 0
+
+    def results(self) -> list:
+        t = self.second
+        self.second += 1
+        return [self.stream.answer(*key, t + (i % 997) / 997) for i, key in enumerate(self.keys)]
+
+    def add(self, results: list) -> float:
+        started = time.perf_counter()
+        for result in results:
+            self.windows.add(result)
+        return time.perf_counter() - started
+
+    @property
+    def now(self) -> float:
+        return self.stream.start + self.second
+
+    def tick(self) -> float:
+        started = time.perf_counter()
+        self.windows.trim(self.now)
+        self.judge.judge(self.windows, self.now)
+        return time.perf_counter() - started
+
+    async def tick_async(self) -> None:
+        """What `Daemon.tick_async` does: judge, letting the loop run between regions."""
+        self.windows.trim(self.now)
+        steps = self.judge.steps(self.windows, self.now)
+        with contextlib.suppress(StopIteration):
+            while True:
+                next(steps)
+                await asyncio.sleep(0)
+
+
+async def longest_stall(world: World, ticks: int) -> float:
+    """The longest gap between two runs of a 1 ms ticker while the world is judged (chunked)."""
+    worst = 0.0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst = max(worst, now - last - 0.001)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    for _ in range(ticks):
+        world.add(world.results())
+        await asyncio.sleep(0.002)  # adding is its own stall (the floor); measure the judge's
+        await world.tick_async()
+    done = True
+    await task
+    return worst
+
+
+def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
+    world = World(size)
+    for second in range(warmup):
+        world.add(world.results())
+        if second % 10 == 0:
+            world.tick()
+    rss_warm = rss_mb()
+    tick_times, floors = [], []
+    for _ in range(ticks):
+        floors.append(world.add(world.results()))
+        tick_times.append(world.tick())
+    stall = asyncio.run(longest_stall(world, max(3, ticks // 5)))
+    q = statistics.quantiles(tick_times, n=100, method="inclusive")
+    return {
+        "p50": statistics.median(tick_times) * 1000,
+        "p99": q[98] * 1000,
+        "floor": statistics.median(floors) * 1000,
+        "stall": stall * 1000,
+        "rss_warm": rss_warm,
+        "rss_end": rss_mb(),
+    }
+
+
+async def serve_slow(port_holder: list[int]) -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(TARGET_LATENCY)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port_holder.append(server.sockets[0].getsockname()[1])
+    return server
+
+
+async def probe_latency(world: World | None, probes: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of `probes` real probes in a row, with the world judged once a second."""
+    port: list[int] = []
+    server = await serve_slow(port)
+    prober = HttpProber(HttpProbe(name="slow", target=f"http://127.0.0.1:{port[0]}/", timeout=2.0), "r", "controller")
+    stop = asyncio.Event()
+
+    async def judge_loop() -> None:
+        while not stop.is_set() and world is not None:
+            world.add(world.results())
+            await world.tick_async()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+
+    judging = asyncio.create_task(judge_loop())
+    latencies = []
+    for _ in range(probes):
+        result = await prober()
+        latencies.append(result.latency)
+    stop.set()
+    await judging
+    server.close()
+    await server.wait_closed()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return statistics.median(latencies) * 1000, q[98] * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="18,150,1000,10000")
+    parser.add_argument("--ticks", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=600, help="simulated seconds of history first (default 600)")
+    parser.add_argument("--probe-sizes", default="1000,10000")
+    parser.add_argument("--probes", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        probe_sizes = [int(s) for s in args.probe_sizes.split(",") if s]
+    except ValueError:
+        parser.error("--sizes and --probe-sizes are comma-separated numbers")
+    unknown = sorted(set(chain(sizes, probe_sizes)) - SHAPES.keys())
+    if unknown or args.ticks < 3 or args.warmup < 0 or args.probes < 10:
+        parser.error(f"sizes from {sorted(SHAPES)}; --ticks at least 3, --probes at least 10, --warmup not negative")
+    print(f"judge scale: shipped policy, 1 result/s per series, {args.warmup} s warm-up, {args.ticks} ticks")
+    head = f"{'series':>7} {'tick p50':>9} {'p99':>8} {'core':>6} {'floor':>7} {'ratio':>6} {'stall':>8} {'RSS':>14}"
+    print(head)
+    for size in sizes:
+        m = measure(size, args.warmup, args.ticks)
+        print(
+            f"{size:>7} {m['p50']:>7.1f}ms {m['p99']:>6.1f}ms {m['p50'] / 10:>5.1f}% {m['floor']:>5.1f}ms "
+            f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['rss_warm']:>5.0f}->{m['rss_end']:>4.0f} MB"
+        )
+    if probe_sizes:
+        alone = asyncio.run(probe_latency(None, args.probes))
+        target = f"{TARGET_LATENCY * 1000:.0f} ms"
+        print(f"probe to a {target} loopback target, no judging: p50 {alone[0]:.1f} ms, p99 {alone[1]:.1f} ms")
+        for size in probe_sizes:
+            world = World(size)
+            for second in range(min(args.warmup, 120)):
+                world.add(world.results())
+                if second % 10 == 0:
+                    world.tick()
+            p50, p99 = asyncio.run(probe_latency(world, args.probes))
+            added = p99 - alone[1]
+            print(f"  judging {size:>6} series meanwhile: p50 {p50:.1f} ms, p99 {p99:.1f} ms (+{added:.1f} ms at p99)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Latency baselines: weighted by samples, on each key's own clock, ready early, kept across restarts."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from controller.judging.baselines import REFRESHES, Baseline, Baselines
+from controller.judging.windows import Window
+from controller.settings.policy import VerdictPolicy
+from controller.state.store import Store
+from probes.results import Result
+
+POLICY = VerdictPolicy()  # window 60 s, baseline 30 min, 20 samples at least
+KEY = ("eu-west-1", "api", "controller")
+T0 = 1_800_000_007.0  # not on a minute boundary, on purpose
+
+
+def window_of(latencies: list[tuple[float, float]]) -> Window:
+    window = Window(POLICY.history)
+    for at, latency in latencies:
+        window.add(Result(*KEY, T0 + at, ok=True, latency=latency))
+    return window
+
+
+def test_a_short_slice_counts_for_its_samples_not_as_much_as_a_full_one():
+    # A full minute at the usual 100 ms, then five fast results (a slice of their own).
+    rng = random.Random(1)
+    usual = [(i, 0.1 * rng.uniform(0.9, 1.1)) for i in range(60)]
+    fast = [(60 + i, 0.010) for i in range(5)]
+    baseline = Baselines(POLICY).of(KEY, window_of(usual + fast), T0 + 125)
+    assert baseline is not None
+    assert 0.09 <= baseline.median <= 0.11  # not the short slice's 10 ms
+    assert 0.09 <= baseline.slow <= 0.11
+    assert baseline.samples == 65
+
+
+def test_a_young_key_has_a_baseline_from_the_older_half_of_its_first_results():
+    window = window_of([(i, 0.1) for i in range(40)])
+    baselines = Baselines(POLICY)
+    assert baselines.of(KEY, window, T0 + 39.5) == Baseline(0.1, 0.1, 20, T0 + 39.5)
+    assert Baselines(POLICY).of(KEY, window_of([(i, 0.1) for i in range(30)]), T0 + 29.5) is None  # 15 of 20
+
+
+def test_refreshes_follow_the_key_s_own_clock_not_minute_boundaries():
+    window = window_of([(i, 0.1) for i in range(300)])
+    baselines = Baselines(POLICY)
+    first = baselines.of(KEY, window, T0 + 230)
+    assert first is not None
+    every = POLICY.window / REFRESHES
+    # A wall-clock minute boundary in between changes nothing: the next refresh is 15 s later.
+    boundary = math.ceil((T0 + 230) / 60) * 60
+    assert boundary - (T0 + 230) < every
+    assert baselines.of(KEY, window, boundary + 0.5) is first
+    later = baselines.of(KEY, window, T0 + 230 + every)
+    assert later is not None
+    assert later.at == T0 + 230 + every
+
+
+def test_a_slowdown_becomes_the_new_normal_only_once_it_fills_half_the_baseline():
+    minutes = 30
+    usual = [(i, 0.1) for i in range(60 * minutes)]
+    slow_for = 14  # minutes
+    slow = [(60 * minutes + i, 0.3) for i in range(60 * slow_for)]
+    window = window_of(usual + slow)
+    now = T0 + 60 * (minutes + slow_for)
+    baseline = Baselines(POLICY).of(KEY, window, now)
+    assert baseline is not None
+    assert baseline.median == 0.1  # 13 of the 30 baseline minutes are slow: still the old normal
+    more = window_of(usual + [(60 * minutes + i, 0.3) for i in range(60 * 17)])
+    baseline = Baselines(POLICY).of(KEY, more, T0 + 60 * (minutes + 17))
+    assert baseline is not None
+    assert baseline.median == 0.3  # 16 of 30: the new normal
+
+
+def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_is_stale():
+    stored = {KEY: Baseline(0.2, 0.15, 900, T0 - 60)}
+    baselines = Baselines(POLICY, stored)
+    young = window_of([(i, 0.1) for i in range(10)])
+    assert baselines.of(KEY, young, T0 + 10) == stored[KEY]
+    assert Baselines(POLICY, stored).of(KEY, young, T0 + POLICY.slowdown.baseline) is None  # too old by now
+    grown = window_of([(i, 0.1) for i in range(60)])
+    own = Baselines(POLICY, stored).of(KEY, grown, T0 + 60)
+    assert own is not None
+    assert own.median == 0.1
+
+
+async def test_baselines_round_trip_through_the_state_store(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.baselines.save({KEY: (0.2, 0.15, 900, T0)})
+        await store.baselines.save({KEY: (0.25, 0.2, 950, T0 + 60), ("us-east-1", "api", "controller"): (1, 1, 20, T0)})
+    async with Store(path) as store:
+        assert await store.baselines.load() == {
+            KEY: (0.25, 0.2, 950, T0 + 60),
+            ("us-east-1", "api", "controller"): (1.0, 1.0, 20, T0),
+        }
