@@ -23,7 +23,7 @@ def window_of(latencies: list[tuple[float, float]]) -> Window:
     return window
 
 
-def test_a_short_slice_counts_for_its_samples_not_as_much_as_a_full_one():
+def test_a_short_slice_counts_for_the_time_it_covers_not_as_much_as_a_full_one():
     # A full minute at the usual 100 ms, then five fast results (a slice of their own).
     rng = random.Random(1)
     usual = [(i, 0.1 * rng.uniform(0.9, 1.1)) for i in range(60)]
@@ -71,6 +71,16 @@ def test_a_slowdown_becomes_the_new_normal_only_once_it_fills_half_the_baseline(
     baseline = Baselines(POLICY).of(KEY, more, T0 + 60 * (minutes + 17))
     assert baseline is not None
     assert baseline.median == 0.3  # 16 of 30: the new normal
+
+
+def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra_results():
+    usual = [(i, 0.1) for i in range(60 * 30)]
+    slow = [(60 * 30 + i / 5, 0.3) for i in range(5 * 60 * 14)]  # five results a second
+    window = window_of(usual + slow)
+    baseline = Baselines(POLICY).of(KEY, window, T0 + 60 * 44)
+    assert baseline is not None
+    assert baseline.samples > 2 * 60 * 16  # most results are slow ones
+    assert baseline.median == 0.1  # but they cover 13 of the 30 minutes: still the old normal
 
 
 def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_is_stale():

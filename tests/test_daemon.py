@@ -16,8 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller import logs
 from controller.daemon import Daemon
 from controller.demo.world import free_port
+from controller.judging.baselines import Baseline
 from controller.settings.policy import Policy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
+from controller.state.store import Store
 from probes.results import Result
 from probes.spec import HttpProbe
 from tests.conftest import REGIONSHIFT, SHIPPED_VERDICTS
@@ -397,3 +399,26 @@ async def test_a_region_failing_now_and_then_is_probed_harder_with_its_peers_on_
         for probe in ("healthz", "orders")
         for reason in ("scheduled", "suspicion")
     )
+
+
+async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_them(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    config = cut_off_config(world, tmp_path, f"http://127.0.0.1:{closed_port()}")
+    daemon = Daemon(config)
+    keys = {(region, probe, "controller") for region in world for probe in ("healthz", "orders")}
+
+    async def every_key_has_one() -> bool:
+        return set(daemon.baselines.current()) == keys
+
+    async with Running(daemon):
+        await until(every_key_has_one)  # 40 results a key: the older half makes the first baseline
+    saved = daemon.baselines.current()
+    async with Store(tmp_path / "state.sqlite") as store:
+        stored = await store.baselines.load()
+    assert stored == {k: (b.slow, b.median, b.samples, b.at) for k, b in saved.items()}  # as at the stop
+    restarted = Daemon(config)
+    async with Running(restarted):
+        assert set(restarted.baselines.stored) == keys
+        assert all(restarted.baselines.stored[k] == Baseline(*stored[k]) for k in keys)

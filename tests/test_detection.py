@@ -14,8 +14,9 @@ from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario
 from controller.judging.detectors import detectors_for
 from controller.judging.sequential import Llr, cusum
 from controller.judging.verdicts import Judge, Verdict
-from controller.judging.windows import WindowStore
+from controller.judging.windows import Window, WindowStore
 from controller.settings.policy import ErrorTest, VerdictPolicy
+from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
 
 POLICY = SHIPPED_VERDICTS
@@ -214,3 +215,18 @@ def test_false_alarm_rate_of_the_error_test_stays_under_the_policy_bound_on_long
         ticks += len(REGIONS)
         flagged_ticks += sum(v.status in ("degraded", "unhealthy") for v in judge.verdicts.values())
     assert flagged_ticks / ticks <= 0.01
+
+
+def test_consecutive_failures_count_scheduled_runs_so_extra_runs_do_not_make_a_partial_fault_down():
+    def window(*runs: tuple[bool, str]) -> Window:
+        w = Window(60.0)
+        for i, (ok, reason) in enumerate(runs):
+            w.add(Result("eu-west-1", "api", "controller", 1000.0 + i, ok=ok, latency=0.01, reason=reason))
+        return w
+
+    extra_failures = window((True, "scheduled"), (False, "suspicion"), (False, "suspicion"), (False, "suspicion"))
+    assert not extra_failures.last_failed(3, 1010.0)
+    mixed = window((False, "scheduled"), (False, "suspicion"), (False, "scheduled"), (False, "scheduled"))
+    assert mixed.last_failed(3, 1010.0)
+    passed_between = window((False, "scheduled"), (True, "suspicion"), (False, "scheduled"), (False, "scheduled"))
+    assert not passed_between.last_failed(3, 1010.0)

@@ -1,12 +1,15 @@
 """Latency baselines: each (region, probe, vantage)'s usual latency, what the slowdown test
 compares new results with.
 
-A baseline is the sample-weighted median, across slices of one verdict window each, of every
-slice's slowdown quantile and median, over `slowdown.baseline` seconds of successful results
-ending one verdict window ago (so a slowdown under way is not its own baseline). Weighted by
-samples, so a short slice counts for what it holds; a median across slices, so a slowdown
-becomes the new normal only once it fills half the baseline, not the 1 - quantile of it that a
-plain quantile would allow; one slice's own value, never a blend of an old and a new normal.
+A baseline is the weighted median, across slices of one verdict window each, of every slice's
+slowdown quantile and median, over `slowdown.baseline` seconds of successful results ending one
+verdict window ago (so a slowdown under way is not its own baseline). Each slice weighs the time
+it covers of that span: a short or cut slice counts for what it covers, not as much as a full
+one, and a slice probed harder on suspicion (five times the results during a fault) counts no
+more than any other, so extra probes never hurry a slowdown into the baseline. A median across
+slices, so a slowdown becomes the new normal only once it fills half the baseline's time, not
+the 1 - quantile of it that a plain quantile would allow; one slice's own value, never a blend
+of an old and a new normal.
 
 Nothing follows the wall clock: slices start at each key's first result, each key refreshes
 `REFRESHES` times a verdict window from its own last refresh, and a slice once complete is
@@ -46,6 +49,7 @@ class _Slice(NamedTuple):
     samples: int
     slow: float
     median: float
+    weight: float = 0.0  # seconds of the baseline's span it covers (set when it is used)
 
 
 @dataclass(slots=True)
@@ -118,7 +122,13 @@ class Baselines:
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
-        return Baseline(_weighted_median(slices, "slow"), _weighted_median(slices, "median"), count, now)
+        start_of = end - p.slowdown.baseline
+        weighted = [
+            s._replace(weight=min(end, at + span) - max(start_of, at))
+            for s in slices
+            for at in (state.anchor + s.number * span,)
+        ]
+        return Baseline(_weighted_median(weighted, "slow"), _weighted_median(weighted, "median"), count, now)
 
     def _summary(self, index: int, samples: Iterable[Sample]) -> _Slice | None:
         latencies = sorted(s.latency for s in samples if s.ok)
@@ -144,12 +154,12 @@ class Baselines:
 
 
 def _weighted_median(slices: list[_Slice], what: str) -> float:
-    """The value (one slice's own) at which half the samples lie on each side."""
+    """The value (one slice's own) at which half the covered time lies on each side."""
     ranked = sorted(slices, key=lambda s: getattr(s, what))
-    half = sum(s.samples for s in ranked) / 2
-    running = 0
+    half = sum(s.weight for s in ranked) / 2
+    running = 0.0
     for s in ranked:
-        running += s.samples
+        running += s.weight
         if running >= half:
             return float(getattr(s, what))
     return float(getattr(ranked[-1], what))  # pragma: no cover - slices are never empty here

@@ -121,13 +121,16 @@ class SequentialDetector:
 
 
 def run_start(windows: Iterable[Window], now: float, span: float, last: int) -> float:
-    """When the newest `last` failures in a row began: the oldest of them at any vantage."""
+    """When the newest `last` scheduled failures in a row began (see `Window.last_failed`): the
+    oldest of them at any vantage."""
     start = now
     for window in windows:
-        for count, sample in enumerate(reversed(window.samples(now, span))):
+        count = 0
+        for sample in reversed(window.samples(now, span)):
             if sample.ok or count >= last:
                 break
             start = min(start, sample.at)
+            count += sample.scheduled
     return start
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scipy.stats import binom
+
 from controller.judging.findings import (
     fresh,
     samples_since,
@@ -77,6 +79,12 @@ class PeerCheck:
         }
 
 
+def beyond_noise(samples: int, failures: int, acceptable: float, significance: float) -> bool:
+    """Whether `failures` of `samples` are more than a healthy target (failing at `acceptable`)
+    would show by chance, at `significance`."""
+    return failures > 0 and float(binom.sf(failures - 1, samples, acceptable)) < significance
+
+
 def pooled_apart(samples: int, test: Callable[[], bool]) -> bool | None:
     """The pooled comparison: None without any peer result (nothing to compare with: the
     finding stands), False while there are too few to tell (a run a second old waits a moment)."""
@@ -90,7 +98,10 @@ def errors_vs_peers(
 ) -> PeerCheck:
     """Fisher's exact test (one-sided) of this region's failures against each peer's since
     `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
-    times theirs. A peer is alike when its own failures lean bad on the test `llr` steps."""
+    times theirs. A peer is alike when its own failures lean bad on the test `llr` steps and are
+    more than a healthy target's noise (binomial tail at the acceptable ratio under
+    `peers.significance`): one noise failure among a hastened peer's few dozen results is not a
+    shared cause."""
 
     def counts(v: RegionView) -> tuple[int, int]:
         samples = [
@@ -116,8 +127,8 @@ def errors_vs_peers(
         total, total_bad = total + pn, total_bad + pbad
         if pn < MIN_PEER_SAMPLES:
             continue
-        if llr.of_counts(pn, pbad) > 0:  # the peer fails more often than a healthy one would
-            alike.append(name)
+        if llr.of_counts(pn, pbad) > 0 and beyond_noise(pn, pbad, llr.acceptable, policy.peers.significance):
+            alike.append(name)  # the peer fails more often than a healthy one would, beyond chance
         is_worse, p_value = worse(pn, pbad)
         detail[name] = {"error_ratio": round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
         if is_worse:

@@ -29,6 +29,10 @@ class Sample(NamedTuple):
     ok: bool
     latency: float
     error_class: str | None
+    # Run on its schedule, not as an extra run on suspicion: "the last N results failed" counts
+    # scheduled runs, so ten extra runs a second do not make three failures in a row of a 40%
+    # fault look like a region that went down.
+    scheduled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,7 @@ class Window:
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
         skewed agent) cannot push out samples that are still current."""
-        sample = Sample(result.started_at, result.ok, result.latency, result.error_class)
+        sample = Sample(result.started_at, result.ok, result.latency, result.error_class, result.reason == "scheduled")
         self._version += 1
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the left stays correct.
@@ -156,7 +160,8 @@ class Window:
         return count
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
-        """Whether the newest `n` samples within (now - span, now] (and there are that many) all failed."""
+        """Whether the newest `n` scheduled samples within (now - span, now] (and there are that
+        many) all failed, and no sample (scheduled or extra) passed since the oldest of them."""
         count = 0
         horizon = now - (self.span if span is None else span)
         for sample in reversed(self._samples):
@@ -164,7 +169,7 @@ class Window:
                 continue
             if sample.ok or sample.at <= horizon:
                 return False
-            count += 1
+            count += sample.scheduled
             if count >= n:
                 return True
         return False
