@@ -61,6 +61,7 @@ bench: install debs-bench
 	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/replication_lag.py
 	$(BIN)/python bench/detection.py
+	$(BIN)/python bench/judge_scale.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

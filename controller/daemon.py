@@ -232,7 +232,9 @@ class Daemon:
     async def _save_baselines(self, store: Store) -> None:
         current = self.baselines.current()
         if current:
-            await store.baselines.save({key: (b.slow, b.median, b.samples, b.at) for key, b in current.items()})
+            await store.baselines.save(
+                {key: (b.slow, b.median, b.floor, b.samples, b.at) for key, b in current.items()}
+            )
 
     # --- running -----------------------------------------------------------------------------
 

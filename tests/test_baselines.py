@@ -38,7 +38,7 @@ def test_a_short_slice_counts_for_the_time_it_covers_not_as_much_as_a_full_one()
 def test_a_young_key_has_a_baseline_from_the_older_half_of_its_first_results():
     window = window_of([(i, 0.1) for i in range(40)])
     baselines = Baselines(POLICY)
-    assert baselines.of(KEY, window, T0 + 39.5) == Baseline(0.1, 0.1, 20, T0 + 39.5)
+    assert baselines.of(KEY, window, T0 + 39.5) == Baseline(0.1, 0.1, 0.1, 20, T0 + 39.5)
     assert Baselines(POLICY).of(KEY, window_of([(i, 0.1) for i in range(30)]), T0 + 29.5) is None  # 15 of 20
 
 
@@ -57,7 +57,7 @@ def test_refreshes_follow_the_key_s_own_clock_not_minute_boundaries():
     assert later.at == T0 + 230 + every
 
 
-def test_a_slowdown_becomes_the_new_normal_only_once_it_fills_half_the_baseline():
+def test_a_slowdown_becomes_the_new_normal_once_it_fills_half_the_baseline_and_the_floor_later():
     minutes = 30
     usual = [(i, 0.1) for i in range(60 * minutes)]
     slow_for = 14  # minutes
@@ -71,6 +71,7 @@ def test_a_slowdown_becomes_the_new_normal_only_once_it_fills_half_the_baseline(
     baseline = Baselines(POLICY).of(KEY, more, T0 + 60 * (minutes + 17))
     assert baseline is not None
     assert baseline.median == 0.3  # 16 of 30: the new normal
+    assert baseline.floor == 0.1  # what peers are compared against, until it fills three quarters
 
 
 def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra_results():
@@ -84,7 +85,7 @@ def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra
 
 
 def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_is_stale():
-    stored = {KEY: Baseline(0.2, 0.15, 900, T0 - 60)}
+    stored = {KEY: Baseline(0.2, 0.15, 0.15, 900, T0 - 60)}
     baselines = Baselines(POLICY, stored)
     young = window_of([(i, 0.1) for i in range(10)])
     assert baselines.of(KEY, young, T0 + 10) == stored[KEY]
@@ -98,10 +99,12 @@ def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_i
 async def test_baselines_round_trip_through_the_state_store(tmp_path):
     path = tmp_path / "state.sqlite"
     async with Store(path) as store:
-        await store.baselines.save({KEY: (0.2, 0.15, 900, T0)})
-        await store.baselines.save({KEY: (0.25, 0.2, 950, T0 + 60), ("us-east-1", "api", "controller"): (1, 1, 20, T0)})
+        await store.baselines.save({KEY: (0.2, 0.15, 0.15, 900, T0)})
+        await store.baselines.save(
+            {KEY: (0.25, 0.2, 0.18, 950, T0 + 60), ("us-east-1", "api", "controller"): (1, 1, 1, 20, T0)}
+        )
     async with Store(path) as store:
         assert await store.baselines.load() == {
-            KEY: (0.25, 0.2, 950, T0 + 60),
-            ("us-east-1", "api", "controller"): (1.0, 1.0, 20, T0),
+            KEY: (0.25, 0.2, 0.18, 950, T0 + 60),
+            ("us-east-1", "api", "controller"): (1.0, 1.0, 1.0, 20, T0),
         }

@@ -417,7 +417,7 @@ async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_t
     saved = daemon.baselines.current()
     async with Store(tmp_path / "state.sqlite") as store:
         stored = await store.baselines.load()
-    assert stored == {k: (b.slow, b.median, b.samples, b.at) for k, b in saved.items()}  # as at the stop
+    assert stored == {k: (b.slow, b.median, b.floor, b.samples, b.at) for k, b in saved.items()}  # as at the stop
     restarted = Daemon(config)
     async with Running(restarted):
         assert set(restarted.baselines.stored) == keys

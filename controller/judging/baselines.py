@@ -40,6 +40,11 @@ REFRESHES = 4
 class Baseline(NamedTuple):
     slow: float  # a successful sample slower than this counts as slow
     median: float
+    # The lower quartile of the slices' medians: the normal of the last `baseline` seconds that
+    # a slowdown has not taken over unless it fills three quarters of them. Peers are compared
+    # against it, so that a slowdown every region shares, which becomes the new median of each
+    # at a slightly different moment, never makes the one that has not flipped yet look worse.
+    floor: float
     samples: int  # successful results it was computed from
     at: float  # when it was computed
 
@@ -128,7 +133,13 @@ class Baselines:
             for s in slices
             for at in (state.anchor + s.number * span,)
         ]
-        return Baseline(_weighted_median(weighted, "slow"), _weighted_median(weighted, "median"), count, now)
+        return Baseline(
+            _weighted_quantile(weighted, "slow", 0.5),
+            _weighted_quantile(weighted, "median", 0.5),
+            _weighted_quantile(weighted, "median", 0.25),
+            count,
+            now,
+        )
 
     def _summary(self, index: int, samples: Iterable[Sample]) -> _Slice | None:
         latencies = sorted(s.latency for s in samples if s.ok)
@@ -138,28 +149,29 @@ class Baselines:
         return _Slice(index, len(latencies), latencies[rank - 1], latencies[(len(latencies) - 1) // 2])
 
     def relative(
-        self, region: str, probe: str, windows: Mapping[str, Window], since: float, now: float
+        self, region: str, probe: str, windows: Mapping[str, Window], since: float, now: float, *, floor: bool = False
     ) -> tuple[list[float], int]:
-        """Successful latencies since `since`, each divided by its vantage's baseline median, and
-        how many of them were slower than usual."""
+        """Successful latencies since `since`, each divided by its vantage's baseline median (or
+        its floor, to compare with peers), and how many of them were slower than usual."""
         out: list[float] = []
         slow = 0
         for vantage, w in windows.items():
             base = self.of((region, probe, vantage), w, now)
             if base is not None:
                 latencies = [s.latency for s in samples_since(w.samples(now, self.policy.window), since) if s.ok]
-                out.extend(latency / base.median for latency in latencies)
+                normal = base.floor if floor else base.median
+                out.extend(latency / normal for latency in latencies)
                 slow += sum(latency > base.slow for latency in latencies)
         return out, slow
 
 
-def _weighted_median(slices: list[_Slice], what: str) -> float:
-    """The value (one slice's own) at which half the covered time lies on each side."""
+def _weighted_quantile(slices: list[_Slice], what: str, q: float) -> float:
+    """The value (one slice's own) below which a share `q` of the covered time lies."""
     ranked = sorted(slices, key=lambda s: getattr(s, what))
-    half = sum(s.weight for s in ranked) / 2
+    target = sum(s.weight for s in ranked) * q
     running = 0.0
     for s in ranked:
         running += s.weight
-        if running >= half:
+        if running >= target:
             return float(getattr(s, what))
     return float(getattr(ranked[-1], what))  # pragma: no cover - slices are never empty here

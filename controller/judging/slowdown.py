@@ -75,11 +75,15 @@ class SlowdownDetector(SequentialDetector):
             f"{now - since:.0f}s, median {effect:.2f}x its baseline, from {vantages_text(run)}"
         )
         return self._finding(
-            view, what, run, len(base), lambda: self._vs_peers(view, probe, mine, since, now), "slow", evidence
+            view, what, run, len(base), lambda: self._vs_peers(view, probe, since, now), "slow", evidence
         )
 
-    def _vs_peers(self, view: RegionView, probe: str, mine: list[float], since: float, now: float) -> PeerCheck:
+    def _vs_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
+        """Each region against its baseline's floor (see `Baseline.floor`); a peer slower than its
+        own floor by the effect size, or slower than usual beyond noise, is alike."""
         p = self.policy
+        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        mine, _ = self.baselines.relative(view.region, probe, windows, since, now, floor=True)
 
         def worse(theirs: list[float]) -> tuple[bool, float, float]:
             p_value = float(mannwhitneyu(mine, theirs, alternative="greater").pvalue)
@@ -93,14 +97,14 @@ class SlowdownDetector(SequentialDetector):
             if probe not in peer.probes:
                 continue
             theirs, slow = self.baselines.relative(
-                name, probe, fresh(peer.windows_of(probe), now, p.stale_after), since, now
+                name, probe, fresh(peer.windows_of(probe), now, p.stale_after), since, now, floor=True
             )
             compared.append(name)
             pooled.extend(theirs)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
                 continue
-            if self.llr.of_counts(len(theirs), slow) > 0:  # the peer is slower than usual too
-                alike.append(name)
+            if self.llr.of_counts(len(theirs), slow) > 0 or statistics.median(theirs) >= 1 + p.slowdown.min_effect:
+                alike.append(name)  # the peer is slower than usual too, or than its own floor
             is_worse, p_value, their_median = worse(theirs)
             detail[name] = {"relative_median": round(their_median, 3), "p_value": round(p_value, 6)}
             if is_worse:

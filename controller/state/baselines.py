@@ -17,15 +17,17 @@ CREATE TABLE IF NOT EXISTS baselines (
     vantage TEXT NOT NULL,
     slow REAL NOT NULL,
     median REAL NOT NULL,
+    floor REAL NOT NULL,
     samples INTEGER NOT NULL,
     at REAL NOT NULL,
     PRIMARY KEY (region, probe, vantage)
 );
 """
 
-# (region, probe, vantage) -> (slow, median, samples, computed at): plain values, so the store
-# needs nothing from the judging layer.
-Stored = dict[tuple[str, str, str], tuple[float, float, int, float]]
+# (region, probe, vantage) -> (slow, median, floor, samples, computed at): plain values, so the
+# store needs nothing from the judging layer.
+Value = tuple[float, float, float, int, float]
+Stored = dict[tuple[str, str, str], Value]
 
 
 class StoredBaselines:
@@ -34,12 +36,12 @@ class StoredBaselines:
 
     async def load(self) -> Stored:
         def read() -> Stored:
-            rows = self._db.db.execute("SELECT region, probe, vantage, slow, median, samples, at FROM baselines")
-            return {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5]), float(r[6])) for r in rows}
+            rows = self._db.db.execute("SELECT region, probe, vantage, slow, median, floor, samples, at FROM baselines")
+            return {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), float(r[5]), int(r[6]), float(r[7])) for r in rows}
 
         return await self._db.run(read)
 
-    async def save(self, baselines: Mapping[tuple[str, str, str], tuple[float, float, int, float]]) -> None:
+    async def save(self, baselines: Mapping[tuple[str, str, str], Value]) -> None:
         """Replace the stored baselines of these keys (one transaction)."""
 
         def write() -> None:
@@ -47,9 +49,10 @@ class StoredBaselines:
             db.execute("BEGIN")
             try:
                 db.executemany(
-                    "INSERT INTO baselines (region, probe, vantage, slow, median, samples, at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (region, probe, vantage) DO UPDATE SET"
-                    " slow = excluded.slow, median = excluded.median, samples = excluded.samples, at = excluded.at",
+                    "INSERT INTO baselines (region, probe, vantage, slow, median, floor, samples, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (region, probe, vantage) DO UPDATE SET"
+                    " slow = excluded.slow, median = excluded.median, floor = excluded.floor,"
+                    " samples = excluded.samples, at = excluded.at",
                     [(*key, *value) for key, value in baselines.items()],
                 )
                 db.execute("COMMIT")
