@@ -185,7 +185,6 @@ class Scheduler:
                 await asyncio.sleep(max(0.0, at - loop.time()))
                 hurry.spent.append(loop.time())
                 last_run = loop.time()
-                self.stats.extra_runs += 1
                 await self._run_one(prober, "suspicion")
             last_run = loop.time()
             await self._run_one(prober)
@@ -205,6 +204,7 @@ class Scheduler:
                 self.stats.in_flight -= 1
         if reason != "scheduled":
             result = dataclasses.replace(result, reason=reason)
+            self.stats.extra_runs += 1  # counted with the run, as the metrics count its result
         self.stats.runs += 1
         try:
             self.sink(result)
