@@ -265,9 +265,10 @@ class ClosedLoop:
         if hurry is not None and hurry.until <= now:
             del self.hurries[key]
             hurry = None
-        at, reason = next_run(hurry, self.last_run[key], self.due[key], max(now, self.busy_until[key]))
+        free = max(now, self.busy_until[key])  # a target runs one probe at a time
+        at, reason = next_run(hurry, self.last_run[key], self.due[key], free)
         self.version[key] += 1
-        self._push(at, reason, (key, self.version[key]))
+        self._push(max(at, free), reason, (key, self.version[key]))
 
     def hasten(self, key: Key, now: float, hold: float) -> None:
         """The scheduler's `hasten`, for one vantage's target."""
@@ -302,6 +303,9 @@ class ClosedLoop:
             else:
                 self.scheduled += counted
                 self.base[key] += self.interval
+                behind = at + result.latency - self.base[key]
+                if behind > 0:  # ticks missed while the run overran are skipped, as the daemon does
+                    self.base[key] += math.ceil(behind / self.interval) * self.interval
                 self.due[key] = self._jittered(self.base[key])
             self.last_run[key] = at
             done = at + result.latency

@@ -189,31 +189,34 @@ class Daemon:
         policy = self.config.policy.verdicts.suspicion
         while True:
             self._judge_wake.clear()
+            started = time.monotonic()
             await self.tick_async()
-            self._probe_suspects(2 * judge_delay(tick, suspecting=True, policy=policy))
-            delay = judge_delay(tick, bool(self._suspects), policy)
+            # A suspicion lasts until two passes from now, however long this one took.
+            hold = 2 * judge_delay(tick, suspecting=True, policy=policy) + (time.monotonic() - started)
+            suspecting = self._probe_suspects(hold)
+            delay = judge_delay(tick, suspecting, policy)
             gap = min(delay, policy.judge_every)
             await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay - gap):
                     await self._judge_wake.wait()  # a failure is judged (and suspected) at once
 
-    def _probe_suspects(self, hold: float) -> None:
+    def _probe_suspects(self, hold: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass
         while it does (each for `hold` seconds), so a suspicion ends a pass or two after the
-        evidence fades or a verdict holds. Only this vantage's targets: agents hasten their own."""
+        evidence fades or a verdict holds. Only this vantage's targets: agents hasten their own.
+        Returns whether any target at any vantage is a suspect (the judge then runs faster)."""
         policy = self.config.policy.verdicts.suspicion
+        everywhere = suspects(
+            self.windows,
+            self.judge.probes,
+            self.judge.verdicts,
+            self.clock(),
+            self.config.policy.verdicts,
+            self.judge.set_aside,
+        )
         found = {
-            (region, probe): why
-            for (region, probe, vantage), why in suspects(
-                self.windows,
-                self.judge.probes,
-                self.judge.verdicts,
-                self.clock(),
-                self.config.policy.verdicts,
-                self.judge.set_aside,
-            ).items()
-            if vantage == self.vantage
+            (region, probe): why for (region, probe, vantage), why in everywhere.items() if vantage == self.vantage
         }
         for (region, probe), why in found.items():
             self.scheduler.hasten(region, probe, every=policy.every, hold=hold, budget=policy.budget)
@@ -222,6 +225,7 @@ class Daemon:
         for region, probe in self._suspects - found.keys():
             log.info("suspicion over", region=region, probe=probe)
         self._suspects = set(found)
+        return bool(everywhere)
 
     async def _keep_baselines(self, store: Store) -> None:
         """Save the latency baselines every `BASELINES_EVERY`, so a restart judges slowdowns at once."""

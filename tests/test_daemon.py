@@ -413,7 +413,7 @@ async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_t
         return set(daemon.baselines.current()) == keys
 
     async with Running(daemon):
-        await until(every_key_has_one)  # 40 results a key: the older half makes the first baseline
+        await until(every_key_has_one, within=30)  # 40 results a key: the older half makes the first one
     saved = daemon.baselines.current()
     async with Store(tmp_path / "state.sqlite") as store:
         stored = await store.baselines.load()
@@ -422,3 +422,9 @@ async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_t
     async with Running(restarted):
         assert set(restarted.baselines.stored) == keys
         assert all(restarted.baselines.stored[k] == Baseline(*stored[k]) for k in keys)
+
+        async def tried_route53() -> bool:  # stopped once its first Route 53 call is over, not during it
+            errors = {"record": "api.example.com/A", "kind": "retryable"}
+            return (restarted.registry.get_sample_value("regionshift_route53_errors_total", errors) or 0) >= 1
+
+        await until(tried_route53)

@@ -109,14 +109,14 @@ class Baselines:
         # Only slices not summarised yet are read: the newest (partial) one, and any complete one
         # a refresh has not seen (a walk back from the newest result that stops there).
         missing = next((i for i in range(max(first, 0), last_complete + 1) if i not in state.summaries), None)
-        start = max(
-            state.anchor + (last_complete + 1 if missing is None else missing) * span, end - p.slowdown.baseline
-        )
+        first_read = last_complete + 1 if missing is None else missing
+        start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
         grouped: dict[int, list[Sample]] = {}
         for sample in window.samples(end, end - start + 1.0):  # a second more: float time is coarse
-            if sample.at < start:
-                continue  # the end of a slice summarised already
-            grouped.setdefault(math.floor((sample.at - state.anchor) / span), []).append(sample)
+            index = math.floor((sample.at - state.anchor) / span)
+            if index < first_read or sample.at <= end - p.slowdown.baseline:
+                continue  # a slice summarised already, or before the span (by index: one rounding)
+            grouped.setdefault(index, []).append(sample)
         slices = [s for i, s in state.summaries.items() if i >= first and i not in grouped]
         for index, group in grouped.items():
             summary = self._summary(index, group)
