@@ -41,9 +41,10 @@ def world_config(world, policy=FAST, interval=0.1) -> Config:
 
 
 class Running:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, stop_within: float = 5.0) -> None:
         self.daemon = daemon
         self.stop = asyncio.Event()
+        self.stop_within = stop_within
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self):
@@ -55,7 +56,7 @@ class Running:
     async def __aexit__(self, *exc):
         await self.http.close()
         self.stop.set()
-        await asyncio.wait_for(self.task, 5)
+        await asyncio.wait_for(self.task, self.stop_within)
 
     async def status_becomes(self, region: str, status: str, within: float = 5.0) -> None:
         deadline = time.monotonic() + within
@@ -412,14 +413,16 @@ async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_t
     async def every_key_has_one() -> bool:
         return set(daemon.baselines.current()) == keys
 
-    async with Running(daemon):
+    # A stop waits for a Route 53 call in flight (to a closed port here): on a loaded machine that
+    # can take longer than the 5 s other tests allow, and how long is not what this test checks.
+    async with Running(daemon, stop_within=30):
         await until(every_key_has_one, within=30)  # 40 results a key: the older half makes the first one
     saved = daemon.baselines.current()
     async with Store(tmp_path / "state.sqlite") as store:
         stored = await store.baselines.load()
     assert stored == {k: (b.slow, b.median, b.floor, b.samples, b.at) for k, b in saved.items()}  # as at the stop
     restarted = Daemon(config)
-    async with Running(restarted):
+    async with Running(restarted, stop_within=30):
         assert set(restarted.baselines.stored) == keys
         assert all(restarted.baselines.stored[k] == Baseline(*stored[k]) for k in keys)
 
