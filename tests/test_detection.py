@@ -230,3 +230,34 @@ def test_consecutive_failures_count_scheduled_runs_so_extra_runs_do_not_make_a_p
     assert mixed.last_failed(3, 1010.0)
     passed_between = window((False, "scheduled"), (True, "suspicion"), (False, "scheduled"), (False, "scheduled"))
     assert not passed_between.last_failed(3, 1010.0)
+
+
+def _ten_second_world(slow_api: dict[str, int]) -> Judge:
+    """Every region probed every 10 s for a minute, fast (50 ms), except the last
+    `slow_api[region]` api results of a region, over the latency objective (1.2 s)."""
+    windows = WindowStore(POLICY.history)
+    for region in REGIONS:
+        for probe in PROBES:
+            for i in range(7):
+                slow = probe == "api" and i >= 7 - slow_api.get(region, 0)
+                started = 1000.0 + 10 * i
+                windows.add(Result(region, probe, "controller", started, ok=True, latency=1.2 if slow else 0.05))
+    judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
+    judge.judge(windows, 1061.0)
+    return judge
+
+
+def test_one_slow_result_among_a_minute_at_ten_seconds_does_not_break_the_latency_objective_against_a_region():
+    # One spike of seven results is the window's p90: the objective's quantile alone called it
+    # slow and blamed the region (the closed-loop bench at a 10 s interval, 1 vantage).
+    judge = _ten_second_world({"eu-west-1": 1})
+    assert judge.verdicts["eu-west-1"].status == "healthy", judge.verdicts["eu-west-1"]
+    # A minute of slow results is: at one result per 10 s that is what Fisher's test at 0.003
+    # needs against each peer one by one (6 of 6 against 0 of 6: p = 1/924).
+    blamed = _ten_second_world({"eu-west-1": 7})
+    verdict = blamed.verdicts["eu-west-1"]
+    assert verdict.status == "degraded", verdict
+    assert any("latency_p90" in r for r in verdict.reasons), verdict.reasons
+    assert all(blamed.verdicts[r].status == "healthy" for r in REGIONS if r != "eu-west-1")
+    shared = _ten_second_world(dict.fromkeys(REGIONS, 7))
+    assert all(shared.verdicts[r].status not in ("degraded", "unhealthy") for r in REGIONS), shared.verdicts

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from controller.judging.verdicts import RegionView
+    from controller.judging.windows import Sample
     from controller.settings.policy import VerdictPolicy
 
 
@@ -103,12 +104,52 @@ def errors_vs_peers(
     `peers.significance`): one noise failure among a hastened peer's few dozen results is not a
     shared cause."""
 
+    def alike(_peer: str, samples: int, bad: int) -> bool:
+        return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, policy.peers.significance)
+
+    return outcomes_vs_peers(view, probe, since, now, policy, span, ("error_ratio", lambda s: not s.ok), alike)
+
+
+def slower_vs_peers(
+    view: RegionView, probe: str, now: float, policy: VerdictPolicy, alike: Callable[[str], bool]
+) -> PeerCheck:
+    """The latency objective's finding against the peers over the verdict window: the same
+    test as for failures, on the results slower than the objective's threshold (a failure is
+    not counted: it has no latency). One slow result among a handful (a spike at a 10 s
+    interval) is not significant; the objective's quantile alone would blame a region for it.
+    A peer is alike when it breaks the objective too (`alike(peer)`)."""
+    limit = policy.latency.threshold
+
+    def peer_alike(name: str, _samples: int, _bad: int) -> bool:
+        return alike(name)
+
+    slower = ("slow_ratio", lambda s: s.ok and s.latency > limit)
+    return outcomes_vs_peers(view, probe, now - policy.window, now, policy, policy.window, slower, peer_alike)
+
+
+def outcomes_vs_peers(
+    view: RegionView,
+    probe: str,
+    since: float,
+    now: float,
+    policy: VerdictPolicy,
+    span: float,
+    bad_outcome: tuple[str, Callable[[Sample], bool]],
+    alike: Callable[[str, int, int], bool],
+) -> PeerCheck:
+    """Fisher's exact test (one-sided) of this region's bad outcomes (`bad_outcome`: the name
+    of their ratio in the evidence, and which results are bad) against each peer's since
+    `since` (within `span`), with an effect size: worse means significant and
+    `min_error_ratio` times theirs; and against the peers pooled (`apart`). `alike(peer,
+    samples, bad)` says whether a peer shows the same trouble."""
+    ratio_name, is_bad = bad_outcome
+
     def counts(v: RegionView) -> tuple[int, int]:
         samples = [
             s for w in fresh(v.windows_of(probe), now, policy.stale_after).values() for s in w.samples(now, span)
         ]
         recent = samples_since(samples, since)
-        return len(recent), sum(not s.ok for s in recent)
+        return len(recent), sum(1 for s in recent if is_bad(s))
 
     n, bad = counts(view)
     if n == 0:
@@ -117,7 +158,7 @@ def errors_vs_peers(
     def worse(theirs: int, their_bad: int) -> tuple[bool, float]:
         return fails_more((n, bad), (theirs, their_bad), policy.peers.significance, policy.peers.min_error_ratio)
 
-    compared, worse_than, alike, detail = [], [], [], {}
+    compared, worse_than, alike_peers, detail = [], [], [], {}
     total, total_bad = 0, 0
     for name, peer in sorted(view.peers.items()):
         if probe not in peer.probes:
@@ -127,11 +168,11 @@ def errors_vs_peers(
         total, total_bad = total + pn, total_bad + pbad
         if pn < MIN_PEER_SAMPLES:
             continue
-        if llr.of_counts(pn, pbad) > 0 and beyond_noise(pn, pbad, llr.acceptable, policy.peers.significance):
-            alike.append(name)  # the peer fails more often than a healthy one would, beyond chance
+        if alike(name, pn, pbad):
+            alike_peers.append(name)
         is_worse, p_value = worse(pn, pbad)
-        detail[name] = {"error_ratio": round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
+        detail[name] = {ratio_name: round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
         if is_worse:
             worse_than.append(name)
     apart = pooled_apart(total, lambda: worse(total, total_bad)[0])
-    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)
+    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart)

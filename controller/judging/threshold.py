@@ -16,7 +16,7 @@ from controller.judging.findings import (
     region_status,
     run_start,
 )
-from controller.judging.peers import PeerCheck, errors_vs_peers
+from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers
 from controller.judging.sequential import Llr
 from controller.judging.verdicts import Assessment, RegionView
 from controller.judging.windows import WindowStats
@@ -145,18 +145,13 @@ class ThresholdDetector:
         return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
-        """Peers over the same fixed objective: the objective is absolute, so is the comparison."""
-        compared: list[str] = []
-        worse: list[str] = []
-        alike: list[str] = []
-        for name, peer in sorted(view.peers.items()):
-            if probe not in peer.probes:
-                continue
-            state = self._limits(peer.windows_of(probe), now)[0]
-            if state in ("ok", "slow"):
-                compared.append(name)
-                (alike if state == "slow" else worse).append(name)
-        return PeerCheck(tuple(compared), tuple(worse), tuple(alike))
+        """Peers over the same fixed objective, by the count of results over its threshold: a
+        peer breaking the objective too is alike."""
+
+        def alike(name: str) -> bool:
+            return self._limits(view.peers[name].windows_of(probe), now)[0] == "slow"
+
+        return slower_vs_peers(view, probe, now, self.policy, alike)
 
     def _limits(self, windows: Mapping[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
         p = self.policy
