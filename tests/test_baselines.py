@@ -74,6 +74,24 @@ def test_a_slowdown_becomes_the_new_normal_once_it_fills_half_the_baseline_and_t
     assert baseline.floor == 0.1  # what peers are compared against, until it fills three quarters
 
 
+def test_a_live_window_keeps_minutes_of_results_and_the_baseline_remembers_its_half_hour():
+    # As in the daemon: results arrive one a second, the window is trimmed to `history` (a few
+    # minutes, not the baseline's 30) and the judge asks for the baseline every second.
+    assert POLICY.history <= POLICY.slowdown.baseline / 3  # the patient error test's 10 minutes
+    window, baselines = Window(POLICY.history), Baselines(POLICY)
+    medians = {}
+    for i in range(60 * 47):
+        now = T0 + i
+        window.add(Result(*KEY, now, ok=True, latency=0.1 if i < 60 * 30 else 0.3))
+        window.trim(now)
+        baseline = baselines.of(KEY, window, now)
+        if i in (60 * 44, 60 * 47 - 1):
+            assert baseline is not None
+            medians[i // 60] = baseline.median
+    assert (window.first_at() or 0) >= T0 + 60 * 47 - 1 - POLICY.history
+    assert medians == {44: 0.1, 46: 0.3}  # 13 slow minutes of 30 still the old normal; 16 the new
+
+
 def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra_results():
     usual = [(i, 0.1) for i in range(60 * 30)]
     slow = [(60 * 30 + i / 5, 0.3) for i in range(5 * 60 * 14)]  # five results a second

@@ -108,7 +108,11 @@ class Baselines:
             del state.summaries[index]
         # Only slices not summarised yet are read: the newest (partial) one, and any complete one
         # a refresh has not seen (a walk back from the newest result that stops there).
-        missing = next((i for i in range(max(first, 0), last_complete + 1) if i not in state.summaries), None)
+        # A slice whose results the window no longer holds (the key went unjudged for a while,
+        # or the daemon started since) stays missing: it is not read again.
+        oldest = window.first_at()
+        held = first if oldest is None else max(first, math.ceil((oldest - state.anchor) / span))
+        missing = next((i for i in range(max(held, 0), last_complete + 1) if i not in state.summaries), None)
         first_read = last_complete + 1 if missing is None else missing
         start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
         grouped: dict[int, list[Sample]] = {}

@@ -10,6 +10,11 @@ from pydantic import Field, field_validator, model_validator
 from controller.settings.model import SettingsModel
 from probes.spec import Duration, Interval, Wait
 
+# How many verdict windows of raw results the latency baselines read: a slice is complete one
+# window after it ends and is summarised at the next refresh (a quarter window later); a margin
+# for a refresh that comes late.
+BASELINE_READS = 4
+
 OnFailure = Literal["rollback", "step-back", "pause"]
 
 
@@ -146,9 +151,11 @@ class VerdictPolicy(SettingsModel):
 
     @property
     def history(self) -> float:
-        """How long windows keep results: the latency baseline, which ends one verdict window
-        back (see `baselines.Baselines`), or the longest error test's horizon."""
-        return max(self.slowdown.baseline + self.window, *(self.horizon(t) for t in self.errors))
+        """How long windows keep results: the longest error test's horizon, or the
+        `BASELINE_READS` verdict windows the latency baselines read (they summarise each slice of
+        one window once it is complete, two windows back at most, and keep the summaries for
+        `slowdown.baseline`: raw results are not kept that long)."""
+        return max(BASELINE_READS * self.window, *(self.horizon(t) for t in self.errors))
 
     @model_validator(mode="after")
     def _ordered(self) -> VerdictPolicy:
