@@ -271,3 +271,39 @@ def test_failure_counts_from_failure_times_match_the_samples(outcomes, now, span
         window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=0.1))
     window.trim(trim_at)
     assert window.failures(now, span) == sum(not s.ok for s in window.samples(now, span))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 400), st.booleans(), st.booleans()), max_size=700),
+    st.lists(st.floats(0, 400), max_size=4),
+    st.floats(0, 450),
+    st.floats(1, 200),
+)
+def test_a_window_answers_as_a_plain_filter_of_what_it_kept(outcomes, trims, now, span):
+    # Adds out of order, trims (enough to drop the front in batches), then every question the
+    # detectors ask, against the same answers computed from the kept results by hand.
+    window = Window(span=60)
+    kept: list[tuple[float, bool, bool]] = []
+    for i, (at, ok, scheduled) in enumerate(outcomes):
+        reason = "scheduled" if scheduled else "suspicion"
+        window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=0.1, reason=reason))
+        kept.append((at, ok, scheduled))
+        if trims and i % 100 == 99:
+            cut = trims[i // 100 % len(trims)]
+            window.trim(cut)
+            kept = [k for k in kept if k[0] > cut - 60]
+    kept.sort(key=lambda k: k[0])
+    expected = [k for k in kept if now - span < k[0] <= now]
+    assert [(s.at, s.ok) for s in window.samples(now, span)] == [(at, ok) for at, ok, _ in expected]
+    assert len(window) == len(kept)
+    assert window.first_at() == (kept[0][0] if kept else None)
+    before = [k for k in kept if k[0] <= now]
+    assert window.age(now) == (now - before[-1][0] if before else None)
+    newest = [k for k in reversed(kept) if k[0] <= now]
+    run = []
+    for at, ok, scheduled in newest:
+        if ok or at <= now - span:
+            break
+        run.append(scheduled)
+    assert window.last_failed(2, now, span) == (sum(run) >= 2)

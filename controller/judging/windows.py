@@ -9,12 +9,15 @@ serve the daemon, the tests and the offline benchmarks.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from probes.results import Result
 
@@ -63,14 +66,26 @@ class WindowStats:
         return cls(len(samples), len(samples) - len(latencies), dict(errors), tuple(latencies))
 
 
-class Window:
-    """The results of one (region, probe, vantage) over the last `span` seconds."""
+_AT = itemgetter(0)  # a sample's start time, for bisect
+# Trimmed samples are dropped from the front of a window's list in one go once this many pile up
+# (and they are half of it): a trim is a bisect, not a pop per sample.
+COMPACT_AFTER = 256
 
-    __slots__ = ("_failed_at", "_looked", "_samples", "_version", "span")
+
+class Window:
+    """The results of one (region, probe, vantage) over the last `span` seconds.
+
+    Samples are kept in start-time order in one list; the trimmed ones before `_head` are
+    dropped in batches. A look at a span is two bisects and a slice (C speed): what a judge
+    tick costs per window does not grow with how much history the window holds.
+    """
+
+    __slots__ = ("_failed_at", "_head", "_looked", "_samples", "_version", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
-        self._samples: deque[Sample] = deque()
+        self._samples: list[Sample] = []
+        self._head = 0  # the first kept sample; those before it are trimmed
         # When each kept sample that failed started, in order: failures are rare, so counting
         # them over a long span does not walk every sample (the error tests ask every tick).
         self._failed_at: deque[float] = deque()
@@ -78,30 +93,44 @@ class Window:
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
 
+    def __len__(self) -> int:
+        return len(self._samples) - self._head
+
+    def _newest_first(self) -> Iterator[Sample]:
+        return islice(reversed(self._samples), len(self))
+
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
         skewed agent) cannot push out samples that are still current."""
         sample = Sample(result.started_at, result.ok, result.latency, result.error_class, result.reason == "scheduled")
         self._version += 1
+        samples = self._samples
         # Results arrive nearly in order; one that is older than the newest goes in its place so
-        # trimming from the left stays correct.
-        if self._samples and sample.at < self._samples[-1].at:
-            self._samples = deque(sorted([*self._samples, sample]))
+        # trimming from the front stays correct.
+        if len(self) and sample.at < samples[-1].at:
+            insort(samples, sample, lo=self._head, key=_AT)
         else:
-            self._samples.append(sample)
+            samples.append(sample)
         if not sample.ok:
             if self._failed_at and sample.at < self._failed_at[-1]:
                 self._failed_at = deque(sorted([*self._failed_at, sample.at]))
             else:
                 self._failed_at.append(sample.at)
-        if len(self._samples) > MAX_SAMPLES:
-            dropped = self._samples.popleft()
+        if len(self) > MAX_SAMPLES:
+            dropped = samples[self._head]
+            self._head += 1
             if not dropped.ok:
                 self._failed_at.popleft()
+            self._compact()
+
+    def _compact(self) -> None:
+        if self._head >= COMPACT_AFTER and self._head * 2 >= len(self._samples):
+            del self._samples[: self._head]
+            self._head = 0
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
-        return self._samples[0].at if self._samples else None
+        return self._samples[self._head].at if len(self) else None
 
     def last_failure(self) -> float | None:
         """When the newest kept failure started; None without one."""
@@ -112,7 +141,7 @@ class Window:
         (a walk back from the newest that stops there: cheap however long the window)."""
         last = self.last_failure()
         count = 0
-        for sample in reversed(self._samples):
+        for sample in self._newest_first():
             if count >= limit or (last is not None and sample.at <= last):
                 break
             count += sample.ok
@@ -120,32 +149,26 @@ class Window:
 
     def trim(self, now: float) -> None:
         horizon = now - self.span
-        samples = self._samples
-        while samples and samples[0].at <= horizon:
-            samples.popleft()
+        head = bisect_right(self._samples, horizon, lo=self._head, key=_AT)
+        if head != self._head:
             self._version += 1
+            self._head = head
+            self._compact()
         failed = self._failed_at
         while failed and failed[0] <= horizon:
             failed.popleft()
 
     def samples(self, now: float, span: float | None = None) -> list[Sample]:
         """Samples within (now - span, now], oldest first; `span` defaults to the window's own.
-        Walks back from the newest sample only as far as the span reaches, so a short look at a
-        window that keeps a long history costs what the short look holds, and remembers the
-        answer (every detector asks the same in one judgement): the list is shared with the next
-        caller asking the same; do not change it."""
+        Remembers the answer (every detector asks the same in one judgement): the list is
+        shared with the next caller asking the same; do not change it."""
         span = self.span if span is None else span
         looked = self._looked
         if looked is not None and looked[0] == now and looked[1] == span and looked[2] == self._version:
             return looked[3]
-        horizon = now - span
-        found = []
-        for sample in reversed(self._samples):
-            if sample.at <= horizon:
-                break
-            if sample.at <= now:
-                found.append(sample)
-        found.reverse()
+        samples = self._samples
+        lo = bisect_right(samples, now - span, lo=self._head, key=_AT)
+        found = samples[lo : bisect_right(samples, now, lo=lo, key=_AT)]
         self._looked = (now, span, self._version, found)
         return found
 
@@ -164,7 +187,7 @@ class Window:
         many) all failed, and no sample (scheduled or extra) passed since the oldest of them."""
         count = 0
         horizon = now - (self.span if span is None else span)
-        for sample in reversed(self._samples):
+        for sample in self._newest_first():
             if sample.at > now:
                 continue
             if sample.ok or sample.at <= horizon:
@@ -176,10 +199,8 @@ class Window:
 
     def age(self, now: float) -> float | None:
         """Seconds since the newest sample at or before `now` (one stamped later does not count yet)."""
-        for sample in reversed(self._samples):
-            if sample.at <= now:
-                return now - sample.at
-        return None
+        newest = bisect_right(self._samples, now, lo=self._head, key=_AT)
+        return now - self._samples[newest - 1].at if newest > self._head else None
 
 
 class WindowStore:
