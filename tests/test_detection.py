@@ -12,7 +12,7 @@ from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
-from controller.judging.sequential import Llr, cusum
+from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures
 from controller.judging.verdicts import Judge, Verdict
 from controller.judging.windows import Window, WindowStore
 from controller.settings.policy import ErrorTest, VerdictPolicy
@@ -114,6 +114,26 @@ def test_cusum_is_the_largest_sum_over_any_run_of_the_newest_outcomes(outcomes):
     run = cusum(events, llr)
     assert run.statistic == pytest.approx(brute, abs=1e-9)
     assert run.statistic == pytest.approx(sum(steps[len(steps) - run.events :]), abs=1e-9)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 300), st.booleans()), max_size=300),
+    st.floats(10, 400),
+    st.floats(0, 350),
+)
+def test_the_failure_bound_is_never_below_the_cusum_and_equals_it_without_ties(outcomes, span, now):
+    # The error tests skip the full CUSUM while this bound says it cannot matter: the bound
+    # must never be lower than the statistic, or a fault would be skipped.
+    llr = Llr.of(ErrorTest(unacceptable=0.03))
+    windows = {v: Window(400.0) for v in "abc"}
+    for vantage, tenths, failed in outcomes:
+        windows[vantage].add(Result("eu-west-1", "api", vantage, tenths / 10, ok=not failed, latency=0.1))
+    statistic = cusum(failures({v: w.samples(now, span) for v, w in windows.items()}), llr).statistic
+    bound = failure_cusum_bound(windows.values(), now, span, llr)
+    assert bound >= statistic - 1e-9
+    times = [tenths for _, tenths, _ in outcomes]
+    if len(set(times)) == len(times):
+        assert bound == pytest.approx(statistic, abs=1e-9)
 
 
 # --- detection on generated streams ----------------------------------------------------------

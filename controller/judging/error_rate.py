@@ -15,7 +15,7 @@ from controller.judging.findings import (
     vantages_text,
 )
 from controller.judging.peers import errors_vs_peers
-from controller.judging.sequential import Llr, cusum, failures
+from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures
 
 if TYPE_CHECKING:
     from controller.judging.verdicts import RegionView
@@ -47,6 +47,8 @@ class ErrorDetector(SequentialDetector):
             floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
             if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
                 continue
+            if failure_cusum_bound(windows.values(), now, horizon, llr) < floor * llr.threshold:
+                continue  # the failures are too far apart to matter (without walking the results)
             events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
             run = cusum(events, llr)
             if run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.judging.sequential import Llr, cusum, fails_more, failures
+from controller.judging.sequential import Llr, cusum, fails_more, failure_cusum_bound, failures
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Mapping
@@ -41,7 +41,10 @@ def set_aside_steps(
             sees.setdefault(vantage, set()).add(region)
             looks = [(len(w.samples(now, span)), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
-            if counts[region][vantage][1]:
+            if (
+                counts[region][vantage][1]
+                and failure_cusum_bound(probe_windows.values(), now, span, llr) >= llr.threshold
+            ):
                 samples = {p: w.samples(now, span) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
                 events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})

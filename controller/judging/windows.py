@@ -174,13 +174,25 @@ class Window:
 
     def failures(self, now: float, span: float | None = None) -> int:
         """How many of `samples(now, span)` failed, from the failure times alone."""
-        horizon = now - (self.span if span is None else span)
-        count = 0
+        return len(self.failure_times(now, self.span if span is None else span))
+
+    def failure_times(self, now: float, span: float) -> list[float]:
+        """When each failure within (now - span, now] started, oldest first."""
+        horizon = now - span
+        found = []
         for at in reversed(self._failed_at):
             if at <= horizon:
                 break
-            count += at <= now
-        return count
+            if at <= now:
+                found.append(at)
+        found.reverse()
+        return found
+
+    def count_after(self, at: float, now: float) -> int:
+        """How many samples started within (at, now]."""
+        samples = self._samples
+        lo = bisect_right(samples, at, lo=self._head, key=_AT)
+        return max(0, bisect_right(samples, now, lo=lo, key=_AT) - lo)
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` scheduled samples within (now - span, now] (and there are that
