@@ -16,7 +16,7 @@ each adding one second of results and judging once. Printed per size:
 - floor p50: adding that second of results to the windows alone (what any judge pays), in ms, and
   the tick / floor ratio (the figure that does not depend on this machine's speed that day);
 - stall: the longest time the event loop went without running, while the daemon's chunked tick
-  (`Daemon.tick_async`: it yields between regions) judges on it, in ms;
+  (`Daemon.tick_async`: it yields between regions and detectors) judges on it, in ms;
 - RSS after the warm-up and at the end (MB): flat means the windows' trimming holds.
 
 Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.demo.streams import Stream
 from controller.judging.detectors import detectors_for
-from controller.judging.verdicts import Judge
+from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
 from probes.kinds.http import HttpProber
@@ -108,13 +108,9 @@ class World:
         return time.perf_counter() - started
 
     async def tick_async(self) -> None:
-        """What `Daemon.tick_async` does: judge, letting the loop run between regions."""
+        """What `Daemon.tick_async` does: judge, letting the loop run between steps."""
         self.windows.trim(self.now)
-        steps = self.judge.steps(self.windows, self.now)
-        with contextlib.suppress(StopIteration):
-            while True:
-                next(steps)
-                await asyncio.sleep(0)
+        await finish_async(self.judge.steps(self.windows, self.now))
 
 
 async def longest_stall(world: World, ticks: int) -> float:

@@ -24,7 +24,7 @@ from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
 from controller.judging.suspicion import judge_delay, suspects
-from controller.judging.verdicts import Judge
+from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
 from controller.state.holder import this_process
@@ -150,17 +150,11 @@ class Daemon:
         return self._announce(self.judge.judge(self.windows, now), now)
 
     async def tick_async(self) -> list[Transition]:
-        """`tick`, letting the event loop run between regions (probes in flight are timed truly)."""
+        """`tick`, letting the event loop run between regions and detectors (probes in flight are
+        timed truly)."""
         now = self.clock()
         self.windows.trim(now)
-        steps = self.judge.steps(self.windows, now)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                transitions: list[Transition] = done.value
-                return self._announce(transitions, now)
-            await asyncio.sleep(0)
+        return self._announce(await finish_async(self.judge.steps(self.windows, now)), now)
 
     def _announce(self, transitions: list[Transition], now: float) -> list[Transition]:
         for t in transitions:

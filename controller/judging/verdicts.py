@@ -11,10 +11,13 @@ in beside `ThresholdDetector` through the same interface.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from controller.judging.vantages import set_aside_steps
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterable, Mapping, Sequence
@@ -132,18 +135,12 @@ class Judge:
 
     def judge(self, windows: WindowStore, now: float) -> list[Transition]:
         """Judge every region as of `now`; return the regions whose status changed."""
-        steps = self.steps(windows, now)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                transitions: list[Transition] = done.value
-                return transitions
+        return finish(self.steps(windows, now))
 
     def steps(self, windows: WindowStore, now: float) -> Generator[None, None, list[Transition]]:
-        """`judge`, one region at a time: it yields between regions (the daemon lets its event loop
-        run there, so judging many regions never stalls probes in flight) and returns the
-        transitions."""
+        """`judge`, one region at a time: it yields between regions and between one region's
+        detectors (the daemon lets its event loop run there, `finish_async`, so judging many
+        regions never stalls probes in flight) and returns the transitions."""
         if self.policy is not None:
             self.set_aside = yield from set_aside_steps(windows, self.probes, self.policy, now)
         views = {
@@ -156,7 +153,10 @@ class Judge:
             yield
             peers = {r: v for r, v in views.items() if r != region}
             view = RegionView(region, probes, views[region].windows, peers, self.set_aside)
-            assessments = {d.name: d.assess(view, now) for d in self.detectors}
+            assessments = {}
+            for detector in self.detectors:
+                yield
+                assessments[detector.name] = detector.assess(view, now)
             status = combine(assessments.values())
             reasons = tuple(r for a in assessments.values() for r in a.reasons)
             status, reasons = self._hysteresis(region, status, reasons, now)
@@ -185,3 +185,26 @@ class Judge:
             healthy_for = now - failing_at
             return "degraded", (*reasons, f"recovering: healthy for {healthy_for:.0f}s of the {hold:g}s required")
         return status, reasons
+
+
+def finish(steps: Generator[None, None, T]) -> T:
+    """Run a generator of steps (`Judge.steps`) to its end and return what it returns."""
+    while (done := _advance(steps)) is None:
+        pass
+    return done[0]
+
+
+async def finish_async(steps: Generator[None, None, T]) -> T:
+    """`finish`, letting the event loop run at every step."""
+    while (done := _advance(steps)) is None:  # noqa: ASYNC110 - yielding to the loop is the point
+        await asyncio.sleep(0)
+    return done[0]
+
+
+def _advance(steps: Generator[None, None, T]) -> tuple[T] | None:
+    """One step; at the end, what the steps returned (in a tuple: it may be None)."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return (done.value,)
+    return None
