@@ -27,6 +27,7 @@ from controller.judging.suspicion import judge_delay, suspects
 from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
+from controller.state.database import StateError
 from controller.state.holder import this_process
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
@@ -228,11 +229,17 @@ class Daemon:
             await self._save_baselines(store)
 
     async def _save_baselines(self, store: Store) -> None:
+        """Save the baselines; a state file that cannot take them (a full disk) is a warning:
+        they are a head start for the next run, and a stop still releases the writer lease."""
         current = self.baselines.current()
-        if current:
+        if not current:
+            return
+        try:
             await store.baselines.save(
                 {key: (b.slow, b.median, b.floor, b.samples, b.at) for key, b in current.items()}
             )
+        except StateError as exc:
+            log.warning("latency baselines not saved: a restart will relearn them", error=str(exc))
 
     # --- running -----------------------------------------------------------------------------
 

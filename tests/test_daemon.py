@@ -19,6 +19,7 @@ from controller.demo.world import free_port
 from controller.judging.baselines import Baseline
 from controller.settings.policy import Policy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
+from controller.state.database import StateError
 from controller.state.store import Store
 from probes.results import Result
 from probes.spec import HttpProbe
@@ -431,3 +432,30 @@ async def test_latency_baselines_are_saved_at_a_stop_and_a_restart_starts_from_t
             return (restarted.registry.get_sample_value("regionshift_route53_errors_total", errors) or 0) >= 1
 
         await until(tried_route53)
+
+
+async def test_a_state_file_that_cannot_take_the_baselines_at_a_stop_still_sees_the_lease_released(
+    world, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    config = cut_off_config(world, tmp_path, f"http://127.0.0.1:{closed_port()}")
+    daemon = Daemon(config)
+    tried: list[int] = []
+
+    async def full_disk(self, baselines) -> None:
+        tried.append(len(baselines))
+        raise StateError(f"state file {tmp_path / 'state.sqlite'}: the disk is full")
+
+    monkeypatch.setattr("controller.state.baselines.StoredBaselines.save", full_disk)
+
+    async def has_a_baseline_and_the_lease() -> bool:
+        reconciler = daemon.reconciler
+        return bool(daemon.baselines.current()) and reconciler is not None and reconciler.lease_token is not None
+
+    async with Running(daemon, stop_within=30):
+        await until(has_a_baseline_and_the_lease, within=30)
+    assert tried, "the stop tried to save the baselines"
+    async with Store(tmp_path / "state.sqlite") as store:
+        assert await store.lease("standby", 10).acquire(time.time()) is not None  # released, not left to expire
