@@ -120,7 +120,7 @@ class Daemon:
         key = (result.region, result.probe, result.vantage)
         failing = self._passes_since_failure
         if not result.ok:
-            if self.config.policy.verdicts.suspicion.enabled:
+            if self.config.policy.verdicts.suspicion.enabled and self._news(result):
                 self._judge_wake.set()
             if key not in failing:
                 log.info(
@@ -195,6 +195,17 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay - gap):
                     await self._judge_wake.wait()  # a failure is judged (and suspected) at once
+
+    def _news(self, result: Result) -> bool:
+        """Whether a failed result can change what the judge says, so it should look at once: not
+        from a vantage set aside, not of a probe its region's verdict already holds against it
+        (a long outage would otherwise have the judge run at `judge_every` throughout)."""
+        if result.vantage in self.judge.set_aside:
+            return False
+        verdict = self.judge.verdicts.get(result.region)
+        if verdict is None or verdict.status not in ("degraded", "unhealthy"):
+            return True
+        return result.probe not in verdict.troubles
 
     def _probe_suspects(self, hold: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass

@@ -17,6 +17,7 @@ from controller import logs
 from controller.daemon import Daemon
 from controller.demo.world import free_port
 from controller.judging.baselines import Baseline
+from controller.judging.verdicts import Verdict
 from controller.settings.policy import Policy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from controller.state.database import StateError
@@ -459,3 +460,21 @@ async def test_a_state_file_that_cannot_take_the_baselines_at_a_stop_still_sees_
     assert tried, "the stop tried to save the baselines"
     async with Store(tmp_path / "state.sqlite") as store:
         assert await store.lease("standby", 10).acquire(time.time()) is not None  # released, not left to expire
+
+
+def test_a_failure_wakes_the_judge_only_when_it_can_change_a_verdict(world):
+    daemon = Daemon(world_config(world))
+    region = next(iter(world))
+
+    def wakes(probe: str, vantage: str = "controller") -> bool:
+        daemon._judge_wake.clear()
+        daemon.record(Result(region, probe, vantage, time.time(), ok=False, latency=0.0, error_class="timeout"))
+        return daemon._judge_wake.is_set()
+
+    assert wakes("orders")  # nothing judged yet
+    held = Verdict(region, "degraded", ("orders: failing",), {}, 0.0, 0.0, frozenset({"orders"}))
+    daemon.judge.verdicts[region] = held
+    assert not wakes("orders")  # already held against the region
+    assert wakes("healthz")  # another probe: news
+    daemon.judge.set_aside = {"controller": "sees every region failing"}
+    assert not wakes("healthz")  # from a vantage set aside
