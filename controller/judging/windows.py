@@ -211,6 +211,8 @@ class Window:
 
     def age(self, now: float) -> float | None:
         """Seconds since the newest sample at or before `now` (one stamped later does not count yet)."""
+        if len(self) and self._samples[-1].at <= now:  # the usual case: nothing stamped ahead
+            return now - self._samples[-1].at
         newest = bisect_right(self._samples, now, lo=self._head, key=_AT)
         return now - self._samples[newest - 1].at if newest > self._head else None
 
