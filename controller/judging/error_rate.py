@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from controller.judging.verdicts import RegionView
     from controller.settings.policy import VerdictPolicy
 
+# A fault is over when the last verdict window leans healthy, and that window holds at least
+# this many results: at a 10 s interval one window is 6 results, and a 40% fault shows none in
+# three of them one time in five, so a flapping fault was "over" (and the region back) again
+# and again (44 verdict flips in 8 runs of 30 minutes, one vantage).
+OVER_AFTER = 20
+
 
 class ErrorDetector(SequentialDetector):
     """Sequential tests (CUSUM) of each probe's failures, every fresh vantage pooled, against
@@ -59,10 +65,13 @@ class ErrorDetector(SequentialDetector):
             if not run.tripped or run.since is None:
                 continue
             # A fault that has stopped is not held: a long run's evidence would otherwise take
-            # as long to fade as it took to build. The last verdict window must still lean bad.
-            recent = [e[2] for e in events if e[0] > now - p.window]
+            # as long to fade as it took to build. The last verdict window (`OVER_AFTER` results
+            # at least) must still lean bad.
+            in_window = sum(1 for e in events if e[0] > now - p.window)
+            recent = [e[2] for e in events[-max(in_window, OVER_AFTER) :]]
             if horizon > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
-                what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s, the last {p.window:g}s lean healthy"
+                what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s"
+                what += f", the last {len(recent)} results lean healthy"
                 outcome = ("ok", f"{what}: over")
                 continue
             since = run.since
