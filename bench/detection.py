@@ -58,13 +58,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
-from controller.judging.suspicion import judge_delay, suspects
+from controller.judging.suspicion import judge_delay, suspects, wakes_judge
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
 from probes.scheduler import Hurry, next_run
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from controller.settings.policy import VerdictPolicy
     from probes.results import Result
 
@@ -280,15 +282,22 @@ class ClosedLoop:
             hurry.every, hurry.until, hurry.budget = s.every, max(hurry.until, now + hold), s.budget
         self._plan(key, now)
 
-    def run_until(self, until: float, deliver: list[tuple[float, Result]], wake_after: float | None) -> float:
+    def run_until(
+        self,
+        until: float,
+        deliver: list[tuple[float, Result]],
+        wake_after: float | None,
+        wakes: Callable[[Result], bool],
+    ) -> float:
         """Run every probe due before `until`; append (arrival, result) for those that arrive by
-        then. A failure arriving wakes the judge (as in the daemon): with `wake_after` set, stop at
-        max(its arrival, `wake_after`) instead. Returns the time reached."""
+        then. A result that `wakes` the judge (the daemon's `wakes_judge`: a failure that can
+        change a verdict) arriving, with `wake_after` set, stops at max(its arrival,
+        `wake_after`) instead. Returns the time reached."""
         while self.queue and self.queue[0][0] < until:
             at, _, kind, item = heapq.heappop(self.queue)
             if kind == "arrival":
                 deliver.append((at, item))  # type: ignore[arg-type]
-                if wake_after is not None and not item.ok:  # type: ignore[attr-defined]
+                if wake_after is not None and wakes(item):  # type: ignore[arg-type]
                     until = min(until, max(at, wake_after))
                 continue
             key, version = item  # type: ignore[misc]
@@ -359,6 +368,10 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
     observe_flaps = scenario.flap is not None
     suspicion = policy.suspicion
     hold = 2 * judge_delay(TICK, suspecting=True, policy=suspicion)
+
+    def wakes(result: Result) -> bool:
+        return wakes_judge(result, ours.judge.verdicts, ours.judge.set_aside)
+
     t = 0.0
     suspecting = False
     while t < duration:
@@ -367,7 +380,7 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
         delay = judge_delay(TICK, suspecting, suspicion)
         wake_after = t + min(delay, suspicion.judge_every) if suspicion.enabled else None
         arrived: list[tuple[float, Result]] = []
-        t = loop.run_until(t + delay, arrived, wake_after)
+        t = loop.run_until(t + delay, arrived, wake_after, wakes)
         for at, result in arrived:
             fault = scenario.active(result.region, result.probe, result.vantage, result.started_at - stream.start)
             if fault and result_of.first_fault is None and faulty(scenario, result):

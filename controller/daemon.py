@@ -23,7 +23,7 @@ from controller.events.kinds import VerdictChanged
 from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
-from controller.judging.suspicion import judge_delay, suspects
+from controller.judging.suspicion import judge_delay, suspects, wakes_judge
 from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
@@ -120,7 +120,9 @@ class Daemon:
         key = (result.region, result.probe, result.vantage)
         failing = self._passes_since_failure
         if not result.ok:
-            if self.config.policy.verdicts.suspicion.enabled and self._news(result):
+            if self.config.policy.verdicts.suspicion.enabled and wakes_judge(
+                result, self.judge.verdicts, self.judge.set_aside
+            ):
                 self._judge_wake.set()
             if key not in failing:
                 log.info(
@@ -195,17 +197,6 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay - gap):
                     await self._judge_wake.wait()  # a failure is judged (and suspected) at once
-
-    def _news(self, result: Result) -> bool:
-        """Whether a failed result can change what the judge says, so it should look at once: not
-        from a vantage set aside, not of a probe its region's verdict already holds against it
-        (a long outage would otherwise have the judge run at `judge_every` throughout)."""
-        if result.vantage in self.judge.set_aside:
-            return False
-        verdict = self.judge.verdicts.get(result.region)
-        if verdict is None or verdict.status not in ("degraded", "unhealthy"):
-            return True
-        return result.probe not in verdict.troubles
 
     def _probe_suspects(self, hold: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass

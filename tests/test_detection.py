@@ -284,24 +284,19 @@ def test_one_slow_result_among_a_minute_at_ten_seconds_does_not_break_the_latenc
 
 
 def test_a_fault_is_over_only_when_twenty_results_lean_healthy_not_one_window_of_six():
-    # Probes every 10 s: a 40% fault on api for 6 minutes, then a quiet minute (6 passes, as a
-    # flapping fault shows one time in five). One window of six is too little to call it over.
-    windows = WindowStore(POLICY.history)
-    for region in REGIONS:
-        for probe in PROBES:
-            for i in range(42):
-                failed = region == "eu-west-1" and probe == "api" and i < 36 and i % 5 in (0, 2)
-                windows.add(Result(region, probe, "controller", 1000.0 + 10 * i, ok=not failed, latency=0.05))
-    judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
-    judge.judge(windows, 1000.0 + 10 * 41 + 1)
-    verdict = judge.verdicts["eu-west-1"]
-    assert verdict.status == "degraded", verdict.reasons
-    quiet = WindowStore(POLICY.history)  # twenty quiet results: over
-    for region in REGIONS:
-        for probe in PROBES:
-            for i in range(56):
-                failed = region == "eu-west-1" and probe == "api" and i < 36 and i % 5 in (0, 2)
-                quiet.add(Result(region, probe, "controller", 1000.0 + 10 * i, ok=not failed, latency=0.05))
-    judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
-    judge.judge(quiet, 1000.0 + 10 * 55 + 1)
-    assert judge.verdicts["eu-west-1"].status == "healthy", judge.verdicts["eu-west-1"].reasons
+    # Probes every 10 s: a 40% fault on api for 6 minutes, then quiet (a minute of it, six passes,
+    # is what a flapping fault shows one time in five). One window of six is too little to call
+    # the fault over; twenty passes are enough.
+    def status_after(results: int) -> Verdict:
+        windows = WindowStore(POLICY.history)
+        for region in REGIONS:
+            for probe in PROBES:
+                for i in range(results):
+                    failed = region == "eu-west-1" and probe == "api" and i < 36 and i % 5 in (0, 2)
+                    windows.add(Result(region, probe, "controller", 1000.0 + 10 * i, ok=not failed, latency=0.05))
+        judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
+        judge.judge(windows, 1000.0 + 10 * (results - 1) + 1)
+        return judge.verdicts["eu-west-1"]
+
+    assert status_after(42).status == "degraded", status_after(42).reasons
+    assert status_after(56).status == "healthy", status_after(56).reasons

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from controller.judging.verdicts import Verdict
     from controller.judging.windows import Window, WindowStore
     from controller.settings.policy import SuspicionPolicy, VerdictPolicy
+    from probes.results import Result
 
 # A region in one of these holds its troubled probes: decided, no extra samples needed.
 _DECIDED = frozenset({"degraded", "unhealthy"})
@@ -117,6 +118,18 @@ def _slow(evidence: Mapping[str, Any], fraction: float) -> dict[str, list[str]]:
         if found.get("slower") and threshold > 0 and llr >= fraction * threshold:
             out[probe] = sorted(found.get("baseline") or {})
     return out
+
+
+def wakes_judge(result: Result, verdicts: Mapping[str, Verdict], set_aside: Collection[str]) -> bool:
+    """Whether a result can change what the judge says, so it should look at once: a failure,
+    not from a vantage set aside, not of a probe its region's verdict already holds against it
+    (a long outage would otherwise have the judge run at `judge_every` throughout)."""
+    if result.ok or result.vantage in set_aside:
+        return False
+    verdict = verdicts.get(result.region)
+    if verdict is None or verdict.status not in _DECIDED:
+        return True
+    return result.probe not in verdict.troubles
 
 
 def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy) -> float:  # noqa: FBT001
