@@ -107,7 +107,7 @@ class Baselines:
         for index in [i for i in state.summaries if i < first]:
             del state.summaries[index]
         # Only slices not summarised yet are read: the newest (partial) one, and any complete one
-        # a refresh has not seen (a walk back from the newest result that stops there).
+        # a refresh has not seen (one look at the window from the first of them on).
         # A slice whose results the window no longer holds (the key went unjudged for a while,
         # or the daemon started since) stays missing: it is not read again.
         oldest = window.first_at()

@@ -61,7 +61,7 @@ def suspects(
     leaning: list[Target] = []
     for region, names in probes.items():
         verdict = verdicts.get(region)
-        held = verdict.troubles if verdict is not None and verdict.status in _DECIDED else frozenset()
+        held = _held(verdict)
         for (probe, vantage), window in windows.region(region).items():
             last = window.last_failure()
             if (
@@ -126,10 +126,12 @@ def wakes_judge(result: Result, verdicts: Mapping[str, Verdict], set_aside: Coll
     (a long outage would otherwise have the judge run at `judge_every` throughout)."""
     if result.ok or result.vantage in set_aside:
         return False
-    verdict = verdicts.get(result.region)
-    if verdict is None or verdict.status not in _DECIDED:
-        return True
-    return result.probe not in verdict.troubles
+    return result.probe not in _held(verdicts.get(result.region))
+
+
+def _held(verdict: Verdict | None) -> frozenset[str]:
+    """The probes a region's verdict holds against it: decided, no extra samples needed."""
+    return verdict.troubles if verdict is not None and verdict.status in _DECIDED else frozenset()
 
 
 def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy) -> float:  # noqa: FBT001
