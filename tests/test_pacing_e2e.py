@@ -121,7 +121,9 @@ async def running(world, route53, tmp_path: Path):
     async with FaultProxy(route53.url) as proxy:
         path = write_config(tmp_path, world, proxy.url, zone_id, name, port)
         async with watch_weights(route53, zone_id, name) as held, daemon(path, f"http://127.0.0.1:{port}") as http:
-            await until(http, lambda s: all(r["verdict"] and r["verdict"]["status"] == "healthy" for r in s["regions"]), 30, "health")
+            # A region has no verdict until its first judgement: wait for every one to be healthy.
+            healthy = lambda s: all(r["verdict"] and r["verdict"]["status"] == "healthy" for r in s["regions"])  # noqa: E731
+            await until(http, healthy, 30, "health")
             yield proxy, held, http, zone_id, name
 
 
