@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import random
+from itertools import pairwise
 
-from controller.judging.baselines import REFRESHES, Baseline, Baselines
+from controller.judging.baselines import Baseline, Baselines, _phase
 from controller.judging.windows import Window
 from controller.settings.policy import VerdictPolicy
 from controller.state.store import Store
@@ -43,18 +43,50 @@ def test_a_young_key_has_a_baseline_from_the_older_half_of_its_first_results():
 
 
 def test_refreshes_follow_the_key_s_own_clock_not_minute_boundaries():
-    window = window_of([(i, 0.1) for i in range(300)])
+    window = window_of([(i, 0.1 + 0.001 * (i // 60)) for i in range(400)])
     baselines = Baselines(POLICY)
-    first = baselines.of(KEY, window, T0 + 230)
-    assert first is not None
-    every = POLICY.window / REFRESHES
-    # A wall-clock minute boundary in between changes nothing: the next refresh is 15 s later.
-    boundary = math.ceil((T0 + 230) / 60) * 60
-    assert boundary - (T0 + 230) < every
-    assert baselines.of(KEY, window, boundary + 0.5) is first
-    later = baselines.of(KEY, window, T0 + 230 + every)
-    assert later is not None
-    assert later.at == T0 + 230 + every
+    changed = []
+    last = None
+    for tick in range(2 * 200):
+        now = T0 + 200 + tick / 2
+        baseline = baselines.of(KEY, window, now)
+        if baseline is not last:
+            changed.append(now)
+            last = baseline
+    grown = changed[2:]  # the young key's first baseline, then its first from complete slices
+    assert len(grown) >= 2
+    # A grown key's baseline changes once a verdict window, when one of its slices completes:
+    # at its own first result's offset plus its phase, not on wall-clock minute boundaries.
+    assert [b - a for a, b in pairwise(grown)] == [POLICY.window] * (len(grown) - 1)
+    offset = T0 + POLICY.window + _phase(KEY, POLICY.window)
+    for at in grown:
+        assert 0 <= (at - offset) % 60 < 0.5  # the first half-second tick at or after it
+        assert 1 < at % 60 < 59
+
+
+def test_keys_started_together_summarise_their_slices_in_different_ticks():
+    # 600 keys with their first result in the same second: a judge tick reads a few slices, not
+    # all 600 at once when a minute completes.
+    keys = [("eu-west-1", f"probe-{i}", f"vantage-{i % 5}") for i in range(600)]
+    windows = {}
+    for key in keys:
+        windows[key] = Window(POLICY.history)
+        for i in range(400):
+            windows[key].add(Result(*key, T0 + i, ok=True, latency=0.1 + 0.001 * (i // 60)))
+    baselines = Baselines(POLICY)
+    last = {key: baselines.of(key, windows[key], T0 + 200) for key in keys}
+    per_tick = []
+    for tick in range(1, 120):
+        now = T0 + 200 + tick
+        changed = 0
+        for key in keys:
+            baseline = baselines.of(key, windows[key], now)
+            changed += baseline is not last[key]
+            last[key] = baseline
+        per_tick.append(changed)
+    grown = per_tick[60:]  # past every key's first baseline from complete slices
+    assert sum(grown) >= 600 * 0.9  # each key once a minute...
+    assert max(grown) <= 40  # ... about 10 a second, never all together
 
 
 def test_a_slowdown_becomes_the_new_normal_once_it_fills_half_the_baseline_and_the_floor_later():
@@ -80,16 +112,18 @@ def test_a_live_window_keeps_minutes_of_results_and_the_baseline_remembers_its_h
     assert POLICY.history <= POLICY.slowdown.baseline / 3  # the patient error test's 10 minutes
     window, baselines = Window(POLICY.history), Baselines(POLICY)
     medians = {}
-    for i in range(60 * 47):
+    for i in range(60 * 49):
         now = T0 + i
         window.add(Result(*KEY, now, ok=True, latency=0.1 if i < 60 * 30 else 0.3))
         window.trim(now)
         baseline = baselines.of(KEY, window, now)
-        if i in (60 * 44, 60 * 47 - 1):
+        if i in (60 * 44, 60 * 49 - 1):
             assert baseline is not None
             medians[i // 60] = baseline.median
-    assert (window.first_at() or 0) >= T0 + 60 * 47 - 1 - POLICY.history
-    assert medians == {44: 0.1, 46: 0.3}  # 13 slow minutes of 30 still the old normal; 16 the new
+    assert (window.first_at() or 0) >= T0 + 60 * 49 - 1 - POLICY.history
+    # The span ends one to two windows back: 12 or 13 slow minutes of 30 are still the old
+    # normal at minute 44; at minute 48, 16 or 17 are the new one.
+    assert medians == {44: 0.1, 48: 0.3}
 
 
 def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra_results():

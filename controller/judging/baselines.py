@@ -11,17 +11,22 @@ slices, so a slowdown becomes the new normal only once it fills half the baselin
 the 1 - quantile of it that a plain quantile would allow; one slice's own value, never a blend
 of an old and a new normal.
 
-Nothing follows the wall clock: slices start at each key's first result, each key refreshes
-`REFRESHES` times a verdict window from its own last refresh, and a slice once complete is
-summarised once. A young key (less than two verdict windows of results) takes the older half of
-what it has, so a fresh daemon judges slowdowns from its first `2 x min_baseline_samples`
-results. Baselines are saved in the state store (see `controller.state.baselines`) and a restart
-starts from them until its own history suffices.
+Nothing follows the wall clock: slices start at each key's first result and a slice once
+complete is summarised once. A young key (its complete slices hold fewer than
+`min_baseline_samples` results) refreshes `REFRESHES` times a verdict window from its own last
+refresh and takes the older half of what it has, so a fresh daemon judges slowdowns from its
+first `2 x min_baseline_samples` results. A grown key's baseline is its complete slices alone and
+changes only when one completes; the span of each key ends up to one more verdict window back, by
+a fixed share of a window that is its own (`_phase`), so the keys a daemon started together do
+not all summarise a slice in the same tick: a judge tick reads about keys / window-seconds slices,
+not every key's at once. Baselines are saved in the state store (see `controller.state.baselines`)
+and a restart starts from them until its own history suffices.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -61,8 +66,10 @@ class _Slice(NamedTuple):
 class _Key:
     anchor: float  # the key's first result: slices are counted from it
     summaries: dict[int, _Slice] = field(default_factory=dict)  # complete slices, summarised once
+    phase: float = 0.0  # seconds: how much further back than `window` a grown key's span ends
     baseline: Baseline | None = None
     refreshed: float = -math.inf
+    grown: tuple[int, int] | None = None  # a grown key's (first, last complete) slice, as computed
 
 
 class Baselines:
@@ -82,8 +89,10 @@ class Baselines:
             first = window.first_at()
             if first is None:
                 return self._stored(key, now)
-            state = self._keys[key] = _Key(anchor=first)
-        if now - state.refreshed >= p.window / REFRESHES:
+            state = self._keys[key] = _Key(anchor=first, phase=_phase(key, p.window))
+        if state.grown is not None:
+            state.baseline = self._grown(state, window, now)
+        elif now - state.refreshed >= p.window / REFRESHES:
             state.refreshed = now
             state.baseline = self._compute(state, window, now)
         return state.baseline or self._stored(key, now)
@@ -131,11 +140,44 @@ class Baselines:
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
+        if sum(s.samples for s in state.summaries.values() if s.number >= first) >= p.slowdown.min_baseline_samples:
+            state.grown = (-1, -1)  # its complete slices suffice from now on (see `_grown`)
+        return self._weighed(slices, end, state.anchor, count, now)
+
+    def _grown(self, state: _Key, window: Window, now: float) -> Baseline | None:
+        """A grown key's baseline: its complete slices, over the span ending `window + phase`
+        back; recomputed only when a slice completes or leaves the span (two floors a call else)."""
+        p = self.policy
+        span = p.window
+        end = now - span - state.phase
+        first = math.floor((end - p.slowdown.baseline - state.anchor) / span)
+        last_complete = math.floor((end - state.anchor) / span) - 1
+        if state.grown == (first, last_complete):
+            return state.baseline
+        state.grown = (first, last_complete)
+        for index in [i for i in state.summaries if i < first]:
+            del state.summaries[index]
+        if last_complete not in state.summaries:  # the slice that has just completed, read once
+            start = state.anchor + last_complete * span
+            found = [s for s in window.samples(start + span, span) if s.at > start]
+            summary = self._summary(last_complete, found)
+            if summary is not None:
+                state.summaries[last_complete] = summary
+        slices = [s for s in state.summaries.values() if first <= s.number <= last_complete]
+        count = sum(s.samples for s in slices)
+        if count < p.slowdown.min_baseline_samples:
+            return None
+        return self._weighed(slices, state.anchor + (last_complete + 1) * span, state.anchor, count, now)
+
+    def _weighed(self, slices: list[_Slice], end: float, anchor: float, count: int, now: float) -> Baseline:
+        """The baseline of `slices`, each weighing the time it covers of the span ending `end`."""
+        p = self.policy
+        span = p.window
         start_of = end - p.slowdown.baseline
         weighted = [
             s._replace(weight=min(end, at + span) - max(start_of, at))
             for s in slices
-            for at in (state.anchor + s.number * span,)
+            for at in (anchor + s.number * span,)
         ]
         return Baseline(
             _weighted_quantile(weighted, "slow", 0.5),
@@ -167,6 +209,11 @@ class Baselines:
                 out.extend(latency / normal for latency in latencies)
                 slow += sum(latency > base.slow for latency in latencies)
         return out, slow
+
+
+def _phase(key: WindowKey, span: float) -> float:
+    """A share of `span` that is the key's own and the same in every run (not `hash`)."""
+    return span * (zlib.crc32("/".join(key).encode()) / 2**32)
 
 
 def _weighted_quantile(slices: list[_Slice], what: str, q: float) -> float:
