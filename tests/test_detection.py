@@ -12,7 +12,8 @@ from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
-from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures
+from controller.judging.sequential import Llr, SlidingCusum, cusum, failure_cusum_bound, failures, slower
+from controller.judging.slowdown import SlowdownDetector
 from controller.judging.verdicts import Judge, Verdict
 from controller.judging.windows import Window, WindowStore
 from controller.settings.policy import ErrorTest, VerdictPolicy
@@ -134,6 +135,43 @@ def test_the_failure_bound_is_never_below_the_cusum_and_equals_it_without_ties(o
     times = [tenths for _, tenths, _ in outcomes]
     if len(set(times)) == len(times):
         assert bound == pytest.approx(statistic, abs=1e-9)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 1500), st.integers(0, 3)), max_size=300),
+)
+def test_the_slowdown_bound_followed_as_results_come_is_never_below_the_test(outcomes):
+    # Results come in any order (late ones too) and the baseline's limit moves now and then;
+    # after every result, the sum of the vantages' followed statistics must be at least the
+    # test's statistic over the pooled window, or a slowdown would be skipped.
+    detector = SlowdownDetector(POLICY)
+    windows = {v: Window(POLICY.history) for v in "abc"}
+    limits = dict.fromkeys("abc", 0.2)
+    now = 0.0
+    for vantage, tenths, kind in outcomes:  # 0 fast, 1 slow, 2 failed, 3 the limit moves
+        if kind == 3:
+            limits[vantage] = 0.5 if limits[vantage] == 0.2 else 0.2
+        at = tenths / 10
+        windows[vantage].add(Result("eu-west-1", "api", vantage, at, ok=kind != 2, latency=0.3 if kind else 0.1))
+        now = max(now, at)
+        samples = {v: w.samples(now, POLICY.window) for v, w in windows.items()}
+        statistic = cusum(slower(samples, limits), detector.llr).statistic
+        bound = sum(detector._bound(("eu-west-1", "api", v), w, limits[v], now) for v, w in windows.items())
+        assert bound >= statistic - 1e-9
+
+
+@given(st.lists(st.booleans(), max_size=200), st.integers(1, 60))
+def test_a_sliding_cusum_equals_the_cusum_of_its_span_but_for_the_run_that_began_before_it(outcomes, span):
+    llr = Llr.of(ErrorTest())
+    sliding = SlidingCusum(float(span))
+    for i, bad in enumerate(outcomes):
+        sliding.add(float(i), llr.bad if bad else llr.good)
+        events = [(float(j), "v", b) for j, b in enumerate(outcomes[: i + 1]) if j > i - span]
+        exact = cusum(events, llr).statistic
+        statistic = sliding.statistic(float(i))
+        assert statistic >= exact - 1e-9
+        if i < span:  # nothing has left the span yet
+            assert statistic == pytest.approx(exact, abs=1e-9)
 
 
 # --- detection on generated streams ----------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -110,6 +111,45 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
         bad=sum(b for _, b in by_vantage.values()),
         by_vantage=by_vantage,
     )
+
+
+class SlidingCusum:
+    """The CUSUM statistic of one stream of outcomes over the last `span` seconds, kept as they
+    come (O(1) a result, amortised): the last running total less the lowest running total in the
+    span (a deque of the running minima). Outcomes must come in time order. The lowest kept may
+    be one from before the span, never more than the true lowest: what `statistic` gives is at
+    least what `cusum` of the same outcomes gives, equal to it while nothing has left the span."""
+
+    __slots__ = ("_group", "_lows", "span", "total")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self.total = 0.0
+        self._lows: deque[tuple[float, float]] = deque([(-math.inf, 0.0)])  # (when, running total)
+        # Outcomes at the same time: (when, the total before them, their good steps). `cusum`
+        # sorts the good ones of a time first, so the lowest total of the time is the one
+        # before them plus all of its good steps, whatever order they came in.
+        self._group = (math.nan, 0.0, 0.0)
+
+    def add(self, at: float, step: float) -> None:
+        when, before, goods = self._group
+        if at != when:
+            before, goods = self.total, 0.0
+        if step < 0:
+            goods += step
+        self._group = (at, before, goods)
+        self.total += step
+        low = min(self.total, before + goods)
+        lows = self._lows
+        while lows and lows[-1][1] >= low:
+            lows.pop()
+        lows.append((at, low))
+
+    def statistic(self, now: float) -> float:
+        lows, horizon = self._lows, now - self.span
+        while len(lows) > 1 and lows[1][0] <= horizon:  # keep the newest low before the span
+            lows.popleft()
+        return self.total - min(lows[0][1], self.total)
 
 
 def failure_cusum_bound(windows: Iterable[Window], now: float, span: float, llr: Llr) -> float:

@@ -4,6 +4,7 @@ so a region 50% slower than usual is caught even far under any fixed objective.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +19,23 @@ from controller.judging.findings import (
     vantages_text,
 )
 from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
-from controller.judging.sequential import Llr, cusum, slower
+from controller.judging.sequential import Llr, SlidingCusum, cusum, slower
 
 if TYPE_CHECKING:
     from controller.judging.verdicts import RegionView
+    from controller.judging.windows import Window, WindowKey
     from controller.settings.policy import VerdictPolicy
+
+
+class _Track:
+    """One key's slow outcomes against one limit, followed as results come (see `_bound`)."""
+
+    __slots__ = ("added", "ahead", "cusum", "late", "limit", "window")
+
+    def __init__(self, window: Window, limit: float, span: float) -> None:
+        self.window, self.limit = window, limit
+        self.cusum = SlidingCusum(span)
+        self.added, self.late, self.ahead = window.added, window.late, -math.inf
 
 
 class SlowdownDetector(SequentialDetector):
@@ -38,6 +51,28 @@ class SlowdownDetector(SequentialDetector):
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
         self.baselines = baselines if baselines is not None else Baselines(policy)
+        self._tracks: dict[WindowKey, _Track] = {}
+
+    def _bound(self, key: WindowKey, window: Window, limit: float, now: float) -> float:
+        """At least the slowdown statistic of one vantage's results over the verdict window,
+        kept as results come: O(new results), where the test itself walks the window. The
+        pooled statistic is at most the sum of the vantages' (a run of the pooled outcomes is
+        one run of each vantage's), so a probe whose sum stays under what could matter needs
+        no test this tick. Followed anew when the baseline's limit moves (once a verdict
+        window) or a result came late; infinite while a result is stamped ahead of `now`."""
+        track = self._tracks.get(key)
+        if track is not None and track.limit == limit and track.late == window.late and track.window is window:
+            new = window.newest(window.added - track.added)
+        else:
+            track = self._tracks[key] = _Track(window, limit, self.policy.window)
+            new = window.after(now - self.policy.window)
+        cusum_, bad, good = track.cusum, self.llr.bad, self.llr.good
+        for sample in new:
+            track.ahead = max(track.ahead, sample.at)
+            if sample.ok:
+                cusum_.add(sample.at, bad if sample.latency > limit else good)
+        track.added = window.added
+        return math.inf if track.ahead > now else cusum_.statistic(now)
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
@@ -48,13 +83,17 @@ class SlowdownDetector(SequentialDetector):
         evidence["baseline"] = {v: {"slow": round(b.slow, 4), "median": round(b.median, 4)} for v, b in base.items()}
         if not base:
             return "ok", None
+        # The effect size is looked at from where suspicion starts (see judging.suspicion).
+        start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
+        bound = sum(self._bound((view.region, probe, v), windows[v], b.slow, now) for v, b in base.items())
+        if bound < start * self.llr.threshold:  # the test could not reach where anything starts
+            evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
+            return "ok", None
         run = cusum(
             slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}),
             self.llr,
         )
         evidence.update(run_evidence(run, now))
-        # The effect size is looked at from where suspicion starts (see judging.suspicion).
-        start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
         if run.statistic / run.threshold < start or run.since is None:
             return "ok", None
         since = run.since

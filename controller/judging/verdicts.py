@@ -42,9 +42,15 @@ class RegionView:
     windows: Mapping[tuple[str, str], Window]  # (probe, vantage) -> window
     peers: Mapping[str, RegionView] = field(default_factory=dict)  # region -> view
     set_aside: Mapping[str, str] = field(default_factory=dict)  # vantage -> why
+    # The same windows by probe (probe -> vantage -> window), when the store keeps them so: a
+    # detector asks for one probe's windows without walking every window of the region.
+    by_probe: Mapping[str, Mapping[str, Window]] | None = None
 
     def windows_of(self, probe: str) -> dict[str, Window]:
         """The probe's windows from every vantage not set aside."""
+        if self.by_probe is not None:
+            found = self.by_probe.get(probe, {})
+            return {v: w for v, w in found.items() if v not in self.set_aside} if self.set_aside else dict(found)
         return {v: w for (p, v), w in self.windows.items() if p == probe and v not in self.set_aside}
 
 
@@ -144,7 +150,9 @@ class Judge:
         if self.policy is not None:
             self.set_aside = yield from set_aside_steps(windows, self.probes, self.policy, now)
         views = {
-            region: RegionView(region, probes, windows.region(region), set_aside=self.set_aside)
+            region: RegionView(
+                region, probes, windows.region(region), set_aside=self.set_aside, by_probe=windows.by_probe(region)
+            )
             for region, probes in self.probes.items()
         }
         transitions = []
@@ -152,7 +160,7 @@ class Judge:
         for region, probes in self.probes.items():
             yield
             peers = {r: v for r, v in views.items() if r != region}
-            view = RegionView(region, probes, views[region].windows, peers, self.set_aside)
+            view = RegionView(region, probes, views[region].windows, peers, self.set_aside, views[region].by_probe)
             assessments = {}
             for detector in self.detectors:
                 yield

@@ -80,7 +80,7 @@ class Window:
     tick costs per window does not grow with how much history the window holds.
     """
 
-    __slots__ = ("_failed_at", "_head", "_looked", "_samples", "_version", "span")
+    __slots__ = ("_failed_at", "_head", "_looked", "_samples", "_version", "added", "late", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
@@ -92,6 +92,10 @@ class Window:
         self._version = 0  # changes whenever the samples do
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
+        # How many results were ever added, and how many of them went in before a newer one: a
+        # reader that follows new results (`newest`) starts over when `late` moves.
+        self.added = 0
+        self.late = 0
 
     def __len__(self) -> int:
         return len(self._samples) - self._head
@@ -104,11 +108,13 @@ class Window:
         skewed agent) cannot push out samples that are still current."""
         sample = Sample(result.started_at, result.ok, result.latency, result.error_class, result.reason == "scheduled")
         self._version += 1
+        self.added += 1
         samples = self._samples
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the front stays correct.
         if len(self) and sample.at < samples[-1].at:
             insort(samples, sample, lo=self._head, key=_AT)
+            self.late += 1
         else:
             samples.append(sample)
         if not sample.ok:
@@ -127,6 +133,14 @@ class Window:
         if self._head >= COMPACT_AFTER and self._head * 2 >= len(self._samples):
             del self._samples[: self._head]
             self._head = 0
+
+    def after(self, at: float) -> list[Sample]:
+        """The samples that started after `at`, stamped ahead of any clock or not."""
+        return self._samples[bisect_right(self._samples, at, lo=self._head, key=_AT) :]
+
+    def newest(self, count: int) -> list[Sample]:
+        """The last `count` samples kept (the newest `count` added, while `late` has not moved)."""
+        return self._samples[len(self._samples) - min(count, len(self)) :]
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
@@ -224,6 +238,7 @@ class WindowStore:
         self.span = span
         self._windows: dict[WindowKey, Window] = {}
         self._by_region: dict[str, dict[tuple[str, str], Window]] = {}
+        self._by_probe: dict[str, dict[str, dict[str, Window]]] = {}  # region -> probe -> vantage -> window
 
     def add(self, result: Result) -> None:
         key = (result.region, result.probe, result.vantage)
@@ -231,11 +246,16 @@ class WindowStore:
         if window is None:
             window = self._windows[key] = Window(self.span)
             self._by_region.setdefault(result.region, {})[(result.probe, result.vantage)] = window
+            self._by_probe.setdefault(result.region, {}).setdefault(result.probe, {})[result.vantage] = window
         window.add(result)
 
     def region(self, region: str) -> dict[tuple[str, str], Window]:
         """(probe, vantage) -> window for one region."""
         return self._by_region.get(region, {})
+
+    def by_probe(self, region: str) -> dict[str, dict[str, Window]]:
+        """probe -> vantage -> window for one region."""
+        return self._by_probe.get(region, {})
 
     def trim(self, now: float) -> None:
         for window in self._windows.values():
