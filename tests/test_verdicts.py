@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -307,3 +309,44 @@ def test_a_window_answers_as_a_plain_filter_of_what_it_kept(outcomes, trims, now
             break
         run.append(scheduled)
     assert window.last_failed(2, now, span) == (sum(run) >= 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 400), st.booleans(), st.integers(1, 50)), max_size=700),
+    st.lists(st.floats(0, 450), min_size=1, max_size=30),
+    st.sampled_from([30.0, 60.0]),
+)
+def test_a_span_view_followed_as_results_come_answers_as_the_samples_do(outcomes, looks, span):
+    # The threshold detector's counts and latency quantile come from each window's span view,
+    # moved on at every look (and started over when the clock goes back or a result comes
+    # late): at every look it must hold what the samples within (now - span, now] hold.
+    window = Window(span=120)
+    looks = sorted(looks)[: len(looks) // 2] + looks[len(looks) // 2 :]  # mostly forward, then any
+    every = max(1, len(outcomes) // len(looks))
+    for i, (at, ok, tenths) in enumerate(outcomes):
+        window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=tenths / 10))
+        if i % every == 0:
+            now = looks[(i // every) % len(looks)]
+            window.trim(now)
+            samples = window.samples(now, span)
+            count, latencies = window.view(now, span)
+            assert count == len(samples)
+            assert latencies == sorted(s.latency for s in samples if s.ok)
+            stats = WindowStats.of([window], now, span)
+            assert stats == WindowStats.pooled(samples)
+
+
+def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches():
+    # Ten results a second for 200 s, a 60 s window trimmed and looked at every second: the
+    # trimmed front is dropped in batches (COMPACT_AFTER) under a live view.
+    window = Window(span=60)
+    rng = random.Random(3)
+    for second in range(200):
+        for tenth in range(10):
+            at = second + tenth / 10
+            window.add(Result("eu-west-1", "api", "controller", at, ok=rng.random() > 0.1, latency=rng.random()))
+        now = second + 1.0
+        window.trim(now)
+        samples = window.samples(now, 30)
+        assert window.view(now, 30) == (len(samples), sorted(s.latency for s in samples if s.ok))

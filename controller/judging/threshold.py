@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import binom
@@ -164,7 +163,7 @@ class ThresholdDetector:
         if not fresh_windows:
             what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
             return "unknown", what, evidence
-        stats = WindowStats.pooled(list(chain.from_iterable(w.samples(now, p.window) for w in fresh_windows.values())))
+        stats = WindowStats.of(fresh_windows.values(), now, p.window)
         quantile = stats.latency_quantile(p.latency.quantile)
         q_name = f"latency_p{round(p.latency.quantile * 100):d}"
         evidence.update(

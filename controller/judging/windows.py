@@ -9,7 +9,7 @@ serve the daemon, the tests and the offline benchmarks.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
@@ -57,6 +57,25 @@ class WindowStats:
         return self.latencies[rank - 1]
 
     @classmethod
+    def of(cls, windows: Iterable[Window], now: float, span: float) -> WindowStats:
+        """`pooled` of every window's samples within (now - span, now], from each window's
+        span view (kept as results come and go: no walk over the samples) and, only where a
+        result failed, the failed ones' error classes."""
+        kept = list(windows)
+        samples, failures = 0, 0
+        errors: Counter[str] = Counter()
+        latencies: list[float] = []
+        for window in kept:
+            count, ok = window.view(now, span)
+            samples += count
+            latencies.extend(ok)
+            if count > len(ok):
+                failures += count - len(ok)
+                errors.update(s.error_class or "unknown" for s in window.samples(now, span) if not s.ok)
+        latencies.sort()
+        return cls(samples, failures, dict(errors), tuple(latencies))
+
+    @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
         samples = list(samples)
         latencies = sorted([s.latency for s in samples if s.ok])
@@ -72,6 +91,36 @@ _AT = itemgetter(0)  # a sample's start time, for bisect
 COMPACT_AFTER = 256
 
 
+class _SpanView:
+    """One span of a window followed as `now` moves on: the samples within (now - span, now]
+    are those from `head` to `end` of the window's list, and `latencies` holds the successful
+    ones' latencies, sorted. Moving on adds the samples `now` has reached and drops those that
+    left, one insort or one deletion each: O(new results) a look, not O(samples in the span)."""
+
+    __slots__ = ("end", "head", "latencies", "now", "span")
+
+    def __init__(self, samples: list[Sample], lo: int, now: float, span: float) -> None:
+        self.span, self.now = span, now
+        self.head = bisect_right(samples, now - span, lo=lo, key=_AT)
+        self.end = bisect_right(samples, now, lo=self.head, key=_AT)
+        self.latencies = sorted([s.latency for s in samples[self.head : self.end] if s.ok])
+
+    def move(self, samples: list[Sample], now: float) -> None:
+        latencies = self.latencies
+        end = self.end
+        while end < len(samples) and samples[end].at <= now:
+            if samples[end].ok:
+                insort(latencies, samples[end].latency)
+            end += 1
+        self.end = end
+        head, horizon = self.head, now - self.span
+        while head < end and samples[head].at <= horizon:
+            if samples[head].ok:
+                del latencies[bisect_left(latencies, samples[head].latency)]
+            head += 1
+        self.head, self.now = head, now
+
+
 class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds.
 
@@ -80,7 +129,7 @@ class Window:
     tick costs per window does not grow with how much history the window holds.
     """
 
-    __slots__ = ("_failed_at", "_head", "_looked", "_samples", "_version", "added", "late", "span")
+    __slots__ = ("_failed_at", "_head", "_looked", "_samples", "_version", "_view", "added", "late", "span")
 
     def __init__(self, span: float) -> None:
         self.span = span
@@ -96,6 +145,7 @@ class Window:
         # reader that follows new results (`newest`) starts over when `late` moves.
         self.added = 0
         self.late = 0
+        self._view: _SpanView | None = None  # see `view`
 
     def __len__(self) -> int:
         return len(self._samples) - self._head
@@ -115,6 +165,7 @@ class Window:
         if len(self) and sample.at < samples[-1].at:
             insort(samples, sample, lo=self._head, key=_AT)
             self.late += 1
+            self._view = None  # its indices no longer hold
         else:
             samples.append(sample)
         if not sample.ok:
@@ -125,6 +176,7 @@ class Window:
         if len(self) > MAX_SAMPLES:
             dropped = samples[self._head]
             self._head += 1
+            self._view = None
             if not dropped.ok:
                 self._failed_at.popleft()
             self._compact()
@@ -132,6 +184,9 @@ class Window:
     def _compact(self) -> None:
         if self._head >= COMPACT_AFTER and self._head * 2 >= len(self._samples):
             del self._samples[: self._head]
+            if self._view is not None:
+                self._view.head -= self._head
+                self._view.end -= self._head
             self._head = 0
 
     def after(self, at: float) -> list[Sample]:
@@ -185,6 +240,17 @@ class Window:
         found = samples[lo : bisect_right(samples, now, lo=lo, key=_AT)]
         self._looked = (now, span, self._version, found)
         return found
+
+    def view(self, now: float, span: float) -> tuple[int, list[float]]:
+        """How many samples are within (now - span, now], and the successful ones' latencies,
+        sorted (the list is the window's own: do not change it). Followed from the last look
+        while `now` only moves on and the span stays the same; started over otherwise."""
+        view = self._view
+        if view is None or view.span != span or now < view.now or view.head < self._head:
+            view = self._view = _SpanView(self._samples, self._head, now, span)
+        else:
+            view.move(self._samples, now)
+        return view.end - view.head, view.latencies
 
     def failures(self, now: float, span: float | None = None) -> int:
         """How many of `samples(now, span)` failed, from the failure times alone."""
