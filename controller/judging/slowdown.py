@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from bisect import bisect_right
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import mannwhitneyu
@@ -22,20 +24,66 @@ from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
 from controller.judging.sequential import Llr, SlidingCusum, cusum, slower
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from controller.judging.sequential import Event
     from controller.judging.verdicts import RegionView
-    from controller.judging.windows import Window, WindowKey
+    from controller.judging.windows import Sample, Window
     from controller.settings.policy import VerdictPolicy
 
 
-class _Track:
-    """One key's slow outcomes against one limit, followed as results come (see `_bound`)."""
+# Results at least this old are settled into a probe's running statistic (see `_Pooled`); newer
+# ones are looked at again each tick, so one that comes in after a later-started one (a slower
+# probe from another vantage) still goes in its place. One that comes later still starts over.
+SETTLE = 2.0
+# The limits a probe's outcomes are followed at: each vantage's limit rounded down to a step of
+# this grid. A result slower than the rounded limit counts slow, so the statistic followed is at
+# least the one at the true limits (more slow outcomes never lower a CUSUM); the follow starts
+# over only when a baseline moves a step, not every time it moves (once a verdict window each).
+GRID = 1.05
 
-    __slots__ = ("added", "ahead", "cusum", "late", "limit", "window")
 
-    def __init__(self, window: Window, limit: float, span: float) -> None:
-        self.window, self.limit = window, limit
+def _on_grid(limits: Mapping[str, float]) -> dict[str, float]:
+    return {v: GRID ** math.floor(math.log(limit, GRID)) if limit > 0 else 0.0 for v, limit in limits.items()}
+
+
+class _Pooled:
+    """One probe's slow outcomes, every vantage pooled in time order, followed as results come
+    (see `SlowdownDetector._bound`): the settled ones in a `SlidingCusum`, the last `SETTLE`
+    seconds' in `pending`."""
+
+    __slots__ = ("cusum", "limits", "pending", "seen", "settled_to")
+
+    def __init__(self, windows: Mapping[str, Window], limits: dict[str, float], span: float, now: float) -> None:
+        self.limits = limits
         self.cusum = SlidingCusum(span)
-        self.added, self.late, self.ahead = window.added, window.late, -math.inf
+        self.settled_to = -math.inf
+        self.pending: list[Event] = []
+        self.seen = {v: (w, w.added, w.late) for v, w in windows.items()}
+        for vantage, window in windows.items():
+            self.take(vantage, window.after(now - span))
+
+    def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float]) -> bool:
+        """Whether it still follows these windows at these limits (on the grid), no result
+        having come late."""
+        seen = self.seen
+        return (
+            limits == self.limits
+            and all(
+                (found := seen.get(v)) is not None and found[0] is w and found[2] == w.late for v, w in windows.items()
+            )
+            and len(seen) == len(windows)
+        )
+
+    def take(self, vantage: str, samples: Iterable[Sample]) -> bool:
+        """Add new samples; False when one is older than what is settled (start over)."""
+        limit, pending = self.limits[vantage], self.pending
+        for sample in samples:
+            if sample.at <= self.settled_to:
+                return False
+            if sample.ok:
+                pending.append((sample.at, vantage, sample.latency > limit))
+        return True
 
 
 class SlowdownDetector(SequentialDetector):
@@ -51,28 +99,46 @@ class SlowdownDetector(SequentialDetector):
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
         self.baselines = baselines if baselines is not None else Baselines(policy)
-        self._tracks: dict[WindowKey, _Track] = {}
+        self._pooled: dict[tuple[str, str], _Pooled] = {}
 
-    def _bound(self, key: WindowKey, window: Window, limit: float, now: float) -> float:
-        """At least the slowdown statistic of one vantage's results over the verdict window,
-        kept as results come: O(new results), where the test itself walks the window. The
-        pooled statistic is at most the sum of the vantages' (a run of the pooled outcomes is
-        one run of each vantage's), so a probe whose sum stays under what could matter needs
-        no test this tick. Followed anew when the baseline's limit moves (once a verdict
-        window) or a result came late; infinite while a result is stamped ahead of `now`."""
-        track = self._tracks.get(key)
-        if track is not None and track.limit == limit and track.late == window.late and track.window is window:
-            new = window.newest(window.added - track.added)
-        else:
-            track = self._tracks[key] = _Track(window, limit, self.policy.window)
-            new = window.after(now - self.policy.window)
-        cusum_, bad, good = track.cusum, self.llr.bad, self.llr.good
-        for sample in new:
-            track.ahead = max(track.ahead, sample.at)
-            if sample.ok:
-                cusum_.add(sample.at, bad if sample.latency > limit else good)
-        track.added = window.added
-        return math.inf if track.ahead > now else cusum_.statistic(now)
+    def _bound(
+        self, region: str, probe: str, windows: Mapping[str, Window], limits: dict[str, float], now: float
+    ) -> float:
+        """At least the slowdown statistic `cusum(slower(...))` of these windows over the
+        verdict window, followed as results come: O(new results) a tick, where the test walks
+        every result of the window. The statistic of the settled outcomes then the recent ones
+        is the larger of the recent ones' own and their sum plus the settled ones' (a run either
+        starts among the recent or takes them all). Followed at the limits rounded down (`GRID`);
+        started over when one moves a step, the vantages change or a result comes later than
+        `SETTLE`."""
+        span = self.policy.window
+        limits = _on_grid(limits)
+        pooled = self._pooled.get((region, probe))
+        fresh_start = pooled is None or not pooled.follows(windows, limits)
+        if not fresh_start and pooled is not None:
+            for vantage, window in windows.items():
+                _, added, _ = pooled.seen[vantage]
+                if not pooled.take(vantage, window.newest(window.added - added)):
+                    fresh_start = True
+                    break
+                pooled.seen[vantage] = (window, window.added, window.late)
+        if fresh_start or pooled is None:
+            pooled = self._pooled[region, probe] = _Pooled(windows, limits, span, now)
+        bad, good = self.llr.bad, self.llr.good
+        pending = pooled.pending
+        pending.sort()
+        cut = now - SETTLE
+        settled = bisect_right(pending, cut, key=itemgetter(0))
+        for at, _, is_bad in pending[:settled]:
+            pooled.cusum.add(at, bad if is_bad else good)
+        del pending[:settled]
+        pooled.settled_to = max(pooled.settled_to, cut)
+        best = total = 0.0
+        for at, _, is_bad in reversed(pending):
+            if at <= now:  # one stamped ahead of the clock is not in the test yet
+                total += bad if is_bad else good
+                best = max(best, total)
+        return max(best, total + pooled.cusum.statistic(now))
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
@@ -85,7 +151,8 @@ class SlowdownDetector(SequentialDetector):
             return "ok", None
         # The effect size is looked at from where suspicion starts (see judging.suspicion).
         start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
-        bound = sum(self._bound((view.region, probe, v), windows[v], b.slow, now) for v, b in base.items())
+        limits = {v: b.slow for v, b in base.items()}
+        bound = self._bound(view.region, probe, {v: windows[v] for v in base}, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
             return "ok", None
