@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, combine
-from controller.judging.windows import MAX_SAMPLES, Window, WindowStats, WindowStore
+from controller.judging.windows import AT, LATENCY, MAX_SAMPLES, OK, Window, WindowStats, WindowStore
 from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.results import Result
 
@@ -73,7 +73,7 @@ def test_window_keeps_only_the_last_span_seconds():
     assert stats.success_ratio == 0.5
     assert window.age(T0 + 25) == 6
     window.trim(T0 + 25)
-    assert [s.at for s in window.samples(T0 + 25)] == [T0 + i for i in range(16, 20)]
+    assert [s[AT] for s in window.samples(T0 + 25)] == [T0 + i for i in range(16, 20)]
 
 
 def test_window_memory_is_bounded_between_trims():
@@ -82,7 +82,7 @@ def test_window_memory_is_bounded_between_trims():
         window.add(result(T0 + i * 0.001))
     samples = list(window.samples(T0 + 100))
     assert len(samples) == MAX_SAMPLES
-    assert samples[0].at == T0 + 5 * 0.001  # the oldest went first
+    assert samples[0][AT] == T0 + 5 * 0.001  # the oldest went first
 
 
 def test_window_accepts_a_late_result_in_its_place():
@@ -90,7 +90,7 @@ def test_window_accepts_a_late_result_in_its_place():
     window.add(result(T0 + 5))
     window.add(result(T0 + 2, ok=False, error_class="timeout"))
     window.add(result(T0 + 6))
-    assert [s.at for s in window.samples(T0 + 6)] == [T0 + 2, T0 + 5, T0 + 6]
+    assert [s[AT] for s in window.samples(T0 + 6)] == [T0 + 2, T0 + 5, T0 + 6]
     assert window.age(T0 + 6) == 0
 
 
@@ -272,7 +272,7 @@ def test_failure_counts_from_failure_times_match_the_samples(outcomes, now, span
     for at, ok in outcomes:  # out of order too
         window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=0.1))
     window.trim(trim_at)
-    assert window.failures(now, span) == sum(not s.ok for s in window.samples(now, span))
+    assert window.failures(now, span) == sum(not s[OK] for s in window.samples(now, span))
 
 
 @settings(max_examples=200, deadline=None)
@@ -297,7 +297,7 @@ def test_a_window_answers_as_a_plain_filter_of_what_it_kept(outcomes, trims, now
             kept = [k for k in kept if k[0] > cut - 60]
     kept.sort(key=lambda k: k[0])
     expected = [k for k in kept if now - span < k[0] <= now]
-    assert [(s.at, s.ok) for s in window.samples(now, span)] == [(at, ok) for at, ok, _ in expected]
+    assert [(s[AT], s[OK]) for s in window.samples(now, span)] == [(at, ok) for at, ok, _ in expected]
     assert len(window) == len(kept)
     assert window.first_at() == (kept[0][0] if kept else None)
     before = [k for k in kept if k[0] <= now]
@@ -332,7 +332,7 @@ def test_a_span_view_followed_as_results_come_answers_as_the_samples_do(outcomes
             samples = window.samples(now, span)
             count, latencies = window.view(now, span)
             assert count == len(samples)
-            assert latencies == sorted(s.latency for s in samples if s.ok)
+            assert latencies == sorted(s[LATENCY] for s in samples if s[OK])
             stats = WindowStats.of([window], now, span)
             assert stats == WindowStats.pooled(samples)
 
@@ -349,4 +349,4 @@ def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches()
         now = second + 1.0
         window.trim(now)
         samples = window.samples(now, 30)
-        assert window.view(now, 30) == (len(samples), sorted(s.latency for s in samples if s.ok))
+        assert window.view(now, 30) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from controller.judging.findings import samples_since
+from controller.judging.windows import AT, LATENCY, OK
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -126,8 +127,8 @@ class Baselines:
         start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
         grouped: dict[int, list[Sample]] = {}
         for sample in window.samples(end, end - start + 1.0):  # a second more: float time is coarse
-            index = math.floor((sample.at - state.anchor) / span)
-            if index < first_read or sample.at <= end - p.slowdown.baseline:
+            index = math.floor((sample[AT] - state.anchor) / span)
+            if index < first_read or sample[AT] <= end - p.slowdown.baseline:
                 continue  # a slice summarised already, or before the span (by index: one rounding)
             grouped.setdefault(index, []).append(sample)
         slices = [s for i, s in state.summaries.items() if i >= first and i not in grouped]
@@ -159,7 +160,7 @@ class Baselines:
             del state.summaries[index]
         if last_complete not in state.summaries:  # the slice that has just completed, read once
             start = state.anchor + last_complete * span
-            found = [s for s in window.samples(start + span, span) if s.at > start]
+            found = [s for s in window.samples(start + span, span) if s[AT] > start]
             summary = self._summary(last_complete, found)
             if summary is not None:
                 state.summaries[last_complete] = summary
@@ -188,7 +189,7 @@ class Baselines:
         )
 
     def _summary(self, index: int, samples: Iterable[Sample]) -> _Slice | None:
-        latencies = sorted(s.latency for s in samples if s.ok)
+        latencies = sorted(s[LATENCY] for s in samples if s[OK])
         if not latencies:
             return None
         rank = max(1, math.ceil(self.policy.slowdown.quantile * len(latencies)))
@@ -204,7 +205,7 @@ class Baselines:
         for vantage, w in windows.items():
             base = self.of((region, probe, vantage), w, now)
             if base is not None:
-                latencies = [s.latency for s in samples_since(w.samples(now, self.policy.window), since) if s.ok]
+                latencies = [s[LATENCY] for s in samples_since(w.samples(now, self.policy.window), since) if s[OK]]
                 normal = base.floor if floor else base.median
                 out.extend(latency / normal for latency in latencies)
                 slow += sum(latency > base.slow for latency in latencies)

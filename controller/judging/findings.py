@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.verdicts import Assessment, RegionView, Status
+from controller.judging.windows import AT, OK, SCHEDULED
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -54,7 +55,7 @@ def quorum(policy: VerdictPolicy, vantages: int) -> int:
 
 
 def samples_since(samples: Iterable[Sample], since: float) -> list[Sample]:
-    return [s for s in samples if s.at >= since]
+    return [s for s in samples if s[AT] >= since]
 
 
 def vantages_text(run: Run) -> str:
@@ -127,10 +128,10 @@ def run_start(windows: Iterable[Window], now: float, span: float, last: int) -> 
     for window in windows:
         count = 0
         for sample in reversed(window.samples(now, span)):
-            if sample.ok or count >= last:
+            if sample[OK] or count >= last:
                 break
-            start = min(start, sample.at)
-            count += sample.scheduled
+            start = min(start, sample[AT])
+            count += sample[SCHEDULED]
     return start
 
 

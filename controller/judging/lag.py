@@ -24,6 +24,7 @@ from scipy.stats import theilslopes
 
 from controller.judging.findings import fresh
 from controller.judging.verdicts import Assessment, RegionView, Status
+from controller.judging.windows import AT, ERROR_CLASS, LATENCY, OK
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,19 +75,19 @@ class LagDetector:
         if not samples:
             return "unknown", f"{probe} ({source} lag): no result in the last {p.stale_after:g}s", evidence
         newest = samples[-1]
-        lag = newest.latency
+        lag = newest[LATENCY]
         evidence.update(
             lag=round(lag, 4) if math.isfinite(lag) else None,
-            measured=newest.ok,
-            stalled=newest.error_class == "stalled",
+            measured=newest[OK],
+            stalled=newest[ERROR_CLASS] == "stalled",
         )
         what = f"{probe} ({source} lag)"
-        if newest.error_class == "stalled":
+        if newest[ERROR_CLASS] == "stalled":
             bound = f" (at least {lag:.1f}s)" if math.isfinite(lag) else ""
             return "breach", f"{what}: replication stalled, lag unknown and growing{bound}", evidence
-        if newest.error_class not in (None, "lagging"):
-            return "unknown", f"{what}: not measured ({newest.error_class})", evidence
-        shown = f"{lag:.1f}s" if newest.ok else f"at least {lag:.1f}s"
+        if newest[ERROR_CLASS] not in (None, "lagging"):
+            return "unknown", f"{what}: not measured ({newest[ERROR_CLASS]})", evidence
+        shown = f"{lag:.1f}s" if newest[OK] else f"at least {lag:.1f}s"
         if lag > limit:
             return "breach", f"{what}: {shown}, over its {limit:g}s limit", evidence
         slope = _slope(samples, p.lag.min_trend_samples)
@@ -101,8 +102,8 @@ class LagDetector:
 
 def _slope(samples: list[Sample], at_least: int) -> float | None:
     """Lag growth in seconds per second (Theil-Sen), or None with too few results."""
-    usable = [s for s in samples if s.ok or s.error_class == "lagging"]
-    if len(usable) < at_least or usable[-1].at <= usable[0].at:
+    usable = [s for s in samples if s[OK] or s[ERROR_CLASS] == "lagging"]
+    if len(usable) < at_least or usable[-1][AT] <= usable[0][AT]:
         return None
-    slope = theilslopes([s.latency for s in usable], [s.at for s in usable]).slope
+    slope = theilslopes([s[LATENCY] for s in usable], [s[AT] for s in usable]).slope
     return float(slope)

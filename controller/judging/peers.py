@@ -14,6 +14,7 @@ from controller.judging.findings import (
     samples_since,
 )
 from controller.judging.sequential import Llr, fails_more
+from controller.judging.windows import LATENCY, OK
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,7 +108,7 @@ def errors_vs_peers(
     def alike(_peer: str, samples: int, bad: int) -> bool:
         return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, policy.peers.significance)
 
-    return outcomes_vs_peers(view, probe, since, now, policy, span, ("error_ratio", lambda s: not s.ok), alike)
+    return outcomes_vs_peers(view, probe, since, now, policy, span, ("error_ratio", lambda s: not s[OK]), alike)
 
 
 def slower_vs_peers(
@@ -123,7 +124,7 @@ def slower_vs_peers(
     def peer_alike(name: str, _samples: int, _bad: int) -> bool:
         return alike(name)
 
-    slower = ("slow_ratio", lambda s: s.ok and s.latency > limit)
+    slower = ("slow_ratio", lambda s: s[OK] and s[LATENCY] > limit)
     return outcomes_vs_peers(view, probe, now - policy.window, now, policy, policy.window, slower, peer_alike)
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import binom, fisher_exact
 
+from controller.judging.windows import AT, LATENCY, OK
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
@@ -187,7 +189,7 @@ def fails_more(
 
 def failures(samples: Mapping[str, Sequence[Sample]]) -> list[Event]:
     """Every sample as an outcome, bad when it failed, from several vantages in time order."""
-    events = [(s.at, vantage, not s.ok) for vantage, seq in samples.items() for s in seq]
+    events = [(s[AT], vantage, not s[OK]) for vantage, seq in samples.items() for s in seq]
     events.sort()  # each vantage's run is in order already: Timsort merges them
     return events
 
@@ -195,6 +197,8 @@ def failures(samples: Mapping[str, Sequence[Sample]]) -> list[Event]:
 def slower(samples: Mapping[str, Sequence[Sample]], limits: Mapping[str, float]) -> list[Event]:
     """Successful samples as outcomes, bad when slower than their vantage's limit; failures are
     left to the error test."""
-    events = [(s.at, v, s.latency > limit) for v, seq in samples.items() for limit in (limits[v],) for s in seq if s.ok]
+    events = [
+        (s[AT], v, s[LATENCY] > limit) for v, seq in samples.items() for limit in (limits[v],) for s in seq if s[OK]
+    ]
     events.sort()
     return events

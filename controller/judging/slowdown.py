@@ -22,6 +22,7 @@ from controller.judging.findings import (
 )
 from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
 from controller.judging.sequential import Llr, SlidingCusum, cusum, slower
+from controller.judging.windows import AT, LATENCY, OK
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -79,10 +80,10 @@ class _Pooled:
         """Add new samples; False when one is older than what is settled (start over)."""
         limit, pending = self.limits[vantage], self.pending
         for sample in samples:
-            if sample.at <= self.settled_to:
+            if sample[AT] <= self.settled_to:
                 return False
-            if sample.ok:
-                pending.append((sample.at, vantage, sample.latency > limit))
+            if sample[OK]:
+                pending.append((sample[AT], vantage, sample[LATENCY] > limit))
         return True
 
 

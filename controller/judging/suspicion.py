@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.sequential import Llr
+from controller.judging.windows import OK
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -102,7 +103,7 @@ def _statistic(window: Window, now: float, span: float, llr: Llr) -> float:
     """The CUSUM of one target's outcomes over the last `span` (a suspect's only: few, short)."""
     statistic = 0.0
     for sample in window.samples(now, span):
-        statistic = max(0.0, statistic + (llr.good if sample.ok else llr.bad))
+        statistic = max(0.0, statistic + (llr.good if sample[OK] else llr.bad))
     return statistic
 
 

@@ -18,7 +18,7 @@ from controller.judging.findings import (
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers
 from controller.judging.sequential import Llr
 from controller.judging.verdicts import Assessment, RegionView
-from controller.judging.windows import WindowStats
+from controller.judging.windows import AT, OK, WindowStats
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -127,16 +127,16 @@ class ThresholdDetector:
             running += 1
             windows = fresh(peer.windows_of(probe), now, p.stale_after)
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
-            if not any(s.at >= since for seq in samples.values() for s in seq):
+            if not any(s[AT] >= since for seq in samples.values() for s in seq):
                 continue
             compared.append(name)
             # The quorum - 1 vantages that fail this peer most are left out, in both counts.
-            ranked = sorted(samples, key=lambda v: -sum(not s.ok for s in samples[v]))
+            ranked = sorted(samples, key=lambda v: -sum(not s[OK] for s in samples[v]))
             kept = ranked[quorum(p, len(samples)) - 1 :]
-            recent = [s for v in kept for s in samples[v] if s.at >= since]
+            recent = [s for v in kept for s in samples[v] if s[AT] >= since]
             window = [s for v in kept for s in samples[v]]
-            failed = sum(not s.ok for s in recent)
-            bad = sum(not s.ok for s in window)
+            failed = sum(not s[OK] for s in recent)
+            bad = sum(not s[OK] for s in window)
             noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
             detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
             (alike if failed or noise < p.peers.significance else clean).append(name)

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
 from operator import itemgetter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -27,15 +27,19 @@ WindowKey = tuple[str, str, str]  # region, probe, vantage
 MAX_SAMPLES = 10_000
 
 
-class Sample(NamedTuple):
-    at: float
-    ok: bool
-    latency: float
-    error_class: str | None
-    # Run on its schedule, not as an extra run on suspicion: "the last N results failed" counts
-    # scheduled runs, so ten extra runs a second do not make three failures in a row of a 40%
-    # fault look like a region that went down.
-    scheduled: bool = True
+# One kept result: (at, ok, latency, error_class, scheduled), read by the indices below. A plain
+# tuple, not a NamedTuple: the garbage collector stops tracking a plain tuple of numbers and
+# None once it has seen it, never an instance of a tuple subclass, and a daemon holding 10,000
+# series keeps six million samples (one full collection of them took 760 ms, stalling the loop).
+# `scheduled`: run on its schedule, not as an extra run on suspicion ("the last N results failed"
+# counts scheduled runs, so ten extra runs a second do not make three failures in a row of a 40%
+# fault look like a region that went down).
+Sample = tuple[float, bool, float, str | None, bool]
+AT: Final = 0
+OK: Final = 1
+LATENCY: Final = 2
+ERROR_CLASS: Final = 3
+SCHEDULED: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +75,21 @@ class WindowStats:
             latencies.extend(ok)
             if count > len(ok):
                 failures += count - len(ok)
-                errors.update(s.error_class or "unknown" for s in window.samples(now, span) if not s.ok)
+                errors.update(s[ERROR_CLASS] or "unknown" for s in window.samples(now, span) if not s[OK])
         latencies.sort()
         return cls(samples, failures, dict(errors), tuple(latencies))
 
     @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
         samples = list(samples)
-        latencies = sorted([s.latency for s in samples if s.ok])
+        latencies = sorted([s[LATENCY] for s in samples if s[OK]])
         errors = (
-            Counter(s.error_class or "unknown" for s in samples if not s.ok) if len(latencies) < len(samples) else {}
+            Counter(s[ERROR_CLASS] or "unknown" for s in samples if not s[OK]) if len(latencies) < len(samples) else {}
         )
         return cls(len(samples), len(samples) - len(latencies), dict(errors), tuple(latencies))
 
 
-_AT = itemgetter(0)  # a sample's start time, for bisect
+_AT = itemgetter(AT)  # a sample's start time, for bisect
 # Trimmed samples are dropped from the front of a window's list in one go once this many pile up
 # (and they are half of it): a trim is a bisect, not a pop per sample.
 COMPACT_AFTER = 256
@@ -103,20 +107,20 @@ class _SpanView:
         self.span, self.now = span, now
         self.head = bisect_right(samples, now - span, lo=lo, key=_AT)
         self.end = bisect_right(samples, now, lo=self.head, key=_AT)
-        self.latencies = sorted([s.latency for s in samples[self.head : self.end] if s.ok])
+        self.latencies = sorted([s[LATENCY] for s in samples[self.head : self.end] if s[OK]])
 
     def move(self, samples: list[Sample], now: float) -> None:
         latencies = self.latencies
         end = self.end
-        while end < len(samples) and samples[end].at <= now:
-            if samples[end].ok:
-                insort(latencies, samples[end].latency)
+        while end < len(samples) and samples[end][AT] <= now:
+            if samples[end][OK]:
+                insort(latencies, samples[end][LATENCY])
             end += 1
         self.end = end
         head, horizon = self.head, now - self.span
-        while head < end and samples[head].at <= horizon:
-            if samples[head].ok:
-                del latencies[bisect_left(latencies, samples[head].latency)]
+        while head < end and samples[head][AT] <= horizon:
+            if samples[head][OK]:
+                del latencies[bisect_left(latencies, samples[head][LATENCY])]
             head += 1
         self.head, self.now = head, now
 
@@ -156,28 +160,34 @@ class Window:
     def add(self, result: Result) -> None:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
         skewed agent) cannot push out samples that are still current."""
-        sample = Sample(result.started_at, result.ok, result.latency, result.error_class, result.reason == "scheduled")
+        sample: Sample = (
+            result.started_at,
+            result.ok,
+            result.latency,
+            result.error_class,
+            result.reason == "scheduled",
+        )
         self._version += 1
         self.added += 1
         samples = self._samples
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the front stays correct.
-        if len(self) and sample.at < samples[-1].at:
+        if len(self) and sample[AT] < samples[-1][AT]:
             insort(samples, sample, lo=self._head, key=_AT)
             self.late += 1
             self._view = None  # its indices no longer hold
         else:
             samples.append(sample)
-        if not sample.ok:
-            if self._failed_at and sample.at < self._failed_at[-1]:
-                self._failed_at = deque(sorted([*self._failed_at, sample.at]))
+        if not sample[OK]:
+            if self._failed_at and sample[AT] < self._failed_at[-1]:
+                self._failed_at = deque(sorted([*self._failed_at, sample[AT]]))
             else:
-                self._failed_at.append(sample.at)
+                self._failed_at.append(sample[AT])
         if len(self) > MAX_SAMPLES:
             dropped = samples[self._head]
             self._head += 1
             self._view = None
-            if not dropped.ok:
+            if not dropped[OK]:
                 self._failed_at.popleft()
             self._compact()
 
@@ -199,7 +209,7 @@ class Window:
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
-        return self._samples[self._head].at if len(self) else None
+        return self._samples[self._head][AT] if len(self) else None
 
     def last_failure(self) -> float | None:
         """When the newest kept failure started; None without one."""
@@ -211,9 +221,9 @@ class Window:
         last = self.last_failure()
         count = 0
         for sample in self._newest_first():
-            if count >= limit or (last is not None and sample.at <= last):
+            if count >= limit or (last is not None and sample[AT] <= last):
                 break
-            count += sample.ok
+            count += sample[OK]
         return count
 
     def trim(self, now: float) -> None:
@@ -280,21 +290,21 @@ class Window:
         count = 0
         horizon = now - (self.span if span is None else span)
         for sample in self._newest_first():
-            if sample.at > now:
+            if sample[AT] > now:
                 continue
-            if sample.ok or sample.at <= horizon:
+            if sample[OK] or sample[AT] <= horizon:
                 return False
-            count += sample.scheduled
+            count += sample[SCHEDULED]
             if count >= n:
                 return True
         return False
 
     def age(self, now: float) -> float | None:
         """Seconds since the newest sample at or before `now` (one stamped later does not count yet)."""
-        if len(self) and self._samples[-1].at <= now:  # the usual case: nothing stamped ahead
-            return now - self._samples[-1].at
+        if len(self) and self._samples[-1][AT] <= now:  # the usual case: nothing stamped ahead
+            return now - self._samples[-1][AT]
         newest = bisect_right(self._samples, now, lo=self._head, key=_AT)
-        return now - self._samples[newest - 1].at if newest > self._head else None
+        return now - self._samples[newest - 1][AT] if newest > self._head else None
 
 
 class WindowStore:
