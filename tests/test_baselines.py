@@ -160,3 +160,18 @@ async def test_baselines_round_trip_through_the_state_store(tmp_path):
             KEY: (0.25, 0.2, 0.18, 950, T0 + 60),
             ("us-east-1", "api", "controller"): (1.0, 1.0, 1.0, 20, T0),
         }
+
+
+def test_a_grown_key_left_unasked_for_minutes_summarises_every_slice_its_window_still_holds():
+    # A vantage stale for three minutes: its key is not judged, then is again. The slices it
+    # missed are still in the window and count, as for a key asked every second.
+    window = window_of([(i, 0.1 + 0.01 * (i // 60)) for i in range(60 * 26)])
+    every_second, skipped = Baselines(POLICY), Baselines(POLICY)
+    for i in range(60 * 20, 60 * 24 + 1):
+        every_second.of(KEY, window, T0 + i)
+    skipped.of(KEY, window, T0 + 60 * 20)
+    later = skipped.of(KEY, window, T0 + 60 * 24)
+    assert later is not None
+    asked = every_second.of(KEY, window, T0 + 60 * 24)
+    assert asked is not None
+    assert later._replace(at=0) == asked._replace(at=0)  # the same slices: computed at other times

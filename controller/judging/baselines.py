@@ -158,12 +158,21 @@ class Baselines:
         state.grown = (first, last_complete)
         for index in [i for i in state.summaries if i < first]:
             del state.summaries[index]
-        if last_complete not in state.summaries:  # the slice that has just completed, read once
-            start = state.anchor + last_complete * span
-            found = [s for s in window.samples(start + span, span) if s[AT] > start]
-            summary = self._summary(last_complete, found)
-            if summary is not None:
-                state.summaries[last_complete] = summary
+        # The slice that has just completed (and any other the window still holds that no look
+        # has summarised: a key left unjudged while its vantage was stale), each read once.
+        oldest = window.first_at()
+        held = first if oldest is None else max(first, math.ceil((oldest - state.anchor) / span))
+        missing = {i for i in range(held, last_complete + 1) if i not in state.summaries}
+        if missing:
+            start, stop = state.anchor + min(missing) * span, state.anchor + (last_complete + 1) * span
+            grouped: dict[int, list[Sample]] = {}
+            for sample in window.samples(stop, stop - start + 1.0):  # a second more: float time is coarse
+                index = math.floor((sample[AT] - state.anchor) / span)
+                if index in missing:
+                    grouped.setdefault(index, []).append(sample)
+            for index, group in grouped.items():
+                if (summary := self._summary(index, group)) is not None:
+                    state.summaries[index] = summary
         slices = [s for s in state.summaries.values() if first <= s.number <= last_complete]
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
