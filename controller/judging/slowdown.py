@@ -45,7 +45,10 @@ GRID = 1.05
 
 
 def _on_grid(limits: Mapping[str, float]) -> dict[str, float]:
-    return {v: GRID ** math.floor(math.log(limit, GRID)) if limit > 0 else 0.0 for v, limit in limits.items()}
+    # min: a power computed in floating point can come out a hair above the limit itself.
+    return {
+        v: min(limit, GRID ** math.floor(math.log(limit, GRID))) if limit > 0 else 0.0 for v, limit in limits.items()
+    }
 
 
 class _Pooled:
@@ -53,10 +56,10 @@ class _Pooled:
     (see `SlowdownDetector._bound`): the settled ones in a `SlidingCusum`, the last `SETTLE`
     seconds' in `pending`."""
 
-    __slots__ = ("cusum", "limits", "pending", "seen", "settled_to")
+    __slots__ = ("cusum", "limits", "now", "pending", "seen", "settled_to")
 
     def __init__(self, windows: Mapping[str, Window], limits: dict[str, float], span: float, now: float) -> None:
-        self.limits = limits
+        self.limits, self.now = limits, now
         self.cusum = SlidingCusum(span)
         self.settled_to = -math.inf
         self.pending: list[Event] = []
@@ -64,12 +67,13 @@ class _Pooled:
         for vantage, window in windows.items():
             self.take(vantage, window.after(now - span))
 
-    def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float]) -> bool:
+    def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> bool:
         """Whether it still follows these windows at these limits (on the grid), no result
-        having come late."""
+        having come late and the clock not having gone back."""
         seen = self.seen
         return (
-            limits == self.limits
+            now >= self.now
+            and limits == self.limits
             and all(
                 (found := seen.get(v)) is not None and found[0] is w and found[2] == w.late for v, w in windows.items()
             )
@@ -115,7 +119,7 @@ class SlowdownDetector(SequentialDetector):
         span = self.policy.window
         limits = _on_grid(limits)
         pooled = self._pooled.get((region, probe))
-        fresh_start = pooled is None or not pooled.follows(windows, limits)
+        fresh_start = pooled is None or not pooled.follows(windows, limits, now)
         if not fresh_start and pooled is not None:
             for vantage, window in windows.items():
                 _, added, _ = pooled.seen[vantage]
@@ -125,6 +129,7 @@ class SlowdownDetector(SequentialDetector):
                 pooled.seen[vantage] = (window, window.added, window.late)
         if fresh_start or pooled is None:
             pooled = self._pooled[region, probe] = _Pooled(windows, limits, span, now)
+        pooled.now = now
         bad, good = self.llr.bad, self.llr.good
         pending = pooled.pending
         pending.sort()
