@@ -37,18 +37,12 @@ if TYPE_CHECKING:
 # ones are looked at again each tick, so one that comes in after a later-started one (a slower
 # probe from another vantage) still goes in its place. One that comes later still starts over.
 SETTLE = 2.0
-# The limits a probe's outcomes are followed at: each vantage's limit rounded down to a step of
-# this grid. A result slower than the rounded limit counts slow, so the statistic followed is at
-# least the one at the true limits (more slow outcomes never lower a CUSUM); the follow starts
-# over only when a baseline moves a step, not every time it moves (once a verdict window each).
-GRID = 1.05
-
-
-def _on_grid(limits: Mapping[str, float]) -> dict[str, float]:
-    # min: a power computed in floating point can come out a hair above the limit itself.
-    return {
-        v: min(limit, GRID ** math.floor(math.log(limit, GRID))) if limit > 0 else 0.0 for v, limit in limits.items()
-    }
+# A probe's outcomes are followed at each vantage's limit as it was when the follow started. A
+# result slower than the limit followed counts slow, so while a baseline's limit has only risen
+# since, the statistic followed is at least the one at the true limits (more slow outcomes never
+# lower a CUSUM). A baseline's limit moves by a few percent once a verdict window: the follow
+# starts over when one falls below the limit followed, or rises this many times above it.
+LOOSEST = 1.15
 
 
 class _Pooled:
@@ -68,12 +62,13 @@ class _Pooled:
             self.take(vantage, window.after(now - span))
 
     def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> bool:
-        """Whether it still follows these windows at these limits (on the grid), no result
-        having come late and the clock not having gone back."""
+        """Whether it still follows these windows at limits close under these, no result having
+        come late and the clock not having gone back."""
         seen = self.seen
         return (
             now >= self.now
-            and limits == self.limits
+            and limits.keys() == self.limits.keys()
+            and all(self.limits[v] <= limit < self.limits[v] * LOOSEST for v, limit in limits.items())
             and all(
                 (found := seen.get(v)) is not None and found[0] is w and found[2] == w.late for v, w in windows.items()
             )
@@ -113,11 +108,10 @@ class SlowdownDetector(SequentialDetector):
         verdict window, followed as results come: O(new results) a tick, where the test walks
         every result of the window. The statistic of the settled outcomes then the recent ones
         is the larger of the recent ones' own and their sum plus the settled ones' (a run either
-        starts among the recent or takes them all). Followed at the limits rounded down (`GRID`);
-        started over when one moves a step, the vantages change or a result comes later than
-        `SETTLE`."""
+        starts among the recent or takes them all). Followed at the limits as they were when it
+        started; started over when one falls below that or rises `LOOSEST` times above it, the
+        vantages change, the clock goes back or a result comes later than `SETTLE`."""
         span = self.policy.window
-        limits = _on_grid(limits)
         pooled = self._pooled.get((region, probe))
         fresh_start = pooled is None or not pooled.follows(windows, limits, now)
         if not fresh_start and pooled is not None:
@@ -128,7 +122,7 @@ class SlowdownDetector(SequentialDetector):
                     break
                 pooled.seen[vantage] = (window, window.added, window.late)
         if fresh_start or pooled is None:
-            pooled = self._pooled[region, probe] = _Pooled(windows, limits, span, now)
+            pooled = self._pooled[region, probe] = _Pooled(windows, dict(limits), span, now)
         pooled.now = now
         bad, good = self.llr.bad, self.llr.good
         pending = pooled.pending
