@@ -33,7 +33,8 @@ named the region or 30 minutes have passed (a miss). `onset` is the delay from t
 the first verdict naming the culprit; `first` is the delay from the arrival of the first faulty
 result of the culprit (a failure, or for a latency fault its first slowed result), which no detector
 can beat. `extra` is the extra probes run on suspicion, as a share of the scheduled ones: from
-the onset to the end of the run for a fault, over the whole run where no region is at fault.
+the onset until regionshift names the culprit (it is judged no further then; for a flapping fault,
+to the end of the run), over the whole run where no region is at fault.
 False alarms are verdicts naming a region not at fault (or the culprit before its fault), per
 simulated day; the healthy row runs `--days` days. Figures are in simulated seconds, so they
 do not depend on this machine; the wall time is printed only to say what the run cost.
@@ -251,6 +252,7 @@ class ClosedLoop:
         self.seq = 0
         self.scheduled = self.extra = 0
         self.counting_from = 0.0  # probes run before this are not counted
+        self.counting_until = math.inf  # nor after this
         for key in self.keys:
             self._plan(key, 0.0)
 
@@ -304,7 +306,7 @@ class ClosedLoop:
             if version != self.version[key]:
                 continue  # replanned since
             result = self.stream.answer(*key, at)
-            counted = at >= self.counting_from
+            counted = self.counting_from <= at < self.counting_until
             if kind == "suspicion":
                 self.hurries[key].spent.append(at)  # planned with it, replanned if it ended
                 self.extra += counted
@@ -399,7 +401,13 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
                     continue  # the baselines keep their own one-second clock
                 baseline_tick[m.name] = math.floor(now) + TICK
             previous[m.name] = score(scenario, outcome, previous[m.name], m.flagged(now), t)
-        found = suspects(ours.windows, ours.judge.probes, ours.judge.verdicts, now, policy, ours.judge.set_aside)
+        if outcomes[ours.name].detected_at is not None and not observe_flaps:
+            # Ours named the culprit and is no longer fed or judged: its suspects would be
+            # those of that moment for the rest of the run. The load it drew ends here.
+            loop.counting_until = min(loop.counting_until, t)
+            found = set()
+        else:
+            found = suspects(ours.windows, ours.judge.probes, ours.judge.verdicts, now, policy, ours.judge.set_aside)
         for key in found:
             loop.hasten(key, t, hold)
         suspecting = bool(found)
