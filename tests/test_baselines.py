@@ -175,3 +175,16 @@ def test_a_grown_key_left_unasked_for_minutes_summarises_every_slice_its_window_
     asked = every_second.of(KEY, window, T0 + 60 * 24)
     assert asked is not None
     assert later._replace(at=0) == asked._replace(at=0)  # the same slices: computed at other times
+
+
+def test_a_key_s_baseline_once_it_has_one_does_not_vanish_as_it_grows():
+    # A fresh daemon, one result a second, asked every second: from the first baseline on there
+    # is one at every look, through the change from the young key's to the grown key's.
+    window, baselines = Window(POLICY.history), Baselines(POLICY)
+    seen = False
+    for i in range(60 * 6):
+        window.add(Result(*KEY, T0 + i, ok=True, latency=0.1))
+        baseline = baselines.of(KEY, window, T0 + i)
+        seen = seen or baseline is not None
+        assert baseline is not None or not seen, f"no baseline at {i} s, after one"
+    assert seen

@@ -92,8 +92,14 @@ class Baselines:
                 return self._stored(key, now)
             state = self._keys[key] = _Key(anchor=first, phase=_phase(key, p.window))
         if state.grown is not None:
-            state.baseline = self._grown(state, window, now)
-        elif now - state.refreshed >= p.window / REFRESHES:
+            grown = self._grown(state, window, now)
+            if grown is not None:
+                state.baseline = grown
+                return grown
+            # Its complete slices over the grown span (further back by the phase) do not hold
+            # enough yet: it stays young, and keeps its young baseline, until they do.
+            state.grown = None
+        if now - state.refreshed >= p.window / REFRESHES:
             state.refreshed = now
             state.baseline = self._compute(state, window, now)
         return state.baseline or self._stored(key, now)
