@@ -345,14 +345,17 @@ class WindowStore:
         windows have been created since the last trim, every object alive is moved to the
         permanent generation (`gc.freeze`), and again at the next trim (after a judgement has
         made what the detectors keep for the new windows): collections then walk only what was
-        made since. What is frozen is still freed when nothing refers to it; only a reference
-        cycle among objects alive at a freeze would never be collected, and freezes happen only
-        as windows appear (the first seconds after start and a configuration change)."""
+        made since. Garbage is collected first, as a freeze would keep unreachable cycles for
+        good (a collection then walks only what is not frozen yet: quick). What is frozen is
+        still freed when nothing refers to it; only a cycle among objects alive at a freeze that
+        dies later is never collected, and freezes happen only as windows appear (the first
+        seconds after start, a configuration change, a new agent)."""
         if len(self._windows) != self._frozen:
             self._frozen = len(self._windows)
             self._freezes = 2
         if self._freezes:
             self._freezes -= 1
+            gc.collect()
             gc.freeze()
         for window in self._windows.values():
             window.trim(now)
