@@ -76,13 +76,15 @@ class _Pooled:
         )
 
     def take(self, vantage: str, samples: Iterable[Sample]) -> bool:
-        """Add new samples; False when one is older than what is settled (start over)."""
+        """Add new samples; False when a successful one is older than what is settled (start
+        over)."""
         limit, pending = self.limits[vantage], self.pending
         for sample in samples:
+            if not sample[OK]:
+                continue  # failures are the error tests' (a timeout comes in long after it began)
             if sample[AT] <= self.settled_to:
                 return False
-            if sample[OK]:
-                pending.append((sample[AT], vantage, sample[LATENCY] > limit))
+            pending.append((sample[AT], vantage, sample[LATENCY] > limit))
         return True
 
 
