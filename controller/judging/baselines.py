@@ -34,7 +34,7 @@ from controller.judging.findings import samples_since
 from controller.judging.windows import AT, LATENCY, OK
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from controller.judging.windows import Sample, Window, WindowKey
     from controller.settings.policy import VerdictPolicy
@@ -120,23 +120,18 @@ class Baselines:
         end = now - min(span, max(0.0, now - state.anchor) / 2)  # a young key: the older half
         first = math.floor((end - p.slowdown.baseline - state.anchor) / span)
         last_complete = math.floor((end - state.anchor) / span) - 1
-        for index in [i for i in state.summaries if i < first]:
-            del state.summaries[index]
+        held = self._held(state, window, first)
         # Only slices not summarised yet are read: the newest (partial) one, and any complete one
         # a refresh has not seen (one look at the window from the first of them on).
         # A slice whose results the window no longer holds (the key went unjudged for a while,
         # or the daemon started since) stays missing: it is not read again.
-        oldest = window.first_at()
-        held = first if oldest is None else max(first, math.ceil((oldest - state.anchor) / span))
         missing = next((i for i in range(max(held, 0), last_complete + 1) if i not in state.summaries), None)
         first_read = last_complete + 1 if missing is None else missing
         start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
-        grouped: dict[int, list[Sample]] = {}
-        for sample in window.samples(end, end - start + 1.0):  # a second more: float time is coarse
-            index = math.floor((sample[AT] - state.anchor) / span)
-            if index < first_read or sample[AT] <= end - p.slowdown.baseline:
-                continue  # a slice summarised already, or before the span (by index: one rounding)
-            grouped.setdefault(index, []).append(sample)
+        # A slice summarised already, or a result before the span (by index: one rounding), is left.
+        grouped = self._by_slice(
+            state, window, start, end, lambda i, s: i >= first_read and s[AT] > end - p.slowdown.baseline
+        )
         slices = [s for i, s in state.summaries.items() if i >= first and i not in grouped]
         for index, group in grouped.items():
             summary = self._summary(index, group)
@@ -162,21 +157,13 @@ class Baselines:
         if state.grown == (first, last_complete):
             return state.baseline
         state.grown = (first, last_complete)
-        for index in [i for i in state.summaries if i < first]:
-            del state.summaries[index]
+        held = self._held(state, window, first)
         # The slice that has just completed (and any other the window still holds that no look
         # has summarised: a key left unjudged while its vantage was stale), each read once.
-        oldest = window.first_at()
-        held = first if oldest is None else max(first, math.ceil((oldest - state.anchor) / span))
         missing = {i for i in range(held, last_complete + 1) if i not in state.summaries}
         if missing:
             start, stop = state.anchor + min(missing) * span, state.anchor + (last_complete + 1) * span
-            grouped: dict[int, list[Sample]] = {}
-            for sample in window.samples(stop, stop - start + 1.0):  # a second more: float time is coarse
-                index = math.floor((sample[AT] - state.anchor) / span)
-                if index in missing:
-                    grouped.setdefault(index, []).append(sample)
-            for index, group in grouped.items():
+            for index, group in self._by_slice(state, window, start, stop, lambda i, _: i in missing).items():
                 if (summary := self._summary(index, group)) is not None:
                     state.summaries[index] = summary
         slices = [s for s in state.summaries.values() if first <= s.number <= last_complete]
@@ -184,6 +171,26 @@ class Baselines:
         if count < p.slowdown.min_baseline_samples:
             return None
         return self._weighed(slices, state.anchor + (last_complete + 1) * span, state.anchor, count, now)
+
+    def _held(self, state: _Key, window: Window, first: int) -> int:
+        """Forget the summaries of slices before `first`; the first slice the window still holds
+        whole (or `first`)."""
+        for index in [i for i in state.summaries if i < first]:
+            del state.summaries[index]
+        oldest = window.first_at()
+        return first if oldest is None else max(first, math.ceil((oldest - state.anchor) / self.policy.window))
+
+    def _by_slice(
+        self, state: _Key, window: Window, start: float, end: float, keep: Callable[[int, Sample], bool]
+    ) -> dict[int, list[Sample]]:
+        """The window's samples within (start - 1 s, end] that `keep` (slice index, sample), by
+        slice (a second more: float time is coarse)."""
+        grouped: dict[int, list[Sample]] = {}
+        for sample in window.samples(end, end - start + 1.0):
+            index = math.floor((sample[AT] - state.anchor) / self.policy.window)
+            if keep(index, sample):
+                grouped.setdefault(index, []).append(sample)
+        return grouped
 
     def _weighed(self, slices: list[_Slice], end: float, anchor: float, count: int, now: float) -> Baseline:
         """The baseline of `slices`, each weighing the time it covers of the span ending `end`."""

@@ -120,7 +120,8 @@ class SlidingCusum:
     come (O(1) a result, amortised): the last running total less the lowest running total in the
     span (a deque of the running minima). Outcomes must come in time order. The lowest kept may
     be one from before the span, never more than the true lowest: what `statistic` gives is at
-    least what `cusum` of the same outcomes gives, equal to it while nothing has left the span."""
+    least what `cusum` of the same outcomes gives, equal to it while nothing has left the span
+    and no two outcomes share a time."""
 
     __slots__ = ("_group", "_lows", "span", "total")
 
@@ -128,9 +129,9 @@ class SlidingCusum:
         self.span = span
         self.total = 0.0
         self._lows: deque[tuple[float, float]] = deque([(-math.inf, 0.0)])  # (when, running total)
-        # Outcomes at the same time: (when, the total before them, their good steps). `cusum`
-        # sorts the good ones of a time first, so the lowest total of the time is the one
-        # before them plus all of its good steps, whatever order they came in.
+        # Outcomes at the same time: (when, the total before them, their good steps). Whatever
+        # order `cusum` puts a time's outcomes in (by vantage, then bad), no running total within
+        # the time is below the one before them plus all of its good steps: that is kept as low.
         self._group = (math.nan, 0.0, 0.0)
 
     def add(self, at: float, step: float) -> None:

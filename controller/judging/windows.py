@@ -66,11 +66,10 @@ class WindowStats:
         """`pooled` of every window's samples within (now - span, now], from each window's
         span view (kept as results come and go: no walk over the samples) and, only where a
         result failed, the failed ones' error classes."""
-        kept = list(windows)
         samples, failures = 0, 0
         errors: Counter[str] = Counter()
         latencies: list[float] = []
-        for window in kept:
+        for window in windows:
             count, ok = window.view(now, span)
             samples += count
             latencies.extend(ok)
