@@ -17,6 +17,9 @@ each adding one second of results and judging once. Printed per size:
   the tick / floor ratio (the figure that does not depend on this machine's speed that day);
 - stall: the longest time the event loop went without running, while the daemon's chunked tick
   (`Daemon.tick_async`: it yields between regions and detectors) judges on it, in ms;
+- gc max, gc/tick: over the same ticks, the longest garbage collection and the collections' time
+  per tick (the judge holds automatic collections while it runs: what it defers is paid after,
+  and shows here and in the stall, not in the tick);
 - RSS after the warm-up and at the end (MB): flat means the windows' trimming holds.
 
 Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
@@ -30,12 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import resource
 import statistics
 import sys
 import time
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +51,9 @@ from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
 from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 POLICY_FILE = Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"
 SHAPES = {18: (3, 2, 3), 150: (5, 6, 5), 1000: (20, 10, 5), 10000: (40, 50, 5)}
@@ -87,9 +95,16 @@ class World:
         self.second = 0
 
     def results(self) -> list:
+        return list(chain.from_iterable(self.results_in_chunks(len(self.keys))))
+
+    def results_in_chunks(self, size: int) -> Iterator[list]:
+        """The next second's results, `size` at a time (made lazily: making them is the world's
+        work, not the daemon's)."""
         t = self.second
         self.second += 1
-        return [self.stream.answer(*key, t + (i % 997) / 997) for i, key in enumerate(self.keys)]
+        for start in range(0, len(self.keys), size):
+            keys = self.keys[start : start + size]
+            yield [self.stream.answer(*key, t + ((start + i) % 997) / 997) for i, key in enumerate(keys)]
 
     def add(self, results: list) -> float:
         started = time.perf_counter()
@@ -113,10 +128,20 @@ class World:
         await finish_async(self.judge.steps(self.windows, self.now))
 
 
-async def longest_stall(world: World, ticks: int) -> float:
-    """The longest gap between two runs of a 1 ms ticker while the world is judged (chunked)."""
+async def longest_stall(world: World, ticks: int) -> tuple[float, float, float]:
+    """The longest gap between two runs of a 1 ms ticker while the world is judged (chunked), the
+    longest garbage collection meanwhile and the collections' time per tick (the judge holds
+    collections while it runs, `collections_held`: what it defers is paid here)."""
     worst = 0.0
     done = False
+    collections: list[float] = []
+    started = [0.0]
+
+    def timed(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections.append(time.perf_counter() - started[0])
 
     async def ticker() -> None:
         nonlocal worst
@@ -128,13 +153,19 @@ async def longest_stall(world: World, ticks: int) -> float:
             last = now
 
     task = asyncio.create_task(ticker())
+    gc.callbacks.append(timed)
     for _ in range(ticks):
-        world.add(world.results())
-        await asyncio.sleep(0.002)  # adding is its own stall (the floor); measure the judge's
+        # The daemon takes results one at a time as probes finish, over the second: made and added
+        # here in chunks of 100 with the loop running between them (making and adding 10,000 at
+        # once would be a stall of the bench's making).
+        for chunk in world.results_in_chunks(100):
+            world.add(chunk)
+            await asyncio.sleep(0)
         await world.tick_async()
+    gc.callbacks.remove(timed)
     done = True
     await task
-    return worst
+    return worst, max(collections, default=0.0), sum(collections) / ticks
 
 
 def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
@@ -148,13 +179,15 @@ def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
     for _ in range(ticks):
         floors.append(world.add(world.results()))
         tick_times.append(world.tick())
-    stall = asyncio.run(longest_stall(world, max(3, ticks // 5)))
+    stall, longest_gc, gc_per_tick = asyncio.run(longest_stall(world, max(3, ticks // 5)))
     q = statistics.quantiles(tick_times, n=100, method="inclusive")
     return {
         "p50": statistics.median(tick_times) * 1000,
         "p99": q[98] * 1000,
         "floor": statistics.median(floors) * 1000,
         "stall": stall * 1000,
+        "gc": longest_gc * 1000,
+        "gc_tick": gc_per_tick * 1000,
         "rss_warm": rss_warm,
         "rss_end": rss_mb(),
     }
@@ -219,13 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.ticks < 3 or args.warmup < 0 or args.probes < 10:
         parser.error(f"sizes from {sorted(SHAPES)}; --ticks at least 3, --probes at least 10, --warmup not negative")
     print(f"judge scale: shipped policy, 1 result/s per series, {args.warmup} s warm-up, {args.ticks} ticks")
-    head = f"{'series':>7} {'tick p50':>9} {'p99':>8} {'core':>6} {'floor':>7} {'ratio':>6} {'stall':>8} {'RSS':>14}"
+    head = (
+        f"{'series':>7} {'tick p50':>9} {'p99':>8} {'core':>6} {'floor':>7} {'ratio':>6} {'stall':>8}"
+        f" {'gc max':>8} {'gc/tick':>8} {'RSS':>14}"
+    )
     print(head)
     for size in sizes:
         m = measure(size, args.warmup, args.ticks)
         print(
             f"{size:>7} {m['p50']:>7.1f}ms {m['p99']:>6.1f}ms {m['p50'] / 10:>5.1f}% {m['floor']:>5.1f}ms "
-            f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['rss_warm']:>5.0f}->{m['rss_end']:>4.0f} MB"
+            f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['gc']:>6.1f}ms {m['gc_tick']:>6.1f}ms"
+            f" {m['rss_warm']:>5.0f}->{m['rss_end']:>4.0f} MB"
         )
     if probe_sizes:
         alone = asyncio.run(probe_latency(None, args.probes))

@@ -332,7 +332,7 @@ def test_a_span_view_followed_as_results_come_answers_as_the_samples_do(outcomes
             samples = window.samples(now, span)
             count, latencies = window.view(now, span)
             assert count == len(samples)
-            assert latencies == sorted(s[LATENCY] for s in samples if s[OK])
+            assert list(latencies) == sorted(s[LATENCY] for s in samples if s[OK])
             stats = WindowStats.of([window], now, span)
             assert stats == WindowStats.pooled(samples)
 
@@ -349,4 +349,32 @@ def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches()
         now = second + 1.0
         window.trim(now)
         samples = window.samples(now, 30)
-        assert window.view(now, 30) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
+        count, latencies = window.view(now, 30)
+        assert (count, list(latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
+
+
+def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():
+    import gc
+
+    from controller.judging.verdicts import collections_held, finish
+
+    seen = []
+
+    def steps():
+        seen.append(gc.isenabled())
+        yield
+        seen.append(gc.isenabled())
+        raise RuntimeError("a detector broke")
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        finish(steps())
+    assert seen == [False, False]
+    assert gc.isenabled()
+    gc.disable()  # held by someone else already: left as it was
+    try:
+        with collections_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

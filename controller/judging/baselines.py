@@ -63,10 +63,21 @@ class _Slice(NamedTuple):
     weight: float = 0.0  # seconds of the baseline's span it covers (set when it is used)
 
 
+_NUMBER, _SAMPLES = 0, 1  # a kept summary's fields, by index (see `_Key.summaries`)
+_Kept = tuple[int, int, float, float, float]
+
+
+def _kept(summary: _Slice) -> _Kept:
+    return (summary.number, summary.samples, summary.slow, summary.median, summary.weight)
+
+
 @dataclass(slots=True)
 class _Key:
     anchor: float  # the key's first result: slices are counted from it
-    summaries: dict[int, _Slice] = field(default_factory=dict)  # complete slices, summarised once
+    # Complete slices, summarised once, as plain tuples (`_Slice._make` reads one): the garbage
+    # collector stops tracking a plain tuple of numbers, never a NamedTuple, and ten thousand
+    # keys hold a hundred thousand of them (two thirds of what a full collection walked).
+    summaries: dict[int, _Kept] = field(default_factory=dict)
     phase: float = 0.0  # seconds: how much further back than `window` a grown key's span ends
     baseline: Baseline | None = None
     refreshed: float = -math.inf
@@ -132,17 +143,17 @@ class Baselines:
         grouped = self._by_slice(
             state, window, start, end, lambda i, s: i >= first_read and s[AT] > end - p.slowdown.baseline
         )
-        slices = [s for i, s in state.summaries.items() if i >= first and i not in grouped]
+        slices = [_Slice._make(s) for i, s in state.summaries.items() if i >= first and i not in grouped]
         for index, group in grouped.items():
             summary = self._summary(index, group)
             if summary is not None:
                 slices.append(summary)
                 if index <= last_complete:
-                    state.summaries[index] = summary
+                    state.summaries[index] = _kept(summary)
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
-        if sum(s.samples for s in state.summaries.values() if s.number >= first) >= p.slowdown.min_baseline_samples:
+        if sum(s[_SAMPLES] for s in state.summaries.values() if s[_NUMBER] >= first) >= p.slowdown.min_baseline_samples:
             state.grown = (-1, -1)  # its complete slices suffice from now on (see `_grown`)
         return self._weighed(slices, end, state.anchor, count, now)
 
@@ -165,8 +176,8 @@ class Baselines:
             start, stop = state.anchor + min(missing) * span, state.anchor + (last_complete + 1) * span
             for index, group in self._by_slice(state, window, start, stop, lambda i, _: i in missing).items():
                 if (summary := self._summary(index, group)) is not None:
-                    state.summaries[index] = summary
-        slices = [s for s in state.summaries.values() if first <= s.number <= last_complete]
+                    state.summaries[index] = _kept(summary)
+        slices = [_Slice._make(s) for s in state.summaries.values() if first <= s[_NUMBER] <= last_complete]
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None

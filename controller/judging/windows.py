@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ class _SpanView:
     """One span of a window followed as `now` moves on: the samples within (now - span, now]
     are those from `head` to `end` of the window's list, and `latencies` holds the successful
     ones' latencies, sorted. Moving on adds the samples `now` has reached and drops those that
-    left, one insort or one deletion each: O(new results) a look, not O(samples in the span)."""
+    left, one insort or one deletion each: O(new results) a look, not O(samples in the span).
+    The latencies are an array of doubles, not a list of floats: a list of them is a container
+    the garbage collector walks (every window holds one, minutes long); an array it never sees."""
 
     __slots__ = ("end", "head", "latencies", "now", "span")
 
@@ -107,7 +110,7 @@ class _SpanView:
         self.span, self.now = span, now
         self.head = bisect_right(samples, now - span, lo=lo, key=_AT)
         self.end = bisect_right(samples, now, lo=self.head, key=_AT)
-        self.latencies = sorted([s[LATENCY] for s in samples[self.head : self.end] if s[OK]])
+        self.latencies = array("d", sorted([s[LATENCY] for s in samples[self.head : self.end] if s[OK]]))
 
     def move(self, samples: list[Sample], now: float) -> None:
         latencies = self.latencies
@@ -251,7 +254,7 @@ class Window:
         self._looked = (now, span, self._version, found)
         return found
 
-    def view(self, now: float, span: float) -> tuple[int, list[float]]:
+    def view(self, now: float, span: float) -> tuple[int, array[float]]:
         """How many samples are within (now - span, now], and the successful ones' latencies,
         sorted (the list is the window's own: do not change it). Followed from the last look
         while `now` only moves on and the span stays the same; started over otherwise."""
@@ -261,6 +264,10 @@ class Window:
         else:
             view.move(self._samples, now)
         return view.end - view.head, view.latencies
+
+    def forget_looks(self) -> None:
+        """Let go of the last `samples` answer (see `WindowStore.forget_looks`)."""
+        self._looked = None
 
     def failures(self, now: float, span: float | None = None) -> int:
         """How many of `samples(now, span)` failed, from the failure times alone."""
@@ -334,6 +341,14 @@ class WindowStore:
     def by_probe(self, region: str) -> dict[str, dict[str, Window]]:
         """probe -> vantage -> window for one region."""
         return self._by_probe.get(region, {})
+
+    def forget_looks(self) -> None:
+        """Let every window go of the last `samples` answer it remembers: the judge calls this
+        when a judgement is done. Those answers are lists of samples (ten thousand windows hold
+        six million references in them), and a list alive between two judgements is a container
+        every garbage collection walks."""
+        for window in self._windows.values():
+            window.forget_looks()
 
     def trim(self, now: float) -> None:
         """Forget what is older than the span, and keep the windows out of the collector's sight.
