@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_SECONDS ?= 120
 # Debian packages: what the tests need, and what the benchmarks compare against.
-TEST_DEBS := prometheus postgresql
+TEST_DEBS := prometheus postgresql mosquitto
 BENCH_DEBS := prometheus-blackbox-exporter postgresql
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean

@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     ramp.add_argument("--url", help="the daemon's API (default: from controller.listen)")
     ramp.add_argument("--operator", help="your name, for the audit log (default: $USER)")
 
+    commands.add_parser(
+        "agent",
+        help="probe every region from here and publish the results over MQTT (regionshift agent --help)",
+        add_help=False,
+    )
     demo = commands.add_parser("demo", help="start a local world of three regions and the controller")
     demo.add_argument("--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this")
     demo.add_argument(
@@ -113,6 +118,11 @@ def _positive_seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agent"]:  # called as the controller's CLI: the agent is still its own program
+        from probes.agent import main as agent  # noqa: PLC0415
+
+        return agent(argv[1:])
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:

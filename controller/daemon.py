@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,7 @@ from controller.acting.reconciler import Reconciler
 from controller.acting.route53 import READ_TIMEOUT, Actuator, make_client
 from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
+from controller.intake import DROP_REASONS, Intake
 from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
@@ -32,6 +33,7 @@ from controller.state.holder import this_process
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
 from probes.scheduler import Scheduler, make_prober
+from probes.wire import encode_plan
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -84,12 +86,32 @@ class Daemon:
             },
             verdict_policy,
         )
+        # Agents (over MQTT) feed the same windows; each gets a plan of every region's probes.
+        self.intake: Intake | None = None
+        agents = config.agents
+        if agents is not None:
+            version = int(clock() * 1000)  # grows from one start of the daemon to the next
+            planned = [(r.name, spec) for r in config.regions for spec in r.probes]
+            self.intake = Intake(
+                agents,
+                ((r.name, p.name) for r in config.regions for p in r.probes),
+                self.record,
+                dropped=self.metrics.drop,
+                plans={v: encode_plan(version, v, planned) for v in agents.vantages},
+                clock=clock,
+            )
+            self.metrics.watch_agents(agents.vantages, DROP_REASONS, self._agent_looks)
         probers = [make_prober(spec, r.name, self.vantage) for r in config.regions for spec in r.probes]
         self.scheduler = Scheduler(
             probers, self.record, max_concurrency=settings.max_concurrency, jitter=settings.jitter
         )
         self.metrics.precreate(
-            ((r.name, p.name, self.vantage) for r in config.regions for p in r.probes),
+            (
+                (r.name, p.name, v)
+                for v in (self.vantage, *(agents.vantages if agents is not None else ()))
+                for r in config.regions
+                for p in r.probes
+            ),
             (r.name for r in config.regions),
         )
         # Every change (verdicts, actions, ramps, drift, the lease, operators) is published once;
@@ -291,6 +313,8 @@ class Daemon:
                     group.create_task(self._judge_loop(), name="judge"),
                     group.create_task(self.metrics.follow(self._metric_events), name="metrics"),
                 ]
+                if self.intake is not None:
+                    self._tasks.append(group.create_task(self.intake.run(stop), name="intake"))
                 if self.reconciler is not None:
                     lease_ttl = self.config.controller.route53.lease_ttl
                     self._tasks += [
@@ -318,6 +342,22 @@ class Daemon:
     @property
     def verdicts(self) -> Mapping[str, Verdict]:
         return self.judge.verdicts
+
+    def agents(self) -> dict[str, Any] | None:
+        if self.intake is None:
+            return None
+        now = self.clock()
+        return {
+            "broker": self.intake.settings.broker,
+            "connected": self.intake.connected,
+            "vantages": {v: a.state_view(now) for v, a in self.intake.agents.items()},
+        }
+
+    def _agent_looks(self, vantage: str) -> tuple[bool, float | None, float | None]:
+        agent = self.intake.agents[vantage] if self.intake is not None else None
+        if agent is None:
+            return False, None, None
+        return self.intake is not None and self.intake.connected and agent.state == "online", agent.lag, agent.skew
 
     def probe_stats(self) -> tuple[int, int]:
         return self.scheduler.stats.runs, self.scheduler.stats.missed_ticks

@@ -25,18 +25,18 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from probes.kinds.cloudwatch import CloudWatchLagProber
 from probes.kinds.http import HttpProber
-from probes.kinds.replication import PostgresLagProber
 from probes.kinds.tcp import TcpProber
 from probes.spec import CloudWatchLagProbe, HttpProbe, PostgresLagProbe, TcpProbe
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from probes.kinds.cloudwatch import CloudWatchLagProber
+    from probes.kinds.replication import PostgresLagProber
     from probes.results import Result, RunReason
 
-Prober = HttpProber | TcpProber | PostgresLagProber | CloudWatchLagProber
+    Prober = HttpProber | TcpProber | PostgresLagProber | CloudWatchLagProber
 log = structlog.get_logger("regionshift.probes")
 
 # How long past its own timeout a probe may run before the scheduler gives up on it: probe kinds
@@ -51,9 +51,15 @@ def make_prober(
         return HttpProber(spec, region, vantage)
     if isinstance(spec, TcpProbe):
         return TcpProber(spec, region, vantage)
+    # The lag kinds load their clients (asyncpg, boto3) only when a plan has one: an agent that
+    # probes HTTP and TCP stays small.
     if isinstance(spec, PostgresLagProbe):
+        from probes.kinds.replication import PostgresLagProber  # noqa: PLC0415
+
         return PostgresLagProber(spec, region, vantage)
     if isinstance(spec, CloudWatchLagProbe):
+        from probes.kinds.cloudwatch import CloudWatchLagProber  # noqa: PLC0415
+
         return CloudWatchLagProber(spec, region, vantage)
     raise TypeError(f"no prober for {type(spec).__name__}")  # pragma: no cover - union is closed
 

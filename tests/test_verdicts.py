@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.judging.threshold import ThresholdDetector
-from controller.judging.verdicts import Assessment, Judge, combine
+from controller.judging.verdicts import Assessment, Judge, collections_held, combine, finish
 from controller.judging.windows import AT, LATENCY, MAX_SAMPLES, OK, Window, WindowStats, WindowStore
 from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.results import Result
@@ -354,10 +355,6 @@ def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches()
 
 
 def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():
-    import gc
-
-    from controller.judging.verdicts import collections_held, finish
-
     seen = []
 
     def steps():

@@ -151,6 +151,17 @@ class SimulatedRegion:
         return web.json_response({"region": self.name, "served": dict(self.served)})
 
 
+def terminate(process: subprocess.Popen[bytes], within: float = 10.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it has not exited `within` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(within)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -210,13 +221,8 @@ class LocalRoute53:
                 return
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            terminate(self._proc)
         self._proc = None
 
     async def __aenter__(self) -> Self:

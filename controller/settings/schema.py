@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS
 from controller.settings.model import LocatedError, SettingsModel, no_duplicates
 from controller.settings.policy import Policy
-from probes.spec import Duration, Interval, ProbeSpec
+from probes.spec import Duration, Interval, ProbeSpec, Secret, split_host_port
 
 RegionType = Literal["full", "lightweight", "read-only"]
 
@@ -119,8 +119,58 @@ class ControllerSettings(SettingsModel):
         return split_listen(self.listen)
 
 
+class BrokerTls(SettingsModel):
+    ca_file: str | None = Field(default=None, description="PEM CA bundle to trust (TLS)")
+    cert_file: str | None = Field(default=None, description="PEM client certificate")
+    key_file: str | None = Field(default=None, description="PEM key of the client certificate")
+
+    @model_validator(mode="after")
+    def _pair(self) -> BrokerTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class AgentsSettings(SettingsModel):
+    """Probe agents in the regions, reached through an MQTT broker (see `probes.wire`)."""
+
+    broker: str = Field(description="host:port of the MQTT broker, e.g. 'mqtt.internal:8883'")
+    username: str | None = Field(default=None, min_length=1, max_length=128)
+    password: Secret | None = Field(default=None, description="{env: VAR} or {file: PATH}, never the password")
+    tls: BrokerTls | None = None
+    vantages: list[str] = Field(min_length=1, max_length=256, description="the agents' vantage names")
+    client_id: str = Field(
+        default="regionshift-controller",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="the controller's MQTT client id; its session (and queued results) outlive a restart",
+    )
+    max_skew: Duration = Field(default=30.0, description="a result stamped further ahead (or late) is dropped")
+    max_result_age: Duration = Field(default=120.0, description="how long after its start a result may arrive")
+    max_age: Duration = Field(default=600.0, description="the same for a result replayed after an outage")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("vantages")
+    @classmethod
+    def _vantages(cls, vantages: list[str]) -> list[str]:
+        for v in vantages:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+                raise ValueError(f"vantage {v!r}: letters, digits, '.', '_' or '-', at most 63")
+        no_duplicates(vantages, "vantage")
+        return vantages
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.broker)
+
+
 class Config(SettingsModel):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    agents: AgentsSettings | None = None
     regions: list[Region] = Field(min_length=1)
     record_sets: list[RecordSet] = Field(default_factory=list)
     policies: list[str] = Field(default_factory=list, description="policy files, relative to this file")
@@ -143,6 +193,14 @@ class Config(SettingsModel):
     def _unique_record_sets(cls, record_sets: list[RecordSet]) -> list[RecordSet]:
         no_duplicates([rs.key for rs in record_sets], "record set (name/type)")
         return record_sets
+
+    @model_validator(mode="after")
+    def _agents_are_not_the_controller(self) -> Config:
+        if self.agents is not None and self.controller.vantage in self.agents.vantages:
+            raise LocatedError(
+                "agents.vantages", f"{self.controller.vantage!r} is the controller's own vantage; name agents apart"
+            )
+        return self
 
     @model_validator(mode="after")
     def _record_sets_fit_regions(self) -> Config:

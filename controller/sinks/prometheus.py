@@ -8,6 +8,7 @@ rate() over them works before the first failure ever happens.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,7 +20,7 @@ from controller.planning.ramps import RAMP_STATUSES
 from probes.results import OUTCOMES, RUN_REASONS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from prometheus_client.metrics import Counter as CounterChild
     from prometheus_client.metrics import Histogram as HistogramChild
@@ -119,6 +120,31 @@ class Metrics:
             ["record"],
             registry=registry,
         )
+        self.agent_dropped = Counter(
+            "regionshift_agent_messages_dropped",
+            "Messages from agents dropped, never trusted, by vantage (from the topic; 'other' when it names "
+            "no configured agent) and reason (invalid, duplicate, clock_skew, unknown_target, ...).",
+            ["vantage", "reason"],
+            registry=registry,
+        )
+        self.agent_up = Gauge(
+            "regionshift_agent_up",
+            "1 while the agent's presence says online and the controller is connected to the broker, else 0.",
+            ["vantage"],
+            registry=registry,
+        )
+        self.agent_lag = Gauge(
+            "regionshift_agent_lag_seconds",
+            "Seconds from the end of the agent's newest live result to its receipt by the controller.",
+            ["vantage"],
+            registry=registry,
+        )
+        self.agent_skew = Gauge(
+            "regionshift_agent_clock_skew_seconds",
+            "The agent's newest live result's end minus its receipt: beyond the lag, how far ahead its clock runs.",
+            ["vantage"],
+            registry=registry,
+        )
         self._route53_counted: dict[tuple[str, str], int] = {}
         # Label lookups cost more than the increment: keep each subject's children at hand.
         self._children: dict[tuple[str, str, str], _Children] = {}
@@ -149,6 +175,26 @@ class Metrics:
         reasons[result.reason].inc()
         if math.isfinite(result.latency):  # a lag probe's unknown lag is infinite: not a duration
             duration.observe(result.latency)
+
+    def watch_agents(
+        self,
+        vantages: Iterable[str],
+        reasons: Iterable[str],
+        looks: Callable[[str], tuple[bool, float | None, float | None]],
+    ) -> None:
+        """Pre-create the drop counters, and read each agent's (up, lag, skew) at every scrape."""
+        reasons = tuple(reasons)
+        for vantage in (*vantages, "other"):
+            for reason in reasons:
+                self.agent_dropped.labels(vantage, reason)
+            if vantage == "other":
+                continue
+
+            for i, gauge in enumerate((self.agent_up, self.agent_lag, self.agent_skew)):
+                gauge.labels(vantage).set_function(partial(_look, looks, vantage, i))
+
+    def drop(self, vantage: str, reason: str) -> None:
+        self.agent_dropped.labels(vantage, reason).inc()
 
     def set_lag(self, region: str, source: str, result: Result) -> None:
         measured = result.error_class in (None, "lagging", "stalled") and math.isfinite(result.latency)
@@ -212,3 +258,8 @@ class Metrics:
             if isinstance(event, ActionTaken) and event.outcome in ("applied", "dry_run"):
                 for region in event.regions:
                     self.actions.labels(event.action, region, event.actor).inc()
+
+
+def _look(looks: Callable[[str], tuple[bool, float | None, float | None]], vantage: str, i: int) -> float:
+    value = looks(vantage)[i]
+    return math.nan if value is None else float(value)

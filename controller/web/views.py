@@ -38,6 +38,11 @@ class Observed(Protocol):
 
     def clock(self) -> float: ...
 
+    def agents(self) -> dict[str, Any] | None:
+        """The probe agents: the broker link and each agent's presence, lag and drops (None
+        without agents)."""
+        ...
+
 
 def state(source: Observed) -> dict[str, Any]:
     """`GET /api/v1/state`: every region with its verdict, every record set, ramp and the events."""
@@ -67,6 +72,7 @@ def state(source: Observed) -> dict[str, Any]:
         "events": [e.to_json() for e in source.bus.recent(RECENT_EVENTS)],
         "probe_runs": runs,
         "missed_ticks": missed,
+        "agents": source.agents(),
     }
 
 

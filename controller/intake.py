@@ -1,0 +1,261 @@
+"""The controller's side of the agents: one MQTT subscriber that feeds their results to the windows.
+
+It publishes each configured agent's plan (retained, versioned: see `probes.wire`), then reads
+every result and presence message. Nothing from the wire is trusted: a message is dropped, and
+counted by reason, when its payload does not validate, when it names a region or probe the
+controller does not know, a vantage other than its topic's (or one that is not a configured
+agent's), a sequence number its session has sent already (QoS 1 redelivers), or a start time too
+far from the receive time (clock skew; a result replayed late may be older, up to `max_age`).
+
+`accept` is the whole decision and is pure (payload and receive time in, a verdict out), so the
+fuzz tests and the benchmark drive it without a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import structlog
+
+from probes import wire
+from probes.agent import backoff
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from controller.settings.schema import AgentsSettings
+    from probes.results import Result
+
+log = structlog.get_logger("regionshift.intake")
+
+DROP_REASONS = (
+    "too_large",
+    "not_json",
+    "schema",
+    "invalid",
+    "topic",
+    "vantage_mismatch",
+    "unknown_vantage",
+    "unknown_target",
+    "duplicate",
+    "clock_skew",
+    "too_old",
+)
+OTHER_VANTAGE = "other"  # the label for a message whose topic names no configured agent
+# Sequence numbers remembered per session below its highest: a redelivery comes within seconds,
+# a replay after an outage within the agent's buffer (10,000 by default).
+SEQ_MEMORY = 20_000
+
+
+@dataclass(slots=True)
+class _Session:
+    highest: int = 0
+    seen: set[int] = field(default_factory=set)
+
+    def first_time(self, seq: int) -> bool:
+        if seq in self.seen or seq <= self.highest - SEQ_MEMORY:
+            return False
+        self.seen.add(seq)
+        if seq > self.highest:
+            self.highest = seq
+            if len(self.seen) > 2 * SEQ_MEMORY:
+                self.seen = {s for s in self.seen if s > seq - SEQ_MEMORY}
+        return True
+
+
+@dataclass(slots=True)
+class AgentView:
+    """What the controller knows of one agent: its presence, and how its results arrive."""
+
+    vantage: str
+    state: str = "never seen"  # online | offline | never seen
+    session: str | None = None
+    since: float | None = None  # when the state last changed (receive time)
+    last_result: float | None = None  # receive time of its newest accepted result
+    lag: float | None = None  # seconds from a result's end to its receipt, the newest one's
+    skew: float | None = None  # the newest result's end minus its receipt (negative: behind)
+    plan_version: int | None = None
+    received: int = 0
+    late: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def state_view(self, now: float) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "session": self.session,
+            "since": self.since,
+            "last_result_age": None if self.last_result is None else round(now - self.last_result, 3),
+            "lag_seconds": None if self.lag is None else round(self.lag, 3),
+            "clock_skew_seconds": None if self.skew is None else round(self.skew, 3),
+            "plan_version": self.plan_version,
+            "received": self.received,
+            "late": self.late,
+            "dropped": dict(self.dropped),
+        }
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: AgentsSettings,
+        targets: Iterable[tuple[str, str]],
+        sink: Callable[[Result], None],
+        *,
+        dropped: Callable[[str, str], None] | None = None,
+        plans: dict[str, bytes] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.targets = set(targets)
+        self.sink = sink
+        self._dropped = dropped
+        self.plans = plans or {}  # vantage -> encoded plan, published retained on connect
+        self.clock = clock
+        self.agents = {v: AgentView(v) for v in settings.vantages}
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self.connected = False
+        self.rng = random.Random()  # noqa: S311 - reconnect jitter
+
+    # -- the decision -------------------------------------------------------------------------
+
+    def accept(self, topic: str, payload: bytes, now: float) -> Result | None:
+        """The result in a results message, or None when it is dropped (and counted)."""
+        vantage = _vantage_of(topic, 5)
+        try:
+            message = wire.decode_result(topic, payload)
+        except wire.WireError as exc:
+            self._drop(vantage, exc.reason, str(exc))
+            return None
+        agent = self.agents.get(message.vantage)
+        if agent is None:
+            self._drop(vantage, "unknown_vantage", f"vantage {message.vantage!r} is not a configured agent")
+            return None
+        if (message.region, message.probe) not in self.targets:
+            self._drop(message.vantage, "unknown_target", f"{message.region}/{message.probe} is not configured")
+            return None
+        ended = message.started_at + (message.latency or 0.0)
+        if message.started_at > now + self.settings.max_skew:
+            self._drop(message.vantage, "clock_skew", f"started {message.started_at - now:.1f}s ahead of this clock")
+            return None
+        limit = self.settings.max_age if message.late else self.settings.max_skew + self.settings.max_result_age
+        if now - message.started_at > limit:
+            self._drop(message.vantage, "too_old", f"started {now - message.started_at:.1f}s ago (at most {limit:g}s)")
+            return None
+        session = self._sessions.setdefault((message.vantage, message.session), _Session())
+        if not session.first_time(message.seq):
+            self._drop(message.vantage, "duplicate", f"session {message.session} sequence {message.seq} again")
+            return None
+        agent.received += 1
+        agent.late += message.late
+        agent.last_result = now
+        if not message.late:
+            agent.lag = max(0.0, now - ended)
+            agent.skew = ended - now
+        return message.result()
+
+    def presence(self, topic: str, payload: bytes, now: float) -> None:
+        vantage = _vantage_of(topic, 3)
+        if not payload:
+            return  # a retained status cleared
+        try:
+            presence = wire.decode_presence(topic, payload)
+        except wire.WireError as exc:
+            self._drop(vantage, exc.reason, str(exc))
+            return
+        agent = self.agents.get(presence.vantage)
+        if agent is None:
+            self._drop(vantage, "unknown_vantage", f"vantage {presence.vantage!r} is not a configured agent")
+            return
+        if presence.state == "offline" and agent.session not in (None, presence.session):
+            return  # the will of an older session, delivered after a newer one said hello
+        if agent.state != presence.state:
+            log.info("agent presence", state=presence.state, vantage=presence.vantage, session=presence.session)
+            agent.since = now
+        agent.state, agent.session = presence.state, presence.session
+        if presence.plan_version is not None:
+            agent.plan_version = presence.plan_version
+
+    def _drop(self, vantage: str, reason: str, detail: str) -> None:
+        label = vantage if vantage in self.agents else OTHER_VANTAGE
+        if label in self.agents:
+            agent = self.agents[label]
+            agent.dropped[reason] = agent.dropped.get(reason, 0) + 1
+        if self._dropped is not None:
+            self._dropped(label, reason)
+        log.debug("agent message dropped", vantage=label, reason=reason, detail=detail)
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls = None
+        if s.tls is not None:
+            tls = aiomqtt.TLSParameters(ca_certs=s.tls.ca_file, certfile=s.tls.cert_file, keyfile=s.tls.key_file)
+        host, port = s.host_port
+        return aiomqtt.Client(
+            host,
+            port,
+            # A persistent session under a fixed id: the broker keeps the subscriptions and queues
+            # the agents' QoS 1 results while the controller is away (a restart of either).
+            identifier=s.client_id,
+            clean_session=False,
+            username=s.username,
+            password=s.password.read() if s.password is not None else None,
+            tls_params=tls,
+            keepalive=15,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Subscribe until `stop`, reconnecting with capped, jittered backoff."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                async with self._client() as client:
+                    attempt = 0
+                    for vantage, plan in self.plans.items():
+                        await client.publish(wire.plan_topic(vantage), plan, qos=1, retain=True)
+                    await client.subscribe(wire.RESULTS_FILTER, qos=1)
+                    await client.subscribe(wire.STATUS_FILTER, qos=1)
+                    self.connected = True
+                    log.info("agents' broker connected", broker=self.settings.broker, plans=len(self.plans))
+                    reading = asyncio.create_task(self._read(client))
+                    stopping = asyncio.create_task(stop.wait())
+                    await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in (reading, stopping):
+                        task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stopping
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reading  # raises MqttError if the connection broke
+            except aiomqtt.MqttError as exc:
+                attempt += 1
+                wait = backoff(attempt, self.rng)
+                if self.connected or attempt == 1:
+                    log.warning("agents' broker unreachable", broker=self.settings.broker, error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+            finally:
+                self.connected = False
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            topic = message.topic.value
+            now = self.clock()
+            if topic.startswith(wire.RESULTS + "/"):
+                result = self.accept(topic, bytes(payload), now)
+                if result is not None:
+                    self.sink(result)
+            elif topic.startswith(wire.AGENTS + "/"):
+                self.presence(topic, bytes(payload), now)
+
+
+def _vantage_of(topic: str, index: int) -> str:
+    parts = topic.split("/")
+    return parts[index] if len(parts) > index else OTHER_VANTAGE

@@ -1,0 +1,323 @@
+"""`regionshift agent`: probes every region from where it runs and publishes the results over MQTT.
+
+An agent needs only the broker's address, its credentials and its vantage name. What it probes
+comes from the controller, as a retained, versioned plan on the agent's own topic (see
+`probes.wire`): a configuration change on the controller reaches every agent without a redeploy.
+
+It imports nothing from `controller/` (nor scipy): a small process, one per region.
+
+- Results are published with QoS 1 in the order they were made; one is forgotten only once the
+  broker has acknowledged it.
+- While the broker is unreachable, probing goes on and results wait in a bounded buffer
+  (`buffer` results; the oldest are dropped first, and counted); on reconnect they are replayed,
+  marked late. A result the broker may have received before the connection broke is sent again
+  with its sequence number: the controller counts it once.
+- The connection is retried with capped, jittered exponential backoff (aiomqtt does not reconnect).
+- Presence: "online" (retained) on connect, a last will "offline" with the same session, and an
+  orderly "offline" on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import secrets
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import aiomqtt
+import structlog
+
+from probes import wire
+from probes.scheduler import Scheduler, make_prober
+from probes.spec import Secret
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from probes.results import Result
+
+log = structlog.get_logger("regionshift.agent")
+
+BACKOFF_FIRST = 0.5  # seconds before the first reconnect
+BACKOFF_CAP = 30.0  # and at most this long between two
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before reconnect `attempt` (1, 2, ...): exponential, capped, and jittered
+    over its whole range ("full jitter") so agents cut off together do not return together."""
+    return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (attempt - 1)))
+
+
+@dataclass(slots=True)
+class AgentSettings:
+    vantage: str
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: Secret | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    buffer: int = 10_000  # results kept while the broker is unreachable
+    keepalive: int = 15
+
+
+@dataclass(slots=True)
+class AgentStats:
+    published: int = 0
+    replayed: int = 0  # published late, from the buffer
+    dropped: int = 0  # pushed out of a full buffer
+    connects: int = 0
+    plan_version: int | None = None
+    plans_refused: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    result: Result
+    late: bool = False
+
+
+@dataclass
+class Agent:
+    settings: AgentSettings
+    session: str = field(default_factory=lambda: secrets.token_hex(8))
+    stats: AgentStats = field(default_factory=AgentStats)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self._buffer: deque[_Pending] = deque()
+        self._ready = asyncio.Event()  # something waits in the buffer
+        self._seq = 0
+        self._scheduler: asyncio.Task[None] | None = None
+        self._connected = False
+        self.plan: wire.Plan | None = None
+
+    # -- results ----------------------------------------------------------------------------
+
+    def record(self, result: Result) -> None:
+        """The scheduler's sink: number the result and queue it for publishing."""
+        self._seq += 1
+        if len(self._buffer) >= self.settings.buffer:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+        self._buffer.append(_Pending(self._seq, result, late=not self._connected))
+        self._ready.set()
+
+    async def _publish_all(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._ready.wait()
+            while self._buffer:
+                pending = self._buffer[0]
+                r = pending.result
+                payload = wire.encode_result(r, self.session, pending.seq, late=pending.late)
+                await client.publish(wire.result_topic(r.region, r.probe, r.vantage), payload, qos=1)
+                # Acknowledged (aiomqtt waits for PUBACK at QoS 1): only now is it forgotten.
+                if self._buffer and self._buffer[0] is pending:
+                    self._buffer.popleft()
+                self.stats.published += 1
+                self.stats.replayed += pending.late
+            self._ready.clear()
+
+    # -- the plan ---------------------------------------------------------------------------
+
+    def _apply(self, payload: bytes) -> None:
+        try:
+            plan = wire.decode_plan(payload)
+        except wire.WireError as exc:
+            self.stats.plans_refused += 1
+            log.warning("plan refused", vantage=self.settings.vantage, reason=exc.reason, detail=str(exc))
+            return
+        if plan.vantage != self.settings.vantage:
+            self.stats.plans_refused += 1
+            log.warning("plan refused", vantage=self.settings.vantage, reason="vantage_mismatch", plan=plan.vantage)
+            return
+        if self.plan is not None and plan.version <= self.plan.version:
+            return  # the same plan again (retained, on every reconnect), or an older one
+        self.plan = plan
+        self.stats.plan_version = plan.version
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        probers = [make_prober(p.spec, p.region, self.settings.vantage) for p in plan.probes]
+        self._scheduler = asyncio.create_task(Scheduler(probers, self.record).run(), name="agent-probes")
+        log.info("plan applied", vantage=self.settings.vantage, version=plan.version, probes=len(probers))
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def _presence(self, state: Literal["online", "offline"], *, at: float | None = None) -> bytes:
+        presence = wire.Presence(
+            vantage=self.settings.vantage,
+            session=self.session,
+            state=state,
+            at=at,
+            plan_version=self.stats.plan_version,
+        )
+        return wire.encode_presence(presence)
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls = None
+        if s.ca_file is not None or s.cert_file is not None:
+            tls = aiomqtt.TLSParameters(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=f"regionshift-agent-{s.vantage}-{self.session}",
+            username=s.username,
+            password=s.password.read() if s.password is not None else None,
+            keepalive=s.keepalive,
+            tls_params=tls,
+            will=aiomqtt.Will(wire.status_topic(s.vantage), self._presence("offline"), qos=1, retain=True),
+        )
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        status = wire.status_topic(self.settings.vantage)
+        await client.publish(status, self._presence("online", at=time.time()), qos=1, retain=True)
+        await client.subscribe(wire.plan_topic(self.settings.vantage), qos=1)
+        self._connected = True
+        for pending in self._buffer:
+            pending.late = True  # made while cut off, or not acknowledged before the cut
+        # Two loops on one connection; whichever ends first (only by an error: the connection
+        # broke) ends the other, and its error is the session's.
+        tasks = {asyncio.create_task(self._read_plans(client)), asyncio.create_task(self._publish_all(client))}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+        for task in done:
+            task.result()
+
+    async def _read_plans(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if isinstance(message.payload, bytes | bytearray):
+                self._apply(bytes(message.payload))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, probe and publish until `stop` is set; then say "offline" in order."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                client = self._client()
+                async with client:
+                    self.stats.connects += 1
+                    attempt = 0
+                    log.info("connected", vantage=self.settings.vantage, broker=self._where(), session=self.session)
+                    session = asyncio.create_task(self._session(client))
+                    stopping = asyncio.create_task(stop.wait())
+                    done, _ = await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopping in done:
+                        session.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await session
+                        status = wire.status_topic(self.settings.vantage)
+                        try:
+                            await client.publish(status, self._presence("offline", at=time.time()), qos=1, retain=True)
+                        except aiomqtt.MqttError as exc:
+                            log.warning("offline status not sent", vantage=self.settings.vantage, error=str(exc))
+                        break
+                    stopping.cancel()
+                    session.result()
+            except aiomqtt.MqttError as exc:
+                self._connected = False
+                attempt += 1
+                wait = backoff(attempt, self.rng)
+                log.warning(
+                    "broker unreachable",
+                    vantage=self.settings.vantage,
+                    broker=self._where(),
+                    error=str(exc),
+                    retry_in=round(wait, 2),
+                    buffered=len(self._buffer),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+        self._connected = False
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="regionshift agent",
+        description="probe every region from here and publish the results to the controller over MQTT",
+    )
+    p.add_argument("--vantage", required=True, help="this agent's vantage name, e.g. agent-eu-west-1")
+    p.add_argument("--broker", required=True, metavar="HOST:PORT", help="the MQTT broker")
+    p.add_argument("--username", help="the broker user (default: the vantage name)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password-env", metavar="VAR", help="read the broker password from this variable")
+    secret.add_argument("--password-file", metavar="FILE", help="read the broker password from this file")
+    p.add_argument("--ca-file", help="PEM CA bundle: connect with TLS and trust it")
+    p.add_argument("--cert-file", help="PEM client certificate (with --key-file)")
+    p.add_argument("--key-file", help="PEM key of the client certificate")
+    p.add_argument("--buffer", type=int, default=10_000, help="results kept while the broker is unreachable")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> AgentSettings:
+    """Settings from the command line; raises ValueError with a sentence naming the mistake."""
+    if not wire.valid_name(args.vantage):
+        raise ValueError(f"--vantage {args.vantage!r}: letters, digits, '.', '_' or '-', at most 63")
+    host, sep, port = args.broker.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:  # noqa: PLR2004
+        raise ValueError(f"--broker {args.broker!r} is not HOST:PORT (e.g. 'mqtt.internal:8883')")
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("--cert-file and --key-file go together")
+    if args.buffer < 1:
+        raise ValueError("--buffer must be at least 1")
+    password = None
+    if args.password_env is not None:
+        password = Secret(env=args.password_env)
+    elif args.password_file is not None:
+        password = Secret(file=args.password_file)
+    return AgentSettings(
+        vantage=args.vantage,
+        host=host.strip("[]"),
+        port=int(port),
+        username=args.username or args.vantage,
+        password=password,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        buffer=args.buffer,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+        if settings.password is not None:
+            settings.password.read()  # missing or empty: say so now, not at the first connect
+    except (ValueError, LookupError) as exc:
+        print(f"regionshift agent: {exc}", file=sys.stderr)
+        return 2
+    agent = Agent(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    asyncio.run(run())
+    log.info("stopped", vantage=settings.vantage, published=agent.stats.published, dropped=agent.stats.dropped)
+    return 0

@@ -1,0 +1,333 @@
+"""Probe agents over MQTT: the wire format, the controller's intake, and agents against a real
+mosquitto (password file, ACL) on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import pytest
+
+from controller.demo.broker import CONTROLLER_USER, Broker
+from controller.intake import DROP_REASONS, Intake
+from controller.settings.schema import AgentsSettings
+from probes import wire
+from probes.agent import Agent, AgentSettings, backoff
+from probes.results import Result
+from probes.spec import HttpProbe, Secret
+
+if TYPE_CHECKING:
+    from controller.demo.world import SimulatedRegion
+
+SESSION = "0123456789abcdef"
+PASSWORDS = {CONTROLLER_USER: "controller-pw", "agent-a": "a-pw", "agent-b": "b-pw"}
+
+
+def result(region="eu-west-1", probe="home", vantage="agent-a", at=None, ok=True, latency=0.05) -> Result:
+    return Result(region, probe, vantage, time.time() if at is None else at, ok=ok, latency=latency)
+
+
+def intake_settings(broker: Broker | None = None, **changes) -> AgentsSettings:
+    return AgentsSettings.model_validate(
+        {
+            "broker": broker.address if broker else "127.0.0.1:1883",
+            "username": CONTROLLER_USER,
+            "password": {"env": "TEST_MQTT_CONTROLLER_PASSWORD"},
+            "vantages": ["agent-a", "agent-b"],
+            **changes,
+        }
+    )
+
+
+def make_intake(broker: Broker | None = None, sink=None, plans=None, **changes) -> tuple[Intake, Counter, list]:
+    dropped: Counter[tuple[str, str]] = Counter()
+    accepted: list[Result] = []
+    intake = Intake(
+        intake_settings(broker, **changes),
+        [("eu-west-1", "home"), ("eu-west-1", "orders")],
+        sink or accepted.append,
+        dropped=lambda v, r: dropped.update([(v, r)]),
+        plans=plans,
+    )
+    return intake, dropped, accepted
+
+
+def topic(vantage="agent-a", region="eu-west-1", probe="home") -> str:
+    return wire.result_topic(region, probe, vantage)
+
+
+# -- the wire format and the intake's decisions, without a broker -------------------------------
+
+
+def test_a_result_goes_over_the_wire_and_comes_back_the_same():
+    sent = Result("eu-west-1", "lag", "agent-a", 1_800_000_000.5, ok=False, latency=math.inf, error_class="stalled")
+    message = wire.decode_result(topic(probe="lag"), wire.encode_result(sent, SESSION, 7, late=True))
+    assert (message.session, message.seq, message.late, message.latency) == (SESSION, 7, True, None)
+    assert message.result() == sent
+
+
+def test_the_intake_drops_what_it_cannot_trust_and_counts_each_by_reason():
+    intake, dropped, _ = make_intake()
+    now = time.time()
+    good = wire.encode_result(result(at=now - 1), SESSION, 1)
+    assert intake.accept(topic(), good, now) is not None
+    assert intake.accept(topic(), good, now) is None  # QoS 1 redelivered it
+    cases = {
+        "duplicate": (topic(), good),
+        "vantage_mismatch": (topic("agent-b"), wire.encode_result(result(at=now), SESSION, 2)),
+        "unknown_vantage": (topic("agent-z"), wire.encode_result(result(vantage="agent-z", at=now), SESSION, 3)),
+        "unknown_target": (
+            topic(probe="nope"),
+            wire.encode_result(result(probe="nope", at=now), SESSION, 4),
+        ),
+        "clock_skew": (topic(), wire.encode_result(result(at=now + 120), SESSION, 5)),
+        "too_old": (topic(), wire.encode_result(result(at=now - 400), SESSION, 6)),
+        "schema": (topic(), json.dumps({**json.loads(good), "schema": 2, "seq": 8}).encode()),
+        "not_json": (topic(), b"\xff{"),
+        "invalid": (topic(), json.dumps({**json.loads(good), "ok": "yes", "seq": 9}).encode()),
+        "topic": ("regionshift/v1/results/eu-west-1/home", good),
+        "too_large": (topic(), b" " * (wire.MAX_PAYLOAD + 1)),
+    }
+    for reason, (t, payload) in cases.items():
+        assert intake.accept(t, payload, now) is None, reason
+    assert dropped == Counter(
+        {("agent-a", r): 1 for r in cases if r not in ("duplicate", "unknown_vantage", "vantage_mismatch", "topic")}
+        | {("agent-a", "duplicate"): 2, ("other", "unknown_vantage"): 1, ("agent-b", "vantage_mismatch"): 1}
+        | {("other", "topic"): 1}  # a topic without a vantage in it
+    )
+    # A result replayed late after an outage may be older than a live one, up to max_age.
+    late = wire.encode_result(result(at=now - 400), SESSION, 10, late=True)
+    assert intake.accept(topic(), late, now) is not None
+    assert set(DROP_REASONS) >= {r for _, r in dropped}
+
+
+def _fuzzed(rng: random.Random, now: float) -> tuple[str, bytes]:
+    base = json.loads(wire.encode_result(result(at=now - rng.uniform(0, 5)), SESSION, rng.randint(1, 50)))
+    choice = rng.randrange(8)
+    if choice == 0:  # random bytes
+        return topic(), rng.randbytes(rng.randint(0, 64))
+    if choice == 1:  # a field removed
+        base.pop(rng.choice(list(base)))
+    elif choice == 2:  # a field of the wrong type or out of range
+        base[rng.choice(list(base))] = rng.choice([None, -1, 1e308, "x" * 600, [], {}, True, math.nan, "∞"])
+    elif choice == 3:  # an extra field
+        base[rng.choice(["x", "admin", "__class__"])] = 1
+    elif choice == 4:  # time far off
+        base["started_at"] = now + rng.choice([-1e6, -900, 45, 1e6])
+    elif choice == 5:  # a truncated payload
+        text = json.dumps(base)
+        return topic(), text[: rng.randrange(len(text))].encode()
+    elif choice == 6:  # the wrong topic
+        return rng.choice(["regionshift/v1/results", topic("agent-b"), topic(probe="other"), "x/y/z/a/b/c"]), (
+            json.dumps(base).encode()
+        )
+    return topic(), json.dumps(base, allow_nan=True).encode()
+
+
+def test_ten_thousand_fuzzed_payloads_never_crash_the_intake_and_every_one_is_counted():
+    intake, dropped, _ = make_intake()
+    rng = random.Random(13)
+    now = time.time()
+    accepted = 0
+    for _ in range(10_000):
+        t, payload = _fuzzed(rng, now)
+        accepted += intake.accept(t, payload, now) is not None
+    assert accepted + sum(dropped.values()) == 10_000
+    assert accepted > 0  # the generator's unmutated messages pass
+    assert {r for _, r in dropped} >= {"invalid", "not_json", "duplicate", "topic", "clock_skew", "too_old"}
+
+
+def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
+    intake, _, _ = make_intake()
+    status = wire.status_topic("agent-a")
+    new = wire.Presence(vantage="agent-a", session="bbbbbbbbbbbbbbbb", state="online", at=time.time())
+    old_will = wire.Presence(vantage="agent-a", session="aaaaaaaaaaaaaaaa", state="offline")
+    intake.presence(status, wire.encode_presence(new), time.time())
+    intake.presence(status, wire.encode_presence(old_will), time.time())
+    assert intake.agents["agent-a"].state == "online"
+
+
+def test_reconnect_backoff_is_jittered_and_capped():
+    rng = random.Random(1)
+    waits = [backoff(attempt, rng) for attempt in range(1, 40)]
+    assert max(waits) <= 30.0
+    assert len({round(w, 3) for w in waits}) > 30  # not one fixed schedule
+
+
+# -- against a real mosquitto -----------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(monkeypatch):
+    monkeypatch.setenv("TEST_MQTT_CONTROLLER_PASSWORD", PASSWORDS[CONTROLLER_USER])
+    monkeypatch.setenv("TEST_MQTT_A_PASSWORD", PASSWORDS["agent-a"])
+    monkeypatch.setenv("TEST_MQTT_WRONG_PASSWORD", "not-the-password")
+    with Broker(dict(PASSWORDS)) as b:
+        yield b
+
+
+def agent_for(broker: Broker, vantage="agent-a", password_env="TEST_MQTT_A_PASSWORD", buffer=10_000) -> Agent:  # noqa: S107
+    return Agent(
+        AgentSettings(
+            vantage=vantage,
+            host="127.0.0.1",
+            port=broker.port,
+            username=vantage,
+            password=Secret(env=password_env),
+            buffer=buffer,
+            keepalive=5,
+        )
+    )
+
+
+def plan_for(region: SimulatedRegion, vantage="agent-a", version=1, interval=0.1) -> dict[str, bytes]:
+    specs = [
+        HttpProbe(name="home", target=region.url + "/healthz", interval=interval, timeout=interval),
+        HttpProbe(name="orders", target=region.url + "/api/orders", interval=interval, timeout=interval),
+    ]
+    return {vantage: wire.encode_plan(version, vantage, [("eu-west-1", s) for s in specs])}
+
+
+async def until(condition, within=10.0, what="condition"):
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_an_agent_takes_its_plan_from_the_controller_and_its_results_reach_the_windows(broker, region):
+    received: list[Result] = []
+    intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region))
+    agent = agent_for(broker)
+    stop_intake, stop_agent = asyncio.Event(), asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.run(stop_intake))
+        await until(lambda: intake.connected, what="the intake's connection")
+        group.create_task(agent.run(stop_agent))
+        await until(lambda: len({r.probe for r in received}) == 2 and len(received) >= 10, what="results")
+        view = intake.agents["agent-a"]
+        assert view.state == "online"
+        assert view.session == agent.session
+        assert view.plan_version is None or view.plan_version == 1
+        assert {r.vantage for r in received} == {"agent-a"}
+        assert all(r.ok for r in received)
+        assert view.lag is not None
+        assert 0 <= view.lag < 1.0
+        stop_agent.set()
+        await until(lambda: view.state == "offline", what="the orderly offline status")
+        stop_intake.set()
+    assert agent.plan is not None
+    assert agent.plan.version == 1
+    assert not dropped
+
+
+async def test_the_broker_refuses_a_wrong_password_and_a_topic_of_another_vantage(broker, region):
+    received: list[Result] = []
+    intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region))
+    wrong = agent_for(broker, password_env="TEST_MQTT_WRONG_PASSWORD")
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.run(stop))
+        group.create_task(wrong.run(stop))
+        await until(lambda: intake.connected, what="the intake's connection")
+        # agent-a, with its own good password, forges a result under agent-b's topic: the ACL
+        # drops it at the broker. Its own topic with agent-b's name inside: the controller does.
+        now = time.time()
+        async with aiomqtt.Client("127.0.0.1", broker.port, username="agent-a", password=PASSWORDS["agent-a"]) as a:
+            forged = result(vantage="agent-b", at=now)
+            await a.publish(topic("agent-b"), wire.encode_result(forged, SESSION, 1), qos=1)
+            await a.publish(topic("agent-a"), wire.encode_result(forged, SESSION, 2), qos=1)
+            await a.publish(topic("agent-a"), wire.encode_result(result(at=now), SESSION, 3), qos=1)
+        await until(lambda: received, what="agent-a's own result")
+        await asyncio.sleep(0.3)
+        stop.set()
+    assert [(r.vantage, r.region) for r in received] == [("agent-a", "eu-west-1")]
+    assert dropped == Counter({("agent-a", "vantage_mismatch"): 1})
+    assert wrong.stats.connects == 0
+    assert intake.agents["agent-a"].state == "never seen"  # the wrong password never said hello
+    assert "not authorised" in broker.log
+
+
+async def test_a_broker_restart_loses_nothing_and_counts_nothing_twice(broker, region):
+    seqs: list[int] = []
+    received: list[Result] = []
+    intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region, interval=0.05))
+    accept = intake.accept
+
+    def counting(t, payload, now):
+        found = accept(t, payload, now)
+        if found is not None:
+            seqs.append(json.loads(payload)["seq"])
+        return found
+
+    intake.accept = counting  # type: ignore[method-assign]
+    agent = agent_for(broker)
+    stop_intake, stop_agent = asyncio.Event(), asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.run(stop_intake))
+        group.create_task(agent.run(stop_agent))
+        await until(lambda: len(received) >= 20, what="results before the restart")
+        await asyncio.to_thread(broker.restart, 1.5)  # results made meanwhile wait in the agent
+        before = len(received)
+        await until(lambda: agent.stats.replayed > 0 and len(received) > before + 40, within=20, what="replay")
+        stop_agent.set()
+        await until(lambda: intake.agents["agent-a"].state == "offline", what="offline")
+        stop_intake.set()
+    assert agent.stats.connects >= 2
+    assert len(seqs) == len(set(seqs)), "a result counted twice"
+    # Every result the agent had the broker acknowledge arrived: 1..N, none missing.
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    assert len(seqs) >= agent.stats.published - agent.stats.replayed  # nothing acknowledged was lost
+    assert sum(r.reason == "scheduled" for r in received) == len(received)
+    late = intake.agents["agent-a"].late
+    assert 0 < late <= agent.stats.replayed + 1, (late, agent.stats, dropped)  # replayed, marked late, once
+
+
+def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller():
+    regionshift = str(Path(sys.executable).with_name("regionshift"))
+    bad = subprocess.run(
+        [regionshift, "agent", "--vantage", "a/b", "--broker", "127.0.0.1:1883"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "--vantage 'a/b'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = subprocess.run(
+        [regionshift, "agent", "--vantage", "a", "--broker", "127.0.0.1:1883", "--password-env", "NOPE_NOT_SET"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "NOPE_NOT_SET"},
+    )
+    assert missing.returncode == 2
+    assert "$NOPE_NOT_SET is empty or not set" in missing.stderr
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys; import controller.entry, probes.agent; "
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'boto3', 'controller')))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "['controller', 'controller.entry']"
