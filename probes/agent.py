@@ -206,6 +206,16 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, probe and publish until `stop` is set; then say "offline" in order."""
+        try:
+            await self._connected_until(stop)
+        finally:
+            self._connected = False
+            if self._scheduler is not None:
+                self._scheduler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._scheduler
+
+    async def _connected_until(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
             try:
@@ -216,19 +226,22 @@ class Agent:
                     log.info("connected", vantage=self.settings.vantage, broker=self._where(), session=self.session)
                     session = asyncio.create_task(self._session(client))
                     stopping = asyncio.create_task(stop.wait())
-                    done, _ = await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if stopping in done:
-                        session.cancel()
+                    try:
+                        done, _ = await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in (session, stopping):
+                            task.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await session
-                        status = wire.status_topic(self.settings.vantage)
-                        try:
-                            await client.publish(status, self._presence("offline", at=time.time()), qos=1, retain=True)
-                        except aiomqtt.MqttError as exc:
-                            log.warning("offline status not sent", vantage=self.settings.vantage, error=str(exc))
-                        break
-                    stopping.cancel()
-                    session.result()
+                    if session in done:
+                        session.result()  # the connection broke: its error
+                    log.info("stopping", vantage=self.settings.vantage, buffered=len(self._buffer))
+                    status = wire.status_topic(self.settings.vantage)
+                    try:
+                        await client.publish(status, self._presence("offline", at=time.time()), qos=1, retain=True)
+                    except aiomqtt.MqttError as exc:
+                        log.warning("offline status not sent", vantage=self.settings.vantage, error=str(exc))
+                    break
             except aiomqtt.MqttError as exc:
                 self._connected = False
                 attempt += 1
@@ -243,11 +256,6 @@ class Agent:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait)
-        self._connected = False
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
 
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"

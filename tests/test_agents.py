@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import aiomqtt
 import pytest
 
+from controller.daemon import Daemon
 from controller.demo.broker import CONTROLLER_USER, Broker
 from controller.intake import DROP_REASONS, Intake
 from controller.settings.schema import AgentsSettings
@@ -25,12 +26,13 @@ from probes import wire
 from probes.agent import Agent, AgentSettings, backoff
 from probes.results import Result
 from probes.spec import HttpProbe, Secret
+from tests.test_daemon import Running, world_config
 
 if TYPE_CHECKING:
     from controller.demo.world import SimulatedRegion
 
 SESSION = "0123456789abcdef"
-PASSWORDS = {CONTROLLER_USER: "controller-pw", "agent-a": "a-pw", "agent-b": "b-pw"}
+PASSWORDS = {CONTROLLER_USER: "controller-pw", "agent-a": "a-pw", "agent-b": "b-pw", "agent-c": "c-pw"}
 
 
 def result(region="eu-west-1", probe="home", vantage="agent-a", at=None, ok=True, latency=0.05) -> Result:
@@ -170,7 +172,8 @@ def test_reconnect_backoff_is_jittered_and_capped():
 @pytest.fixture
 def broker(monkeypatch):
     monkeypatch.setenv("TEST_MQTT_CONTROLLER_PASSWORD", PASSWORDS[CONTROLLER_USER])
-    monkeypatch.setenv("TEST_MQTT_A_PASSWORD", PASSWORDS["agent-a"])
+    for vantage in ("agent-a", "agent-b", "agent-c"):
+        monkeypatch.setenv(f"TEST_MQTT_{vantage[-1].upper()}_PASSWORD", PASSWORDS[vantage])
     monkeypatch.setenv("TEST_MQTT_WRONG_PASSWORD", "not-the-password")
     with Broker(dict(PASSWORDS)) as b:
         yield b
@@ -282,7 +285,7 @@ async def test_a_broker_restart_loses_nothing_and_counts_nothing_twice(broker, r
         before = len(received)
         await until(lambda: agent.stats.replayed > 0 and len(received) > before + 40, within=20, what="replay")
         stop_agent.set()
-        await until(lambda: intake.agents["agent-a"].state == "offline", what="offline")
+        await until(lambda: intake.agents["agent-a"].state == "offline", within=20, what="offline")
         stop_intake.set()
     assert agent.stats.connects >= 2
     assert len(seqs) == len(set(seqs)), "a result counted twice"
@@ -331,3 +334,55 @@ def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller
         check=True,
     )
     assert loaded.stdout.strip() == "['controller', 'controller.entry']"
+
+
+async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_cut_agent_is_set_aside(broker, world):
+    agents = ("agent-a", "agent-b", "agent-c")
+    config = world_config(world).model_copy(update={"agents": intake_settings(broker, vantages=list(agents))})
+    daemon = Daemon(config)
+    running_agents = [agent_for(broker, v, f"TEST_MQTT_{v[-1].upper()}_PASSWORD") for v in agents]
+    stop_agents = asyncio.Event()
+    async with Running(daemon) as running, asyncio.TaskGroup() as group:
+        for agent in running_agents:
+            group.create_task(agent.run(stop_agents))
+        for name in world:
+            await running.status_becomes(name, "healthy", within=10)
+        await until(lambda: all(daemon.windows.by_probe(r) for r in world), what="windows")
+        seen = {v for w in daemon.windows.by_probe("eu-west-1").values() for v in w}
+        assert seen == {"controller", *agents}
+
+        # agent-c loses its network to every region (its broker link stays): its vantage is set
+        # aside, named in the evidence, and no region is blamed meanwhile.
+        for region in world.values():
+            region.set(cut_vantages=("agent-c",))
+        await until(lambda: "agent-c" in daemon.judge.set_aside, within=10, what="agent-c set aside")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            blamed = {r: (v.status, v.reasons) for r, v in daemon.judge.verdicts.items() if v.status != "healthy"}
+            assert not blamed, (blamed, daemon.judge.set_aside)
+            await asyncio.sleep(0.05)
+        assert "agent-c" in json.dumps(daemon.judge.verdicts["us-east-1"].evidence["set_aside"])
+        for region in world.values():
+            region.heal()
+        await until(lambda: not daemon.judge.set_aside, within=10, what="agent-c back")
+
+        # A fault every vantage sees: the region is blamed, on the word of every vantage.
+        world["eu-west-1"].set(error_ratio=0.4)
+        await running.status_becomes("eu-west-1", "degraded", within=10)
+        evidence = json.dumps(daemon.judge.verdicts["eu-west-1"].evidence)
+        assert all(v in evidence for v in agents), evidence
+        world["eu-west-1"].heal()
+
+        state = await (await running.http.get("/api/v1/state")).json()
+        assert state["agents"]["connected"] is True
+        assert {v: a["state"] for v, a in state["agents"]["vantages"].items()} == dict.fromkeys(agents, "online")
+        metrics = await (await running.http.get("/metrics")).text()
+        assert 'regionshift_agent_up{vantage="agent-b"} 1.0' in metrics
+        assert 'regionshift_agent_messages_dropped_total{reason="duplicate",vantage="agent-a"}' in metrics
+        assert (
+            'regionshift_probe_results_total{outcome="timeout",probe="orders",region="us-east-1",vantage="agent-c"}'
+            in metrics
+        )
+        for region in world.values():
+            region.heal()
+        stop_agents.set()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 API_PATHS = ("/api/orders", "/api/users")
+CUT_FOR = 60.0  # seconds a request over a cut path waits, unanswered
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Behaviour:
     error_status: int = 503
     latency: float = 0.0  # seconds added to every request
     healthz_ok: bool = True
+    # Vantages whose path to this region is cut: their requests (told apart by the probes'
+    # User-Agent, "regionshift-probe/1 (VANTAGE)") are never answered, as by a network black hole.
+    cut_vantages: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Behaviour:
@@ -49,8 +53,9 @@ class Behaviour:
             raise ValueError(
                 f"unknown behaviour fields: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
             )
-        if "error_paths" in data:
-            data = {**data, "error_paths": tuple(data["error_paths"])}
+        for name in ("error_paths", "cut_vantages"):
+            if name in data:
+                data = {**data, name: tuple(data[name])}
         behaviour = cls(**data)
         if not 0.0 <= behaviour.error_ratio <= 1.0:
             raise ValueError("error_ratio must be within 0..1")
@@ -101,8 +106,9 @@ class SimulatedRegion:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = self._site = None
+            runner, self._runner = self._runner, None  # requests held over a cut path end now
+            await runner.cleanup()
+            self._site = None
 
     async def refuse(self) -> None:
         """Stop listening: new connections are refused until `accept()`."""
@@ -117,19 +123,26 @@ class SimulatedRegion:
             if self.port == 0:  # keep the port the system chose, so accept() after refuse() reuses it
                 self.port = int(self._runner.addresses[0][1])
 
-    async def _delay(self) -> None:
+    async def _delay(self, request: web.Request) -> None:
+        agent = request.headers.get("User-Agent", "")
+        deadline = time.monotonic() + CUT_FOR
+        # Unanswered while the cut lasts (the probe times out long before), ended by the region's stop.
+        while any(agent.endswith(f"({v})") for v in self.behaviour.cut_vantages) and time.monotonic() < deadline:
+            if self._runner is None:
+                raise web.HTTPServiceUnavailable
+            await asyncio.sleep(0.05)
         if self.behaviour.latency > 0:
             await asyncio.sleep(self.behaviour.latency)
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        await self._delay()
+        await self._delay(request)
         self.served[request.path] += 1
         if not self.behaviour.healthz_ok:
             return web.Response(status=503, text="unhealthy\n")
         return web.Response(text="ok\n")
 
     async def _api(self, request: web.Request) -> web.Response:
-        await self._delay()
+        await self._delay(request)
         self.served[request.path] += 1
         b = self.behaviour
         failing = any(request.path.startswith(p) for p in b.error_paths)

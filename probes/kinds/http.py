@@ -93,7 +93,8 @@ class HttpProber:
         self._server_name = urlsplit(f"//{self._host_header}").hostname or self._host
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._body = spec.body.encode() if spec.body is not None else b""
-        headers = [("Host", self._host_header), ("User-Agent", USER_AGENT), ("Accept", "*/*")]
+        # The User-Agent names the vantage, so a target's logs tell the vantages apart.
+        headers = [("Host", self._host_header), ("User-Agent", f"{USER_AGENT} ({vantage})"), ("Accept", "*/*")]
         wanted = {k: v for k, v in spec.headers.items() if k.lower() not in ("host", "connection")}
         headers += [(k, v) for k, v in wanted.items() if isinstance(v, str)]
         # Credentials in the URL (https://user:pass@host/) are sent as Basic auth, as a browser would.
