@@ -19,13 +19,14 @@ import aiomqtt
 import pytest
 
 from controller.daemon import Daemon
-from controller.demo.broker import CONTROLLER_USER, Broker
+from controller.demo.broker import ACL, CONTROLLER_USER, Broker
 from controller.intake import DROP_REASONS, Intake
 from controller.settings.schema import AgentsSettings
 from probes import wire
 from probes.agent import Agent, AgentSettings, backoff
 from probes.results import Result
 from probes.spec import HttpProbe, Secret
+from tests.conftest import REGIONSHIFT
 from tests.test_daemon import Running, world_config
 
 if TYPE_CHECKING:
@@ -386,3 +387,34 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
         for region in world.values():
             region.heal()
         stop_agents.set()
+
+
+def test_the_deployed_acl_is_the_one_the_tests_run_mosquitto_with():
+    shipped = (Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "regionshift.acl").read_text()
+    assert shipped.split("\n", 1)[1] == ACL
+
+
+def test_a_configuration_with_agents_is_checked_where_it_is_wrong(write, cli_env):
+    base = (
+        "regions:\n  - name: eu-west-1\n    probes:\n      - {name: home, kind: http, target: 'http://127.0.0.1:1/'}\n"
+    )
+    cases = {
+        "agents:\n  broker: 'no-port'\n  vantages: [agent-a]\n": "agents.broker",
+        "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [controller]\n": "agents.vantages",
+        "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [a, a]\n": "agents.vantages",
+        "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [agent-a]\n  password: 'hunter2'\n": "agents.password",
+    }
+    for i, (agents, where) in enumerate(cases.items()):
+        path = write(f"bad{i}.yaml", base + agents)
+        done = subprocess.run(
+            [REGIONSHIFT, "validate", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            env=cli_env,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert where in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "hunter2" not in done.stderr

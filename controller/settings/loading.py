@@ -154,6 +154,8 @@ def _explain(error: ErrorDetails, model: type[BaseModel], loc: list[int | str]) 
     if kind == "union_tag_not_found":
         return f"a probe needs `kind:` (one of: {_kind_list()})"
     message = error["msg"].removeprefix("Value error, ")
+    if error.get("ctx", {}).get("class_name") == "Secret":  # what was written may be the secret: never shown
+        return "a secret is named, not written: {env: VARIABLE} or {file: PATH}"
     shown = error.get("input")
     if kind not in ("value_error", "assertion_error") and not isinstance(shown, dict | list):
         message += f" (got {redact(repr(shown))})"
