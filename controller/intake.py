@@ -208,7 +208,7 @@ class Intake:
             username=s.username,
             password=s.password.read() if s.password is not None else None,
             tls_params=tls,
-            keepalive=15,
+            keepalive=5,  # a dead connection is noticed within about 7 s
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -231,8 +231,9 @@ class Agent:
                     finally:
                         for task in (session, stopping):
                             task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                            await session
+                        for task in (session, stopping):
+                            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                                await task
                     if session in done:
                         session.result()  # the connection broke: its error
                     log.info("stopping", vantage=self.settings.vantage, buffered=len(self._buffer))

@@ -42,6 +42,9 @@ class Source:
     def probe_stats(self):
         return 0, 0
 
+    def agents(self):
+        return None
+
     def clock(self) -> float:
         return 1000.0
 

@@ -423,13 +423,18 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
         await running.until(lambda: euw1_share() == 0.0, what="evacuated")
         evacuation = list(seen)
         two_regions["eu-west-1"].heal()
+
+        def restores_counted() -> float:
+            labels = {"action": "restore", "region": "eu-west-1", "reason": "evacuation"}
+            return daemon.registry.get_sample_value("regionshift_actions_total", labels) or 0.0
+
         await running.until(lambda: abs(euw1_share() - 50.0) < 1.0, what="restored")
+        # Route 53 shows a write before the daemon has seen it INSYNC and counted it: a moment more.
+        await running.until(lambda: restores_counted() >= 3, what="the restores counted")
         evacuations = daemon.registry.get_sample_value(
             "regionshift_actions_total", {"action": "evacuation", "region": "eu-west-1", "reason": "evacuation"}
         )
-        restores = daemon.registry.get_sample_value(
-            "regionshift_actions_total", {"action": "restore", "region": "eu-west-1", "reason": "evacuation"}
-        )
+        restores = restores_counted()
     steps = [shares(w)["euw1"] for w in evacuation]
     assert steps[0] == 50.0
     assert steps[-1] == 0.0
