@@ -327,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await agent.run(stop)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - a fault at run time: one sentence, never a traceback
+        print(f"regionshift agent {settings.vantage}: stopped by an unexpected error: {exc}", file=sys.stderr)
+        return 1
     log.info("stopped", vantage=settings.vantage, published=agent.stats.published, dropped=agent.stats.dropped)
     return 0
