@@ -354,10 +354,10 @@ class Daemon:
         }
 
     def _agent_looks(self, vantage: str) -> tuple[bool, float | None, float | None]:
-        agent = self.intake.agents[vantage] if self.intake is not None else None
-        if agent is None:
+        if self.intake is None:
             return False, None, None
-        return self.intake is not None and self.intake.connected and agent.state == "online", agent.lag, agent.skew
+        agent = self.intake.agents[vantage]
+        return self.intake.connected and agent.state == "online", agent.lag, agent.skew
 
     def probe_stats(self) -> tuple[int, int]:
         return self.scheduler.stats.runs, self.scheduler.stats.missed_ticks

@@ -256,7 +256,7 @@ class Window:
 
     def view(self, now: float, span: float) -> tuple[int, array[float]]:
         """How many samples are within (now - span, now], and the successful ones' latencies,
-        sorted (the list is the window's own: do not change it). Followed from the last look
+        sorted (an array, the window's own: do not change it). Followed from the last look
         while `now` only moves on and the span stays the same; started over otherwise."""
         view = self._view
         if view is None or view.span != span or now < view.now or view.head < self._head:
