@@ -234,9 +234,16 @@ async def test_a_degraded_target_rolls_the_ramp_back_to_the_weights_before_it(tw
         await running.until(lambda: running.ramp().status == "baking" and running.ramp().step == 1, what="step 2")
         two_regions["eu-west-1"].set(error_ratio=0.5)  # /api/ half failing, /healthz fine
         await running.until(lambda: running.ramp().status == "rolled_back", what="rollback")
-        rollback = daemon.registry.get_sample_value(
-            "regionshift_actions_total", {"action": "rollback", "region": "eu-west-1", "reason": "ramp:launch"}
-        )
+
+        def rollbacks_counted() -> float:
+            labels = {"action": "rollback", "region": "eu-west-1", "reason": "ramp:launch"}
+            return daemon.registry.get_sample_value("regionshift_actions_total", labels) or 0.0
+
+        # The counter follows the event bus: it may count the rollback a moment after the status
+        # changed (CI read it in between). Wait for it, then make sure nothing more came.
+        await running.until(lambda: rollbacks_counted() >= 1, what="the rollback counted")
+        await asyncio.sleep(0.5)
+        rollback = rollbacks_counted()
     assert read_weights(route53, zone_id, name) == {"use1": 1, "euw1": 0}
     assert running.ramp().reason.startswith("rollback: eu-west-1 is degraded: orders:")
     assert rollback == 1.0
