@@ -223,7 +223,8 @@ class Daemon:
     def _probe_suspects(self, hold: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass
         while it does (each for `hold` seconds), so a suspicion ends a pass or two after the
-        evidence fades or a verdict holds. Only this vantage's targets: agents hasten their own.
+        evidence fades or a verdict holds. This vantage's targets here; each agent's are sent to
+        it (`Intake.hurry`), and it hastens them the same way.
         Returns whether any target at any vantage is a suspect (the judge then runs faster)."""
         policy = self.config.policy.verdicts.suspicion
         everywhere = suspects(
@@ -244,6 +245,13 @@ class Daemon:
         for region, probe in self._suspects - found.keys():
             log.info("suspicion over", region=region, probe=probe)
         self._suspects = set(found)
+        if self.intake is not None:
+            by_agent: dict[str, dict[tuple[str, str], str]] = {}
+            for (region, probe, vantage), why in everywhere.items():
+                if vantage != self.vantage:
+                    by_agent.setdefault(vantage, {})[region, probe] = why
+            for vantage, targets in by_agent.items():
+                self.intake.hurry(vantage, targets, every=policy.every, hold=hold, budget=policy.budget)
         return bool(everywhere)
 
     async def _keep_baselines(self, store: Store) -> None:

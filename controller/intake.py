@@ -7,6 +7,10 @@ controller does not know, a vantage other than its topic's (or one that is not a
 agent's), a sequence number its session has sent already (QoS 1 redelivers), or a start time too
 far from the receive time (clock skew; a result replayed late may be older, up to `max_age`).
 
+It also passes the judge's suspicions on: `hurry` asks an agent to probe the targets suspected at
+its vantage harder, on that agent's hurry topic (QoS 0, never retained; renewed every judge pass
+while the suspicion lasts, so one lost message costs a pass, and a broker that is away keeps none).
+
 `accept` is the whole decision and is pure (payload and receive time in, a verdict out), so the
 fuzz tests and the benchmark drive it without a broker.
 """
@@ -24,10 +28,10 @@ import aiomqtt
 import structlog
 
 from probes import wire
-from probes.agent import backoff
+from probes.agent import acked, backoff, cancel_all
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
     from controller.settings.schema import AgentsSettings
     from probes.results import Result
@@ -121,6 +125,27 @@ class Intake:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self.connected = False
         self.rng = random.Random()  # noqa: S311 - reconnect jitter
+        self._outbox: dict[str, bytes] = {}  # vantage -> the newest suspicion not yet sent
+        self._send = asyncio.Event()
+        self.hurries_sent = 0
+
+    def hurry(
+        self, vantage: str, suspects: Mapping[tuple[str, str], str], *, every: float, hold: float, budget: int
+    ) -> None:
+        """Ask the agent at `vantage` to probe these (region, probe) -> why harder for `hold`
+        seconds. Sent at once while connected; while not, nothing is kept (a suspicion is renewed
+        by the next pass, or is over)."""
+        if vantage not in self.agents or not suspects or not self.connected:
+            return
+        message = wire.Hurry(
+            vantage=vantage,
+            every=every,
+            hold=hold,
+            budget=budget,
+            suspects=[wire.Suspect(region=r, probe=p, why=why[:200]) for (r, p), why in sorted(suspects.items())],
+        )
+        self._outbox[vantage] = wire.encode_hurry(message)
+        self._send.set()
 
     # -- the decision -------------------------------------------------------------------------
 
@@ -219,20 +244,21 @@ class Intake:
                 async with self._client() as client:
                     attempt = 0
                     for vantage, plan in self.plans.items():
-                        await client.publish(wire.plan_topic(vantage), plan, qos=1, retain=True)
-                    await client.subscribe(wire.RESULTS_FILTER, qos=1)
-                    await client.subscribe(wire.STATUS_FILTER, qos=1)
+                        await acked(client.publish(wire.plan_topic(vantage), plan, qos=1, retain=True))
+                    await acked(client.subscribe(wire.RESULTS_FILTER, qos=1))
+                    await acked(client.subscribe(wire.STATUS_FILTER, qos=1))
                     self.connected = True
                     log.info("agents' broker connected", broker=self.settings.broker, plans=len(self.plans))
                     reading = asyncio.create_task(self._read(client))
+                    sending = asyncio.create_task(self._send_hurries(client))
                     stopping = asyncio.create_task(stop.wait())
-                    await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in (reading, stopping):
-                        task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await stopping
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reading  # raises MqttError if the connection broke
+                    tasks = {reading, sending, stopping}
+                    try:
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        await cancel_all(tasks)
+                    for task in done - {stopping}:
+                        task.result()  # raises MqttError: the connection broke
             except aiomqtt.MqttError as exc:
                 attempt += 1
                 wait = backoff(attempt, self.rng)
@@ -242,6 +268,16 @@ class Intake:
                     await asyncio.wait_for(stop.wait(), wait)
             finally:
                 self.connected = False
+                self._outbox.clear()
+
+    async def _send_hurries(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._send.wait()
+            self._send.clear()
+            while self._outbox:
+                vantage, payload = self._outbox.popitem()
+                await acked(client.publish(wire.hurry_topic(vantage), payload, qos=0))
+                self.hurries_sent += 1
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -15,6 +15,9 @@ It imports nothing from `controller/` (nor scipy): a small process, one per regi
 - The connection is retried with capped, jittered exponential backoff (aiomqtt does not reconnect).
 - Presence: "online" (retained) on connect, a last will "offline" with the same session, and an
   orderly "offline" on SIGTERM or SIGINT.
+- Suspicion: the controller names the targets it suspects at this vantage on the agent's hurry
+  topic, renewed on every judge pass while the suspicion lasts; the agent probes them harder
+  (extra runs, marked so) for the hold the message gives, then goes back to its plan's intervals.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiomqtt
 import structlog
@@ -39,11 +42,12 @@ from probes.scheduler import Scheduler, make_prober
 from probes.spec import Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from probes.results import Result
 
 log = structlog.get_logger("regionshift.agent")
+T = TypeVar("T")
 
 BACKOFF_FIRST = 0.5  # seconds before the first reconnect
 BACKOFF_CAP = 30.0  # and at most this long between two
@@ -77,6 +81,8 @@ class AgentStats:
     connects: int = 0
     plan_version: int | None = None
     plans_refused: int = 0
+    hurries: int = 0  # suspicion messages applied
+    hurries_refused: int = 0
 
 
 @dataclass(slots=True)
@@ -98,6 +104,7 @@ class Agent:
         self._ready = asyncio.Event()  # something waits in the buffer
         self._seq = 0
         self._scheduler: asyncio.Task[None] | None = None
+        self._probes: Scheduler | None = None
         self._connected = False
         self.plan: wire.Plan | None = None
 
@@ -119,7 +126,7 @@ class Agent:
                 pending = self._buffer[0]
                 r = pending.result
                 payload = wire.encode_result(r, self.session, pending.seq, late=pending.late)
-                await client.publish(wire.result_topic(r.region, r.probe, r.vantage), payload, qos=1)
+                await acked(client.publish(wire.result_topic(r.region, r.probe, r.vantage), payload, qos=1))
                 # Acknowledged (aiomqtt waits for PUBACK at QoS 1): only now is it forgotten.
                 if self._buffer and self._buffer[0] is pending:
                     self._buffer.popleft()
@@ -147,8 +154,38 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.cancel()
         probers = [make_prober(p.spec, p.region, self.settings.vantage) for p in plan.probes]
-        self._scheduler = asyncio.create_task(Scheduler(probers, self.record).run(), name="agent-probes")
+        self._probes = Scheduler(probers, self.record)
+        self._scheduler = asyncio.create_task(self._probes.run(), name="agent-probes")
         log.info("plan applied", vantage=self.settings.vantage, version=plan.version, probes=len(probers))
+
+    def _hurry(self, topic: str, payload: bytes) -> None:
+        """Probe the controller's suspects harder, those of the plan that runs; others are ignored."""
+        try:
+            hurry = wire.decode_hurry(topic, payload)
+        except wire.WireError as exc:
+            self.stats.hurries_refused += 1
+            log.warning("suspicion refused", vantage=self.settings.vantage, reason=exc.reason, detail=str(exc))
+            return
+        if hurry.vantage != self.settings.vantage or self._probes is None:
+            self.stats.hurries_refused += 1
+            return
+        running = {(p.subject.region, p.subject.probe) for p in self._probes.probers}
+        hastened = self._probes.hastened()
+        for suspect in hurry.suspects:
+            key = (suspect.region, suspect.probe)
+            if key not in running:
+                continue
+            self._probes.hasten(*key, every=hurry.every, hold=hurry.hold, budget=hurry.budget)
+            if key not in hastened:
+                log.info(
+                    "probing a suspect harder",
+                    vantage=self.settings.vantage,
+                    region=suspect.region,
+                    probe=suspect.probe,
+                    why=suspect.why,
+                    every=hurry.every,
+                )
+        self.stats.hurries += 1
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -180,28 +217,30 @@ class Agent:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         status = wire.status_topic(self.settings.vantage)
-        await client.publish(status, self._presence("online", at=time.time()), qos=1, retain=True)
-        await client.subscribe(wire.plan_topic(self.settings.vantage), qos=1)
+        await acked(client.publish(status, self._presence("online", at=time.time()), qos=1, retain=True))
+        await acked(client.subscribe(wire.plan_topic(self.settings.vantage), qos=1))
+        await acked(client.subscribe(wire.hurry_topic(self.settings.vantage), qos=0))
         self._connected = True
         for pending in self._buffer:
             pending.late = True  # made while cut off, or not acknowledged before the cut
         # Two loops on one connection; whichever ends first (only by an error: the connection
         # broke) ends the other, and its error is the session's.
-        tasks = {asyncio.create_task(self._read_plans(client)), asyncio.create_task(self._publish_all(client))}
+        tasks = {asyncio.create_task(self._read(client)), asyncio.create_task(self._publish_all(client))}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await task
+            await cancel_all(tasks)
         for task in done:
             task.result()
 
-    async def _read_plans(self, client: aiomqtt.Client) -> None:
+    async def _read(self, client: aiomqtt.Client) -> None:
+        hurry = wire.hurry_topic(self.settings.vantage)
         async for message in client.messages:
-            if isinstance(message.payload, bytes | bytearray):
+            if not isinstance(message.payload, bytes | bytearray):
+                continue
+            if message.topic.value == hurry:
+                self._hurry(hurry, bytes(message.payload))
+            else:
                 self._apply(bytes(message.payload))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -211,9 +250,7 @@ class Agent:
         finally:
             self._connected = False
             if self._scheduler is not None:
-                self._scheduler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._scheduler
+                await cancel_all({self._scheduler})
 
     async def _connected_until(self, stop: asyncio.Event) -> None:
         attempt = 0
@@ -229,17 +266,14 @@ class Agent:
                     try:
                         done, _ = await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        for task in (session, stopping):
-                            task.cancel()
-                        for task in (session, stopping):
-                            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                                await task
+                        await cancel_all({session, stopping})
                     if session in done:
                         session.result()  # the connection broke: its error
                     log.info("stopping", vantage=self.settings.vantage, buffered=len(self._buffer))
                     status = wire.status_topic(self.settings.vantage)
                     try:
-                        await client.publish(status, self._presence("offline", at=time.time()), qos=1, retain=True)
+                        offline = self._presence("offline", at=time.time())
+                        await acked(client.publish(status, offline, qos=1, retain=True))
                     except aiomqtt.MqttError as exc:
                         log.warning("offline status not sent", vantage=self.settings.vantage, error=str(exc))
                     break
@@ -260,6 +294,31 @@ class Agent:
 
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+
+async def acked(call: Awaitable[T]) -> T:
+    """Await one aiomqtt call (a publish waiting for its PUBACK, a subscribe for its SUBACK), and
+    let a cancellation that came meanwhile through. On Python 3.11, `asyncio.wait_for` (aiomqtt
+    waits with it) returns the result when a cancellation meets the acknowledgement, and the
+    cancellation is lost: the publishing loop then lived on, waiting for results, and a session
+    that had ended (or a stop) waited for it forever (about one broker restart in five)."""
+    result = await call
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return result
+
+
+async def cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until they have ended. Their errors are left for whoever reads
+    them (`result()`); a cancellation of the caller meanwhile still reaches the caller (awaiting
+    each task under `suppress(CancelledError)` would swallow it, and the caller would go on)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio would otherwise log it as never read
 
 
 def parser() -> argparse.ArgumentParser:

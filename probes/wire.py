@@ -8,7 +8,10 @@ with a reason, never trusted. Topics:
 - `regionshift/v1/agents/{vantage}/status`: the agent's presence (retained; its last will says
   "offline" with the same session id, so a stale will never overwrites a newer session);
 - `regionshift/v1/agents/{vantage}/plan`: what the agent probes, published by the controller
-  (retained, versioned), so a configuration change reaches every agent without redeploying it.
+  (retained, versioned), so a configuration change reaches every agent without redeploying it;
+- `regionshift/v1/agents/{vantage}/hurry`: the targets the controller suspects at that vantage,
+  to be probed harder for the next few seconds (QoS 0, never retained: a suspicion is perishable
+  and renewed on every judge pass while it lasts).
 
 Each agent process is one session (a random id); its results carry the session and a sequence
 number that starts at 1 and grows by one per result, so the controller counts a redelivered
@@ -59,6 +62,10 @@ def status_topic(vantage: str) -> str:
 
 def plan_topic(vantage: str) -> str:
     return f"{AGENTS}/{vantage}/plan"
+
+
+def hurry_topic(vantage: str) -> str:
+    return f"{AGENTS}/{vantage}/hurry"
 
 
 RESULTS_FILTER = f"{RESULTS}/+/+/+"
@@ -145,6 +152,27 @@ class Plan(_Message):
     probes: list[PlannedProbe] = Field(max_length=10_000)
 
 
+class Suspect(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    region: Name
+    probe: Name
+    why: Annotated[str, Field(max_length=200)] = ""
+
+
+class Hurry(_Message):
+    """Targets one agent should probe harder: every `every` seconds at most, for `hold` seconds
+    from receipt (renewed while the suspicion lasts), within `budget` extra runs a minute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    vantage: Name
+    every: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+    hold: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+    budget: Annotated[int, Field(ge=1, le=100_000)]
+    suspects: list[Suspect] = Field(max_length=10_000)
+
+
 def encode_result(result: Result, session: str, seq: int, *, late: bool = False) -> bytes:
     message = ResultMessage(
         session=session,
@@ -175,6 +203,10 @@ def encode_plan(version: int, vantage: str, probes: Sequence[tuple[str, object]]
         {"version": version, "vantage": vantage, "probes": [{"region": r, "spec": s} for r, s in probes]}
     )
     return _dump(plan)
+
+
+def encode_hurry(hurry: Hurry) -> bytes:
+    return _dump(hurry)
 
 
 def _dump(message: BaseModel) -> bytes:
@@ -225,3 +257,13 @@ def decode_presence(topic: str, payload: bytes | bytearray | str) -> Presence:
 
 def decode_plan(payload: bytes | bytearray | str) -> Plan:
     return _load(Plan, payload)
+
+
+def decode_hurry(topic: str, payload: bytes | bytearray | str) -> Hurry:
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != AGENTS or parts[4] != "hurry":  # noqa: PLR2004
+        raise WireError("topic", f"not a hurry topic: {topic!r}")
+    hurry = _load(Hurry, payload)
+    if hurry.vantage != parts[3]:
+        raise WireError("vantage_mismatch", f"vantage {hurry.vantage!r} published on {topic!r}")
+    return hurry

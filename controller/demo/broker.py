@@ -34,6 +34,7 @@ topic readwrite regionshift/v1/agents/#
 pattern write regionshift/v1/results/+/+/%u
 pattern readwrite regionshift/v1/agents/%u/status
 pattern read regionshift/v1/agents/%u/plan
+pattern read regionshift/v1/agents/%u/hurry
 """
 
 
