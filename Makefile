@@ -4,12 +4,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_SECONDS ?= 120
-# Debian packages: what the tests need, and what the benchmarks compare against.
+DEMO_SECONDS ?= 150
+# Debian packages: what the tests and the demo need, and what the benchmarks compare against.
 TEST_DEBS := prometheus postgresql mosquitto
+DEMO_DEBS := mosquitto
 BENCH_DEBS := prometheus-blackbox-exporter postgresql
 
-.PHONY: demo test check lint typecheck layers bench install debs-test debs-bench clean
+.PHONY: demo test check lint typecheck layers bench install debs-test debs-demo debs-bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +35,13 @@ endef
 debs-test:
 	$(call apt_install,$(TEST_DEBS))
 
+debs-demo:
+	$(call apt_install,$(DEMO_DEBS))
+
 debs-bench:
 	$(call apt_install,$(BENCH_DEBS))
 
-demo: install
+demo: install debs-demo
 	$(BIN)/regionshift demo --duration $(DEMO_SECONDS)
 
 lint: install

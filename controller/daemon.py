@@ -91,10 +91,12 @@ class Daemon:
         agents = config.agents
         if agents is not None:
             version = int(clock() * 1000)  # grows from one start of the daemon to the next
-            planned = [(r.name, spec) for r in config.regions for spec in r.probes]
+            # Replication lag is the data's, not the path's: read from anywhere it is the same, so
+            # the controller alone measures it and agents need no database or cloud clients.
+            planned = [(r.name, spec) for r in config.regions for spec in r.probes if spec.kind != "replication-lag"]
             self.intake = Intake(
                 agents,
-                ((r.name, p.name) for r in config.regions for p in r.probes),
+                ((region, spec.name) for region, spec in planned),
                 self.record,
                 dropped=self.metrics.drop,
                 plans={v: encode_plan(version, v, planned) for v in agents.vantages},

@@ -393,3 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     log.info("stopped", vantage=settings.vantage, published=agent.stats.published, dropped=agent.stats.dropped)
     return 0
+
+
+if __name__ == "__main__":  # `python -m probes.agent`: how the demo starts its agents
+    sys.exit(main())

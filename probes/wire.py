@@ -246,13 +246,7 @@ def decode_result(topic: str, payload: bytes | bytearray | str) -> ResultMessage
 
 
 def decode_presence(topic: str, payload: bytes | bytearray | str) -> Presence:
-    parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != AGENTS or parts[4] != "status":  # noqa: PLR2004
-        raise WireError("topic", f"not a status topic: {topic!r}")
-    presence = _load(Presence, payload)
-    if presence.vantage != parts[3]:
-        raise WireError("vantage_mismatch", f"vantage {presence.vantage!r} published on {topic!r}")
-    return presence
+    return _decode_agent_topic(topic, "status", Presence, payload)
 
 
 def decode_plan(payload: bytes | bytearray | str) -> Plan:
@@ -260,10 +254,18 @@ def decode_plan(payload: bytes | bytearray | str) -> Plan:
 
 
 def decode_hurry(topic: str, payload: bytes | bytearray | str) -> Hurry:
+    return _decode_agent_topic(topic, "hurry", Hurry, payload)
+
+
+A = TypeVar("A", Presence, Hurry)
+
+
+def _decode_agent_topic(topic: str, leaf: str, model: type[A], payload: bytes | bytearray | str) -> A:
+    """A message on `regionshift/v1/agents/{vantage}/{leaf}`, whose payload names that vantage."""
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != AGENTS or parts[4] != "hurry":  # noqa: PLR2004
-        raise WireError("topic", f"not a hurry topic: {topic!r}")
-    hurry = _load(Hurry, payload)
-    if hurry.vantage != parts[3]:
-        raise WireError("vantage_mismatch", f"vantage {hurry.vantage!r} published on {topic!r}")
-    return hurry
+    if len(parts) != 5 or "/".join(parts[:3]) != AGENTS or parts[4] != leaf:  # noqa: PLR2004
+        raise WireError("topic", f"not a {leaf} topic: {topic!r}")
+    message = _load(model, payload)
+    if message.vantage != parts[3]:
+        raise WireError("vantage_mismatch", f"vantage {message.vantage!r} published on {topic!r}")
+    return message

@@ -79,7 +79,7 @@ async def test_demo_prints_its_api_and_stops_on_ctrl_c_saying_the_script_was_not
     assert "Traceback" not in err.decode()
 
 
-@pytest.mark.parametrize(("scenario", "needs"), [("launch", "120s"), ("verdicts", "45s")])
+@pytest.mark.parametrize(("scenario", "needs"), [("launch", "150s"), ("verdicts", "45s")])
 async def test_a_demo_duration_too_short_for_its_story_is_refused_up_front(scenario, needs, cli_env):
     code, out, err = await run_cli("demo", "--scenario", scenario, "--duration", "30", env=cli_env)
     assert (code, out) == (2, "")
@@ -104,19 +104,28 @@ async def test_demo_plays_its_script_and_checks_the_verdicts(cli_env):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
-async def test_the_launch_demo_holds_for_lag_ramps_rolls_back_resumes_and_completes(cli_env):
-    code, out, err = await run_cli("demo", "--duration", "120", env=cli_env)
+@pytest.mark.timeout(180)
+async def test_the_launch_demo_sets_a_cut_agent_aside_holds_for_lag_ramps_rolls_back_resumes_and_completes(cli_env):
+    code, out, err = await run_cli("demo", "--duration", "150", env=cli_env)
     assert code == 0, out + err[-3000:]
     lines = out.splitlines()
+    agents = "agent-us-east-1, agent-eu-west-1, agent-ap-southeast-2"
+    assert re.search(rf"^  agents: {agents}, each its own process", out, re.MULTILINE)
     actions = [line.split("** ", 1)[1] for line in lines if "** " in line]
     kinds = [a.split(" (")[0] for a in actions]
-    # The lag spike comes first: the started ramp holds until the replica has caught up.
-    assert kinds[0] == "lag spike: eu-west-1's replica falls 30s behind"
-    assert actions[1] == "verdict: eu-west-1 degraded: replica-lag (cloudwatch lag): 30.0s, over its 5s limit"
-    assert kinds[2] == "operator: start ramp launch-eu-west-1"
-    assert kinds[3] == "lag recovered: eu-west-1's replica caught up"
-    assert kinds[4] == "route53 forward"
+    # Three agent processes report beside the controller; one loses its network: set aside, no blame.
+    assert kinds[0] == f"agents: {agents} report on every region, beside the controller"
+    assert kinds[1] == "network: agent-ap-southeast-2 loses its path to every region"
+    cut = "vantage agent-ap-southeast-2 sees all 3 regions failing"
+    assert re.fullmatch(rf"verdicts: agent-ap-southeast-2 set aside \({cut}.*\); no region blamed for it", actions[2])
+    assert kinds[3] == "network: agent-ap-southeast-2 reaches the regions again; its vantage counts again"
+    assert any(line.endswith("set aside: agent-ap-southeast-2") for line in lines)
+    # Then the lag spike: the started ramp holds until the replica has caught up.
+    assert kinds[4] == "lag spike: eu-west-1's replica falls 30s behind"
+    assert actions[5] == "verdict: eu-west-1 degraded: replica-lag (cloudwatch lag): 30.0s, over its 5s limit"
+    assert kinds[6] == "operator: start ramp launch-eu-west-1"
+    assert kinds[7] == "lag recovered: eu-west-1's replica caught up"
+    assert kinds[8] == "route53 forward"
     fault = kinds.index("fault: eu-west-1 fails 40% of API requests, /healthz stays 200")
     rollback = kinds.index("route53 rollback")
     assert fault < rollback < kinds.index("fault cleared on eu-west-1")
@@ -130,7 +139,7 @@ async def test_the_launch_demo_holds_for_lag_ramps_rolls_back_resumes_and_comple
 
 def test_without_moto_the_launch_demo_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr("controller.demo.world.moto_server", lambda: None)  # as after `pip install .`
-    assert main(["demo", "--duration", "120"]) == 1
+    assert main(["demo", "--duration", "150"]) == 1
     err = capsys.readouterr().err
     assert (
         err

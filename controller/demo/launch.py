@@ -1,15 +1,18 @@
 """`regionshift demo --scenario launch`: a region launch played out on a local world.
 
 Three simulated regions, a local Route 53 (moto's server) holding the weighted record, the
-controller, and a population of clients that pick a region the way Route 53 answers (share =
-weight / sum of weights) and send real requests to it. The script starts a ramp of eu-west-1;
-once it bakes at 10%, 40% of eu-west-1's API requests start failing while /healthz stays 200;
-the ramp rolls back; the failure clears; the ramp resumes and completes. Before the ramp, eu-west-1's replica falls
-behind (each region has a simulated replication source publishing its lag to the local
-CloudWatch, read by a CloudWatch lag probe): the ramp is started but holds at its start gate
-until the lag recovers. The timeline shows the ramp step, the weights Route 53 holds, the
-traffic share each region actually served, and the verdicts. It exits 0 only when all of that
-happened.
+controller, three probe agents (separate `regionshift agent` processes, one per region, over a
+real mosquitto: four vantages with the controller's own), and a population of clients that pick
+a region the way Route 53 answers (share = weight / sum of weights) and send real requests to it.
+
+First, one agent loses its network to every region: its vantage is set aside (named in the
+verdicts' evidence) and no region is blamed. Then eu-west-1's replica falls behind (each region
+has a simulated replication source publishing its lag to the local CloudWatch, read by a
+CloudWatch lag probe): a ramp of eu-west-1 is started but holds at its start gate until the lag
+recovers. Once it bakes at 10%, 40% of eu-west-1's API requests start failing while /healthz
+stays 200; the ramp rolls back; the failure clears; the ramp resumes and completes. The timeline
+shows the ramp step, the weights Route 53 holds, the traffic share each region actually served,
+the verdicts and the agents. It exits 0 only when all of that happened.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import boto3
 
 from controller.acting.route53 import Actuator, make_client
 from controller.daemon import Daemon
+from controller.demo.agents import DemoAgents
 from controller.demo.verdicts import DEMO_REGIONS, start_daemon, stop_after
 from controller.demo.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
 from controller.events.kinds import ActionTaken
@@ -44,7 +48,15 @@ from controller.settings.policy import (
     SlowdownTest,
     VerdictPolicy,
 )
-from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
+from controller.settings.schema import (
+    AgentsSettings,
+    Config,
+    ControllerSettings,
+    Member,
+    RecordSet,
+    Region,
+    Route53Settings,
+)
 from probes.spec import CloudWatchLagProbe, HttpProbe
 
 if TYPE_CHECKING:
@@ -91,13 +103,22 @@ LAUNCH = RampPolicy(
     on_failure="rollback",
     resume_after_rollback=True,
 )
+# One agent a region, each probing every region: four vantages with the controller.
+AGENTS = tuple(f"agent-{name}" for name, *_ in DEMO_REGIONS)
+CUT_AGENT = AGENTS[-1]  # the one that loses its network
+CUT_SECONDS = 5.0  # how long the cut lasts once its vantage is set aside
 INJECT_AT_STEP = 2  # 0-based: the failure starts while the 10% step bakes
 FAILURE_SECONDS = 6.0
 EVERY = 2.0
 
 
 def launch_config(
-    regions: dict[str, SimulatedRegion], listen: str, endpoint: str, zone_id: str, state_dir: str
+    regions: dict[str, SimulatedRegion],
+    listen: str,
+    endpoint: str,
+    zone_id: str,
+    state_dir: str,
+    agents: AgentsSettings | None = None,
 ) -> Config:
     def probes(name: str, region: SimulatedRegion) -> list[HttpProbe | CloudWatchLagProbe]:
         lag = CloudWatchLagProbe(
@@ -142,6 +163,7 @@ def launch_config(
             )
         ],
         policy=Policy(verdicts=VERDICTS, guardrails=GuardrailPolicy(max_step=25), ramps={RAMP: LAUNCH}),
+        agents=agents,
     )
 
 
@@ -204,6 +226,7 @@ class Story:
         self.last_share: dict[str, float] = {}
         self.actions: list[tuple[float, str]] = []  # (monotonic time, kind) of every Route 53 write
         self.lag_spike: list[float] = []  # when the lag spike started and when it was cleared
+        self.cut: list[str] = []  # what the agent's cut showed: "set aside", "named", or a blamed region
 
     def say(self, text: str) -> None:
         print(f"+{time.monotonic() - self.start:5.1f}s  {text}", file=self.out, flush=True)
@@ -243,8 +266,12 @@ class Story:
         verdicts = self.daemon.judge.verdicts
         verdict = " ".join(f"{n}={verdicts[n].status if n in verdicts else '-'}" for n in self.regions)
         weights = " ".join(f"{k}={v}" for k, v in self.clients.weights.items())
+        aside = self.daemon.judge.set_aside
+        intake = self.daemon.intake
+        online = sum(a.state == "online" for a in intake.agents.values()) if intake is not None else 0
+        vantages = f"agents {online}/{len(AGENTS)} online" + (f", set aside: {', '.join(aside)}" if aside else "")
         at = f"step {step + 1}/{len(LAUNCH.steps)} ({LAUNCH.steps[step]:g}%)" if step >= 0 else "before step 1"
-        self.say(f"ramp {status:<11} {at:<17} route53 {weights:<15} traffic {traffic or '-':<36} {verdict}")
+        self.say(f"ramp {status:<11} {at:<17} route53 {weights:<15} traffic {traffic or '-':<36} {verdict}  {vantages}")
 
 
 async def wait_for(predicate: Callable[[], bool], story: Story) -> None:
@@ -262,6 +289,7 @@ async def script(
 ) -> None:
     assert daemon.reconciler is not None  # noqa: S101
     reconciler = daemon.reconciler
+    await agent_cut(daemon, regions, story)
     story.say(f"** lag spike: {TARGET}'s replica falls {LAG_SPIKE:g}s behind (its limit is {LAG_LIMIT:g}s)")
     replication.lag[TARGET] = LAG_SPIKE
     story.lag_spike.append(time.monotonic())
@@ -285,6 +313,40 @@ async def script(
     finished.set()
 
 
+async def agent_cut(daemon: Daemon, regions: dict[str, SimulatedRegion], story: Story) -> None:
+    """One agent loses its network to every region: its vantage is set aside, and no region is blamed."""
+
+    def every_vantage_reports() -> bool:
+        return all(
+            {"controller", *AGENTS} <= {v for w in daemon.windows.by_probe(r).values() for v in w} for r in regions
+        )
+
+    await wait_for(lambda: every_vantage_reports() and all(_status(daemon, r) == "healthy" for r in regions), story)
+    story.say(f"** agents: {', '.join(AGENTS)} report on every region, beside the controller")
+    story.say(f"** network: {CUT_AGENT} loses its path to every region (its link to the broker stays)")
+    for region in regions.values():
+        region.set(cut_vantages=(CUT_AGENT,))
+    await wait_for(lambda: CUT_AGENT in daemon.judge.set_aside, story)
+    why = daemon.judge.set_aside[CUT_AGENT]
+    story.cut.append("set aside")
+    story.say(f"** verdicts: {CUT_AGENT} set aside ({why}); no region blamed for it")
+    deadline = time.monotonic() + CUT_SECONDS
+    while time.monotonic() < deadline:
+        for name, verdict in daemon.judge.verdicts.items():
+            if verdict.status != "healthy" and name not in story.cut:
+                story.cut.append(name)
+                story.say(
+                    f"** verdict: {name} {verdict.status} while {CUT_AGENT} was cut: {'; '.join(verdict.reasons)}"
+                )
+            if CUT_AGENT in str(verdict.evidence.get("set_aside", {})) and "named" not in story.cut:
+                story.cut.append("named")
+        await asyncio.sleep(0.1)
+    for region in regions.values():
+        region.set(cut_vantages=())
+    await wait_for(lambda: CUT_AGENT not in daemon.judge.set_aside, story)
+    story.say(f"** network: {CUT_AGENT} reaches the regions again; its vantage counts again")
+
+
 def _status(daemon: Daemon, region: str) -> str | None:
     verdict = daemon.judge.verdicts.get(region)
     return verdict.status if verdict is not None else None
@@ -292,6 +354,13 @@ def _status(daemon: Daemon, region: str) -> str | None:
 
 def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # noqa: FBT001
     problems = []
+    if "set aside" not in story.cut:
+        problems.append(f"{CUT_AGENT} was never set aside while its network was cut")
+    elif "named" not in story.cut:
+        problems.append(f"the verdicts' evidence never named {CUT_AGENT} as set aside")
+    blamed = [name for name in story.cut if name not in ("set aside", "named")]
+    if blamed:
+        problems.append(f"{', '.join(blamed)} blamed while {CUT_AGENT} alone had lost its network")
     if len(story.lag_spike) == 2:  # noqa: PLR2004 - started and cleared
         start, end = story.lag_spike
         during = [kind for at, kind in story.actions if start <= at <= end and kind == "forward"]
@@ -311,9 +380,9 @@ def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # 
     return problems
 
 
-# The longest the story may take: it played out in about 80 s here. A bounded demo ends as soon
-# as the story has, so this is a deadline it needs, not a wait.
-STORY_SECONDS = 120.0
+# The longest the story may take: it played out in about 95 s here (the agents' act ~12 s of it).
+# A bounded demo ends as soon as the story has, so this is a deadline it needs, not a wait.
+STORY_SECONDS = 150.0
 
 
 async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, out: TextIO = sys.stdout) -> int:
@@ -336,7 +405,9 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="regionshift-demo-"))
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(key, DEMO_KEY)  # the daemon uses the usual credential chain
-        config = launch_config(regions, listen, route53.url, zone_id, state_dir)
+        agents = stack.enter_context(DemoAgents(AGENTS))
+        config = launch_config(regions, listen, route53.url, zone_id, state_dir, agents.settings())
+        agents.start_agents()
         daemon = Daemon(config)
         events = daemon.bus.subscribe()
         reader = Actuator(make_client(route53.url, aws_access_key_id=DEMO_KEY, aws_secret_access_key=DEMO_KEY))
@@ -355,6 +426,11 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             print(f"  replication: each region's replica lag published to CloudWatch at {route53.url}", file=out)
             for name, region in regions.items():
                 print(f"  region {name:<15} {region.url}", file=out)
+            print(
+                f"  agents: {', '.join(AGENTS)}, each its own process, over mosquitto at {agents.broker.address} "
+                f"(password file, ACL); their logs in {agents.logs}",
+                file=out,
+            )
             print(
                 f"  clients: {CLIENT_RATE:g} requests/s to {CLIENT_PATH}, spread by the weights Route 53 holds",
                 file=out,
@@ -379,8 +455,8 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
         print(f"demo: FAILED: {problem}", file=out)
     if not problems:
         print(
-            "demo: the launch played out: lag spike holds the ramp -> lag recovers -> ramp -> partial failure -> "
-            "rollback -> recovery -> resumed -> 50% done",
+            "demo: the launch played out: cut agent set aside, no region blamed -> lag spike holds the ramp -> "
+            "lag recovers -> ramp -> partial failure -> rollback -> recovery -> resumed -> 50% done",
             file=out,
         )
     return 1 if problems else 0
