@@ -8,7 +8,7 @@ DEMO_SECONDS ?= 150
 # Debian packages: what the tests and the demo need, and what the benchmarks compare against.
 TEST_DEBS := prometheus postgresql mosquitto
 DEMO_DEBS := mosquitto
-BENCH_DEBS := prometheus-blackbox-exporter postgresql
+BENCH_DEBS := prometheus-blackbox-exporter postgresql mosquitto
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-demo debs-bench clean
 
@@ -66,6 +66,7 @@ bench: install debs-bench
 	$(BIN)/python bench/replication_lag.py
 	$(BIN)/python bench/detection.py
 	$(BIN)/python bench/judge_scale.py
+	$(BIN)/python bench/mqtt_ingest.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

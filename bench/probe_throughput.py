@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -38,6 +40,9 @@ from controller.sinks.prometheus import Metrics
 from probes.kinds.http import HttpProber
 from probes.scheduler import run_guarded
 from probes.spec import HttpProbe
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 BLACKBOX = shutil.which("prometheus-blackbox-exporter") or "/usr/bin/prometheus-blackbox-exporter"
@@ -232,44 +237,62 @@ def main() -> int:
         print("prometheus-blackbox-exporter is not installed: run `make bench` (it installs it)", file=sys.stderr)
         return 2
 
-    port = _free_port()
-    target_proc = subprocess.Popen([sys.executable, __file__, "--serve-target", str(port)])
-    target = f"http://127.0.0.1:{port}/"
-    totals: dict[str, dict[str, float]] = {}
-    try:
-        _wait_for_port(port)
-        with tempfile.TemporaryDirectory() as tmp:
-            for round_number in range(1, args.rounds + 1):
-                for name, measure in (
-                    (
-                        f"blackbox_exporter {blackbox_version()}",
-                        lambda: run_blackbox(target, args.seconds, args.concurrency, Path(tmp)),
-                    ),
-                    ("regionshift", lambda: run_regionshift(target, args.seconds, args.concurrency)),
-                ):
-                    m = measure()
-                    print(f"round {round_number}: {_row(name, m)}", file=sys.stderr)
-                    total = totals.setdefault(name, {"ok": 0, "failed": 0, "cpu": 0, "wall": 0, "rss_mib": 0})
-                    for key in ("ok", "failed", "cpu", "wall"):
-                        total[key] += m[key]
-                    total["rss_mib"] = max(total["rss_mib"], m["rss_mib"])
-    finally:
-        target_proc.terminate()
-        target_proc.wait(10)
-
+    with local_target() as target, tempfile.TemporaryDirectory() as tmp:
+        totals = compare(
+            args.rounds,
+            {
+                f"blackbox_exporter {blackbox_version()}": lambda: run_blackbox(
+                    target, args.seconds, args.concurrency, Path(tmp)
+                ),
+                "regionshift": lambda: run_regionshift(target, args.seconds, args.concurrency),
+            },
+        )
     print(
         f"HTTP probes, fresh connection each, concurrency {args.concurrency}, "
         f"{args.rounds} x {args.seconds:g}s per prober, {os.cpu_count()} CPUs"
     )
+    bb_name = next(iter(totals))
+    ratio = print_table(totals)
+    print(f"regionshift / {bb_name}: {ratio:.2f}x probes per CPU-second (target: at least 2x)")
+    return 0
+
+
+@contextlib.contextmanager
+def local_target() -> Iterator[str]:
+    """The target server in a process of its own; yields its URL."""
+    port = _free_port()
+    target_proc = subprocess.Popen([sys.executable, __file__, "--serve-target", str(port)])
+    try:
+        _wait_for_port(port)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        target_proc.terminate()
+        target_proc.wait(10)
+
+
+def compare(rounds: int, measures: dict[str, Callable[[], dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each prober measured once a round, alternating; their totals (RSS: the highest)."""
+    totals: dict[str, dict[str, float]] = {}
+    for round_number in range(1, rounds + 1):
+        for name, measure in measures.items():
+            m = measure()
+            print(f"round {round_number}: {_row(name, m)}", file=sys.stderr)
+            total = totals.setdefault(name, {"ok": 0, "failed": 0, "cpu": 0, "wall": 0, "rss_mib": 0})
+            for key in ("ok", "failed", "cpu", "wall"):
+                total[key] += m[key]
+            total["rss_mib"] = max(total["rss_mib"], m["rss_mib"])
+    return totals
+
+
+def print_table(totals: dict[str, dict[str, float]]) -> float:
+    """The totals as a table; returns the second prober's probes per CPU-second over the first's."""
     columns = ("probes", "probes/s", "cpu-s", "probes/cpu-s", "cores", "failed", "rss MiB")
     widths = (8, 9, 7, 12, 6, 7, 8)
     print(f"{'prober':<28} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
     for name, m in totals.items():
         print(_row(name, m))
-    (bb_name, bb), (_, rs) = totals.items()
-    ratio = ((rs["ok"] + rs["failed"]) / rs["cpu"]) / ((bb["ok"] + bb["failed"]) / bb["cpu"])
-    print(f"regionshift / {bb_name}: {ratio:.2f}x probes per CPU-second (target: at least 2x)")
-    return 0
+    (_, first), (_, second) = totals.items()
+    return ((second["ok"] + second["failed"]) / second["cpu"]) / ((first["ok"] + first["failed"]) / first["cpu"])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, TypeVar
 
-from cryptography import x509
-
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -72,6 +70,9 @@ def tls_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLConte
 
 @lru_cache(maxsize=256)
 def certificate_not_after(der: bytes) -> datetime:
+    # Loaded at the first TLS probe, not at import: an agent probing plain HTTP stays ~5 MB smaller.
+    from cryptography import x509  # noqa: PLC0415
+
     return x509.load_der_x509_certificate(der).not_valid_after_utc
 
 
