@@ -14,7 +14,11 @@ import pytest
 import yaml
 
 from controller.daemon import Daemon
+from controller.demo.broker import CONTROLLER_USER, Broker
 from controller.demo.world import SimulatedRegion, free_port
+from controller.settings.schema import AgentsSettings
+from probes.agent import Agent, AgentSettings
+from probes.spec import Secret
 from tests.conftest import REPO
 from tests.test_daemon import Running
 from tests.test_shifting import config as shifting_config
@@ -57,6 +61,9 @@ SUBJECTS = {
     "RegionshiftEvacuating": "region",
     "RegionshiftRampRolledBack": "ramp",
     "RegionshiftRampPaused": "ramp",
+    "RegionshiftAgentDown": "vantage",
+    "RegionshiftAgentLagging": "vantage",
+    "RegionshiftAgentMessagesDropped": "vantage",
 }
 
 
@@ -83,21 +90,35 @@ async def query(http: aiohttp.ClientSession, expr: str) -> list[dict]:
 async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route53, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("TEST_MQTT_CONTROLLER_PASSWORD", "controller-pw")
+    monkeypatch.setenv("TEST_MQTT_AGENT_PASSWORD", "agent-pw")
     zone_id, name = make_zone(route53)
     async with SimulatedRegion("us-east-1", seed=1) as use1, SimulatedRegion("eu-west-1", seed=2) as euw1:
-        daemon = Daemon(
-            shifting_config({"us-east-1": use1, "eu-west-1": euw1}, route53, zone_id, name, tmp_path, bake=2.0)
-        )
-        async with Running(daemon) as running:
-            await daemon.reconciler.act("launch", "start", daemon.clock(), "test")
-            await running.status_becomes("eu-west-1", "healthy")
-            while daemon.reconciler.ramps["launch"].step < 1:
-                await asyncio.sleep(0.05)
-            euw1.set(error_ratio=0.5)  # the ramp rolls back; the region is degraded
-            await running.status_becomes("eu-west-1", "degraded")
-            while daemon.reconciler.ramps["launch"].status != "rolled_back":
-                await asyncio.sleep(0.05)
-            results, rules = await scrape_with_prometheus(daemon, tmp_path)
+        with Broker({CONTROLLER_USER: "controller-pw", "agent-a": "agent-pw"}) as broker:
+            config = shifting_config({"us-east-1": use1, "eu-west-1": euw1}, route53, zone_id, name, tmp_path, bake=2.0)
+            agents = {
+                "broker": broker.address,
+                "username": CONTROLLER_USER,
+                "password": {"env": "TEST_MQTT_CONTROLLER_PASSWORD"},
+                "vantages": ["agent-a"],
+            }
+            daemon = Daemon(config.model_copy(update={"agents": AgentsSettings.model_validate(agents)}))
+            agent = Agent(
+                AgentSettings(
+                    vantage="agent-a",
+                    host="127.0.0.1",
+                    port=broker.port,
+                    username="agent-a",
+                    password=Secret(env="TEST_MQTT_AGENT_PASSWORD"),
+                )
+            )
+            stop_agent = asyncio.Event()
+            agent_task = asyncio.create_task(agent.run(stop_agent))
+            try:
+                results, rules = await ramp_roll_back_and_scrape(daemon, euw1, tmp_path)
+            finally:
+                stop_agent.set()
+                await agent_task
 
     for title, series in results.items():
         assert series, f"panel {title!r} returned no series"
@@ -120,6 +141,11 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
     errors = {s["metric"]["kind"] for s in results["Route 53 errors by record and kind"]}
     assert errors == {"retryable", "terminal", "no_credentials"}  # pre-created, at zero
     assert {("forward", "eu-west-1"), ("rollback", "eu-west-1")} <= changes
+    assert {s["metric"]["vantage"]: float(s["value"][1]) for s in results["Agents up by vantage"]} == {"agent-a": 1.0}
+    drops = {
+        (s["metric"]["vantage"], s["metric"]["reason"]) for s in results["Agent messages dropped by vantage and reason"]
+    }
+    assert ("agent-a", "vantage_mismatch") in drops  # pre-created, at zero
     assert {r["name"]: r["health"] for r in rules} == dict.fromkeys(
         [
             "RegionshiftRegionUnhealthy",
@@ -133,12 +159,30 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
             "RegionshiftEvacuating",
             "RegionshiftRampRolledBack",
             "RegionshiftRampPaused",
+            "RegionshiftAgentDown",
+            "RegionshiftAgentLagging",
+            "RegionshiftAgentMessagesDropped",
         ],
         "ok",
     )
     firing = {r["name"]: [a["labels"] for a in r["alerts"]] for r in rules if r["alerts"]}
     assert [a["region"] for a in firing["RegionshiftRegionDegraded"]] == ["eu-west-1"]  # pending: `for: 3m`
     assert [a["ramp"] for a in firing["RegionshiftRampRolledBack"]] == ["launch"]
+
+
+async def ramp_roll_back_and_scrape(daemon: Daemon, euw1: SimulatedRegion, tmp_path) -> tuple[dict, list]:
+    """A ramp that rolls back (eu-west-1 degrades at its second step), then every panel and rule."""
+    async with Running(daemon) as running:
+        await daemon.reconciler.act("launch", "start", daemon.clock(), "test")
+        await running.status_becomes("eu-west-1", "healthy")
+        while daemon.reconciler.ramps["launch"].step < 1:
+            await asyncio.sleep(0.05)
+        euw1.set(error_ratio=0.5)  # the ramp rolls back; the region is degraded
+        await running.status_becomes("eu-west-1", "degraded")
+        while daemon.reconciler.ramps["launch"].status != "rolled_back":
+            await asyncio.sleep(0.05)
+        results, rules = await scrape_with_prometheus(daemon, tmp_path)
+        return results, rules
 
 
 async def scrape_with_prometheus(daemon: Daemon, tmp_path) -> tuple[dict[str, list[dict]], list[dict]]:
