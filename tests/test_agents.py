@@ -540,6 +540,49 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
         stop_agents.set()
 
 
+async def test_with_the_broker_gone_the_agents_stop_counting_and_with_every_path_gone_the_controller_is_blind(
+    broker, world
+):
+    agents = ("agent-a", "agent-b")
+    config = world_config(world).model_copy(update={"agents": intake_settings(broker, vantages=list(agents))})
+    daemon = Daemon(config)
+    running_agents = [agent_for(broker, v, f"TEST_MQTT_{v[-1].upper()}_PASSWORD") for v in agents]
+    stop_agents = asyncio.Event()
+    async with Running(daemon) as running, asyncio.TaskGroup() as group:
+        for agent in running_agents:
+            group.create_task(agent.run(stop_agents))
+        await until(lambda: daemon.intake is not None and daemon.intake.agents["agent-b"].received > 20, what="agents")
+        for name in world:
+            await running.status_becomes(name, "healthy", within=10)
+
+        # The broker goes away: the agents' vantages drop out of the evidence as their results go
+        # stale; the controller's own still judges every region, and none is blamed.
+        broker.stop()
+        await until(lambda: daemon._agent_looks("agent-a")[0] is False, within=15, what="agents down")
+        stale = daemon.config.policy.verdicts.stale_after
+        await asyncio.sleep(stale + 0.5)
+        for name in world:
+            verdict = daemon.judge.verdicts[name]
+            assert verdict.status == "healthy", (name, verdict.reasons)
+            assert not any(a in json.dumps(verdict.evidence) for a in agents), verdict.evidence
+        metrics = await (await running.http.get("/metrics")).text()
+        assert 'regionshift_agent_up{vantage="agent-a"} 0.0' in metrics
+
+        # Then the controller's own path to every region goes too: every region fails alike at the
+        # one vantage left, a shared cause held against none, so every region is unknown: what the
+        # blind alert and the fail-static planners read (weights hold; guardrail 6).
+        for region in world.values():
+            region.set(cut_vantages=("controller",))
+        await until(lambda: all(daemon.judge.verdicts[n].status == "unknown" for n in world), within=15, what="blind")
+        metrics = await (await running.http.get("/metrics")).text()
+        for name in world:
+            assert f'regionshift_region_status{{region="{name}",status="unknown"}} 1.0' in metrics
+        for region in world.values():
+            region.heal()
+        broker.start()
+        stop_agents.set()
+
+
 def test_the_deployed_acl_is_the_one_the_tests_run_mosquitto_with():
     shipped = (Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "regionshift.acl").read_text()
     assert shipped.split("\n", 1)[1] == ACL
