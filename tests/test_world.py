@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
+from controller.demo import launch, verdicts
 from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
 from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
+from tests.conftest import SHIPPED_VERDICTS
 
 
 def prober(url: str, name: str = "p") -> HttpProber:
@@ -63,3 +66,21 @@ async def test_behaviour_changes_over_http_and_bad_changes_are_refused(region):
         async with http.get("/_world/stats") as response:
             stats = await response.json()
     assert stats == {"region": "eu-west-1", "served": {"/healthz": 2, "/api/orders": 1}}
+
+
+@pytest.mark.parametrize("demo", ["launch", "verdicts"])
+def test_the_demos_judge_with_the_shipped_statistics_only_their_waits_scaled_down(demo):
+    policy = launch.VERDICTS if demo == "launch" else verdicts.DEMO_POLICY
+    waits = {"window", "stale_after", "recover_after", "errors", "slowdown", "suspicion", "lag"}
+    shipped, used = SHIPPED_VERDICTS.model_dump(), policy.model_dump()
+    assert {k: v for k, v in used.items() if k not in waits} == {k: v for k, v in shipped.items() if k not in waits}
+    assert policy.window == SHIPPED_VERDICTS.window / 10
+    assert policy.recover_after == SHIPPED_VERDICTS.recover_after / 10
+    for test, shipped_test in zip(policy.errors, SHIPPED_VERDICTS.errors, strict=True):
+        assert test.model_dump(exclude={"horizon"}) == shipped_test.model_dump(exclude={"horizon"})
+    assert policy.slowdown.model_dump(exclude={"baseline"}) == SHIPPED_VERDICTS.slowdown.model_dump(
+        exclude={"baseline"}
+    )
+    assert policy.suspicion.model_dump(exclude={"after_failure"}) == SHIPPED_VERDICTS.suspicion.model_dump(
+        exclude={"after_failure"}
+    )

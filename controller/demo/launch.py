@@ -34,18 +34,15 @@ import boto3
 from controller.acting.route53 import Actuator, make_client
 from controller.daemon import Daemon
 from controller.demo.agents import DemoAgents
-from controller.demo.verdicts import DEMO_REGIONS, start_daemon, stop_after
+from controller.demo.verdicts import BASE_LATENCY, DEMO_REGIONS, start_daemon, stop_after, time_scaled
 from controller.demo.world import LocalRoute53, SimulatedRegion, SimulatedReplication, seed_weighted_group
 from controller.events.kinds import ActionTaken
 from controller.planning.weights import shares
 from controller.settings.policy import (
-    ErrorTest,
     GuardrailPolicy,
     LagPolicy,
-    PeerPolicy,
     Policy,
     RampPolicy,
-    SlowdownTest,
     VerdictPolicy,
 )
 from controller.settings.schema import (
@@ -74,25 +71,17 @@ MEMBERS = (("use1", "us-east-1", 1), ("euw1", "eu-west-1", 0))  # set identifier
 # The record's TTL, scaled down from a production 60 s like every wait in the demo, never zero:
 # each step bakes only after INSYNC + TTL, and the clients below cache an answer for the TTL.
 TTL = 2
-# The local world answers on loopback in about a millisecond: a busy machine would make that
-# "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 LAG_LIMIT = 5.0  # seconds of replica lag a region may have
 LAG_SPIKE = 30.0  # how far eu-west-1's replica falls behind before the ramp
 LAG_HOLD = 5.0  # seconds the started ramp is held by the lag before it recovers
-VERDICTS = VerdictPolicy(
-    window=6.0,
-    stale_after=2.0,
-    min_samples=5,
-    degraded_below=0.85,
-    unhealthy_below=0.5,
-    slowdown=SlowdownTest(min_effect=9.0),
-    recover_after=3.0,
-    lag=LagPolicy(sources={"cloudwatch": LAG_LIMIT}, trend_over=3.0, crosses_within=5.0, min_trend_samples=3),
-    # One vantage at 2 probes/s and minutes of run time: the shipped error test and peer level
-    # (tuned for 3 vantages over days without a false verdict) would let a 40% fault go ~5 s,
-    # long enough for a ramp step. A short demo can afford a looser test.
-    errors=[ErrorTest(unacceptable=0.1, false_alarm_rate=1e-4), ErrorTest(unacceptable=0.03, horizon=60.0)],
-    peers=PeerPolicy(significance=0.05),
+# The verdict policy the project ships (policies/verdicts.yaml: the code's defaults), every wait
+# in it scaled down tenfold like the rest of the demo, its statistics untouched; the lag limits are
+# the demo's own (its replicas publish lag in seconds).
+VERDICTS = time_scaled(
+    VerdictPolicy(
+        lag=LagPolicy(sources={"cloudwatch": LAG_LIMIT}, trend_over=3.0, crosses_within=5.0, min_trend_samples=3)
+    ),
+    0.1,
 )
 LAUNCH = RampPolicy(
     record_set=RECORD,
@@ -388,7 +377,7 @@ STORY_SECONDS = 150.0
 async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, out: TextIO = sys.stdout) -> int:
     async with contextlib.AsyncExitStack() as stack:
         regions = {
-            name: await stack.enter_async_context(SimulatedRegion(name, seed=i))
+            name: await stack.enter_async_context(SimulatedRegion(name, seed=i, base_latency=BASE_LATENCY[name]))
             for i, (name, *_) in enumerate(DEMO_REGIONS)
         }
         route53 = await stack.enter_async_context(LocalRoute53())

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, TextIO
 from controller.daemon import Daemon
 from controller.demo.world import API_PATHS, SimulatedRegion
 from controller.events.kinds import VerdictChanged
-from controller.settings.policy import Policy, SlowdownTest, VerdictPolicy
+from controller.judging.error_rate import OVER_AFTER
+from controller.settings.policy import Policy, VerdictPolicy
 from controller.settings.schema import Config, ControllerSettings, Region, RegionType
 from probes.spec import HttpProbe
 
@@ -34,18 +35,33 @@ DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
     ("eu-west-1", "full", "EU", 100.0),
     ("ap-southeast-2", "lightweight", "AU", 20.0),
 )
+
+
 # Short windows so that a fault shows within seconds and clears within a quarter minute.
 # The local world answers on loopback in about a millisecond: a busy machine would make that
 # "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
-DEMO_POLICY = VerdictPolicy(
-    window=15.0,
-    stale_after=3.0,
-    min_samples=5,
-    degraded_below=0.85,
-    unhealthy_below=0.5,
-    slowdown=SlowdownTest(min_effect=9.0),
-    recover_after=5.0,
-)
+def time_scaled(policy: VerdictPolicy, factor: float) -> VerdictPolicy:
+    """`policy` with every duration it waits for multiplied by `factor` (windows, staleness,
+    hysteresis, the patient error test's horizon, the slowdown baseline, suspicion after a
+    failure) and nothing else: its statistics (error ratios, false-alarm rates, peer significance,
+    the slowdown's effect size) stay as shipped. A demo runs production's policy in minutes."""
+    errors = [t.model_copy(update={"horizon": t.horizon * factor}) if t.horizon else t for t in policy.errors]
+    return policy.model_copy(
+        update={
+            "window": policy.window * factor,
+            "stale_after": policy.stale_after * factor,
+            "recover_after": policy.recover_after * factor,
+            "errors": errors,
+            "slowdown": policy.slowdown.model_copy(update={"baseline": policy.slowdown.baseline * factor}),
+            "suspicion": policy.suspicion.model_copy(update={"after_failure": policy.suspicion.after_failure * factor}),
+        }
+    )
+
+
+# The verdict policy the project ships, its waits scaled down tenfold, its statistics untouched.
+DEMO_POLICY = time_scaled(VerdictPolicy(), 0.1)
+# Each region's distance, as its answers take (see SimulatedRegion.base_latency).
+BASE_LATENCY = {"us-east-1": 0.02, "eu-west-1": 0.05, "ap-southeast-2": 0.09}
 TIMELINE_EVERY = 3.0
 
 
@@ -77,14 +93,16 @@ SCRIPT = (
     Step(20.0, "ap-southeast-2", "refuses every connection", _cut_off, "unhealthy"),
     Step(26.0, "ap-southeast-2", "accepts connections again", _heal, "healthy"),
 )
-# The last step's recovery needs one verdict window of clean results.
-SCRIPT_LENGTH = SCRIPT[-1].at + DEMO_POLICY.window + 4.0
+PROBE_INTERVAL = 0.5
+# The last step's recovery: a fault is over once its last `OVER_AFTER` results lean healthy, and
+# the verdict turns healthy `recover_after` later.
+SCRIPT_LENGTH = SCRIPT[-1].at + OVER_AFTER * PROBE_INTERVAL + DEMO_POLICY.recover_after + 3.0
 
 
 def demo_config(regions: dict[str, SimulatedRegion], listen: str) -> Config:
     def probes(region: SimulatedRegion) -> list[HttpProbe]:
         paths = [("healthz", "/healthz"), *((p.rsplit("/", 1)[-1], p) for p in API_PATHS)]
-        return [HttpProbe(name=n, target=region.url + p, interval=1.0, timeout=0.8) for n, p in paths]
+        return [HttpProbe(name=n, target=region.url + p, interval=PROBE_INTERVAL, timeout=0.4) for n, p in paths]
 
     return Config(
         controller=ControllerSettings(listen=listen, tick=0.5),
@@ -150,7 +168,7 @@ def check_script(seen: dict[str, list[Status]], final: dict[str, Status]) -> lis
 async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out: TextIO = sys.stdout) -> int:
     async with contextlib.AsyncExitStack() as stack:
         regions = {
-            name: await stack.enter_async_context(SimulatedRegion(name, seed=i))
+            name: await stack.enter_async_context(SimulatedRegion(name, seed=i, base_latency=BASE_LATENCY[name]))
             for i, (name, *_) in enumerate(DEMO_REGIONS)
         }
         daemon = Daemon(demo_config(regions, listen))

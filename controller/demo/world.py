@@ -72,6 +72,10 @@ class SimulatedRegion:
     port: int = 0
     behaviour: Behaviour = field(default_factory=Behaviour)
     seed: int | None = None
+    # Seconds every answer takes before any injected latency: the distance to the region. A world
+    # answering in a millisecond makes a busy machine's scheduling jitter look like a slowdown of
+    # several times; real regions answer in tens of milliseconds, where that jitter is noise.
+    base_latency: float = 0.0
     served: Counter[str] = field(default_factory=Counter)  # path -> requests answered
     _runner: web.AppRunner | None = None
     _site: web.TCPSite | None = None
@@ -131,8 +135,8 @@ class SimulatedRegion:
             if self._runner is None:
                 raise web.HTTPServiceUnavailable
             await asyncio.sleep(0.05)
-        if self.behaviour.latency > 0:
-            await asyncio.sleep(self.behaviour.latency)
+        if self.base_latency + self.behaviour.latency > 0:
+            await asyncio.sleep(self.base_latency + self.behaviour.latency)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         await self._delay(request)
