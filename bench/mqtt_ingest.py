@@ -12,7 +12,9 @@ Run:  make bench   (installs mosquitto and prometheus-blackbox-exporter if missi
      validates each message, checks it for duplicates and skew, records it (windows, metrics)
      and whose judge then judges them: timed from the first result accepted until a judge pass
      after the last one.
-   Printed: results per second for each, and regionshift / anchor (target: at least 0.8x).
+   Printed: results per second for each, and regionshift / anchor (target: at least 0.8x). The
+   results wait queued in the broker, so "queued to judged" is the controller's whole share of
+   "published to judged"; the publishing agent's share is the agent's (part 2).
    Rounds alternate the two so that a noisy minute hurts both.
 
 2. Probing. The same local HTTP target (a minimal server in its own process) probed at
@@ -63,9 +65,12 @@ VANTAGES = ("agent-a", "agent-b", "agent-c")
 PASSWORDS = {name: secrets.token_urlsafe(12) for name in (CONTROLLER_USER, *VANTAGES)}
 
 
-async def until(condition: Callable[[], bool]) -> None:
+async def until(condition: Callable[[], bool], what: str, within: float = 120.0) -> None:
     """Poll every millisecond: the figures are read at the moment a count is reached."""
-    while not condition():  # noqa: ASYNC110 - counters kept by the daemon, no event to wait on
+    deadline = time.perf_counter() + within
+    while not condition():  # counters kept by the daemon: no event to wait on
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"mqtt_ingest: {what} did not happen within {within:g}s (results dropped?)")
         await asyncio.sleep(0.001)
 
 
@@ -187,11 +192,11 @@ async def regionshift_drain(broker: Broker, count: int, state_dir: str) -> tuple
         def accepted() -> int:
             return sum(a.received for a in intake.agents.values())
 
-        await until(lambda: accepted() > 0)
+        await until(lambda: accepted() > 0, "the first result accepted")
         first = time.perf_counter()
-        await until(lambda: accepted() >= count)
+        await until(lambda: accepted() >= count, f"all {count} results accepted")
         last, last_wall = time.perf_counter(), daemon.clock()
-        await until(lambda: min(v.at for v in daemon.judge.verdicts.values()) >= last_wall)
+        await until(lambda: min(v.at for v in daemon.judge.verdicts.values()) >= last_wall, "a judge pass")
         judged = time.perf_counter()
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -232,8 +237,8 @@ def ingest(broker: Broker, count: int, rounds: int) -> None:
     print(f"{'receiver':<46} {'results/s':>10} {'vs anchor':>10}")
     print(f"{'bare aiomqtt subscriber (anchor: counts only)':<46} {bare_rate:>10,.0f} {1.0:>9.2f}x")
     print(f"{'regionshift intake, into the windows':<46} {accepted_rate:>10,.0f} {accepted_rate / bare_rate:>9.2f}x")
-    print(f"{'regionshift, published to judged':<46} {judged_rate:>10,.0f} {judged_rate / bare_rate:>9.2f}x")
-    print(f"published to judged / bare: {judged_rate / bare_rate:.2f}x (target: at least 0.8x)")
+    print(f"{'regionshift, queued to judged':<46} {judged_rate:>10,.0f} {judged_rate / bare_rate:>9.2f}x")
+    print(f"queued to judged / bare: {judged_rate / bare_rate:.2f}x (target for published to judged: at least 0.8x)")
 
 
 def broker_version() -> str:
@@ -250,7 +255,9 @@ def agent_plan(target: str, rate: float) -> tuple[bytes, int, float]:
     probes = max(1, round(rate / 10))
     interval = probes / rate
     specs = [HttpProbe(name=f"p{i:03d}", target=target, interval=interval, timeout=interval) for i in range(probes)]
-    return wire.encode_plan(1, "agent-a", [("eu-west-1", s) for s in specs]), probes, interval
+    # Newer than any plan a daemon of the ingest part left retained for agent-a (epoch milliseconds).
+    version = int(time.time() * 1000)
+    return wire.encode_plan(version, "agent-a", [("eu-west-1", s) for s in specs]), probes, interval
 
 
 def run_agent(broker: Broker, target: str, rate: float, seconds: float) -> dict[str, float]:

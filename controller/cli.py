@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(scenario: str, duration: float | None, listen: str) -> int:
     # Only the demo needs the local world.
     from controller.demo import launch, verdicts  # noqa: PLC0415
+    from controller.demo.broker import BrokerError, mosquitto_missing  # noqa: PLC0415
     from controller.demo.world import MOTO_MISSING, WorldError, moto_server  # noqa: PLC0415
 
     needs = launch.STORY_SECONDS if scenario == "launch" else verdicts.SCRIPT_LENGTH
@@ -179,10 +180,13 @@ def _demo(scenario: str, duration: float | None, listen: str) -> int:
     if scenario == "launch" and moto_server() is None:
         print(f"regionshift: {MOTO_MISSING}", file=sys.stderr)
         return EXIT_FAILURE
+    if scenario == "launch" and (missing := mosquitto_missing()):
+        print(f"regionshift: {missing}", file=sys.stderr)
+        return EXIT_FAILURE
     run = launch.run_launch if scenario == "launch" else verdicts.run_demo
     try:
         return asyncio.run(_until_signal(lambda stop: run(stop, duration, listen)))
-    except WorldError as exc:
+    except (WorldError, BrokerError) as exc:
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 

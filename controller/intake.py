@@ -137,11 +137,11 @@ class Intake:
         by the next pass, or is over)."""
         if vantage not in self.agents or not suspects or not self.connected:
             return
-        message = wire.Hurry(
+        message = wire.Hurry(  # within the wire's bounds whatever the policy and the pass took
             vantage=vantage,
-            every=every,
-            hold=hold,
-            budget=budget,
+            every=min(max(every, wire.MIN_EVERY), wire.MAX_EVERY),
+            hold=min(hold, wire.MAX_HOLD),
+            budget=min(budget, wire.MAX_BUDGET),
             suspects=[wire.Suspect(region=r, probe=p, why=why[:200]) for (r, p), why in sorted(suspects.items())],
         )
         self._outbox[vantage] = wire.encode_hurry(message)
@@ -276,7 +276,12 @@ class Intake:
             self._send.clear()
             while self._outbox:
                 vantage, payload = self._outbox.popitem()
-                await acked(client.publish(wire.hurry_topic(vantage), payload, qos=0))
+                try:
+                    await acked(client.publish(wire.hurry_topic(vantage), payload, qos=0))
+                except aiomqtt.MqttError as exc:
+                    # A lost suspicion costs a pass; the reader, not this, tells a broken connection.
+                    log.warning("suspicion not sent", vantage=vantage, error=str(exc))
+                    continue
                 self.hurries_sent += 1
 
     async def _read(self, client: aiomqtt.Client) -> None:
@@ -284,12 +289,15 @@ class Intake:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             topic = message.topic.value
             now = self.clock()
-            if topic.startswith(wire.RESULTS + "/"):
-                result = self.accept(topic, bytes(payload), now)
-                if result is not None:
-                    self.sink(result)
-            elif topic.startswith(wire.AGENTS + "/"):
-                self.presence(topic, bytes(payload), now)
+            try:
+                if topic.startswith(wire.RESULTS + "/"):
+                    result = self.accept(topic, bytes(payload), now)
+                    if result is not None:
+                        self.sink(result)
+                elif topic.startswith(wire.AGENTS + "/"):
+                    self.presence(topic, bytes(payload), now)
+            except Exception as exc:  # noqa: BLE001 - one message, however made, never stops the intake
+                self._drop(_vantage_of(topic, 5 if topic.startswith(wire.RESULTS) else 3), "invalid", repr(exc))
 
 
 def _vantage_of(topic: str, index: int) -> str:

@@ -238,10 +238,13 @@ class Agent:
         async for message in client.messages:
             if not isinstance(message.payload, bytes | bytearray):
                 continue
-            if message.topic.value == hurry:
-                self._hurry(hurry, bytes(message.payload))
-            else:
-                self._apply(bytes(message.payload))
+            try:
+                if message.topic.value == hurry:
+                    self._hurry(hurry, bytes(message.payload))
+                else:
+                    self._apply(bytes(message.payload))
+            except Exception as exc:  # noqa: BLE001 - one message, however made, never stops the agent
+                log.warning("message from the controller ignored", topic=message.topic.value, error=repr(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, probe and publish until `stop` is set; then say "offline" in order."""

@@ -152,6 +152,11 @@ class Plan(_Message):
     probes: list[PlannedProbe] = Field(max_length=10_000)
 
 
+MIN_EVERY, MAX_EVERY = 0.01, 3600.0  # seconds between two extra runs of one target
+MAX_HOLD = 60.0  # seconds one hurry message hastens its targets, at most
+MAX_BUDGET = 6000  # extra runs of one target a minute, at most
+
+
 class Suspect(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -167,9 +172,11 @@ class Hurry(_Message):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     vantage: Name
-    every: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
-    hold: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
-    budget: Annotated[int, Field(ge=1, le=100_000)]
+    # The same bounds as the suspicion policy's, and a hold of a minute at most: a suspicion is
+    # renewed every judge pass, so one message (however wrong) never hastens a target for long.
+    every: Annotated[float, Field(ge=MIN_EVERY, le=MAX_EVERY, allow_inf_nan=False)]
+    hold: Annotated[float, Field(gt=0, le=MAX_HOLD, allow_inf_nan=False)]
+    budget: Annotated[int, Field(ge=1, le=MAX_BUDGET)]
     suspects: list[Suspect] = Field(max_length=10_000)
 
 
@@ -218,7 +225,7 @@ def _load(model: type[M], payload: bytes | bytearray | str) -> M:
         raise WireError("too_large", f"a payload of {len(payload)} bytes (at most {MAX_PAYLOAD})")
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: not JSON we read
         raise WireError("not_json", f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise WireError("invalid", "not a JSON object")

@@ -150,6 +150,35 @@ def test_ten_thousand_fuzzed_payloads_never_crash_the_intake_and_every_one_is_co
     assert {r for _, r in dropped} >= {"invalid", "not_json", "duplicate", "topic", "clock_skew", "too_old"}
 
 
+def test_a_deeply_nested_payload_is_dropped_by_the_intake_and_refused_by_the_agent_never_raised():
+    deep = b'{"a":' * 3000  # 15 KB: json.loads raises RecursionError, not ValueError
+    intake, dropped, accepted = make_intake()
+    assert intake.accept(topic(), deep, time.time()) is None
+    intake.presence(wire.status_topic("agent-a"), deep, time.time())
+    assert dropped == Counter({("agent-a", "not_json"): 2})
+    assert accepted == []
+    agent = Agent(AgentSettings(vantage="agent-a", host="127.0.0.1"))
+    agent._hurry(wire.hurry_topic("agent-a"), deep)
+    agent._apply(deep)
+    assert (agent.stats.hurries_refused, agent.stats.plans_refused) == (1, 1)
+
+
+def test_a_suspicion_hastens_within_bounds_whatever_the_policy_or_the_message_says():
+    long_hold = wire.Hurry(vantage="agent-a", every=0.1, hold=60.0, budget=300, suspects=[]).model_dump(by_alias=True)
+    for wrong in ({"hold": 3600.0}, {"every": 0.001}, {"budget": 100_000}):
+        payload = json.dumps({**long_hold, **wrong}).encode()
+        with pytest.raises(wire.WireError, match=next(iter(wrong))) as refused:
+            wire.decode_hurry(wire.hurry_topic("agent-a"), payload)
+        assert refused.value.reason == "invalid"
+    # The controller clamps what it sends: a policy's `every` of an hour and a slow pass still fit.
+    intake, _, _ = make_intake()
+    intake.connected = True
+    intake.hurry("agent-a", {("eu-west-1", "orders"): "x"}, every=86_400.0, hold=5_000.0, budget=6_000)
+    sent = dict(intake._outbox)
+    hurry = wire.decode_hurry(wire.hurry_topic("agent-a"), sent["agent-a"])
+    assert (hurry.every, hurry.hold, hurry.budget) == (wire.MAX_EVERY, wire.MAX_HOLD, 6_000)
+
+
 def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
     intake, _, _ = make_intake()
     status = wire.status_topic("agent-a")

@@ -137,6 +137,14 @@ async def test_the_launch_demo_sets_a_cut_agent_aside_holds_for_lag_ramps_rolls_
     assert lines[-1].startswith("demo: the launch played out")
 
 
+def test_without_mosquitto_the_launch_demo_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr("controller.demo.broker.MOSQUITTO", "/nonexistent/mosquitto")
+    assert main(["demo", "--duration", "150"]) == 1
+    assert capsys.readouterr().err == (
+        "regionshift: the launch demo's agents need an MQTT broker: apt-get install mosquitto (make demo installs it)\n"
+    )
+
+
 def test_without_moto_the_launch_demo_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr("controller.demo.world.moto_server", lambda: None)  # as after `pip install .`
     assert main(["demo", "--duration", "150"]) == 1

@@ -74,13 +74,22 @@ def test_the_demos_judge_with_the_shipped_statistics_only_their_waits_scaled_dow
     waits = {"window", "stale_after", "recover_after", "errors", "slowdown", "suspicion", "lag"}
     shipped, used = SHIPPED_VERDICTS.model_dump(), policy.model_dump()
     assert {k: v for k, v in used.items() if k not in waits} == {k: v for k, v in shipped.items() if k not in waits}
-    assert policy.window == SHIPPED_VERDICTS.window / 10
-    assert policy.recover_after == SHIPPED_VERDICTS.recover_after / 10
+    for wait in ("window", "stale_after", "recover_after"):
+        assert getattr(policy, wait) == getattr(SHIPPED_VERDICTS, wait) / 10, wait
+    assert policy.slowdown.baseline == SHIPPED_VERDICTS.slowdown.baseline / 10
+    assert policy.suspicion.after_failure == SHIPPED_VERDICTS.suspicion.after_failure / 10
     for test, shipped_test in zip(policy.errors, SHIPPED_VERDICTS.errors, strict=True):
         assert test.model_dump(exclude={"horizon"}) == shipped_test.model_dump(exclude={"horizon"})
+        assert test.horizon == (shipped_test.horizon / 10 if shipped_test.horizon else None)
     assert policy.slowdown.model_dump(exclude={"baseline"}) == SHIPPED_VERDICTS.slowdown.model_dump(
         exclude={"baseline"}
     )
     assert policy.suspicion.model_dump(exclude={"after_failure"}) == SHIPPED_VERDICTS.suspicion.model_dump(
         exclude={"after_failure"}
     )
+
+
+def test_time_scaling_a_policy_scales_the_lag_trend_too():
+    scaled = verdicts.time_scaled(SHIPPED_VERDICTS, 0.1)
+    assert (scaled.lag.trend_over, scaled.lag.crosses_within) == (6.0, 6.0)
+    assert scaled.lag.threshold == SHIPPED_VERDICTS.lag.threshold  # a limit, not a wait

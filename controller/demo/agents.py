@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,12 @@ class DemoAgents:
         return {v: code for v, p in self._processes.items() if (code := p.poll()) is not None}
 
     def __enter__(self) -> Self:
-        self.broker.start()
+        try:
+            self.broker.start()
+        except BaseException:
+            self.broker.__exit__()
+            shutil.rmtree(self.logs, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -85,3 +91,5 @@ class DemoAgents:
         for process in self._processes.values():
             terminate(process, 5.0)
         self.broker.__exit__()
+        os.environ.pop(CONTROLLER_PASSWORD_ENV, None)
+        # The agents' logs stay (the demo printed where) for a look after the demo.

@@ -42,6 +42,13 @@ class BrokerError(RuntimeError):
     pass
 
 
+def mosquitto_missing() -> str | None:
+    """What to install when Debian's mosquitto is not there (the launch demo's agents need it)."""
+    if Path(MOSQUITTO).exists() and Path(MOSQUITTO_PASSWD).exists():
+        return None
+    return "the launch demo's agents need an MQTT broker: apt-get install mosquitto (make demo installs it)"
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerTlsFiles:
     ca_file: str
@@ -70,8 +77,8 @@ class Broker:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _configure(self) -> Path:
-        if not Path(MOSQUITTO).exists():
-            raise BrokerError(f"{MOSQUITTO} is missing: install Debian's mosquitto (make test does)")
+        if (missing := mosquitto_missing()) is not None:
+            raise BrokerError(missing)
         passwords = self.root / "passwd"
         passwords.unlink(missing_ok=True)
         for user, password in self.users.items():

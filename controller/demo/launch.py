@@ -77,11 +77,10 @@ LAG_HOLD = 5.0  # seconds the started ramp is held by the lag before it recovers
 # The verdict policy the project ships (policies/verdicts.yaml: the code's defaults), every wait
 # in it scaled down tenfold like the rest of the demo, its statistics untouched; the lag limits are
 # the demo's own (its replicas publish lag in seconds).
-VERDICTS = time_scaled(
-    VerdictPolicy(
-        lag=LagPolicy(sources={"cloudwatch": LAG_LIMIT}, trend_over=3.0, crosses_within=5.0, min_trend_samples=3)
-    ),
-    0.1,
+VERDICTS = time_scaled(VerdictPolicy(), 0.1).model_copy(
+    update={
+        "lag": LagPolicy(sources={"cloudwatch": LAG_LIMIT}, trend_over=3.0, crosses_within=5.0, min_trend_samples=3)
+    }
 )
 LAUNCH = RampPolicy(
     record_set=RECORD,
@@ -96,6 +95,7 @@ LAUNCH = RampPolicy(
 AGENTS = tuple(f"agent-{name}" for name, *_ in DEMO_REGIONS)
 CUT_AGENT = AGENTS[-1]  # the one that loses its network
 CUT_SECONDS = 5.0  # how long the cut lasts once its vantage is set aside
+AFTER_CUT = 3.0  # how long no region may be blamed once it counts again
 INJECT_AT_STEP = 2  # 0-based: the failure starts while the 10% step bakes
 FAILURE_SECONDS = 6.0
 EVERY = 2.0
@@ -313,26 +313,35 @@ async def agent_cut(daemon: Daemon, regions: dict[str, SimulatedRegion], story: 
     await wait_for(lambda: every_vantage_reports() and all(_status(daemon, r) == "healthy" for r in regions), story)
     story.say(f"** agents: {', '.join(AGENTS)} report on every region, beside the controller")
     story.say(f"** network: {CUT_AGENT} loses its path to every region (its link to the broker stays)")
-    for region in regions.values():
-        region.set(cut_vantages=(CUT_AGENT,))
-    await wait_for(lambda: CUT_AGENT in daemon.judge.set_aside, story)
-    why = daemon.judge.set_aside[CUT_AGENT]
-    story.cut.append("set aside")
-    story.say(f"** verdicts: {CUT_AGENT} set aside ({why}); no region blamed for it")
-    deadline = time.monotonic() + CUT_SECONDS
-    while time.monotonic() < deadline:
-        for name, verdict in daemon.judge.verdicts.items():
-            if verdict.status != "healthy" and name not in story.cut:
-                story.cut.append(name)
-                story.say(
-                    f"** verdict: {name} {verdict.status} while {CUT_AGENT} was cut: {'; '.join(verdict.reasons)}"
-                )
-            if CUT_AGENT in str(verdict.evidence.get("set_aside", {})) and "named" not in story.cut:
-                story.cut.append("named")
-        await asyncio.sleep(0.1)
-    for region in regions.values():
-        region.set(cut_vantages=())
-    await wait_for(lambda: CUT_AGENT not in daemon.judge.set_aside, story)
+
+    async def watch() -> None:  # from the cut until its vantage has counted again a while
+        while True:
+            for name, verdict in daemon.judge.verdicts.items():
+                if verdict.status != "healthy" and name not in story.cut:
+                    story.cut.append(name)
+                    story.say(
+                        f"** verdict: {name} {verdict.status} while {CUT_AGENT} was cut: {'; '.join(verdict.reasons)}"
+                    )
+                if CUT_AGENT in str(verdict.evidence.get("set_aside", {})) and "named" not in story.cut:
+                    story.cut.append("named")
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        for region in regions.values():
+            region.set(cut_vantages=(CUT_AGENT,))
+        await wait_for(lambda: CUT_AGENT in daemon.judge.set_aside, story)
+        story.cut.append("set aside")
+        story.say(f"** verdicts: {CUT_AGENT} set aside ({daemon.judge.set_aside[CUT_AGENT]}); no region blamed for it")
+        await asyncio.sleep(CUT_SECONDS)
+        for region in regions.values():
+            region.set(cut_vantages=())
+        await wait_for(lambda: CUT_AGENT not in daemon.judge.set_aside, story)
+        # Its failures from the cut are still in its windows: the quorum keeps them from blaming.
+        await asyncio.sleep(AFTER_CUT)
+    finally:
+        watcher.cancel()
+        await asyncio.wait({watcher})
     story.say(f"** network: {CUT_AGENT} reaches the regions again; its vantage counts again")
 
 

@@ -42,9 +42,10 @@ DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
 # "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 def time_scaled(policy: VerdictPolicy, factor: float) -> VerdictPolicy:
     """`policy` with every duration it waits for multiplied by `factor` (windows, staleness,
-    hysteresis, the patient error test's horizon, the slowdown baseline, suspicion after a
-    failure) and nothing else: its statistics (error ratios, false-alarm rates, peer significance,
-    the slowdown's effect size) stay as shipped. A demo runs production's policy in minutes."""
+    hysteresis, the patient error test's horizon, the slowdown baseline, the lag trend's spans,
+    suspicion after a failure) and nothing else: its statistics (error ratios, false-alarm rates,
+    peer significance, the slowdown's effect size) stay as shipped. A demo runs production's
+    policy in minutes."""
     errors = [t.model_copy(update={"horizon": t.horizon * factor}) if t.horizon else t for t in policy.errors]
     return policy.model_copy(
         update={
@@ -53,6 +54,12 @@ def time_scaled(policy: VerdictPolicy, factor: float) -> VerdictPolicy:
             "recover_after": policy.recover_after * factor,
             "errors": errors,
             "slowdown": policy.slowdown.model_copy(update={"baseline": policy.slowdown.baseline * factor}),
+            "lag": policy.lag.model_copy(
+                update={
+                    "trend_over": policy.lag.trend_over * factor,
+                    "crosses_within": policy.lag.crosses_within * factor,
+                }
+            ),
             "suspicion": policy.suspicion.model_copy(update={"after_failure": policy.suspicion.after_failure * factor}),
         }
     )
