@@ -209,18 +209,26 @@ def broker(monkeypatch):
         yield b
 
 
-def agent_for(broker: Broker, vantage="agent-a", password_env="TEST_MQTT_A_PASSWORD", buffer=10_000) -> Agent:  # noqa: S107
+def agent_for(broker: Broker, vantage="agent-a", password_env="TEST_MQTT_A_PASSWORD", **settings) -> Agent:  # noqa: S107 - a variable's name
     return Agent(
         AgentSettings(
-            vantage=vantage,
-            host="127.0.0.1",
-            port=broker.port,
-            username=vantage,
-            password=Secret(env=password_env),
-            buffer=buffer,
-            keepalive=5,
+            **{
+                "vantage": vantage,
+                "host": "127.0.0.1",
+                "port": broker.port,
+                "username": vantage,
+                "password": Secret(env=password_env),
+                "keepalive": 5,
+                **settings,
+            }
         )
     )
+
+
+def daemon_with_agents(broker: Broker, world, agents: tuple[str, ...]) -> tuple[Daemon, list[Agent]]:
+    """A daemon watching `world` with these agents configured, and the agents (not yet running)."""
+    config = world_config(world).model_copy(update={"agents": intake_settings(broker, vantages=list(agents))})
+    return Daemon(config), [agent_for(broker, v, f"TEST_MQTT_{v[-1].upper()}_PASSWORD") for v in agents]
 
 
 def plan_for(region: SimulatedRegion, vantage="agent-a", version=1, interval=0.1) -> dict[str, bytes]:
@@ -380,16 +388,7 @@ async def test_agents_and_the_controller_speak_tls_with_client_certificates_and_
     intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region), tls=tls)
 
     def agent(**changes) -> Agent:
-        settings = AgentSettings(
-            vantage="agent-a",
-            host="127.0.0.1",
-            port=broker.port,
-            username="agent-a",
-            password=Secret(env="TEST_MQTT_A_PASSWORD"),
-            keepalive=5,
-            **changes,
-        )
-        return Agent(settings)
+        return agent_for(broker, **changes)
 
     plain = agent()  # no TLS at all: the broker never answers it (its connect times out in 10 s)
     untrusting = agent(cert_file=files["client"], key_file=files["client-key"])  # TLS, no CA: system roots
@@ -416,18 +415,8 @@ async def test_agents_and_the_controller_speak_tls_with_client_certificates_and_
 async def test_a_wrong_password_over_tls_is_refused_too(tls_broker, monkeypatch):
     broker, files = tls_broker
     stop = asyncio.Event()
-    agent = Agent(
-        AgentSettings(
-            vantage="agent-a",
-            host="127.0.0.1",
-            port=broker.port,
-            username="agent-a",
-            password=Secret(env="TEST_MQTT_WRONG_PASSWORD"),
-            ca_file=files["ca"],
-            cert_file=files["client"],
-            key_file=files["client-key"],
-        )
-    )
+    tls = {"ca_file": files["ca"], "cert_file": files["client"], "key_file": files["client-key"]}
+    agent = agent_for(broker, password_env="TEST_MQTT_WRONG_PASSWORD", **tls)
     monkeypatch.setenv("TEST_MQTT_WRONG_PASSWORD", "not-the-password")
     async with asyncio.TaskGroup() as group:
         group.create_task(agent.run(stop))
@@ -515,9 +504,7 @@ def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller
 
 async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_cut_agent_is_set_aside(broker, world):
     agents = ("agent-a", "agent-b", "agent-c")
-    config = world_config(world).model_copy(update={"agents": intake_settings(broker, vantages=list(agents))})
-    daemon = Daemon(config)
-    running_agents = [agent_for(broker, v, f"TEST_MQTT_{v[-1].upper()}_PASSWORD") for v in agents]
+    daemon, running_agents = daemon_with_agents(broker, world, agents)
     stop_agents = asyncio.Event()
     async with Running(daemon) as running, asyncio.TaskGroup() as group:
         for agent in running_agents:
@@ -573,9 +560,7 @@ async def test_with_the_broker_gone_the_agents_stop_counting_and_with_every_path
     broker, world
 ):
     agents = ("agent-a", "agent-b")
-    config = world_config(world).model_copy(update={"agents": intake_settings(broker, vantages=list(agents))})
-    daemon = Daemon(config)
-    running_agents = [agent_for(broker, v, f"TEST_MQTT_{v[-1].upper()}_PASSWORD") for v in agents]
+    daemon, running_agents = daemon_with_agents(broker, world, agents)
     stop_agents = asyncio.Event()
     async with Running(daemon) as running, asyncio.TaskGroup() as group:
         for agent in running_agents:

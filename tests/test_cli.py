@@ -131,9 +131,11 @@ async def test_the_launch_demo_sets_a_cut_agent_aside_holds_for_lag_ramps_rolls_
     assert fault < rollback < kinds.index("fault cleared on eu-west-1")
     assert kinds[rollback + 2 :].count("route53 forward") == 5  # resumed from the first step, to the end
     assert "rollback: eu-west-1 is degraded: orders:" in actions[rollback]
-    final = [line for line in lines if " ramp done " in line][-1]
-    traffic = {r: int(p) for r, p in re.findall(r"(us-east-1|eu-west-1) (\d+)%", final.split("traffic")[1])}
-    assert abs(traffic["eu-west-1"] - 50) <= 15, final  # the clients really moved
+    # The clients really moved: eu-west-1's share of their requests over every timeline line once
+    # the ramp was done (each line is ~100 requests: one alone is too few on a loaded machine).
+    done = [line for line in lines if " ramp done " in line]
+    shares = [int(re.search(r"eu-west-1 (\d+)%", line.split("traffic")[1]).group(1)) for line in done]
+    assert abs(sum(shares) / len(shares) - 50) <= 12, done
     assert lines[-1].startswith("demo: the launch played out")
 
 

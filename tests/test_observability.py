@@ -17,9 +17,8 @@ from controller.daemon import Daemon
 from controller.demo.broker import CONTROLLER_USER, Broker
 from controller.demo.world import SimulatedRegion, free_port
 from controller.settings.schema import AgentsSettings
-from probes.agent import Agent, AgentSettings
-from probes.spec import Secret
 from tests.conftest import REPO
+from tests.test_agents import agent_for
 from tests.test_daemon import Running
 from tests.test_shifting import config as shifting_config
 from tests.test_shifting import make_zone
@@ -103,15 +102,7 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
                 "vantages": ["agent-a"],
             }
             daemon = Daemon(config.model_copy(update={"agents": AgentsSettings.model_validate(agents)}))
-            agent = Agent(
-                AgentSettings(
-                    vantage="agent-a",
-                    host="127.0.0.1",
-                    port=broker.port,
-                    username="agent-a",
-                    password=Secret(env="TEST_MQTT_AGENT_PASSWORD"),
-                )
-            )
+            agent = agent_for(broker, password_env="TEST_MQTT_AGENT_PASSWORD")
             stop_agent = asyncio.Event()
             agent_task = asyncio.create_task(agent.run(stop_agent))
             try:

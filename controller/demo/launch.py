@@ -462,5 +462,5 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
 
 async def _stop_when(finished: asyncio.Event, stop: asyncio.Event) -> None:
     await finished.wait()
-    await asyncio.sleep(2 * EVERY + 0.1)  # a full timeline period of traffic at 50%
+    await asyncio.sleep(3 * EVERY + 0.1)  # three timeline periods of traffic at 50%
     stop.set()
