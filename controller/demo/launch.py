@@ -378,7 +378,7 @@ def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # 
     return problems
 
 
-# The longest the story may take: it played out in about 95 s here (the agents' act ~12 s of it).
+# The longest the story may take: it played out in about 100 s here (the agents' act ~15 s of it).
 # A bounded demo ends as soon as the story has, so this is a deadline it needs, not a wait.
 STORY_SECONDS = 150.0
 
