@@ -88,17 +88,17 @@ class Daemon:
         )
         # Agents (over MQTT) feed the same windows; each gets a plan of every region's probes.
         self.intake: Intake | None = None
-        self._planned: list[tuple[str, str]] = []  # (region, probe) the agents probe
+        agent_targets: list[tuple[str, str]] = []  # (region, probe) the agents probe
         agents = config.agents
         if agents is not None:
             version = int(clock() * 1000)  # grows from one start of the daemon to the next
             # Replication lag is the data's, not the path's: read from anywhere it is the same, so
             # the controller alone measures it and agents need no database or cloud clients.
             planned = [(r.name, spec) for r in config.regions for spec in r.probes if spec.kind != "replication-lag"]
-            self._planned = [(region, spec.name) for region, spec in planned]
+            agent_targets = [(region, spec.name) for region, spec in planned]
             self.intake = Intake(
                 agents,
-                ((region, spec.name) for region, spec in planned),
+                agent_targets,
                 self.record,
                 dropped=self.metrics.drop,
                 plans={v: encode_plan(version, v, planned) for v in agents.vantages},
@@ -112,7 +112,7 @@ class Daemon:
         self.metrics.precreate(
             (
                 *((r.name, p.name, self.vantage) for r in config.regions for p in r.probes),
-                *((region, name, v) for v in (agents.vantages if agents else ()) for region, name in self._planned),
+                *((region, name, v) for v in (agents.vantages if agents else ()) for region, name in agent_targets),
             ),
             (r.name for r in config.regions),
         )

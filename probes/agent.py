@@ -105,6 +105,7 @@ class Agent:
         self._seq = 0
         self._scheduler: asyncio.Task[None] | None = None
         self._probes: Scheduler | None = None
+        self._targets: frozenset[tuple[str, str]] = frozenset()  # (region, probe) of the plan running
         self._connected = False
         self.plan: wire.Plan | None = None
 
@@ -155,6 +156,7 @@ class Agent:
             self._scheduler.cancel()
         probers = [make_prober(p.spec, p.region, self.settings.vantage) for p in plan.probes]
         self._probes = Scheduler(probers, self.record)
+        self._targets = frozenset((p.region, p.spec.name) for p in plan.probes)
         self._scheduler = asyncio.create_task(self._probes.run(), name="agent-probes")
         log.info("plan applied", vantage=self.settings.vantage, version=plan.version, probes=len(probers))
 
@@ -166,14 +168,13 @@ class Agent:
             self.stats.hurries_refused += 1
             log.warning("suspicion refused", vantage=self.settings.vantage, reason=exc.reason, detail=str(exc))
             return
-        if hurry.vantage != self.settings.vantage or self._probes is None:
+        if self._probes is None:  # no plan yet: nothing of its to hasten
             self.stats.hurries_refused += 1
             return
-        running = {(p.subject.region, p.subject.probe) for p in self._probes.probers}
         hastened = self._probes.hastened()
         for suspect in hurry.suspects:
             key = (suspect.region, suspect.probe)
-            if key not in running:
+            if key not in self._targets:
                 continue
             self._probes.hasten(*key, every=hurry.every, hold=hurry.hold, budget=hurry.budget)
             if key not in hastened:

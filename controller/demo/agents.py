@@ -71,10 +71,6 @@ class DemoAgents:
                     command, stdout=log, stderr=subprocess.STDOUT, env=env
                 )
 
-    def exited(self) -> dict[str, int]:
-        """Agents whose process has ended, with their exit codes."""
-        return {v: code for v, p in self._processes.items() if (code := p.poll()) is not None}
-
     def __enter__(self) -> Self:
         try:
             self.broker.start()

@@ -215,7 +215,10 @@ class Story:
         self.last_share: dict[str, float] = {}
         self.actions: list[tuple[float, str]] = []  # (monotonic time, kind) of every Route 53 write
         self.lag_spike: list[float] = []  # when the lag spike started and when it was cleared
-        self.cut: list[str] = []  # what the agent's cut showed: "set aside", "named", or a blamed region
+        # What the agent's cut showed: its vantage set aside, named in the evidence, regions blamed.
+        self.cut_set_aside = False
+        self.cut_named = False
+        self.blamed_in_cut: list[str] = []
 
     def say(self, text: str) -> None:
         print(f"+{time.monotonic() - self.start:5.1f}s  {text}", file=self.out, flush=True)
@@ -317,13 +320,13 @@ async def agent_cut(daemon: Daemon, regions: dict[str, SimulatedRegion], story: 
     async def watch() -> None:  # from the cut until its vantage has counted again a while
         while True:
             for name, verdict in daemon.judge.verdicts.items():
-                if verdict.status != "healthy" and name not in story.cut:
-                    story.cut.append(name)
+                if verdict.status != "healthy" and name not in story.blamed_in_cut:
+                    story.blamed_in_cut.append(name)
                     story.say(
                         f"** verdict: {name} {verdict.status} while {CUT_AGENT} was cut: {'; '.join(verdict.reasons)}"
                     )
-                if CUT_AGENT in str(verdict.evidence.get("set_aside", {})) and "named" not in story.cut:
-                    story.cut.append("named")
+                if CUT_AGENT in str(verdict.evidence.get("set_aside", {})):
+                    story.cut_named = True
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
@@ -331,7 +334,7 @@ async def agent_cut(daemon: Daemon, regions: dict[str, SimulatedRegion], story: 
         for region in regions.values():
             region.set(cut_vantages=(CUT_AGENT,))
         await wait_for(lambda: CUT_AGENT in daemon.judge.set_aside, story)
-        story.cut.append("set aside")
+        story.cut_set_aside = True
         story.say(f"** verdicts: {CUT_AGENT} set aside ({daemon.judge.set_aside[CUT_AGENT]}); no region blamed for it")
         await asyncio.sleep(CUT_SECONDS)
         for region in regions.values():
@@ -352,13 +355,12 @@ def _status(daemon: Daemon, region: str) -> str | None:
 
 def check(story: Story, finished: bool, final: dict[str, int]) -> list[str]:  # noqa: FBT001
     problems = []
-    if "set aside" not in story.cut:
+    if not story.cut_set_aside:
         problems.append(f"{CUT_AGENT} was never set aside while its network was cut")
-    elif "named" not in story.cut:
+    elif not story.cut_named:
         problems.append(f"the verdicts' evidence never named {CUT_AGENT} as set aside")
-    blamed = [name for name in story.cut if name not in ("set aside", "named")]
-    if blamed:
-        problems.append(f"{', '.join(blamed)} blamed while {CUT_AGENT} alone had lost its network")
+    if story.blamed_in_cut:
+        problems.append(f"{', '.join(story.blamed_in_cut)} blamed while {CUT_AGENT} alone had lost its network")
     if len(story.lag_spike) == 2:  # noqa: PLR2004 - started and cleared
         start, end = story.lag_spike
         during = [kind for at, kind in story.actions if start <= at <= end and kind == "forward"]

@@ -37,9 +37,6 @@ DEMO_REGIONS: tuple[tuple[str, RegionType, str, float], ...] = (
 )
 
 
-# Short windows so that a fault shows within seconds and clears within a quarter minute.
-# The local world answers on loopback in about a millisecond: a busy machine would make that
-# "slower than usual" many times over. The demo is about failures; only tenfold slowdowns count.
 def time_scaled(policy: VerdictPolicy, factor: float) -> VerdictPolicy:
     """`policy` with every duration it waits for multiplied by `factor` (windows, staleness,
     hysteresis, the patient error test's horizon, the slowdown baseline, the lag trend's spans,
