@@ -22,6 +22,11 @@ Run:  make bench   (installs mosquitto and prometheus-blackbox-exporter if missi
    - a real `regionshift agent` process, its plan from the broker (plan interval x probes =
      the rate), publishing every result over MQTT (QoS 1) to a subscriber that counts them;
    - blackbox_exporter, driven through its /probe endpoint at the same rate.
+   - two floors (`bench/floor_prober.py`, a process of its own at the same rate): a bare asyncio
+     prober, and the same with one aiomqtt QoS 1 publish per probe. No agent in CPython that
+     probes over asyncio and publishes each result with aiomqtt at QoS 1 costs less than the
+     second, nor takes less memory (it imports what such an agent must: asyncio, ssl, aiomqtt,
+     pydantic).
    Only each prober's own CPU time (from /proc) is counted. Printed: probes per CPU-second and
    peak RSS of each, and the ratios (targets: at least 2.5x the probes per CPU-second, RSS at
    most 1.2x blackbox_exporter's).
@@ -354,6 +359,25 @@ def run_blackbox(target: str, rate: float, seconds: float, workdir: Path) -> dic
         proc.wait(10)
 
 
+def run_floor(broker: Broker, target: str, rate: float, seconds: float, *, publish: bool) -> dict[str, float]:
+    """One floor prober in a process of its own, its CPU counted over `seconds` after 3 s of start-up."""
+    command = [sys.executable, str(Path(__file__).with_name("floor_prober.py")), target, str(rate), str(seconds + 3.0)]
+    env = {**os.environ, "BENCH_FLOOR_PUBLISH": f"{broker.port}:{PASSWORDS['agent-a']}" if publish else ""}
+    child = subprocess.Popen(command, env=env)  # this interpreter, a file of this bench
+    try:
+        time.sleep(3.0)
+        (cpu0, _), wall0 = cpu_and_rss(child.pid), time.perf_counter()
+        time.sleep(seconds)
+        (cpu1, rss), wall1 = cpu_and_rss(child.pid), time.perf_counter()
+        if child.wait(30) != 0:
+            raise SystemExit(f"mqtt_ingest: the floor prober exited with {child.returncode}")
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # Every probe is counted as done: the floor prober exits non-zero when any did not complete.
+    return {"ok": round(rate * (wall1 - wall0)), "failed": 0, "cpu": cpu1 - cpu0, "wall": wall1 - wall0, "rss_mib": rss}
+
+
 def probing(broker: Broker, rate: float, seconds: float, rounds: int) -> None:
     if not Path(pt.BLACKBOX).exists():
         print("prometheus-blackbox-exporter is not installed: run `make bench` (it installs it)", file=sys.stderr)
@@ -365,6 +389,8 @@ def probing(broker: Broker, rate: float, seconds: float, rounds: int) -> None:
             {
                 blackbox: lambda: run_blackbox(target, rate, seconds, Path(tmp)),
                 "regionshift agent": lambda: run_agent(broker, target, rate, seconds),
+                "floor: bare asyncio HTTP": lambda: run_floor(broker, target, rate, seconds, publish=False),
+                "floor: + aiomqtt QoS 1 pub": lambda: run_floor(broker, target, rate, seconds, publish=True),
             },
         )
     _, probes, interval = agent_plan("http://127.0.0.1/", rate)
@@ -375,7 +401,17 @@ def probing(broker: Broker, rate: float, seconds: float, rounds: int) -> None:
     per_cpu = pt.print_table(totals)
     bb, agent = totals[blackbox], totals["regionshift agent"]
     print(f"agent / {blackbox}: {per_cpu:.2f}x probes per CPU-second (target: at least 2.5x)")
+    for name in ("floor: bare asyncio HTTP", "floor: + aiomqtt QoS 1 pub"):
+        floor = totals[name]
+        print(
+            f"{name} / {blackbox}: {per_cpu_second(floor) / per_cpu_second(bb):.2f}x probes per CPU-second, "
+            f"{floor['rss_mib'] / bb['rss_mib']:.2f}x peak RSS"
+        )
     print(f"agent / {blackbox}: {agent['rss_mib'] / bb['rss_mib']:.2f}x peak RSS (target: at most 1.2x)")
+
+
+def per_cpu_second(m: dict[str, float]) -> float:
+    return (m["ok"] + m["failed"]) / m["cpu"]
 
 
 def main() -> int:

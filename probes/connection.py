@@ -76,6 +76,7 @@ def certificate_not_after(der: bytes) -> datetime:
     return x509.load_der_x509_certificate(der).not_valid_after_utc
 
 
+@lru_cache(maxsize=1024)  # asked at every run, for the same few hosts
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
