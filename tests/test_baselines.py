@@ -188,3 +188,25 @@ def test_a_key_s_baseline_once_it_has_one_does_not_vanish_as_it_grows():
         seen = seen or baseline is not None
         assert baseline is not None or not seen, f"no baseline at {i} s, after one"
     assert seen
+
+
+def test_healthy_results_are_slower_than_the_baseline_s_limit_no_more_often_than_the_policy_allows():
+    # The slowdown test takes `1 - quantile` (10%) of healthy results to be slow. Forty keys of
+    # log-normal latency, 31 minutes each at 1 result/s: the true share of that same distribution
+    # above each key's limit, averaged over the keys, must not exceed 10% (the nearest rank, the
+    # 54th of 60 in a slice, made it about 11%, and the test's false alarms several times as common).
+    from scipy.stats import lognorm  # noqa: PLC0415
+
+    rng = random.Random(7)
+    sigma, scale = 0.15, 0.05
+    shares = []
+    for k in range(40):
+        key = ("eu-west-1", "api", f"v{k}")
+        window = Window(POLICY.history)
+        for i in range(31 * 60):
+            window.add(Result(*key, T0 + i, ok=True, latency=scale * rng.lognormvariate(0.0, sigma)))
+        baseline = Baselines(POLICY).of(key, window, T0 + 31 * 60)
+        assert baseline is not None
+        shares.append(float(lognorm.sf(baseline.slow, sigma, scale=scale)))
+    mean = sum(shares) / len(shares)
+    assert 0.085 <= mean <= 0.1, mean  # and not so far above the quantile that slowdowns hide
