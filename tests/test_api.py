@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from controller import logs
 from controller.events.bus import Bus
 from controller.settings.schema import Config, Region
+from controller.sinks.prometheus import Metrics
 from controller.web.api import ApiServer, make_app
 from probes.spec import HttpProbe, redact
 
@@ -33,6 +34,7 @@ class Source:
     def __init__(self, token: str | None = TOKEN) -> None:
         self.config = Config(regions=[Region(name="eu-west-1")])
         self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
         self.bus = Bus()
         self.reconciler = FakeReconciler()
         self.vantage = "controller"

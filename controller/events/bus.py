@@ -8,6 +8,7 @@ keeps the newest events for whoever asks what happened lately (the state API).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 from collections import deque
@@ -25,8 +26,9 @@ class Subscription:
 
     def __init__(self, bus: Bus, maxsize: int) -> None:
         self._bus = bus
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)  # None: ended
         self.dropped = 0
+        self.ended = False
 
     def _offer(self, event: Event) -> None:
         try:
@@ -38,7 +40,20 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
-        return await self._queue.get()
+        if self.ended:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    def end(self) -> None:
+        """End the iteration of whoever reads this subscription (at once, or once it has read
+        what is queued when the queue is full), and unsubscribe: a server shutting down."""
+        self.ended = True
+        self.close()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -58,10 +73,12 @@ class Bus:
         self._subscribers: set[Subscription] = set()
         self._history: deque[Event] = deque(maxlen=history)
         self._ids = itertools.count(1)
+        self.last_id = 0  # the id of the newest event published; 0 before the first
 
     def publish(self, event: Event) -> Event:
         """Stamp the event with the next id and hand it to every subscriber; never waits."""
         event = dataclasses.replace(event, id=next(self._ids))
+        self.last_id = event.id
         self._history.append(event)
         for subscriber in self._subscribers:
             subscriber._offer(event)  # noqa: SLF001
@@ -71,6 +88,17 @@ class Bus:
         subscription = Subscription(self, maxsize)
         self._subscribers.add(subscription)
         return subscription
+
+    def since(self, last_id: int) -> list[Event] | None:
+        """Every event published after `last_id`, oldest first; None when the history no longer
+        holds all of them (or `last_id` was never published): whoever asks needs a snapshot."""
+        if last_id > self.last_id or last_id < 0:
+            return None
+        if last_id == self.last_id:
+            return []
+        if not self._history or self._history[0].id > last_id + 1:
+            return None
+        return [e for e in self._history if e.id > last_id]
 
     def recent(self, limit: int = 100) -> list[Event]:
         """The newest `limit` events, oldest first."""

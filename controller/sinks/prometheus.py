@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from controller.settings.schema import RecordSet
     from probes.results import Result
 
+STREAM_DROP_REASONS = ("behind", "stalled")  # why an event stream client was disconnected
 # Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in
 # a few hundred, and timeouts sit at seconds.
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -145,9 +146,38 @@ class Metrics:
             ["vantage"],
             registry=registry,
         )
+        self.stream_clients_now = Gauge(
+            "regionshift_event_stream_clients",
+            "Clients connected to the live event stream (GET /api/v1/events).",
+            registry=registry,
+        )
+        self.stream_dropped_total = Counter(
+            "regionshift_event_stream_dropped_clients",
+            "Event stream clients disconnected by reason: behind (fell a queue of events behind) or "
+            "stalled (left one write unread too long). They reconnect and catch up.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in STREAM_DROP_REASONS:
+            self.stream_dropped_total.labels(reason)
+        self.stream_events_total = Counter(
+            "regionshift_event_stream_events_sent",
+            "Events written to event stream clients, one per client (snapshots and heartbeats not counted).",
+            registry=registry,
+        )
         self._route53_counted: dict[tuple[str, str], int] = {}
         # Label lookups cost more than the increment: keep each subject's children at hand.
         self._children: dict[tuple[str, str, str], _Children] = {}
+
+    # The live event stream's (controller.web.stream.StreamMetrics).
+    def stream_clients(self, count: int) -> None:
+        self.stream_clients_now.set(count)
+
+    def stream_dropped(self, reason: str) -> None:
+        self.stream_dropped_total.labels(reason).inc()
+
+    def stream_sent(self, events: int) -> None:
+        self.stream_events_total.inc(events)
 
     def precreate(self, subjects: Iterable[tuple[str, str, str]], regions: Iterable[str]) -> None:
         for subject in subjects:

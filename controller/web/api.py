@@ -1,4 +1,5 @@
-"""The HTTP API: `/healthz`, `/metrics` (Prometheus exposition) and `/api/v1/state` (JSON).
+"""The HTTP API: `/healthz`, `/metrics` (Prometheus exposition), `/api/v1/state` (JSON) and
+`/api/v1/events` (server-sent events, see `controller.web.stream`).
 
 The API observes; it never decides. It reads the daemon's state through `StateSource`.
 """
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controller.planning.operator import ACTIONS, is_action
 from controller.web import views
+from controller.web.stream import EventStream, StreamMetrics, StreamSettings
 from controller.web.views import Observed
 
 if TYPE_CHECKING:
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 
 class StateSource(Observed, Protocol):
     registry: CollectorRegistry
+
+    @property
+    def metrics(self) -> StreamMetrics: ...
 
     def problems(self) -> list[str]: ...
 
@@ -81,7 +86,7 @@ def _invalid(exc: ValidationError) -> str:
     )
 
 
-def make_app(source: StateSource) -> web.Application:
+def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         problems = source.problems()
         if problems:
@@ -141,7 +146,10 @@ def make_app(source: StateSource) -> web.Application:
         await source.reconciler.freeze(body.frozen, source.clock(), who, body.reason)
         return web.json_response({"frozen": source.reconciler.frozen})
 
+    events = EventStream(source.bus, lambda: views.state(source), source.metrics, stream)
     app = web.Application()
+    app.on_shutdown.append(events.close)
+    app.router.add_get("/api/v1/events", events.handle)
     app.router.add_post("/api/v1/ramps/{name}/{action}", ramp_action)
     app.router.add_post("/api/v1/freeze", freeze)
     app.router.add_get("/healthz", healthz)
