@@ -13,6 +13,7 @@ from controller import logs
 from controller.events.bus import Bus
 from controller.settings.schema import Config, Region
 from controller.sinks.prometheus import Metrics
+from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
 from probes.spec import HttpProbe, redact
 
@@ -178,3 +179,56 @@ def test_no_log_line_carries_a_password_in_a_url(capsys):
 )
 def test_redaction_hides_every_credential_of_every_url_and_nothing_else(text, shown):
     assert redact(text) == shown
+
+
+async def test_the_audit_pages_changes_newest_first_filtered_by_record_and_time(tmp_path):
+    async with Store(tmp_path / "state.db") as store:
+        ids = []
+        for i in range(5):
+            record = "a.example.com." if i % 2 == 0 else "b.example.com."
+            intent = await store.audit.intent(
+                record, "ramp:canary", "forward", f"step {i}", {"eu": 100 - i}, {"eu": 99 - i}, at=1000.0 + i
+            )
+            ids.append(intent)
+            await store.audit.submitted(intent, f"C{i}", at=1000.5 + i)
+            await store.audit.result(intent, "applied", at=1001.0 + i, change_id=f"C{i}")
+        await store.audit.insync(ids[4], "C4", at=1009.0)
+        open_intent = await store.audit.intent("a.example.com.", "evacuation", "evacuation", "eu down", {}, {}, 1010.0)
+        source = Source()
+        source.reconciler.store = store
+
+        async def get(query: str):
+            async with serving(source) as http, http.get("/api/v1/audit" + query) as response:
+                return response.status, await response.json()
+
+        status, page = await get("?limit=2")
+        assert status == 200
+        assert [c["id"] for c in page["changes"]] == [open_intent, ids[4]]
+        assert page["changes"][0]["outcome"] is None  # sent or not, nobody knows yet
+        newest = page["changes"][1]
+        assert (newest["actor"], newest["reason"], newest["from"], newest["to"]) == (
+            "ramp:canary",
+            "step 4",
+            {"eu": 96},
+            {"eu": 95},
+        )
+        assert (newest["outcome"], newest["change_id"], newest["settled_at"], newest["insync_at"]) == (
+            "applied",
+            "C4",
+            1005.0,
+            1009.0,
+        )
+        _, second = await get(page["next"].removeprefix("/api/v1/audit"))
+        assert [c["id"] for c in second["changes"]] == [ids[3], ids[2]]
+        _, last = await get(f"?limit=2&before={ids[1]}")
+        assert ([c["id"] for c in last["changes"]], last["next"]) == ([ids[0]], None)
+        _, by_record = await get("?record=b.example.com.")
+        assert [c["id"] for c in by_record["changes"]] == [ids[3], ids[1]]
+        _, by_time = await get("?since=1001&until=1003")
+        assert [c["id"] for c in by_time["changes"]] == [ids[2], ids[1]]
+        _, iso = await get("?since=1970-01-01T00:16:41Z&until=1970-01-01T00:16:43%2B00:00")
+        assert [c["id"] for c in iso["changes"]] == [ids[2], ids[1]]
+        for bad in ("?limit=0", "?limit=501", "?since=yesterday", "?before=x"):
+            status, body = await get(bad)
+            assert status == 400, bad
+            assert "since and until take epoch seconds or an ISO 8601 time" in body["error"]

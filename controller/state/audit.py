@@ -214,6 +214,49 @@ class AuditLog:
 
         return await self._db.run(read)
 
+    async def changes(
+        self,
+        *,
+        record: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Weight changes, newest first: each intent (who, why, the weights before and after) with
+        what came of it (outcome, change id, when it was seen INSYNC, the error), filtered by
+        record and by when it was sent (since <= at < until), paged by id (`before`)."""
+
+        def read() -> list[dict[str, Any]]:
+            rows = self._db.db.execute(
+                "SELECT i.id, i.at, i.record, i.actor, i.action, i.reason, i.from_weights, i.to_weights,"
+                " r.outcome, r.at AS settled_at, r.change_id, r.insync_at, r.error"
+                " FROM audit i LEFT JOIN audit r ON r.intent_id = i.id AND r.phase = 'result'"
+                " WHERE i.phase = 'intent' AND (:record IS NULL OR i.record = :record)"
+                " AND (:since IS NULL OR i.at >= :since) AND (:until IS NULL OR i.at < :until)"
+                " AND (:before IS NULL OR i.id < :before) ORDER BY i.id DESC LIMIT :limit",
+                {"record": record, "since": since, "until": until, "before": before, "limit": limit},
+            ).fetchall()
+            out = [dict(row) for row in rows]
+            by_id = {change["id"]: change for change in out}
+            if by_id:
+                for row in self._db.db.execute(
+                    "SELECT intent_id, status, change_id, at FROM changes"
+                    " WHERE intent_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                    (json.dumps(list(by_id)),),
+                ):
+                    change = by_id[row["intent_id"]]
+                    change["change_id"] = change["change_id"] or row["change_id"]
+                    if row["status"] == "insync" and change["insync_at"] is None:
+                        change["insync_at"] = row["at"]
+            for change in out:
+                before_weights, after_weights = change.pop("from_weights"), change.pop("to_weights")
+                change["from"] = json.loads(before_weights) if before_weights else None
+                change["to"] = json.loads(after_weights) if after_weights else None
+            return out
+
+        return await self._db.run(read)
+
     async def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit rows, oldest first."""
 

@@ -1,5 +1,6 @@
 """The HTTP API: `/healthz`, `/metrics` (Prometheus exposition), `/api/v1/state` (JSON) and
-`/api/v1/events` (server-sent events, see `controller.web.stream`).
+`/api/v1/events` (server-sent events, see `controller.web.stream`) and `/api/v1/audit` (the
+weight changes, paged).
 
 The API observes; it never decides. It reads the daemon's state through `StateSource`.
 """
@@ -7,7 +8,8 @@ The API observes; it never decides. It reads the daemon's state through `StateSo
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Protocol, Self
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +21,7 @@ from controller.web.stream import EventStream, StreamMetrics, StreamSettings
 from controller.web.views import Observed
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from prometheus_client import CollectorRegistry
@@ -84,6 +87,66 @@ def _invalid(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors(include_url=False)
     )
+
+
+AUDIT_PAGE = 50  # changes a page of /api/v1/audit holds unless asked
+AUDIT_PAGE_MAX = 500
+
+
+def _audit(source: StateSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /api/v1/audit`: the weight changes, newest first, a page at a time."""
+
+    async def audit(request: web.Request) -> web.Response:
+        query = _audit_query(request)
+        if isinstance(query, web.Response):
+            return query
+        if source.reconciler is None:
+            return web.json_response({"changes": [], "next": None})
+        changes = await source.reconciler.store.audit.changes(**query)
+        following = None
+        if len(changes) == query["limit"]:
+            following = str(request.rel_url.update_query(before=changes[-1]["id"]))
+        return web.json_response({"changes": changes, "next": following})
+
+    return audit
+
+
+def _audit_query(request: web.Request) -> dict[str, Any] | web.Response:
+    """The audit's filters: record, since and until (epoch seconds or ISO 8601, until excluded),
+    before (an id: the next page), limit; or the refusal saying what is wrong."""
+    q = request.query
+    out: dict[str, Any] = {"record": q.get("record") or None, "limit": AUDIT_PAGE}
+    try:
+        for name in ("since", "until"):
+            if q.get(name):
+                out[name] = _when(q[name])
+        if q.get("before"):
+            out["before"] = int(q["before"])
+        if q.get("limit"):
+            out["limit"] = _page_size(q["limit"])
+    except ValueError:
+        example = "?record=api.example.com.&since=2026-12-02T10:00:00Z&limit=50"
+        error = (
+            "since and until take epoch seconds or an ISO 8601 time, before an id, "
+            f"limit 1 to {AUDIT_PAGE_MAX}; e.g. {example}"
+        )
+        return web.json_response({"error": error}, status=400)
+    return out
+
+
+def _when(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _page_size(text: str) -> int:
+    size = int(text)
+    if not 1 <= size <= AUDIT_PAGE_MAX:
+        raise ValueError(text)
+    return size
 
 
 def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.Application:
@@ -155,6 +218,7 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/state", state)
+    app.router.add_get("/api/v1/audit", _audit(source))
     return app
 
 
