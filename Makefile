@@ -67,6 +67,7 @@ bench: install debs-bench
 	$(BIN)/python bench/detection.py
 	$(BIN)/python bench/judge_scale.py
 	$(BIN)/python bench/mqtt_ingest.py
+	$(BIN)/python bench/event_stream.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

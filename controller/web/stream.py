@@ -124,11 +124,11 @@ class EventStream:
         missed = self.bus.since(last_id) if last_id is not None else None
         if missed is None:
             sent = self.bus.last_id
-            await self._write(response, _frame("snapshot", sent, json.dumps(self.snapshot(), default=str)))
+            await self._write(request, response, _frame("snapshot", sent, json.dumps(self.snapshot(), default=str)))
         else:
             sent = last_id or 0
             for event in missed:
-                await self._write(response, self._frame_of(event))
+                await self._write(request, response, self._frame_of(event))
                 sent = event.id
             self._sent(len(missed))
         loop = asyncio.get_running_loop()
@@ -143,7 +143,7 @@ class EventStream:
                 if request.transport is None or request.transport.is_closing():
                     return
                 if loop.time() >= beat:
-                    await self._write(response, b": heartbeat\n\n")
+                    await self._write(request, response, b": heartbeat\n\n")
                     beat = loop.time() + self.settings.heartbeat
                 continue
             except StopAsyncIteration:
@@ -152,11 +152,19 @@ class EventStream:
                 raise _Behind
             if event.id <= sent:
                 continue  # the snapshot or the history already had it
-            await self._write(response, self._frame_of(event))
+            await self._write(request, response, self._frame_of(event))
             sent = event.id
             self._sent(1)
 
-    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+    async def _write(self, request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+        """Write within `write_timeout`; a write that stays below the transport's high-water mark
+        cannot wait for the client, and goes without a timer (most writes)."""
+        transport = request.transport
+        if transport is not None:
+            _, high = transport.get_write_buffer_limits()
+            if transport.get_write_buffer_size() + len(data) < high:
+                await response.write(data)
+                return
         async with asyncio.timeout(self.settings.write_timeout):
             await response.write(data)
 
