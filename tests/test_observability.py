@@ -8,15 +8,18 @@ import json
 import shutil
 import subprocess
 import time
+from datetime import UTC, datetime
 
 import aiohttp
+import boto3
 import pytest
 import yaml
 
 from controller.daemon import Daemon
 from controller.demo.broker import CONTROLLER_USER, Broker
 from controller.demo.world import SimulatedRegion, free_port
-from controller.settings.schema import AgentsSettings
+from controller.settings.schema import AgentsSettings, Config
+from probes.spec import CloudWatchLagProbe
 from tests.conftest import REPO
 from tests.test_agents import agent_for
 from tests.test_daemon import Running
@@ -60,6 +63,8 @@ SUBJECTS = {
     "RegionshiftEvacuating": "region",
     "RegionshiftRampRolledBack": "ramp",
     "RegionshiftRampPaused": "ramp",
+    "RegionshiftReplicationLagHigh": "region",
+    "RegionshiftReplicationLagUnknown": "region",
     "RegionshiftAgentDown": "vantage",
     "RegionshiftAgentLagging": "vantage",
     "RegionshiftAgentMessagesDropped": "vantage",
@@ -86,6 +91,43 @@ async def query(http: aiohttp.ClientSession, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def with_replica_lag(config: Config, endpoint_url: str, seconds: float) -> Config:
+    """eu-west-1 with an RDS replica whose lag CloudWatch (moto's) reports as `seconds`."""
+    cloudwatch = boto3.client(
+        "cloudwatch",
+        region_name="eu-west-1",
+        endpoint_url=endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    dimensions = {"DBInstanceIdentifier": "orders-replica"}
+    cloudwatch.put_metric_data(
+        Namespace="AWS/RDS",
+        MetricData=[
+            {
+                "MetricName": "ReplicaLag",
+                "Dimensions": [{"Name": k, "Value": v} for k, v in dimensions.items()],
+                "Timestamp": datetime.now(UTC),
+                "Value": seconds,
+                "Unit": "Seconds",
+            }
+        ],
+    )
+    lag = CloudWatchLagProbe(
+        name="replica-lag",
+        metric="rds-replica",
+        aws_region="eu-west-1",
+        dimensions=dimensions,
+        endpoint_url=endpoint_url,
+        interval=1.0,
+        timeout=1.0,
+    )
+    regions = [
+        r.model_copy(update={"probes": [*r.probes, lag]}) if r.name == "eu-west-1" else r for r in config.regions
+    ]
+    return config.model_copy(update={"regions": regions})
+
+
 async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route53, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -95,6 +137,7 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
     async with SimulatedRegion("us-east-1", seed=1) as use1, SimulatedRegion("eu-west-1", seed=2) as euw1:
         with Broker({CONTROLLER_USER: "controller-pw", "agent-a": "agent-pw"}) as broker:
             config = shifting_config({"us-east-1": use1, "eu-west-1": euw1}, route53, zone_id, name, tmp_path, bake=2.0)
+            config = with_replica_lag(config, route53.url, seconds=2.0)
             agents = {
                 "broker": broker.address,
                 "username": CONTROLLER_USER,
@@ -128,6 +171,9 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
     assert shares == {"us-east-1": 100.0, "eu-west-1": 0.0}  # rolled back
     changes = {(s["metric"]["action"], s["metric"]["region"]) for s in results["Weight changes by action and region"]}
     ages = {s["metric"]["record"]: float(s["value"][1]) for s in results["Route 53: seconds since the last read"]}
+    lag = results["Replication lag by region and source"]
+    lags = {(s["metric"]["region"], s["metric"]["source"]): float(s["value"][1]) for s in lag}
+    assert lags == {("eu-west-1", "cloudwatch"): pytest.approx(2.0, abs=0.5)}
     assert 0 <= ages[f"{name}/A"] < 30  # read every reconcile, and Prometheus saw it
     errors = {s["metric"]["kind"] for s in results["Route 53 errors by record and kind"]}
     assert errors == {"retryable", "terminal", "no_credentials"}  # pre-created, at zero
@@ -137,25 +183,7 @@ async def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(route
         (s["metric"]["vantage"], s["metric"]["reason"]) for s in results["Agent messages dropped by vantage and reason"]
     }
     assert ("agent-a", "vantage_mismatch") in drops  # pre-created, at zero
-    assert {r["name"]: r["health"] for r in rules} == dict.fromkeys(
-        [
-            "RegionshiftRegionUnhealthy",
-            "RegionshiftRegionDegraded",
-            "RegionshiftRegionUnknown",
-            "RegionshiftBlind",
-            "RegionshiftProbeTimeouts",
-            "RegionshiftRoute53Drift",
-            "RegionshiftRoute53Unreachable",
-            "RegionshiftRoute53Errors",
-            "RegionshiftEvacuating",
-            "RegionshiftRampRolledBack",
-            "RegionshiftRampPaused",
-            "RegionshiftAgentDown",
-            "RegionshiftAgentLagging",
-            "RegionshiftAgentMessagesDropped",
-        ],
-        "ok",
-    )
+    assert {r["name"]: r["health"] for r in rules} == dict.fromkeys(SUBJECTS, "ok")
     firing = {r["name"]: [a["labels"] for a in r["alerts"]] for r in rules if r["alerts"]}
     assert [a["region"] for a in firing["RegionshiftRegionDegraded"]] == ["eu-west-1"]  # pending: `for: 3m`
     assert [a["ramp"] for a in firing["RegionshiftRampRolledBack"]] == ["launch"]
