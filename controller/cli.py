@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon: probe, judge, serve the API")
     with_config(run)
     run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="override controller.listen")
+    run.add_argument(
+        "--read-only-dashboard",
+        action="store_true",
+        help="serve the API and the live page without operator actions (sets controller.read_only)",
+    )
 
     validate = commands.add_parser("validate", help="check a configuration and its policy files")
     with_config(validate)
@@ -72,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     with_config(ramp)
     ramp.add_argument("--url", help="the daemon's API (default: from controller.listen)")
     ramp.add_argument("--operator", help="your name, for the audit log (default: $USER)")
+
+    status = commands.add_parser("status", help="the running daemon's regions, record sets, ramps and agents")
+    with_config(status)
+    status.add_argument("--url", help="the daemon's API (default: from controller.listen)")
+    status.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C")
+
+    adopt = commands.add_parser(
+        "adopt", help="accept a hand edit in Route 53 as the new baseline of a record set (ends its drift)"
+    )
+    adopt.add_argument("record", metavar="RECORD", help="the record set's key, NAME/TYPE (as /api/v1/state shows it)")
+    with_config(adopt)
+    adopt.add_argument("--reason", default="hand edit adopted", help="why, for the audit log")
+    adopt.add_argument("--url", help="the daemon's API (default: from controller.listen)")
+    adopt.add_argument("--operator", help="your name, for the audit log (default: $USER)")
 
     commands.add_parser(
         "agent",
@@ -138,12 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_plan(config, args.ramp))
             return EXIT_OK
-        if args.command == "ramp":
-            return asyncio.run(_ramp(config, args.action, args.name, args.url, args.operator))
+        if args.command == "status":
+            return asyncio.run(_status(_daemon_url(config, args.url), watch=args.watch))
+        if args.command in ("ramp", "adopt"):
+            what, path, body = _operation(config, args)
+            return asyncio.run(_operate(config, what, path, body, args.url, args.operator))
+        overrides: dict[str, object] = {}
         if args.listen:
-            config = config.model_copy(
-                update={"controller": config.controller.model_copy(update={"listen": args.listen})}
-            )
+            overrides["listen"] = args.listen
+        if args.read_only_dashboard:
+            overrides["read_only"] = True
+        if overrides:
+            config = config.model_copy(update={"controller": config.controller.model_copy(update=overrides)})
         return asyncio.run(_until_signal(lambda stop: _run(config, stop)))
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
@@ -206,27 +232,70 @@ async def _until_signal(body: Callable[[asyncio.Event], Awaitable[int]]) -> int:
             loop.remove_signal_handler(sig)
 
 
-async def _ramp(config: Config, action: str, name: str, url: str | None, operator: str | None) -> int:
-    import aiohttp  # noqa: PLC0415 - only this command is an HTTP client
+def _daemon_url(config: Config, url: str | None) -> str:
+    if url is not None:
+        return url.rstrip("/")
+    host, port = config.controller.host_port
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104 - mapping, not binding
 
-    if name not in config.policy.ramps:
-        raise ConfigError(
-            f"no ramp named {name!r} in the policy files; known: {', '.join(config.policy.ramps) or 'none'}"
-        )
+
+async def _status(url: str, *, watch: bool) -> int:
+    """Print the daemon's state as text; with `watch`, redraw every 2 s until interrupted."""
+    import aiohttp  # noqa: PLC0415 - only the commands that talk to a daemon are HTTP clients
+
+    from controller.web.views import text  # noqa: PLC0415
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while True:
+            try:
+                async with http.get(f"{url}/api/v1/state") as response:
+                    state = await response.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                print(
+                    redact(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)"),
+                    file=sys.stderr,
+                )
+                return EXIT_FAILURE
+            page = text(state, url, time.time())
+            if not watch:
+                print(page)
+                return EXIT_OK
+            print("\x1b[H\x1b[2J" + page, flush=True)  # home and clear: one screen, redrawn
+            await asyncio.sleep(2.0)
+
+
+def _operation(config: Config, args: argparse.Namespace) -> tuple[str, str, dict[str, str] | None]:
+    """What an operator command does (in words), its API path and body, checked against the
+    configuration first."""
+    if args.command == "ramp":
+        if args.name not in config.policy.ramps:
+            known = ", ".join(config.policy.ramps) or "none"
+            raise ConfigError(f"no ramp named {args.name!r} in the policy files; known: {known}")
+        return f"{args.action} {args.name}", f"/api/v1/ramps/{args.name}/{args.action}", None
+    keys = [rs.key for rs in config.record_sets]
+    if args.record not in keys:
+        raise ConfigError(f"no record set {args.record!r} in the configuration; known: {', '.join(keys) or 'none'}")
+    return f"adopt {args.record}", f"/api/v1/records/{args.record}/adopt", {"reason": args.reason}
+
+
+async def _operate(
+    config: Config, what: str, path: str, body: dict[str, str] | None, url: str | None, operator: str | None
+) -> int:
+    """POST an operator's action to the running daemon, with its token and the operator's name."""
+    import aiohttp  # noqa: PLC0415 - only the operator commands are HTTP clients
+
     token_env = config.controller.api_token_env
     token = os.environ.get(token_env, "").strip()
     if not token:
         raise ConfigError(f"set {token_env} to the daemon's API token (controller.api_token_env)")
-    if url is None:
-        host, port = config.controller.host_port
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104 - mapping, not binding
+    url = _daemon_url(config, url)
     headers = {"Authorization": f"Bearer {token}", "X-Regionshift-Operator": operator or os.environ.get("USER", "cli")}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            http.post(f"{url}/api/v1/ramps/{name}/{action}", headers=headers) as response,
+            http.post(f"{url}{path}", headers=headers, json=body) as response,
         ):
-            body = await response.json(content_type=None)
+            answer = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
         print(
             redact(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)"),
@@ -234,9 +303,14 @@ async def _ramp(config: Config, action: str, name: str, url: str | None, operato
         )
         return EXIT_FAILURE
     if response.status == 200:  # noqa: PLR2004 - HTTP OK
-        print(f"ramp {name}: {body['status']} ({body['reason']})")
+        if "ramp" in answer:
+            print(f"ramp {answer['ramp']}: {answer['status']} ({answer['reason']})")
+        else:
+            weights = ", ".join(f"{sid}={weight}" for sid, weight in answer["adopted"].items())
+            print(f"{answer['record']}: adopted {weights} as the new baseline; ramps it paused stay paused")
         return EXIT_OK
-    print(f"regionshift: {action} {name}: {body.get('error', response.status)}", file=sys.stderr)
+    error = answer.get("error", response.status) if isinstance(answer, dict) else response.status
+    print(f"regionshift: {what}: {error}", file=sys.stderr)
     return EXIT_FAILURE
 
 

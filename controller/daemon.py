@@ -312,7 +312,9 @@ class Daemon:
                 probes=len(self.scheduler.probers),
                 vantage=self.vantage,
             )
-            if self.api_token() is None:
+            if self.config.controller.read_only:
+                log.info("read-only: operator actions (ramps, freeze, adopt) are refused over the API")
+            elif self.api_token() is None:
                 log.warning(
                     "no API token: operator actions (ramp start, pause, resume, abort; freeze) are refused",
                     set=self.config.controller.api_token_env,

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from controller import logs
 from controller.events.bus import Bus
-from controller.settings.schema import Config, Region
+from controller.settings.schema import Config, ControllerSettings, Region
 from controller.sinks.prometheus import Metrics
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
@@ -232,3 +232,18 @@ async def test_the_audit_pages_changes_newest_first_filtered_by_record_and_time(
             status, body = await get(bad)
             assert status == 400, bad
             assert "since and until take epoch seconds or an ISO 8601 time" in body["error"]
+
+
+async def test_a_read_only_daemon_refuses_every_operator_action_and_says_so_in_its_state():
+    source = Source()
+    source.config = Config(regions=[Region(name="eu-west-1")], controller=ControllerSettings(read_only=True))
+    async with serving(source) as http:
+        for path in ("/api/v1/freeze", "/api/v1/ramps/launch/start", "/api/v1/records/api.example.com./A/adopt"):
+            status, body = await post(http, path, data="{}")
+            assert (status, body) == (
+                403,
+                {"error": "this daemon is read-only: operator actions are refused (controller.read_only)"},
+            ), path
+        async with http.get("/api/v1/state") as response:
+            assert (await response.json())["read_only"] is True
+    assert source.reconciler.calls == []  # nothing reached the reconciler

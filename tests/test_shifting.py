@@ -266,6 +266,36 @@ async def test_a_hand_edit_pauses_the_ramp_and_is_never_overwritten(two_regions,
     assert "euw1: wrote 1, found 7" in state["record_sets"][0]["drift"]
 
 
+async def test_an_operator_adopts_a_hand_edit_as_the_new_baseline(two_regions, route53, tmp_path):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path, bake=3.0))
+    record = f"{name}/A"
+    async with Running(daemon) as running:
+        assert (await running.post(f"/api/v1/records/{record}/adopt"))[0] == 409  # no hand edit yet
+        await running.post("/api/v1/ramps/launch/start")
+        await running.until(lambda: running.ramp().status == "baking", what="first step")
+        set_weight(route53, zone_id, name, "euw1", 7, "192.0.2.20")
+        await running.until(lambda: running.ramp().status == "paused", what="pause on drift")
+        assert (await running.post(f"/api/v1/records/{record}/adopt", token=None))[0] == 401
+        assert (await running.post("/api/v1/records/nope.example.com./A/adopt"))[0] == 404
+        status, body = await running.post(f"/api/v1/records/{record}/adopt", reason="drill: keep 7")
+        assert (status, body) == (200, {"record": record, "adopted": {"use1": 99, "euw1": 7}})
+        await running.until(lambda: daemon.reconciler.views[record].drift is None, what="drift over")
+        await asyncio.sleep(0.5)  # ticks go by: nothing is written back
+        drift = daemon.registry.get_sample_value("regionshift_route53_drift", {"record": record})
+        events = (await (await running.http.get("/api/v1/state")).json())["events"]
+        audit = (await (await running.http.get(f"/api/v1/audit?record={record}&limit=1")).json())["changes"]
+    assert read_weights(route53, zone_id, name) == {"use1": 99, "euw1": 7}  # adopted, not overwritten
+    assert drift == 0.0
+    assert running.ramp().status == "paused"  # the operator resumes it when ready
+    assert [(e["who"], e["target"]) for e in events if e["kind"] == "operator" and e["action"] == "adopt"] == [
+        ("api:127.0.0.1", record)
+    ]
+    assert [(c["action"], c["reason"], c["from"], c["to"], c["outcome"]) for c in audit] == [
+        ("adopt", "drill: keep 7", {"use1": 99, "euw1": 1}, {"use1": 99, "euw1": 7}, "applied")
+    ]
+
+
 async def test_operators_need_the_bearer_token_and_a_freeze_stops_every_write(
     two_regions, route53, tmp_path, monkeypatch
 ):
@@ -320,6 +350,9 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     path = write_files(tmp_path, zone_id, name)
     daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
     async with Running(daemon) as running:
+        code, _, err = await run_cli("adopt", f"{name}/A", "-c", path, "--url", daemon.url)
+        refused = f"regionshift: adopt {name}/A: {name}/A has no hand edit to adopt: "
+        assert (code, err.strip()) == (1, refused + "Route 53 holds the weights regionshift last wrote")
         code, out, err = await run_cli(
             "ramp", "start", "launch", "-c", path, "--url", daemon.url, "--operator", "alice"
         )
@@ -328,6 +361,21 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
         assert code == 1
         assert "regionshift: start launch: cannot start a ramp that is " in err  # running or already baking
         await running.until(lambda: running.ramp().status == "done", what="done")
+        code, out, err = await run_cli("status", "-c", path, "--url", daemon.url)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"regionshift at {daemon.url} · ")
+    assert lines[2].split() == ["REGION", "VERDICT", "FOR", "REASON"]
+    assert {line.split()[0]: line.split()[1:3] for line in lines[3:5]} == {
+        "us-east-1": ["✓", "healthy"],
+        "eu-west-1": ["✓", "healthy"],
+    }
+    assert f"RECORD SET {name}/A  owner: evacuation (at home weights)" in out, out  # the ramp is done
+    assert any(line.split()[:2] == ["euw1", "eu-west-1"] and "(50%)" in line for line in lines)
+    assert any(line.split()[:4] == ["launch", "done", "1/1", "5/5"] for line in lines)
+    code, _, err = await run_cli("status", "-c", path, "--url", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the daemon at http://127.0.0.1:9" in err
 
 
 async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monkeypatch):
@@ -335,6 +383,11 @@ async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monk
     path = write_files(tmp_path, zone_id, name)
     code, _, err = await run_cli("ramp", "start", "nope", "-c", path)
     assert (code, err.strip().splitlines()[-1]) == (2, "no ramp named 'nope' in the policy files; known: launch")
+    code, _, err = await run_cli("adopt", "nope/A", "-c", path)
+    assert (code, err.strip().splitlines()[-1]) == (
+        2,
+        f"no record set 'nope/A' in the configuration; known: {name}/A",
+    )
     monkeypatch.delenv("REGIONSHIFT_API_TOKEN")
     code, _, err = await run_cli("ramp", "start", "launch", "-c", path)
     assert (code, err.strip().splitlines()[-1]) == (

@@ -116,6 +116,30 @@ class Reconciler:
                 await self._save(name, state, now)
             return refused
 
+    async def adopt(self, key: str, now: float, who: str, reason: str) -> tuple[str | None, dict[str, int]]:
+        """Accept a hand edit: the weights Route 53 holds now for a drifted record set become the
+        ones regionshift last wrote (an audit entry; nothing is written to Route 53), so the drift
+        ends and ramps and evacuations plan from them. Ramps the drift paused stay paused until an
+        operator resumes them. Returns why it was refused, or None, and the weights adopted."""
+        rs = self.record_sets.get(key)
+        if rs is None:
+            return f"no record set {key!r}; known: {', '.join(self.record_sets) or 'none'}", {}
+        async with self._lock:
+            group = await self.actuator.read_group(rs)  # what is there now, not what a tick saw
+            raw = self.actuator.weights_of(rs, group)
+            expected = await self.store.audit.last_applied(key)
+            if expected is None or raw == expected:
+                return f"{key} has no hand edit to adopt: Route 53 holds the weights regionshift last wrote", {}
+            missing = sorted(sid for sid, weight in raw.items() if weight is None)
+            if missing:
+                return f"{key}: {', '.join(missing)} missing from Route 53: put the record back before adopting", {}
+            weights = {sid: int(weight or 0) for sid, weight in raw.items()}
+            intent = await self.store.audit.intent(key, who, "adopt", reason, expected, weights, now)
+            await self.store.audit.result(intent, "applied", now)
+            self.publish(OperatorAction(at=now, who=who, action="adopt", target=key, reason=reason))
+            log.warning("hand edit adopted: the new baseline", record=key, by=who, weights=weights, reason=reason)
+            return None, weights
+
     async def keep_lease(self, every: float, clock: Callable[[], float]) -> None:
         """Hold the writer lease: take it when free, renew it every `every` seconds."""
         while True:

@@ -107,6 +107,9 @@ class ControllerSettings(SettingsModel):
         default="REGIONSHIFT_API_TOKEN", description="environment variable holding the operators' bearer token"
     )
     route53: Route53Settings = Field(default_factory=Route53Settings)
+    read_only: bool = Field(
+        default=False, description="serve the API and the live page without operator actions: each is refused (403)"
+    )
 
     @field_validator("listen")
     @classmethod

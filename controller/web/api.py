@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
+    from controller.acting.reconciler import Reconciler
+
 
 class StateSource(Observed, Protocol):
     registry: CollectorRegistry
@@ -40,6 +42,7 @@ class StateSource(Observed, Protocol):
     def api_token(self) -> str | None: ...
 
 
+Body = TypeVar("Body", bound=BaseModel)
 MAX_OPERATOR = 100  # characters of an operator's name
 MAX_REASON = 500  # characters of a reason
 
@@ -53,9 +56,21 @@ class FreezeBody(BaseModel):
     reason: str = Field(default="no reason given", min_length=1, max_length=MAX_REASON)
 
 
+class AdoptBody(BaseModel):
+    """`POST /api/v1/records/{record}/adopt`: {"reason": "..."}, optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field(default="hand edit adopted", min_length=1, max_length=MAX_REASON)
+
+
 def _authorised(source: StateSource, request: web.Request) -> web.Response | None:
     """None when the request carries the operators' bearer token; the refusal otherwise. The
-    scheme is case-insensitive (RFC 6750, via RFC 7235)."""
+    scheme is case-insensitive (RFC 6750, via RFC 7235). A read-only daemon refuses every one."""
+    if source.config.controller.read_only:
+        return web.json_response(
+            {"error": "this daemon is read-only: operator actions are refused (controller.read_only)"}, status=403
+        )
     token = source.api_token()
     if token is None:
         return web.json_response(
@@ -82,6 +97,30 @@ def _who(request: web.Request) -> str | web.Response:
     return name
 
 
+async def _operator(
+    source: StateSource, request: web.Request, what: str, model: type[Body], example: str
+) -> tuple[str, Reconciler, Body] | web.Response:
+    """Who acts, on what, with which body (`model`, its defaults when empty), once the request
+    may: the token checked, record sets configured, the operator's name a name, the body valid;
+    or the refusal, saying what is wrong."""
+    refused = _authorised(source, request)
+    if refused is not None:
+        return refused
+    if source.reconciler is None:
+        return web.json_response({"error": f"no record sets configured: nothing to {what}"}, status=409)
+    who = _who(request)
+    if isinstance(who, web.Response):
+        return who
+    try:
+        raw = await request.read()
+        body = model.model_validate_json(raw) if raw.strip() else model()
+    except ValidationError as exc:
+        if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
+            return web.json_response({"error": f"the body must be a JSON object like {example}"}, status=400)
+        return web.json_response({"error": f"{_invalid(exc)}; e.g. {example}"}, status=400)
+    return who, source.reconciler, body
+
+
 def _invalid(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
@@ -91,6 +130,23 @@ def _invalid(exc: ValidationError) -> str:
 
 AUDIT_PAGE = 50  # changes a page of /api/v1/audit holds unless asked
 AUDIT_PAGE_MAX = 500
+
+
+def _adopt(source: StateSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`POST /api/v1/records/{record}/adopt`: a hand edit in Route 53 becomes the new baseline."""
+
+    async def adopt(request: web.Request) -> web.Response:
+        acting = await _operator(source, request, "adopt", AdoptBody, '{"reason": "failover drill, kept"}')
+        if isinstance(acting, web.Response):
+            return acting
+        who, reconciler, body = acting
+        record = request.match_info["record"]
+        error, weights = await reconciler.adopt(record, source.clock(), who, body.reason)
+        if error is not None:
+            return web.json_response({"error": error}, status=404 if error.startswith("no record set") else 409)
+        return web.json_response({"record": record, "adopted": weights})
+
+    return adopt
 
 
 def _audit(source: StateSource) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -190,24 +246,12 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
         return web.json_response({"ramp": name, "status": state.status, "reason": state.reason})
 
     async def freeze(request: web.Request) -> web.Response:
-        refused = _authorised(source, request)
-        if refused is not None:
-            return refused
-        if source.reconciler is None:
-            return web.json_response({"error": "no record sets configured: nothing to freeze"}, status=409)
-        who = _who(request)
-        if isinstance(who, web.Response):
-            return who
-        example = '{"frozen": true, "reason": "incident 42"}'
-        try:
-            raw = await request.read()
-            body = FreezeBody.model_validate_json(raw) if raw.strip() else FreezeBody()
-        except ValidationError as exc:
-            if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
-                return web.json_response({"error": f"the body must be a JSON object like {example}"}, status=400)
-            return web.json_response({"error": f"{_invalid(exc)}; e.g. {example}"}, status=400)
-        await source.reconciler.freeze(body.frozen, source.clock(), who, body.reason)
-        return web.json_response({"frozen": source.reconciler.frozen})
+        acting = await _operator(source, request, "freeze", FreezeBody, '{"frozen": true, "reason": "incident 42"}')
+        if isinstance(acting, web.Response):
+            return acting
+        who, reconciler, body = acting
+        await reconciler.freeze(body.frozen, source.clock(), who, body.reason)
+        return web.json_response({"frozen": reconciler.frozen})
 
     events = EventStream(source.bus, lambda: views.state(source), source.metrics, stream)
     app = web.Application()
@@ -215,6 +259,7 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
     app.router.add_get("/api/v1/events", events.handle)
     app.router.add_post("/api/v1/ramps/{name}/{action}", ramp_action)
     app.router.add_post("/api/v1/freeze", freeze)
+    app.router.add_post("/api/v1/records/{record:.+}/adopt", _adopt(source))  # a record's key holds a slash
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/state", state)

@@ -3,13 +3,14 @@ state API, the live page and the status command show the same thing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from controller.planning.weights import shares
 from probes.spec import redact
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from controller.acting.reconciler import Reconciler
     from controller.events.bus import Bus
@@ -69,6 +70,7 @@ def state(source: Observed) -> dict[str, Any]:
         "record_sets": [record_set(rs, reconciler) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
+        "read_only": source.config.controller.read_only,  # no operator actions: the page shows none
         "events": [e.to_json() for e in source.bus.recent(RECENT_EVENTS)],
         "probe_runs": runs,
         "missed_ticks": missed,
@@ -132,3 +134,88 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
             }
         )
     return out
+
+
+# --- the same state as text, for `regionshift status` ------------------------------------------
+
+SYMBOLS = {"healthy": "✓", "degraded": "▲", "unhealthy": "✗", "unknown": "?"}  # never colour alone
+
+
+def text(state: Mapping[str, Any], url: str, now: float) -> str:
+    """`GET /api/v1/state` as a terminal page: regions, record sets, ramps, agents."""
+    when = datetime.fromtimestamp(state["generated_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = [f"regionshift at {url}", when, f"vantage {state['vantage']}"]
+    if state.get("frozen"):
+        frozen = state["frozen"]
+        head.append(f"FROZEN by {frozen.get('by')}: {frozen.get('reason')}")
+    if state.get("read_only"):
+        head.append("read-only")
+    lines = [" · ".join(head), ""]
+    rows = [("REGION", "VERDICT", "FOR", "REASON")]
+    for region in state["regions"]:
+        verdict = region.get("verdict") or {}
+        status = verdict.get("status", "unknown")
+        since = verdict.get("since")
+        reason = (verdict.get("reasons") or [""])[0]
+        age = _age(now - since if since else None)
+        rows.append((region["name"], f"{SYMBOLS.get(status, '?')} {status}", age, reason))
+    lines += _table(rows)
+    for rs in state["record_sets"]:
+        why = f" ({rs['reason']})" if rs["reason"] else ""
+        lines += ["", f"RECORD SET {rs['key']}  owner: {rs['owner'] or 'nobody'}{why}"]
+        members = [("MEMBER", "REGION", "ROUTE 53", "DESIRED")]
+        members += [
+            (m["set_identifier"], m["region"], _weight(m, "observed"), _weight(m, "desired")) for m in rs["members"]
+        ]
+        lines += ["  " + line for line in _table(members)]
+        if rs.get("drift"):
+            lines.append(f"  DRIFT: {rs['drift']}")
+        if rs.get("error"):
+            lines.append(f"  ROUTE 53: {rs['error']}")
+    if state["ramps"]:
+        ramps_rows = [("RAMP", "STATUS", "WAVE", "STEP", "SHARE", "BAKE LEFT", "WHY")]
+        for r in state["ramps"]:
+            left = r["bake_until"] - now if r.get("bake_until") else None
+            ramps_rows.append(
+                (
+                    r["name"],
+                    r["status"],
+                    f"{r['wave']}/{r['waves']}",
+                    f"{max(r['step'], 0)}/{r['steps']}",
+                    f"{r['share']:g}%",
+                    _age(left) if left is not None and left > 0 else "-",
+                    r["reason"],
+                )
+            )
+        lines += ["", *_table(ramps_rows)]
+    agents = (state.get("agents") or {}).get("vantages") or {}
+    if agents:
+        agent_rows = [("AGENT", "STATE", "NEWEST RESULT", "LAG")]
+        for vantage, agent in agents.items():
+            lag, newest = agent.get("lag_seconds"), _age(agent.get("last_result_age"))
+            agent_rows.append((vantage, str(agent.get("state", "?")), newest, "-" if lag is None else f"{lag:.1f}s"))
+        lines += ["", *_table(agent_rows)]
+    return "\n".join(lines)
+
+
+def _weight(member: Mapping[str, Any], which: str) -> str:
+    weight, share = member.get(f"{which}_weight"), member.get(f"{which}_share")
+    if weight is None:
+        return "-"
+    return f"{weight} ({share:g}%)" if share is not None else str(weight)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 60:  # noqa: PLR2004 - a minute
+        return f"{seconds}s"
+    if seconds < 3600:  # noqa: PLR2004 - an hour
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
