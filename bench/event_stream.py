@@ -9,22 +9,25 @@ and checking that each saw every id in order. Two servers, alternating in rounds
 minute hurts both:
 
 - anchor: a bare aiohttp server that writes the same pre-encoded frame to every client's
-  StreamResponse in a loop (no bus, no queues, no per-client bookkeeping): what serving SSE with
-  aiohttp costs at least;
+  StreamResponse in a loop, each write awaited (no bus, no queues, no per-client task or
+  bookkeeping): what serving SSE with aiohttp costs at least;
 - regionshift: the daemon's API (`make_app`) with its bus: a snapshot per client, a bounded
   queue per client, each event encoded once.
 
-Printed: events delivered per second (all clients), the server's CPU while publishing (cores)
-and its CPU per 10,000 delivered events, and regionshift / anchor of the last.
+Printed: events delivered per second (all clients: the offered load, clients x rate, when every
+one arrives; not a capacity), the server's CPU while publishing (cores) and its CPU per 10,000
+delivered events, and regionshift / anchor of the last.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -37,6 +40,9 @@ from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
 from controller.settings.schema import Config, Region
 from controller.web.api import ApiServer, make_app
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 START_AFTER = 3.0  # seconds the server waits before publishing: the clients connect meanwhile
 REASONS = (
@@ -92,13 +98,16 @@ class _Source:
         return None
 
 
-async def publish(rate: float, seconds: float, one: object) -> None:
-    """Call `one(i)` `rate` times a second for `seconds`, after START_AFTER."""
+async def publish(rate: float, seconds: float, one: Callable[[int], Awaitable[None] | object]) -> None:
+    """Call `one(i)` `rate` times a second for `seconds`, after START_AFTER (awaited when it is
+    a coroutine function: the anchor writes to its clients there)."""
     await asyncio.sleep(START_AFTER)
     start = time.perf_counter()
     for i in range(int(rate * seconds)):
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        one(i)  # type: ignore[operator]
+        done = one(i)
+        if asyncio.iscoroutine(done):
+            await done
 
 
 async def serve_regionshift(port: int, rate: float, seconds: float) -> None:
@@ -123,16 +132,11 @@ async def serve_bare(port: int, rate: float, seconds: float) -> None:
             clients.discard(response)
         return response
 
-    def one(i: int) -> None:
-        import json  # noqa: PLC0415
-
+    async def one(i: int) -> None:
         data = f"id: {i + 1}\nevent: verdict\ndata: {json.dumps(frame_body)}\n\n".encode()
         for response in list(clients):
-            task = asyncio.ensure_future(response.write(data))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            await response.write(data)
 
-    pending: set[asyncio.Future[None]] = set()
     app = web.Application()
     app.router.add_get("/api/v1/events", handle)
     async with ApiServer(app, "127.0.0.1", port):
@@ -154,7 +158,7 @@ async def read_all(port: int, clients: int, total: int, deadline: float) -> tupl
                     if not line:
                         break
                     if line.startswith(b"id: "):
-                        frame_id = int(line[4:])
+                        frame_id = int(line[4:].rpartition(b"-")[2])  # BOOT-N, or N from the anchor
                     elif line.startswith(b"event: ") and frame_id is not None:
                         if line.startswith(b"event: snapshot"):
                             last = frame_id  # the events it already holds

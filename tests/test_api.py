@@ -228,7 +228,7 @@ async def test_the_audit_pages_changes_newest_first_filtered_by_record_and_time(
         assert [c["id"] for c in by_time["changes"]] == [ids[2], ids[1]]
         _, iso = await get("?since=1970-01-01T00:16:41Z&until=1970-01-01T00:16:43%2B00:00")
         assert [c["id"] for c in iso["changes"]] == [ids[2], ids[1]]
-        for bad in ("?limit=0", "?limit=501", "?since=yesterday", "?before=x"):
+        for bad in ("?limit=0", "?limit=501", "?since=yesterday", "?since=nan", "?before=x", "?before=" + "9" * 20):
             status, body = await get(bad)
             assert status == 400, bad
             assert "since and until take epoch seconds or an ISO 8601 time" in body["error"]

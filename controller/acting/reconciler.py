@@ -235,18 +235,21 @@ class Reconciler:
         view.observed, view.error, view.last_read_at = observed, None, self.clock()
         await self._settle_open_intent(key, raw, now)
         expected = await self.store.audit.last_applied(key)
+        # The view changes before the event is published: a client that takes a snapshot in
+        # between must not see the event's id without what it says (it would skip the event).
         if expected is not None and raw != expected:
             drift = str(DriftError(key, expected, raw))
-            if view.drift != drift:
+            new = view.drift != drift
+            view.drift, view.desired, view.reason = drift, None, "holding: Route 53 was changed by hand"
+            if new:
                 log.error("drift: weights changed outside regionshift", record=key, detail=drift)
                 self.publish(DriftFound(at=now, record=key, detail=drift))
                 await self._pause_ramps(key, f"drift: {drift}", now)
-            view.drift, view.desired, view.reason = drift, None, "holding: Route 53 was changed by hand"
             return
-        if view.drift is not None:
+        was, view.drift = view.drift, None
+        if was is not None:
             log.info("drift over: Route 53 holds the weights last written", record=key)
             self.publish(DriftFound(at=now, record=key, detail=None))
-        view.drift = None
         owner = self._ramp_for(key)
         if owner is not None:
             name, policy = owner

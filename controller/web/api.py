@@ -8,6 +8,7 @@ The API observes; it never decides. It reads the daemon's state through `StateSo
 from __future__ import annotations
 
 import hmac
+import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
@@ -15,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from controller.acting.errors import Route53Error
 from controller.planning.operator import ACTIONS, is_action
 from controller.web import views
 from controller.web.stream import EventStream, StreamMetrics, StreamSettings
@@ -141,7 +143,10 @@ def _adopt(source: StateSource) -> Callable[[web.Request], Awaitable[web.Respons
             return acting
         who, reconciler, body = acting
         record = request.match_info["record"]
-        error, weights = await reconciler.adopt(record, source.clock(), who, body.reason)
+        try:
+            error, weights = await reconciler.adopt(record, source.clock(), who, body.reason)
+        except Route53Error as exc:  # it reads Route 53 once more before it adopts anything
+            return web.json_response({"error": f"{record}: Route 53 could not be read: {exc}"}, status=503)
         if error is not None:
             return web.json_response({"error": error}, status=404 if error.startswith("no record set") else 409)
         return web.json_response({"record": record, "adopted": weights})
@@ -177,7 +182,7 @@ def _audit_query(request: web.Request) -> dict[str, Any] | web.Response:
             if q.get(name):
                 out[name] = _when(q[name])
         if q.get("before"):
-            out["before"] = int(q["before"])
+            out["before"] = _page_size(q["before"], most=2**62)  # an id: SQLite's integers end at 2^63
         if q.get("limit"):
             out["limit"] = _page_size(q["limit"])
     except ValueError:
@@ -192,15 +197,18 @@ def _audit_query(request: web.Request) -> dict[str, Any] | web.Response:
 
 def _when(text: str) -> float:
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         moment = datetime.fromisoformat(text)
         return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(seconds):  # SQLite would take NaN for no filter at all
+        raise ValueError(text)
+    return seconds
 
 
-def _page_size(text: str) -> int:
+def _page_size(text: str, most: int = AUDIT_PAGE_MAX) -> int:
     size = int(text)
-    if not 1 <= size <= AUDIT_PAGE_MAX:
+    if not 1 <= size <= most:
         raise ValueError(text)
     return size
 
