@@ -24,6 +24,7 @@ from controller.settings.loading import ConfigError, load_config
 from controller.settings.schema import split_listen
 from controller.state.database import StateError
 from controller.web.api import ListenError
+from controller.web.views import line, table, text
 from probes.spec import redact
 
 if TYPE_CHECKING:
@@ -243,8 +244,6 @@ async def _status(url: str, *, watch: bool) -> int:
     """Print the daemon's state as text; with `watch`, redraw every 2 s until interrupted."""
     import aiohttp  # noqa: PLC0415 - only the commands that talk to a daemon are HTTP clients
 
-    from controller.web.views import text  # noqa: PLC0415
-
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
             try:
@@ -400,19 +399,14 @@ def _cells(r: Result) -> tuple[str, ...]:
     )
 
 
-def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-
-_HEADER = _line(_COLUMNS, _STREAM_WIDTHS)
+_HEADER = line(_COLUMNS, _STREAM_WIDTHS)
 
 
 def _row(r: Result) -> str:
-    return _line(_cells(r), _STREAM_WIDTHS)
+    return line(_cells(r), _STREAM_WIDTHS)
 
 
 def format_table(results: Sequence[Result]) -> str:
-    rows = [_COLUMNS, *(_cells(r) for r in results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     failed = sum(not r.ok for r in results)
-    return "\n".join([*(_line(row, widths) for row in rows), f"{len(results) - failed} probes passed, {failed} failed"])
+    rows = table([_COLUMNS, *(_cells(r) for r in results)])
+    return "\n".join([*rows, f"{len(results) - failed} probes passed, {failed} failed"])

@@ -48,8 +48,9 @@ class Subscription:
         return event
 
     def end(self) -> None:
-        """End the iteration of whoever reads this subscription (at once, or once it has read
-        what is queued when the queue is full), and unsubscribe: a server shutting down."""
+        """End the iteration of whoever reads this subscription at its next step (what is still
+        queued is not read), and unsubscribe: a server shutting down. The sentinel wakes a reader
+        that waits on an empty queue."""
         self.ended = True
         self.close()
         with contextlib.suppress(asyncio.QueueFull):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from controller.state.database import Database
 
@@ -188,13 +188,10 @@ class AuditLog:
             ).fetchone()
             if row is None:
                 return None
-            change_id, insync_at = row["change_id"], row["insync_at"]
-            for change in self._db.db.execute(
+            changes = self._db.db.execute(
                 "SELECT status, change_id, at FROM changes WHERE intent_id = ? ORDER BY id", (row["id"],)
-            ):
-                change_id = change_id or change["change_id"]
-                if change["status"] == "insync" and insync_at is None:
-                    insync_at = change["at"]
+            )
+            change_id, insync_at = _known(row["change_id"], row["insync_at"], changes)
             return ForwardChange(
                 row["id"], row["action"], row["at"], row["outcome"], row["settled_at"], change_id, insync_at
             )
@@ -238,18 +235,18 @@ class AuditLog:
                 {"record": record, "since": since, "until": until, "before": before, "limit": limit},
             ).fetchall()
             out = [dict(row) for row in rows]
-            by_id = {change["id"]: change for change in out}
+            by_id: dict[int, list[Any]] = {change["id"]: [] for change in out}
             if by_id:
                 for row in self._db.db.execute(
                     "SELECT intent_id, status, change_id, at FROM changes"
                     " WHERE intent_id IN (SELECT value FROM json_each(?)) ORDER BY id",
                     (json.dumps(list(by_id)),),
                 ):
-                    change = by_id[row["intent_id"]]
-                    change["change_id"] = change["change_id"] or row["change_id"]
-                    if row["status"] == "insync" and change["insync_at"] is None:
-                        change["insync_at"] = row["at"]
+                    by_id[row["intent_id"]].append(row)
             for change in out:
+                change["change_id"], change["insync_at"] = _known(
+                    change["change_id"], change["insync_at"], by_id[change["id"]]
+                )
                 before_weights, after_weights = change.pop("from_weights"), change.pop("to_weights")
                 change["from"] = json.loads(before_weights) if before_weights else None
                 change["to"] = json.loads(after_weights) if after_weights else None
@@ -271,3 +268,13 @@ class AuditLog:
             return out
 
         return await self._db.run(read)
+
+
+def _known(change_id: str | None, insync_at: float | None, changes: Iterable[Any]) -> tuple[str | None, float | None]:
+    """A change's id and INSYNC time from its result row, completed from what Route 53 said of it
+    later (rows of `changes`, oldest first): the id once submitted, the first INSYNC seen."""
+    for change in changes:
+        change_id = change_id or change["change_id"]
+        if change["status"] == "insync" and insync_at is None:
+            insync_at = change["at"]
+    return change_id, insync_at

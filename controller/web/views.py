@@ -159,7 +159,7 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
         reason = (verdict.get("reasons") or [""])[0]
         age = _age(now - since if since else None)
         rows.append((region["name"], f"{SYMBOLS.get(status, '?')} {status}", age, reason))
-    lines += _table(rows)
+    lines += table(rows)
     for rs in state["record_sets"]:
         why = f" ({rs['reason']})" if rs["reason"] else ""
         lines += ["", f"RECORD SET {rs['key']}  owner: {rs['owner'] or 'nobody'}{why}"]
@@ -167,7 +167,7 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
         members += [
             (m["set_identifier"], m["region"], _weight(m, "observed"), _weight(m, "desired")) for m in rs["members"]
         ]
-        lines += ["  " + line for line in _table(members)]
+        lines += ["  " + row for row in table(members)]
         if rs.get("drift"):
             lines.append(f"  DRIFT: {rs['drift']}")
         if rs.get("error"):
@@ -187,14 +187,14 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
                     r["reason"],
                 )
             )
-        lines += ["", *_table(ramps_rows)]
+        lines += ["", *table(ramps_rows)]
     agents = (state.get("agents") or {}).get("vantages") or {}
     if agents:
         agent_rows = [("AGENT", "STATE", "NEWEST RESULT", "LAG")]
         for vantage, agent in agents.items():
             lag, newest = agent.get("lag_seconds"), _age(agent.get("last_result_age"))
             agent_rows.append((vantage, str(agent.get("state", "?")), newest, "-" if lag is None else f"{lag:.1f}s"))
-        lines += ["", *_table(agent_rows)]
+        lines += ["", *table(agent_rows)]
     return "\n".join(lines)
 
 
@@ -216,6 +216,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+def line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """One row of a text table, its cells padded to `widths`."""
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows (the first a header) as lines, each column as wide as its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [line(row, widths) for row in rows]
