@@ -6,9 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_SECONDS ?= 150
 # Debian packages: what the tests and the demo need, and what the benchmarks compare against.
-TEST_DEBS := prometheus postgresql mosquitto
+TEST_DEBS := prometheus postgresql mosquitto chromium
 DEMO_DEBS := mosquitto
-BENCH_DEBS := prometheus-blackbox-exporter postgresql mosquitto
+BENCH_DEBS := prometheus-blackbox-exporter postgresql mosquitto chromium
 
 .PHONY: demo test check lint typecheck layers bench install debs-test debs-demo debs-bench clean
 
@@ -68,6 +68,7 @@ bench: install debs-bench
 	$(BIN)/python bench/judge_scale.py
 	$(BIN)/python bench/mqtt_ingest.py
 	$(BIN)/python bench/event_stream.py
+	$(BIN)/python bench/page_load.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

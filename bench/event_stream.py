@@ -38,6 +38,7 @@ import probe_throughput as pt
 
 from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
+from controller.judging.windows import WindowStore
 from controller.settings.schema import Config, Region
 from controller.web.api import ApiServer, make_app
 
@@ -78,6 +79,9 @@ class _Source:
         self.reconciler = None
         self.vantage = "controller"
         self.verdicts: dict[str, object] = {}
+        self.windows = WindowStore(60.0)
+        self.verdict_log: list[object] = []
+        self.set_aside: dict[str, str] = {}
 
     def probe_stats(self) -> tuple[int, int]:
         return 0, 0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -48,6 +49,7 @@ log = structlog.get_logger("regionshift.daemon")
 RECOVERED_AFTER = 3
 # How often the latency baselines are saved to the state store.
 BASELINES_EVERY = 60.0
+VERDICT_LOG = 2000  # verdict changes kept for the live page's chart (an hour's, and then some)
 
 
 class Daemon:
@@ -119,6 +121,8 @@ class Daemon:
         # Every change (verdicts, actions, ramps, drift, the lease, operators) is published once;
         # the API, the metrics and the demo's timeline subscribe.
         self.bus = Bus()
+        # The verdict changes of the last hour at least (the live page charts them).
+        self.verdict_log: deque[VerdictChanged] = deque(maxlen=VERDICT_LOG)
         self.started = asyncio.Event()
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
@@ -187,8 +191,10 @@ class Daemon:
         for t in transitions:
             v = t.verdict
             self.metrics.set_status(t.region, v.status)
-            self.bus.publish(
-                VerdictChanged(at=now, region=t.region, previous=t.previous, status=v.status, reasons=v.reasons)
+            self.verdict_log.append(
+                self.bus.publish(
+                    VerdictChanged(at=now, region=t.region, previous=t.previous, status=v.status, reasons=v.reasons)
+                )
             )
             log.info("verdict changed", region=t.region, previous=t.previous, status=v.status, reasons=list(v.reasons))
         if transitions:
@@ -354,6 +360,10 @@ class Daemon:
     @property
     def verdicts(self) -> Mapping[str, Verdict]:
         return self.judge.verdicts
+
+    @property
+    def set_aside(self) -> Mapping[str, str]:
+        return self.judge.set_aside
 
     def agents(self) -> dict[str, Any] | None:
         if self.intake is None:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from controller import logs
 from controller.events.bus import Bus
+from controller.judging.windows import WindowStore
 from controller.settings.schema import Config, ControllerSettings, Region
 from controller.sinks.prometheus import Metrics
 from controller.state.store import Store
@@ -40,6 +41,9 @@ class Source:
         self.reconciler = FakeReconciler()
         self.vantage = "controller"
         self.verdicts: dict = {}
+        self.windows = WindowStore(60.0)
+        self.verdict_log: list = []
+        self.set_aside: dict = {}
         self._token = token
 
     def probe_stats(self):

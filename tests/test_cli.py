@@ -74,7 +74,7 @@ async def test_demo_prints_its_api_and_stops_on_ctrl_c_saying_the_script_was_not
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     out = seen.decode() + out.decode()
     assert proc.returncode == 0, err.decode()
-    assert re.search(r"^regionshift demo: API at http://127\.0\.0\.1:\d+ ", out, re.MULTILINE), out
+    assert re.search(r"^regionshift demo: live page at http://127\.0\.0\.1:\d+/ ", out, re.MULTILINE), out
     assert "the script needs" in out  # stopped before the script played out, and it says so
     assert "Traceback" not in err.decode()
 

@@ -365,11 +365,12 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"regionshift at {daemon.url} · ")
-    assert lines[2].split() == ["REGION", "VERDICT", "FOR", "REASON"]
+    assert lines[2].split() == ["REGION", "VERDICT", "FOR", "VANTAGES", "REASON"]
     assert {line.split()[0]: line.split()[1:3] for line in lines[3:5]} == {
         "us-east-1": ["✓", "healthy"],
         "eu-west-1": ["✓", "healthy"],
     }
+    assert all("controller ✓" in line for line in lines[3:5])  # each region as seen from the vantage
     assert f"RECORD SET {name}/A  owner: evacuation (at home weights)" in out, out  # the ramp is done
     assert any(line.split()[:2] == ["euw1", "eu-west-1"] and "(50%)" in line for line in lines)
     assert any(line.split()[:4] == ["launch", "done", "1/1", "5/5"] for line in lines)

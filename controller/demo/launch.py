@@ -419,7 +419,7 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             story = Story(daemon, regions, clients, out)
             url = daemon.url
             print(
-                f"regionshift demo (launch): API at {url}  (state: {url}/api/v1/state, metrics: {url}/metrics)",
+                f"regionshift demo (launch): live page at {url}/  (state: {url}/api/v1/state, metrics: {url}/metrics)",
                 file=out,
             )
             print(f"  local Route 53 (moto) at {route53.url}, zone {zone_id}, record {RECORD}", file=out)

@@ -182,7 +182,9 @@ async def run_demo(stop: asyncio.Event, duration: float | None, listen: str, out
                 return 1
             timeline = Timeline(daemon, out, daemon.clock())
             url = daemon.url
-            print(f"regionshift demo: API at {url}  (state: {url}/api/v1/state, metrics: {url}/metrics)", file=out)
+            print(
+                f"regionshift demo: live page at {url}/  (state: {url}/api/v1/state, metrics: {url}/metrics)", file=out
+            )
             for name, region in regions.items():
                 print(
                     f"  region {name:<15} {region.url}  (POST {region.url}/_world/behaviour to break it yourself)",

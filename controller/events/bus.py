@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeVar
 
 if TYPE_CHECKING:
     from controller.events.kinds import Event
 
 HISTORY = 500
 QUEUE = 1000
+E = TypeVar("E", bound="Event")
 
 
 class Subscription:
@@ -76,7 +77,7 @@ class Bus:
         self._ids = itertools.count(1)
         self.last_id = 0  # the id of the newest event published; 0 before the first
 
-    def publish(self, event: Event) -> Event:
+    def publish(self, event: E) -> E:
         """Stamp the event with the next id and hand it to every subscriber; never waits."""
         event = dataclasses.replace(event, id=next(self._ids))
         self.last_id = event.id

@@ -1,4 +1,5 @@
-"""The HTTP API: `/healthz`, `/metrics` (Prometheus exposition), `/api/v1/state` (JSON) and
+"""The HTTP API: `/` (the live page, from `controller/web/page`), `/healthz`, `/metrics`
+(Prometheus exposition), `/api/v1/state` (JSON) and
 `/api/v1/events` (server-sent events, see `controller.web.stream`) and `/api/v1/audit` (the
 weight changes, paged).
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hmac
 import math
 from datetime import UTC, datetime
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from aiohttp import web
@@ -128,6 +130,40 @@ def _invalid(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors(include_url=False)
     )
+
+
+# The live page: three files in the package, read once, served with a policy that lets it talk
+# to this daemon only (no CDN, no request leaves for anywhere else).
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "page.js": "text/javascript; charset=utf-8",
+    "page.css": "text/css; charset=utf-8",
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:;"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _page() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /` and `GET /page/{file}`: the live page's files."""
+    folder = resources.files("controller.web") / "page"
+    files = {name: (folder / name).read_bytes() for name in PAGE_FILES}
+
+    async def serve(request: web.Request) -> web.Response:
+        name = request.match_info.get("file", "index.html")
+        if name not in files:
+            raise web.HTTPNotFound(text=f"no page file {name!r}; the page is at /")
+        response = web.Response(body=files[name], headers={"Content-Type": PAGE_FILES[name], **PAGE_HEADERS})
+        response.enable_compression()
+        return response
+
+    return serve
 
 
 AUDIT_PAGE = 50  # changes a page of /api/v1/audit holds unless asked
@@ -268,6 +304,9 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
     app.router.add_post("/api/v1/ramps/{name}/{action}", ramp_action)
     app.router.add_post("/api/v1/freeze", freeze)
     app.router.add_post("/api/v1/records/{record:.+}/adopt", _adopt(source))  # a record's key holds a slash
+    page = _page()
+    app.router.add_get("/", page)
+    app.router.add_get("/page/{file}", page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/state", state)

@@ -14,10 +14,13 @@ if TYPE_CHECKING:
 
     from controller.acting.reconciler import Reconciler
     from controller.events.bus import Bus
+    from controller.events.kinds import VerdictChanged
     from controller.judging.verdicts import Verdict
+    from controller.judging.windows import Window, WindowStore
     from controller.settings.schema import Config, RecordSet
 
 RECENT_EVENTS = 100
+HISTORY = 3600.0  # seconds of verdict changes the state carries, for the live page's chart
 
 
 class Observed(Protocol):
@@ -26,12 +29,23 @@ class Observed(Protocol):
     config: Config
     bus: Bus
     reconciler: Reconciler | None
+    windows: WindowStore
+
+    @property
+    def verdict_log(self) -> Sequence[VerdictChanged]:
+        """The verdict changes, oldest first: the newest hour's at least."""
+        ...
 
     @property
     def vantage(self) -> str: ...
 
     @property
     def verdicts(self) -> Mapping[str, Verdict]: ...
+
+    @property
+    def set_aside(self) -> Mapping[str, str]:
+        """Vantages the judge set aside (their results not held against any region), and why."""
+        ...
 
     def probe_stats(self) -> tuple[int, int]:
         """Probe runs so far, and scheduled runs missed because the previous one overran."""
@@ -50,9 +64,14 @@ def state(source: Observed) -> dict[str, Any]:
     verdicts = source.verdicts
     reconciler = source.reconciler
     runs, missed = source.probe_stats()
+    now = source.clock()
+    vantages = seen_vantages(source)
+    policy = source.config.policy.verdicts
     return {
-        "generated_at": source.clock(),
+        "generated_at": now,
         "vantage": source.vantage,
+        "vantages": vantages,
+        "stale_after": policy.stale_after,
         "regions": [
             {
                 "name": r.name,
@@ -64,17 +83,72 @@ def state(source: Observed) -> dict[str, Any]:
                     for p in r.probes
                 ],
                 "verdict": verdicts[r.name].to_json() if r.name in verdicts else None,
+                "vantages": {
+                    v: cell(source.windows.by_probe(r.name), v, source.set_aside.get(v), now, policy.stale_after)
+                    for v in vantages
+                },
             }
             for r in source.config.regions
         ],
+        "verdict_history": [e.to_json() for e in source.verdict_log if e.at >= now - HISTORY],
         "record_sets": [record_set(rs, reconciler) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
         "read_only": source.config.controller.read_only,  # no operator actions: the page shows none
+        # Whether operators may act here (the page offers actions): record sets, and not read-only.
+        "actions": reconciler is not None and not source.config.controller.read_only,
         "events": [e.to_json() for e in source.bus.recent(RECENT_EVENTS)],
         "probe_runs": runs,
         "missed_ticks": missed,
         "agents": source.agents(),
+    }
+
+
+def seen_vantages(source: Observed) -> list[str]:
+    """Every vantage: this controller's, each agent's, and any other that sent a result."""
+    found = {source.vantage}
+    agents = source.agents()
+    if agents:
+        found.update(agents.get("vantages") or {})
+    for region in source.config.regions:
+        for by_vantage in source.windows.by_probe(region.name).values():
+            found.update(by_vantage)
+    return [source.vantage, *sorted(found - {source.vantage})]
+
+
+RECENT = 60.0  # seconds of results a vantage's cell counts
+
+
+def cell(
+    by_probe: Mapping[str, Mapping[str, Window]], vantage: str, set_aside: str | None, now: float, stale_after: float
+) -> dict[str, Any]:
+    """What one vantage sees of one region: its newest result's age, the results and failures of
+    the last minute by probe, and a word for it (`ok`, `failing`, `stale`, `set aside`, `no data`).
+    The region's verdict is the judge's; this is the evidence from one place."""
+    windows = {probe: w for probe, w in by_probe.items() if vantage in w}
+    ages = [a for w in windows.values() if (a := w[vantage].age(now)) is not None]
+    newest = min(ages) if ages else None
+    failing = {}
+    results = 0
+    for probe, by_vantage in windows.items():
+        window = by_vantage[vantage]
+        results += window.count_after(now - RECENT, now)
+        if failures := window.failures(now, RECENT):
+            failing[probe] = failures
+    if set_aside is not None:
+        status = "set aside"
+    elif newest is None:
+        status = "no data"
+    elif newest > stale_after:
+        status = "stale"
+    else:
+        status = "failing" if failing else "ok"
+    return {
+        "status": status,
+        "newest_age": None if newest is None else round(newest, 3),
+        "results": results,
+        "failing": failing,
+        "why": set_aside,
     }
 
 
@@ -131,6 +205,12 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
                 "bake_until": state.bake_until,
                 "reason": state.reason,
                 "pending": state.pending is not None,
+                "gates": {
+                    "start_gate": policy.start_gate,
+                    "bake": policy.bake,
+                    "wave_bake": policy.wave_bake,
+                    "on_failure": policy.on_failure,
+                },
             }
         )
     return out
@@ -139,6 +219,7 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
 # --- the same state as text, for `regionshift status` ------------------------------------------
 
 SYMBOLS = {"healthy": "✓", "degraded": "▲", "unhealthy": "✗", "unknown": "?"}  # never colour alone
+CELL_SYMBOLS = {"ok": "✓", "failing": "✗", "stale": "?", "set aside": "⊘", "no data": "-"}
 
 
 def text(state: Mapping[str, Any], url: str, now: float) -> str:
@@ -151,14 +232,15 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
     if state.get("read_only"):
         head.append("read-only")
     lines = [" · ".join(head), ""]
-    rows = [("REGION", "VERDICT", "FOR", "REASON")]
+    rows = [("REGION", "VERDICT", "FOR", "VANTAGES", "REASON")]
     for region in state["regions"]:
         verdict = region.get("verdict") or {}
         status = verdict.get("status", "unknown")
         since = verdict.get("since")
         reason = (verdict.get("reasons") or [""])[0]
         age = _age(now - since if since else None)
-        rows.append((region["name"], f"{SYMBOLS.get(status, '?')} {status}", age, reason))
+        seen = " ".join(f"{v} {CELL_SYMBOLS.get(c['status'], '?')}" for v, c in (region.get("vantages") or {}).items())
+        rows.append((region["name"], f"{SYMBOLS.get(status, '?')} {status}", age, seen, reason))
     lines += table(rows)
     for rs in state["record_sets"]:
         why = f" ({rs['reason']})" if rs["reason"] else ""

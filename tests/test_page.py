@@ -1,0 +1,273 @@
+"""The live page (`GET /`) in real headless Chromium (Debian's, driven by Playwright) against a
+real daemon probing three simulated regions and ramping in moto's Route 53: it shows every
+region, follows verdict changes and ramp steps without a reload, says so when the daemon is
+gone, lets operators act with the token (and typed confirmations) and nobody without it, offers
+nothing when read-only, and talks to nobody but the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from controller.daemon import Daemon
+from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
+from probes.spec import HttpProbe
+from tests.test_shifting import FAST, INSYNC_TIMEOUT, STEPS, TOKEN, TTL, Running, make_zone, set_weight
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Where the screenshot mid-ramp goes (a test artifact, not in git).
+ARTIFACTS = Path(os.environ.get("REGIONSHIFT_ARTIFACTS", Path(__file__).parent / "artifacts"))
+LIVE = 2000  # ms: what the daemon decides is on the page within this, without a reload
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("REGIONSHIFT_API_TOKEN", TOKEN)
+
+
+@pytest_asyncio.fixture
+async def browser():
+    if not await asyncio.to_thread(Path(CHROMIUM).exists):
+        pytest.fail(f"{CHROMIUM} is missing: `make debs-test` installs Debian's chromium")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclass
+class Seen:
+    """What the page did: its console errors, uncaught errors, and every URL it asked for."""
+
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+
+async def open_page(browser: Browser, url: str) -> tuple[Page, Seen]:
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    seen = Seen()
+    page.on("console", lambda m: seen.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen.page_errors.append(str(e)))
+    page.on("request", lambda r: seen.requests.append(r.url))
+    await page.goto(url + "/")
+    await page.evaluate("window.sameDocument = true")  # gone if the page ever reloads
+    return page, seen
+
+
+def page_config(world, route53, zone_id: str, name: str, tmp_path: Path, *, read_only: bool = False, **ramp) -> Config:
+    """Three regions probed at 10/s, the record set of use1 and euw1, a ramp of eu-west-1."""
+
+    def probes(region):
+        return [
+            HttpProbe(name=n, target=region.url + p, interval=0.1, timeout=0.1)
+            for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
+        ]
+
+    members = [
+        Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
+        Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
+    ]
+    ramp_policy = RampPolicy(
+        record_set=name,
+        waves=[["eu-west-1"]],
+        steps=STEPS,
+        **{"bake": 2.0, "start_gate": 0.5, "wave_bake": 0.5, **ramp},
+    )
+    return Config(
+        controller=ControllerSettings(
+            listen="127.0.0.1:0",
+            tick=0.1,
+            read_only=read_only,
+            state_path=str(tmp_path / "state.sqlite"),
+            route53=Route53Settings(
+                endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05, insync_timeout=INSYNC_TIMEOUT
+            ),
+        ),
+        regions=[Region(name=n, probes=probes(world[n])) for n in ("us-east-1", "eu-west-1", "ap-southeast-2")],
+        record_sets=[RecordSet(zone_id=zone_id, name=name, ttl=TTL, members=members)],
+        policy=Policy(verdicts=FAST, guardrails=GuardrailPolicy(max_step=25), ramps={"launch": ramp_policy}),
+    )
+
+
+def all_healthy(daemon: Daemon) -> bool:
+    return len(daemon.verdicts) == 3 and all(v.status == "healthy" for v in daemon.verdicts.values())
+
+
+async def test_the_page_follows_the_daemon_live_and_says_at_once_when_it_is_gone(world, route53, tmp_path, browser):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(page_config(world, route53, zone_id, name, tmp_path))
+    async with Running(daemon) as running:
+        await running.until(lambda: all_healthy(daemon), what="three healthy regions")
+        page, seen = await open_page(browser, daemon.url)
+        rows = page.locator("#region-table tbody tr")
+        await expect(rows).to_have_count(3)
+        assert await rows.evaluate_all("rows => rows.map(r => r.dataset.region)") == [
+            "us-east-1",
+            "eu-west-1",
+            "ap-southeast-2",
+        ]
+        verdict = page.locator('tr[data-region="eu-west-1"] td.verdict')
+        await expect(verdict).to_contain_text("✓ healthy")
+        await expect(page.locator('tr[data-region="eu-west-1"] td.cell').first).to_contain_text("✓ ok")
+
+        world["eu-west-1"].set(error_ratio=1.0)
+        await running.until(lambda: daemon.verdicts["eu-west-1"].status != "healthy", what="a verdict change")
+        await expect(verdict).to_contain_text(re.compile(r"[▲✗] (degraded|unhealthy)"), timeout=LIVE)
+        await expect(page.locator("#summary")).to_contain_text("eu-west-1", timeout=LIVE)
+        world["eu-west-1"].heal()
+        await running.until(lambda: all_healthy(daemon), what="recovery")
+
+        assert (await running.post("/api/v1/ramps/launch/start"))[0] == 200
+        step = page.locator('tr[data-ramp="launch"] .ramp-step')
+        for wanted in (1, 2):
+            await running.until(
+                lambda w=wanted: running.ramp().status == "baking" and running.ramp().step + 1 == w,
+                what=f"step {wanted} baking",
+            )
+            await expect(step).to_have_text(f"{wanted}/5", timeout=LIVE)
+        await expect(page.locator('tr[data-ramp="launch"] .countdown')).to_be_visible(timeout=LIVE)
+        await expect(page.locator("svg.chart .mark")).to_have_count(2, timeout=LIVE)  # the two steps, marked
+        await expect(page.locator("#audit-table tbody tr")).to_have_count(2, timeout=LIVE)
+        await page.screenshot(path=ARTIFACTS / "page-mid-ramp.png", full_page=True)  # makes the folder
+        assert await page.evaluate("window.sameDocument") is True  # all of it without a reload
+        assert seen.console_errors == []
+        await expect(page.locator("#banner")).to_be_hidden()
+
+    # The daemon is stopped: the page says so at once instead of looking healthy.
+    banner = page.locator("#banner")
+    await expect(banner).to_be_visible(timeout=LIVE)
+    await expect(banner).to_contain_text("Live updates lost")
+    assert await page.title() == "⚠ regionshift (stale)"
+    assert seen.page_errors == []
+    origin = daemon.url + "/"
+    assert seen.requests, "the page made no request"
+    assert [u for u in seen.requests if not u.startswith(origin)] == []  # nobody but the daemon
+
+
+async def sign_in(page: Page, token: str, operator: str = "alice") -> None:
+    dialog = page.locator("#token-dialog")
+    await expect(dialog).to_be_visible()
+    await dialog.locator("input[name=operator]").fill(operator)
+    await dialog.locator("input[name=token]").fill(token)
+    await dialog.get_by_role("button", name="Sign in").click()
+
+
+async def confirm(page: Page, word: str, reason: str | None = None) -> None:
+    dialog = page.locator("#confirm-dialog")
+    await expect(dialog).to_be_visible()
+    ok = page.locator("#confirm-ok")
+    await expect(ok).to_be_disabled()
+    await dialog.locator("input[name=typed]").fill(word[:-1])  # not quite: still refused
+    await expect(ok).to_be_disabled()
+    if reason:
+        await dialog.locator("input[name=reason]").fill(reason)
+    await dialog.locator("input[name=typed]").fill(word)
+    await ok.click()
+
+
+async def test_operators_act_from_the_page_with_the_token_and_typed_confirmations(world, route53, tmp_path, browser):
+    zone_id, name = make_zone(route53)
+    record = f"{name}/A"
+    daemon = Daemon(page_config(world, route53, zone_id, name, tmp_path, bake=60.0))
+    async with Running(daemon) as running:
+        await running.until(lambda: all_healthy(daemon), what="three healthy regions")
+        page, seen = await open_page(browser, daemon.url)
+        ramp = page.locator('tr[data-ramp="launch"]')
+        notice = page.locator("#notice")
+
+        await ramp.locator('button[data-action="start"]').click()
+        await page.locator("#token-dialog").get_by_role("button", name="Cancel").click()
+        await expect(notice).to_contain_text("cancelled, no token given")
+        await ramp.locator('button[data-action="start"]').click()
+        await sign_in(page, "not-the-token")
+        await expect(notice).to_contain_text("start refused: missing or wrong bearer token")
+        assert running.ramp().status == "pending"  # refused without the token
+
+        await ramp.locator('button[data-action="start"]').click()
+        await sign_in(page, TOKEN)  # asked again: the wrong one was forgotten
+        await expect(notice).to_contain_text("start launch: done by alice")
+        await running.until(lambda: running.ramp().status == "baking", what="first step")
+        await expect(ramp.locator(".ramp-status")).to_contain_text("baking", timeout=LIVE)
+
+        await ramp.locator('button[data-action="pause"]').click()  # the token is kept for the tab
+        await expect(ramp.locator(".ramp-status")).to_contain_text("paused", timeout=LIVE)
+        await ramp.locator('button[data-action="resume"]').click()
+        await expect(ramp.locator(".ramp-status")).to_contain_text("baking", timeout=LIVE)
+
+        await ramp.locator('button[data-action="abort"]').click()
+        await confirm(page, "launch")
+        await running.until(lambda: running.ramp().status == "aborted", what="abort")
+        await expect(ramp.locator(".ramp-status")).to_contain_text("aborted", timeout=LIVE)
+
+        await page.locator("#freeze").click()
+        await confirm(page, "FREEZE", reason="drill 7")
+        await running.until(lambda: daemon.reconciler.frozen is not None, what="freeze")
+        await expect(page.locator("#frozen")).to_contain_text("FROZEN by alice: drill 7", timeout=LIVE)
+        await page.locator("#unfreeze").click()  # no confirmation needed to undo a freeze
+        await running.until(lambda: daemon.reconciler.frozen is None, what="unfreeze")
+        await expect(page.locator("#frozen")).to_be_hidden(timeout=LIVE)
+
+        await running.until(lambda: daemon.reconciler.views[record].owner is not None, what="weights settled")
+        await asyncio.to_thread(set_weight, route53, zone_id, name, "euw1", 7, "192.0.2.20")  # a hand edit
+        card = page.locator(f'[data-record="{record}"]')
+        await expect(card.locator(".drift")).to_contain_text("DRIFT", timeout=10_000)
+        await card.locator("button.adopt").click()
+        await confirm(page, record, reason="console edit kept")
+        await running.until(lambda: daemon.reconciler.views[record].drift is None, what="adopted")
+        await expect(card.locator(".drift")).to_be_hidden(timeout=LIVE)
+        await expect(page.locator("#audit-table")).to_contain_text("console edit kept", timeout=LIVE)
+
+        events = daemon.bus.recent(500)
+        by_alice = [(e.action, e.target) for e in events if e.kind == "operator" and e.who == "alice"]
+        # The only console errors are Chromium's lines for the refused request (the wrong token).
+        assert [e for e in seen.console_errors if "status of 401" not in e] == []
+        assert len(seen.console_errors) == 1
+    assert by_alice == [
+        ("start", "ramp:launch"),
+        ("pause", "ramp:launch"),
+        ("resume", "ramp:launch"),
+        ("abort", "ramp:launch"),
+        ("freeze", "shifting"),
+        ("unfreeze", "shifting"),
+        ("adopt", record),
+    ]
+    assert seen.page_errors == []
+
+
+async def test_a_read_only_daemon_serves_the_page_with_no_actions_and_refuses_them(world, route53, tmp_path, browser):
+    zone_id, name = make_zone(route53)
+    daemon = Daemon(page_config(world, route53, zone_id, name, tmp_path, read_only=True))
+    async with Running(daemon) as running:
+        await running.until(lambda: all_healthy(daemon), what="three healthy regions")
+        page, seen = await open_page(browser, daemon.url)
+        await expect(page.locator("#mode")).to_have_text("read-only: no actions")
+        await expect(page.locator("#region-table tbody tr")).to_have_count(3)
+        await expect(page.locator('tr[data-ramp="launch"]')).to_contain_text("pending")
+        assert await page.locator("header button, main button").count() == 0
+        status, body = await running.post("/api/v1/ramps/launch/start")
+        assert status == 403
+        assert "read-only" in body["error"]
+        assert running.ramp().status == "pending"
+        assert seen.console_errors == []
