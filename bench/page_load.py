@@ -42,17 +42,8 @@ from controller.demo.world import LocalRoute53, SimulatedRegion, seed_weighted_g
 from controller.settings.policy import Policy, RampPolicy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from probes.spec import HttpProbe
+from tests.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 KEY = "bench"
 TOKEN = "bench-token"  # noqa: S105 - a local daemon's operator token
 PAGE_FILES = ("/", "/page/page.js", "/page/page.css")
@@ -174,7 +165,7 @@ async def measure(url: str, loads: int) -> None:
     await site.start()
     anchor_url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = await launch(playwright)
         pages, anchors = [], []
         for _ in range(loads):  # alternating: a noisy moment hurts both
             anchors.append(await load(browser, anchor_url, None))

@@ -68,6 +68,7 @@ SUBJECTS = {
     "RegionshiftAgentDown": "vantage",
     "RegionshiftAgentLagging": "vantage",
     "RegionshiftAgentMessagesDropped": "vantage",
+    "RegionshiftAgentClockAhead": "vantage",
 }
 
 

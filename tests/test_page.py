@@ -11,29 +11,22 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from controller.daemon import Daemon
-from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy
-from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
-from probes.spec import HttpProbe
-from tests.test_shifting import FAST, INSYNC_TIMEOUT, STEPS, TOKEN, TTL, Running, make_zone, set_weight
+from tests.browser import CHROMIUM, launch
+from tests.test_shifting import TOKEN, Running, config, make_zone, set_weight
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+if TYPE_CHECKING:
+    from controller.settings.schema import Config
+
 # Where the screenshot mid-ramp goes (a test artifact, not in git).
 ARTIFACTS = Path(os.environ.get("REGIONSHIFT_ARTIFACTS", Path(__file__).parent / "artifacts"))
+REGIONS = ("us-east-1", "eu-west-1", "ap-southeast-2")
 LIVE = 2000  # ms: what the daemon decides is on the page within this, without a reload
 
 
@@ -49,7 +42,7 @@ async def browser():
     if not await asyncio.to_thread(Path(CHROMIUM).exists):
         pytest.fail(f"{CHROMIUM} is missing: `make debs-test` installs Debian's chromium")
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        launched = await launch(playwright)
         try:
             yield launched
         finally:
@@ -76,39 +69,9 @@ async def open_page(browser: Browser, url: str) -> tuple[Page, Seen]:
     return page, seen
 
 
-def page_config(world, route53, zone_id: str, name: str, tmp_path: Path, *, read_only: bool = False, **ramp) -> Config:
+def page_config(world, route53, zone_id: str, name: str, tmp_path: Path, **settings) -> Config:
     """Three regions probed at 10/s, the record set of use1 and euw1, a ramp of eu-west-1."""
-
-    def probes(region):
-        return [
-            HttpProbe(name=n, target=region.url + p, interval=0.1, timeout=0.1)
-            for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
-        ]
-
-    members = [
-        Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
-        Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
-    ]
-    ramp_policy = RampPolicy(
-        record_set=name,
-        waves=[["eu-west-1"]],
-        steps=STEPS,
-        **{"bake": 2.0, "start_gate": 0.5, "wave_bake": 0.5, **ramp},
-    )
-    return Config(
-        controller=ControllerSettings(
-            listen="127.0.0.1:0",
-            tick=0.1,
-            read_only=read_only,
-            state_path=str(tmp_path / "state.sqlite"),
-            route53=Route53Settings(
-                endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05, insync_timeout=INSYNC_TIMEOUT
-            ),
-        ),
-        regions=[Region(name=n, probes=probes(world[n])) for n in ("us-east-1", "eu-west-1", "ap-southeast-2")],
-        record_sets=[RecordSet(zone_id=zone_id, name=name, ttl=TTL, members=members)],
-        policy=Policy(verdicts=FAST, guardrails=GuardrailPolicy(max_step=25), ramps={"launch": ramp_policy}),
-    )
+    return config(world, route53, zone_id, name, tmp_path, regions=REGIONS, **{"bake": 2.0, **settings})
 
 
 def all_healthy(daemon: Daemon) -> bool:

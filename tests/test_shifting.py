@@ -119,14 +119,16 @@ def read_weights(route53, zone_id: str, name: str) -> dict[str, int]:
     }
 
 
-def config(world, route53, zone_id, name, tmp_path, **ramp) -> Config:
+def config(
+    world, route53, zone_id, name, tmp_path, *, regions=("us-east-1", "eu-west-1"), read_only=False, **ramp
+) -> Config:
     def probes(r):
         return [
             HttpProbe(name=n, target=r.url + p, interval=0.1, timeout=0.1)
             for n, p in (("healthz", "/healthz"), ("orders", "/api/orders"))
         ]
 
-    regions = [Region(name=n, probes=probes(world[n])) for n in ("us-east-1", "eu-west-1")]
+    probed = [Region(name=n, probes=probes(world[n])) for n in regions]
     rs = RecordSet(
         zone_id=zone_id,
         name=name,
@@ -146,12 +148,13 @@ def config(world, route53, zone_id, name, tmp_path, **ramp) -> Config:
         controller=ControllerSettings(
             listen="127.0.0.1:0",
             tick=0.1,
+            read_only=read_only,
             state_path=str(tmp_path / "state.sqlite"),
             route53=Route53Settings(
                 endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05, insync_timeout=INSYNC_TIMEOUT
             ),
         ),
-        regions=regions,
+        regions=probed,
         record_sets=[rs],
         policy=Policy(verdicts=FAST, guardrails=GuardrailPolicy(max_step=25), ramps={"launch": ramp_policy}),
     )
