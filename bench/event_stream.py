@@ -82,6 +82,7 @@ class _Source:
         self.windows = WindowStore(60.0)
         self.verdict_log: list[object] = []
         self.set_aside: dict[str, str] = {}
+        self.started_at = time.time()
 
     def probe_stats(self) -> tuple[int, int]:
         return 0, 0

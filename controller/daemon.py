@@ -124,6 +124,7 @@ class Daemon:
         # The verdict changes of the last hour at least (the live page charts them).
         self.verdict_log: deque[VerdictChanged] = deque(maxlen=VERDICT_LOG)
         self.started = asyncio.Event()
+        self.started_at = clock()  # when this daemon began (the live page's chart starts no earlier)
         self.url: str | None = None
         self._passes_since_failure: dict[tuple[str, str, str], int] = {}  # only for failing probes
         self._suspects: set[tuple[str, str]] = set()

@@ -44,6 +44,7 @@ class Source:
         self.windows = WindowStore(60.0)
         self.verdict_log: list = []
         self.set_aside: dict = {}
+        self.started_at = 900.0
         self._token = token
 
     def probe_stats(self):
@@ -251,3 +252,68 @@ async def test_a_read_only_daemon_refuses_every_operator_action_and_says_so_in_i
         async with http.get("/api/v1/state") as response:
             assert (await response.json())["read_only"] is True
     assert source.reconciler.calls == []  # nothing reached the reconciler
+
+
+def test_each_vantage_cell_says_what_that_vantage_saw_of_the_region_in_words():
+    from controller.settings.policy import VerdictPolicy  # noqa: PLC0415
+    from controller.web.views import cell  # noqa: PLC0415
+    from probes.results import Result  # noqa: PLC0415
+
+    policy = VerdictPolicy(stale_after=30.0, degraded_below=0.95)
+    store = WindowStore(600.0)
+    now = 1000.0
+    for i in range(50):  # every second: 2 of 50 failed at "a" (96%: ok), 5 of 50 at "b" (90%: failing)
+        at = now - 50 + i
+        store.add(Result("eu-west-1", "orders", "a", at, ok=i not in (3, 7), latency=0.05))
+        store.add(Result("eu-west-1", "orders", "b", at, ok=i % 10 != 0, latency=0.05))
+    store.add(Result("eu-west-1", "orders", "old", now - 45, ok=True, latency=0.05))
+    by_probe = store.by_probe("eu-west-1")
+
+    a = cell(by_probe, "a", None, now, policy)
+    assert (a["status"], a["results"], a["failing"], a["newest_age"]) == ("ok", 50, {"orders": 2}, 1.0)
+    assert cell(by_probe, "b", None, now, policy)["status"] == "failing"
+    assert cell(by_probe, "old", None, now, policy)["status"] == "stale"  # 45 s since its newest
+    assert cell(by_probe, "nobody", None, now, policy) == {
+        "status": "no data",
+        "newest_age": None,
+        "results": 0,
+        "failing": {},
+        "why": None,
+    }
+    aside = cell(by_probe, "b", "sees every region failing", now, policy)
+    assert (aside["status"], aside["why"]) == ("set aside", "sees every region failing")
+
+
+async def test_the_page_is_served_from_the_package_with_a_policy_that_keeps_it_to_the_daemon():
+    async with serving(Source()) as http:
+        async with http.get("/") as response:
+            body = await response.text()
+            headers = response.headers
+        assert response.status == 200
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        assert "connect-src 'self'" in headers["Content-Security-Policy"]
+        assert headers["Vary"] == "Accept-Encoding"
+        assert '<script src="/page/page.js" defer></script>' in body
+        assert "http" not in body.replace("http-equiv", "")  # nothing fetched from elsewhere
+        async with http.get("/page/page.js", headers={"Accept-Encoding": "gzip"}) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+            assert response.headers["Content-Encoding"] == "gzip"
+        for missing in ("/page/nope.js", "/page/..%2Fapi.py", "/page/"):
+            async with http.get(missing) as response:
+                assert response.status == 404, missing
+
+
+async def test_the_state_says_why_operators_cannot_act_here():
+    source = Source(token=None)
+    async with serving(source) as http:
+        no_token = await (await http.get("/api/v1/state?history=0")).json()
+    source = Source()
+    source.config = Config(regions=[Region(name="eu-west-1")], controller=ControllerSettings(read_only=True))
+    async with serving(source) as http:
+        read_only = await (await http.get("/api/v1/state")).json()
+    assert (no_token["actions"], no_token["no_actions"]) == (False, "no API token ($REGIONSHIFT_API_TOKEN): no actions")
+    assert "verdict_history" not in no_token
+    assert (read_only["actions"], read_only["no_actions"]) == (False, "read-only: no actions")
+    assert read_only["verdict_history"] == []

@@ -43,8 +43,6 @@ class StateSource(Observed, Protocol):
 
     def actuation(self) -> dict[str, str]: ...
 
-    def api_token(self) -> str | None: ...
-
 
 Body = TypeVar("Body", bound=BaseModel)
 MAX_OPERATOR = 100  # characters of an operator's name
@@ -147,6 +145,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
+    "Vary": "Accept-Encoding",
 }
 
 
@@ -265,8 +264,10 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
         body = generate_latest(source.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def state(_: web.Request) -> web.Response:
-        return web.json_response(views.state(source))
+    async def state(request: web.Request) -> web.Response:
+        response = web.json_response(views.state(source, history=request.query.get("history") != "0"))
+        response.enable_compression()
+        return response
 
     async def ramp_action(request: web.Request) -> web.Response:
         refused = _authorised(source, request)

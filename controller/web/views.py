@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from controller.events.kinds import VerdictChanged
     from controller.judging.verdicts import Verdict
     from controller.judging.windows import Window, WindowStore
+    from controller.settings.policy import VerdictPolicy
     from controller.settings.schema import Config, RecordSet
 
 RECENT_EVENTS = 100
@@ -30,6 +31,7 @@ class Observed(Protocol):
     bus: Bus
     reconciler: Reconciler | None
     windows: WindowStore
+    started_at: float  # when the daemon began
 
     @property
     def verdict_log(self) -> Sequence[VerdictChanged]:
@@ -53,22 +55,28 @@ class Observed(Protocol):
 
     def clock(self) -> float: ...
 
+    def api_token(self) -> str | None: ...
+
     def agents(self) -> dict[str, Any] | None:
         """The probe agents: the broker link and each agent's presence, lag and drops (None
         without agents)."""
         ...
 
 
-def state(source: Observed) -> dict[str, Any]:
-    """`GET /api/v1/state`: every region with its verdict, every record set, ramp and the events."""
+def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
+    """`GET /api/v1/state`: every region with its verdict, every record set, ramp and the events;
+    with `history`, the verdict changes of the last hour (the live page's chart; its snapshot
+    carries them and its events extend them, so its refreshes leave them out)."""
     verdicts = source.verdicts
     reconciler = source.reconciler
     runs, missed = source.probe_stats()
     now = source.clock()
+    no_actions = why_no_actions(source)
     vantages = seen_vantages(source)
     policy = source.config.policy.verdicts
-    return {
+    out = {
         "generated_at": now,
+        "started_at": source.started_at,
         "vantage": source.vantage,
         "vantages": vantages,
         "stale_after": policy.stale_after,
@@ -84,24 +92,39 @@ def state(source: Observed) -> dict[str, Any]:
                 ],
                 "verdict": verdicts[r.name].to_json() if r.name in verdicts else None,
                 "vantages": {
-                    v: cell(source.windows.by_probe(r.name), v, source.set_aside.get(v), now, policy.stale_after)
+                    v: cell(source.windows.by_probe(r.name), v, source.set_aside.get(v), now, policy)
                     for v in vantages
                 },
             }
             for r in source.config.regions
         ],
-        "verdict_history": [e.to_json() for e in source.verdict_log if e.at >= now - HISTORY],
+
         "record_sets": [record_set(rs, reconciler) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
         "read_only": source.config.controller.read_only,  # no operator actions: the page shows none
-        # Whether operators may act here (the page offers actions): record sets, and not read-only.
-        "actions": reconciler is not None and not source.config.controller.read_only,
+        # Whether operators may act here (the page offers actions), and if not, why.
+        "actions": no_actions is None,
+        "no_actions": no_actions,
         "events": [e.to_json() for e in source.bus.recent(RECENT_EVENTS)],
         "probe_runs": runs,
         "missed_ticks": missed,
         "agents": source.agents(),
     }
+    if history:
+        out["verdict_history"] = [e.to_json() for e in source.verdict_log if e.at >= now - HISTORY]
+    return out
+
+
+def why_no_actions(source: Observed) -> str | None:
+    """Why operators cannot act on this daemon (None: they can, with the token)."""
+    if source.config.controller.read_only:
+        return "read-only: no actions"
+    if source.reconciler is None:
+        return "no record sets: no actions"
+    if source.api_token() is None:
+        return f"no API token (${source.config.controller.api_token_env}): no actions"
+    return None
 
 
 def seen_vantages(source: Observed) -> list[str]:
@@ -120,33 +143,37 @@ RECENT = 60.0  # seconds of results a vantage's cell counts
 
 
 def cell(
-    by_probe: Mapping[str, Mapping[str, Window]], vantage: str, set_aside: str | None, now: float, stale_after: float
+    by_probe: Mapping[str, Mapping[str, Window]], vantage: str, set_aside: str | None, now: float, policy: VerdictPolicy
 ) -> dict[str, Any]:
     """What one vantage sees of one region: its newest result's age, the results and failures of
-    the last minute by probe, and a word for it (`ok`, `failing`, `stale`, `set aside`, `no data`).
-    The region's verdict is the judge's; this is the evidence from one place."""
+    the last minute by probe, and a word for it (`ok`, `failing`: a probe's share of successes
+    below the policy's `degraded_below`, `stale`, `set aside`, `no data`). The region's verdict is
+    the judge's; this is the evidence from one place."""
     windows = {probe: w for probe, w in by_probe.items() if vantage in w}
     ages = [a for w in windows.values() if (a := w[vantage].age(now)) is not None]
     newest = min(ages) if ages else None
     failing = {}
-    results = 0
+    results = 0.0
+    low = False  # a probe whose share of successes is below what the policy calls degraded
     for probe, by_vantage in windows.items():
         window = by_vantage[vantage]
-        results += window.count_after(now - RECENT, now)
+        count = window.count_after(now - RECENT, now)
+        results += count * RECENT / min(RECENT, window.span)  # per minute, from a shorter history too
         if failures := window.failures(now, RECENT):
             failing[probe] = failures
+            low = low or (count > 0 and 1 - failures / count < policy.degraded_below)
     if set_aside is not None:
         status = "set aside"
     elif newest is None:
         status = "no data"
-    elif newest > stale_after:
+    elif newest > policy.stale_after:
         status = "stale"
     else:
-        status = "failing" if failing else "ok"
+        status = "failing" if low else "ok"
     return {
         "status": status,
         "newest_age": None if newest is None else round(newest, 3),
-        "results": results,
+        "results": round(results),  # in the last minute
         "failing": failing,
         "why": set_aside,
     }
@@ -199,6 +226,7 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
                 "wave": state.wave + 1,
                 "waves": len(policy.waves),
                 "targets": policy.waves[state.wave],
+                "plan": policy.steps,  # the share of each step, in percent
                 "step": state.step + 1,
                 "steps": len(policy.steps),
                 "share": policy.steps[state.step] if state.step >= 0 else 0.0,

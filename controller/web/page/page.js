@@ -6,6 +6,8 @@
 const HEARTBEAT = 15; // seconds between the stream's heartbeats (controller.web.stream.HEARTBEAT)
 const SILENT = 2 * HEARTBEAT + 5; // a stream this long silent is taken for dead
 const REFRESH = 2; // seconds between re-reads of the state (results carry no events)
+const AUDIT_EVERY = 10; // seconds between re-reads of the audit when nothing changed
+const READ_TIMEOUT = 5000; // ms a read of the state or the audit may take
 const HOUR = 3600;
 const SYMBOLS = { healthy: "✓", degraded: "▲", unhealthy: "✗", unknown: "?" };
 const CELL_SYMBOLS = { ok: "✓", failing: "✗", stale: "?", "set aside": "⊘", "no data": "-" };
@@ -21,6 +23,11 @@ const page = {
   lastError: "",
   lastId: null,
   fetchedAt: 0, // when the state was last read (this browser's clock)
+  eventAt: 0, // the newest event applied (server time): an older state read is not shown
+  history: [], // the verdict changes of the last hour: the snapshot's, then each event's
+  stateError: null,
+  auditError: null,
+  drawn: {}, // each section's data when last drawn: an unchanged section is left alone
 };
 
 // --- DOM -----------------------------------------------------------------------------------
@@ -49,6 +56,15 @@ function s(tag, attrs, ...children) {
     el.append(child instanceof Node ? child : String(child));
   }
   return el;
+}
+
+// Draws a section only when its data changed: buttons under the pointer, focus and selections
+// survive the reads every few seconds.
+function draw(id, data, build) {
+  const key = JSON.stringify(data);
+  if (page.drawn[id] === key) return;
+  page.drawn[id] = key;
+  replace(id, build());
 }
 
 function replace(id, ...children) {
@@ -128,6 +144,12 @@ async function follow() {
       if (page.lastId) headers["Last-Event-ID"] = page.lastId;
       const response = await fetch("/api/v1/events", { headers, cache: "no-store", signal: abort.signal });
       if (!response.ok) throw new Error(`the daemon answered ${response.status}`);
+      // Connected: live again, whether a snapshot follows or (resumed with nothing missed) only
+      // heartbeats do. What happened meanwhile comes as events, and the state is read again.
+      page.live = true;
+      page.lostAt = null;
+      refreshSoon(0);
+      banner();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -140,7 +162,7 @@ async function follow() {
           const event = parseBlock(buffer.slice(0, end));
           buffer = buffer.slice(end + 2);
           if (event.id) page.lastId = event.id;
-          if (event.data.length) receive(event.type, JSON.parse(event.data.join("\n")));
+          if (event.data.length) apply(event);
         }
         backoff = 1;
       }
@@ -154,6 +176,16 @@ async function follow() {
   }
 }
 
+// An event the page cannot apply is said (and the state read again), never taken for a lost stream.
+function apply(event) {
+  try {
+    receive(event.type, JSON.parse(event.data.join("\n")));
+  } catch (error) {
+    notice(`The page could not apply a ${event.type} event (${error.message}); reading the state again.`, true);
+    refreshSoon(0);
+  }
+}
+
 function lost(why) {
   if (page.live || page.lostAt === null) page.lostAt = localNow();
   page.live = false;
@@ -163,50 +195,91 @@ function lost(why) {
 
 function receive(type, data) {
   if (type === "snapshot") {
-    page.live = true;
-    page.lostAt = null;
+    page.history = data.verdict_history || [];
     setState(data);
     loadAudit();
     return;
   }
-  page.live = true;
   const state = page.state;
   if (!state) return;
+  page.eventAt = Math.max(page.eventAt, data.at || 0);
   // Show what the event says at once; the full state follows from the next read.
   if (type === "verdict") {
     const region = state.regions.find((r) => r.name === data.region);
     if (region) {
       region.verdict = { ...(region.verdict || {}), status: data.to, reasons: data.reasons, since: data.at, at: data.at };
     }
-    state.verdict_history.push(data);
+    page.history.push(data);
+    page.history = page.history.filter((e) => e.at >= data.at - HOUR);
   } else if (type === "ramp") {
     const ramp = state.ramps.find((r) => r.name === data.ramp);
-    if (ramp) Object.assign(ramp, { status: data.status, reason: data.reason, step: data.step + 1 });
+    if (ramp) {
+      const share = data.step >= 0 ? ramp.plan[data.step] : 0;
+      Object.assign(ramp, { status: data.status, reason: data.reason, step: data.step + 1, share, bake_until: null });
+    }
   }
-  state.events.push(data);
   render();
+  // The rest (weights, bake, evidence) comes with the state, read at once.
   if (["action", "operator", "drift", "ramp"].includes(type)) loadAudit();
-  refreshSoon();
+  refreshSoon(0);
 }
 
-let refreshTimer = null;
-function refreshSoon(delay = 250) {
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(refresh, delay);
+// A read done at most one request at a time: `soon(ms)` asks for it (a request asked for sooner
+// is never pushed back, so a busy stream cannot starve the reads; one asked for while a request
+// is in flight follows it), and each read says when the next is due.
+function poller(read) {
+  const self = { busy: false, again: false, timer: null, due: Infinity };
+  self.soon = (delay) => {
+    const due = Date.now() + delay;
+    if (due >= self.due) return;
+    clearTimeout(self.timer);
+    self.due = due;
+    self.timer = setTimeout(run, delay);
+  };
+  async function run() {
+    self.due = Infinity;
+    if (self.busy) {
+      self.again = true;
+      return;
+    }
+    self.busy = true;
+    let next = REFRESH * 1000;
+    try {
+      next = await read();
+    } finally {
+      self.busy = false;
+      const again = self.again;
+      self.again = false;
+      self.soon(again ? 0 : next);
+    }
+  }
+  return self;
 }
 
-async function refresh() {
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(refresh, REFRESH * 1000);
+function failure(what, error) {
+  return error.name === "TimeoutError" ? `${what}: no answer in ${READ_TIMEOUT / 1000} s` : `${what}: ${error.message}`;
+}
+
+async function getJSON(path) {
+  const response = await fetch(path, { cache: "no-store", signal: AbortSignal.timeout(READ_TIMEOUT) });
+  if (!response.ok) throw new Error(`the daemon answered ${response.status}`);
+  return response.json();
+}
+
+// The state: every REFRESH seconds (results carry no events), and at once after each event.
+const stateReads = poller(async () => {
   try {
-    const response = await fetch("/api/v1/state", { cache: "no-store" });
-    if (!response.ok) throw new Error(`state: the daemon answered ${response.status}`);
-    setState(await response.json());
+    const state = await getJSON("/api/v1/state?history=0");
+    // A read that began before the newest event applied would take the page back: read again.
+    if (state.generated_at < page.eventAt) return 0;
+    setState(state);
   } catch (error) {
-    page.stateError = error.message;
+    page.stateError = failure("reading the state", error);
     banner();
   }
-}
+  return REFRESH * 1000;
+});
+const refreshSoon = stateReads.soon;
 
 function setState(state) {
   page.state = state;
@@ -216,22 +289,20 @@ function setState(state) {
   render();
 }
 
-let auditTimer = null;
-function loadAudit() {
-  clearTimeout(auditTimer);
-  auditTimer = setTimeout(async () => {
-    try {
-      const since = Math.floor(serverNow() - HOUR);
-      const response = await fetch(`/api/v1/audit?since=${since}&limit=500`, { cache: "no-store" });
-      if (!response.ok) throw new Error(`audit: the daemon answered ${response.status}`);
-      page.audit = (await response.json()).changes;
-      render();
-    } catch (error) {
-      page.stateError = error.message;
-      banner();
-    }
-  }, 150);
-}
+// The audit of the last hour: after each change, and every AUDIT_EVERY seconds (an INSYNC time
+// can be learned well after its change).
+const auditReads = poller(async () => {
+  try {
+    page.audit = (await getJSON(`/api/v1/audit?since=${Math.floor(serverNow() - HOUR)}&limit=500`)).changes;
+    page.auditError = null;
+    render();
+  } catch (error) {
+    page.auditError = failure("reading the audit", error);
+    banner();
+  }
+  return AUDIT_EVERY * 1000;
+});
+const loadAudit = () => auditReads.soon(150);
 
 // --- banners ---------------------------------------------------------------------------------
 
@@ -261,11 +332,14 @@ function banner() {
     text = `⚠ The state has not been read for ${age(localNow() - page.fetchedAt)}: it may be out of date.`;
   } else if (state) {
     const newest = newestResult(state);
-    const silence = newest === null ? null : state.generated_at - newest;
-    if (silence !== null && silence > state.stale_after) {
-      text = `⚠ No probe result from any vantage for ${age(silence)}: the verdicts are stale.`;
+    const up = state.generated_at - state.started_at;
+    if (newest !== null && state.generated_at - newest > state.stale_after) {
+      text = `⚠ No probe result from any vantage for ${age(state.generated_at - newest)}: the verdicts are stale.`;
+    } else if (newest === null && up > state.stale_after) {
+      text = `⚠ No probe result from any vantage in the results kept (the daemon has run ${age(up)}): the verdicts are stale.`;
     }
   }
+  if (text === null && page.auditError) text = `⚠ ${page.auditError}: the audit trail may be out of date.`;
   el.hidden = text === null;
   el.textContent = text || "";
   document.title = text ? "⚠ regionshift (stale)" : "regionshift";
@@ -291,7 +365,7 @@ function render() {
   const where = document.getElementById("where");
   const n = (count, what) => `${count} ${what}${count === 1 ? "" : "s"}`;
   where.textContent = `vantage ${state.vantage} · ${n(state.regions.length, "region")} · ${n(state.vantages.length, "vantage")}`;
-  document.getElementById("mode").textContent = state.read_only ? "read-only: no actions" : "";
+  document.getElementById("mode").textContent = state.no_actions || "";
   const frozen = document.getElementById("frozen");
   frozen.hidden = !state.frozen;
   frozen.textContent = state.frozen ? `❄ FROZEN by ${state.frozen.by}: ${state.frozen.reason}. No weight changes until unfrozen.` : "";
@@ -310,6 +384,10 @@ function render() {
 
 // One line that answers "is anything wrong, and what is regionshift doing about it".
 function renderSummary(state) {
+  draw("summary", [state.regions.map((r) => [r.name, r.verdict?.status]), state.ramps, state.record_sets], () => summary(state));
+}
+
+function summary(state) {
   const bad = state.regions.filter((r) => (r.verdict?.status || "unknown") !== "healthy");
   const parts = [];
   if (!bad.length) parts.push(h("span", { class: "status s-healthy" }, `✓ all ${state.regions.length} regions healthy`));
@@ -326,19 +404,25 @@ function renderSummary(state) {
     if (now.length) parts.push(` · ${rs.name}: ${now.join(", ")}`);
     if (rs.drift) parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ drift on ${rs.key}`));
   }
-  replace("summary", h("p", {}, parts));
+  return h("p", {}, parts);
 }
 
 function renderControls(state) {
-  if (!state.actions) return replace("controls");
-  const button = state.frozen
-    ? h("button", { id: "unfreeze", onclick: () => act("unfreeze") }, "Unfreeze")
-    : h("button", { id: "freeze", onclick: () => act("freeze") }, "❄ Freeze all changes");
   const who = sessionStorage.getItem("regionshift.operator");
-  replace("controls", who ? h("span", {}, `signed in as ${who} `) : null, button);
+  draw("controls", [state.actions, Boolean(state.frozen), who], () => {
+    if (!state.actions) return [];
+    const button = state.frozen
+      ? h("button", { id: "unfreeze", onclick: () => act("unfreeze") }, "Unfreeze")
+      : h("button", { id: "freeze", onclick: () => act("freeze") }, "❄ Freeze all changes");
+    return [who ? h("span", {}, `signed in as ${who} `) : null, button];
+  });
 }
 
 function renderRegions(state) {
+  draw("regions", [state.regions, state.vantages], () => regionTable(state));
+}
+
+function regionTable(state) {
   const head = h("tr", {}, h("th", {}, "Region"), h("th", {}, "Verdict"), h("th", {}, "Reason"),
     state.vantages.map((v) => h("th", { scope: "col" }, `from ${v}`)));
   const rows = state.regions.map((region) => {
@@ -355,7 +439,7 @@ function renderRegions(state) {
           h("pre", {}, JSON.stringify(verdict.evidence || {}, null, 1)))),
       state.vantages.map((v) => vantageCell(state, region.vantages?.[v])));
   });
-  replace("regions", h("table", { id: "region-table" }, h("thead", {}, head), h("tbody", {}, rows)));
+  return h("table", { id: "region-table" }, h("thead", {}, head), h("tbody", {}, rows));
 }
 
 function vantageCell(state, cell) {
@@ -367,7 +451,8 @@ function vantageCell(state, cell) {
     h("span", { class: "muted" }, "newest ", newestAt === null ? "-" : ageOf(newestAt), " ago"),
     h("br"),
     h("span", { class: "muted" }, `${cell.results} results/min`),
-    failing.length ? h("div", {}, failing.map(([probe, n]) => `${probe}: ${n} failed`).join(", ")) : null,
+    failing.length ? h("div", { class: cell.status === "failing" ? null : "muted" },
+      failing.map(([probe, n]) => `${probe}: ${n} failed`).join(", ")) : null,
     cell.why ? h("div", { class: "muted" }, cell.why) : null);
 }
 
@@ -376,8 +461,16 @@ function share(value) {
 }
 
 function renderRecords(state) {
-  if (!state.record_sets.length) return replace("records", h("p", { class: "muted" }, "No record sets configured."));
-  replace("records", state.record_sets.map((rs) => {
+  draw("records", [state.record_sets, state.actions], () => recordCards(state));
+  // The charts move with the clock: drawn every time.
+  for (const rs of state.record_sets) {
+    document.querySelector(`[data-record="${CSS.escape(rs.key)}"] .chart-box`)?.replaceChildren(chart(state, rs));
+  }
+}
+
+function recordCards(state) {
+  if (!state.record_sets.length) return h("p", { class: "muted" }, "No record sets configured.");
+  return state.record_sets.map((rs) => {
     const owner = rs.owner ? `owned by ${rs.owner}` : "owned by nobody (regionshift holds the last weights it wrote)";
     const rows = rs.members.map((m) => {
       const differs = m.desired_weight !== null && m.desired_weight !== m.observed_weight;
@@ -394,8 +487,8 @@ function renderRecords(state) {
       rs.error ? h("div", { class: "error-line" }, `✗ Route 53: ${rs.error}`) : null,
       h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Member"), h("th", {}, "Region"),
         h("th", {}, "Route 53 now (share)"), h("th", {}, "Desired (share)"))), h("tbody", {}, rows)),
-      chart(state, rs));
-  }));
+      h("div", { class: "chart-box" }));
+  });
 }
 
 function weightCell(weight, pct) {
@@ -409,15 +502,14 @@ function actionable(state) {
 
 // The share each region had of the record set over the last hour (from the audit: each applied
 // change's weights), its verdict under it, and every change marked. A younger daemon's chart
-// spans its life so far (a minute at least), not an hour of nothing.
+// spans its life so far (a minute at least), not an hour it did not see.
 function chart(state, rs) {
   const W = 900, H = 150, left = 120, right = 130, top = 12, stripH = 14;
   const regions = [...new Set(rs.members.map((m) => m.region))];
   const end = serverNow();
-  const known = [...state.verdict_history.map((e) => e.at), ...page.audit.map((c) => c.at)];
-  const start = Math.max(end - HOUR, Math.min(end - 60, known.length ? Math.min(...known) - 10 : end - 60));
+  const start = Math.min(end - 60, Math.max(end - HOUR, state.started_at - 5));
   const span = end - start;
-  const x = (t) => left + ((Math.max(t, start) - start) / span) * (W - left - right);
+  const x = (t) => left + ((Math.min(Math.max(t, start), end) - start) / span) * (W - left - right);
   const y = (pct) => top + (1 - pct / 100) * (H - top - 20);
   const changes = page.audit.filter((c) => c.record === rs.key && c.outcome === "applied" && c.to).slice().reverse();
   const weightsToShares = (weights) => {
@@ -428,7 +520,11 @@ function chart(state, rs) {
       byRegion[m.region] = (byRegion[m.region] || 0) + w;
       total += w;
     }
-    for (const r of regions) byRegion[r] = total ? (100 * byRegion[r]) / total : 0;
+    const members = rs.members.length; // all weights 0: Route 53 answers each member alike
+    for (const r of regions) {
+      const alike = (100 * rs.members.filter((m) => m.region === r).length) / members;
+      byRegion[r] = total ? (100 * byRegion[r]) / total : alike;
+    }
     return byRegion;
   };
   const now = {};
@@ -478,7 +574,7 @@ function chart(state, rs) {
   regions.forEach((region, i) => {
     const y0 = H + 4 + i * (stripH + 3);
     strips.push(s("text", { x: left - 4, y: y0 + 11, "text-anchor": "end" }, region));
-    const history = state.verdict_history.filter((e) => e.region === region);
+    const history = page.history.filter((e) => e.region === region);
     const before = history.filter((e) => e.at <= start).pop();
     const current = state.regions.find((r) => r.name === region)?.verdict?.status || "unknown";
     let status = before ? before.to : history.length ? history[0].from || "unknown" : current;
@@ -509,7 +605,11 @@ function stripColour(status) {
 }
 
 function renderRamps(state) {
-  if (!state.ramps.length) return replace("ramps", h("p", { class: "muted" }, "No ramps configured."));
+  draw("ramps", [state.ramps, state.actions], () => rampTable(state));
+}
+
+function rampTable(state) {
+  if (!state.ramps.length) return h("p", { class: "muted" }, "No ramps configured.");
   const head = h("tr", {}, ["Ramp", "Status", "Wave", "Step", "Share", "Bake left", "Gates", "Why", ""].map((t) => h("th", {}, t)));
   const rows = state.ramps.map((r) => {
     const g = r.gates || {};
@@ -525,7 +625,7 @@ function renderRamps(state) {
       h("td", { class: "ramp-reason" }, h("div", { class: "clamp", title: r.reason }, r.reason, r.pending ? " (a write is in flight)" : "")),
       h("td", {}, actionable(state) ? rampButtons(r) : null));
   });
-  replace("ramps", h("table", { id: "ramp-table" }, h("thead", {}, head), h("tbody", {}, rows)));
+  return h("table", { id: "ramp-table" }, h("thead", {}, head), h("tbody", {}, rows));
 }
 
 function rampSymbol(status) {
@@ -546,25 +646,33 @@ function rampButtons(r) {
 }
 
 function renderAudit() {
-  if (!page.state) return;
-  if (!page.audit.length) return replace("audit", h("p", { class: "muted" }, "No weight changes in the last hour."));
+  if (page.state) draw("audit", page.audit, auditTable);
+}
+
+function auditTable() {
+  if (!page.audit.length) return h("p", { class: "muted" }, "No weight changes in the last hour.");
   const head = h("tr", {}, ["When", "Record", "Action", "Who", "Why", "Before → after", "Outcome", "INSYNC"].map((t) => h("th", {}, t)));
   const weights = (from, to) => {
     const names = [...new Set([...Object.keys(from || {}), ...Object.keys(to || {})])];
     return names.map((n) => `${n} ${from?.[n] ?? "-"}→${to?.[n] ?? "-"}`).join(", ");
   };
-  const rows = page.audit.slice(0, 100).map((c) => h("tr", {},
+  const rows = page.audit.map((c) => h("tr", {},
     h("td", {}, clock(c.at).slice(11), h("br"), h("span", { class: "muted" }, ageOf(c.at), " ago")),
     h("td", {}, c.record), h("td", {}, c.action), h("td", {}, c.actor),
     h("td", {}, h("div", { class: "clamp", title: c.reason }, c.reason)), h("td", {}, h("code", {}, weights(c.from, c.to))),
     h("td", {}, c.outcome || "in flight", c.error ? h("div", { class: "muted" }, c.error) : null),
     h("td", {}, c.insync_at ? `${clock(c.insync_at).slice(11)} (+${(c.insync_at - c.at).toFixed(1)}s)` : "-")));
-  replace("audit", h("table", { id: "audit-table" }, h("thead", {}, head), h("tbody", {}, rows)));
+  return h("table", { id: "audit-table" }, h("thead", {}, head), h("tbody", {}, rows));
 }
 
 // --- acting ------------------------------------------------------------------------------------
 
 const CONFIRM = { abort: true, freeze: true, adopt: true }; // these ask for a typed confirmation
+
+function forget() {
+  sessionStorage.removeItem("regionshift.token");
+  sessionStorage.removeItem("regionshift.operator");
+}
 
 function credentials() {
   const token = sessionStorage.getItem("regionshift.token");
@@ -573,6 +681,7 @@ function credentials() {
   const dialog = document.getElementById("token-dialog");
   const form = document.getElementById("token-form");
   form.reset();
+  dialog.returnValue = "";
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       if (dialog.returnValue !== "ok") return resolve(null);
@@ -590,6 +699,7 @@ function confirmTyped(title, text, word) {
   const dialog = document.getElementById("confirm-dialog");
   const form = document.getElementById("confirm-form");
   form.reset();
+  dialog.returnValue = "";
   document.getElementById("confirm-title").textContent = title;
   document.getElementById("confirm-text").textContent = text;
   document.getElementById("confirm-word").textContent = word;
@@ -635,14 +745,14 @@ async function act(action, target) {
       body: body === null ? "" : JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));
-    if (response.status === 401) {
-      sessionStorage.removeItem("regionshift.token"); // asked again at the next action
-      return notice(`${action} refused: ${answer.error || "wrong token"}. Sign in again with the right token.`, true);
+    if (response.status === 401 || (response.status === 400 && /Operator/.test(answer.error || ""))) {
+      forget(); // asked again at the next action
+      return notice(`${action} refused: ${answer.error || "wrong token"}. Sign in again.`, true);
     }
     if (!response.ok) return notice(`${action} refused (${response.status}): ${answer.error || response.statusText}`, true);
     notice(`${action}${target ? ` ${target}` : ""}: done by ${who.operator}.`);
   } catch (error) {
-    return notice(`${action} failed: the daemon could not be reached (${error.message}).`, true);
+    return notice(`${action} failed: the request did not reach the daemon (${error.message}).`, true);
   }
   refreshSoon(0);
   loadAudit();
