@@ -1,15 +1,15 @@
 """The live page's weight and first render, in Debian's headless Chromium on loopback.
 
-Run:  .venv/bin/python bench/page_load.py [--loads 5]    (needs Debian's chromium: make debs-test)
+Run:  .venv/bin/python bench/page_load.py [--loads 5] [--regions 3]    (needs Debian's chromium: make debs-test)
 
-A local world as in the tests: moto's Route 53, three simulated regions probed every 100 ms by a
-real daemon in this process, a ramp of eu-west-1 started and baking (so the page has record
-sets, a ramp, a chart and an audit trail to draw). Each load is a fresh browser context (nothing
-cached) opening `GET /`. Measured:
+A local world as in the tests: moto's Route 53, three simulated regions (or `--regions`) probed
+60 times a second in all by a real daemon in this process, a ramp of eu-west-1 started and
+baking (so the page has record sets, a ramp, a chart and an audit trail to draw). Each load is a
+fresh browser context (nothing cached) opening `GET /`. Measured:
 
-- first render: from navigation start to the end of the page's first full render of the daemon's
+- first render: from navigation start to the end of the page's first drawing of the daemon's
   state (the `regionshift:first-render` mark): the HTML, script and style, the event stream's
-  snapshot, and the drawing;
+  snapshot, and the drawing (the audit trail follows from its own read);
 - transfer: bytes on the wire (headers and bodies, compressed as served) for the page's files,
   and for everything until the first render (the files, the stream's snapshot, the audit read);
 - anchor, same browser, same run: `DOMContentLoaded` of an empty HTML page from a bare aiohttp
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -49,12 +50,14 @@ TOKEN = "bench-token"  # noqa: S105 - a local daemon's operator token
 PAGE_FILES = ("/", "/page/page.js", "/page/page.css")
 
 
-def config(regions: dict[str, SimulatedRegion], endpoint: str, zone_id: str, name: str, state: Path) -> Config:
+def config(
+    regions: dict[str, SimulatedRegion], endpoint: str, zone_id: str, name: str, state: Path, every: float
+) -> Config:
     members = [
         Member(set_identifier="use1", region="us-east-1", value="192.0.2.10"),
         Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.20"),
     ]
-    probes = (("healthz", "/healthz"), ("orders", "/api/orders"))
+    ps = (("healthz", "/healthz"), ("orders", "/api/orders"))
     return Config(
         controller=ControllerSettings(
             listen="127.0.0.1:0",
@@ -63,7 +66,7 @@ def config(regions: dict[str, SimulatedRegion], endpoint: str, zone_id: str, nam
             route53=Route53Settings(endpoint_url=endpoint, reconcile_every=0.1, poll_interval=0.05),
         ),
         regions=[
-            Region(name=n, probes=[HttpProbe(name=p, target=r.url + at, interval=0.1, timeout=0.1) for p, at in probes])
+            Region(name=n, probes=[HttpProbe(name=p, target=r.url + at, interval=every, timeout=0.1) for p, at in ps])
             for n, r in regions.items()
         ],
         record_sets=[RecordSet(zone_id=zone_id, name=name, ttl=3, members=members)],
@@ -107,7 +110,7 @@ async def load(browser: Browser, url: str, mark: str | None) -> dict[str, Any]:
     return {"ms": took, "bytes": by_url}
 
 
-async def main(loads: int) -> None:
+async def main(loads: int, count: int) -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", KEY)
     os.environ["REGIONSHIFT_API_TOKEN"] = TOKEN
@@ -120,14 +123,12 @@ async def main(loads: int) -> None:
         zone_id = zone["HostedZone"]["Id"].split("/")[-1]
         name = "api.bench.example.com"
         seed_weighted_group(client, zone_id, name, [("use1", 1, "192.0.2.10"), ("euw1", 0, "192.0.2.20")], ttl=3)
-        async with (
-            SimulatedRegion("us-east-1", seed=1) as a,
-            SimulatedRegion("eu-west-1", seed=2) as b,
-            SimulatedRegion("ap-southeast-2", seed=3) as c,
-        ):
-            regions = {r.name: r for r in (a, b, c)}
+        names = ["us-east-1", "eu-west-1", "ap-southeast-2"] + [f"region-{i:02}" for i in range(3, count)]
+        async with contextlib.AsyncExitStack() as stack:
+            regions = {n: await stack.enter_async_context(SimulatedRegion(n, seed=i)) for i, n in enumerate(names)}
+            every = 0.1 * len(regions) / 3  # 60 probes a second in all, whatever the count
             with tempfile.TemporaryDirectory() as tmp:
-                daemon = Daemon(config(regions, route53.url, zone_id, name, Path(tmp) / "state.sqlite"))
+                daemon = Daemon(config(regions, route53.url, zone_id, name, Path(tmp) / "state.sqlite", every))
                 stop = asyncio.Event()
                 task = asyncio.create_task(daemon.run(stop))
                 await asyncio.wait_for(daemon.started.wait(), 10)
@@ -196,5 +197,6 @@ def report(pages: list[dict[str, Any]], anchors: list[dict[str, Any]]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loads", type=int, default=5, help="page loads (each beside an anchor load)")
+    parser.add_argument("--regions", type=int, default=3, help="simulated regions (at least 3), two probes each")
     args = parser.parse_args()
-    asyncio.run(main(args.loads))
+    asyncio.run(main(args.loads, args.regions))
