@@ -122,8 +122,8 @@ async def test_the_page_follows_the_daemon_live_and_says_at_once_when_it_is_gone
             await expect(step).to_have_text(f"{wanted}/5", timeout=LIVE)
             await expect(share).to_have_text(percent, timeout=LIVE)
         # Route 53's weights as the daemon last read them (19:1 after step 2), beside the step.
-        euw1 = page.locator("[data-record] tr", has_text="euw1")
-        await expect(euw1).to_contain_text("1 (5%)", timeout=LIVE)
+        euw1 = page.locator("[data-record] tr", has_text="euw1").locator("td.observed")
+        await expect(euw1).to_have_text("1 (5%)", timeout=LIVE)
         await expect(page.locator('tr[data-ramp="launch"] .countdown')).to_be_visible(timeout=LIVE)
         await expect(page.locator("svg.chart .mark")).to_have_count(2, timeout=LIVE)  # the two steps, marked
         await expect(page.locator("#audit-table tbody tr")).to_have_count(2, timeout=LIVE)

@@ -421,6 +421,11 @@ class Reconciler:
             change_id=change.change_id,
             dry_run=change.dry_run,
         )
+        if not change.dry_run and change.insync_at is not None:
+            # Route 53 reported the change INSYNC: it holds these weights now. The view says so
+            # before the event is out (a reader would otherwise see the step beside the old
+            # weights until the next read, which the pacing may put off by a TTL).
+            self.views[key].observed = dict(weights)
         self._announce(rs, raw, weights, kind, reason, outcome, actor)
         return ("applied", change.insync_at, "") if not change.dry_run else None
 

@@ -476,8 +476,8 @@ function recordCards(state) {
       const differs = m.desired_weight !== null && m.desired_weight !== m.observed_weight;
       return h("tr", {},
         h("td", {}, m.set_identifier), h("td", {}, m.region),
-        h("td", {}, weightCell(m.observed_weight, m.observed_share)),
-        h("td", {}, weightCell(m.desired_weight, m.desired_share), differs ? " ⇐ moving" : ""));
+        h("td", { class: "observed" }, weightCell(m.observed_weight, m.observed_share)),
+        h("td", { class: "desired" }, weightCell(m.desired_weight, m.desired_share), differs ? " ⇐ moving" : ""));
     });
     return h("div", { class: "card", "data-record": rs.key },
       h("h3", {}, rs.key, " ", h("span", { class: "muted" }, `TTL ${rs.ttl}s`)),
