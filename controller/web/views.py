@@ -92,13 +92,11 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
                 ],
                 "verdict": verdicts[r.name].to_json() if r.name in verdicts else None,
                 "vantages": {
-                    v: cell(source.windows.by_probe(r.name), v, source.set_aside.get(v), now, policy)
-                    for v in vantages
+                    v: cell(source.windows.by_probe(r.name), v, source.set_aside.get(v), now, policy) for v in vantages
                 },
             }
             for r in source.config.regions
         ],
-
         "record_sets": [record_set(rs, reconciler) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
