@@ -164,6 +164,19 @@ async def confirm(page: Page, word: str, reason: str | None = None) -> None:
     await ok.click()
 
 
+async def freeze_and_unfreeze(page: Page, running: Running) -> None:
+    reconciler = running.daemon.reconciler
+    await page.locator("#freeze").click()
+    await confirm(page, "FREEZE", reason="drill 7")
+    await running.until(lambda: reconciler.frozen is not None, what="freeze")
+    await expect(page.locator("#frozen")).to_contain_text("FROZEN by alice: drill 7", timeout=LIVE)
+    marks = page.locator("svg.chart .operator-mark")  # each operator action on the chart, with who and why
+    await expect(marks.filter(has_text="freeze shifting by alice: drill 7")).to_have_count(1, timeout=LIVE)
+    await page.locator("#unfreeze").click()  # no confirmation needed to undo a freeze
+    await running.until(lambda: reconciler.frozen is None, what="unfreeze")
+    await expect(page.locator("#frozen")).to_be_hidden(timeout=LIVE)
+
+
 async def test_operators_act_from_the_page_with_the_token_and_typed_confirmations(world, route53, tmp_path, browser):
     zone_id, name = make_zone(route53)
     record = f"{name}/A"
@@ -198,13 +211,7 @@ async def test_operators_act_from_the_page_with_the_token_and_typed_confirmation
         await running.until(lambda: running.ramp().status == "aborted", what="abort")
         await expect(ramp.locator(".ramp-status")).to_contain_text("aborted", timeout=LIVE)
 
-        await page.locator("#freeze").click()
-        await confirm(page, "FREEZE", reason="drill 7")
-        await running.until(lambda: daemon.reconciler.frozen is not None, what="freeze")
-        await expect(page.locator("#frozen")).to_contain_text("FROZEN by alice: drill 7", timeout=LIVE)
-        await page.locator("#unfreeze").click()  # no confirmation needed to undo a freeze
-        await running.until(lambda: daemon.reconciler.frozen is None, what="unfreeze")
-        await expect(page.locator("#frozen")).to_be_hidden(timeout=LIVE)
+        await freeze_and_unfreeze(page, running)
 
         await running.until(lambda: daemon.reconciler.views[record].owner is not None, what="weights settled")
         await asyncio.to_thread(set_weight, route53, zone_id, name, "euw1", 7, "192.0.2.20")  # a hand edit

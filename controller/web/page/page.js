@@ -569,6 +569,13 @@ function chart(state, rs) {
       labelled = x(c.at) + 8 * (c.action.length + 2);
     }
   }
+  // Operators' actions on this record set (its ramps, a freeze, an adopt): a ◆ on the axis.
+  const ramps = new Set(state.ramps.filter((r) => r.record_set === rs.key).map((r) => `ramp:${r.name}`));
+  for (const e of state.events || []) {
+    if (e.kind !== "operator" || e.at < start || !(e.target === rs.key || e.target === "shifting" || ramps.has(e.target))) continue;
+    parts.push(s("text", { class: "operator-mark", x: x(e.at), y: H - 20, "text-anchor": "middle" }, "◆",
+      s("title", {}, `${clock(e.at)} ${e.action} ${e.target} by ${e.who}: ${e.reason}`)));
+  }
   // The verdict strips: one per region, its symbol where it changed (colour is never alone).
   const strips = [];
   regions.forEach((region, i) => {
