@@ -126,7 +126,8 @@ async def test_the_page_follows_the_daemon_live_and_says_at_once_when_it_is_gone
         await expect(euw1).to_have_text("1 (5%)", timeout=LIVE)
         await expect(page.locator('tr[data-ramp="launch"] .countdown')).to_be_visible(timeout=LIVE)
         await expect(page.locator("svg.chart .mark")).to_have_count(2, timeout=LIVE)  # the two steps, marked
-        await expect(page.locator("#audit-table tbody tr")).to_have_count(2, timeout=LIVE)
+        await expect(page.locator("#audit-table tbody tr:not(.operator-row)")).to_have_count(2, timeout=LIVE)
+        await expect(page.locator("#audit-table .operator-row")).to_contain_text("start", timeout=LIVE)
         await page.screenshot(path=ARTIFACTS / "page-mid-ramp.png", full_page=True)  # makes the folder
         assert await page.evaluate("window.sameDocument") is True  # all of it without a reload
         assert seen.console_errors == []
@@ -225,8 +226,13 @@ async def test_operators_act_from_the_page_with_the_token_and_typed_confirmation
 
         events = daemon.bus.recent(500)
         by_alice = [(e.action, e.target) for e in events if e.kind == "operator" and e.who == "alice"]
+        audit = await (await running.http.get(f"/api/v1/audit?record={record}")).json()
+        # Seven operator rows in the page's audit trail, each with alice's name.
+        await expect(page.locator("#audit-table .operator-row").filter(has_text="alice")).to_have_count(7)
         # The only console errors are Chromium's lines for the refused request (the wrong token).
         assert [e for e in seen.console_errors if "status of 401" not in e] == []
+    logged = [(o["who"], o["action"], o["target"]) for o in reversed(audit["operator_actions"])]
+    assert logged == [("alice", action, target) for action, target in by_alice]  # the audit log holds each
     assert by_alice == [
         ("start", "ramp:launch"),
         ("pause", "ramp:launch"),

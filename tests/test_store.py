@@ -80,6 +80,33 @@ async def test_the_audit_log_refuses_updates_and_deletes(tmp_path):
     db.close()
 
 
+async def test_operators_actions_are_kept_append_only_and_found_by_target_and_time(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with Store(path) as store:
+        await store.audit.operator(10.0, "alice", "start", "ramp:launch", "started by an operator (alice)")
+        await store.audit.operator(20.0, "bob", "freeze", "shifting", "incident 42")
+        await store.audit.operator(30.0, "alice", "adopt", "api.example.com/A", "console edit kept")
+        await store.audit.operator(40.0, "carol", "start", "ramp:other", "started by an operator (carol)")
+    async with Store(path) as store:  # kept across a restart
+        every = await store.audit.operator_actions()
+        mine = await store.audit.operator_actions(targets=["api.example.com/A", "shifting", "ramp:launch"], since=15.0)
+        capped = await store.audit.operator_actions(limit=1)
+    assert [(o["who"], o["action"]) for o in every] == [
+        ("carol", "start"),
+        ("alice", "adopt"),
+        ("bob", "freeze"),
+        ("alice", "start"),
+    ]
+    assert [(o["at"], o["target"]) for o in mine] == [(30.0, "api.example.com/A"), (20.0, "shifting")]
+    assert [o["who"] for o in capped] == ["carol"]
+    db = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE operator_actions SET who = 'mallory'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM operator_actions")
+    db.close()
+
+
 async def test_ramp_state_and_flags_round_trip(tmp_path):
     path = tmp_path / "state.sqlite"
     async with Store(path) as store:

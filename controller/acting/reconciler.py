@@ -111,6 +111,7 @@ class Reconciler:
             state, refused = ramps.act(policy, self.ramps[name], action, now)
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
+                await self.store.audit.operator(now, who, action, f"ramp:{name}", state.reason)
                 self.publish(OperatorAction(at=now, who=who, action=action, target=f"ramp:{name}", reason=state.reason))
                 log.info("ramp action", ramp=name, action=action, by=who, status=state.status)
                 await self._save(name, state, now)
@@ -136,6 +137,7 @@ class Reconciler:
             weights = {sid: int(weight or 0) for sid, weight in raw.items()}
             intent = await self.store.audit.intent(key, who, "adopt", reason, expected, weights, now)
             await self.store.audit.result(intent, "applied", now)
+            await self.store.audit.operator(now, who, "adopt", key, reason)
             self.publish(OperatorAction(at=now, who=who, action="adopt", target=key, reason=reason))
             log.warning("hand edit adopted: the new baseline", record=key, by=who, weights=weights, reason=reason)
             return None, weights
@@ -172,6 +174,7 @@ class Reconciler:
         async with self._lock:
             self.frozen = Freeze(by=who, reason=reason, at=now) if frozen else None
             what = "freeze" if frozen else "unfreeze"
+            await self.store.audit.operator(now, who, what, "shifting", reason)
             self.publish(OperatorAction(at=now, who=who, action=what, target="shifting", reason=reason))
             await self.store.flags.set_frozen(self.frozen, now)
             log.warning("shifting frozen" if frozen else "shifting unfrozen", by=who, reason=reason)

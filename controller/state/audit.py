@@ -1,4 +1,4 @@
-"""The audit log: every weight change, append-only.
+"""The audit log: every weight change and every operator's action, append-only.
 
 Every change is written here before it is sent (an intent: who or what, why, from which weights
 to which) and after (its result: change id, INSYNC time, or the error), so a restart can tell a
@@ -57,6 +57,21 @@ CREATE TRIGGER IF NOT EXISTS changes_no_update BEFORE UPDATE ON changes
     BEGIN SELECT RAISE(ABORT, 'the change log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS changes_no_delete BEFORE DELETE ON changes
     BEGIN SELECT RAISE(ABORT, 'the change log is append-only'); END;
+-- What operators did (a ramp's start, pause, resume or abort; a freeze or unfreeze; an adopt),
+-- who and why. The weight changes that follow are above, under the ramp or evacuation making them.
+CREATE TABLE IF NOT EXISTS operator_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operator_actions_at ON operator_actions (at);
+CREATE TRIGGER IF NOT EXISTS operator_actions_no_update BEFORE UPDATE ON operator_actions
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS operator_actions_no_delete BEFORE DELETE ON operator_actions
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 
@@ -111,6 +126,44 @@ class AuditLog:
             return int(cursor.lastrowid or 0)
 
         return await self._db.run(write)
+
+    async def operator(self, at: float, who: str, action: str, target: str, reason: str) -> None:
+        """Record an operator's action (`target`: `ramp:NAME`, `shifting` or a record set's key)."""
+
+        def write() -> None:
+            self._db.db.execute(
+                "INSERT INTO operator_actions (at, who, action, target, reason) VALUES (?, ?, ?, ?, ?)",
+                (at, who, action, target, reason),
+            )
+
+        await self._db.run(write)
+
+    async def operator_actions(
+        self,
+        *,
+        targets: Sequence[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Operators' actions, newest first, on any of `targets` (None: all), since <= at < until."""
+
+        def read() -> list[dict[str, Any]]:
+            rows = self._db.db.execute(
+                "SELECT id, at, who, action, target, reason FROM operator_actions"
+                " WHERE (:targets IS NULL OR target IN (SELECT value FROM json_each(:targets)))"
+                " AND (:since IS NULL OR at >= :since) AND (:until IS NULL OR at < :until)"
+                " ORDER BY id DESC LIMIT :limit",
+                {
+                    "targets": None if targets is None else json.dumps(list(targets)),
+                    "since": since,
+                    "until": until,
+                    "limit": limit,
+                },
+            ).fetchall()
+            return [dict(row) for row in rows]
+
+        return await self._db.run(read)
 
     async def result(
         self,

@@ -197,12 +197,22 @@ def _audit(source: StateSource) -> Callable[[web.Request], Awaitable[web.Respons
         if isinstance(query, web.Response):
             return query
         if source.reconciler is None:
-            return web.json_response({"changes": [], "next": None})
-        changes = await source.reconciler.store.audit.changes(**query)
+            return web.json_response({"changes": [], "operator_actions": [], "next": None})
+        audit = source.reconciler.store.audit
+        changes = await audit.changes(**query)
         following = None
         if len(changes) == query["limit"]:
             following = str(request.rel_url.update_query(before=changes[-1]["id"]))
-        return web.json_response({"changes": changes, "next": following})
+        # The operators' actions over the same time (not paged): on the record set, its ramps, a freeze.
+        record = query["record"]
+        targets = None
+        if record is not None:
+            ramps = [f"ramp:{n}" for n, p in source.config.policy.ramps.items() if p.record_key == record]
+            targets = [record, "shifting", *ramps]
+        operators = await audit.operator_actions(
+            targets=targets, since=query.get("since"), until=query.get("until"), limit=query["limit"]
+        )
+        return web.json_response({"changes": changes, "operator_actions": operators, "next": following})
 
     return audit
 

@@ -17,7 +17,8 @@ const DASHES = ["", "6 3", "2 2", "8 3 2 3", "1 3", "10 4", "4 4"]; // never col
 const page = {
   state: null, // GET /api/v1/state, or the stream's snapshot
   offset: 0, // the daemon's clock minus this browser's, in seconds
-  audit: [], // GET /api/v1/audit, newest first
+  audit: [], // GET /api/v1/audit: the weight changes, newest first
+  operators: [], // and the operators' actions
   live: false,
   lostAt: null, // when the stream was lost (this browser's clock, seconds)
   lastError: "",
@@ -293,7 +294,9 @@ function setState(state) {
 // can be learned well after its change).
 const auditReads = poller(async () => {
   try {
-    page.audit = (await getJSON(`/api/v1/audit?since=${Math.floor(serverNow() - HOUR)}&limit=500`)).changes;
+    const audit = await getJSON(`/api/v1/audit?since=${Math.floor(serverNow() - HOUR)}&limit=500`);
+    page.audit = audit.changes;
+    page.operators = audit.operator_actions;
     page.auditError = null;
     render();
   } catch (error) {
@@ -571,8 +574,8 @@ function chart(state, rs) {
   }
   // Operators' actions on this record set (its ramps, a freeze, an adopt): a ◆ on the axis.
   const ramps = new Set(state.ramps.filter((r) => r.record_set === rs.key).map((r) => `ramp:${r.name}`));
-  for (const e of state.events || []) {
-    if (e.kind !== "operator" || e.at < start || !(e.target === rs.key || e.target === "shifting" || ramps.has(e.target))) continue;
+  for (const e of page.operators) {
+    if (e.at < start || !(e.target === rs.key || e.target === "shifting" || ramps.has(e.target))) continue;
     parts.push(s("text", { class: "operator-mark", x: x(e.at), y: H - 20, "text-anchor": "middle" }, "◆",
       s("title", {}, `${clock(e.at)} ${e.action} ${e.target} by ${e.who}: ${e.reason}`)));
   }
@@ -653,22 +656,27 @@ function rampButtons(r) {
 }
 
 function renderAudit() {
-  if (page.state) draw("audit", page.audit, auditTable);
+  if (page.state) draw("audit", [page.audit, page.operators], auditTable);
 }
 
 function auditTable() {
-  if (!page.audit.length) return h("p", { class: "muted" }, "No weight changes in the last hour.");
+  if (!page.audit.length && !page.operators.length) return h("p", { class: "muted" }, "No changes in the last hour.");
   const head = h("tr", {}, ["When", "Record", "Action", "Who", "Why", "Before → after", "Outcome", "INSYNC"].map((t) => h("th", {}, t)));
   const weights = (from, to) => {
     const names = [...new Set([...Object.keys(from || {}), ...Object.keys(to || {})])];
     return names.map((n) => `${n} ${from?.[n] ?? "-"}→${to?.[n] ?? "-"}`).join(", ");
   };
-  const rows = page.audit.map((c) => h("tr", {},
+  const operatorRows = page.operators.map((o) => [o.at, h("tr", { class: "operator-row" },
+    h("td", {}, clock(o.at).slice(11), h("br"), h("span", { class: "muted" }, ageOf(o.at), " ago")),
+    h("td", {}, o.target), h("td", {}, `◆ ${o.action}`), h("td", {}, o.who),
+    h("td", {}, h("div", { class: "clamp", title: o.reason }, o.reason)), h("td", {}, "-"), h("td", {}, "done"), h("td", {}, "-"))]);
+  const changeRows = page.audit.map((c) => [c.at, h("tr", {},
     h("td", {}, clock(c.at).slice(11), h("br"), h("span", { class: "muted" }, ageOf(c.at), " ago")),
     h("td", {}, c.record), h("td", {}, c.action), h("td", {}, c.actor),
     h("td", {}, h("div", { class: "clamp", title: c.reason }, c.reason)), h("td", {}, h("code", {}, weights(c.from, c.to))),
     h("td", {}, c.outcome || "in flight", c.error ? h("div", { class: "muted" }, c.error) : null),
-    h("td", {}, c.insync_at ? `${clock(c.insync_at).slice(11)} (+${(c.insync_at - c.at).toFixed(1)}s)` : "-")));
+    h("td", {}, c.insync_at ? `${clock(c.insync_at).slice(11)} (+${(c.insync_at - c.at).toFixed(1)}s)` : "-"))]);
+  const rows = [...changeRows, ...operatorRows].sort((a, b) => b[0] - a[0]).map(([, row]) => row);
   return h("table", { id: "audit-table" }, h("thead", {}, head), h("tbody", {}, rows));
 }
 
