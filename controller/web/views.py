@@ -110,7 +110,13 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
         "agents": source.agents(),
     }
     if history:
-        out["verdict_history"] = [e.to_json() for e in source.verdict_log if e.at >= now - HISTORY]
+        # What the chart draws: when each region's verdict changed, from what to what (the reasons
+        # are in the events and the logs: an hour of them would outweigh the page).
+        out["verdict_history"] = [
+            {"region": e.region, "at": e.at, "from": e.previous, "to": e.status}
+            for e in source.verdict_log
+            if e.at >= now - HISTORY
+        ]
     return out
 
 

@@ -8,6 +8,7 @@ const SILENT = 2 * HEARTBEAT + 5; // a stream this long silent is taken for dead
 const REFRESH = 2; // seconds between re-reads of the state (results carry no events)
 const AUDIT_EVERY = 10; // seconds between re-reads of the audit when nothing changed
 const READ_TIMEOUT = 5000; // ms a read of the state or the audit may take
+const MIN_GAP = 500; // ms between two reads of the same thing, however many events come
 const HOUR = 3600;
 const SYMBOLS = { healthy: "✓", degraded: "▲", unhealthy: "✗", unknown: "?" };
 const CELL_SYMBOLS = { ok: "✓", failing: "✗", stale: "?", "set aside": "⊘", "no data": "-" };
@@ -210,7 +211,7 @@ function receive(type, data) {
     if (region) {
       region.verdict = { ...(region.verdict || {}), status: data.to, reasons: data.reasons, since: data.at, at: data.at };
     }
-    page.history.push(data);
+    page.history.push({ region: data.region, at: data.at, from: data.from, to: data.to });
     page.history = page.history.filter((e) => e.at >= data.at - HOUR);
   } else if (type === "ramp") {
     const ramp = state.ramps.find((r) => r.name === data.ramp);
@@ -225,13 +226,15 @@ function receive(type, data) {
   refreshSoon(0);
 }
 
-// A read done at most one request at a time: `soon(ms)` asks for it (a request asked for sooner
-// is never pushed back, so a busy stream cannot starve the reads; one asked for while a request
-// is in flight follows it), and each read says when the next is due.
+// A read done at most one request at a time and at most once every MIN_GAP ms: `soon(ms)` asks
+// for it (a request asked for sooner is never pushed back, so a busy stream cannot starve the
+// reads; one asked for while a request is in flight follows it; a burst of events costs one read
+// a MIN_GAP, not one each), and each read says when the next is due.
 function poller(read) {
-  const self = { busy: false, again: false, timer: null, due: Infinity };
+  const self = { busy: false, again: false, timer: null, due: Infinity, last: 0 };
   self.soon = (delay) => {
-    const due = Date.now() + delay;
+    const due = Math.max(Date.now() + delay, self.last + MIN_GAP);
+    delay = due - Date.now();
     if (due >= self.due) return;
     clearTimeout(self.timer);
     self.due = due;
@@ -244,6 +247,7 @@ function poller(read) {
       return;
     }
     self.busy = true;
+    self.last = Date.now();
     let next = REFRESH * 1000;
     try {
       next = await read();
