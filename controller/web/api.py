@@ -1,7 +1,7 @@
 """The HTTP API: `/` (the live page, from `controller/web/page`), `/healthz`, `/metrics`
 (Prometheus exposition), `/api/v1/state` (JSON) and
 `/api/v1/events` (server-sent events, see `controller.web.stream`) and `/api/v1/audit` (the
-weight changes, paged).
+weight changes, paged, and the operators' actions).
 
 The API observes; it never decides. It reads the daemon's state through `StateSource`.
 """

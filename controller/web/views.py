@@ -72,7 +72,8 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
     runs, missed = source.probe_stats()
     now = source.clock()
     no_actions = why_no_actions(source)
-    vantages = seen_vantages(source)
+    agents = source.agents()
+    vantages = seen_vantages(source, agents)
     policy = source.config.policy.verdicts
     out = {
         "generated_at": now,
@@ -107,7 +108,7 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
         "events": [e.to_json() for e in source.bus.recent(RECENT_EVENTS)],
         "probe_runs": runs,
         "missed_ticks": missed,
-        "agents": source.agents(),
+        "agents": agents,
     }
     if history:
         # What the chart draws: when each region's verdict changed, from what to what (the reasons
@@ -131,10 +132,10 @@ def why_no_actions(source: Observed) -> str | None:
     return None
 
 
-def seen_vantages(source: Observed) -> list[str]:
-    """Every vantage: this controller's, each agent's, and any other that sent a result."""
+def seen_vantages(source: Observed, agents: Mapping[str, Any] | None) -> list[str]:
+    """Every vantage: this controller's, each agent's (`agents`: what `Observed.agents` says),
+    and any other that sent a result."""
     found = {source.vantage}
-    agents = source.agents()
     if agents:
         found.update(agents.get("vantages") or {})
     for region in source.config.regions:
