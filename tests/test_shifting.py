@@ -13,7 +13,7 @@ import uuid
 import aiohttp
 import pytest
 
-from controller.acting.route53 import make_client
+from controller.acting.route53 import READ_TIMEOUT, make_client
 from controller.daemon import Daemon
 from controller.demo.world import seed_weighted_group
 from controller.planning.weights import shares
@@ -174,7 +174,10 @@ class Running:
     async def __aexit__(self, *exc):
         await self.http.close()
         self.stop.set()
-        await asyncio.wait_for(self.task, 10)
+        # A stop waits for a Route 53 request still in flight, up to READ_TIMEOUT + 10 s (then it
+        # leaves the lease to expire): on a loaded machine moto can take that long, and a 10 s
+        # bound here once failed a test whose daemon was doing just what it should.
+        await asyncio.wait_for(self.task, READ_TIMEOUT + 15)
 
     async def post(self, path: str, token: str | None = TOKEN, **body):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
