@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
-from controller.judging.suspicion import judge_delay, suspects, wakes_judge
+from controller.judging.suspicion import hold, judge_delay, suspects, wakes_judge
 from controller.judging.verdicts import Judge
 from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
@@ -245,7 +245,8 @@ class ClosedLoop:
         self.base = {k: self.rng.uniform(0, self.interval) for k in self.keys}  # start of each grid
         self.due = {k: self._jittered(self.base[k]) for k in self.keys}
         self.last_run = dict.fromkeys(self.keys, -math.inf)
-        self.busy_until = dict.fromkeys(self.keys, 0.0)
+        self.busy_until = dict.fromkeys(self.keys, 0.0)  # the scheduled run in flight ends
+        self.extras = dict.fromkeys(self.keys, 0)  # extra runs in flight
         self.hurries: dict[Key, Hurry] = {}
         self.version = dict.fromkeys(self.keys, 0)
         self.queue: list[tuple[float, int, str, object]] = []
@@ -269,19 +270,21 @@ class ClosedLoop:
         if hurry is not None and hurry.until <= now:
             del self.hurries[key]
             hurry = None
-        free = max(now, self.busy_until[key])  # a target runs one probe at a time
+        free = max(now, self.busy_until[key])  # the target's loop waits for its scheduled run
         at, reason = next_run(hurry, self.last_run[key], self.due[key], free)
+        if hurry is not None and reason == "suspicion" and self.extras[key] >= hurry.parallel:
+            at, reason = self.due[key], "scheduled"  # the next extra waits for one to end
         self.version[key] += 1
         self._push(max(at, free), reason, (key, self.version[key]))
 
-    def hasten(self, key: Key, now: float, hold: float) -> None:
+    def hasten(self, key: Key, now: float, hold: float, runs: int | None) -> None:
         """The scheduler's `hasten`, for one vantage's target."""
         s = self.policy.suspicion
         hurry = self.hurries.get(key)
         if hurry is None:
-            self.hurries[key] = Hurry(s.every, now + hold, s.budget)
+            self.hurries[key] = Hurry(s.every, now + hold, s.budget, runs, s.parallel)
         else:
-            hurry.every, hurry.until, hurry.budget = s.every, max(hurry.until, now + hold), s.budget
+            hurry.renew(s.every, now + hold, s.budget, runs, s.parallel)
         self._plan(key, now)
 
     def run_until(
@@ -298,9 +301,14 @@ class ClosedLoop:
         while self.queue and self.queue[0][0] < until:
             at, _, kind, item = heapq.heappop(self.queue)
             if kind == "arrival":
-                deliver.append((at, item))  # type: ignore[arg-type]
-                if wake_after is not None and wakes(item):  # type: ignore[arg-type]
+                result = item
+                deliver.append((at, result))  # type: ignore[arg-type]
+                if wake_after is not None and wakes(result):  # type: ignore[arg-type]
                     until = min(until, max(at, wake_after))
+                if result.reason == "suspicion":  # type: ignore[attr-defined]
+                    key = (result.region, result.probe, result.vantage)  # type: ignore[attr-defined]
+                    self.extras[key] -= 1
+                    self._plan(key, at)  # an extra run ending frees a place for the next
                 continue
             key, version = item  # type: ignore[misc]
             if version != self.version[key]:
@@ -308,16 +316,20 @@ class ClosedLoop:
             result = self.stream.answer(*key, at)
             counted = self.counting_from <= at < self.counting_until
             if kind == "suspicion":
-                self.hurries[key].spent.append(at)  # planned with it, replanned if it ended
+                self.hurries[key].spend(at)  # planned with it, replanned if it ended
                 self.extra += counted
                 result = _replace_reason(result)
-            else:
-                self.scheduled += counted
-                self.base[key] += self.interval
-                behind = at + result.latency - self.base[key]
-                if behind > 0:  # ticks missed while the run overran are skipped, as the daemon does
-                    self.base[key] += math.ceil(behind / self.interval) * self.interval
-                self.due[key] = self._jittered(self.base[key])
+                self.extras[key] += 1
+                self.last_run[key] = at
+                self._push(at + result.latency, "arrival", result)
+                self._plan(key, at)  # the loop goes on while the extra run is in flight
+                continue
+            self.scheduled += counted
+            self.base[key] += self.interval
+            behind = at + result.latency - self.base[key]
+            if behind > 0:  # ticks missed while the run overran are skipped, as the daemon does
+                self.base[key] += math.ceil(behind / self.interval) * self.interval
+            self.due[key] = self._jittered(self.base[key])
             self.last_run[key] = at
             done = at + result.latency
             self.busy_until[key] = done
@@ -369,7 +381,7 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
     onset = scenario.onset
     observe_flaps = scenario.flap is not None
     suspicion = policy.suspicion
-    hold = 2 * judge_delay(TICK, suspecting=True, policy=suspicion)
+    held = hold(TICK, suspicion)
 
     def wakes(result: Result) -> bool:
         return wakes_judge(result, ours.judge.verdicts, ours.judge.set_aside)
@@ -405,11 +417,11 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
             # Ours named the culprit and is no longer fed or judged: its suspects would be
             # those of that moment for the rest of the run. The load it drew ends here.
             loop.counting_until = min(loop.counting_until, t)
-            found = set()
+            found = {}
         else:
             found = suspects(ours.windows, ours.judge.probes, ours.judge.verdicts, now, policy, ours.judge.set_aside)
-        for key in found:
-            loop.hasten(key, t, hold)
+        for key, wanted in found.items():
+            loop.hasten(key, t, held, wanted.runs)
         suspecting = bool(found)
         result_of.seconds = t
         if scenario.culprit and not observe_flaps and all(o.detected_at is not None for o in outcomes.values()):

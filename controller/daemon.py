@@ -25,7 +25,7 @@ from controller.intake import DROP_REASONS, Intake
 from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
-from controller.judging.suspicion import judge_delay, suspects, wakes_judge
+from controller.judging.suspicion import Suspicion, hold, judge_delay, suspects, wakes_judge
 from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
@@ -219,9 +219,8 @@ class Daemon:
             self._judge_wake.clear()
             started = time.monotonic()
             await self.tick_async()
-            # A suspicion lasts until two passes from now, however long this one took.
-            hold = 2 * judge_delay(tick, suspecting=True, policy=policy) + (time.monotonic() - started)
-            suspecting = self._probe_suspects(hold)
+            # A suspicion lasts until a little past the next pass, however long this one took.
+            suspecting = self._probe_suspects(hold(tick, policy, time.monotonic() - started))
             delay = judge_delay(tick, suspecting, policy)
             gap = min(delay, policy.judge_every)
             await asyncio.sleep(gap)
@@ -229,11 +228,12 @@ class Daemon:
                 async with asyncio.timeout(delay - gap):
                     await self._judge_wake.wait()  # a failure is judged (and suspected) at once
 
-    def _probe_suspects(self, hold: float) -> bool:
+    def _probe_suspects(self, held: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass
-        while it does (each for `hold` seconds), so a suspicion ends a pass or two after the
-        evidence fades or a verdict holds. This vantage's targets here; each agent's are sent to
-        it (`Intake.hurry`), and it hastens them the same way.
+        while it does (each for `held` seconds, and for the runs that would settle it when the
+        suspicion counts them), so a suspicion ends about a pass after the evidence fades or a
+        verdict holds. This vantage's targets here; each agent's are sent to it
+        (`Intake.hurry`), and it hastens them the same way.
         Returns whether any target at any vantage is a suspect (the judge then runs faster)."""
         policy = self.config.policy.verdicts.suspicion
         everywhere = suspects(
@@ -244,23 +244,36 @@ class Daemon:
             self.config.policy.verdicts,
             self.judge.set_aside,
         )
-        found = {
-            (region, probe): why for (region, probe, vantage), why in everywhere.items() if vantage == self.vantage
-        }
-        for (region, probe), why in found.items():
-            self.scheduler.hasten(region, probe, every=policy.every, hold=hold, budget=policy.budget)
+        found = {(region, probe): s for (region, probe, vantage), s in everywhere.items() if vantage == self.vantage}
+        for (region, probe), suspicion in found.items():
+            self.scheduler.hasten(
+                region,
+                probe,
+                every=policy.every,
+                hold=held,
+                budget=policy.budget,
+                runs=suspicion.runs,
+                parallel=policy.parallel,
+            )
             if (region, probe) not in self._suspects:
-                log.info("probing a suspect harder", region=region, probe=probe, why=why, every=policy.every)
+                log.info(
+                    "probing a suspect harder",
+                    region=region,
+                    probe=probe,
+                    why=suspicion.why,
+                    runs=suspicion.runs,
+                    every=policy.every,
+                )
         for region, probe in self._suspects - found.keys():
             log.info("suspicion over", region=region, probe=probe)
         self._suspects = set(found)
         if self.intake is not None:
-            by_agent: dict[str, dict[tuple[str, str], str]] = {}
-            for (region, probe, vantage), why in everywhere.items():
+            by_agent: dict[str, dict[tuple[str, str], Suspicion]] = {}
+            for (region, probe, vantage), suspicion in everywhere.items():
                 if vantage != self.vantage:
-                    by_agent.setdefault(vantage, {})[region, probe] = why
+                    by_agent.setdefault(vantage, {})[region, probe] = suspicion
             for vantage, targets in by_agent.items():
-                self.intake.hurry(vantage, targets, every=policy.every, hold=hold, budget=policy.budget)
+                self.intake.hurry(vantage, targets, held=held, policy=policy)
         return bool(everywhere)
 
     async def _keep_baselines(self, store: Store) -> None:

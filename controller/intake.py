@@ -33,6 +33,8 @@ from probes.agent import acked, backoff, cancel_all
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
+    from controller.judging.suspicion import Suspicion
+    from controller.settings.policy import SuspicionPolicy
     from controller.settings.schema import AgentsSettings
     from probes.results import Result
 
@@ -130,19 +132,25 @@ class Intake:
         self.hurries_sent = 0
 
     def hurry(
-        self, vantage: str, suspects: Mapping[tuple[str, str], str], *, every: float, hold: float, budget: int
+        self, vantage: str, suspects: Mapping[tuple[str, str], Suspicion], *, held: float, policy: SuspicionPolicy
     ) -> None:
-        """Ask the agent at `vantage` to probe these (region, probe) -> why harder for `hold`
-        seconds. Sent at once while connected; while not, nothing is kept (a suspicion is renewed
-        by the next pass, or is over)."""
+        """Ask the agent at `vantage` to probe these (region, probe) harder for `held` seconds, as
+        the suspicion policy paces it (each suspect's runs, when it counts them). Sent at once while
+        connected; while not, nothing is kept (a suspicion is renewed by the next pass, or is over)."""
         if vantage not in self.agents or not suspects or not self.connected:
             return
         message = wire.Hurry(  # within the wire's bounds whatever the policy and the pass took
             vantage=vantage,
-            every=min(max(every, wire.MIN_EVERY), wire.MAX_EVERY),
-            hold=min(hold, wire.MAX_HOLD),
-            budget=min(budget, wire.MAX_BUDGET),
-            suspects=[wire.Suspect(region=r, probe=p, why=why[:200]) for (r, p), why in sorted(suspects.items())],
+            every=min(max(policy.every, wire.MIN_EVERY), wire.MAX_EVERY),
+            hold=min(held, wire.MAX_HOLD),
+            budget=min(policy.budget, wire.MAX_BUDGET),
+            parallel=min(policy.parallel, wire.MAX_PARALLEL),
+            suspects=[
+                wire.Suspect(
+                    region=r, probe=p, why=s.why[:200], runs=None if s.runs is None else min(s.runs, wire.MAX_BUDGET)
+                )
+                for (r, p), s in sorted(suspects.items())
+            ],
         )
         self._outbox[vantage] = wire.encode_hurry(message)
         self._send.set()

@@ -176,7 +176,14 @@ class Agent:
             key = (suspect.region, suspect.probe)
             if key not in self._targets:
                 continue
-            self._probes.hasten(*key, every=hurry.every, hold=hurry.hold, budget=hurry.budget)
+            self._probes.hasten(
+                *key,
+                every=hurry.every,
+                hold=hurry.hold,
+                budget=hurry.budget,
+                runs=suspect.runs,
+                parallel=hurry.parallel,
+            )
             if key not in hastened:
                 log.info(
                     "probing a suspect harder",

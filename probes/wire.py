@@ -155,6 +155,7 @@ class Plan(_Message):
 MIN_EVERY, MAX_EVERY = 0.01, 3600.0  # seconds between two extra runs of one target
 MAX_HOLD = 60.0  # seconds one hurry message hastens its targets, at most
 MAX_BUDGET = 6000  # extra runs of one target a minute, at most
+MAX_PARALLEL = 16  # extra runs of one target in flight at once, at most
 
 
 class Suspect(BaseModel):
@@ -163,11 +164,15 @@ class Suspect(BaseModel):
     region: Name
     probe: Name
     why: Annotated[str, Field(max_length=200)] = ""
+    # The extra runs that would settle it (a lone failure's), replacing the count of the message
+    # before; absent, it is hastened for the hold alone.
+    runs: Annotated[int, Field(ge=0, le=MAX_BUDGET)] | None = None
 
 
 class Hurry(_Message):
     """Targets one agent should probe harder: every `every` seconds at most, for `hold` seconds
-    from receipt (renewed while the suspicion lasts), within `budget` extra runs a minute."""
+    from receipt (renewed while the suspicion lasts) and each suspect's `runs` at most, within
+    `budget` extra runs a minute and `parallel` in flight at once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -177,6 +182,7 @@ class Hurry(_Message):
     every: Annotated[float, Field(ge=MIN_EVERY, le=MAX_EVERY, allow_inf_nan=False)]
     hold: Annotated[float, Field(gt=0, le=MAX_HOLD, allow_inf_nan=False)]
     budget: Annotated[int, Field(ge=1, le=MAX_BUDGET)]
+    parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL)] = 1
     suspects: list[Suspect] = Field(max_length=10_000)
 
 

@@ -21,6 +21,8 @@ import pytest
 from controller.daemon import Daemon
 from controller.demo.broker import ACL, CONTROLLER_USER, Broker, BrokerTlsFiles
 from controller.intake import DROP_REASONS, Intake
+from controller.judging.suspicion import Suspicion
+from controller.settings.policy import SuspicionPolicy
 from controller.settings.schema import AgentsSettings
 from probes import wire
 from probes.agent import Agent, AgentSettings, backoff
@@ -165,18 +167,24 @@ def test_a_deeply_nested_payload_is_dropped_by_the_intake_and_refused_by_the_age
 
 def test_a_suspicion_hastens_within_bounds_whatever_the_policy_or_the_message_says():
     long_hold = wire.Hurry(vantage="agent-a", every=0.1, hold=60.0, budget=300, suspects=[]).model_dump(by_alias=True)
-    for wrong in ({"hold": 3600.0}, {"every": 0.001}, {"budget": 100_000}):
+    for wrong in ({"hold": 3600.0}, {"every": 0.001}, {"budget": 100_000}, {"parallel": 17}, {"parallel": 0}):
         payload = json.dumps({**long_hold, **wrong}).encode()
         with pytest.raises(wire.WireError, match=next(iter(wrong))) as refused:
             wire.decode_hurry(wire.hurry_topic("agent-a"), payload)
         assert refused.value.reason == "invalid"
+    counted = {**long_hold, "suspects": [{"region": "eu-west-1", "probe": "orders", "runs": -1}]}
+    with pytest.raises(wire.WireError, match="runs"):
+        wire.decode_hurry(wire.hurry_topic("agent-a"), json.dumps(counted).encode())
     # The controller clamps what it sends: a policy's `every` of an hour and a slow pass still fit.
     intake, _, _ = make_intake()
     intake.connected = True
-    intake.hurry("agent-a", {("eu-west-1", "orders"): "x"}, every=86_400.0, hold=5_000.0, budget=6_000)
+    policy = SuspicionPolicy(every=86_400.0, budget=6_000, parallel=16)
+    suspected = {("eu-west-1", "orders"): Suspicion("x", runs=40), ("eu-west-1", "home"): Suspicion("y")}
+    intake.hurry("agent-a", suspected, held=5_000.0, policy=policy)
     sent = dict(intake._outbox)
     hurry = wire.decode_hurry(wire.hurry_topic("agent-a"), sent["agent-a"])
-    assert (hurry.every, hurry.hold, hurry.budget) == (wire.MAX_EVERY, wire.MAX_HOLD, 6_000)
+    assert (hurry.every, hurry.hold, hurry.budget, hurry.parallel) == (wire.MAX_EVERY, wire.MAX_HOLD, 6_000, 16)
+    assert [(s.probe, s.runs) for s in hurry.suspects] == [("home", None), ("orders", 40)]
 
 
 def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
@@ -291,26 +299,34 @@ async def test_an_agent_probes_the_controllers_suspects_harder_while_it_is_asked
         await until(lambda: len(received) >= 2, what="scheduled results")
         assert extra("orders") == 0
         # One suspect, renewed every quarter second for 2 s as the judge renews it.
-        suspected = {("eu-west-1", "orders"): "failed 0.1s ago at agent-a", ("eu-west-1", "unknown"): "not planned"}
+        suspected = {
+            ("eu-west-1", "orders"): Suspicion("failed 0.1s ago at agent-a"),
+            ("eu-west-1", "unknown"): Suspicion("not planned"),
+        }
         for _ in range(8):
-            intake.hurry("agent-a", suspected, every=0.05, hold=0.5, budget=300)
+            intake.hurry("agent-a", suspected, held=0.5, policy=SuspicionPolicy(every=0.05, budget=300))
             await asyncio.sleep(0.25)
         await asyncio.sleep(0.2)
         during = extra("orders")
         # The suspicion is over half a second after the last renewal: back to one run a second.
         await asyncio.sleep(1.0)
         after = extra("orders")
-        await asyncio.sleep(2.0)
+        assert extra("home") == 0  # not suspected, not hastened
+        # A counted suspicion (a lone failure's) runs what it asks for, however long its hold.
+        counted = {("eu-west-1", "home"): Suspicion("failed 0.1s ago at agent-a", runs=6)}
+        intake.hurry("agent-a", counted, held=30.0, policy=SuspicionPolicy(every=0.05, budget=300, parallel=2))
+        await until(lambda: extra("home") >= 6, what="the counted runs")
+        await asyncio.sleep(1.0)
         stop_agent.set()
         await until(lambda: intake.agents["agent-a"].state == "offline", what="offline")
         stop_intake.set()
     # 2 s at one run every 50 ms at most (each takes a few ms here): about 40, never above 50.
     assert 15 <= during <= 50, during
     assert extra("orders") == after  # nothing more once the suspicion ended
-    assert extra("home") == 0  # not suspected, not hastened
-    assert agent.stats.hurries == 8
+    assert extra("home") == 6  # its count exactly
+    assert agent.stats.hurries == 9
     assert agent.stats.hurries_refused == 0
-    assert intake.hurries_sent == 8
+    assert intake.hurries_sent == 9
 
 
 def test_an_agent_refuses_a_suspicion_that_is_not_for_it():

@@ -36,6 +36,12 @@ class FakeProber:
         return self.subject.result(time.time(), {"total": self.duration})
 
 
+async def until(condition, within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 async def run_for(scheduler: Scheduler, seconds: float) -> None:
     task = asyncio.create_task(scheduler.run())
     await asyncio.sleep(seconds)
@@ -181,3 +187,38 @@ async def test_a_renewed_suspicion_extends_it_and_other_targets_are_untouched():
     extra = [r for r in results if r.reason == "suspicion"]
     assert {r.probe for r in extra} == {"orders"}
     assert 7 <= len(extra) <= 11  # about one per 0.1 s over the 0.85 s the renewals held it
+
+
+async def test_a_counted_suspicion_runs_its_count_and_a_renewal_replaces_it():
+    prober = FakeProber("orders", interval=10.0, duration=0.0)
+    results: list[Result] = []
+    async with running(Scheduler([prober], results.append, jitter=0.0)) as scheduler:
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, runs=7)
+        await until(lambda: scheduler.stats.extra_runs >= 7)
+        await asyncio.sleep(0.3)  # a hold of 5 s would allow 30 more at one per 10 ms
+        assert scheduler.stats.extra_runs == 7
+        assert scheduler.hastened() == set()  # its count spent, it is no longer a suspect
+        # The caller counts what it still needs and says so on each pass: the newest count holds.
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, runs=3)
+        await until(lambda: scheduler.stats.extra_runs >= 10)
+        await asyncio.sleep(0.3)
+    assert scheduler.stats.extra_runs == 10
+    assert sum(r.reason == "suspicion" for r in results) == 10
+
+
+async def test_a_slow_suspect_runs_up_to_parallel_extra_runs_at_once_and_never_more():
+    """A far target's latency does not cap how fast a suspect is sampled: at 200 ms a run, one at
+    a time gives 5 a second; three at once, 15."""
+    prober = FakeProber("orders", interval=10.0, duration=0.2)
+    async with running(Scheduler([prober], lambda _: None, jitter=0.0)) as scheduler:
+        await until(lambda: prober.running == 0)  # the first scheduled run is over
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=1.0, budget=1000, parallel=3)
+        await until(lambda: scheduler.stats.extra_runs >= 9)
+        assert prober.max_running == 3
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=0.6, budget=1000, parallel=1)
+        await asyncio.sleep(0.5)  # the three in flight end; then one at a time
+        before = prober.max_running
+        prober.max_running = prober.running
+        await asyncio.sleep(0.4)
+        assert prober.max_running == 1
+    assert before == 3

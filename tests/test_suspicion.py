@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.judging.suspicion import judge_delay, suspects
+from controller.judging.suspicion import HOLD_PASSES, Suspicion, hold, judge_delay, suspects
 from controller.judging.verdicts import Verdict
 from controller.judging.windows import WindowStore
 from controller.settings.policy import SuspicionPolicy, VerdictPolicy
@@ -38,14 +38,45 @@ def test_one_recent_failure_makes_its_target_a_suspect_at_that_vantage_alone():
     found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
     # us-east-1's own failure is 50 s old; one failure is not yet worth probing the peers for.
     assert list(found) == [("eu-west-1", "orders", "controller")]
-    assert found["eu-west-1", "orders", "controller"].startswith("failed 4.5s ago at controller (evidence ")
+    suspicion = found["eu-west-1", "orders", "controller"]
+    assert suspicion.why.startswith("failed 4.5s ago at controller (evidence ")
+    # It asks for the runs that would clear it: clear_after (32) passes, 4 of which came already.
+    assert suspicion.runs == POLICY.suspicion.clear_after - 4 == 28
+
+
+def test_a_lone_failure_costs_its_clear_after_runs_however_they_run():
+    """The count falls with each pass seen, whatever ran it: extra runs in flight when the
+    evidence fades are all that can run past it."""
+    for passes in range(1, 29):  # (at one pass a second, `after_failure` ends it at 30)
+        windows = store(("eu-west-1", "orders", "controller", 59.5 - passes))
+        found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
+        assert found == {
+            ("eu-west-1", "orders", "controller"): Suspicion(
+                found["eu-west-1", "orders", "controller"].why, 32 - passes
+            )
+        }
+
+
+def test_two_failures_further_apart_than_lean_within_passes_are_counted_not_leaning():
+    # 25 passes apart (lean_within is 20): the peers are not hastened; the count runs from both.
+    windows = store(("eu-west-1", "orders", "controller", 33.5), ("eu-west-1", "orders", "controller", 58.5))
+    found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
+    assert list(found) == [("eu-west-1", "orders", "controller")]
+    # 32 of the first failure, 115.4 more of the second, 26 passes since the first: 122.
+    assert found["eu-west-1", "orders", "controller"].runs == 122
+    # Two failures with 14 passes since the first: leaning bad, probed (with its peer) while it
+    # leans, no count; it leans until two failures have 20 passes, or more failures more.
+    windows = store(("eu-west-1", "orders", "controller", 45.5), ("eu-west-1", "orders", "controller", 58.5))
+    found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
+    assert set(found) == {("eu-west-1", "orders", "controller"), ("us-east-1", "orders", "controller")}
+    assert all(s.runs is None for s in found.values())
 
 
 def test_a_second_close_failure_leans_bad_and_hastens_the_peers_at_that_vantage():
     windows = store(("eu-west-1", "orders", "controller", 50.5), ("eu-west-1", "orders", "controller", 58.5))
     assert suspects(windows, PROBES, {}, T0 + 60, POLICY) == {
-        ("eu-west-1", "orders", "controller"): "failed 1.5s ago at controller (evidence 6.5)",
-        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
+        ("eu-west-1", "orders", "controller"): Suspicion("failed 1.5s ago at controller (evidence 6.5)"),
+        ("us-east-1", "orders", "controller"): Suspicion("peer of eu-west-1, a suspect leaning bad"),
     }
 
 
@@ -62,10 +93,10 @@ def test_leaning_bad_at_one_vantage_hastens_every_vantage_the_quorum_and_peers_n
     )
     found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
     assert found == {
-        ("eu-west-1", "orders", "agent-2"): "failed 1.5s ago at agent-2 (evidence 6.5)",
-        ("eu-west-1", "orders", "controller"): "leaning bad at agent-2: the quorum needs controller too",
-        ("us-east-1", "orders", "agent-2"): "peer of eu-west-1, a suspect leaning bad",
-        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
+        ("eu-west-1", "orders", "agent-2"): Suspicion("failed 1.5s ago at agent-2 (evidence 6.5)"),
+        ("eu-west-1", "orders", "controller"): Suspicion("leaning bad at agent-2: the quorum needs controller too"),
+        ("us-east-1", "orders", "agent-2"): Suspicion("peer of eu-west-1, a suspect leaning bad"),
+        ("us-east-1", "orders", "controller"): Suspicion("peer of eu-west-1, a suspect leaning bad"),
     }
 
 
@@ -120,8 +151,8 @@ def test_latency_leaning_slow_hastens_the_probe_at_its_vantages_and_its_peers():
     evidence = {"slowdown": {"orders": {"llr": 5.6, "threshold": 13.8, "slower": True, "baseline": {"controller": {}}}}}
     slow = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=evidence)}
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {
-        ("eu-west-1", "orders", "controller"): "latency leaning slow",
-        ("us-east-1", "orders", "controller"): "peer of eu-west-1, a suspect leaning bad",
+        ("eu-west-1", "orders", "controller"): Suspicion("latency leaning slow"),
+        ("us-east-1", "orders", "controller"): Suspicion("peer of eu-west-1, a suspect leaning bad"),
     }
     evidence["slowdown"]["orders"]["llr"] = 5.4  # under 0.4 of the threshold: not yet
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {}
@@ -135,3 +166,10 @@ def test_the_judge_runs_faster_only_while_a_suspect_is_probed():
     assert judge_delay(1.0, suspecting=False, policy=policy) == 1.0
     assert judge_delay(0.1, suspecting=True, policy=policy) == 0.1  # never slower than the tick
     assert judge_delay(1.0, suspecting=True, policy=SuspicionPolicy(enabled=False, judge_every=0.25)) == 1.0
+
+
+def test_a_suspicion_holds_a_little_past_the_next_pass_and_what_the_pass_took():
+    policy = SuspicionPolicy(judge_every=0.25)
+    assert hold(1.0, policy) == HOLD_PASSES * 0.25
+    assert hold(1.0, policy, took=0.1) == HOLD_PASSES * 0.25 + 0.1
+    assert 1 < HOLD_PASSES < 2  # covers a late pass; grants under a pass of runs past the evidence

@@ -9,11 +9,12 @@ Suspicion is graded, because what it costs is paid on every healthy target's noi
 
 - a failure at a vantage makes that (region, probe, vantage) a suspect for as long as the
   evidence leans on it: the most patient error test's CUSUM over the last `after_failure`, at that
-  vantage alone, stays above what `clear_after` passes leave of one lone failure. So a 0.1% noise
-  failure costs about `clear_after` extra probes there, and each further failure keeps it a
-  suspect for longer (two close failures, ~135 passes with the shipped tests);
-- once it leans bad (its statistic above one failure's worth: a second failure before the
-  first has faded) the same probe at the region's other vantages (the quorum needs them) and in
+  vantage alone, stays above what `clear_after` passes leave of one lone failure. The suspicion
+  says how many more runs would clear it (`Suspicion.runs`), so a 0.1% noise failure costs
+  `clear_after` extra probes there however fast they run, and each further failure keeps it a
+  suspect for longer (a second one adds ~115 passes with the shipped tests);
+- once it leans bad (its statistic above what two failures with `lean_within` passes leave:
+  failures coming close together) the same probe at the region's other vantages (the quorum needs them) and in
   the peer regions, at every vantage, are suspects too, since the suspect is judged against its
   peers over the same seconds and only samples taken at the same time tell a regional fault from
   a shared one;
@@ -23,6 +24,8 @@ Suspicion is graded, because what it costs is paid on every healthy target's noi
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.sequential import Llr
@@ -42,6 +45,16 @@ _DECIDED = frozenset({"degraded", "unhealthy"})
 Target = tuple[str, str, str]  # region, probe, vantage
 
 
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    """Why a target is a suspect, and how many more runs would settle it: the passes that clear
+    a lone failure's evidence; None while it leans bad or is a peer or a vantage of one that
+    does (as long as it is renewed)."""
+
+    why: str
+    runs: int | None = None
+
+
 def suspects(
     windows: WindowStore,
     probes: Mapping[str, Sequence[str]],
@@ -49,16 +62,17 @@ def suspects(
     now: float,
     verdict_policy: VerdictPolicy,
     set_aside: Collection[str] = (),
-) -> dict[Target, str]:
-    """(region, probe, vantage) -> why, for each target the evidence leans on that the region's
-    verdict does not already hold (see the module's docstring for the grades). Vantages set
-    aside (their own trouble, see judging.vantages) raise no suspicion and get none."""
+) -> dict[Target, Suspicion]:
+    """(region, probe, vantage) -> why and how many runs, for each target the evidence leans on
+    that the region's verdict does not already hold (see the module's docstring for the grades).
+    Vantages set aside (their own trouble, see judging.vantages) raise no suspicion and get none."""
     policy = verdict_policy.suspicion
     if not policy.enabled:
         return {}
     llr = Llr.of(min(verdict_policy.errors, key=lambda t: t.unacceptable))  # the most patient
     clear = llr.bad + policy.clear_after * llr.good  # what clear_after passes leave of one failure
-    found: dict[Target, str] = {}
+    lean = 2 * llr.bad + policy.lean_within * llr.good  # two failures with lean_within passes
+    found: dict[Target, Suspicion] = {}
     leaning: list[Target] = []
     for region, names in probes.items():
         verdict = verdicts.get(region)
@@ -76,23 +90,34 @@ def suspects(
             statistic = _statistic(window, now, policy.after_failure, llr)
             if statistic <= clear:
                 continue  # the evidence decided healthy: one failure among many passes is noise
-            found[region, probe, vantage] = f"failed {now - last:.1f}s ago at {vantage} (evidence {statistic:.1f})"
-            if statistic > llr.bad:
+            why = f"failed {now - last:.1f}s ago at {vantage} (evidence {statistic:.1f})"
+            if statistic > lean:
+                found[region, probe, vantage] = Suspicion(why)
                 leaning.append((region, probe, vantage))
+            else:  # not (or no longer) leaning: the passes that would clear it, each taking -llr.good away
+                found[region, probe, vantage] = Suspicion(why, math.ceil((statistic - clear) / -llr.good - 1e-9))
         if verdict is not None:
             for probe, vantages in _slow(verdict.evidence, policy.slow_fraction).items():
                 if probe in names and probe not in held:
                     for vantage in set(vantages) - set(set_aside):
-                        found.setdefault((region, probe, vantage), "latency leaning slow")
+                        _add(found, (region, probe, vantage), "latency leaning slow")
                         leaning.append((region, probe, vantage))
     for region, probe, vantage in leaning:
         for other in _vantages(windows, region, probe, set_aside) - {vantage}:
-            found.setdefault((region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
+            _add(found, (region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
         for peer, names in probes.items():
             if peer != region and probe in names:
                 for other in _vantages(windows, peer, probe, set_aside) | {vantage}:
-                    found.setdefault((peer, probe, other), f"peer of {region}, a suspect leaning bad")
+                    _add(found, (peer, probe, other), f"peer of {region}, a suspect leaning bad")
     return found
+
+
+def _add(found: dict[Target, Suspicion], target: Target, why: str) -> None:
+    """Hasten `target` for as long as it is renewed (a reason found first stays): a lone
+    failure's count gives way, since what leans bad needs its samples over the same seconds."""
+    held = found.get(target)
+    if held is None or held.runs is not None:
+        found[target] = Suspicion(why if held is None else held.why)
 
 
 def _vantages(windows: WindowStore, region: str, probe: str, set_aside: Collection[str]) -> set[str]:
@@ -133,6 +158,17 @@ def wakes_judge(result: Result, verdicts: Mapping[str, Verdict], set_aside: Coll
 def _held(verdict: Verdict | None) -> frozenset[str]:
     """The probes a region's verdict holds against it: decided, no extra samples needed."""
     return verdict.troubles if verdict is not None and verdict.status in _DECIDED else frozenset()
+
+
+# How many judge passes one renewal of a suspicion covers. Past one, so a pass a little late does
+# not let it lapse; not two, since what a renewal grants is run after the evidence fades (at 20
+# extra runs a second, half a pass is 2 or 3 runs).
+HOLD_PASSES = 1.25
+
+
+def hold(tick: float, policy: SuspicionPolicy, took: float = 0.0) -> float:
+    """How long one pass's suspicions hold: `HOLD_PASSES` judge passes, and what the pass `took`."""
+    return HOLD_PASSES * judge_delay(tick, suspecting=True, policy=policy) + took
 
 
 def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy) -> float:  # noqa: FBT001

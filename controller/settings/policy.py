@@ -109,16 +109,19 @@ class SuspicionPolicy(SettingsModel):
     """Probe suspects harder: a failure makes its (region, probe, vantage) a suspect while the most
     patient error test's CUSUM there over `after_failure` stays above what `clear_after` passes
     leave of one lone failure, and no verdict has decided it yet; it is probed every `every` (at
-    most `budget` extra runs a minute). Once it leans bad (a second failure, or its latency test at
+    most `budget` extra runs a minute, `parallel` at once), for the runs that would clear it. Once
+    it leans bad (evidence above two failures with `lean_within` passes, or its latency test at
     `slow_fraction` of its threshold and slower by the effect size) the probe at its other
-    vantages and in its peers is too. While any target is a suspect the judge runs every
-    `judge_every` instead of every controller tick."""
+    vantages and in its peers is too, for as long as it leans. While any target is a suspect the
+    judge runs every `judge_every` instead of every controller tick."""
 
     enabled: bool = True
     after_failure: Duration = Field(default=30.0, description="a failure this recent makes a target a suspect")
-    clear_after: int = Field(default=20, ge=1, le=1000, description="this many passes after one lone failure clear it")
-    every: Interval = Field(default=0.1, description="extra runs at most this often (10 per second)")
+    clear_after: int = Field(default=32, ge=1, le=1000, description="this many passes after one lone failure clear it")
+    lean_within: int = Field(default=20, ge=0, le=1000, description="two failures with this many passes lean bad")
+    every: Interval = Field(default=0.05, description="extra runs at most this often (20 per second)")
     budget: int = Field(default=300, ge=1, le=6000, description="extra runs per target per minute, at most")
+    parallel: int = Field(default=4, ge=1, le=16, description="extra runs of one suspect in flight at once, at most")
     slow_fraction: float = Field(default=0.4, gt=0, le=1, description="the slowdown test this far to its threshold")
     judge_every: Interval = Field(default=0.25, description="the judge's tick while a suspect is probed")
 
