@@ -19,7 +19,9 @@ Suspicion is graded, because what it costs is paid on every healthy target's noi
   peers over the same seconds and only samples taken at the same time tell a regional fault from
   a shared one;
 - a latency test leaning slow (the slowdown test at `slow_fraction` of its threshold, its run
-  slower than usual by the effect size) makes the probe and its peers suspects at every vantage.
+  slower than usual by the effect size) makes the probe and its peers suspects at every vantage;
+- a success `far_slower` times its baseline's median earns `far_slower_runs` extra runs at its
+  vantage: a spike costs that much, a slowdown that big is sampled at once at any interval.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def suspects(
             else:  # not (or no longer) leaning: the passes that would clear it, each taking -llr.good away
                 found[region, probe, vantage] = Suspicion(why, math.ceil((statistic - clear) / -llr.good - 1e-9))
         if verdict is not None:
+            for (probe, vantage), (why, runs) in _far_slower(windows, region, verdict.evidence, now, policy).items():
+                if probe in names and probe not in held and vantage not in set_aside:
+                    _count(found, (region, probe, vantage), why, runs)
             for probe, vantages in _slow(verdict.evidence, policy.slow_fraction).items():
                 if probe in names and probe not in held:
                     for vantage in set(vantages) - set(set_aside):
@@ -110,6 +115,43 @@ def suspects(
                 for other in _vantages(windows, peer, probe, set_aside) | {vantage}:
                     _add(found, (peer, probe, other), f"peer of {region}, a suspect leaning bad")
     return found
+
+
+def _count(found: dict[Target, Suspicion], target: Target, why: str, runs: int) -> None:
+    """A counted suspicion on `target`: the larger count serves both, and an uncounted one stays."""
+    held = found.get(target)
+    if held is None:
+        found[target] = Suspicion(why, runs)
+    elif held.runs is not None and held.runs < runs:
+        found[target] = Suspicion(held.why, runs)
+
+
+def _far_slower(
+    windows: WindowStore, region: str, evidence: Mapping[str, Any], now: float, policy: SuspicionPolicy
+) -> dict[tuple[str, str], tuple[str, int]]:
+    """(probe, vantage) -> why and runs, for each whose newest results include a success
+    `far_slower` times its baseline's median (read from the verdict's evidence): it earns
+    `far_slower_runs` extra runs, counted from it. A healthy spike so costs that many; a
+    slowdown that big keeps earning them with every slowed result, at once, at any interval,
+    until the slowdown test has what it needs (it would otherwise wait for several slowed
+    results at the base interval before `slow_fraction` hastens it)."""
+    out: dict[tuple[str, str], tuple[str, int]] = {}
+    if policy.far_slower_runs <= 0:
+        return out
+    for probe, found in (evidence.get("slowdown") or {}).items():
+        if not isinstance(found, dict):
+            continue
+        for vantage, base in (found.get("baseline") or {}).items():
+            window = windows.by_probe(region).get(probe, {}).get(vantage)
+            median = base.get("median") if isinstance(base, dict) else None
+            if window is None or not median:
+                continue
+            limit, since = policy.far_slower * median, now - policy.after_failure
+            after = window.results_since_slower(limit, policy.far_slower_runs, since)
+            if after is not None:
+                why = f"a result over {policy.far_slower:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
+                out[probe, vantage] = (why, policy.far_slower_runs - after)
+    return out
 
 
 def _add(found: dict[Target, Suspicion], target: Target, why: str) -> None:

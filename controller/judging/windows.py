@@ -229,6 +229,16 @@ class Window:
             count += sample[OK]
         return count
 
+    def results_since_slower(self, latency: float, limit: int, since: float) -> int | None:
+        """How many results came after the newest success slower than `latency` started at or
+        after `since`; None when none is among the newest `limit` (a walk back that stops there)."""
+        for count, sample in enumerate(self._newest_first()):
+            if count >= limit or sample[AT] < since:
+                return None
+            if sample[OK] and sample[LATENCY] > latency:
+                return count
+        return None
+
     def trim(self, now: float) -> None:
         horizon = now - self.span
         head = bisect_right(self._samples, horizon, lo=self._head, key=_AT)

@@ -117,12 +117,14 @@ class SuspicionPolicy(SettingsModel):
 
     enabled: bool = True
     after_failure: Duration = Field(default=30.0, description="a failure this recent makes a target a suspect")
-    clear_after: int = Field(default=32, ge=1, le=1000, description="this many passes after one lone failure clear it")
+    clear_after: int = Field(default=30, ge=1, le=1000, description="this many passes after one lone failure clear it")
     lean_within: int = Field(default=20, ge=0, le=1000, description="two failures with this many passes lean bad")
     every: Interval = Field(default=0.05, description="extra runs at most this often (20 per second)")
     budget: int = Field(default=300, ge=1, le=6000, description="extra runs per target per minute, at most")
     parallel: int = Field(default=4, ge=1, le=16, description="extra runs of one suspect in flight at once, at most")
     slow_fraction: float = Field(default=0.4, gt=0, le=1, description="the slowdown test this far to its threshold")
+    far_slower: float = Field(default=2.0, gt=1, description="a result this many times its baseline's median")
+    far_slower_runs: int = Field(default=1, ge=0, le=1000, description="extra runs each such result earns")
     judge_every: Interval = Field(default=0.25, description="the judge's tick while a suspect is probed")
 
 
