@@ -267,7 +267,7 @@ class ClosedLoop:
     def _plan(self, key: Key, now: float) -> None:
         """Queue the target's next run (a suspicion that changes replans it: the scheduler's wake)."""
         hurry = self.hurries.get(key)
-        if hurry is not None and hurry.until <= now:
+        if hurry is not None and hurry.forgotten(now):
             del self.hurries[key]
             hurry = None
         free = max(now, self.busy_until[key])  # the target's loop waits for its scheduled run
@@ -277,14 +277,13 @@ class ClosedLoop:
         self.version[key] += 1
         self._push(max(at, free), reason, (key, self.version[key]))
 
-    def hasten(self, key: Key, now: float, hold: float, runs: int | None) -> None:
+    def hasten(self, key: Key, now: float, hold: float, runs: int | None, seen: float | None) -> None:
         """The scheduler's `hasten`, for one vantage's target."""
         s = self.policy.suspicion
         hurry = self.hurries.get(key)
         if hurry is None:
-            self.hurries[key] = Hurry(s.every, now + hold, s.budget, runs, s.parallel)
-        else:
-            hurry.renew(s.every, now + hold, s.budget, runs, s.parallel)
+            hurry = self.hurries[key] = Hurry(s.every, now + hold, s.budget)
+        hurry.renew(s.every, now + hold, s.budget, runs, s.parallel, seen)
         self._plan(key, now)
 
     def run_until(
@@ -313,10 +312,13 @@ class ClosedLoop:
             key, version = item  # type: ignore[misc]
             if version != self.version[key]:
                 continue  # replanned since
+            if kind == "suspicion" and not self.hurries[key].active(at):
+                self._plan(key, at)  # over while it waited: the scheduler checks again too
+                continue
             result = self.stream.answer(*key, at)
             counted = self.counting_from <= at < self.counting_until
             if kind == "suspicion":
-                self.hurries[key].spend(at)  # planned with it, replanned if it ended
+                self.hurries[key].spend(at, result.started_at)  # planned with it, replanned if it ended
                 self.extra += counted
                 result = _replace_reason(result)
                 self.extras[key] += 1
@@ -421,7 +423,7 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
         else:
             found = suspects(ours.windows, ours.judge.probes, ours.judge.verdicts, now, policy, ours.judge.set_aside)
         for key, wanted in found.items():
-            loop.hasten(key, t, held, wanted.runs)
+            loop.hasten(key, t, held, wanted.runs, wanted.seen)
         suspecting = bool(found)
         result_of.seconds = t
         if scenario.culprit and not observe_flaps and all(o.detected_at is not None for o in outcomes.values()):

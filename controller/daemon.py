@@ -254,6 +254,7 @@ class Daemon:
                 budget=policy.budget,
                 runs=suspicion.runs,
                 parallel=policy.parallel,
+                seen=suspicion.seen,
             )
             if (region, probe) not in self._suspects:
                 log.info(

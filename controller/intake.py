@@ -147,7 +147,11 @@ class Intake:
             parallel=min(policy.parallel, wire.MAX_PARALLEL),
             suspects=[
                 wire.Suspect(
-                    region=r, probe=p, why=s.why[:200], runs=None if s.runs is None else min(s.runs, wire.MAX_BUDGET)
+                    region=r,
+                    probe=p,
+                    why=s.why[:200],
+                    runs=None if s.runs is None else min(s.runs, wire.MAX_BUDGET),
+                    seen=s.seen,
                 )
                 for (r, p), s in sorted(suspects.items())
             ],

@@ -105,6 +105,7 @@ class Agent:
         self._seq = 0
         self._scheduler: asyncio.Task[None] | None = None
         self._probes: Scheduler | None = None
+        self._suspected: set[tuple[str, str]] = set()  # the targets of the last hurry, for the log
         self._targets: frozenset[tuple[str, str]] = frozenset()  # (region, probe) of the plan running
         self._connected = False
         self.plan: wire.Plan | None = None
@@ -171,7 +172,7 @@ class Agent:
         if self._probes is None:  # no plan yet: nothing of its to hasten
             self.stats.hurries_refused += 1
             return
-        hastened = self._probes.hastened()
+        before, self._suspected = self._suspected, set()
         for suspect in hurry.suspects:
             key = (suspect.region, suspect.probe)
             if key not in self._targets:
@@ -183,8 +184,10 @@ class Agent:
                 budget=hurry.budget,
                 runs=suspect.runs,
                 parallel=hurry.parallel,
+                seen=suspect.seen,
             )
-            if key not in hastened:
+            self._suspected.add(key)
+            if key not in before:  # logged when it starts, not at each renewal
                 log.info(
                     "probing a suspect harder",
                     vantage=self.settings.vantage,

@@ -9,9 +9,10 @@ skipped and counted, not run in a burst.
 A target under suspicion (`hasten`) is probed faster between its ticks: every `every` seconds at
 most, within a budget of extra runs per minute, until the suspicion ends or has had the runs it
 asked for. Extra runs are real runs, marked `reason="suspicion"`; the grid of scheduled ticks is not
-moved by them. Up to `parallel` extra runs of one suspect may be in flight at once, so a far
-target's latency does not cap how fast its evidence comes (a 210 ms target run one at a time gives
-under 5 results a second); outside suspicion a probe never overlaps itself.
+moved by them. Up to `parallel` extra runs of one suspect may be in flight at once (HTTP and TCP
+probes), so a far target's latency does not cap how fast its evidence comes (a 210 ms target run
+one at a time gives under 5 results a second), and they may take half of the in-flight bound at
+most: scheduled runs always have the other half. A scheduled run never overlaps another.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class ProbeStats:
 class Hurry:
     """A suspicion on one target: extra runs every `every` seconds until `until` (loop time), at
     most `budget` extra runs in any 60 s, `left` more at most (None: as many as `until` allows),
-    `parallel` of them in flight at once."""
+    `parallel` of them in flight at once. It outlives its suspicion while its runs of the last
+    60 s are remembered, so a suspicion that lapses and comes back neither starts its budget
+    afresh nor forgets what it has run."""
 
     every: float
     until: float
@@ -86,26 +89,43 @@ class Hurry:
     left: int | None = None
     parallel: int = 1
     spent: deque[float] = field(default_factory=deque)  # loop times of the extra runs in the last 60 s
+    started: deque[float] = field(default_factory=deque)  # and their results' start times, the same ones
 
-    def renew(self, every: float, until: float, budget: int, runs: int | None, parallel: int) -> None:
-        """A newer ask replaces the older one's pace and count; its end is the later of the two."""
-        self.every, self.until, self.budget = every, max(self.until, until), budget
-        self.left, self.parallel = runs, parallel
+    def renew(
+        self, every: float, until: float, budget: int, runs: int | None, parallel: int, seen: float | None = None
+    ) -> None:
+        """A newer ask replaces the older one's pace and count; its end is the later of the two.
+        `runs` counts what the asker still needs from the results it has seen, the newest of
+        which started at `seen` (the prober's clock): runs started after that are on their way
+        and count against it."""
+        self.every, self.until, self.budget, self.parallel = every, max(self.until, until), budget, parallel
+        coming = 0 if seen is None else sum(1 for at in self.started if at > seen)
+        self.left = None if runs is None else max(0, runs - coming)
 
     def active(self, now: float) -> bool:
         return now < self.until and (self.left is None or self.left > 0)
 
-    def spend(self, at: float) -> None:
-        """Count one extra run started at `at`."""
+    def forgotten(self, now: float) -> bool:
+        """Over, and no run of the last 60 s left to remember."""
+        self._forget(now)
+        return not self.active(now) and not self.spent
+
+    def spend(self, at: float, started_at: float) -> None:
+        """Count one extra run started at `at` (loop time), its result stamped `started_at`."""
         self.spent.append(at)
+        self.started.append(started_at)
         if self.left is not None:
-            self.left -= 1
+            self.left = max(0, self.left - 1)
+
+    def _forget(self, now: float) -> None:
+        while self.spent and self.spent[0] <= now - 60.0:
+            self.spent.popleft()
+            self.started.popleft()
 
     def next_extra(self, last_run: float, now: float) -> float | None:
         """When the next extra run is due, or None when the suspicion is over, has had the runs
         it asked for or its budget is spent."""
-        while self.spent and self.spent[0] <= now - 60.0:
-            self.spent.popleft()
+        self._forget(now)
         if not self.active(now):
             return None
         if len(self.spent) >= self.budget:
@@ -163,6 +183,10 @@ class Scheduler:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._hurries: dict[tuple[str, str], Hurry] = {}
         self._extras: dict[tuple[str, str], int] = {}  # extra runs in flight, by target
+        self._extra_slots = asyncio.Semaphore(max(1, max_concurrency // 2))
+        # Targets whose extra runs may overlap: their kind says its runs share nothing (a lag
+        # prober keeps its database connections between runs; it never does).
+        self._overlap = {(p.subject.region, p.subject.probe) for p in self.probers if getattr(p, "overlaps", False)}
         self._group: asyncio.TaskGroup | None = None
         # What each target's task waits on between runs: settled at its tick by a timer, or early by
         # `hasten`. A future and a timer, as `asyncio.sleep` uses: a wait under `asyncio.timeout`
@@ -179,18 +203,20 @@ class Scheduler:
         budget: int,
         runs: int | None = None,
         parallel: int = 1,
+        seen: float | None = None,
     ) -> None:
         """Probe this target every `every` seconds (on top of its ticks) for the next `hold`
         seconds, `runs` more times at most (None: no count), at most `budget` extra runs a minute
-        and `parallel` at once; called again, the suspicion is extended and its count replaced
-        (the caller counts what it still needs from the results it has seen)."""
+        and `parallel` at once (HTTP and TCP probes; others one at a time); called again, the
+        suspicion is extended and its count replaced: the caller counts what it still needs from
+        the results it has seen, the newest of which started at `seen`, and the runs started
+        since count against it."""
         key = (region, probe)
         until = asyncio.get_running_loop().time() + hold
         hurry = self._hurries.get(key)
         if hurry is None:
-            self._hurries[key] = Hurry(every, until, budget, runs, parallel)
-        else:
-            hurry.renew(every, until, budget, runs, parallel)
+            hurry = self._hurries[key] = Hurry(every, until, budget)
+        hurry.renew(every, until, budget, runs, parallel if key in self._overlap else 1, seen)
         self._wake(key)
 
     def _wake(self, key: tuple[str, str]) -> None:
@@ -222,7 +248,7 @@ class Scheduler:
             due = base + self._rng.uniform(-self.jitter, self.jitter) * interval
             while True:  # extra runs on suspicion, until the scheduled tick is nearer
                 hurry = self._hurries.get(key)
-                if hurry is not None and hurry.until <= loop.time():
+                if hurry is not None and hurry.forgotten(loop.time()):
                     del self._hurries[key]
                     hurry = None
                 at, reason = next_run(hurry, last_run, due, loop.time())
@@ -232,7 +258,9 @@ class Scheduler:
                         break
                     continue
                 await asyncio.sleep(max(0.0, at - loop.time()))
-                hurry.spend(loop.time())
+                if not hurry.active(loop.time()) or self._extras.get(key, 0) >= hurry.parallel:
+                    continue  # renewed meanwhile with less, or over
+                hurry.spend(loop.time(), time.time())
                 last_run = loop.time()
                 self._start_extra(prober, key)
             last_run = loop.time()
@@ -251,7 +279,8 @@ class Scheduler:
 
         async def extra() -> None:
             try:
-                await self._run_one(prober, "suspicion")
+                async with self._extra_slots:  # scheduled runs always have the other half
+                    await self._run_one(prober, "suspicion")
             finally:
                 self._extras[key] -= 1
                 self._wake(key)

@@ -167,6 +167,9 @@ class Suspect(BaseModel):
     # The extra runs that would settle it (a lone failure's), replacing the count of the message
     # before; absent, it is hastened for the hold alone.
     runs: Annotated[int, Field(ge=0, le=MAX_BUDGET)] | None = None
+    # When the newest result the count was made from started (the agent's own stamp): runs the
+    # agent started since are on their way and count against it.
+    seen: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class Hurry(_Message):

@@ -1,10 +1,12 @@
-"""The scheduler: each probe on its own interval, never overlapping itself, bounded overall."""
+"""The scheduler: each probe on its own interval, its scheduled runs never overlapping, bounded overall;
+suspects probed harder within their count, pace and parallel bound."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import random
 import time
 from types import SimpleNamespace
 
@@ -16,6 +18,8 @@ from probes.spec import HttpProbe
 
 class FakeProber:
     """Takes `duration` seconds a run and records when runs overlap."""
+
+    overlaps = True
 
     def __init__(self, name: str, interval: float, duration: float, timeout: float | None = None) -> None:
         self.spec = SimpleNamespace(name=name, interval=interval, timeout=timeout or interval)
@@ -29,11 +33,12 @@ class FakeProber:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.starts.append(time.monotonic())
+        started_at = time.time()  # as every prober stamps a result: when it started
         try:
             await asyncio.sleep(self.duration)
         finally:
             self.running -= 1
-        return self.subject.result(time.time(), {"total": self.duration})
+        return self.subject.result(started_at, {"total": self.duration})
 
 
 async def until(condition, within: float = 5.0) -> None:
@@ -206,12 +211,18 @@ async def test_a_counted_suspicion_runs_its_count_and_a_renewal_replaces_it():
     assert sum(r.reason == "suspicion" for r in results) == 10
 
 
+class Late(random.Random):
+    """Puts every first tick at the end of its interval: nothing scheduled runs in a short test."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
+
+
 async def test_a_slow_suspect_runs_up_to_parallel_extra_runs_at_once_and_never_more():
     """A far target's latency does not cap how fast a suspect is sampled: at 200 ms a run, one at
     a time gives 5 a second; three at once, 15."""
     prober = FakeProber("orders", interval=10.0, duration=0.2)
-    async with running(Scheduler([prober], lambda _: None, jitter=0.0)) as scheduler:
-        await until(lambda: prober.running == 0)  # the first scheduled run is over
+    async with running(Scheduler([prober], lambda _: None, jitter=0.0, rng=Late())) as scheduler:
         scheduler.hasten("eu-west-1", "orders", every=0.01, hold=1.0, budget=1000, parallel=3)
         await until(lambda: scheduler.stats.extra_runs >= 9)
         assert prober.max_running == 3
@@ -222,3 +233,49 @@ async def test_a_slow_suspect_runs_up_to_parallel_extra_runs_at_once_and_never_m
         await asyncio.sleep(0.4)
         assert prober.max_running == 1
     assert before == 3
+
+
+async def test_a_renewed_count_takes_off_the_runs_started_after_the_newest_result_it_counted():
+    """The judge counts from the results it has seen; runs in flight (or on their way from an
+    agent) are not among them and must not be granted again."""
+    prober = FakeProber("orders", interval=10.0, duration=0.3)
+    results: list[Result] = []
+    async with running(Scheduler([prober], results.append, jitter=0.0, rng=Late())) as scheduler:
+        seen = time.time()  # nothing of this suspicion seen yet
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, runs=4, parallel=4)
+        await until(lambda: prober.running == 4)
+        # A pass that has seen none of them still needs 4: all 4 are on their way.
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, runs=4, parallel=4, seen=seen)
+        await until(lambda: len(results) == 4)
+        await asyncio.sleep(0.4)
+        assert scheduler.stats.extra_runs == 4
+        # Having seen two of them, it needs 3 more: the two still unseen count against them.
+        second = sorted(r.started_at for r in results)[1]
+        scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, runs=3, parallel=4, seen=second)
+        await until(lambda: len(results) == 5)
+        await asyncio.sleep(0.4)
+    assert scheduler.stats.extra_runs == 5
+
+
+async def test_stopping_with_extra_runs_in_flight_ends_them_and_starts_nothing_more():
+    prober = FakeProber("orders", interval=10.0, duration=5.0)
+    scheduler = Scheduler([prober], lambda _: None, jitter=0.0, rng=Late())
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.05)
+    scheduler.hasten("eu-west-1", "orders", every=0.01, hold=5.0, budget=100, parallel=4)
+    await until(lambda: prober.running == 4)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert prober.running == 0
+    assert scheduler._extras == {("eu-west-1", "orders"): 0}
+    assert len(prober.starts) == 4
+
+
+async def test_a_lag_probe_kind_never_overlaps_itself_even_on_suspicion():
+    prober = FakeProber("lag", interval=10.0, duration=0.1)
+    prober.overlaps = False  # as PostgresLagProber and CloudWatchLagProber: their runs share state
+    async with running(Scheduler([prober], lambda _: None, jitter=0.0, rng=Late())) as scheduler:
+        scheduler.hasten("eu-west-1", "lag", every=0.01, hold=0.5, budget=100, parallel=4)
+        await until(lambda: scheduler.stats.extra_runs >= 3)
+    assert prober.max_running == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from controller.judging.suspicion import HOLD_PASSES, Suspicion, hold, judge_delay, suspects
 from controller.judging.verdicts import Verdict
 from controller.judging.windows import WindowStore
@@ -44,17 +47,15 @@ def test_one_recent_failure_makes_its_target_a_suspect_at_that_vantage_alone():
     assert suspicion.runs == POLICY.suspicion.clear_after - 4
 
 
-def test_a_lone_failure_costs_its_clear_after_runs_however_they_run():
-    """The count falls with each pass seen, whatever ran it: extra runs in flight when the
-    evidence fades are all that can run past it."""
+def test_a_lone_failure_asks_for_the_runs_that_would_clear_it_counted_from_the_newest_seen():
+    """The count falls with each pass seen, whatever ran it, and says which results it was made
+    from (the newest one's start), so the scheduler can take off the runs on their way."""
     for passes in range(1, 29):  # (at one pass a second, `after_failure` ends it at 30)
         windows = store(("eu-west-1", "orders", "controller", 59.5 - passes))
         found = suspects(windows, PROBES, {}, T0 + 60, POLICY)
-        assert found == {
-            ("eu-west-1", "orders", "controller"): Suspicion(
-                found["eu-west-1", "orders", "controller"].why, POLICY.suspicion.clear_after - passes
-            )
-        }
+        suspicion = found["eu-west-1", "orders", "controller"]
+        assert list(found) == [("eu-west-1", "orders", "controller")]
+        assert (suspicion.runs, suspicion.seen) == (POLICY.suspicion.clear_after - passes, T0 + 59)
 
 
 def test_two_failures_further_apart_than_lean_within_passes_are_counted_not_leaning():
@@ -172,7 +173,15 @@ def test_a_suspicion_holds_a_little_past_the_next_pass_and_what_the_pass_took():
     policy = SuspicionPolicy(judge_every=0.25)
     assert hold(1.0, policy) == HOLD_PASSES * 0.25
     assert hold(1.0, policy, took=0.1) == HOLD_PASSES * 0.25 + 0.1
-    assert 1 < HOLD_PASSES < 2  # covers a late pass; grants under a pass of runs past the evidence
+
+
+def test_suspicion_knobs_past_one_failures_evidence_are_refused():
+    """One failure on the shipped patient test fades in 115 passes: clear_after past it would
+    never clear, lean_within past it would lean bad on one failure."""
+    VerdictPolicy(suspicion=SuspicionPolicy(clear_after=115, lean_within=115))
+    for knob in ("clear_after", "lean_within"):
+        with pytest.raises(ValidationError, match=rf"suspicion.{knob} \(116\) must be at most 115"):
+            VerdictPolicy(suspicion=SuspicionPolicy(**{knob: 116}))
 
 
 def slow_evidence(median: float = 0.01) -> dict:

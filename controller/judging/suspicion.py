@@ -11,7 +11,8 @@ Suspicion is graded, because what it costs is paid on every healthy target's noi
   evidence leans on it: the most patient error test's CUSUM over the last `after_failure`, at that
   vantage alone, stays above what `clear_after` passes leave of one lone failure. The suspicion
   says how many more runs would clear it (`Suspicion.runs`), so a 0.1% noise failure costs
-  `clear_after` extra probes there however fast they run, and each further failure keeps it a
+  `clear_after` extra probes there however fast they run (the runs started after the newest
+  result counted are taken off: see `Suspicion`), and each further failure keeps it a
   suspect for longer (a second one adds ~115 passes with the shipped tests);
 - once it leans bad (its statistic above what two failures with `lean_within` passes leave:
   failures coming close together) the same probe at the region's other vantages (the quorum needs them) and in
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.sequential import Llr
-from controller.judging.windows import OK
+from controller.judging.windows import AT, OK
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -51,10 +52,13 @@ Target = tuple[str, str, str]  # region, probe, vantage
 class Suspicion:
     """Why a target is a suspect, and how many more runs would settle it: the passes that clear
     a lone failure's evidence; None while it leans bad or is a peer or a vantage of one that
-    does (as long as it is renewed)."""
+    does (as long as it is renewed). The count is of the results seen, the newest of which
+    started at `seen`: the scheduler takes off what it started since (in flight, or on the way
+    from an agent), so a suspicion costs its count and no more."""
 
     why: str
     runs: int | None = None
+    seen: float | None = None  # when the newest result counted started (its prober's clock)
 
 
 def suspects(
@@ -97,11 +101,12 @@ def suspects(
                 found[region, probe, vantage] = Suspicion(why)
                 leaning.append((region, probe, vantage))
             else:  # not (or no longer) leaning: the passes that would clear it, each taking -llr.good away
-                found[region, probe, vantage] = Suspicion(why, math.ceil((statistic - clear) / -llr.good - 1e-9))
+                runs = math.ceil((statistic - clear) / -llr.good - 1e-9)
+                found[region, probe, vantage] = Suspicion(why, runs, _newest(window))
         if verdict is not None:
-            for (probe, vantage), (why, runs) in _far_slower(windows, region, verdict.evidence, now, policy).items():
+            for (probe, vantage), far in _far_slower(windows, region, verdict.evidence, now, policy).items():
                 if probe in names and probe not in held and vantage not in set_aside:
-                    _count(found, (region, probe, vantage), why, runs)
+                    _count(found, (region, probe, vantage), far)
             for probe, vantages in _slow(verdict.evidence, policy.slow_fraction).items():
                 if probe in names and probe not in held:
                     for vantage in set(vantages) - set(set_aside):
@@ -117,25 +122,30 @@ def suspects(
     return found
 
 
-def _count(found: dict[Target, Suspicion], target: Target, why: str, runs: int) -> None:
+def _count(found: dict[Target, Suspicion], target: Target, counted: Suspicion) -> None:
     """A counted suspicion on `target`: the larger count serves both, and an uncounted one stays."""
     held = found.get(target)
     if held is None:
-        found[target] = Suspicion(why, runs)
-    elif held.runs is not None and held.runs < runs:
-        found[target] = Suspicion(held.why, runs)
+        found[target] = counted
+    elif held.runs is not None and counted.runs is not None and held.runs < counted.runs:
+        found[target] = Suspicion(held.why, counted.runs, counted.seen)
+
+
+def _newest(window: Window) -> float | None:
+    newest = window.newest(1)
+    return newest[0][AT] if newest else None
 
 
 def _far_slower(
     windows: WindowStore, region: str, evidence: Mapping[str, Any], now: float, policy: SuspicionPolicy
-) -> dict[tuple[str, str], tuple[str, int]]:
-    """(probe, vantage) -> why and runs, for each whose newest results include a success
+) -> dict[tuple[str, str], Suspicion]:
+    """(probe, vantage) -> a counted suspicion, for each whose newest results include a success
     `far_slower` times its baseline's median (read from the verdict's evidence): it earns
     `far_slower_runs` extra runs, counted from it. A healthy spike so costs that many; a
     slowdown that big keeps earning them with every slowed result, at once, at any interval,
     until the slowdown test has what it needs (it would otherwise wait for several slowed
     results at the base interval before `slow_fraction` hastens it)."""
-    out: dict[tuple[str, str], tuple[str, int]] = {}
+    out: dict[tuple[str, str], Suspicion] = {}
     if policy.far_slower_runs <= 0:
         return out
     for probe, found in (evidence.get("slowdown") or {}).items():
@@ -150,7 +160,7 @@ def _far_slower(
             after = window.results_since_slower(limit, policy.far_slower_runs, since)
             if after is not None:
                 why = f"a result over {policy.far_slower:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
-                out[probe, vantage] = (why, policy.far_slower_runs - after)
+                out[probe, vantage] = Suspicion(why, policy.far_slower_runs - after, _newest(window))
     return out
 
 

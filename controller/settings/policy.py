@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
@@ -171,6 +172,18 @@ class VerdictPolicy(SettingsModel):
             )
         if self.window <= 0 or self.stale_after <= 0:
             raise ValueError("window and stale_after must be more than zero")
+        # One failure's evidence on the most patient error test fades in this many passes: a
+        # suspicion's knobs past it would never clear (clear_after) or lean bad on one failure.
+        patient = min(self.errors, key=lambda t: t.unacceptable)
+        fades = math.log(patient.unacceptable / patient.acceptable) / -math.log(
+            (1 - patient.unacceptable) / (1 - patient.acceptable)
+        )
+        for knob in ("clear_after", "lean_within"):
+            if getattr(self.suspicion, knob) >= fades:
+                raise ValueError(
+                    f"suspicion.{knob} ({getattr(self.suspicion, knob)}) must be at most {math.floor(fades)}: one "
+                    f"failure's evidence on the most patient error test fades in {fades:.0f} passes"
+                )
         return self
 
 

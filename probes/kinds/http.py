@@ -80,6 +80,8 @@ class _Exchange(asyncio.Protocol):
 class HttpProber:
     """Runs one `HttpProbe` for a region from a vantage; everything parsed once, up front."""
 
+    overlaps = True  # runs share nothing: extra runs on suspicion may be in flight together
+
     def __init__(self, spec: HttpProbe, region: str, vantage: str) -> None:
         self.spec = spec
         self.subject = Subject(region, spec.name, vantage)

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 class TcpProber:
     """Runs one `TcpProbe` for a region from a vantage."""
 
+    overlaps = True  # runs share nothing: extra runs on suspicion may be in flight together
+
     def __init__(self, spec: TcpProbe, region: str, vantage: str) -> None:
         self.spec = spec
         self.subject = Subject(region, spec.name, vantage)
