@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pydantic import ValidationError
 
@@ -210,3 +212,28 @@ def test_a_result_far_slower_than_usual_earns_one_extra_run_and_each_such_result
     windows.add(Result("eu-west-1", "orders", "controller", T0 + 59.6, ok=True, latency=0.05))
     assert suspects(windows, PROBES, {}, T0 + 60, POLICY) == {}
     assert suspects(windows, PROBES, healthy, T0 + 60, with_suspicion(far_slower_runs=0)) == {}
+
+
+def test_results_since_slower_matches_a_plain_walk_back():
+    rng = random.Random(7)
+    for _ in range(200):
+        window = WindowStore(3600.0)
+        for i in range(rng.randint(0, 6)):
+            ok = rng.random() > 0.2
+            windows_result = Result(
+                "eu-west-1", "orders", "controller", T0 + i, ok=ok, latency=rng.choice([0.01, 0.05])
+            )
+            window.add(windows_result)
+        kept = window.region("eu-west-1").get(("orders", "controller"))
+        samples = [] if kept is None else kept.samples(T0 + 10)
+        for limit in range(4):
+            since = T0 + rng.choice([0, 2, 4])
+            expected = None
+            for count, s in enumerate(reversed(samples)):
+                if count >= limit or s[0] < since:
+                    break
+                if s[1] and s[2] > 0.02:
+                    expected = count
+                    break
+            got = None if kept is None else kept.results_since_slower(0.02, limit, since)
+            assert got == expected, (samples, limit, since)

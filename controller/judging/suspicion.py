@@ -148,11 +148,13 @@ def _far_slower(
     out: dict[tuple[str, str], Suspicion] = {}
     if policy.far_slower_runs <= 0:
         return out
+    by_probe = windows.by_probe(region)
     for probe, found in (evidence.get("slowdown") or {}).items():
-        if not isinstance(found, dict):
+        vantages = by_probe.get(probe)
+        if not isinstance(found, dict) or not vantages:
             continue
         for vantage, base in (found.get("baseline") or {}).items():
-            window = windows.by_probe(region).get(probe, {}).get(vantage)
+            window = vantages.get(vantage)
             median = base.get("median") if isinstance(base, dict) else None
             if window is None or not median:
                 continue

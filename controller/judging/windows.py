@@ -231,7 +231,17 @@ class Window:
 
     def results_since_slower(self, latency: float, limit: int, since: float) -> int | None:
         """How many results came after the newest success slower than `latency` started at or
-        after `since`; None when none is among the newest `limit` (a walk back that stops there)."""
+        after `since`; None when none is among the newest `limit` (a walk back that stops there).
+        The newest alone first: the judge asks this of every window on every pass."""
+        if not len(self) or limit <= 0:
+            return None
+        newest = self._samples[-1]
+        if newest[AT] < since:
+            return None
+        if newest[OK] and newest[LATENCY] > latency:
+            return 0
+        if limit == 1:
+            return None
         for count, sample in enumerate(self._newest_first()):
             if count >= limit or sample[AT] < since:
                 return None
