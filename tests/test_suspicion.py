@@ -205,7 +205,8 @@ def test_a_result_far_slower_than_usual_earns_one_extra_run_and_each_such_result
     assert suspects(windows, PROBES, healthy, T0 + 60, POLICY) == {}
     windows.add(Result("eu-west-1", "orders", "controller", T0 + 59.8, ok=True, latency=0.03))
     assert suspects(windows, PROBES, healthy, T0 + 60, POLICY)["eu-west-1", "orders", "controller"].runs == 1
-    # A failure's larger count serves both; without a baseline, or turned off, nothing.
+    # A failure after it is counted as a failure (the slow result is no longer the newest); without
+    # a baseline, or with the grade turned off, a far slower result earns nothing.
     windows.add(Result("eu-west-1", "orders", "controller", T0 + 59.9, ok=False, latency=0.01))
     assert suspects(windows, PROBES, healthy, T0 + 60, POLICY)["eu-west-1", "orders", "controller"].runs > 1
     windows = store()
