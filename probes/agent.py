@@ -6,8 +6,9 @@ comes from the controller, as a retained, versioned plan on the agent's own topi
 
 It imports nothing from `controller/` (nor scipy): a small process, one per region.
 
-- Results are published with QoS 1 in the order they were made; one is forgotten only once the
-  broker has acknowledged it.
+- Results are published with QoS 1 in the order they were made, up to `inflight` (20) awaiting
+  their acknowledgements at once: a far broker does not hold an agent to one result per round
+  trip. One is forgotten only once the broker has acknowledged it.
 - While the broker is unreachable, probing goes on and results wait in a bounded buffer
   (`buffer` results; the oldest are dropped first, and counted); on reconnect they are replayed,
   marked late. A result the broker may have received before the connection broke is sent again
@@ -51,6 +52,10 @@ T = TypeVar("T")
 
 BACKOFF_FIRST = 0.5  # seconds before the first reconnect
 BACKOFF_CAP = 30.0  # and at most this long between two
+# Results published at once, each awaiting its PUBACK: paho's and mosquitto's default window of
+# QoS 1 messages in flight. One at a time, an agent sent at most one result per round trip to its
+# broker (10 a second at 100 ms), under one suspect's pace.
+INFLIGHT = 20
 
 
 def backoff(attempt: int, rng: random.Random) -> float:
@@ -71,6 +76,7 @@ class AgentSettings:
     key_file: str | None = None
     buffer: int = 10_000  # results kept while the broker is unreachable
     keepalive: int = 15
+    inflight: int = INFLIGHT  # results awaiting their acknowledgement at once
 
 
 @dataclass(slots=True)
@@ -90,6 +96,7 @@ class _Pending:
     seq: int
     result: Result
     late: bool = False
+    acked: bool = False  # acknowledged, behind one that is not yet (forgotten with it)
 
 
 @dataclass
@@ -100,8 +107,9 @@ class Agent:
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
-        self._buffer: deque[_Pending] = deque()
-        self._ready = asyncio.Event()  # something waits in the buffer
+        self._buffer: deque[_Pending] = deque()  # every result not yet acknowledged, in order
+        self._unsent: deque[_Pending] = deque()  # those of them not handed to this connection yet
+        self._ready = asyncio.Event()  # something to send, or a publish ended
         self._seq = 0
         self._scheduler: asyncio.Task[None] | None = None
         self._probes: Scheduler | None = None
@@ -116,25 +124,46 @@ class Agent:
         """The scheduler's sink: number the result and queue it for publishing."""
         self._seq += 1
         if len(self._buffer) >= self.settings.buffer:
-            self._buffer.popleft()
+            dropped = self._buffer.popleft()
+            if self._unsent and self._unsent[0] is dropped:
+                self._unsent.popleft()
             self.stats.dropped += 1
-        self._buffer.append(_Pending(self._seq, result, late=not self._connected))
+        pending = _Pending(self._seq, result, late=not self._connected)
+        self._buffer.append(pending)
+        self._unsent.append(pending)
         self._ready.set()
 
     async def _publish_all(self, client: aiomqtt.Client) -> None:
-        while True:
-            await self._ready.wait()
-            while self._buffer:
-                pending = self._buffer[0]
-                r = pending.result
-                payload = wire.encode_result(r, self.session, pending.seq, late=pending.late)
-                await acked(client.publish(wire.result_topic(r.region, r.probe, r.vantage), payload, qos=1))
-                # Acknowledged (aiomqtt waits for PUBACK at QoS 1): only now is it forgotten.
-                if self._buffer and self._buffer[0] is pending:
-                    self._buffer.popleft()
-                self.stats.published += 1
-                self.stats.replayed += pending.late
-            self._ready.clear()
+        """Publish what waits, in order, up to `inflight` at once; a publish that fails (the
+        connection broke) ends the loop with its error."""
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                self._ready.clear()
+                for task in [t for t in in_flight if t.done()]:
+                    in_flight.discard(task)
+                    task.result()
+                while self._unsent and len(in_flight) < self.settings.inflight:
+                    task = asyncio.create_task(self._publish(client, self._unsent.popleft()))
+                    task.add_done_callback(lambda _: self._ready.set())
+                    in_flight.add(task)
+                await self._ready.wait()
+        finally:
+            if in_flight:
+                await cancel_all(in_flight)
+
+    async def _publish(self, client: aiomqtt.Client, pending: _Pending) -> None:
+        r = pending.result
+        payload = wire.encode_result(r, self.session, pending.seq, late=pending.late)
+        await acked(client.publish(wire.result_topic(r.region, r.probe, r.vantage), payload, qos=1))
+        # Acknowledged (aiomqtt waits for PUBACK at QoS 1): only now is it forgotten, with any
+        # acknowledged before it (one dropped from a full buffer meanwhile is gone already).
+        pending.acked = True
+        buffer = self._buffer
+        while buffer and buffer[0].acked:
+            buffer.popleft()
+        self.stats.published += 1
+        self.stats.replayed += pending.late
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -215,7 +244,7 @@ class Agent:
         tls = None
         if s.ca_file is not None or s.cert_file is not None:
             tls = aiomqtt.TLSParameters(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             identifier=f"regionshift-agent-{s.vantage}-{self.session}",
@@ -224,7 +253,11 @@ class Agent:
             keepalive=s.keepalive,
             tls_params=tls,
             will=aiomqtt.Will(wire.status_topic(s.vantage), self._presence("offline"), qos=1, retain=True),
+            max_inflight_messages=s.inflight,
         )
+        # aiomqtt warns of more than 10 calls awaiting an answer; the window is meant to fill.
+        client.pending_calls_threshold = s.inflight + 2
+        return client
 
     async def _session(self, client: aiomqtt.Client) -> None:
         status = wire.status_topic(self.settings.vantage)
@@ -232,7 +265,8 @@ class Agent:
         await acked(client.subscribe(wire.plan_topic(self.settings.vantage), qos=1))
         await acked(client.subscribe(wire.hurry_topic(self.settings.vantage), qos=0))
         self._connected = True
-        for pending in self._buffer:
+        self._unsent = deque(p for p in self._buffer if not p.acked)
+        for pending in self._unsent:
             pending.late = True  # made while cut off, or not acknowledged before the cut
         # Two loops on one connection; whichever ends first (only by an error: the connection
         # broke) ends the other, and its error is the session's.

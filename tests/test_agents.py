@@ -29,6 +29,7 @@ from probes.agent import Agent, AgentSettings, backoff
 from probes.results import Result
 from probes.spec import HttpProbe, Secret
 from tests.conftest import REGIONSHIFT
+from tests.links import DelayedLink
 from tests.test_daemon import Running, world_config
 
 if TYPE_CHECKING:
@@ -65,6 +66,21 @@ def make_intake(broker: Broker | None = None, sink=None, plans=None, **changes) 
         plans=plans,
     )
     return intake, dropped, accepted
+
+
+def accepted_seqs(intake: Intake) -> list[int]:
+    """The sequence numbers of the results `intake` accepts from now on, as they come."""
+    seqs: list[int] = []
+    accept = intake.accept
+
+    def counting(t, payload, now):
+        found = accept(t, payload, now)
+        if found is not None:
+            seqs.append(json.loads(payload)["seq"])
+        return found
+
+    intake.accept = counting  # type: ignore[method-assign]
+    return seqs
 
 
 def topic(vantage="agent-a", region="eu-west-1", probe="home") -> str:
@@ -444,18 +460,9 @@ async def test_a_wrong_password_over_tls_is_refused_too(tls_broker, monkeypatch)
 
 @pytest.mark.timeout(150)
 async def test_a_broker_restart_loses_nothing_and_counts_nothing_twice(broker, region):
-    seqs: list[int] = []
     received: list[Result] = []
     intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region, interval=0.05))
-    accept = intake.accept
-
-    def counting(t, payload, now):
-        found = accept(t, payload, now)
-        if found is not None:
-            seqs.append(json.loads(payload)["seq"])
-        return found
-
-    intake.accept = counting  # type: ignore[method-assign]
+    seqs = accepted_seqs(intake)
     agent = agent_for(broker)
     stop_intake, stop_agent = asyncio.Event(), asyncio.Event()
     async with asyncio.TaskGroup() as group:
@@ -642,3 +649,42 @@ def test_a_configuration_with_agents_is_checked_where_it_is_wrong(write, cli_env
         assert where in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
         assert "hunter2" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_a_far_broker_gets_many_results_in_flight_in_order_each_once(broker, region, monkeypatch):
+    """A broker 200 ms away (a delayed link on loopback): the agent has up to `inflight` results
+    awaiting their acknowledgements at once, never more; the controller takes them in the order
+    they were made, none missing, none twice."""
+    intake, _, received = make_intake(broker, plans=plan_for(region, interval=0.02))
+    seqs = accepted_seqs(intake)
+    waiting = most = 0
+    publish = aiomqtt.Client.publish
+
+    async def counted(self, topic, *args, **kwargs):
+        nonlocal waiting, most
+        if not topic.startswith(wire.RESULTS + "/"):
+            return await publish(self, topic, *args, **kwargs)
+        waiting += 1
+        most = max(most, waiting)
+        try:
+            return await publish(self, topic, *args, **kwargs)
+        finally:
+            waiting -= 1
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", counted)
+    stop_intake, stop_agent = asyncio.Event(), asyncio.Event()
+    async with DelayedLink(broker.port, delay=0.1) as link:
+        agent = agent_for(broker, port=link.port, inflight=5)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(intake.run(stop_intake))
+            group.create_task(agent.run(stop_agent))
+            await until(lambda: len(received) >= 60, within=30, what="60 results over the far link")
+            stop_agent.set()
+            await until(lambda: intake.agents["agent-a"].state == "offline", within=20, what="offline")
+            stop_intake.set()
+    # One at a time, a 200 ms round trip would allow five results a second; the window was used.
+    assert most == 5, most
+    assert seqs == list(range(1, len(seqs) + 1)), "out of order, missing or twice"
+    # Every acknowledged result arrived; at most the window's were on their way when it stopped.
+    assert agent.stats.published <= len(seqs) <= agent.stats.published + 5
