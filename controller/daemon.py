@@ -131,6 +131,7 @@ class Daemon:
         # Set by a failed result while suspicion is on: the judge looks at once (after its
         # minimum gap, `suspicion.judge_every`) instead of at its next tick.
         self._judge_wake = asyncio.Event()
+        self._judge_behind = False  # the last judge pass took longer than the tick (logged once)
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciler: Reconciler | None = None
         # Set on every verdict change: the reconciler looks at once instead of at its next tick.
@@ -219,14 +220,33 @@ class Daemon:
             self._judge_wake.clear()
             started = time.monotonic()
             await self.tick_async()
+            took = time.monotonic() - started
+            self.metrics.judge_duration.observe(took)
+            self._judge_pace(took, tick)
             # A suspicion lasts until a little past the next pass, however long this one took.
-            suspecting = self._probe_suspects(hold(tick, policy, time.monotonic() - started))
-            delay = judge_delay(tick, suspecting, policy)
-            gap = min(delay, policy.judge_every)
+            suspecting = self._probe_suspects(hold(tick, policy, took))
+            delay = judge_delay(tick, suspecting, policy, took)
+            gap = max(min(delay, policy.judge_every), took)
             await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay - gap):
+                async with asyncio.timeout(max(0.0, delay - gap)):
                     await self._judge_wake.wait()  # a failure is judged (and suspected) at once
+
+    def _judge_pace(self, took: float, tick: float) -> None:
+        """Say when a judge pass takes longer than the tick (the next waits as long, so probing
+        keeps half the loop and verdicts come less often), and when passes keep pace again."""
+        behind = took > tick
+        if behind and not self._judge_behind:
+            log.warning(
+                "judge behind its tick",
+                took=round(took, 3),
+                tick=tick,
+                windows=self.windows.count(),
+                effect="the next pass waits as long as this one took: verdicts come less often",
+            )
+        elif not behind and self._judge_behind:
+            log.info("judge keeps pace again", took=round(took, 3), tick=tick)
+        self._judge_behind = behind
 
     def _probe_suspects(self, held: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -11,6 +13,7 @@ import time
 
 import aiohttp
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller import logs
@@ -478,3 +481,32 @@ def test_a_failure_wakes_the_judge_only_when_it_can_change_a_verdict(world):
     assert wakes("healthz")  # another probe: news
     daemon.judge.set_aside = {"controller": "sees every region failing"}
     assert not wakes("healthz")  # from a vantage set aside
+
+
+async def test_a_judge_pass_longer_than_the_tick_is_followed_by_as_long_a_wait(world, monkeypatch):
+    """A pass that holds the loop (judging at a scale the tick cannot carry) is followed by a wait
+    at least as long: probes keep half the loop. Said once when it starts and once when passes
+    keep pace again; every pass is in the judge duration histogram."""
+    daemon = Daemon(world_config(world))  # a 0.1 s tick
+    starts: list[float] = []
+
+    async def pass_taking(seconds: list[float]) -> list:
+        starts.append(time.monotonic())
+        time.sleep(seconds.pop(0) if seconds else 0.0)  # noqa: ASYNC251 - holding the loop is the point
+        return []
+
+    took = [0.25, 0.25, 0.25]
+    monkeypatch.setattr(daemon, "tick_async", lambda: pass_taking(took))
+    with structlog.testing.capture_logs() as logs:
+        judging = asyncio.create_task(daemon._judge_loop())
+        while len(starts) < 6:
+            await asyncio.sleep(0.02)
+        judging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await judging
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= 0.5 - 0.01 for gap in gaps[:3]), gaps  # 0.25 s judging, then 0.25 s for the rest
+    assert all(gap < 0.5 for gap in gaps[3:]), gaps  # quick passes again: the tick's pace
+    events = [e["event"] for e in logs if e["event"].startswith("judge")]
+    assert events == ["judge behind its tick", "judge keeps pace again"], events
+    assert daemon.metrics.registry.get_sample_value("regionshift_judge_duration_seconds_count") >= 6

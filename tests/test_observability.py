@@ -57,6 +57,7 @@ SUBJECTS = {
     "RegionshiftRegionUnknown": "region",
     "RegionshiftBlind": "instance",
     "RegionshiftProbeTimeouts": "region",
+    "RegionshiftJudgeBehind": "instance",
     "RegionshiftRoute53Drift": "record",
     "RegionshiftRoute53Unreachable": "record",
     "RegionshiftRoute53Errors": "record",

@@ -169,12 +169,18 @@ def test_the_judge_runs_faster_only_while_a_suspect_is_probed():
     assert judge_delay(1.0, suspecting=False, policy=policy) == 1.0
     assert judge_delay(0.1, suspecting=True, policy=policy) == 0.1  # never slower than the tick
     assert judge_delay(1.0, suspecting=True, policy=SuspicionPolicy(enabled=False, judge_every=0.25)) == 1.0
+    # Never sooner than the last pass took: judging takes at most half of the loop's time.
+    assert judge_delay(1.0, suspecting=True, policy=policy, took=0.6) == 0.6
+    assert judge_delay(1.0, suspecting=False, policy=policy, took=1.4) == 1.4
+    assert judge_delay(1.0, suspecting=True, policy=policy, took=0.1) == 0.25
 
 
 def test_a_suspicion_holds_a_little_past_the_next_pass_and_what_the_pass_took():
     policy = SuspicionPolicy(judge_every=0.25)
     assert hold(1.0, policy) == HOLD_PASSES * 0.25
     assert hold(1.0, policy, took=0.1) == HOLD_PASSES * 0.25 + 0.1
+    # A pass longer than judge_every is followed by as long a wait: the hold covers both.
+    assert hold(1.0, policy, took=0.6) == HOLD_PASSES * 0.6 + 0.6
 
 
 def test_suspicion_knobs_past_one_failures_evidence_are_refused():

@@ -221,11 +221,14 @@ HOLD_PASSES = 1.25
 
 
 def hold(tick: float, policy: SuspicionPolicy, took: float = 0.0) -> float:
-    """How long one pass's suspicions hold: `HOLD_PASSES` judge passes, and what the pass `took`."""
-    return HOLD_PASSES * judge_delay(tick, suspecting=True, policy=policy) + took
+    """How long one pass's suspicions hold: `HOLD_PASSES` judge delays, and what the pass `took`."""
+    return HOLD_PASSES * judge_delay(tick, suspecting=True, policy=policy, took=took) + took
 
 
-def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy) -> float:  # noqa: FBT001
+def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy, took: float = 0.0) -> float:  # noqa: FBT001
     """How long the judge waits before its next pass: `judge_every` while a suspect is probed
-    (extra samples are worth judging at once), the controller's tick otherwise."""
-    return min(tick, policy.judge_every) if suspecting and policy.enabled else tick
+    (extra samples are worth judging at once), the controller's tick otherwise; and never less
+    than the last pass `took`, so judging takes at most half of the event loop's time (at 10,000
+    series a pass takes about a second: back to back, probes in flight would get none)."""
+    wait = min(tick, policy.judge_every) if suspecting and policy.enabled else tick
+    return max(wait, took)

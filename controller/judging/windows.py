@@ -354,6 +354,10 @@ class WindowStore:
             self._by_probe.setdefault(result.region, {}).setdefault(result.probe, {})[result.vantage] = window
         window.add(result)
 
+    def count(self) -> int:
+        """How many windows there are: (region, probe, vantage) series with a result."""
+        return len(self._windows)
+
     def region(self, region: str) -> dict[tuple[str, str], Window]:
         """(probe, vantage) -> window for one region."""
         return self._by_region.get(region, {})

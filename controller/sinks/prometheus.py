@@ -37,6 +37,9 @@ STREAM_DROP_REASONS = ("behind", "stalled")  # why an event stream client was di
 # a few hundred, and timeouts sit at seconds.
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# A judge pass: under a millisecond for a few regions, a second at 10,000 series.
+JUDGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 
 _Children = tuple["dict[str, CounterChild]", "HistogramChild", "dict[str, CounterChild]"]
 
@@ -62,6 +65,13 @@ class Metrics:
             "Probe run duration, start to end or to the failure.",
             ["region", "probe", "vantage"],
             buckets=PROBE_BUCKETS,
+            registry=registry,
+        )
+        self.judge_duration = Histogram(
+            "regionshift_judge_duration_seconds",
+            "One judge pass (every region, every detector), start to end with the event loop running "
+            "between its steps. Past the tick, the next pass waits as long, and verdicts come less often.",
+            buckets=JUDGE_BUCKETS,
             registry=registry,
         )
         self.region_status = Gauge(
