@@ -11,12 +11,13 @@ Each size is a world of regions x probes x vantages (18 = 3 x 2 x 3, 150 = 5 x 6
 every 10th second, so baselines and caches are as in a running daemon); then `--ticks` ticks,
 each adding one second of results and judging once. Printed per size:
 
-- tick p50 / p99: one judge tick (trim + every region), in ms, and the share of a core that is at
-  one tick a second;
+- tick p50 / p99: one judge tick (trim, every region, then the suspects: what the daemon's judge
+  loop does each pass), in ms, and the share of a core that is at one tick a second;
 - floor p50: adding that second of results to the windows alone (what any judge pays), in ms, and
   the tick / floor ratio (the figure that does not depend on this machine's speed that day);
-- stall: the longest time the event loop went without running, while the daemon's chunked tick
-  (`Daemon.tick_async`: it yields between regions and detectors) judges on it, in ms;
+- stall: the longest time the event loop went without running, while the daemon's chunked pass
+  (trim, judge and suspects as generators: they yield between probes, regions and batches of
+  windows, and `finish_async` lets the loop run once `STEP_BUDGET` of them ran) judges on it, in ms;
 - gc max, gc/tick: over the same ticks, the longest garbage collection and the collections' time
   per tick (the judge holds automatic collections while it runs: what it defers is paid after,
   and shows here and in the stall, not in the tick);
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.demo.streams import Stream
 from controller.judging.detectors import detectors_for
+from controller.judging.suspicion import suspect_steps, suspects
 from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
@@ -88,7 +90,7 @@ class World:
             probes=tuple(f"probe-{i:02d}" for i in range(probes)),
             vantages=tuple(f"vantage-{i}" for i in range(vantages)),
         )
-        policy = load_policy([POLICY_FILE])[0].verdicts
+        policy = self.policy = load_policy([POLICY_FILE])[0].verdicts
         self.windows = WindowStore(policy.history)
         self.judge = Judge(detectors_for(policy), dict.fromkeys(self.stream.regions, self.stream.probes), policy)
         self.keys = [(r, p, v) for r in self.stream.regions for p in self.stream.probes for v in self.stream.vantages]
@@ -106,6 +108,14 @@ class World:
             keys = self.keys[start : start + size]
             yield [self.stream.answer(*key, t + ((start + i) % 997) / 997) for i, key in enumerate(keys)]
 
+    async def feed(self) -> None:
+        """The next second's results, as the daemon takes them: one at a time as probes finish,
+        over the second. Made and added here in chunks of 100 with the event loop running between
+        them (making and adding 10,000 at once would be a stall of the bench's making)."""
+        for chunk in self.results_in_chunks(100):
+            self.add(chunk)
+            await asyncio.sleep(0)
+
     def add(self, results: list) -> float:
         started = time.perf_counter()
         for result in results:
@@ -120,12 +130,16 @@ class World:
         started = time.perf_counter()
         self.windows.trim(self.now)
         self.judge.judge(self.windows, self.now)
+        suspects(self.windows, self.judge.probes, self.judge.verdicts, self.now, self.policy, self.judge.set_aside)
         return time.perf_counter() - started
 
     async def tick_async(self) -> None:
-        """What `Daemon.tick_async` does: judge, letting the loop run between steps."""
-        self.windows.trim(self.now)
+        """What the daemon's judge loop does in one pass (`Daemon.tick_async`, then its suspects),
+        letting the event loop run between steps."""
+        await finish_async(self.windows.trim_steps(self.now))
         await finish_async(self.judge.steps(self.windows, self.now))
+        j = self.judge
+        await finish_async(suspect_steps(self.windows, j.probes, j.verdicts, self.now, self.policy, j.set_aside))
 
 
 async def longest_stall(world: World, ticks: int) -> tuple[float, float, float]:
@@ -155,12 +169,7 @@ async def longest_stall(world: World, ticks: int) -> tuple[float, float, float]:
     task = asyncio.create_task(ticker())
     gc.callbacks.append(timed)
     for _ in range(ticks):
-        # The daemon takes results one at a time as probes finish, over the second: made and added
-        # here in chunks of 100 with the loop running between them (making and adding 10,000 at
-        # once would be a stall of the bench's making).
-        for chunk in world.results_in_chunks(100):
-            world.add(chunk)
-            await asyncio.sleep(0)
+        await world.feed()
         await world.tick_async()
     gc.callbacks.remove(timed)
     done = True
@@ -216,7 +225,7 @@ async def probe_latency(world: World | None, probes: int) -> tuple[float, float]
 
     async def judge_loop() -> None:
         while not stop.is_set() and world is not None:
-            world.add(world.results())
+            await world.feed()
             await world.tick_async()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):

@@ -25,7 +25,7 @@ from controller.intake import DROP_REASONS, Intake
 from controller.judging.baselines import Baseline, Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
-from controller.judging.suspicion import Suspicion, hold, judge_delay, suspects, wakes_judge
+from controller.judging.suspicion import Suspicion, hold, judge_delay, suspect_steps, wakes_judge
 from controller.judging.verdicts import Judge, finish_async
 from controller.judging.windows import WindowStore
 from controller.sinks.prometheus import Metrics
@@ -186,7 +186,7 @@ class Daemon:
         """`tick`, letting the event loop run between regions and detectors (probes in flight are
         timed truly)."""
         now = self.clock()
-        self.windows.trim(now)
+        await finish_async(self.windows.trim_steps(now))
         return self._announce(await finish_async(self.judge.steps(self.windows, now)), now)
 
     def _announce(self, transitions: list[Transition], now: float) -> list[Transition]:
@@ -224,7 +224,7 @@ class Daemon:
             self.metrics.judge_duration.observe(took)
             self._judge_pace(took, tick)
             # A suspicion lasts until a little past the next pass, however long this one took.
-            suspecting = self._probe_suspects(hold(tick, policy, took))
+            suspecting = await self._probe_suspects(hold(tick, policy, took))
             delay = judge_delay(tick, suspecting, policy, took)
             gap = max(min(delay, policy.judge_every), took)
             await asyncio.sleep(gap)
@@ -248,7 +248,7 @@ class Daemon:
             log.info("judge keeps pace again", took=round(took, 3), tick=tick)
         self._judge_behind = behind
 
-    def _probe_suspects(self, held: float) -> bool:
+    async def _probe_suspects(self, held: float) -> bool:
         """Probe harder where the evidence leans toward a finding: renewed on every judge pass
         while it does (each for `held` seconds, and for the runs that would settle it when the
         suspicion counts them), so a suspicion ends about a pass after the evidence fades or a
@@ -256,13 +256,15 @@ class Daemon:
         (`Intake.hurry`), and it hastens them the same way.
         Returns whether any target at any vantage is a suspect (the judge then runs faster)."""
         policy = self.config.policy.verdicts.suspicion
-        everywhere = suspects(
-            self.windows,
-            self.judge.probes,
-            self.judge.verdicts,
-            self.clock(),
-            self.config.policy.verdicts,
-            self.judge.set_aside,
+        everywhere = await finish_async(
+            suspect_steps(
+                self.windows,
+                self.judge.probes,
+                self.judge.verdicts,
+                self.clock(),
+                self.config.policy.verdicts,
+                self.judge.set_aside,
+            )
         )
         found = {(region, probe): s for (region, probe, vantage), s in everywhere.items() if vantage == self.vantage}
         for (region, probe), suspicion in found.items():

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from controller.judging.verdicts import Assessment, RegionView, Status
+from controller.judging.verdicts import Assessment, RegionView, Status, finish
 from controller.judging.windows import AT, OK, SCHEDULED
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Generator, Iterable, Mapping
 
     from controller.judging.peers import PeerCheck
     from controller.judging.sequential import Run
@@ -80,10 +80,15 @@ class SequentialDetector:
     policy: VerdictPolicy
 
     def assess(self, view: RegionView, now: float) -> Assessment:
+        return finish(self.steps(view, now))
+
+    def steps(self, view: RegionView, now: float) -> Generator[None, None, Assessment]:
+        """`assess`, yielding between probes (see `Detector`)."""
         states: dict[str, str] = {}
         reasons: list[str] = []
         evidence: dict[str, Any] = {}
         for probe in view.probes:
+            yield
             evidence[probe] = {}
             states[probe], reason = self._probe(view, probe, now, evidence[probe])
             if reason:

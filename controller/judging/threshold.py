@@ -17,11 +17,11 @@ from controller.judging.findings import (
 )
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers
 from controller.judging.sequential import Llr
-from controller.judging.verdicts import Assessment, RegionView
+from controller.judging.verdicts import Assessment, RegionView, finish
 from controller.judging.windows import AT, OK, WindowStats
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Generator, Mapping
 
     from controller.judging.windows import Window
     from controller.settings.policy import VerdictPolicy
@@ -46,6 +46,10 @@ class ThresholdDetector:
         self.llr = Llr.of(policy.errors[0])  # whose steps say whether a peer fails too
 
     def assess(self, view: RegionView, now: float) -> Assessment:
+        return finish(self.steps(view, now))
+
+    def steps(self, view: RegionView, now: float) -> Generator[None, None, Assessment]:
+        """`assess`, yielding between probes (see `Detector`)."""
         if not view.probes:
             # A region probed only by kinds other detectors judge (replication lag) has nothing
             # for this one to say; a region with no probe of any kind has no results at all.
@@ -56,6 +60,7 @@ class ThresholdDetector:
         reasons: list[str] = []
         evidence: dict[str, Any] = {}
         for probe in view.probes:
+            yield
             state, reason, evidence[probe] = self._probe(view, probe, now)
             states[probe] = state
             if reason:

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from controller.judging.vantages import set_aside_steps
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
     from controller.judging.windows import Window, WindowStore
     from controller.settings.policy import VerdictPolicy
@@ -68,7 +70,9 @@ class Assessment:
 
 
 class Detector(Protocol):
-    """A pure function of one region's windows and the clock."""
+    """A pure function of one region's windows and the clock. A detector with many probes to look
+    at may also offer `steps(view, now)`: the same, as a generator that yields between probes and
+    returns the assessment (the judge then lets the event loop run there)."""
 
     name: str
 
@@ -166,7 +170,10 @@ class Judge:
             assessments = {}
             for detector in self.detectors:
                 yield
-                assessments[detector.name] = detector.assess(view, now)
+                by_probe = getattr(detector, "steps", None)
+                assessments[detector.name] = (
+                    (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
+                )
             status = combine(assessments.values())
             reasons = tuple(r for a in assessments.values() for r in a.reasons)
             status, reasons = self._hysteresis(region, status, reasons, now)
@@ -181,7 +188,7 @@ class Judge:
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))
         self.verdicts.update(judged)
-        windows.forget_looks()
+        yield from windows.forget_looks_steps()
         return transitions
 
     def _hysteresis(
@@ -217,6 +224,15 @@ def collections_held() -> Iterator[None]:
         gc.enable()
 
 
+def at_once(steps: Callable[P, Generator[None, None, T]]) -> Callable[P, T]:
+    """A function that runs `steps` to its end (`finish`) and returns what it returns."""
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return finish(steps(*args, **kwargs))
+
+    return run
+
+
 def finish(steps: Generator[None, None, T]) -> T:
     """Run a generator of steps (`Judge.steps`) to its end and return what it returns (with
     collections held, see `collections_held`)."""
@@ -226,11 +242,20 @@ def finish(steps: Generator[None, None, T]) -> T:
     return done[0]
 
 
-async def finish_async(steps: Generator[None, None, T]) -> T:
-    """`finish`, letting the event loop run at every step."""
+# Judging between two looks at the event loop, at most (a step at a time: one probe of one
+# region for one detector, a few hundred windows trimmed). A step's own length is not cut.
+STEP_BUDGET = 0.002
+
+
+async def finish_async(steps: Generator[None, None, T], budget: float = STEP_BUDGET) -> T:
+    """`finish`, letting the event loop run between steps once `budget` seconds of them ran
+    (at every step, a look at the loop would cost more than most steps)."""
     with collections_held():
-        while (done := _advance(steps)) is None:  # noqa: ASYNC110 - yielding to the loop is the point
-            await asyncio.sleep(0)
+        last = time.perf_counter()
+        while (done := _advance(steps)) is None:
+            if time.perf_counter() - last >= budget:
+                await asyncio.sleep(0)
+                last = time.perf_counter()
     return done[0]
 
 
