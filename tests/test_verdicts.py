@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import math
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.judging import windows as windows_module
 from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, collections_held, combine, finish
 from controller.judging.windows import AT, LATENCY, MAX_SAMPLES, OK, Window, WindowStats, WindowStore
@@ -93,6 +96,29 @@ def test_window_accepts_a_late_result_in_its_place():
     window.add(result(T0 + 6))
     assert [s[AT] for s in window.samples(T0 + 6)] == [T0 + 2, T0 + 5, T0 + 6]
     assert window.age(T0 + 6) == 0
+
+
+def test_a_window_gives_back_each_sample_as_it_was_added(monkeypatch):
+    """Kept in columns, read as tuples: outcome, latency, error class and schedule come back as
+    they went in, a late one in its place; past `MAX_CLASSES` distinct error classes a new one
+    is kept as "other" (a class is at most 32 characters: the table cannot grow without bound)."""
+    windows_module._class_number("timeout")  # known already
+    monkeypatch.setattr(windows_module, "MAX_CLASSES", len(windows_module._CLASSES) + 1)  # room for one more
+    window = Window(span=100)
+    window.add(replace(result(T0 + 1, latency=0.25), reason="suspicion"))
+    window.add(result(T0 + 3, ok=False, latency=math.inf, error_class="timeout"))
+    window.add(result(T0 + 2, ok=False, latency=0.5, error_class="a-class-never-seen-before"))
+    window.add(result(T0 + 4, ok=False, latency=0.125, error_class="and-one-more-past-the-cap"))
+    samples = window.samples(T0 + 10)
+    assert samples == [
+        (T0 + 1, True, 0.25, None, False),
+        (T0 + 2, False, 0.5, "a-class-never-seen-before", True),
+        (T0 + 3, False, math.inf, "timeout", True),
+        (T0 + 4, False, 0.125, "other", True),
+    ]
+    assert [type(v) for v in samples[0]] == [float, bool, float, type(None), bool]
+    assert window.newest(2) == samples[2:]
+    assert window.after(T0 + 2) == samples[2:]
 
 
 def test_latency_quantile_is_nearest_rank_over_successes_only():

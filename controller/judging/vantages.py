@@ -39,7 +39,7 @@ def set_aside_steps(
                 by_vantage.setdefault(vantage, {})[probe] = window
         for vantage, probe_windows in by_vantage.items():
             sees.setdefault(vantage, set()).add(region)
-            looks = [(len(w.samples(now, span)), w.failures(now, span)) for w in probe_windows.values()]
+            looks = [(w.count_after(now - span, now), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
             if (
                 counts[region][vantage][1]
