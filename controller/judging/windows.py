@@ -116,6 +116,11 @@ def _class_number(error_class: str | None) -> int:
     return number
 
 
+# Up to this many samples are read one by one (the newest few, each tick), more by slicing the
+# columns at once.
+FEW = 4
+
+
 class _SpanView:
     """One span of a window followed as `now` moves on: the samples within (now - span, now]
     are those from `head` to `end` of the window's columns, and `latencies` holds the successful
@@ -204,6 +209,9 @@ class Window:
 
     def _samples(self, lo: int, hi: int) -> list[Sample]:
         """The samples from index `lo` to `hi` of the columns, as tuples."""
+        if hi - lo <= FEW:
+            at, ok, latency, error, scheduled = self._at, self._ok, self._latency, self._error, self._scheduled
+            return [(at[i], bool(ok[i]), latency[i], _CLASSES[error[i]], bool(scheduled[i])) for i in range(lo, hi)]
         return list(
             zip(
                 self._at[lo:hi],
@@ -269,7 +277,8 @@ class Window:
 
     def newest(self, count: int) -> list[Sample]:
         """The last `count` samples kept (the newest `count` added, while `late` has not moved)."""
-        return self._samples(len(self._at) - min(count, len(self)), len(self._at))
+        end = len(self._at)
+        return self._samples(max(end - count, self._head), end)
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
@@ -295,9 +304,9 @@ class Window:
         """How many results came after the newest success slower than `latency` started at or
         after `since`; None when none is among the newest `limit` (a walk back that stops there).
         The newest alone first: the judge asks this of every window on every pass."""
-        if not len(self) or limit <= 0:
-            return None
         at, ok, latencies = self._at, self._ok, self._latency
+        if self._head >= len(at) or limit <= 0:
+            return None
         newest = len(at) - 1
         if at[newest] < since:
             return None
@@ -391,7 +400,7 @@ class Window:
     def age(self, now: float) -> float | None:
         """Seconds since the newest sample at or before `now` (one stamped later does not count yet)."""
         at = self._at
-        if len(self) and at[-1] <= now:  # the usual case: nothing stamped ahead
+        if self._head < len(at) and at[-1] <= now:  # the usual case: nothing stamped ahead
             return now - at[-1]
         newest = bisect_right(at, now, self._head)
         return now - at[newest - 1] if newest > self._head else None
