@@ -117,6 +117,7 @@ def suspect_steps(
                         _add(found, (region, probe, vantage), "latency leaning slow")
                         leaning.append((region, probe, vantage))
     for region, probe, vantage in leaning:
+        yield
         for other in _vantages(windows, region, probe, set_aside) - {vantage}:
             _add(found, (region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
         for peer, names in probes.items():

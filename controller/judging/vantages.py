@@ -24,7 +24,7 @@ def set_aside_steps(
     windows: WindowStore, probes: Mapping[str, tuple[str, ...]], policy: VerdictPolicy, now: float
 ) -> Generator[None, None, dict[str, str]]:
     """Vantages to leave out of every verdict as of `now`, each with the reason; a generator that
-    yields between regions and returns them (see `Judge.steps`)."""
+    yields between regions and their vantages and returns them (see `Judge.steps`)."""
     test = min(policy.errors, key=policy.horizon)  # the quickest: a vantage's network goes at once
     llr, span = Llr.of(test), policy.horizon(test)
     sees: dict[str, set[str]] = {}  # vantage -> regions it has fresh results for
@@ -32,12 +32,14 @@ def set_aside_steps(
     counts: dict[str, dict[str, tuple[int, int]]] = {}  # region -> vantage -> (results, failures)
     for region, names in probes.items():
         yield
+        configured = set(names)
         by_vantage: dict[str, dict[str, Window]] = {}
         for (probe, vantage), window in windows.region(region).items():
             age = window.age(now)
-            if probe in names and age is not None and age <= policy.stale_after:
+            if probe in configured and age is not None and age <= policy.stale_after:
                 by_vantage.setdefault(vantage, {})[probe] = window
         for vantage, probe_windows in by_vantage.items():
+            yield  # a region's vantages one at a time: at 10,000 series a region was 10 to 18 ms
             sees.setdefault(vantage, set()).add(region)
             looks = [(w.count_after(now - span, now), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
