@@ -183,8 +183,8 @@ class Daemon:
         return self._announce(self.judge.judge(self.windows, now), now)
 
     async def tick_async(self) -> list[Transition]:
-        """`tick`, letting the event loop run between regions and detectors (probes in flight are
-        timed truly)."""
+        """`tick`, letting the event loop run between its steps (probes in flight are timed truly:
+        see `finish_async`)."""
         now = self.clock()
         await finish_async(self.windows.trim_steps(now))
         return self._announce(await finish_async(self.judge.steps(self.windows, now)), now)
