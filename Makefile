@@ -67,6 +67,7 @@ bench: install debs-bench
 	$(BIN)/python bench/detection.py
 	$(BIN)/python bench/judge_scale.py
 	$(BIN)/python bench/mqtt_ingest.py
+	$(BIN)/python bench/agent_publish.py
 	$(BIN)/python bench/event_stream.py
 	$(BIN)/python bench/page_load.py
 
