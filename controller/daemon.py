@@ -220,11 +220,11 @@ class Daemon:
             self._judge_wake.clear()
             started = time.monotonic()
             await self.tick_async()
-            took = time.monotonic() - started
+            # A suspicion lasts until a little past the next pass, however long this one took.
+            suspecting = await self._probe_suspects(hold(tick, policy, time.monotonic() - started))
+            took = time.monotonic() - started  # the pass and its suspects, as the loop saw them
             self.metrics.judge_duration.observe(took)
             self._judge_pace(took, tick)
-            # A suspicion lasts until a little past the next pass, however long this one took.
-            suspecting = await self._probe_suspects(hold(tick, policy, took))
             delay = judge_delay(tick, suspecting, policy, took)
             gap = max(min(delay, policy.judge_every), took)
             await asyncio.sleep(gap)

@@ -97,6 +97,7 @@ class _Pending:
     result: Result
     late: bool = False
     acked: bool = False  # acknowledged, behind one that is not yet (forgotten with it)
+    dropped: bool = False  # pushed out of a full buffer (counted, unless it was on its way and arrives)
 
 
 @dataclass
@@ -123,10 +124,14 @@ class Agent:
     def record(self, result: Result) -> None:
         """The scheduler's sink: number the result and queue it for publishing."""
         self._seq += 1
-        if len(self._buffer) >= self.settings.buffer:
-            dropped = self._buffer.popleft()
+        buffer = self._buffer
+        while buffer and buffer[0].acked:  # delivered, behind one dropped while in flight
+            buffer.popleft()
+        if len(buffer) >= self.settings.buffer:
+            dropped = buffer.popleft()
             if self._unsent and self._unsent[0] is dropped:
                 self._unsent.popleft()
+            dropped.dropped = True
             self.stats.dropped += 1
         pending = _Pending(self._seq, result, late=not self._connected)
         self._buffer.append(pending)
@@ -164,6 +169,8 @@ class Agent:
             buffer.popleft()
         self.stats.published += 1
         self.stats.replayed += pending.late
+        if pending.dropped:  # pushed out of a full buffer while on its way, and it got there
+            self.stats.dropped -= 1
 
     # -- the plan ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ mosquitto (password file, ACL) on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -218,6 +219,39 @@ def test_reconnect_backoff_is_jittered_and_capped():
     waits = [backoff(attempt, rng) for attempt in range(1, 40)]
     assert max(waits) <= 30.0
     assert len({round(w, 3) for w in waits}) > 30  # not one fixed schedule
+
+
+async def test_a_full_buffer_drops_the_oldest_and_counts_only_what_never_arrived():
+    """Buffer 3, one publish in flight at a time: the oldest result is dropped for a new one.
+    Dropped while on its way and then acknowledged, it arrived: published, not dropped. Dropped
+    before it was sent, it is never sent."""
+    agent = Agent(AgentSettings(vantage="agent-a", host="127.0.0.1", buffer=3, inflight=1))
+
+    class Broker:  # a publish is acknowledged once released
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+            self.release = asyncio.Event()
+
+        async def publish(self, _topic: str, payload: bytes, qos: int) -> None:
+            assert qos == 1
+            self.sent.append(json.loads(payload)["seq"])
+            await self.release.wait()
+
+    broker = Broker()
+    for i in range(3):
+        agent.record(result(at=1_800_000_000 + i))
+    publishing = asyncio.create_task(agent._publish_all(broker))  # type: ignore[arg-type]
+    await until(lambda: broker.sent == [1], what="the first result on its way")
+    agent.record(result(at=1_800_000_003))  # full: 1 (on its way) goes
+    agent.record(result(at=1_800_000_004))  # full: 2 (never sent) goes
+    assert agent.stats.dropped == 2
+    broker.release.set()
+    await until(lambda: agent.stats.published == 4, what="every result still held published")
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await publishing
+    assert broker.sent == [1, 3, 4, 5]
+    assert agent.stats.dropped == 1  # 2 only: 1 got there
 
 
 # -- against a real mosquitto -----------------------------------------------------------------

@@ -69,8 +69,8 @@ class Metrics:
         )
         self.judge_duration = Histogram(
             "regionshift_judge_duration_seconds",
-            "One judge pass (every region, every detector), start to end with the event loop running "
-            "between its steps. Past the tick, the next pass waits as long, and verdicts come less often.",
+            "One judge pass (every region, every detector, then the suspects), start to end with the event "
+            "loop running between its steps. Past the tick, the next pass waits as long: verdicts come later.",
             buckets=JUDGE_BUCKETS,
             registry=registry,
         )
