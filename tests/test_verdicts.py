@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.judging import windows as windows_module
+from controller.judging.sequential import failures, failures_of, slower, slower_of
 from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, collections_held, combine, finish
 from controller.judging.windows import AT, LATENCY, MAX_SAMPLES, OK, Window, WindowStats, WindowStore
@@ -122,6 +123,24 @@ def test_a_window_gives_back_each_sample_as_it_was_added(monkeypatch):
     window.add(result(T0 + 5, ok=False))  # no class: counted as unknown
     assert window.error_classes(T0 + 10, 10) == ["a-class-never-seen-before", "timeout", "other", "unknown"]
     assert window.error_classes(T0 + 10, 7.5) == ["timeout", "other", "unknown"]  # within (T0 + 2.5, T0 + 10]
+
+
+def test_the_tests_read_the_same_outcomes_from_the_columns_as_from_the_samples():
+    """`failures_of` and `slower_of` (what the error and slowdown tests walk, read from the
+    columns) give what `failures` and `slower` give from the samples, late results included."""
+    rng = random.Random(7)
+    windows = {v: Window(span=60) for v in ("a", "b", "c")}
+    for i in range(300):
+        at = T0 + i * 0.3 - (rng.random() * 3 if rng.random() < 0.1 else 0.0)  # one in ten late
+        vantage = rng.choice("abc")
+        windows[vantage].add(result(at, ok=rng.random() > 0.2, vantage=vantage, latency=rng.random()))
+    now, limits = T0 + 95, {"a": 0.5, "b": 0.7, "c": 0.2}
+    for span in (10.0, 45.0, 60.0):
+        samples = {v: w.samples(now, span) for v, w in windows.items()}
+        assert failures_of(windows, now, span) == failures(samples)
+        assert slower_of(windows, limits, now, span) == slower(samples, limits)
+        assert any(bad for _, _, bad in failures(samples))
+        assert any(bad for _, _, bad in slower(samples, limits))
 
 
 def test_latency_quantile_is_nearest_rank_over_successes_only():

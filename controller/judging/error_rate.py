@@ -15,7 +15,7 @@ from controller.judging.findings import (
     vantages_text,
 )
 from controller.judging.peers import errors_vs_peers
-from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures
+from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures_of
 
 if TYPE_CHECKING:
     from controller.judging.verdicts import RegionView
@@ -55,7 +55,7 @@ class ErrorDetector(SequentialDetector):
                 continue
             if failure_cusum_bound(windows.values(), now, horizon, llr) < floor * llr.threshold:
                 continue  # the failures are too far apart to matter (without walking the results)
-            events = failures({v: w.samples(now, horizon) for v, w in windows.items()})
+            events = failures_of(windows, now, horizon)
             run = cusum(events, llr)
             if run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows)):
                 evidence["leaning"] = True

@@ -195,6 +195,25 @@ def failures(samples: Mapping[str, Sequence[Sample]]) -> list[Event]:
     return events
 
 
+def failures_of(windows: Mapping[str, Window], now: float, span: float) -> list[Event]:
+    """`failures` of every window's samples within (now - span, now] (name -> window), read from
+    the windows' columns without making a tuple of each sample."""
+    events: list[Event] = []
+    for name, window in windows.items():
+        events.extend(window.outcomes(now, span, name))
+    events.sort()
+    return events
+
+
+def slower_of(windows: Mapping[str, Window], limits: Mapping[str, float], now: float, span: float) -> list[Event]:
+    """`slower` of every window's samples within (now - span, now], read from the columns."""
+    events: list[Event] = []
+    for name, window in windows.items():
+        events.extend(window.latency_outcomes(now, span, name, limits[name]))
+    events.sort()
+    return events
+
+
 def slower(samples: Mapping[str, Sequence[Sample]], limits: Mapping[str, float]) -> list[Event]:
     """Successful samples as outcomes, bad when slower than their vantage's limit; failures are
     left to the error test."""

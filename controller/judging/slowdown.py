@@ -21,7 +21,7 @@ from controller.judging.findings import (
     vantages_text,
 )
 from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
-from controller.judging.sequential import Llr, SlidingCusum, cusum, slower
+from controller.judging.sequential import Llr, SlidingCusum, cusum, slower_of
 from controller.judging.windows import AT, LATENCY, OK
 
 if TYPE_CHECKING:
@@ -158,10 +158,7 @@ class SlowdownDetector(SequentialDetector):
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
             return "ok", None
-        run = cusum(
-            slower({v: windows[v].samples(now, p.window) for v in base}, {v: b.slow for v, b in base.items()}),
-            self.llr,
-        )
+        run = cusum(slower_of({v: windows[v] for v in base}, limits, now, p.window), self.llr)
         evidence.update(run_evidence(run, now))
         if run.statistic / run.threshold < start or run.since is None:
             return "ok", None

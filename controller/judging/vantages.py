@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.judging.sequential import Llr, cusum, fails_more, failure_cusum_bound, failures
+from controller.judging.sequential import Llr, cusum, fails_more, failure_cusum_bound, failures_of
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Mapping
@@ -47,9 +47,8 @@ def set_aside_steps(
                 counts[region][vantage][1]
                 and failure_cusum_bound(probe_windows.values(), now, span, llr) >= llr.threshold
             ):
-                samples = {p: w.samples(now, span) for p, w in probe_windows.items()}
                 # Every probe of this region from this vantage, as one stream of outcomes.
-                events = failures({f"{vantage}/{p}": seq for p, seq in samples.items()})
+                events = failures_of({f"{vantage}/{p}": w for p, w in probe_windows.items()}, now, span)
                 if cusum(events, llr).tripped:
                     failing.setdefault(vantage, set()).add(region)
 

@@ -14,7 +14,8 @@ from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, repeat
+from operator import not_
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -375,6 +376,21 @@ class Window:
                 found.append(at)
         found.reverse()
         return found
+
+    def outcomes(self, now: float, span: float, vantage: str) -> list[tuple[float, str, bool]]:
+        """(start, `vantage`, failed) for each sample within (now - span, now], oldest first,
+        read from the columns: what the error tests walk (see `sequential.failures_of`)."""
+        lo = bisect_right(self._at, now - span, self._head)
+        hi = bisect_right(self._at, now, lo)
+        return list(zip(self._at[lo:hi], repeat(vantage), map(not_, self._ok[lo:hi]), strict=False))
+
+    def latency_outcomes(self, now: float, span: float, vantage: str, limit: float) -> list[tuple[float, str, bool]]:
+        """(start, `vantage`, slower than `limit`) for each success within (now - span, now],
+        oldest first, read from the columns: what the slowdown test walks."""
+        lo = bisect_right(self._at, now - span, self._head)
+        hi = bisect_right(self._at, now, lo)
+        at, ok, latency = self._at[lo:hi], self._ok[lo:hi], self._latency[lo:hi]
+        return [(a, vantage, lat > limit) for a, good, lat in zip(at, ok, latency, strict=True) if good]
 
     def error_classes(self, now: float, span: float) -> list[str]:
         """The error class of each failure within (now - span, now] ("unknown" for none), read
