@@ -517,7 +517,9 @@ async def test_a_broker_restart_loses_nothing_and_counts_nothing_twice(broker, r
     assert len(seqs) >= agent.stats.published - agent.stats.replayed  # nothing acknowledged was lost
     assert sum(r.reason == "scheduled" for r in received) == len(received)
     late = intake.agents["agent-a"].late
-    assert 0 < late <= agent.stats.replayed + 1, (late, agent.stats, dropped)  # replayed, marked late, once
+    # Replayed, marked late, once: those still awaiting their acknowledgement when the agent
+    # stopped (up to its window in flight) arrived without being counted as published.
+    assert 0 < late <= agent.stats.replayed + agent.settings.inflight, (late, agent.stats, dropped)
 
 
 def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller():
@@ -576,7 +578,7 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
         # aside, named in the evidence, and no region is blamed meanwhile.
         for region in world.values():
             region.set(cut_vantages=("agent-c",))
-        await until(lambda: "agent-c" in daemon.judge.set_aside, within=10, what="agent-c set aside")
+        await until(lambda: "agent-c" in daemon.judge.set_aside, within=20, what="agent-c set aside")
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             blamed = {r: (v.status, v.reasons) for r, v in daemon.judge.verdicts.items() if v.status != "healthy"}
@@ -590,8 +592,16 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
         # A fault every vantage sees: the region is blamed, on the word of every vantage.
         world["eu-west-1"].set(error_ratio=0.4)
         await running.status_becomes("eu-west-1", "degraded", within=10)
-        evidence = json.dumps(daemon.judge.verdicts["eu-west-1"].evidence)
-        assert all(v in evidence for v in agents), evidence
+        # The first verdict may come from the controller's own results alone (the agents' lag a
+        # loaded loop behind); while it holds, every agent's word joins it.
+        await until(
+            lambda: (
+                all(v in json.dumps(daemon.judge.verdicts["eu-west-1"].evidence) for v in agents)
+                and daemon.judge.verdicts["eu-west-1"].status == "degraded"
+            ),
+            within=10,
+            what="every agent's results in the degraded verdict's evidence",
+        )
         # The judge's suspicion reached the agents too: each was asked to probe harder.
         assert daemon.intake is not None
         assert daemon.intake.hurries_sent > 0
