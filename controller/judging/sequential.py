@@ -123,36 +123,40 @@ class SlidingCusum:
     least what `cusum` of the same outcomes gives, equal to it while nothing has left the span
     and no two outcomes share a time."""
 
-    __slots__ = ("_group", "_lows", "span", "total")
+    __slots__ = ("_before", "_goods", "_low_at", "_low_total", "_when", "span", "total")
 
     def __init__(self, span: float) -> None:
         self.span = span
         self.total = 0.0
-        self._lows: deque[tuple[float, float]] = deque([(-math.inf, 0.0)])  # (when, running total)
-        # Outcomes at the same time: (when, the total before them, their good steps). Whatever
+        # The running minima: when, and the running total then (two deques of numbers, not one
+        # of pairs: a pair a result would be a container the garbage collector walks).
+        self._low_at: deque[float] = deque([-math.inf])
+        self._low_total: deque[float] = deque([0.0])
+        # Outcomes at the same time: when, the total before them, their good steps. Whatever
         # order `cusum` puts a time's outcomes in (by vantage, then bad), no running total within
         # the time is below the one before them plus all of its good steps: that is kept as low.
-        self._group = (math.nan, 0.0, 0.0)
+        self._when, self._before, self._goods = math.nan, 0.0, 0.0
 
     def add(self, at: float, step: float) -> None:
-        when, before, goods = self._group
-        if at != when:
-            before, goods = self.total, 0.0
+        if at != self._when:
+            self._when, self._before, self._goods = at, self.total, 0.0
         if step < 0:
-            goods += step
-        self._group = (at, before, goods)
+            self._goods += step
         self.total += step
-        low = min(self.total, before + goods)
-        lows = self._lows
-        while lows and lows[-1][1] >= low:
-            lows.pop()
-        lows.append((at, low))
+        low = min(self.total, self._before + self._goods)
+        low_at, low_total = self._low_at, self._low_total
+        while low_total and low_total[-1] >= low:
+            low_at.pop()
+            low_total.pop()
+        low_at.append(at)
+        low_total.append(low)
 
     def statistic(self, now: float) -> float:
-        lows, horizon = self._lows, now - self.span
-        while len(lows) > 1 and lows[1][0] <= horizon:  # keep the newest low before the span
-            lows.popleft()
-        return self.total - min(lows[0][1], self.total)
+        low_at, low_total, horizon = self._low_at, self._low_total, now - self.span
+        while len(low_at) > 1 and low_at[1] <= horizon:  # keep the newest low before the span
+            low_at.popleft()
+            low_total.popleft()
+        return self.total - min(low_total[0], self.total)
 
 
 def failure_cusum_bound(windows: Iterable[Window], now: float, span: float, llr: Llr) -> float:

@@ -27,7 +27,6 @@ from controller.judging.windows import AT, LATENCY, OK
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from controller.judging.sequential import Event
     from controller.judging.verdicts import RegionView
     from controller.judging.windows import Sample, Window
     from controller.settings.policy import VerdictPolicy
@@ -48,44 +47,73 @@ LOOSEST = 1.15
 class _Pooled:
     """One probe's slow outcomes, every vantage pooled in time order, followed as results come
     (see `SlowdownDetector._bound`): the settled ones in a `SlidingCusum`, the last `SETTLE`
-    seconds' in `pending`."""
+    seconds' pending (`pending_at`, and beside each its vantage's rank and whether it was slow).
 
-    __slots__ = ("cusum", "limits", "now", "pending", "seen", "settled_to")
+    What changes each tick is kept in numbers only (counts, times, ranks), never in new tuples:
+    at 10,000 series those were tens of thousands of containers a tick, each walked by the
+    garbage collection after the judgement (see `verdicts.collections_held`)."""
+
+    __slots__ = (
+        "added",
+        "cusum",
+        "late",
+        "limits",
+        "now",
+        "pending_at",
+        "pending_kind",
+        "rank",
+        "settled_to",
+        "windows",
+    )
 
     def __init__(self, windows: Mapping[str, Window], limits: dict[str, float], span: float, now: float) -> None:
         self.limits, self.now = limits, now
         self.cusum = SlidingCusum(span)
         self.settled_to = -math.inf
-        self.pending: list[Event] = []
-        self.seen = {v: (w, w.added, w.late) for v, w in windows.items()}
+        self.windows = dict(windows)
+        # A pending outcome's kind sorts as (vantage, slow) did: 2 x the vantage's rank, + 1 if slow.
+        self.rank = {v: 2 * i for i, v in enumerate(sorted(windows))}
+        self.pending_at: list[float] = []
+        self.pending_kind: list[int] = []
+        self.added = {v: w.added for v, w in windows.items()}  # how many results each window had added
+        self.late = {v: w.late for v, w in windows.items()}  # and taken late, when last looked at
         for vantage, window in windows.items():
             self.take(vantage, window.after(now - span))
 
     def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> bool:
         """Whether it still follows these windows at limits close under these, no result having
         come late and the clock not having gone back."""
-        seen = self.seen
+        followed, late = self.windows, self.late
         return (
             now >= self.now
             and limits.keys() == self.limits.keys()
             and all(self.limits[v] <= limit < self.limits[v] * LOOSEST for v, limit in limits.items())
-            and all(
-                (found := seen.get(v)) is not None and found[0] is w and found[2] == w.late for v, w in windows.items()
-            )
-            and len(seen) == len(windows)
+            and all(followed.get(v) is w and late[v] == w.late for v, w in windows.items())
+            and len(followed) == len(windows)
         )
 
     def take(self, vantage: str, samples: Iterable[Sample]) -> bool:
         """Add new samples; False when a successful one is older than what is settled (start
         over)."""
-        limit, pending = self.limits[vantage], self.pending
+        limit, rank, ats, kinds = self.limits[vantage], self.rank[vantage], self.pending_at, self.pending_kind
         for sample in samples:
             if not sample[OK]:
                 continue  # failures are the error tests' (a timeout comes in long after it began)
             if sample[AT] <= self.settled_to:
                 return False
-            pending.append((sample[AT], vantage, sample[LATENCY] > limit))
+            ats.append(sample[AT])
+            kinds.append(rank + (sample[LATENCY] > limit))
         return True
+
+    def settle(self, cut: float) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+        """The pending outcomes in time order (then vantage, then slow last, as `cusum` puts
+        them): those at or before `cut`, now settled, and the rest, still pending."""
+        order = sorted(zip(self.pending_at, self.pending_kind, strict=True))
+        settled = bisect_right(order, cut, key=itemgetter(0))
+        self.pending_at[:] = [at for at, _ in order[settled:]]  # in place: the lists live on
+        self.pending_kind[:] = [kind for _, kind in order[settled:]]
+        self.settled_to = max(self.settled_to, cut)
+        return order[:settled], order[settled:]
 
 
 class SlowdownDetector(SequentialDetector):
@@ -118,27 +146,21 @@ class SlowdownDetector(SequentialDetector):
         fresh_start = pooled is None or not pooled.follows(windows, limits, now)
         if not fresh_start and pooled is not None:
             for vantage, window in windows.items():
-                _, added, _ = pooled.seen[vantage]
-                if not pooled.take(vantage, window.newest(window.added - added)):
+                if not pooled.take(vantage, window.newest(window.added - pooled.added[vantage])):
                     fresh_start = True
                     break
-                pooled.seen[vantage] = (window, window.added, window.late)
+                pooled.added[vantage] = window.added
         if fresh_start or pooled is None:
             pooled = self._pooled[region, probe] = _Pooled(windows, dict(limits), span, now)
         pooled.now = now
         bad, good = self.llr.bad, self.llr.good
-        pending = pooled.pending
-        pending.sort()
-        cut = now - SETTLE
-        settled = bisect_right(pending, cut, key=itemgetter(0))
-        for at, _, is_bad in pending[:settled]:
-            pooled.cusum.add(at, bad if is_bad else good)
-        del pending[:settled]
-        pooled.settled_to = max(pooled.settled_to, cut)
+        settled, pending = pooled.settle(now - SETTLE)
+        for at, kind in settled:
+            pooled.cusum.add(at, bad if kind & 1 else good)
         best = total = 0.0
-        for at, _, is_bad in reversed(pending):
+        for at, kind in reversed(pending):
             if at <= now:  # one stamped ahead of the clock is not in the test yet
-                total += bad if is_bad else good
+                total += bad if kind & 1 else good
                 best = max(best, total)
         return max(best, total + pooled.cusum.statistic(now))
 
