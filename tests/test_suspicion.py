@@ -151,15 +151,15 @@ def test_two_failures_keep_a_suspect_far_longer_than_one():
 
 def test_latency_leaning_slow_hastens_the_probe_at_its_vantages_and_its_peers():
     windows = store()
-    evidence = {"slowdown": {"orders": {"llr": 5.6, "threshold": 13.8, "slower": True, "baseline": {"controller": {}}}}}
+    evidence = {"slowdown": {"orders": {"llr": 7.0, "threshold": 13.8, "slower": True, "baseline": {"controller": {}}}}}
     slow = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=evidence)}
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {
         ("eu-west-1", "orders", "controller"): Suspicion("latency leaning slow"),
         ("us-east-1", "orders", "controller"): Suspicion("peer of eu-west-1, a suspect leaning bad"),
     }
-    evidence["slowdown"]["orders"]["llr"] = 5.4  # under 0.4 of the threshold: not yet
+    evidence["slowdown"]["orders"]["llr"] = 6.8  # under 0.5 of the threshold: not yet
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {}
-    evidence["slowdown"]["orders"].update(llr=5.6, slower=False)  # not slower by the effect size: noise
+    evidence["slowdown"]["orders"].update(llr=7.0, slower=False)  # not slower by the effect size: noise
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {}
 
 

@@ -123,7 +123,7 @@ class SuspicionPolicy(SettingsModel):
     every: Interval = Field(default=0.05, description="extra runs at most this often (20 per second)")
     budget: int = Field(default=300, ge=1, le=6000, description="extra runs per target per minute, at most")
     parallel: int = Field(default=4, ge=1, le=16, description="extra runs of one suspect in flight at once, at most")
-    slow_fraction: float = Field(default=0.4, gt=0, le=1, description="the slowdown test this far to its threshold")
+    slow_fraction: float = Field(default=0.5, gt=0, le=1, description="the slowdown test this far to its threshold")
     far_slower: float = Field(default=2.0, gt=1, description="a result this many times its baseline's median")
     far_slower_runs: int = Field(default=1, ge=0, le=1000, description="extra runs each such result earns")
     judge_every: Interval = Field(default=0.25, description="the judge's tick while a suspect is probed")
