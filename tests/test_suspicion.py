@@ -149,10 +149,15 @@ def test_two_failures_keep_a_suspect_far_longer_than_one():
     )
 
 
-def test_latency_leaning_slow_hastens_the_probe_at_its_vantages_and_its_peers():
+def test_latency_leaning_slow_hastens_the_probe_at_its_vantages_and_its_peers_once_beyond_the_quorum():
     windows = store()
     evidence = {"slowdown": {"orders": {"llr": 7.0, "threshold": 13.8, "slower": True, "baseline": {"controller": {}}}}}
     slow = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=evidence)}
+    # Slower at one vantage only (the quorum does not see it yet): the probe, not its peers.
+    assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {
+        ("eu-west-1", "orders", "controller"): Suspicion("latency leaning slow"),
+    }
+    evidence["slowdown"]["orders"]["leaning"] = True  # beyond the quorum: the peers are compared too
     assert suspects(windows, PROBES, slow, T0 + 60, POLICY) == {
         ("eu-west-1", "orders", "controller"): Suspicion("latency leaning slow"),
         ("us-east-1", "orders", "controller"): Suspicion("peer of eu-west-1, a suspect leaning bad"),

@@ -20,7 +20,9 @@ Suspicion is graded, because what it costs is paid on every healthy target's noi
   peers over the same seconds and only samples taken at the same time tell a regional fault from
   a shared one;
 - a latency test leaning slow (the slowdown test at `slow_fraction` of its threshold, its run
-  slower than usual by the effect size) makes the probe and its peers suspects at every vantage;
+  slower than usual by the effect size) makes the probe a suspect at every vantage, and its peers
+  too once the test leans beyond the quorum (not only at the vantages that see most of it: one
+  vantage's slow path, or a burst of healthy noise there, does not have every region probed);
 - a success `far_slower` times its baseline's median earns `far_slower_runs` extra runs at its
   vantage: a spike costs that much, a slowdown that big is sampled at once at any interval.
 """
@@ -111,11 +113,12 @@ def suspect_steps(
             for (probe, vantage), far in _far_slower(windows, region, verdict.evidence, now, policy).items():
                 if probe in names and probe not in held and vantage not in set_aside:
                     _count(found, (region, probe, vantage), far)
-            for probe, vantages in _slow(verdict.evidence, policy.slow_fraction).items():
+            for probe, (vantages, beyond) in _slow(verdict.evidence, policy.slow_fraction).items():
                 if probe in names and probe not in held:
                     for vantage in set(vantages) - set(set_aside):
                         _add(found, (region, probe, vantage), "latency leaning slow")
-                        leaning.append((region, probe, vantage))
+                        if beyond:  # the peers only once more than the quorum - 1 vantages see it
+                            leaning.append((region, probe, vantage))
     for region, probe, vantage in leaning:
         yield
         for other in _vantages(windows, region, probe, set_aside) - {vantage}:
@@ -194,17 +197,18 @@ def _statistic(window: Window, now: float, span: float, llr: Llr) -> float:
     return statistic
 
 
-def _slow(evidence: Mapping[str, Any], fraction: float) -> dict[str, list[str]]:
-    """probe -> vantages with a baseline, for each probe whose slowdown test stands at `fraction`
-    of its threshold or more and whose run is slower than usual by the effect size (read from the
-    verdict's evidence: the detector already computed both)."""
-    out: dict[str, list[str]] = {}
+def _slow(evidence: Mapping[str, Any], fraction: float) -> dict[str, tuple[list[str], bool]]:
+    """probe -> its vantages with a baseline, and whether the test leans beyond the quorum, for
+    each probe whose slowdown test stands at `fraction` of its threshold or more and whose run is
+    slower than usual by the effect size (read from the verdict's evidence: the detector already
+    computed all three)."""
+    out: dict[str, tuple[list[str], bool]] = {}
     for probe, found in (evidence.get("slowdown") or {}).items():
         if not isinstance(found, dict):
             continue
         llr, threshold = found.get("llr") or 0.0, found.get("threshold") or 0.0
         if found.get("slower") and threshold > 0 and llr >= fraction * threshold:
-            out[probe] = sorted(found.get("baseline") or {})
+            out[probe] = (sorted(found.get("baseline") or {}), bool(found.get("leaning")))
     return out
 
 
