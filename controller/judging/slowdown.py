@@ -76,7 +76,7 @@ class _Pooled:
         self.pending_at: list[float] = []
         self.pending_kind: list[int] = []
         self.added = {v: w.added for v, w in windows.items()}  # how many results each window had added
-        self.late = {v: w.late for v, w in windows.items()}  # and taken late, when last looked at
+        self.late = {v: w.late for v, w in windows.items()}  # and taken late, when the follow started
         for vantage, window in windows.items():
             self.take(vantage, window.after(now - span))
 
@@ -110,10 +110,11 @@ class _Pooled:
         them): those at or before `cut`, now settled, and the rest, still pending."""
         order = sorted(zip(self.pending_at, self.pending_kind, strict=True))
         settled = bisect_right(order, cut, key=itemgetter(0))
-        self.pending_at[:] = [at for at, _ in order[settled:]]  # in place: the lists live on
-        self.pending_kind[:] = [kind for _, kind in order[settled:]]
+        rest = order[settled:]
+        self.pending_at[:] = [at for at, _ in rest]  # in place: the lists live on
+        self.pending_kind[:] = [kind for _, kind in rest]
         self.settled_to = max(self.settled_to, cut)
-        return order[:settled], order[settled:]
+        return order[:settled], rest
 
 
 class SlowdownDetector(SequentialDetector):

@@ -411,7 +411,7 @@ class Window:
     def count_after(self, at: float, now: float) -> int:
         """How many samples started within (at, now]."""
         lo, hi = self._within(at, now)
-        return max(0, hi - lo)
+        return hi - lo  # hi is found from lo on: never below it
 
     def last_failed(self, n: int, now: float, span: float | None = None) -> bool:
         """Whether the newest `n` scheduled samples within (now - span, now] (and there are that
