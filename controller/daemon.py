@@ -50,6 +50,9 @@ RECOVERED_AFTER = 3
 # How often the latency baselines are saved to the state store.
 BASELINES_EVERY = 60.0
 VERDICT_LOG = 2000  # verdict changes kept for the live page's chart (an hour's, and then some)
+# How long a stop waits for a Route 53 request still in flight before it leaves the writer lease
+# to expire: a read's own timeout, and then some. A stop can take this long.
+STOP_WAITS_FOR_ROUTE53 = READ_TIMEOUT + 10
 
 
 class Daemon:
@@ -386,7 +389,7 @@ class Daemon:
                 await self._save_baselines(store)
                 # A batch sent before the stop must land (or fail) before another controller may
                 # write: the lease is given up only once no Route 53 request is in flight.
-                if await self.reconciler.actuator.quiesce(within=READ_TIMEOUT + 10):
+                if await self.reconciler.actuator.quiesce(within=STOP_WAITS_FOR_ROUTE53):
                     await self.reconciler.release_lease()
                 else:
                     log.warning("a Route 53 request is still running: the writer lease is left to expire")

@@ -13,8 +13,8 @@ import uuid
 import aiohttp
 import pytest
 
-from controller.acting.route53 import READ_TIMEOUT, make_client
-from controller.daemon import Daemon
+from controller.acting.route53 import make_client
+from controller.daemon import STOP_WAITS_FOR_ROUTE53, Daemon
 from controller.demo.world import seed_weighted_group
 from controller.planning.weights import shares
 from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy
@@ -174,10 +174,10 @@ class Running:
     async def __aexit__(self, *exc):
         await self.http.close()
         self.stop.set()
-        # A stop waits for a Route 53 request still in flight, up to READ_TIMEOUT + 10 s (then it
-        # leaves the lease to expire): on a loaded machine moto can take that long, and a 10 s
-        # bound here once failed a test whose daemon was doing just what it should.
-        await asyncio.wait_for(self.task, READ_TIMEOUT + 15)
+        # A stop waits for a Route 53 request still in flight (then it leaves the lease to
+        # expire): on a loaded machine moto can take that long, and a 10 s bound here once
+        # failed a test whose daemon was doing just what it should.
+        await asyncio.wait_for(self.task, STOP_WAITS_FOR_ROUTE53 + 5)
 
     async def post(self, path: str, token: str | None = TOKEN, **body):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
