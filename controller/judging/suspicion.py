@@ -115,17 +115,19 @@ def suspect_steps(
                     _count(found, (region, probe, vantage), far)
             for probe, (vantages, beyond) in _slow(verdict.evidence, policy.slow_fraction).items():
                 if probe in names and probe not in held:
-                    for vantage in set(vantages) - set(set_aside):
+                    for vantage in (v for v in vantages if v not in set_aside):
                         _add(found, (region, probe, vantage), "latency leaning slow")
                         if beyond:  # the peers only once more than the quorum - 1 vantages see it
                             leaning.append((region, probe, vantage))
     for region, probe, vantage in leaning:
         yield
-        for other in _vantages(windows, region, probe, set_aside) - {vantage}:
-            _add(found, (region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
+        for other in _vantages(windows, region, probe, set_aside):
+            if other != vantage:
+                _add(found, (region, probe, other), f"leaning bad at {vantage}: the quorum needs {other} too")
         for peer, names in probes.items():
             if peer != region and probe in names:
-                for other in _vantages(windows, peer, probe, set_aside) | {vantage}:
+                others = _vantages(windows, peer, probe, set_aside)
+                for other in others if vantage in others else [*others, vantage]:
                     _add(found, (peer, probe, other), f"peer of {region}, a suspect leaning bad")
     return found
 
@@ -185,8 +187,10 @@ def _add(found: dict[Target, Suspicion], target: Target, why: str) -> None:
         found[target] = Suspicion(why if held is None else held.why)
 
 
-def _vantages(windows: WindowStore, region: str, probe: str, set_aside: Collection[str]) -> set[str]:
-    return {v for (p, v) in windows.region(region) if p == probe and v not in set_aside}
+def _vantages(windows: WindowStore, region: str, probe: str, set_aside: Collection[str]) -> list[str]:
+    """The vantages that report `probe` in `region`, in the order they first did (never a set's
+    hash order: the suspects' order, and the order their extra runs start, repeat exactly)."""
+    return [v for (p, v) in windows.region(region) if p == probe and v not in set_aside]
 
 
 def _statistic(window: Window, now: float, span: float, llr: Llr) -> float:
