@@ -11,6 +11,7 @@ from controller.judging.findings import (
     TROUBLE_STATES,
     errors_text,
     fresh,
+    names,
     quorum,
     region_status,
     run_start,
@@ -162,7 +163,7 @@ class ThresholdDetector:
         fresh_windows = fresh(windows, now, p.stale_after)
         ages = [a for w in windows.values() if (a := w.age(now)) is not None]
         evidence: dict[str, Any] = {
-            "vantages": sorted(fresh_windows),
+            "vantages": names(fresh_windows),
             "last_result_age": round(min(ages), 3) if ages else None,
         }
         if not fresh_windows:
@@ -175,8 +176,9 @@ class ThresholdDetector:
             samples=stats.samples,
             failures=stats.failures,
             success_ratio=round(stats.success_ratio, 4) if stats.samples else None,
-            errors=stats.errors,
         )
+        if stats.errors:  # by class, when any: a dict in it would have the collector walk it
+            evidence["errors"] = stats.errors
         evidence[q_name] = round(quantile, 4) if quantile is not None else None
         if all(w.last_failed(p.down_after, now, p.window) for w in fresh_windows.values()):
             evidence["consecutive_failures"] = True
