@@ -297,13 +297,13 @@ def plan_for(region: SimulatedRegion, vantage="agent-a", version=1, interval=0.1
     return {vantage: wire.encode_plan(version, vantage, [("eu-west-1", s) for s in specs])}
 
 
-async def until(condition, within=10.0, what="condition"):
+async def until(condition, within=10.0, what="condition", explain=None):
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             for task in asyncio.all_tasks():  # where everything waits: what a hang needs explained
                 task.print_stack(limit=8, file=sys.stdout)
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f": {explain()}" if explain is not None else ""))
         await asyncio.sleep(0.05)
 
 
@@ -602,8 +602,17 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
                 all(v in json.dumps(daemon.judge.verdicts["eu-west-1"].evidence) for v in agents)
                 and daemon.judge.verdicts["eu-west-1"].status == "degraded"
             ),
-            within=10,
+            within=20,
             what="every agent's results in the degraded verdict's evidence",
+            explain=lambda: (
+                daemon.judge.verdicts["eu-west-1"].status,
+                {p: e.get("vantages") for p, e in daemon.judge.verdicts["eu-west-1"].evidence["threshold"].items()},
+                {
+                    k[2]: round(time.time() - w.newest(1)[0][0], 2)
+                    for k, w in daemon.windows._windows.items()
+                    if k[0] == "eu-west-1" and w.newest(1)
+                },
+            ),
         )
         # The judge's suspicion reached the agents too: each was asked to probe harder.
         assert daemon.intake is not None
