@@ -24,11 +24,9 @@ each adding one second of results and judging once. Printed per size:
 - RSS after the warm-up and at the end (MB): flat means the windows' trimming holds.
 
 Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
-(a process of its own) that answers after a fixed 50 ms, `--probes` times one after another while
-the judge loop runs at one tick a second: first on the judge's own event loop (as the daemon probed
-before its probes got a process of their own), then in a `probes.worker.ProbeWorker` process, as
-the daemon runs its probes now. Each p50 / p99 is printed beside the same probe with no judging, so
-the difference is what judging adds to every probe's latency.
+that answers after a fixed 50 ms, `--probes` times one after another while the judge loop runs on
+the same event loop at one tick a second: the probe's p50 / p99 beside the same probe with no
+judging, so the difference is what judging adds to every probe's latency.
 """
 
 from __future__ import annotations
@@ -55,12 +53,9 @@ from controller.judging.windows import WindowStore
 from controller.settings.loading import load_policy
 from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
-from probes.worker import ProbeWorker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
-
-    from probes.results import Result
+    from collections.abc import Iterator
 
 POLICY_FILE = Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"
 SHAPES = {18: (3, 2, 3), 150: (5, 6, 5), 1000: (20, 10, 5), 10000: (40, 50, 5)}
@@ -207,52 +202,25 @@ def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
     }
 
 
-# The loopback target: a process of its own, so what the judge does to this process's loop never
-# delays its answers (a target on the judge's loop answered late, and that was counted too).
-SLOW_TARGET = f"""
-import asyncio, contextlib, sys
+async def serve_slow(port_holder: list[int]) -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(TARGET_LATENCY)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
 
-async def answer(reader, writer):
-    with contextlib.suppress(ConnectionError):
-        await reader.readuntil(b"\\r\\n\\r\\n")
-        await asyncio.sleep({TARGET_LATENCY})
-        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
-        await writer.drain()
-    writer.close()
-
-async def main():
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
-
-asyncio.run(main())
-"""
+    port_holder.append(server.sockets[0].getsockname()[1])
+    return server
 
 
-@contextlib.asynccontextmanager
-async def slow_target() -> AsyncIterator[str]:
-    """The URL of a loopback target that answers after `TARGET_LATENCY`, for as long as the block."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SLOW_TARGET, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdin is not None  # noqa: S101 - piped
-    assert proc.stdout is not None  # noqa: S101
-    try:
-        yield f"http://127.0.0.1:{int(await proc.stdout.readline())}/"
-    finally:
-        proc.stdin.close()
-        await proc.wait()
-
-
-async def probe_latency(world: World | None, probes: int, *, worker: bool) -> tuple[float, float]:
-    """p50 and p99 (ms) of `probes` real probes in a row, with the world judged once a second:
-    run on the judge's own event loop, or (`worker`) as the daemon runs its own probes, in a
-    `ProbeWorker` process, every 0.25 s."""
-    async with slow_target() as target:
-        return await _probe_latency(world, probes, target, worker=worker)
-
-
-async def _probe_latency(world: World | None, probes: int, target: str, *, worker: bool) -> tuple[float, float]:
+async def probe_latency(world: World | None, probes: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of `probes` real probes in a row, with the world judged once a second."""
+    port: list[int] = []
+    server = await serve_slow(port)
+    prober = HttpProber(HttpProbe(name="slow", target=f"http://127.0.0.1:{port[0]}/", timeout=2.0), "r", "controller")
     stop = asyncio.Event()
 
     async def judge_loop() -> None:
@@ -264,30 +232,16 @@ async def _probe_latency(world: World | None, probes: int, target: str, *, worke
                     await stop.wait()
 
     judging = asyncio.create_task(judge_loop())
-    latencies: list[float] = []
-    if worker:
-        done = asyncio.Event()
-
-        def take(result: Result) -> None:
-            latencies.append(result.latency)
-            if len(latencies) >= probes:
-                done.set()
-
-        spec = HttpProbe(name="slow", target=target, timeout=0.25, interval=0.25)
-        probing = asyncio.create_task(ProbeWorker([("r", spec)], "controller", take, jitter=0.0).run())
-        await done.wait()
-        probing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await probing
-    else:
-        prober = HttpProber(HttpProbe(name="slow", target=target, timeout=2.0), "r", "controller")
-        for _ in range(probes):
-            result = await prober()
-            latencies.append(result.latency)
+    latencies = []
+    for _ in range(probes):
+        result = await prober()
+        latencies.append(result.latency)
     stop.set()
     await judging
-    q = statistics.quantiles(latencies[:probes], n=100, method="inclusive")
-    return statistics.median(latencies[:probes]) * 1000, q[98] * 1000
+    server.close()
+    await server.wait_closed()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return statistics.median(latencies) * 1000, q[98] * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {m['rss_warm']:>5.0f}->{m['rss_end']:>4.0f} MB"
         )
     if probe_sizes:
-        alone = asyncio.run(probe_latency(None, args.probes, worker=False))
+        alone = asyncio.run(probe_latency(None, args.probes))
         target = f"{TARGET_LATENCY * 1000:.0f} ms"
         print(f"probe to a {target} loopback target, no judging: p50 {alone[0]:.1f} ms, p99 {alone[1]:.1f} ms")
         for size in probe_sizes:
@@ -329,12 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 world.add(world.results())
                 if second % 10 == 0:
                     world.tick()
-            for worker, where in ((False, "on the judge's loop"), (True, "in the probe worker (as the daemon runs)")):
-                p50, p99 = asyncio.run(probe_latency(world, args.probes, worker=worker))
-                print(
-                    f"  judging {size:>6} series meanwhile, probe {where}: p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-                    f" ({p99 - alone[1]:+.1f} ms at p99)"
-                )
+            p50, p99 = asyncio.run(probe_latency(world, args.probes))
+            added = p99 - alone[1]
+            print(f"  judging {size:>6} series meanwhile: p50 {p50:.1f} ms, p99 {p99:.1f} ms (+{added:.1f} ms at p99)")
     return 0
 
 

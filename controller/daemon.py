@@ -33,8 +33,8 @@ from controller.state.database import StateError
 from controller.state.holder import this_process
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
+from probes.scheduler import Scheduler, make_prober
 from probes.wire import encode_plan
-from probes.worker import ProbeWorker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -110,14 +110,9 @@ class Daemon:
                 clock=clock,
             )
             self.metrics.watch_agents(agents.vantages, DROP_REASONS, self._agent_looks)
-        # The controller's own probes run in a process of their own, so judging on this loop never
-        # adds to a latency they measure (see `probes.worker`).
-        self.scheduler = ProbeWorker(
-            [(r.name, spec) for r in config.regions for spec in r.probes],
-            self.vantage,
-            self.record,
-            max_concurrency=settings.max_concurrency,
-            jitter=settings.jitter,
+        probers = [make_prober(spec, r.name, self.vantage) for r in config.regions for spec in r.probes]
+        self.scheduler = Scheduler(
+            probers, self.record, max_concurrency=settings.max_concurrency, jitter=settings.jitter
         )
         self.metrics.precreate(
             (
@@ -360,7 +355,7 @@ class Daemon:
                 "started",
                 api=server.url,
                 regions=len(self.config.regions),
-                probes=len(self.scheduler.planned),
+                probes=len(self.scheduler.probers),
                 vantage=self.vantage,
             )
             if self.config.controller.read_only:
