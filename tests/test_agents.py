@@ -605,9 +605,9 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
                 daemon.judge.verdicts["eu-west-1"].status,
                 {p: e.get("vantages") for p, e in daemon.judge.verdicts["eu-west-1"].evidence["threshold"].items()},
                 {
-                    k[2]: round(time.time() - w.newest(1)[0][0], 2)
-                    for k, w in daemon.windows._windows.items()
-                    if k[0] == "eu-west-1" and w.newest(1)
+                    vantage: round(time.time() - w.newest(1)[0][0], 2)
+                    for (_, vantage), w in daemon.windows.region("eu-west-1").items()
+                    if w.newest(1)
                 },
             ),
         )

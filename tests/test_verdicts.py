@@ -215,7 +215,7 @@ def test_all_passing_probes_make_a_healthy_region_with_evidence():
         "success_ratio": 1.0,
         "latency_p90": 0.1,
     }
-    # Numbers and a shared tuple alone: the collector never walks it (`findings.names`).
+    # Numbers and a tuple of strings alone: once collected, the collector tracks it no more.
     gc.collect()
     assert not gc.is_tracked(evidence)
 

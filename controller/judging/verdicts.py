@@ -250,14 +250,14 @@ STEP_BUDGET = 0.002
 async def finish_async(steps: Generator[None, None, T], budget: float = STEP_BUDGET) -> T:
     """`finish`, letting the event loop run between steps once `budget` seconds of them ran
     (at every step, a look at the loop would cost more than most steps)."""
-    held = gc.isenabled()
+    holding = gc.isenabled()  # this call holds collections (not one around it)
     with collections_held():
         last = time.perf_counter()
         while (done := _advance(steps)) is None:
             if time.perf_counter() - last >= budget:
                 await asyncio.sleep(0)
                 last = time.perf_counter()
-    if held:
+    if holding:
         # The collection held meanwhile, in a step of its own: due at the next allocation, it
         # came inside whatever ran next, and the loop waited for both.
         await asyncio.sleep(0)
