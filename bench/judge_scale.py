@@ -1,15 +1,17 @@
 """Judge cost at scale: what one judge tick costs as the series grow, beside the floor of only
 keeping their results, and what judging does to a real probe's measured latency.
 
-Run:  .venv/bin/python bench/judge_scale.py [--sizes 18,150,1000,10000] [--ticks 30] [--warmup 600]
-                                            [--probe-sizes 1000,10000] [--probes 200]
+Run:  .venv/bin/python bench/judge_scale.py [--sizes 18,150,1000,10000] [--ticks 30] [--warmup 1920]
+                                            [--probe-sizes 1000,10000] [--probes 200] [--day 150]
 
 Each size is a world of regions x probes x vantages (18 = 3 x 2 x 3, 150 = 5 x 6 x 5, 1,000 =
 20 x 10 x 5, 10,000 = 40 x 50 x 5), one result a second per series from the generated streams of
 `controller/demo/streams.py` (healthy noise), judged by the daemon's judge with the shipped policy
 (`policies/verdicts.yaml`). First `--warmup` simulated seconds of results fill the windows (judged
-every 10th second, so baselines and caches are as in a running daemon); then `--ticks` ticks,
-each adding one second of results and judging once. Printed per size:
+every 10th second, so baselines and caches are as in a running daemon: by default the latency
+baselines' span and two verdict windows, 32 minutes, the least after which a daemon holds all it
+will ever hold per series); then `--ticks` ticks, each adding one second of results and judging
+once. Printed per size:
 
 - tick p50 / p99: one judge tick (trim, every region, then the suspects: what the daemon's judge
   loop does each pass), in ms, and the share of a core that is at one tick a second;
@@ -23,8 +25,11 @@ each adding one second of results and judging once. Printed per size:
   and shows here and in the stall, not in the tick);
 - RSS after the warm-up and at the end (MB): flat means the windows' trimming holds.
 
+With `--day SIZE`, that many series are then fed and judged (every 10th second) for 24 simulated
+hours, and RSS printed every 4 hours: flat over a day, not only over the ticks above.
+
 Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
-that answers after a fixed 50 ms, `--probes` times one after another while the judge loop runs on
+(a process of its own, as a real target is) that answers after a fixed 50 ms, `--probes` times one after another while the judge loop runs on
 the same event loop at one tick a second: the probe's p50 / p99 beside the same probe with no
 judging, so the difference is what judging adds to every probe's latency.
 """
@@ -55,11 +60,12 @@ from probes.kinds.http import HttpProber
 from probes.spec import HttpProbe
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
 POLICY_FILE = Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"
 SHAPES = {18: (3, 2, 3), 150: (5, 6, 5), 1000: (20, 10, 5), 10000: (40, 50, 5)}
 TARGET_LATENCY = 0.05
+DAY = 24 * 3600
 
 
 def rss_mb() -> float:
@@ -202,25 +208,68 @@ def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
     }
 
 
-async def serve_slow(port_holder: list[int]) -> asyncio.Server:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")
-            await asyncio.sleep(TARGET_LATENCY)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        writer.close()
+def day(size: int, warmup: int) -> list[tuple[int, float]]:
+    """RSS (MB) every 4 simulated hours while `size` series are fed and judged (every 10th
+    second, as the warm-up) for 24 hours after `warmup` seconds."""
+    world = World(size)
+    shown = []
+    for second in range(warmup + DAY):
+        world.add(world.results())
+        if second % 10 == 0:
+            world.tick()
+        if second >= warmup and (second - warmup) % (4 * 3600) == 0:
+            shown.append(((second - warmup) // 3600, rss_mb()))
+    shown.append((DAY // 3600, rss_mb()))
+    return shown
 
+
+# The loopback target: a process of its own, as a real target is, so what the judge does to this
+# process's loop delays only the probe's side (a target on the judge's loop answered late, and
+# that was counted as well).
+SLOW_TARGET = f"""
+import asyncio, contextlib, sys
+
+async def answer(reader, writer):
+    with contextlib.suppress(ConnectionError):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        await asyncio.sleep({TARGET_LATENCY})
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
+        await writer.drain()
+    writer.close()
+
+async def main():
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port_holder.append(server.sockets[0].getsockname()[1])
-    return server
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
+
+asyncio.run(main())
+"""
+
+
+@contextlib.asynccontextmanager
+async def slow_target() -> AsyncIterator[str]:
+    """The URL of a loopback target that answers after `TARGET_LATENCY`, for as long as the block."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLOW_TARGET, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None  # noqa: S101 - piped
+    assert proc.stdout is not None  # noqa: S101
+    try:
+        yield f"http://127.0.0.1:{int(await proc.stdout.readline())}/"
+    finally:
+        proc.stdin.close()
+        await proc.wait()
 
 
 async def probe_latency(world: World | None, probes: int) -> tuple[float, float]:
-    """p50 and p99 (ms) of `probes` real probes in a row, with the world judged once a second."""
-    port: list[int] = []
-    server = await serve_slow(port)
-    prober = HttpProber(HttpProbe(name="slow", target=f"http://127.0.0.1:{port[0]}/", timeout=2.0), "r", "controller")
+    """p50 and p99 (ms) of `probes` real probes in a row, with the world judged once a second
+    on the same event loop."""
+    async with slow_target() as target:
+        return await _probe_latency(world, probes, target)
+
+
+async def _probe_latency(world: World | None, probes: int, target: str) -> tuple[float, float]:
+    prober = HttpProber(HttpProbe(name="slow", target=target, timeout=2.0), "r", "controller")
     stop = asyncio.Event()
 
     async def judge_loop() -> None:
@@ -238,8 +287,6 @@ async def probe_latency(world: World | None, probes: int) -> tuple[float, float]
         latencies.append(result.latency)
     stop.set()
     await judging
-    server.close()
-    await server.wait_closed()
     q = statistics.quantiles(latencies, n=100, method="inclusive")
     return statistics.median(latencies) * 1000, q[98] * 1000
 
@@ -248,16 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="18,150,1000,10000")
     parser.add_argument("--ticks", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=600, help="simulated seconds of history first (default 600)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="simulated seconds of history first (default: the baselines' span + 2 windows)",
+    )
     parser.add_argument("--probe-sizes", default="1000,10000")
     parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--day", type=int, default=None, help="series fed for 24 simulated hours after (RSS every 4 h)")
     args = parser.parse_args(argv)
+    if args.warmup is None:
+        policy = load_policy([POLICY_FILE])[0].verdicts
+        args.warmup = round(policy.slowdown.baseline + 2 * policy.window)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s]
         probe_sizes = [int(s) for s in args.probe_sizes.split(",") if s]
     except ValueError:
         parser.error("--sizes and --probe-sizes are comma-separated numbers")
-    unknown = sorted(set(chain(sizes, probe_sizes)) - SHAPES.keys())
+    unknown = sorted(set(chain(sizes, probe_sizes, [args.day] if args.day else [])) - SHAPES.keys())
     if unknown or args.ticks < 3 or args.warmup < 0 or args.probes < 10:
         parser.error(f"sizes from {sorted(SHAPES)}; --ticks at least 3, --probes at least 10, --warmup not negative")
     print(f"judge scale: shipped policy, 1 result/s per series, {args.warmup} s warm-up, {args.ticks} ticks")
@@ -273,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['gc']:>6.1f}ms {m['gc_tick']:>6.1f}ms"
             f" {m['rss_warm']:>5.0f}->{m['rss_end']:>4.0f} MB"
         )
+    if args.day:
+        shown = ", ".join(f"{hours} h {rss:.0f}" for hours, rss in day(args.day, args.warmup))
+        print(f"RSS over 24 simulated hours at {args.day} series (MB): {shown}")
     if probe_sizes:
         alone = asyncio.run(probe_latency(None, args.probes))
         target = f"{TARGET_LATENCY * 1000:.0f} ms"

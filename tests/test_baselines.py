@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from itertools import pairwise
 
-from controller.judging.baselines import Baseline, Baselines, _phase
+from controller.judging.baselines import Baseline, Baselines, _phase, _Slice, _Summaries
 from controller.judging.windows import Window
 from controller.settings.policy import VerdictPolicy
 from controller.state.store import Store
@@ -210,3 +210,21 @@ def test_healthy_results_are_slower_than_the_baseline_s_limit_no_more_often_than
         shares.append(float(lognorm.sf(baseline.slow, sigma, scale=scale)))
     mean = sum(shares) / len(shares)
     assert 0.085 <= mean <= 0.1, mean  # and not so far above the quantile that slowdowns hide
+
+
+def test_a_keys_slice_summaries_stay_in_slice_order_as_numbers():
+    """Summaries are kept as columns of numbers in slice order: one read late goes in its
+    place, one summarised again replaces the old, the oldest are forgotten by number, and the
+    ranges the baseline reads come back whole."""
+    kept = _Summaries()
+    for number in (3, 5, 4, 9):  # 4 read late
+        kept.keep(_Slice(number, 10 * number, 0.1 * number, 0.05 * number))
+    kept.keep(_Slice(5, 7, 0.7, 0.6))  # read again
+    assert [s.number for s in kept.slices(0)] == [3, 4, 5, 9]
+    assert kept.slices(4, 5) == [_Slice(4, 40, 0.1 * 4, 0.05 * 4), _Slice(5, 7, 0.7, 0.6)]
+    assert 9 in kept
+    assert 6 not in kept
+    assert kept.samples_from(5) == 7 + 90
+    kept.forget_before(5)
+    assert [s.number for s in kept.slices(-1)] == [5, 9]
+    assert len(kept) == 2

@@ -125,6 +125,51 @@ def test_a_window_gives_back_each_sample_as_it_was_added(monkeypatch):
     assert window.error_classes(T0 + 10, 7.5) == ["timeout", "other", "unknown"]  # within (T0 + 2.5, T0 + 10]
 
 
+def test_a_window_keeps_latencies_to_the_microsecond_and_a_long_lag_to_seven_digits():
+    """Latencies are kept in microseconds in single precision: one given to the microsecond
+    reads back as the same float (up to 2**24 us, 16.7 s), a longer one (a replication lag of
+    hours) to seven significant digits, an infinite one as infinite; quantiles and the slowdown
+    test's comparisons see the same values."""
+    given_latencies = [0.000001, 0.05, 0.123456, 0.2, 0.3, 1.1, 16.777215, 3600.5, 86_400.25, math.inf]
+    window = Window(span=100)
+    for i, latency in enumerate(given_latencies):
+        window.add(result(T0 + i, latency=latency))
+    read = [s[LATENCY] for s in window.samples(T0 + 50)]
+    assert read[:7] == given_latencies[:7]  # exact
+    assert read[7:9] == pytest.approx(given_latencies[7:9], rel=1e-7)
+    assert read[9] == math.inf
+    count, view = window.view(T0 + 50, 100)
+    assert count == len(given_latencies)
+    assert list(view) == sorted(read)
+    assert window.results_since_slower(0.3, limit=10, since=T0) == 0  # the newest, infinite
+    slower = [slow for _, _, slow in window.latency_outcomes(T0 + 50, 100, "controller", 0.3)]
+    assert slower == [latency > 0.3 for latency in given_latencies]  # 0.3 itself is not slower
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 300), st.booleans(), st.integers(0, 2_000_000)), max_size=400),
+    st.floats(-10, 300),
+    st.floats(0, 320),
+    st.floats(-50, 50),
+    st.sampled_from([10.0, 60.0]),
+)
+def test_latencies_by_slice_group_what_the_samples_hold(outcomes, after, end, anchor, width):
+    """What the latency baselines summarise, read from the columns, is the samples within
+    (after, end] grouped by slice, successes' latencies in order, a slice of failures empty."""
+    window = Window(span=1000)
+    for at, ok, us in outcomes:
+        window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=us / 1e6))
+    expected: dict[int, list[float]] = {}
+    for at, ok, us in sorted(outcomes, key=lambda o: o[0]):  # a window keeps equal times as they came
+        index = math.floor((at - anchor) / width)
+        if after < at <= end and index % 3:  # `keep` leaves out every third slice
+            expected.setdefault(index, [])
+            if ok:
+                expected[index].append(us / 1e6)
+    assert window.latencies_by_slice(after, end, anchor, width, lambda i, _at: bool(i % 3)) == expected
+
+
 def test_the_tests_read_the_same_outcomes_from_the_columns_as_from_the_samples():
     """`failures_of` and `slower_of` (what the error and slowdown tests walk, read from the
     columns) give what `failures` and `slower` give from the samples, late results included."""

@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import math
 import zlib
+from array import array
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from controller.judging.findings import samples_since
-from controller.judging.windows import AT, LATENCY, OK
+from controller.judging.windows import LATENCY, OK
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
-    from controller.judging.windows import Sample, Window, WindowKey
+    from controller.judging.windows import Window, WindowKey
     from controller.settings.policy import VerdictPolicy
 
 # How many times a verdict window each key's baseline is recomputed.
@@ -63,21 +65,61 @@ class _Slice(NamedTuple):
     weight: float = 0.0  # seconds of the baseline's span it covers (set when it is used)
 
 
-_NUMBER, _SAMPLES = 0, 1  # a kept summary's fields, by index (see `_Key.summaries`)
-_Kept = tuple[int, int, float, float, float]
+class _Summaries:
+    """One key's complete slices, summarised once, in slice order, as columns of numbers: ten
+    thousand keys hold three hundred thousand of them (a baseline's half hour of one-minute
+    slices). As a dict of tuples they took 200 bytes each (60 MB), and as NamedTuples every
+    garbage collection walked them; here a slice is 24 bytes the collector never sees."""
 
+    __slots__ = ("_median", "_number", "_samples", "_slow")
 
-def _kept(summary: _Slice) -> _Kept:
-    return (summary.number, summary.samples, summary.slow, summary.median, summary.weight)
+    def __init__(self) -> None:
+        self._number = array("q")  # the slice's number (`_Slice.number`), ascending
+        self._samples = array("q")
+        self._slow = array("d")
+        self._median = array("d")
+
+    def __contains__(self, number: int) -> bool:
+        i = bisect_left(self._number, number)
+        return i < len(self._number) and self._number[i] == number
+
+    def __len__(self) -> int:
+        return len(self._number)
+
+    def keep(self, summary: _Slice) -> None:
+        """Keep a complete slice's summary (in its place: a slice read late goes in before newer
+        ones; one kept already is replaced)."""
+        i = bisect_left(self._number, summary.number)
+        if i < len(self._number) and self._number[i] == summary.number:
+            self._samples[i], self._slow[i], self._median[i] = summary.samples, summary.slow, summary.median
+            return
+        self._number.insert(i, summary.number)
+        self._samples.insert(i, summary.samples)
+        self._slow.insert(i, summary.slow)
+        self._median.insert(i, summary.median)
+
+    def forget_before(self, first: int) -> None:
+        """Forget the slices numbered before `first`."""
+        i = bisect_left(self._number, first)
+        if i:
+            for column in (self._number, self._samples, self._slow, self._median):
+                del column[:i]
+
+    def slices(self, first: int, last: float = math.inf) -> list[_Slice]:
+        """The kept slices numbered `first` to `last`, in order."""
+        lo = bisect_left(self._number, first)
+        hi = len(self._number) if last == math.inf else bisect_right(self._number, last)
+        return [_Slice(self._number[i], self._samples[i], self._slow[i], self._median[i]) for i in range(lo, hi)]
+
+    def samples_from(self, first: int) -> int:
+        """How many results the kept slices numbered `first` on were summarised from."""
+        return sum(self._samples[bisect_left(self._number, first) :])
 
 
 @dataclass(slots=True)
 class _Key:
     anchor: float  # the key's first result: slices are counted from it
-    # Complete slices, summarised once, as plain tuples (`_Slice._make` reads one): the garbage
-    # collector stops tracking a plain tuple of numbers, never a NamedTuple, and ten thousand
-    # keys hold a hundred thousand of them (two thirds of what a full collection walked).
-    summaries: dict[int, _Kept] = field(default_factory=dict)
+    summaries: _Summaries = field(default_factory=_Summaries)
     phase: float = 0.0  # seconds: how much further back than `window` a grown key's span ends
     baseline: Baseline | None = None
     refreshed: float = -math.inf
@@ -141,19 +183,19 @@ class Baselines:
         start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
         # A slice summarised already, or a result before the span (by index: one rounding), is left.
         grouped = self._by_slice(
-            state, window, start, end, lambda i, s: i >= first_read and s[AT] > end - p.slowdown.baseline
+            state, window, start, end, lambda i, at: i >= first_read and at > end - p.slowdown.baseline
         )
-        slices = [_Slice._make(s) for i, s in state.summaries.items() if i >= first and i not in grouped]
+        slices = [s for s in state.summaries.slices(first) if s.number not in grouped]
         for index, group in grouped.items():
             summary = self._summary(index, group)
             if summary is not None:
                 slices.append(summary)
                 if index <= last_complete:
-                    state.summaries[index] = _kept(summary)
+                    state.summaries.keep(summary)
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
-        if sum(s[_SAMPLES] for s in state.summaries.values() if s[_NUMBER] >= first) >= p.slowdown.min_baseline_samples:
+        if state.summaries.samples_from(first) >= p.slowdown.min_baseline_samples:
             state.grown = (-1, -1)  # its complete slices suffice from now on (see `_grown`)
         return self._weighed(slices, end, state.anchor, count, now)
 
@@ -176,8 +218,8 @@ class Baselines:
             start, stop = state.anchor + min(missing) * span, state.anchor + (last_complete + 1) * span
             for index, group in self._by_slice(state, window, start, stop, lambda i, _: i in missing).items():
                 if (summary := self._summary(index, group)) is not None:
-                    state.summaries[index] = _kept(summary)
-        slices = [_Slice._make(s) for s in state.summaries.values() if first <= s[_NUMBER] <= last_complete]
+                    state.summaries.keep(summary)
+        slices = state.summaries.slices(first, last_complete)
         count = sum(s.samples for s in slices)
         if count < p.slowdown.min_baseline_samples:
             return None
@@ -186,22 +228,17 @@ class Baselines:
     def _held(self, state: _Key, window: Window, first: int) -> int:
         """Forget the summaries of slices before `first`; the first slice the window still holds
         whole (or `first`)."""
-        for index in [i for i in state.summaries if i < first]:
-            del state.summaries[index]
+        state.summaries.forget_before(first)
         oldest = window.first_at()
         return first if oldest is None else max(first, math.ceil((oldest - state.anchor) / self.policy.window))
 
     def _by_slice(
-        self, state: _Key, window: Window, start: float, end: float, keep: Callable[[int, Sample], bool]
-    ) -> dict[int, list[Sample]]:
-        """The window's samples within (start - 1 s, end] that `keep` (slice index, sample), by
-        slice (a second more: float time is coarse)."""
-        grouped: dict[int, list[Sample]] = {}
-        for sample in window.samples(end, end - start + 1.0):
-            index = math.floor((sample[AT] - state.anchor) / self.policy.window)
-            if keep(index, sample):
-                grouped.setdefault(index, []).append(sample)
-        return grouped
+        self, state: _Key, window: Window, start: float, end: float, keep: Callable[[int, float], bool]
+    ) -> dict[int, list[float]]:
+        """The latencies of the successes among the window's samples within (start - 1 s, end]
+        that `keep` (slice index, start time), by slice (a second more: float time is coarse); a
+        slice with samples but no success maps to an empty list."""
+        return window.latencies_by_slice(start - 1.0, end, state.anchor, self.policy.window, keep)
 
     def _weighed(self, slices: list[_Slice], end: float, anchor: float, count: int, now: float) -> Baseline:
         """The baseline of `slices`, each weighing the time it covers of the span ending `end`."""
@@ -221,8 +258,8 @@ class Baselines:
             now,
         )
 
-    def _summary(self, index: int, samples: Iterable[Sample]) -> _Slice | None:
-        latencies = sorted(s[LATENCY] for s in samples if s[OK])
+    def _summary(self, index: int, successes: Iterable[float]) -> _Slice | None:
+        latencies = sorted(successes)
         if not latencies:
             return None
         return _Slice(

@@ -19,7 +19,7 @@ from operator import not_
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterable
+    from collections.abc import Callable, Generator, Iterable
 
     from probes.results import Result
 
@@ -102,12 +102,31 @@ class WindowStats:
 # against 401: what is held beyond the samples is mostly the allocator's.)
 COMPACT_AFTER = 256
 
-# Error classes, each kept once: a window keeps each sample's class as its number here (0: none).
-# Probes name a handful; a result's class is at most 32 characters (`probes.wire`), and past
-# `MAX_CLASSES` distinct ones (never, from real probes) a new one is kept as "other".
+# Error classes, each kept once: a window keeps each sample's class as its number here (0: none),
+# in the low seven bits of one byte whose high bit (`EXTRA`) marks an extra run. Probes name a
+# handful; a result's class is at most 32 characters (`probes.wire`), and past `MAX_CLASSES`
+# distinct ones (never, from real probes) a new one is kept as "other".
 _CLASSES: list[str | None] = [None, "other"]
 _CLASS_NUMBERS: dict[str | None, int] = {None: 0, "other": 1}
-MAX_CLASSES = 65_535
+MAX_CLASSES = 128
+EXTRA: Final = 0x80
+CLASS_BITS: Final = 0x7F
+
+# Latencies are kept in microseconds, in single precision: whole microseconds up to 2**24 (16.7 s)
+# are exact, so a latency given to the microsecond reads back as the same float (n / 1e6 is the
+# float nearest n microseconds); longer ones (a replication lag) to seven significant digits, and
+# an infinite one stays infinite. Half the memory of a double, at 6,000,000 samples a daemon holds.
+US: Final = 1e6
+EXACT_US: Final = 2**24
+
+
+def _stored(latency: float) -> float:
+    """A latency in seconds as its column keeps it (see `US`)."""
+    us = latency * US
+    return round(us) if -EXACT_US < us < EXACT_US else us
+
+
+_seconds = US.__rtruediv__  # a kept latency in seconds
 
 
 def _class_number(error_class: str | None) -> int:
@@ -141,7 +160,7 @@ class _SpanView:
         self.head = bisect_right(at, now - span, window._head)  # noqa: SLF001
         self.end = bisect_right(at, now, self.head)
         ok, latency = window._ok[self.head : self.end], window._latency[self.head : self.end]  # noqa: SLF001
-        self.latencies = array("d", sorted(compress(latency, ok)))
+        self.latencies = array("d", map(_seconds, sorted(compress(latency, ok))))
 
     def move(self, window: Window, now: float) -> None:
         at, ok, latency = window._at, window._ok, window._latency  # noqa: SLF001 - the window's own view
@@ -149,13 +168,13 @@ class _SpanView:
         end = self.end
         while end < len(at) and at[end] <= now:
             if ok[end]:
-                insort(latencies, latency[end])
+                insort(latencies, latency[end] / US)
             end += 1
         self.end = end
         head, horizon = self.head, now - self.span
         while head < end and at[head] <= horizon:
             if ok[head]:
-                del latencies[bisect_left(latencies, latency[head])]
+                del latencies[bisect_left(latencies, latency[head] / US)]
             head += 1
         self.head, self.now = head, now
 
@@ -163,9 +182,11 @@ class _SpanView:
 class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds.
 
-    Samples are kept in start-time order in columns: arrays of start times, outcomes, latencies,
-    error classes (by number) and whether each ran on schedule, so a sample costs 20 bytes and
-    nothing the garbage collector walks (as tuples, 150 bytes and a reference in a list every
+    Samples are kept in start-time order in columns: arrays of start times (doubles), outcomes,
+    latencies (single precision: seven significant digits, a tenth of a microsecond at 1 s, and
+    the range of a replication lag of days or an infinite one) and one byte for the error class
+    (by number) and whether it ran on schedule, so a sample costs 14 bytes and nothing the garbage
+    collector walks (as tuples, 150 bytes and a reference in a list every
     collection walked: 1.2 GB at 10,000 series). A reader gets samples as tuples (`Sample`),
     made for what it asks. The trimmed ones before `_head` are dropped in batches. A look at a
     span is two bisects and a slice (C speed): what a judge tick costs per window does not grow
@@ -174,13 +195,12 @@ class Window:
 
     __slots__ = (
         "_at",
-        "_error",
         "_failed_at",
         "_head",
+        "_kind",
         "_latency",
         "_looked",
         "_ok",
-        "_scheduled",
         "_version",
         "_view",
         "added",
@@ -192,9 +212,8 @@ class Window:
         self.span = span
         self._at = array("d")  # when each sample started, in order
         self._ok = array("b")  # 1 for a success
-        self._latency = array("d")
-        self._error = array("H")  # its error class's number (`_CLASSES`)
-        self._scheduled = array("b")  # 1 for a run on schedule, 0 for an extra run
+        self._latency = array("f")
+        self._kind = array("B")  # its error class's number (`_CLASSES`), `EXTRA` for an extra run
         self._head = 0  # the first kept sample; those before it are trimmed
         # When each kept sample that failed started, in order: failures are rare, so counting
         # them over a long span does not walk every sample (the error tests ask every tick).
@@ -219,15 +238,19 @@ class Window:
     def _samples(self, lo: int, hi: int) -> list[Sample]:
         """The samples from index `lo` to `hi` of the columns, as tuples."""
         if hi - lo <= FEW:
-            at, ok, latency, error, scheduled = self._at, self._ok, self._latency, self._error, self._scheduled
-            return [(at[i], bool(ok[i]), latency[i], _CLASSES[error[i]], bool(scheduled[i])) for i in range(lo, hi)]
+            at, ok, latency, kind = self._at, self._ok, self._latency, self._kind
+            return [
+                (at[i], bool(ok[i]), latency[i] / US, _CLASSES[kind[i] & CLASS_BITS], not kind[i] & EXTRA)
+                for i in range(lo, hi)
+            ]
+        kinds = self._kind[lo:hi]
         return list(
             zip(
                 self._at[lo:hi],
                 map(bool, self._ok[lo:hi]),
-                self._latency[lo:hi],
-                map(_CLASSES.__getitem__, self._error[lo:hi]),
-                map(bool, self._scheduled[lo:hi]),
+                map(_seconds, self._latency[lo:hi]),
+                map(_CLASSES.__getitem__, map(CLASS_BITS.__and__, kinds)),
+                map(not_, map(EXTRA.__and__, kinds)),
                 strict=True,
             )
         )
@@ -236,8 +259,7 @@ class Window:
         """Keep a result; only `trim(now)` forgets, so a result stamped ahead of the clock (a
         skewed agent) cannot push out samples that are still current."""
         at, ok = result.started_at, result.ok
-        error = _class_number(result.error_class)
-        scheduled = result.reason == "scheduled"
+        kind = _class_number(result.error_class) | (0 if result.reason == "scheduled" else EXTRA)
         self._version += 1
         self.added += 1
         # Results arrive nearly in order; one that is older than the newest goes in its place so
@@ -246,17 +268,15 @@ class Window:
             i = bisect_right(self._at, at, self._head)
             self._at.insert(i, at)
             self._ok.insert(i, ok)
-            self._latency.insert(i, result.latency)
-            self._error.insert(i, error)
-            self._scheduled.insert(i, scheduled)
+            self._latency.insert(i, _stored(result.latency))
+            self._kind.insert(i, kind)
             self.late += 1
             self._view = None  # its indices no longer hold
         else:
             self._at.append(at)
             self._ok.append(ok)
-            self._latency.append(result.latency)
-            self._error.append(error)
-            self._scheduled.append(scheduled)
+            self._latency.append(_stored(result.latency))
+            self._kind.append(kind)
         if not ok:
             if self._failed_at and at < self._failed_at[-1]:
                 self._failed_at = deque(sorted([*self._failed_at, at]))
@@ -273,7 +293,7 @@ class Window:
     def _compact(self) -> None:
         head = self._head
         if head >= COMPACT_AFTER and head * 4 >= len(self._at):
-            for column in (self._at, self._ok, self._latency, self._error, self._scheduled):
+            for column in (self._at, self._ok, self._latency, self._kind):
                 del column[:head]
             if self._view is not None:
                 self._view.head -= head
@@ -319,14 +339,14 @@ class Window:
         newest = len(at) - 1
         if at[newest] < since:
             return None
-        if ok[newest] and latencies[newest] > latency:
+        if ok[newest] and latencies[newest] / US > latency:
             return 0
         if limit == 1:
             return None
         for count, i in enumerate(range(newest, self._head - 1, -1)):
             if count >= limit or at[i] < since:
                 return None
-            if ok[i] and latencies[i] > latency:
+            if ok[i] and latencies[i] / US > latency:
                 return count
         return None
 
@@ -384,6 +404,25 @@ class Window:
         found.reverse()
         return found
 
+    def latencies_by_slice(
+        self, after: float, end: float, anchor: float, width: float, keep: Callable[[int, float], bool]
+    ) -> dict[int, list[float]]:
+        """The latencies of the successes within (after, end], by slice (`floor((at - anchor) /
+        width)`), of the samples that `keep` (slice, start time); a slice whose kept samples all
+        failed maps to an empty list. Read from the columns, no sample made: what the latency
+        baselines summarise."""
+        lo, hi = self._within(after, end)
+        at, ok, latency = self._at, self._ok, self._latency
+        grouped: dict[int, list[float]] = {}
+        floor = math.floor
+        for i in range(lo, hi):
+            index = floor((at[i] - anchor) / width)
+            if keep(index, at[i]):
+                successes = grouped.setdefault(index, [])
+                if ok[i]:
+                    successes.append(latency[i] / US)
+        return grouped
+
     def outcomes(self, now: float, span: float, vantage: str) -> list[tuple[float, str, bool]]:
         """(start, `vantage`, failed) for each sample within (now - span, now], oldest first,
         read from the columns: what the error tests walk (see `sequential.failures_of`)."""
@@ -395,20 +434,20 @@ class Window:
         oldest first, read from the columns: what the slowdown test walks."""
         lo, hi = self._within(now - span, now)
         at, ok, latency = self._at[lo:hi], self._ok[lo:hi], self._latency[lo:hi]
-        return [(a, vantage, lat > limit) for a, good, lat in zip(at, ok, latency, strict=True) if good]
+        return [(a, vantage, lat / US > limit) for a, good, lat in zip(at, ok, latency, strict=True) if good]
 
     def error_classes(self, now: float, span: float) -> list[str]:
         """The error class of each failure within (now - span, now] ("unknown" for none), read
         from the columns (the threshold detector asks every pass of every window that failed)."""
         lo, hi = self._within(now - span, now)
-        ok, error = self._ok, self._error
+        ok, kind = self._ok, self._kind
         found: list[str] = []
         while True:
             try:
                 lo = ok.index(0, lo, hi)
             except ValueError:
                 return found
-            found.append(_CLASSES[error[lo]] or "unknown")
+            found.append(_CLASSES[kind[lo] & CLASS_BITS] or "unknown")
             lo += 1
 
     def count_after(self, at: float, now: float) -> int:
@@ -421,13 +460,13 @@ class Window:
         many) all failed, and no sample (scheduled or extra) passed since the oldest of them."""
         count = 0
         horizon = now - (self.span if span is None else span)
-        at, ok, scheduled = self._at, self._ok, self._scheduled
+        at, ok, kind = self._at, self._ok, self._kind
         for i in range(len(at) - 1, self._head - 1, -1):
             if at[i] > now:
                 continue
             if ok[i] or at[i] <= horizon:
                 return False
-            count += scheduled[i]
+            count += not kind[i] & EXTRA
             if count >= n:
                 return True
         return False
