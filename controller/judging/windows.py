@@ -186,11 +186,10 @@ class Window:
     """The results of one (region, probe, vantage) over the last `span` seconds.
 
     Samples are kept in start-time order in columns: arrays of start times (doubles), outcomes,
-    latencies (single precision: seven significant digits, a tenth of a microsecond at 1 s, and
-    the range of a replication lag of days or an infinite one) and one byte for the error class
-    (by number) and whether it ran on schedule, so a sample costs 14 bytes and nothing the garbage
-    collector walks (as tuples, 150 bytes and a reference in a list every
-    collection walked: 1.2 GB at 10,000 series). A reader gets samples as tuples (`Sample`),
+    latencies (in microseconds, single precision: see `US`) and one byte for the error class (by
+    number) and whether it ran on schedule, so a sample costs 14 bytes and nothing the garbage
+    collector walks (as tuples, 150 bytes and a reference in a list every collection walked:
+    1.2 GB at 10,000 series). A reader gets samples as tuples (`Sample`),
     made for what it asks. The trimmed ones before `_head` are dropped in batches. A look at a
     span is two bisects and a slice (C speed): what a judge tick costs per window does not grow
     with how much history the window holds.
