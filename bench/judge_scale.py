@@ -29,9 +29,12 @@ With `--day SIZE`, that many series are then fed and judged (every 10th second) 
 hours, and RSS printed every 4 hours: flat over a day, not only over the ticks above.
 
 Then, for `--probe-sizes`, a real HTTP probe (the daemon's `HttpProber`) against a loopback target
-(a process of its own, as a real target is) that answers after a fixed 50 ms, `--probes` times one after another while the judge loop runs on
-the same event loop at one tick a second: the probe's p50 / p99 beside the same probe with no
-judging, so the difference is what judging adds to every probe's latency.
+(a process of its own, as a real target is) that answers after a fixed 50 ms, `--probes` times
+one after another while the judge loop runs on the same event loop at one tick a second: the
+probe's p50 / p99 beside the same probe with no judging, so the difference is what judging adds
+to every probe's latency. Measured twice per size: on the table's world after its warm-up (the
+daemon's steady state), and on a world 120 s old, whose latency baselines are still young and
+refreshed every 15 s (a daemon's first minutes).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import math
 import resource
 import statistics
 import sys
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
 POLICY_FILE = Path(__file__).resolve().parent.parent / "policies" / "verdicts.yaml"
 SHAPES = {18: (3, 2, 3), 150: (5, 6, 5), 1000: (20, 10, 5), 10000: (40, 50, 5)}
 TARGET_LATENCY = 0.05
+YOUNG = 120  # s: a world this young still refreshes most latency baselines every 15 s
 FEED_CHUNK = 20  # results made and added between two looks at the loop (about 0.3 ms)
 DAY = 24 * 3600
 
@@ -185,12 +190,20 @@ async def longest_stall(world: World, ticks: int) -> tuple[float, float, float]:
     return worst, max(collections, default=0.0), sum(collections) / ticks
 
 
-def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
+def warmed(size: int, warmup: int) -> World:
+    """A world of `size` series after `warmup` simulated seconds, judged every 10th."""
     world = World(size)
     for second in range(warmup):
         world.add(world.results())
         if second % 10 == 0:
             world.tick()
+    return world
+
+
+def measure(size: int, warmup: int, ticks: int, probes: int) -> dict[str, float]:
+    """The table's figures for one size; with `probes`, the probe's p50 / p99 while that same
+    world is judged (measured last: it adds results, as the daemon's probes would)."""
+    world = warmed(size, warmup)
     rss_warm = rss_mb()
     tick_times, floors = [], []
     for _ in range(ticks):
@@ -198,7 +211,11 @@ def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
         tick_times.append(world.tick())
     stall, longest_gc, gc_per_tick = asyncio.run(longest_stall(world, max(3, ticks // 5)))
     q = statistics.quantiles(tick_times, n=100, method="inclusive")
+    rss_end = rss_mb()
+    probed = asyncio.run(probe_latency(world, probes)) if probes else (math.nan, math.nan)
     return {
+        "probe_p50": probed[0],
+        "probe_p99": probed[1],
         "p50": statistics.median(tick_times) * 1000,
         "p99": q[98] * 1000,
         "floor": statistics.median(floors) * 1000,
@@ -206,7 +223,7 @@ def measure(size: int, warmup: int, ticks: int) -> dict[str, float]:
         "gc": longest_gc * 1000,
         "gc_tick": gc_per_tick * 1000,
         "rss_warm": rss_warm,
-        "rss_end": rss_mb(),
+        "rss_end": rss_end,
     }
 
 
@@ -324,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         f" {'gc max':>8} {'gc/tick':>8} {'RSS':>14}"
     )
     print(head)
+    alone = asyncio.run(probe_latency(None, args.probes)) if probe_sizes else None
+    probed = {}
     for size in sizes:
-        m = measure(size, args.warmup, args.ticks)
+        m = measure(size, args.warmup, args.ticks, args.probes if size in probe_sizes else 0)
+        probed[size] = (m["probe_p50"], m["probe_p99"])
         print(
             f"{size:>7} {m['p50']:>7.1f}ms {m['p99']:>6.1f}ms {m['p50'] / 10:>5.1f}% {m['floor']:>5.1f}ms "
             f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['gc']:>6.1f}ms {m['gc_tick']:>6.1f}ms"
@@ -334,19 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.day:
         shown = ", ".join(f"{hours} h {rss:.0f}" for hours, rss in day(args.day, args.warmup))
         print(f"RSS over 24 simulated hours at {args.day} series (MB): {shown}")
-    if probe_sizes:
-        alone = asyncio.run(probe_latency(None, args.probes))
+    if alone is not None:
         target = f"{TARGET_LATENCY * 1000:.0f} ms"
         print(f"probe to a {target} loopback target, no judging: p50 {alone[0]:.1f} ms, p99 {alone[1]:.1f} ms")
         for size in probe_sizes:
-            world = World(size)
-            for second in range(min(args.warmup, 120)):
-                world.add(world.results())
-                if second % 10 == 0:
-                    world.tick()
-            p50, p99 = asyncio.run(probe_latency(world, args.probes))
-            added = p99 - alone[1]
-            print(f"  judging {size:>6} series meanwhile: p50 {p50:.1f} ms, p99 {p99:.1f} ms (+{added:.1f} ms at p99)")
+            rows = [
+                (
+                    f"after {args.warmup} s",
+                    probed.get(size) or asyncio.run(probe_latency(warmed(size, args.warmup), args.probes)),
+                )
+            ]
+            rows.append(
+                (f"after {YOUNG} s (young baselines)", asyncio.run(probe_latency(warmed(size, YOUNG), args.probes)))
+            )
+            for when, (p50, p99) in rows:
+                print(
+                    f"  judging {size:>6} series meanwhile, {when}: p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                    f" ({p99 - alone[1]:+.1f} ms at p99)"
+                )
     return 0
 
 
