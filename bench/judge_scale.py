@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     probed = {}
     for size in sizes:
         m = measure(size, args.warmup, args.ticks, args.probes if size in probe_sizes else 0)
-        probed[size] = (m["probe_p50"], m["probe_p99"])
+        if size in probe_sizes:
+            probed[size] = (m["probe_p50"], m["probe_p99"])
         print(
             f"{size:>7} {m['p50']:>7.1f}ms {m['p99']:>6.1f}ms {m['p50'] / 10:>5.1f}% {m['floor']:>5.1f}ms "
             f"{m['p50'] / m['floor']:>5.1f}x {m['stall']:>6.1f}ms {m['gc']:>6.1f}ms {m['gc_tick']:>6.1f}ms"

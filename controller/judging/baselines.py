@@ -107,8 +107,7 @@ class _Summaries:
 
     def slices(self, first: int, last: float = math.inf) -> list[_Slice]:
         """The kept slices numbered `first` to `last`, in order."""
-        lo = bisect_left(self._number, first)
-        hi = len(self._number) if last == math.inf else bisect_right(self._number, last)
+        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
         return [_Slice(self._number[i], self._samples[i], self._slow[i], self._median[i]) for i in range(lo, hi)]
 
     def samples_from(self, first: int) -> int:

@@ -192,10 +192,9 @@ class Judge:
         # longest step of a pass, 2 to 8 ms with the event loop waiting.
         replaced = [self.verdicts.get(region) for region in judged]
         self.verdicts.update(judged)
-        for count in range(len(replaced)):
-            replaced[count] = None
-            if count % RELEASE_REGIONS == RELEASE_REGIONS - 1:
-                yield
+        while replaced:
+            del replaced[-RELEASE_REGIONS:]
+            yield
         yield from windows.forget_looks_steps()
         return transitions
 
