@@ -140,7 +140,8 @@ async def test_the_launch_demo_sets_a_cut_agent_aside_holds_for_lag_ramps_rolls_
     fault = kinds.index("fault: eu-west-1 fails 40% of API requests, /healthz stays 200")
     rollback = kinds.index("route53 rollback")
     assert fault < rollback < kinds.index("fault cleared on eu-west-1")
-    assert kinds[rollback + 2 :].count("route53 forward") == 5  # resumed from the first step, to the end
+    # Resumed from the first step, to the end (on failure, every action says why it was taken).
+    assert kinds[rollback + 2 :].count("route53 forward") == 5, "\n".join(actions)
     assert "rollback: eu-west-1 is degraded: orders:" in actions[rollback]
     # The clients really moved: eu-west-1's share of their requests over every timeline line once
     # the ramp was done (each line is ~100 requests: one alone is too few on a loaded machine).

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given
@@ -20,15 +21,26 @@ from controller.settings.policy import ErrorTest, VerdictPolicy
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 POLICY = SHIPPED_VERDICTS
 SCENARIOS = {s.name: s for s in scenarios("eu-west-1")}
 ONSET = 600.0  # every scenario's fault starts here, after the latency baselines have history
 
 
-def replay(scenario: Scenario, seconds: float, policy: VerdictPolicy = POLICY, seed: int = 1):
+def replay(
+    scenario: Scenario,
+    seconds: float,
+    policy: VerdictPolicy = POLICY,
+    seed: int = 1,
+    vantages: tuple[str, ...] = VANTAGES,
+    edit: Callable[[Result, float], Result] | None = None,
+):
     """Judge a generated stream every simulated second as the daemon does; yield (t, judge)
-    after each judgement, t in seconds since the stream started."""
-    stream = Stream(scenario, seed=seed)
+    after each judgement, t in seconds since the stream started. `edit(result, t)` may change a
+    result before the judge sees it."""
+    stream = Stream(scenario, seed=seed, vantages=vantages)
     windows = WindowStore(policy.history)
     judge = Judge(detectors_for(policy), dict.fromkeys(REGIONS, PROBES), policy)
     tick = stream.start + 1.0
@@ -38,7 +50,7 @@ def replay(scenario: Scenario, seconds: float, policy: VerdictPolicy = POLICY, s
             judge.judge(windows, tick)
             yield tick - stream.start, judge
             tick += 1.0
-        windows.add(result)
+        windows.add(result if edit is None else edit(result, result.started_at - stream.start))
 
 
 def first_verdict(scenario: Scenario, seconds: float, region: str, statuses=("degraded", "unhealthy"), **kw):
@@ -264,6 +276,53 @@ def test_recovery_waits_for_sustained_health():
     last = history[-1][1]
     assert last.status == "degraded"
     assert any(r.startswith("recovering: healthy for") for r in last.reasons), last.reasons
+
+
+@dataclass(frozen=True)
+class Spells(Scenario):
+    """The fault only within these spans of the stream's time (seconds since it started)."""
+
+    spans: tuple[tuple[float, float], ...] = ()
+
+    def active(self, region: str, probe: str, vantage: str, t: float) -> bool:
+        return any(a <= t < b for a, b in self.spans) and super().active(region, probe, vantage, t)
+
+
+def _statuses(scenario: Scenario, seconds: float, **kw) -> list[tuple[float, str]]:
+    return [(t, judge.verdicts["eu-west-1"].status) for t, judge in replay(scenario, seconds, **kw)]
+
+
+def _stray_failure_at(when: float) -> Callable[[Result, float], Result]:
+    def edit(result: Result, t: float) -> Result:
+        if result.region == "eu-west-1" and result.probe == "api" and when <= t < when + 1:
+            return replace(result, ok=False, status=503, error_class="status")
+        return result
+
+    return edit
+
+
+def test_a_stray_failure_after_a_fault_has_cleared_does_not_bring_its_verdict_back():
+    # One vantage at 1 s: a 40% api fault for a minute, then healthy. Once the verdict has
+    # recovered, the patient test's 10-minute horizon still holds the fault's failures, and one
+    # noise failure put the region back to degraded on them: 2 of 8 seeds, minutes after the
+    # fault (and the launch demo rolled its ramp back twice). Evidence before a recovery is spent.
+    one = ("controller",)
+    scenario = Spells("40% for a minute", "eu-west-1", ("eu-west-1",), ("api",), one, 0.4, spans=((ONSET, ONSET + 60),))
+    history = _statuses(scenario, ONSET + 600, vantages=one)
+    recovered = next(t for t, status in history if t > ONSET + 60 and status == "healthy")
+    assert any(status == "degraded" for t, status in history if ONSET < t < recovered)
+    stray = recovered + 30
+    after = _statuses(scenario, ONSET + 600, vantages=one, edit=_stray_failure_at(stray))
+    assert [(t, s) for t, s in after if t >= recovered and s != "healthy"] == []
+    # The same fault coming back after the recovery is found again as fast as on a stream
+    # without the first one (the same seed: the same draws, the same results from `again` on).
+    again = recovered + 120
+
+    def found(spans: tuple[tuple[float, float], ...]) -> float:
+        history = _statuses(replace(scenario, spans=spans), again + 60, vantages=one)
+        return next(t for t, status in history if t > again and status == "degraded") - again
+
+    assert found(((ONSET, ONSET + 60), (again, math.inf))) <= found(((again, math.inf),)) <= 30
 
 
 def test_false_alarm_rate_of_the_error_test_stays_under_the_policy_bound_on_long_healthy_streams():

@@ -48,7 +48,12 @@ class ErrorDetector(SequentialDetector):
             return "unknown", None
         outcome: tuple[str, str | None] = ("ok", None)
         best = 0.0
-        for test, llr, horizon in self.tests:
+        for test, llr, full in self.tests:
+            # Nothing from before the region's last recovery: one stray failure after it must not
+            # bring back the last fault's verdict on that fault's old failures (a patient test's
+            # horizon holds them for minutes after the fault has stopped).
+            cleared = view.cleared_at
+            horizon = full if cleared is None else min(full, now - cleared)
             bad = sum(w.failures(now, horizon) for w in windows.values())
             floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
             if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
@@ -69,7 +74,7 @@ class ErrorDetector(SequentialDetector):
             # at least) must still lean bad.
             in_window = sum(1 for e in events if e[0] > now - p.window)
             recent = [e[2] for e in events[-max(in_window, OVER_AFTER) :]]
-            if horizon > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
+            if full > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
                 what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s"
                 what += f", the last {len(recent)} results lean healthy"
                 outcome = ("ok", f"{what}: over")

@@ -49,6 +49,10 @@ class RegionView:
     # The same windows by probe (probe -> vantage -> window), when the store keeps them so: a
     # detector asks for one probe's windows without walking every window of the region.
     by_probe: Mapping[str, Mapping[str, Window]] | None = None
+    # When the region's verdict last came back to healthy from degraded or worse: the evidence
+    # before it was judged over and has been spent, so a test looking back further (the patient
+    # error test's horizon) starts there. None: no recovery since the judge started.
+    cleared_at: float | None = None
 
     def windows_of(self, probe: str) -> dict[str, Window]:
         """The probe's windows from every vantage not set aside."""
@@ -144,6 +148,7 @@ class Judge:
         self.verdicts: dict[str, Verdict] = {}
         self.set_aside: dict[str, str] = {}  # vantage -> why, as of the last judgement
         self._failing_at: dict[str, float] = {}  # region -> when it last looked degraded or worse
+        self._cleared_at: dict[str, float] = {}  # region -> when its verdict last recovered (see RegionView)
 
     def judge(self, windows: WindowStore, now: float) -> list[Transition]:
         """Judge every region as of `now`; return the regions whose status changed."""
@@ -166,7 +171,15 @@ class Judge:
         for region, probes in self.probes.items():
             yield
             peers = {r: v for r, v in views.items() if r != region}
-            view = RegionView(region, probes, views[region].windows, peers, self.set_aside, views[region].by_probe)
+            view = RegionView(
+                region,
+                probes,
+                views[region].windows,
+                peers,
+                self.set_aside,
+                views[region].by_probe,
+                self._cleared_at.get(region),
+            )
             assessments = {}
             for detector in self.detectors:
                 yield
@@ -187,6 +200,8 @@ class Judge:
             judged[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))
+                if status == "healthy" and previous is not None and previous.status in ("degraded", "unhealthy"):
+                    self._cleared_at[region] = now
         # The verdicts they replace are let go of a few regions at a time: freeing a pass's
         # evidence at once (at 10,000 series, tens of thousands of dicts and numbers) was the
         # longest step of a pass, 2 to 8 ms with the event loop waiting.
