@@ -7,9 +7,17 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from controller.judging.suspicion import HOLD_PASSES, Suspicion, hold, judge_delay, suspects
+from controller.judging.suspicion import (
+    HOLD_PASSES,
+    WINDOWS_A_STEP,
+    Suspicion,
+    hold,
+    judge_delay,
+    suspect_steps,
+    suspects,
+)
 from controller.judging.verdicts import Verdict
-from controller.judging.windows import WindowStore
+from controller.judging.windows import Window, WindowStore
 from controller.settings.policy import SuspicionPolicy, VerdictPolicy
 from probes.results import Result
 
@@ -249,3 +257,42 @@ def test_results_since_slower_matches_a_plain_walk_back():
                     break
             got = None if kept is None else kept.results_since_slower(0.02, limit, since)
             assert got == expected, (samples, limit, since)
+
+
+def test_a_region_s_windows_are_looked_at_a_hundred_at_a_time_and_new_ones_meanwhile_break_nothing(monkeypatch):
+    # 250 vantages report eu-west-1's orders: one region, 500 windows with healthz, each failed once.
+    vantages = tuple(f"agent-{i:03d}" for i in range(250))
+    failures = [("eu-west-1", "orders", v, 55.5) for v in vantages]
+    at_once = suspects(store(*failures, vantages=vantages), PROBES, {}, T0 + 60, POLICY)
+    windows = store(*failures, vantages=vantages)
+    looked = [0]  # windows looked at since the last yield
+    last_failure = Window.last_failure
+
+    def counted(self: Window) -> float | None:
+        looked[0] += 1
+        return last_failure(self)
+
+    monkeypatch.setattr(Window, "last_failure", counted)
+    steps = suspect_steps(windows, PROBES, {}, T0 + 60, POLICY)
+    most = 0
+    with pytest.raises(StopIteration) as done:
+        while True:
+            looked[0] = 0
+            try:
+                next(steps)
+            finally:
+                most = max(most, looked[0])
+            # A result from a vantage not seen before, as the loop runs between steps.
+            windows.add(
+                Result(
+                    "eu-west-1",
+                    "orders",
+                    f"late-{most}-{len(windows.region('eu-west-1'))}",
+                    T0 + 59,
+                    ok=True,
+                    latency=0.01,
+                )
+            )
+    assert done.value.value == at_once
+    assert len(at_once) == 250
+    assert most == WINDOWS_A_STEP  # where a region of 500 windows was one step

@@ -58,7 +58,7 @@ class ErrorDetector(SequentialDetector):
             floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
             if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
                 continue
-            if failure_cusum_bound(windows.values(), now, horizon, llr) < floor * llr.threshold:
+            if failure_cusum_bound(windows.values(), now, horizon, llr, floor * llr.threshold) < floor * llr.threshold:
                 continue  # the failures are too far apart to matter (without walking the results)
             events = failures_of(windows, now, horizon)
             run = cusum(events, llr)

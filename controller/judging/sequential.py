@@ -159,24 +159,32 @@ class SlidingCusum:
         return self.total - min(low_total[0], self.total)
 
 
-def failure_cusum_bound(windows: Iterable[Window], now: float, span: float, llr: Llr) -> float:
+def failure_cusum_bound(
+    windows: Iterable[Window], now: float, span: float, llr: Llr, enough: float = math.inf
+) -> float:
     """At least the CUSUM statistic of the failures of `windows` pooled (the statistic `cusum`
     of `failures` gives) over (now - span, now], from the failure times and two bisects per
     window and failure: no walk over the samples. The run that makes the statistic starts at a
     failure, so the largest of bad x the failures since each failure time and good x the passes
     after it is the statistic (a little more where results share that time exactly). The error
     tests skip the full test while this stays below what could matter: a healthy probe's few
-    noise failures over a 10 minute horizon no longer cost a walk over its thousands of results."""
+    noise failures over a 10 minute horizon no longer cost a walk over its thousands of results.
+    The newest failures are looked at first, and the look stops once the bound reaches `enough`
+    (what it is compared with): a path where everything fails gets there within a few failures,
+    where looking at each of its thousands took as many bisects of every window."""
     kept = list(windows)
     times = sorted(t for w in kept for t in w.failure_times(now, span))
     best = 0.0
-    for i, at in enumerate(times):
+    for i in range(len(times) - 1, -1, -1):
+        at = times[i]
         if i and times[i - 1] == at:
             continue
         since = len(times) - i  # failures at or after `at`
         after = len(times) - bisect_right(times, at)
         passes = sum(w.count_after(at, now) for w in kept) - after
         best = max(best, since * llr.bad + passes * llr.good)
+        if best >= enough:
+            break
     return best
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from controller.judging.sequential import Llr, cusum, fails_more, failure_cusum_bound, failures_of
+from controller.judging.sequential import Llr, fails_more, failure_cusum_bound
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Mapping
@@ -43,14 +43,15 @@ def set_aside_steps(
             sees.setdefault(vantage, set()).add(region)
             looks = [(w.count_after(now - span, now), w.failures(now, span)) for w in probe_windows.values()]
             counts.setdefault(region, {})[vantage] = (sum(n for n, _ in looks), sum(b for _, b in looks))
+            # Every probe of this region from this vantage, as one stream of outcomes: its CUSUM
+            # statistic from the failure times (the bound is the statistic but where results
+            # share a time exactly). Walking the outcomes instead was one step of 27 ms at
+            # 10,000 series (100 probes a vantage: 6,000 outcomes a minute).
             if (
                 counts[region][vantage][1]
-                and failure_cusum_bound(probe_windows.values(), now, span, llr) >= llr.threshold
+                and failure_cusum_bound(probe_windows.values(), now, span, llr, llr.threshold) >= llr.threshold
             ):
-                # Every probe of this region from this vantage, as one stream of outcomes.
-                events = failures_of({f"{vantage}/{p}": w for p, w in probe_windows.items()}, now, span)
-                if cusum(events, llr).tripped:
-                    failing.setdefault(vantage, set()).add(region)
+                failing.setdefault(vantage, set()).add(region)
 
     def apart(vantage: str, region: str) -> bool:
         """This vantage fails on `region` significantly more, and `min_error_ratio` times more
