@@ -470,3 +470,41 @@ def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fai
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _Scripted:
+    """A detector that says the given statuses, one a pass, and records the recovery it was shown."""
+
+    name = "scripted"
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = iter(statuses)
+        self.shown: list[float | None] = []
+
+    def assess(self, view, now: float) -> Assessment:  # noqa: ARG002 - the Detector protocol's
+        self.shown.append(view.cleared_at)
+        return Assessment(next(self.statuses))
+
+
+@pytest.mark.parametrize(
+    ("passes", "shown"),
+    [
+        # Never failing: no recovery to show.
+        (((0, "healthy"), (10, "healthy")), [None, None]),
+        # Degraded, then healthy once recover_after (5 s) has passed since: a recovery at 10.
+        (((0, "degraded"), (2, "healthy"), (10, "healthy"), (11, "healthy")), [None, None, None, 10.0]),
+        # Through unknown (stale) on the way back: still a recovery, once healthy.
+        (((0, "unhealthy"), (2, "unknown"), (10, "healthy"), (11, "healthy")), [None, None, None, 10.0]),
+        # Failing again after it: the next recovery moves it.
+        (
+            ((0, "degraded"), (10, "healthy"), (11, "degraded"), (20, "healthy"), (21, "healthy")),
+            [None, None, 10.0, 10.0, 20.0],
+        ),
+    ],
+)
+def test_the_detectors_are_shown_when_the_region_last_recovered(passes, shown):
+    detector = _Scripted(*(status for _, status in passes))
+    judge = Judge([detector], {"eu-west-1": ("api",)}, POLICY.model_copy(update={"recover_after": 5.0}))
+    for now, _ in passes:
+        judge.judge(WindowStore(60.0), float(now))
+    assert detector.shown == shown

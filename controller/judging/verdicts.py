@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,7 +201,9 @@ class Judge:
             judged[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))
-                if status == "healthy" and previous is not None and previous.status in ("degraded", "unhealthy"):
+            if status == "healthy":  # back from degraded or worse (through unknown, too): a recovery
+                failing_at = self._failing_at.get(region)
+                if failing_at is not None and failing_at > self._cleared_at.get(region, -math.inf):
                     self._cleared_at[region] = now
         # The verdicts they replace are let go of a few regions at a time: freeing a pass's
         # evidence at once (at 10,000 series, tens of thousands of dicts and numbers) was the
