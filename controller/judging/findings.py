@@ -109,7 +109,7 @@ class SequentialDetector:
         for probe in view.probes:
             yield
             evidence[probe] = {}
-            states[probe], reason = self._probe(view, probe, now, evidence[probe])
+            states[probe], reason = yield from self._probe_steps(view, probe, now, evidence[probe])
             if reason:
                 reasons.append(reason)
         troubles = frozenset(p for p, state in states.items() if state in TROUBLE_STATES or evidence[p].get("leaning"))
@@ -117,6 +117,14 @@ class SequentialDetector:
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         raise NotImplementedError
+
+    def _probe_steps(
+        self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]
+    ) -> Generator[None, None, tuple[str, str | None]]:
+        """`_probe` in steps: a detector whose look at one probe has parts that each take long
+        yields between them (the event loop runs there, see `Detector`)."""
+        yield from ()
+        return self._probe(view, probe, now, evidence)
 
     def _beyond_quorum(self, run: Run, vantages: int) -> bool:
         """Whether the run still shows beyond the quorum - 1 vantages that see most of it: what
