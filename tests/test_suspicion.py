@@ -260,7 +260,7 @@ def test_results_since_slower_matches_a_plain_walk_back():
 
 
 def test_a_region_s_windows_are_looked_at_a_hundred_at_a_time_and_new_ones_meanwhile_break_nothing(monkeypatch):
-    # 250 vantages report eu-west-1's orders: one region, 500 windows with healthz, each failed once.
+    # 250 vantages report eu-west-1: 500 windows in one region, each orders window failed once.
     vantages = tuple(f"agent-{i:03d}" for i in range(250))
     failures = [("eu-west-1", "orders", v, 55.5) for v in vantages]
     at_once = suspects(store(*failures, vantages=vantages), PROBES, {}, T0 + 60, POLICY)

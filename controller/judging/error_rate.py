@@ -4,6 +4,7 @@ ratio; it decides as soon as the evidence suffices.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.findings import (
@@ -48,17 +49,18 @@ class ErrorDetector(SequentialDetector):
             return "unknown", None
         outcome: tuple[str, str | None] = ("ok", None)
         best = 0.0
+        # Nothing from before the region's last recovery: one stray failure after it must not
+        # bring back the last fault's verdict on that fault's old failures (a patient test's
+        # horizon holds them for minutes after the fault has stopped).
+        since_recovery = math.inf if view.cleared_at is None else now - view.cleared_at
         for test, llr, full in self.tests:
-            # Nothing from before the region's last recovery: one stray failure after it must not
-            # bring back the last fault's verdict on that fault's old failures (a patient test's
-            # horizon holds them for minutes after the fault has stopped).
-            cleared = view.cleared_at
-            horizon = full if cleared is None else min(full, now - cleared)
+            horizon = min(full, since_recovery)
             bad = sum(w.failures(now, horizon) for w in windows.values())
             floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
-            if bad * llr.bad < floor * llr.threshold:  # even every failure in a row could not matter
+            matters = floor * llr.threshold
+            if bad * llr.bad < matters:  # even every failure in a row could not matter
                 continue
-            if failure_cusum_bound(windows.values(), now, horizon, llr, floor * llr.threshold) < floor * llr.threshold:
+            if failure_cusum_bound(windows.values(), now, horizon, llr, matters) < matters:
                 continue  # the failures are too far apart to matter (without walking the results)
             events = failures_of(windows, now, horizon)
             run = cusum(events, llr)
