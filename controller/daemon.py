@@ -338,6 +338,7 @@ class Daemon:
                     max_attempts=r53.max_attempts,
                     clock=self.clock,
                 )
+                stack.callback(actuator.close)  # after the stop has waited for its requests
                 lease = store.lease(str(this_process()), r53.lease_ttl)
                 self.reconciler = Reconciler(
                     self.config, actuator, store, lease, publish=self.bus.publish, clock=self.clock

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +166,7 @@ class Actuator:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        threads: int = 4,
     ) -> None:
         self.client = client
         self.dry_run = dry_run
@@ -176,8 +180,12 @@ class Actuator:
         self._clock = clock
         self.calls = 0  # API requests sent, retries included
         self.last_success_at: float | None = None  # when Route 53 last answered any request
-        # Requests whose thread still runs: cancelling the task that awaits one stops nobody
-        # waiting, not the request. `quiesce` waits for them before the lease is given up.
+        # Requests sent and not yet done: cancelling the task that awaits one stops nobody
+        # waiting, not the request. `quiesce` waits for them before the lease is given up. A
+        # request counts from the moment it is handed to a thread until it has returned, failed,
+        # or (still queued when its task was cancelled) been dropped unsent. The threads are the
+        # actuator's own: a Route 53 write never waits behind other blocking work.
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="regionshift-route53")
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
 
@@ -212,14 +220,15 @@ class Actuator:
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
-        def call() -> dict[str, Any]:
-            try:
-                return method(**params)
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                    loop.call_soon_threadsafe(finished)
+        def done(_: Future[dict[str, Any]]) -> None:
+            # Runs once however the request ends: returned or raised on its thread, or cancelled
+            # while queued (then `method` never runs, and this is the only word of it).
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(finished)
 
-        return await asyncio.to_thread(call)
+        request = self._threads.submit(contextvars.copy_context().run, functools.partial(method, **params))
+        request.add_done_callback(done)
+        return await asyncio.wrap_future(request, loop=loop)
 
     async def quiesce(self, within: float) -> bool:
         """Wait until no request is in flight (a batch sent by a cancelled task has landed or
@@ -232,6 +241,10 @@ class Actuator:
         except TimeoutError:
             return False
         return True
+
+    def close(self) -> None:
+        """Let the request threads go once their work is done (nothing new is sent after this)."""
+        self._threads.shutdown(wait=False)
 
     @staticmethod
     def weights_of(record_set: RecordSet, group: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
