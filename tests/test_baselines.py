@@ -89,6 +89,43 @@ def test_keys_started_together_summarise_their_slices_in_different_ticks():
     assert max(grown) <= 40  # ... about 10 a second, never all together
 
 
+def test_young_keys_started_together_refresh_in_different_ticks(monkeypatch):
+    # A daemon's first minutes: every key is young (no complete slice yet) and first looked at in
+    # the same tick. Each refreshes four times a verdict window, never all of them in one tick
+    # (at 10,000 keys that tick was 0.5 to 1.1 s, four times the others).
+    keys = [("eu-west-1", f"probe-{i}", f"vantage-{i % 5}") for i in range(600)]
+    windows = {}
+    for key in keys:
+        windows[key] = Window(POLICY.history)
+        for i in range(120):
+            windows[key].add(Result(*key, T0 + i, ok=True, latency=0.1))
+    baselines = Baselines(POLICY)
+    computed: list[tuple[float, tuple[str, str, str]]] = []
+    compute = Baselines._compute
+
+    def counted(self, state, window, now):
+        computed.append((now, next(k for k, s in self._keys.items() if s is state)))
+        return compute(self, state, window, now)
+
+    monkeypatch.setattr(Baselines, "_compute", counted)
+    ticks = [T0 + 40 + t for t in range(60)]  # young all along: the first slice completes at T0 + 120
+    for now in ticks:
+        for key in keys:
+            baselines.of(key, windows[key], now)
+    per_tick = [sum(1 for at, _ in computed if at == now) for now in ticks]
+    assert per_tick[0] == 600  # the first look at each key
+    every = POLICY.window / 4
+    assert max(per_tick[1:]) <= 2 * 600 / every  # about 40 a tick, spread over the interval
+    for key in keys:
+        times = [at for at, k in computed if k == key]
+        assert times[0] == ticks[0]  # the first look
+        assert 0 < times[1] - times[0] <= every  # then at the key's own share of the interval
+        assert [b - a for a, b in pairwise(times[1:])] == [every] * (len(times) - 2)  # then every 15 s
+        assert times[-1] + every > ticks[-1]
+    assert all(b.samples >= 20 for b in baselines.current().values())
+    assert len(baselines.current()) == 600  # each has its young baseline
+
+
 def test_a_slowdown_becomes_the_new_normal_once_it_fills_half_the_baseline_and_the_floor_later():
     minutes = 30
     usual = [(i, 0.1) for i in range(60 * minutes)]
