@@ -5,7 +5,18 @@ from __future__ import annotations
 import random
 from itertools import pairwise
 
-from controller.judging.baselines import Baseline, Baselines, _phase, _Slice, _Summaries
+from controller.judging.baselines import (
+    COMPUTED,
+    FLOOR,
+    MEDIAN,
+    SAMPLES,
+    SLOW,
+    Baselines,
+    _phase,
+    _Slice,
+    _Summaries,
+    baseline,
+)
 from controller.judging.windows import Window
 from controller.settings.policy import VerdictPolicy
 from controller.state.store import Store
@@ -30,15 +41,15 @@ def test_a_short_slice_counts_for_the_time_it_covers_not_as_much_as_a_full_one()
     fast = [(60 + i, 0.010) for i in range(5)]
     baseline = Baselines(POLICY).of(KEY, window_of(usual + fast), T0 + 125)
     assert baseline is not None
-    assert 0.09 <= baseline.median <= 0.11  # not the short slice's 10 ms
-    assert 0.09 <= baseline.slow <= 0.11
-    assert baseline.samples == 65
+    assert 0.09 <= baseline[MEDIAN] <= 0.11  # not the short slice's 10 ms
+    assert 0.09 <= baseline[SLOW] <= 0.11
+    assert baseline[SAMPLES] == 65
 
 
 def test_a_young_key_has_a_baseline_from_the_older_half_of_its_first_results():
     window = window_of([(i, 0.1) for i in range(40)])
     baselines = Baselines(POLICY)
-    assert baselines.of(KEY, window, T0 + 39.5) == Baseline(0.1, 0.1, 0.1, 20, T0 + 39.5)
+    assert baselines.of(KEY, window, T0 + 39.5) == baseline(0.1, 0.1, 0.1, 20, T0 + 39.5)
     assert Baselines(POLICY).of(KEY, window_of([(i, 0.1) for i in range(30)]), T0 + 29.5) is None  # 15 of 20
 
 
@@ -122,7 +133,7 @@ def test_young_keys_started_together_refresh_in_different_ticks(monkeypatch):
         assert 0 < times[1] - times[0] <= every  # then at the key's own share of the interval
         assert [b - a for a, b in pairwise(times[1:])] == [every] * (len(times) - 2)  # then every 15 s
         assert times[-1] + every > ticks[-1]
-    assert all(b.samples >= 20 for b in baselines.current().values())
+    assert all(b[SAMPLES] >= 20 for b in baselines.current().values())
     assert len(baselines.current()) == 600  # each has its young baseline
 
 
@@ -135,12 +146,12 @@ def test_a_slowdown_becomes_the_new_normal_once_it_fills_half_the_baseline_and_t
     now = T0 + 60 * (minutes + slow_for)
     baseline = Baselines(POLICY).of(KEY, window, now)
     assert baseline is not None
-    assert baseline.median == 0.1  # 13 of the 30 baseline minutes are slow: still the old normal
+    assert baseline[MEDIAN] == 0.1  # 13 of the 30 baseline minutes are slow: still the old normal
     more = window_of(usual + [(60 * minutes + i, 0.3) for i in range(60 * 17)])
     baseline = Baselines(POLICY).of(KEY, more, T0 + 60 * (minutes + 17))
     assert baseline is not None
-    assert baseline.median == 0.3  # 16 of 30: the new normal
-    assert baseline.floor == 0.1  # what peers are compared against, until it fills three quarters
+    assert baseline[MEDIAN] == 0.3  # 16 of 30: the new normal
+    assert baseline[FLOOR] == 0.1  # what peers are compared against, until it fills three quarters
 
 
 def test_a_live_window_keeps_minutes_of_results_and_the_baseline_remembers_its_half_hour():
@@ -156,7 +167,7 @@ def test_a_live_window_keeps_minutes_of_results_and_the_baseline_remembers_its_h
         baseline = baselines.of(KEY, window, now)
         if i in (60 * 44, 60 * 49 - 1):
             assert baseline is not None
-            medians[i // 60] = baseline.median
+            medians[i // 60] = baseline[MEDIAN]
     assert (window.first_at() or 0) >= T0 + 60 * 49 - 1 - POLICY.history
     # The span ends one to two windows back: 12 or 13 slow minutes of 30 are still the old
     # normal at minute 44; at minute 48, 16 or 17 are the new one.
@@ -169,12 +180,12 @@ def test_a_slowdown_probed_harder_on_suspicion_counts_for_its_time_not_its_extra
     window = window_of(usual + slow)
     baseline = Baselines(POLICY).of(KEY, window, T0 + 60 * 44)
     assert baseline is not None
-    assert baseline.samples > 2 * 60 * 16  # most results are slow ones
-    assert baseline.median == 0.1  # but they cover 13 of the 30 minutes: still the old normal
+    assert baseline[SAMPLES] > 2 * 60 * 16  # most results are slow ones
+    assert baseline[MEDIAN] == 0.1  # but they cover 13 of the 30 minutes: still the old normal
 
 
 def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_is_stale():
-    stored = {KEY: Baseline(0.2, 0.15, 0.15, 900, T0 - 60)}
+    stored = {KEY: baseline(0.2, 0.15, 0.15, 900, T0 - 60)}
     baselines = Baselines(POLICY, stored)
     young = window_of([(i, 0.1) for i in range(10)])
     assert baselines.of(KEY, young, T0 + 10) == stored[KEY]
@@ -182,7 +193,7 @@ def test_a_stored_baseline_stands_in_until_the_key_has_its_own_and_not_once_it_i
     grown = window_of([(i, 0.1) for i in range(60)])
     own = Baselines(POLICY, stored).of(KEY, grown, T0 + 60)
     assert own is not None
-    assert own.median == 0.1
+    assert own[MEDIAN] == 0.1
 
 
 async def test_baselines_round_trip_through_the_state_store(tmp_path):
@@ -211,7 +222,7 @@ def test_a_grown_key_left_unasked_for_minutes_summarises_every_slice_its_window_
     assert later is not None
     asked = every_second.of(KEY, window, T0 + 60 * 24)
     assert asked is not None
-    assert later._replace(at=0) == asked._replace(at=0)  # the same slices: computed at other times
+    assert later[:COMPUTED] == asked[:COMPUTED]  # the same slices: computed at other times
 
 
 def test_a_key_s_baseline_once_it_has_one_does_not_vanish_as_it_grows():
@@ -244,7 +255,7 @@ def test_healthy_results_are_slower_than_the_baseline_s_limit_no_more_often_than
             window.add(Result(*key, T0 + i, ok=True, latency=scale * rng.lognormvariate(0.0, sigma)))
         baseline = Baselines(POLICY).of(key, window, T0 + 31 * 60)
         assert baseline is not None
-        shares.append(float(lognorm.sf(baseline.slow, sigma, scale=scale)))
+        shares.append(float(lognorm.sf(baseline[SLOW], sigma, scale=scale)))
     mean = sum(shares) / len(shares)
     assert 0.085 <= mean <= 0.1, mean  # and not so far above the quantile that slowdowns hide
 

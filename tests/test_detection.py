@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from scipy.stats import binom
 
@@ -180,6 +180,8 @@ def test_the_slowdown_bound_followed_as_results_come_is_never_below_the_test(out
 
 
 @given(st.lists(st.booleans(), max_size=200), st.integers(1, 60))
+@example([True] * 200, 1)  # the minima that left the span are dropped in batches (more than 64)
+@example([False, True] * 100, 3)
 def test_a_sliding_cusum_equals_the_cusum_of_its_span_but_for_the_run_that_began_before_it(outcomes, span):
     llr = Llr.of(ErrorTest())
     sliding = SlidingCusum(float(span))

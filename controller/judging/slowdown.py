@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from array import array
 from bisect import bisect_right
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import mannwhitneyu
 
-from controller.judging.baselines import Baselines
+from controller.judging.baselines import MEDIAN, SLOW, Baselines
 from controller.judging.findings import (
     LEANING,
     SequentialDetector,
@@ -73,8 +74,10 @@ class _Pooled:
         self.windows = dict(windows)
         # A pending outcome's kind sorts as (vantage, slow) did: 2 x the vantage's rank, + 1 if slow.
         self.rank = {v: 2 * i for i, v in enumerate(sorted(windows))}
-        self.pending_at: list[float] = []
-        self.pending_kind: list[int] = []
+        # Arrays, not lists: a full garbage collection passes over an array without looking
+        # inside, and two thousand probes keep theirs for the daemon's life (see `SlidingCusum`).
+        self.pending_at = array("d")
+        self.pending_kind = array("l")
         self.added = {v: w.added for v, w in windows.items()}  # how many results each window had added
         self.late = {v: w.late for v, w in windows.items()}  # and taken late, when the follow started
         for vantage, window in windows.items():
@@ -111,8 +114,8 @@ class _Pooled:
         order = sorted(zip(self.pending_at, self.pending_kind, strict=True))
         settled = bisect_right(order, cut, key=itemgetter(0))
         rest = order[settled:]
-        self.pending_at[:] = [at for at, _ in rest]  # in place: the lists live on
-        self.pending_kind[:] = [kind for _, kind in rest]
+        self.pending_at = array("d", [at for at, _ in rest])
+        self.pending_kind = array("l", [kind for _, kind in rest])
         self.settled_to = max(self.settled_to, cut)
         return order[:settled], rest
 
@@ -180,7 +183,7 @@ class SlowdownDetector(SequentialDetector):
         base = {
             v: b for v, w in windows.items() if (b := self.baselines.of((view.region, probe, v), w, now)) is not None
         }
-        shown = tuple((v, round(b.slow, 4), round(b.median, 4)) for v, b in base.items())
+        shown = tuple((v, round(b[SLOW], 4), round(b[MEDIAN], 4)) for v, b in base.items())
         last = self._shown.get((view.region, probe))
         if last is None or last[0] != shown:
             last = self._shown[view.region, probe] = (shown, {v: {"slow": s, "median": m} for v, s, m in shown})
@@ -189,7 +192,7 @@ class SlowdownDetector(SequentialDetector):
             return "ok", None
         # The effect size is looked at from where suspicion starts (see judging.suspicion).
         start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
-        limits = {v: b.slow for v, b in base.items()}
+        limits = {v: b[SLOW] for v, b in base.items()}
         bound = self._bound(view.region, probe, {v: windows[v] for v in base}, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
@@ -223,7 +226,7 @@ class SlowdownDetector(SequentialDetector):
         )
 
     def _vs_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
-        """Each region against its baseline's floor (see `Baseline.floor`); a peer slower than its
+        """Each region against its baseline's floor (see `baselines.FLOOR`); a peer slower than its
         own floor by the effect size, or slower than usual beyond noise, is alike."""
         p = self.policy
         windows = fresh(view.windows_of(probe), now, p.stale_after)

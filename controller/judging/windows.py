@@ -152,8 +152,8 @@ class _SpanView:
     are those from `head` to `end` of the window's columns, and `latencies` holds the successful
     ones' latencies, sorted. Moving on adds the samples `now` has reached and drops those that
     left, one insort or one deletion each: O(new results) a look, not O(samples in the span).
-    The latencies are an array of doubles, not a list of floats: a list of them is a container
-    the garbage collector walks (every window holds one, minutes long); an array it never sees."""
+    The latencies are an array of doubles, not a list of floats: a collection walks every float
+    a list holds (every window holds one, minutes long); an array it passes over unopened."""
 
     __slots__ = ("end", "head", "latencies", "now", "span")
 
