@@ -22,7 +22,7 @@ once. Printed per size:
   (trim, judge and suspects as generators: they yield between probes, regions and batches of
   windows, and `finish_async` lets the loop run once `STEP_BUDGET` of them ran) judges on it, in ms,
   over `--stall-ticks` passes (60 by default: at 10,000 series a full collection comes every 30 to
-  60 s, and the 6 passes measured until stop 28 missed them, showing 4 ms where they took 34);
+  60 s, and the 6 passes measured until stop 27 missed them, showing 4 ms where they took 34);
 - gc max, gc/tick: over the same passes, the longest garbage collection and the collections' time
   per tick (the judge holds automatic collections while it runs: what it defers is paid after,
   and shows here and in the stall, not in the tick);
