@@ -212,8 +212,6 @@ class Actuator:
         loop = asyncio.get_running_loop()
         if self._idle is None:
             self._idle = asyncio.Event()
-        self._in_flight += 1
-        self._idle.clear()
 
         def finished() -> None:
             self._in_flight -= 1
@@ -227,7 +225,9 @@ class Actuator:
                 loop.call_soon_threadsafe(finished)
 
         request = self._threads.submit(contextvars.copy_context().run, functools.partial(method, **params))
-        request.add_done_callback(done)
+        self._in_flight += 1
+        self._idle.clear()
+        request.add_done_callback(done)  # at once if it is done already: counted down after this
         return await asyncio.wrap_future(request, loop=loop)
 
     async def quiesce(self, within: float) -> bool:

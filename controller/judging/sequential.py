@@ -115,6 +115,11 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
     )
 
 
+# Minima that left the span are dropped from the front of `SlidingCusum`'s arrays once this many
+# pile up and they are half of them: a move of a few hundred bytes now and then, not a pop each.
+COMPACT_MINIMA = 64
+
+
 class SlidingCusum:
     """The CUSUM statistic of one stream of outcomes over the last `span` seconds, kept as they
     come (O(1) a result, amortised): the last running total less the lowest running total in the
@@ -165,11 +170,6 @@ class SlidingCusum:
             head = 0
         self._head = head
         return self.total - min(low_total[head], self.total)
-
-
-# Minima that left the span are dropped from the front of `SlidingCusum`'s arrays once this many
-# pile up and they are half of them: a move of a few hundred bytes now and then, not a pop each.
-COMPACT_MINIMA = 64
 
 
 def failure_cusum_bound(
