@@ -22,7 +22,7 @@ from controller.acting.route53 import READ_TIMEOUT, Actuator, make_client
 from controller.events.bus import Bus
 from controller.events.kinds import VerdictChanged
 from controller.intake import DROP_REASONS, Intake
-from controller.judging.baselines import Baselines, baseline
+from controller.judging.baselines import Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.lag import LagDetector
 from controller.judging.suspicion import Suspicion, hold, judge_delay, suspect_steps, wakes_judge
@@ -344,7 +344,7 @@ class Daemon:
                 await self.reconciler.load()
                 self.metrics.watch_route53(self.reconciler)
                 stored = await store.baselines.load()
-                self.baselines.stored = {key: baseline(*value) for key, value in stored.items()}
+                self.baselines.stored = dict(stored)  # (slow, median, floor, samples, at), as baselines keep them
                 if stored:
                     log.info("latency baselines loaded", baselines=len(stored), state_file=str(self.config.state_file))
             # Served once everything it shows is ready.
