@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from itertools import pairwise
 
@@ -279,3 +280,24 @@ def test_a_keys_slice_summaries_stay_in_slice_order_as_numbers():
     kept.forget_before(5)
     assert [s.number for s in kept.slices(-1)] == [5, 9]
     assert len(kept) == 2
+
+
+def test_a_grown_key_looked_at_between_its_slice_changes_answers_as_a_full_look_would():
+    # A grown key is looked at again only once a slice completes or leaves its span (`_grown`
+    # keeps from when to when nothing changes): looked at every 0.1 s for 30 minutes, across
+    # every slice boundary, it must answer what a key looked at in full every time answers.
+    rng = random.Random(5)
+    window = window_of([(i * 0.5, 0.1 * rng.uniform(0.8, 1.3) * (1 + i // 1200)) for i in range(2 * 3600 * 2)])
+    skipping, full = Baselines(POLICY), Baselines(POLICY)
+    looked_in_full = set()  # when the skipping key looked at its slices
+    for tenth in range(18_000, 36_000):
+        now = T0 + tenth / 10
+        full_state = full._keys.get(KEY)
+        if full_state is not None:
+            full_state.grown_until = -math.inf  # no skipping: the (first, last) slices found each look
+        assert skipping.of(KEY, window, now) == full.of(KEY, window, now), now
+        looked_in_full.add(skipping._keys[KEY].grown_from)
+    assert skipping._keys[KEY].grown is not None  # grown, and so skipping
+    # Over 30 minutes, about one full look a verdict window (a slice completes, or one leaves the
+    # span, at the same share of each window here), not 18,000.
+    assert 15 <= len(looked_in_full) <= 70

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 # How many times a verdict window each key's baseline is recomputed.
 REFRESHES = 4
+# Seconds before a grown key's slices change (one completes, or one leaves its span) from which its
+# baseline is looked at again: the float arithmetic of the two may differ by far less.
+BOUNDARY_MARGIN = 1e-3
 
 
 # A baseline: (slow, median, floor, samples, at), read by the indices below. A plain tuple of
@@ -133,6 +136,9 @@ class _Key:
     baseline: Baseline | None = None
     refreshed: float = -math.inf
     grown: tuple[int, int] | None = None  # a grown key's (first, last complete) slice, as computed
+    # From when until before when `now` leaves `grown` as it is (see `Baselines._grown`).
+    grown_from: float = math.inf
+    grown_until: float = -math.inf
 
 
 class Baselines:
@@ -160,7 +166,7 @@ class Baselines:
                 return grown
             # Its complete slices over the grown span (further back by the phase) do not hold
             # enough yet: it stays young, and keeps its young baseline, until they do.
-            state.grown = None
+            state.grown, state.grown_until = None, -math.inf
         every = p.window / REFRESHES
         if now - state.refreshed >= every:
             # The first look at a key counts as a refresh a share of `every` ago that is its own
@@ -212,16 +218,28 @@ class Baselines:
             return None
         if state.summaries.samples_from(first) >= p.slowdown.min_baseline_samples:
             state.grown = (-1, -1)  # its complete slices suffice from now on (see `_grown`)
+            state.grown_until = -math.inf
         return self._weighed(slices, end, state.anchor, count, now)
 
     def _grown(self, state: _Key, window: Window, now: float) -> Baseline | None:
         """A grown key's baseline: its complete slices, over the span ending `window + phase`
         back; recomputed only when a slice completes or leaves the span (two floors a call else)."""
+        if state.grown_from <= now < state.grown_until:  # no slice completed or left (most looks)
+            return state.baseline
         p = self.policy
         span = p.window
         end = now - span - state.phase
         first = math.floor((end - p.slowdown.baseline - state.anchor) / span)
         last_complete = math.floor((end - state.anchor) / span) - 1
+        # Until the next slice completes or leaves, less a margin for the floors' rounding there.
+        state.grown_from = now
+        state.grown_until = (
+            min(
+                now + (state.anchor + (last_complete + 2) * span - end),
+                now + (state.anchor + (first + 1) * span - (end - p.slowdown.baseline)),
+            )
+            - BOUNDARY_MARGIN
+        )
         if state.grown == (first, last_complete):
             return state.baseline
         state.grown = (first, last_complete)
