@@ -394,6 +394,15 @@ class Window:
         """How many of `samples(now, span)` failed, from the failure times alone."""
         return len(self.failure_times(now, self.span if span is None else span))
 
+    def failed_within(self, after: float, now: float) -> bool:
+        """Whether a kept sample that started within (after, now] failed."""
+        for at in reversed(self._failed_at):
+            if at <= after:
+                return False
+            if at <= now:
+                return True
+        return False
+
     def failure_times(self, now: float, span: float) -> list[float]:
         """When each failure within (now - span, now] started, oldest first."""
         horizon = now - span
