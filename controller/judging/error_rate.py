@@ -11,7 +11,6 @@ from controller.judging.findings import (
     BAD_STATES,
     LEANING,
     SequentialDetector,
-    fresh,
     run_evidence,
     vantages_text,
 )
@@ -44,7 +43,7 @@ class ErrorDetector(SequentialDetector):
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
-        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        windows = view.fresh_of(probe, now, p.stale_after)
         if not windows:
             return "unknown", None
         outcome: tuple[str, str | None] = ("ok", None)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from scipy.stats import theilslopes
 
-from controller.judging.findings import fresh
 from controller.judging.verdicts import Assessment, RegionView, Status
 from controller.judging.windows import AT, ERROR_CLASS, LATENCY, OK
 
@@ -69,7 +68,7 @@ class LagDetector:
     def _probe(self, view: RegionView, probe: str, source: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         p = self.policy
         limit = p.lag.limit(view.region, source)
-        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        windows = view.fresh_of(probe, now, p.stale_after)
         samples = sorted(s for w in windows.values() for s in w.samples(now, p.lag.trend_over))
         evidence: dict[str, Any] = {"source": source, "limit": limit}
         if not samples:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from scipy.stats import binom
 
 from controller.judging.findings import (
-    fresh,
     samples_since,
 )
 from controller.judging.sequential import Llr, fails_more
@@ -146,9 +145,7 @@ def outcomes_vs_peers(
     ratio_name, is_bad = bad_outcome
 
     def counts(v: RegionView) -> tuple[int, int]:
-        samples = [
-            s for w in fresh(v.windows_of(probe), now, policy.stale_after).values() for s in w.samples(now, span)
-        ]
+        samples = [s for w in v.fresh_of(probe, now, policy.stale_after).values() for s in w.samples(now, span)]
         recent = samples_since(samples, since)
         return len(recent), sum(1 for s in recent if is_bad(s))
 

@@ -17,7 +17,6 @@ from controller.judging.baselines import MEDIAN, SLOW, Baselines
 from controller.judging.findings import (
     LEANING,
     SequentialDetector,
-    fresh,
     run_evidence,
     vantages_text,
 )
@@ -179,7 +178,7 @@ class SlowdownDetector(SequentialDetector):
         window, the run's medians against the baselines, the peers): at 10,000 series a probe
         whose bound leans was one step of 1 to 4 ms."""
         p = self.policy
-        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        windows = view.fresh_of(probe, now, p.stale_after)
         base = {
             v: b for v, w in windows.items() if (b := self.baselines.of((view.region, probe, v), w, now)) is not None
         }
@@ -229,7 +228,7 @@ class SlowdownDetector(SequentialDetector):
         """Each region against its baseline's floor (see `baselines.FLOOR`); a peer slower than its
         own floor by the effect size, or slower than usual beyond noise, is alike."""
         p = self.policy
-        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        windows = view.fresh_of(probe, now, p.stale_after)
         mine, _ = self.baselines.relative(view.region, probe, windows, since, now, floor=True)
 
         def worse(theirs: list[float]) -> tuple[bool, float, float]:
@@ -244,7 +243,7 @@ class SlowdownDetector(SequentialDetector):
             if probe not in peer.probes:
                 continue
             theirs, slow = self.baselines.relative(
-                name, probe, fresh(peer.windows_of(probe), now, p.stale_after), since, now, floor=True
+                name, probe, peer.fresh_of(probe, now, p.stale_after), since, now, floor=True
             )
             compared.append(name)
             pooled.extend(theirs)

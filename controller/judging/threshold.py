@@ -10,7 +10,6 @@ from controller.judging.findings import (
     BAD_STATES,
     TROUBLE_STATES,
     errors_text,
-    fresh,
     names,
     quorum,
     region_status,
@@ -76,11 +75,11 @@ class ThresholdDetector:
         return Assessment(region_status(states), tuple(reasons), evidence, troubles)
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
-        state, reason, evidence = self._limits(view.windows_of(probe), now)
+        state, reason, evidence = self._of(view, probe, now)
         if state not in BAD_STATES:
             return state, reason, evidence
         p = self.policy
-        windows = fresh(view.windows_of(probe), now, p.stale_after)
+        windows = view.fresh_of(probe, now, p.stale_after)
         if evidence.get("consecutive_failures"):
             # Every fresh vantage saw the run (a quorum by construction); the peers must be
             # answering where this region fails, or it is a shared cause, not this region. A
@@ -95,7 +94,7 @@ class ThresholdDetector:
                 return ("shared-down" if down.shared else "unknown"), f"{reason}, {down.text()}, not held", evidence
             return state, f"{reason}, {down.text()}", evidence
         # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
-        agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now)[0] == state)
+        agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now, w.age(now))[0] == state)
         needed = quorum(p, len(windows))
         if len(agreeing) < needed:
             return "ok", f"{reason}: only {len(agreeing)} of {needed} vantages needed agree, not held", evidence
@@ -131,7 +130,7 @@ class ThresholdDetector:
             if probe not in peer.probes:
                 continue
             running += 1
-            windows = fresh(peer.windows_of(probe), now, p.stale_after)
+            windows = peer.fresh_of(probe, now, p.stale_after)
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
             if not any(s[AT] >= since for seq in samples.values() for s in seq):
                 continue
@@ -154,20 +153,27 @@ class ThresholdDetector:
         peer breaking the objective too is alike."""
 
         def alike(name: str) -> bool:
-            return self._limits(view.peers[name].windows_of(probe), now)[0] == "slow"
+            return self._of(view.peers[name], probe, now)[0] == "slow"
 
         return slower_vs_peers(view, probe, now, self.policy, alike)
 
-    def _limits(self, windows: Mapping[str, Window], now: float) -> tuple[str, str | None, dict[str, Any]]:
+    def _of(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
+        """`_limits` of one probe of a region."""
+        stale_after = self.policy.stale_after
+        return self._limits(view.fresh_of(probe, now, stale_after), now, view.newest_age(probe, now, stale_after))
+
+    def _limits(
+        self, fresh_windows: Mapping[str, Window], now: float, newest_age: float | None
+    ) -> tuple[str, str | None, dict[str, Any]]:
+        """One probe's state against the fixed limits, from its fresh windows (`fresh`) and the
+        age of its newest result at any vantage (`RegionView.newest_age`)."""
         p = self.policy
-        fresh_windows = fresh(windows, now, p.stale_after)
-        ages = [a for w in windows.values() if (a := w.age(now)) is not None]
         evidence: dict[str, Any] = {
             "vantages": names(fresh_windows),
-            "last_result_age": round(min(ages), 3) if ages else None,
+            "last_result_age": round(newest_age, 3) if newest_age is not None else None,
         }
         if not fresh_windows:
-            what = f"no result in the last {p.stale_after:g}s" if ages else "no result yet"
+            what = f"no result in the last {p.stale_after:g}s" if newest_age is not None else "no result yet"
             return "unknown", what, evidence
         stats = WindowStats.of(fresh_windows.values(), now, p.window)
         quantile = stats.latency_quantile(p.latency.quantile)

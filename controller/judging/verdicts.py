@@ -54,6 +54,38 @@ class RegionView:
     # before it was judged over and has been spent, so a test looking back further (the patient
     # error test's horizon) starts there. None: no recovery since the judge started.
     cleared_at: float | None = None
+    # What `fresh_of` found, by (probe, now, stale_after): every detector asks it of every probe,
+    # and a peer's view is asked by every region. A judge pass makes new views, so it lasts one.
+    looks: dict[tuple[str, float, float], tuple[dict[str, Window], float | None]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def fresh_of(self, probe: str, now: float, stale_after: float) -> dict[str, Window]:
+        """The probe's windows (`windows_of`) with a result at most `stale_after` old at `now`
+        (see `findings.fresh`); looked at once per view. Shared: do not change it."""
+        return self._look(probe, now, stale_after)[0]
+
+    def newest_age(self, probe: str, now: float, stale_after: float) -> float | None:
+        """Seconds since the probe's newest result at `now`, at any vantage (fresh or not);
+        None without one."""
+        return self._look(probe, now, stale_after)[1]
+
+    def _look(self, probe: str, now: float, stale_after: float) -> tuple[dict[str, Window], float | None]:
+        key = (probe, now, stale_after)
+        look = self.looks.get(key)
+        if look is None:
+            found: dict[str, Window] = {}
+            newest = None
+            for vantage, window in self.windows_of(probe).items():
+                age = window.age(now)
+                if age is None:
+                    continue
+                if newest is None or age < newest:
+                    newest = age
+                if age <= stale_after:
+                    found[vantage] = window
+            look = self.looks[key] = (found, newest)
+        return look
 
     def windows_of(self, probe: str) -> dict[str, Window]:
         """The probe's windows from every vantage not set aside."""
@@ -180,6 +212,7 @@ class Judge:
                 self.set_aside,
                 views[region].by_probe,
                 self._cleared_at.get(region),
+                views[region].looks,  # what its peers found of it this pass
             )
             assessments = {}
             for detector in self.detectors:
