@@ -311,6 +311,36 @@ class Window:
         end = len(self._at)
         return self._samples(max(end - count, self._head), end)
 
+    def carry_slow_cusum(
+        self, carried: tuple[float, int, float, float], now: float, limit: float, bad: float, good: float
+    ) -> tuple[float, int, float, float]:
+        """A plain CUSUM of the successes' outcomes, `bad` for one slower than `limit` and `good`
+        for the others, carried on from `carried` (statistic, how many results it has seen of
+        `added`, the newest start time seen and what its slow outcomes added) over the results
+        added since, up to the first started after `now`: the same four, carried. Results that
+        share a start time may go in a test in another order (the slow ones last), so a run may
+        start among them and take only their slow ones: the statistic is never below that.
+        Read from the columns (what the slowdown detector's screen asks of every window, every
+        pass). The caller starts over when `late` moves or `seen` is more than a window holds."""
+        statistic, seen, tie_at, tie_bad = carried
+        at, ok, latency = self._at, self._ok, self._latency
+        for i in range(len(at) - (self.added - seen), len(at)):
+            started = at[i]
+            if started > now:  # stamped ahead of the clock: carried once the clock gets there
+                break
+            seen += 1
+            if not ok[i]:
+                continue  # failures are the error tests'
+            if started != tie_at:
+                tie_at, tie_bad = started, 0.0
+            if latency[i] / US > limit:  # as `Sample` reads it
+                tie_bad += bad
+                statistic = max(tie_bad, statistic + bad)
+            else:
+                statistic += good
+                statistic = max(statistic, tie_bad)  # tie_bad is never negative: the statistic neither
+        return statistic, seen, tie_at, tie_bad
+
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
         return self._at[self._head] if len(self) else None
