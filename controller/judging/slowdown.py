@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from scipy.stats import mannwhitneyu
 
-from controller.judging.baselines import MEDIAN, SLOW, Baselines
+from controller.judging.baselines import MEDIAN, SLOW, Baseline, Baselines
 from controller.judging.findings import (
     LEANING,
     SequentialDetector,
@@ -144,7 +144,7 @@ class SlowdownDetector(SequentialDetector):
         # The baselines each probe's evidence shows, as last shown: the same map again while they
         # are unchanged (most passes). A new map each pass was two containers per probe that the
         # collection after the pass walked (4,000 at 10,000 series).
-        self._shown: dict[tuple[str, str], tuple[tuple[tuple[str, float, float], ...], dict[str, Any]]] = {}
+        self._shown: dict[tuple[str, str], tuple[tuple[tuple[str, Baseline], ...], dict[str, Any]]] = {}
         # Every window's screen (see `_screen`): one array of numbers, and where each window's is.
         self._screens = array("d")
         self._screen_at: dict[tuple[str, str, str], int] = {}
@@ -229,10 +229,13 @@ class SlowdownDetector(SequentialDetector):
         base = {
             v: b for v, w in windows.items() if (b := self.baselines.of((view.region, probe, v), w, now)) is not None
         }
-        shown = tuple((v, round(b[SLOW], 4), round(b[MEDIAN], 4)) for v, b in base.items())
+        shown = tuple(base.items())  # the same baselines (each kept until recomputed): the same map
         last = self._shown.get((view.region, probe))
         if last is None or last[0] != shown:
-            last = self._shown[view.region, probe] = (shown, {v: {"slow": s, "median": m} for v, s, m in shown})
+            last = self._shown[view.region, probe] = (
+                shown,
+                {v: {"slow": round(b[SLOW], 4), "median": round(b[MEDIAN], 4)} for v, b in shown},
+            )
         evidence["baseline"] = last[1]
         if not base:
             return "ok", None
