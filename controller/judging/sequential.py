@@ -187,6 +187,9 @@ def failure_cusum_bound(
     where looking at each of its thousands took as many bisects of every window."""
     kept = list(windows)
     times = sorted(t for w in kept for t in w.failure_times(now, span))
+    if not times:
+        return 0.0
+    columns = [w.starts_until(now) for w in kept]
     best = 0.0
     for i in range(len(times) - 1, -1, -1):
         at = times[i]
@@ -194,7 +197,7 @@ def failure_cusum_bound(
             continue
         since = len(times) - i  # failures at or after `at`
         after = len(times) - bisect_right(times, at)
-        passes = sum(w.count_after(at, now) for w in kept) - after
+        passes = sum(end - bisect_right(column, at, start, end) for column, start, end in columns) - after
         best = max(best, since * llr.bad + passes * llr.good)
         if best >= enough:
             break

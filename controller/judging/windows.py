@@ -491,6 +491,13 @@ class Window:
             found.append(_CLASSES[kind[lo] & CLASS_BITS] or "unknown")
             lo += 1
 
+    def starts_until(self, now: float) -> tuple[array[float], int, int]:
+        """The start-time column, and the indices from and to which the kept samples started at
+        or before `now`: `count_after(at, now)` is `end - bisect_right(column, at, start, end)`
+        for any `at` up to `now`, one bisect (the error tests ask it of every failure time)."""
+        end = bisect_right(self._at, now, self._head)
+        return self._at, self._head, end
+
     def count_after(self, at: float, now: float) -> int:
         """How many samples started within (at, now]."""
         lo, hi = self._within(at, now)
