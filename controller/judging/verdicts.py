@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
-from controller.judging.vantages import set_aside_steps
+from controller.judging.vantages import Looks, set_aside_steps
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -56,9 +56,7 @@ class RegionView:
     cleared_at: float | None = None
     # What `fresh_of` found, by (probe, now, stale_after): every detector asks it of every probe,
     # and a peer's view is asked by every region. A judge pass makes new views, so it lasts one.
-    looks: dict[tuple[str, float, float], tuple[dict[str, Window], float | None]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    looks: Looks = field(default_factory=dict, compare=False, repr=False)
 
     def fresh_of(self, probe: str, now: float, stale_after: float) -> dict[str, Window]:
         """The probe's windows (`windows_of`) with a result at most `stale_after` old at `now`
@@ -191,11 +189,18 @@ class Judge:
         """`judge`, one region at a time: it yields between regions and between one region's
         detectors (the daemon lets its event loop run there, `finish_async`, so judging many
         regions never stalls probes in flight) and returns the transitions."""
+        looks: dict[str, Looks] = {}  # what the vantage check found of each probe's windows
         if self.policy is not None:
-            self.set_aside = yield from set_aside_steps(windows, self.probes, self.policy, now)
+            self.set_aside = yield from set_aside_steps(windows, self.probes, self.policy, now, looks)
         views = {
             region: RegionView(
-                region, probes, windows.region(region), set_aside=self.set_aside, by_probe=windows.by_probe(region)
+                region,
+                probes,
+                windows.region(region),
+                set_aside=self.set_aside,
+                by_probe=windows.by_probe(region),
+                # Found at every vantage: with one set aside, each view looks again without it.
+                looks={} if self.set_aside else looks.get(region, {}),
             )
             for region, probes in self.probes.items()
         }
