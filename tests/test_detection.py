@@ -13,7 +13,7 @@ from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
-from controller.judging.sequential import Llr, SlidingCusum, cusum, failure_cusum_bound, failures, slower
+from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures, slower
 from controller.judging.slowdown import SlowdownDetector
 from controller.judging.verdicts import Judge, Verdict
 from controller.judging.windows import Window, WindowStore
@@ -161,11 +161,11 @@ def test_the_failure_bound_is_never_below_the_cusum_and_equals_it_without_ties(o
 # slow ones alone.
 @example([("a", 5, 1), ("a", 5, 0), ("a", 5, 1), ("b", 5, 1), ("a", 5, 1)])
 @example([("a", 5, 1), ("a", 9, 3), ("a", 8, 1), ("b", 20, 0), ("a", 5, 1)])
-def test_the_slowdown_bound_followed_as_results_come_is_never_below_the_test(outcomes):
+def test_the_slowdown_screen_carried_as_results_come_is_never_below_the_test(outcomes):
     # Results come in any order (late ones too), the baseline's limit moves now and then and the
-    # clock goes back; after every result, the statistic followed as results come must be at
-    # least the test's over the pooled window, or a slowdown would be skipped. So must the
-    # screen before it (each window's plain CUSUM, summed), which alone decides most passes.
+    # clock goes back; after every result, the screen (each window's plain CUSUM, carried as
+    # results come, summed) must be at least the test's statistic over the pooled window: the
+    # test runs only where the screen says it could matter, or a slowdown would be skipped.
     detector = SlowdownDetector(POLICY)
     windows = {v: Window(POLICY.history) for v in "abc"}
     limits = dict.fromkeys("abc", 0.2)
@@ -178,27 +178,7 @@ def test_the_slowdown_bound_followed_as_results_come_is_never_below_the_test(out
         now = at if kind == 3 else max(now, at)  # the clock goes back now and then too
         samples = {v: w.samples(now, POLICY.window) for v, w in windows.items()}
         statistic = cusum(slower(samples, limits), detector.llr).statistic
-        bound = detector._bound("eu-west-1", "api", windows, dict(limits), now)
-        assert bound >= statistic - 1e-9
         assert detector._screen("eu-west-1", "api", windows, dict(limits), now) >= statistic - 1e-9
-        if now <= POLICY.window and len({at for _, at, _ in outcomes}) == len(outcomes):
-            assert bound == pytest.approx(statistic, abs=1e-9)  # exact until results leave the span
-
-
-@given(st.lists(st.booleans(), max_size=200), st.integers(1, 60))
-@example([True] * 200, 1)  # the minima that left the span are dropped in batches (more than 64)
-@example([False, True] * 100, 3)
-def test_a_sliding_cusum_equals_the_cusum_of_its_span_but_for_the_run_that_began_before_it(outcomes, span):
-    llr = Llr.of(ErrorTest())
-    sliding = SlidingCusum(float(span))
-    for i, bad in enumerate(outcomes):
-        sliding.add(float(i), llr.bad if bad else llr.good)
-        events = [(float(j), "v", b) for j, b in enumerate(outcomes[: i + 1]) if j > i - span]
-        exact = cusum(events, llr).statistic
-        statistic = sliding.statistic(float(i))
-        assert statistic >= exact - 1e-9
-        if i < span:  # nothing has left the span yet
-            assert statistic == pytest.approx(exact, abs=1e-9)
 
 
 # --- detection on generated streams ----------------------------------------------------------

@@ -15,7 +15,6 @@ another's (`fails_more`).
 from __future__ import annotations
 
 import math
-from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
@@ -113,63 +112,6 @@ def cusum(events: Sequence[Event], llr: Llr) -> Run:
         bad=sum(b for _, b in by_vantage.values()),
         by_vantage=by_vantage,
     )
-
-
-# Minima that left the span are dropped from the front of `SlidingCusum`'s arrays once this many
-# pile up and they are half of them: a move of a few hundred bytes now and then, not a pop each.
-COMPACT_MINIMA = 64
-
-
-class SlidingCusum:
-    """The CUSUM statistic of one stream of outcomes over the last `span` seconds, kept as they
-    come (O(1) a result, amortised): the last running total less the lowest running total in the
-    span (a monotone queue of the running minima). Outcomes must come in time order. The lowest
-    kept may be one from before the span, never more than the true lowest: what `statistic`
-    gives is at least what `cusum` of the same outcomes gives, equal to it while nothing has left
-    the span and no two outcomes share a time."""
-
-    __slots__ = ("_before", "_goods", "_head", "_low_at", "_low_total", "_when", "span", "total")
-
-    def __init__(self, span: float) -> None:
-        self.span = span
-        self.total = 0.0
-        # The running minima from `_head` on: when, and the running total then. Arrays of
-        # doubles, not deques: a full garbage collection passes over an array without looking
-        # inside (a third of a deque's time, whatever it holds), and at 10,000 series two
-        # thousand of these live for the daemon's life.
-        self._low_at = array("d", [-math.inf])
-        self._low_total = array("d", [0.0])
-        self._head = 0  # the minima before it have left the span (dropped in batches)
-        # Outcomes at the same time: when, the total before them, their good steps. Whatever
-        # order `cusum` puts a time's outcomes in (by vantage, then bad), no running total within
-        # the time is below the one before them plus all of its good steps: that is kept as low.
-        self._when, self._before, self._goods = math.nan, 0.0, 0.0
-
-    def add(self, at: float, step: float) -> None:
-        if at != self._when:
-            self._when, self._before, self._goods = at, self.total, 0.0
-        if step < 0:
-            self._goods += step
-        self.total += step
-        low = min(self.total, self._before + self._goods)
-        low_at, low_total, head = self._low_at, self._low_total, self._head
-        while len(low_total) > head and low_total[-1] >= low:
-            low_at.pop()
-            low_total.pop()
-        low_at.append(at)
-        low_total.append(low)
-
-    def statistic(self, now: float) -> float:
-        low_at, low_total, horizon = self._low_at, self._low_total, now - self.span
-        head, last = self._head, len(low_at) - 1
-        while head < last and low_at[head + 1] <= horizon:  # keep the newest low before the span
-            head += 1
-        if head >= COMPACT_MINIMA and 2 * head >= len(low_at):
-            del low_at[:head]
-            del low_total[:head]
-            head = 0
-        self._head = head
-        return self.total - min(low_total[head], self.total)
 
 
 def failure_cusum_bound(

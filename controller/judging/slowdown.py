@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 import statistics
 from array import array
-from bisect import bisect_right
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import mannwhitneyu
@@ -21,27 +19,14 @@ from controller.judging.findings import (
     vantages_text,
 )
 from controller.judging.peers import MIN_PEER_SAMPLES, PeerCheck, pooled_apart
-from controller.judging.sequential import Llr, SlidingCusum, cusum, slower_of
-from controller.judging.windows import AT, LATENCY, OK
+from controller.judging.sequential import Llr, cusum, slower_of
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterable, Mapping
+    from collections.abc import Generator, Mapping
 
     from controller.judging.verdicts import RegionView
-    from controller.judging.windows import Sample, Window
+    from controller.judging.windows import Window
     from controller.settings.policy import VerdictPolicy
-
-
-# Results at least this old are settled into a probe's running statistic (see `_Pooled`); newer
-# ones are looked at again each tick, so one that comes in after a later-started one (a slower
-# probe from another vantage) still goes in its place. One that comes later still starts over.
-SETTLE = 2.0
-# A probe's outcomes are followed at each vantage's limit as it was when the follow started. A
-# result slower than the limit followed counts slow, so while a baseline's limit has only risen
-# since, the statistic followed is at least the one at the true limits (more slow outcomes never
-# lower a CUSUM). A baseline's limit moves by a few percent once a verdict window: the follow
-# starts over when one falls below the limit followed, or rises this many times above it.
-LOOSEST = 1.15
 
 
 # A window's screen (see `SlowdownDetector._screen`): seven numbers in the detector's one array of
@@ -50,81 +35,6 @@ LOOSEST = 1.15
 # the newest start time seen and what its slow outcomes added (see `Window.carry_slow_cusum`).
 _FIELDS = 7  # statistic, limit, seen, late, now, tie at, tie bad
 _NEW_SCREEN = (0.0, math.nan, 0.0, -1.0, -math.inf, math.nan, 0.0)  # a NaN limit never follows
-
-
-class _Pooled:
-    """One probe's slow outcomes, every vantage pooled in time order, followed as results come
-    (see `SlowdownDetector._bound`): the settled ones in a `SlidingCusum`, the last `SETTLE`
-    seconds' pending (`pending_at`, and beside each its vantage's rank and whether it was slow).
-
-    What changes each tick is kept in numbers only (counts, times, ranks), never in new tuples:
-    at 10,000 series those were tens of thousands of containers a tick, each walked by the
-    garbage collection after the judgement (see `verdicts.collections_held`)."""
-
-    __slots__ = (
-        "added",
-        "cusum",
-        "late",
-        "limits",
-        "now",
-        "pending_at",
-        "pending_kind",
-        "rank",
-        "settled_to",
-        "windows",
-    )
-
-    def __init__(self, windows: Mapping[str, Window], limits: dict[str, float], span: float, now: float) -> None:
-        self.limits, self.now = limits, now
-        self.cusum = SlidingCusum(span)
-        self.settled_to = -math.inf
-        self.windows = dict(windows)
-        # A pending outcome's kind sorts as (vantage, slow) did: 2 x the vantage's rank, + 1 if slow.
-        self.rank = {v: 2 * i for i, v in enumerate(sorted(windows))}
-        # Arrays, not lists: a full garbage collection passes over an array without looking
-        # inside, and two thousand probes keep theirs for the daemon's life (see `SlidingCusum`).
-        self.pending_at = array("d")
-        self.pending_kind = array("l")
-        self.added = {v: w.added for v, w in windows.items()}  # how many results each window had added
-        self.late = {v: w.late for v, w in windows.items()}  # and taken late, when the follow started
-        for vantage, window in windows.items():
-            self.take(vantage, window.after(now - span))
-
-    def follows(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> bool:
-        """Whether it still follows these windows at limits close under these, no result having
-        come late and the clock not having gone back."""
-        followed, late = self.windows, self.late
-        return (
-            now >= self.now
-            and limits.keys() == self.limits.keys()
-            and all(self.limits[v] <= limit < self.limits[v] * LOOSEST for v, limit in limits.items())
-            and all(followed.get(v) is w and late[v] == w.late for v, w in windows.items())
-            and len(followed) == len(windows)
-        )
-
-    def take(self, vantage: str, samples: Iterable[Sample]) -> bool:
-        """Add new samples; False when a successful one is older than what is settled (start
-        over)."""
-        limit, rank, ats, kinds = self.limits[vantage], self.rank[vantage], self.pending_at, self.pending_kind
-        for sample in samples:
-            if not sample[OK]:
-                continue  # failures are the error tests' (a timeout comes in long after it began)
-            if sample[AT] <= self.settled_to:
-                return False
-            ats.append(sample[AT])
-            kinds.append(rank + (sample[LATENCY] > limit))
-        return True
-
-    def settle(self, cut: float) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
-        """The pending outcomes in time order (then vantage, then slow last, as `cusum` puts
-        them): those at or before `cut`, now settled, and the rest, still pending."""
-        order = sorted(zip(self.pending_at, self.pending_kind, strict=True))
-        settled = bisect_right(order, cut, key=itemgetter(0))
-        rest = order[settled:]
-        self.pending_at = array("d", [at for at, _ in rest])
-        self.pending_kind = array("l", [kind for _, kind in rest])
-        self.settled_to = max(self.settled_to, cut)
-        return order[:settled], rest
 
 
 class SlowdownDetector(SequentialDetector):
@@ -140,7 +50,6 @@ class SlowdownDetector(SequentialDetector):
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
         self.baselines = baselines if baselines is not None else Baselines(policy)
-        self._pooled: dict[tuple[str, str], _Pooled] = {}
         # The baselines each probe's evidence shows, as last shown: the same map again while they
         # are unchanged (most passes). A new map each pass was two containers per probe that the
         # collection after the pass walked (4,000 at 10,000 series).
@@ -152,15 +61,17 @@ class SlowdownDetector(SequentialDetector):
     def _screen(
         self, region: str, probe: str, windows: Mapping[str, Window], limits: Mapping[str, float], now: float
     ) -> float:
-        """At least the slowdown statistic of these windows over the verdict window (what
-        `_bound` follows), as the sum of each window's own plain CUSUM of its slow outcomes. A run
-        of the pooled outcomes is, at each vantage, a run of that vantage's outcomes, so its sum
-        is at most the sum of their best runs; and a plain CUSUM, which never forgets, is at least
-        the best run ending at its newest outcome within any span. Carried on over each window's
-        new results, a few numbers a window and no sample made, where `_bound` keeps every
-        vantage's outcomes in time order. It stays below where anything starts for all but a few
-        healthy probes (3.5% of passes at five vantages, at the shipped test): only those pay for
-        `_bound`. At 10,000 series `_bound` was a third of a judge pass."""
+        """At least the slowdown statistic of these windows over the verdict window (what the
+        test `cusum(slower_of(...))` finds), as the sum of each window's own plain CUSUM of its
+        slow outcomes. A run of the pooled outcomes is, at each vantage, a run of that vantage's
+        outcomes, so its sum is at most the sum of their best runs; and a plain CUSUM, which
+        never forgets, is at least the best run ending at its newest outcome within any span.
+        Carried on over each window's new results: a few numbers a window, no sample made. It
+        stays below where anything starts for all but a few healthy probes (2.7% of passes at
+        1,000 series, five vantages, the shipped test): only those pay for the test, which walks
+        the window. Until stop 28 the pooled statistic itself was followed as results came (every
+        vantage's outcomes in time order, a sliding CUSUM a probe): a third of a judge pass at
+        10,000 series, and 2,000 objects every full garbage collection walked."""
         return sum(self._carry((region, probe, v), w, limits[v], now) for v, w in windows.items())
 
     def _carry(self, key: tuple[str, str, str], window: Window, limit: float, now: float) -> float:
@@ -185,45 +96,12 @@ class SlowdownDetector(SequentialDetector):
         state[i : i + _FIELDS] = array("d", (statistic, limit, carried, window.late, now, tie_at, tie_bad))
         return statistic
 
-    def _bound(
-        self, region: str, probe: str, windows: Mapping[str, Window], limits: dict[str, float], now: float
-    ) -> float:
-        """At least the slowdown statistic `cusum(slower(...))` of these windows over the
-        verdict window, followed as results come: O(new results) a tick, where the test walks
-        every result of the window. The statistic of the settled outcomes then the recent ones
-        is the larger of the recent ones' own and their sum plus the settled ones' (a run either
-        starts among the recent or takes them all). Followed at the limits as they were when it
-        started; started over when one falls below that or rises `LOOSEST` times above it, the
-        vantages change, the clock goes back or a result comes later than `SETTLE`."""
-        span = self.policy.window
-        pooled = self._pooled.get((region, probe))
-        fresh_start = pooled is None or not pooled.follows(windows, limits, now)
-        if not fresh_start and pooled is not None:
-            for vantage, window in windows.items():
-                if not pooled.take(vantage, window.newest(window.added - pooled.added[vantage])):
-                    fresh_start = True
-                    break
-                pooled.added[vantage] = window.added
-        if fresh_start or pooled is None:
-            pooled = self._pooled[region, probe] = _Pooled(windows, dict(limits), span, now)
-        pooled.now = now
-        bad, good = self.llr.bad, self.llr.good
-        settled, pending = pooled.settle(now - SETTLE)
-        for at, kind in settled:
-            pooled.cusum.add(at, bad if kind & 1 else good)
-        best = total = 0.0
-        for at, kind in reversed(pending):
-            if at <= now:  # one stamped ahead of the clock is not in the test yet
-                total += bad if kind & 1 else good
-                best = max(best, total)
-        return max(best, total + pooled.cusum.statistic(now))
-
     def _probe_steps(
         self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]
     ) -> Generator[None, None, tuple[str, str | None]]:
         """One probe's test, yielding before each part that takes long (the full test over the
         window, the run's medians against the baselines, the peers): at 10,000 series a probe
-        whose bound leans was one step of 1 to 4 ms."""
+        whose screen leans was one step of 1 to 4 ms."""
         p = self.policy
         windows = view.fresh_of(probe, now, p.stale_after)
         base = {
@@ -244,19 +122,17 @@ class SlowdownDetector(SequentialDetector):
         limits = {v: b[SLOW] for v, b in base.items()}
         with_base = {v: windows[v] for v in base}
         bound = self._screen(view.region, probe, with_base, limits, now)
-        if bound >= start * self.llr.threshold:
-            bound = self._bound(view.region, probe, with_base, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
             return "ok", None
         yield
-        run = cusum(slower_of({v: windows[v] for v in base}, limits, now, p.window), self.llr)
+        run = cusum(slower_of(with_base, limits, now, p.window), self.llr)
         evidence.update(run_evidence(run, now))
         if run.statistic / run.threshold < start or run.since is None:
             return "ok", None
         since = run.since
         yield
-        mine, _ = self.baselines.relative(view.region, probe, {v: windows[v] for v in base}, since, now)
+        mine, _ = self.baselines.relative(view.region, probe, with_base, since, now)
         effect = statistics.median(mine) if mine else 1.0
         evidence["relative_median"] = round(effect, 3)
         if effect < 1 + p.slowdown.min_effect:  # slower than usual, but not by enough to count
