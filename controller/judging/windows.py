@@ -74,7 +74,7 @@ class WindowStats:
         span view (kept as results come and go: no walk over the samples) and, only where a
         result failed, the failed ones' error classes."""
         samples, failures = 0, 0
-        errors: Counter[str] = Counter()
+        errors: Counter[str] | None = None  # made only where a result failed (most probes: none)
         latencies: list[float] = []
         for window in windows:
             count, ok = window.view(now, span)
@@ -82,9 +82,11 @@ class WindowStats:
             latencies.extend(ok)
             if count > len(ok):
                 failures += count - len(ok)
+                if errors is None:
+                    errors = Counter()
                 errors.update(window.error_classes(now, span))
         latencies.sort()
-        return cls(samples, failures, dict(errors), tuple(latencies))
+        return cls(samples, failures, dict(errors) if errors else {}, tuple(latencies))
 
     @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
