@@ -69,9 +69,9 @@ class SlowdownDetector(SequentialDetector):
         Carried on over each window's new results: a few numbers a window, no sample made. It
         stays below where anything starts for all but a few healthy probes (2.7% of passes at
         1,000 series, five vantages, the shipped test): only those pay for the test, which walks
-        the window. Until stop 28 the pooled statistic itself was followed as results came (every
-        vantage's outcomes in time order, a sliding CUSUM a probe): a third of a judge pass at
-        10,000 series, and 2,000 objects every full garbage collection walked."""
+        the window. Before the screen, the pooled statistic itself was followed as results came
+        (every vantage's outcomes in time order, a sliding CUSUM a probe): a fifth of a judge
+        pass at 10,000 series, and 2,000 objects every full garbage collection walked."""
         return sum(self._carry((region, probe, v), w, limits[v], now) for v, w in windows.items())
 
     def _carry(self, key: tuple[str, str, str], window: Window, limit: float, now: float) -> float:
