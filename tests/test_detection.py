@@ -181,6 +181,23 @@ def test_the_slowdown_screen_carried_as_results_come_is_never_below_the_test(out
         assert detector._screen("eu-west-1", "api", windows, dict(limits), now) >= statistic - 1e-9
 
 
+def test_the_slowdown_screen_starts_over_on_another_window_under_the_same_name():
+    # A judge given another store (a new window for the same region, probe and vantage, holding
+    # as many results as the last one had carried and more) must not take the new window's
+    # first results for the old one's.
+    detector = SlowdownDetector(POLICY)
+    first = Window(POLICY.history)
+    for i in range(10):
+        first.add(Result("eu-west-1", "api", "a", float(i), ok=True, latency=0.1))
+    detector._screen("eu-west-1", "api", {"a": first}, {"a": 0.2}, 10.0)
+    second = Window(POLICY.history)
+    for i in range(20):
+        second.add(Result("eu-west-1", "api", "a", 11.0 + i, ok=True, latency=0.3))
+    statistic = cusum(slower({"a": second.samples(31.0, POLICY.window)}, {"a": 0.2}), detector.llr).statistic
+    assert statistic > 30
+    assert detector._screen("eu-west-1", "api", {"a": second}, {"a": 0.2}, 31.0) >= statistic - 1e-9
+
+
 # --- detection on generated streams ----------------------------------------------------------
 
 

@@ -119,7 +119,6 @@ def test_a_window_gives_back_each_sample_as_it_was_added(monkeypatch):
     ]
     assert [type(v) for v in samples[0]] == [float, bool, float, type(None), bool]
     assert window.newest(2) == samples[2:]
-    assert window.after(T0 + 2) == samples[2:]
     window.add(result(T0 + 5, ok=False))  # no class: counted as unknown
     assert window.error_classes(T0 + 10, 10) == ["a-class-never-seen-before", "timeout", "other", "unknown"]
     assert window.error_classes(T0 + 10, 7.5) == ["timeout", "other", "unknown"]  # within (T0 + 2.5, T0 + 10]

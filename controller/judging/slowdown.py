@@ -54,9 +54,11 @@ class SlowdownDetector(SequentialDetector):
         # are unchanged (most passes). A new map each pass was two containers per probe that the
         # collection after the pass walked (4,000 at 10,000 series).
         self._shown: dict[tuple[str, str], tuple[tuple[tuple[str, Baseline], ...], dict[str, Any]]] = {}
-        # Every window's screen (see `_screen`): one array of numbers, and where each window's is.
+        # Every window's screen (see `_screen`): one array of numbers, where each window's is, and
+        # the window it was carried over (by row: a new window under the same name starts over).
         self._screens = array("d")
         self._screen_at: dict[tuple[str, str, str], int] = {}
+        self._screened: list[Window] = []
 
     def _screen(
         self, region: str, probe: str, windows: Mapping[str, Window], limits: Mapping[str, float], now: float
@@ -80,14 +82,23 @@ class SlowdownDetector(SequentialDetector):
         started at or before `now`; started over, from the window's results over the verdict
         window, when the limit moves (a plain CUSUM at a limit below the baseline's climbs: at 15%
         below, a quarter of healthy probes were over where anything starts), a result came late,
-        the clock went back, or results were trimmed before they were carried."""
+        the clock went back, results were trimmed before they were carried, or the window is
+        another than the one carried (a judge given another store)."""
         state = self._screens
         i = self._screen_at.get(key)
         if i is None:
             i = self._screen_at[key] = len(state)
             state.extend(_NEW_SCREEN)
+            self._screened.append(window)
         statistic, followed, seen, late, then, tie_at, tie_bad = state[i : i + _FIELDS]
-        if limit != followed or late != window.late or now < then or not 0 <= window.added - seen <= len(window):
+        if (
+            limit != followed
+            or late != window.late
+            or now < then
+            or not 0 <= window.added - seen <= len(window)
+            or self._screened[i // _FIELDS] is not window
+        ):
+            self._screened[i // _FIELDS] = window
             statistic, tie_at, tie_bad = 0.0, math.nan, 0.0
             seen = window.added - window.count_after(now - self.policy.window, math.inf)
         statistic, carried, tie_at, tie_bad = window.carry_slow_cusum(

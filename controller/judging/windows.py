@@ -226,7 +226,7 @@ class Window:
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
         # How many results were ever added, and how many of them went in before a newer one: a
-        # reader that follows new results (`newest`) starts over when `late` moves.
+        # reader that follows new results (`carry_slow_cusum`) starts over when `late` moves.
         self.added = 0
         self.late = 0
         self._view: _SpanView | None = None  # see `view`
@@ -303,10 +303,6 @@ class Window:
                 self._view.head -= head
                 self._view.end -= head
             self._head = 0
-
-    def after(self, at: float) -> list[Sample]:
-        """The samples that started after `at`, stamped ahead of any clock or not."""
-        return self._samples(bisect_right(self._at, at, self._head), len(self._at))
 
     def newest(self, count: int) -> list[Sample]:
         """The last `count` samples kept (the newest `count` added, while `late` has not moved)."""
