@@ -1,6 +1,6 @@
-"""How a probe's state becomes a finding, and a region's status: which states show trouble,
-which vantages are fresh, the quorum, and what the sequential detectors share (a tripped test
-held at a quorum of vantages, then against the peers).
+"""How a probe's state becomes a finding, and a region's status: which states show trouble, the
+quorum, and what the sequential detectors share (a tripped test held at a quorum of vantages,
+then against the peers). Which vantages are fresh: `windows.fresh_look`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ TROUBLE_STATES = BAD_STATES | {"shared", "shared-down"}
 # nothing is held against it. For errors that is two close failures (one is noise); for latency,
 # slow outcomes that also clear the effect size.
 LEANING = 0.5
-
-
-def fresh(windows: Mapping[str, Window], now: float, stale_after: float) -> dict[str, Window]:
-    return {v: w for v, w in windows.items() if (age := w.age(now)) is not None and age <= stale_after}
 
 
 # One tuple per distinct set of names shown in evidence (vantages), kept: the collector untracks a

@@ -165,7 +165,7 @@ class ThresholdDetector:
     def _limits(
         self, fresh_windows: Mapping[str, Window], now: float, newest_age: float | None
     ) -> tuple[str, str | None, dict[str, Any]]:
-        """One probe's state against the fixed limits, from its fresh windows (`fresh`) and the
+        """One probe's state against the fixed limits, from its fresh windows (`windows.fresh_look`) and the
         age of its newest result at any vantage (`RegionView.newest_age`)."""
         p = self.policy
         evidence: dict[str, Any] = {

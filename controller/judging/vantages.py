@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from controller.judging.sequential import Llr, fails_more, failure_cusum_bound
+from controller.judging.windows import fresh_look
 
 # What a region's view found of its probes' windows (see `RegionView.looks`): by (probe, now,
 # stale_after), the fresh windows by vantage and the age of the newest result at any vantage.
@@ -48,18 +49,11 @@ def set_aside_steps(
         region_looks: Looks = {}
         by_probe = windows.by_probe(region)
         for probe in dict.fromkeys(names):
-            fresh: dict[str, Window] = {}
-            newest = None
-            for vantage, window in by_probe.get(probe, {}).items():
-                age = window.age(now)
-                if age is None:
-                    continue
-                if newest is None or age < newest:
-                    newest = age
-                if age <= policy.stale_after:
-                    fresh[vantage] = window
-                    by_vantage.setdefault(vantage, []).append(window)
-            region_looks[probe, now, policy.stale_after] = (fresh, newest)
+            look = region_looks[probe, now, policy.stale_after] = fresh_look(
+                by_probe.get(probe, {}), now, policy.stale_after
+            )
+            for vantage, window in look[0].items():
+                by_vantage.setdefault(vantage, []).append(window)
         if looks is not None:
             looks[region] = region_looks
         looked[region] = by_vantage

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from controller.judging.vantages import Looks, set_aside_steps
+from controller.judging.windows import fresh_look
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -60,7 +61,7 @@ class RegionView:
 
     def fresh_of(self, probe: str, now: float, stale_after: float) -> dict[str, Window]:
         """The probe's windows (`windows_of`) with a result at most `stale_after` old at `now`
-        (see `findings.fresh`); looked at once per view. Shared: do not change it."""
+        (see `windows.fresh_look`); looked at once per view. Shared: do not change it."""
         return self._look(probe, now, stale_after)[0]
 
     def newest_age(self, probe: str, now: float, stale_after: float) -> float | None:
@@ -72,17 +73,7 @@ class RegionView:
         key = (probe, now, stale_after)
         look = self.looks.get(key)
         if look is None:
-            found: dict[str, Window] = {}
-            newest = None
-            for vantage, window in self.windows_of(probe).items():
-                age = window.age(now)
-                if age is None:
-                    continue
-                if newest is None or age < newest:
-                    newest = age
-                if age <= stale_after:
-                    found[vantage] = window
-            look = self.looks[key] = (found, newest)
+            look = self.looks[key] = fresh_look(self.windows_of(probe), now, stale_after)
         return look
 
     def windows_of(self, probe: str) -> dict[str, Window]:

@@ -19,7 +19,7 @@ from operator import not_
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator, Iterable
+    from collections.abc import Callable, Generator, Iterable, Mapping
 
     from probes.results import Result
 
@@ -524,6 +524,22 @@ class Window:
             return now - at[-1]
         newest = bisect_right(at, now, self._head)
         return now - at[newest - 1] if newest > self._head else None
+
+
+def fresh_look(windows: Mapping[str, Window], now: float, stale_after: float) -> tuple[dict[str, Window], float | None]:
+    """The windows (name -> window) with a result at most `stale_after` old at `now`, and the age
+    of the newest result at any of them (fresh or not; None without one): one look at each."""
+    fresh: dict[str, Window] = {}
+    newest = None
+    for name, window in windows.items():
+        age = window.age(now)
+        if age is None:
+            continue
+        if newest is None or age < newest:
+            newest = age
+        if age <= stale_after:
+            fresh[name] = window
+    return fresh, newest
 
 
 class WindowStore:
