@@ -181,6 +181,21 @@ def test_the_slowdown_screen_carried_as_results_come_is_never_below_the_test(out
         assert detector._screen("eu-west-1", "api", windows, dict(limits), now) >= statistic - 1e-9
 
 
+@given(st.lists(st.booleans(), max_size=60))
+def test_the_slowdown_screen_equals_the_test_at_one_vantage_while_nothing_left_the_span(slow):
+    # The screen only spares the test where it is below where anything starts: it must be tight
+    # where it can be. At one vantage, results in time order at distinct times, the limit still
+    # and nothing yet out of the verdict window, a plain CUSUM is the test's statistic.
+    detector = SlowdownDetector(POLICY)
+    window = Window(POLICY.history)
+    for i, is_slow in enumerate(slow):
+        window.add(Result("eu-west-1", "api", "a", float(i), ok=True, latency=0.3 if is_slow else 0.1))
+        now = float(i) + 0.5
+        statistic = cusum(slower({"a": window.samples(now, POLICY.window)}, {"a": 0.2}), detector.llr).statistic
+        screen = detector._screen("eu-west-1", "api", {"a": window}, {"a": 0.2}, now)
+        assert screen == pytest.approx(statistic, abs=1e-9)
+
+
 def test_the_slowdown_screen_starts_over_on_another_window_under_the_same_name():
     # A judge given another store (a new window for the same region, probe and vantage, holding
     # as many results as the last one had carried and more) must not take the new window's
