@@ -17,7 +17,7 @@ from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failu
 from controller.judging.slowdown import SlowdownDetector
 from controller.judging.verdicts import Judge, Verdict
 from controller.judging.windows import Window, WindowStore
-from controller.settings.policy import ErrorTest, VerdictPolicy
+from controller.settings.policy import ErrorTest, SlowdownTest, VerdictPolicy
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
 
@@ -178,7 +178,7 @@ def test_the_slowdown_screen_carried_as_results_come_is_never_below_the_test(out
         now = at if kind == 3 else max(now, at)  # the clock goes back now and then too
         samples = {v: w.samples(now, POLICY.window) for v, w in windows.items()}
         statistic = cusum(slower(samples, limits), detector.llr).statistic
-        assert detector._screen("eu-west-1", "api", windows, dict(limits), now) >= statistic - 1e-9
+        assert detector._screen(windows, dict(limits), now) >= statistic - 1e-9
 
 
 @given(st.lists(st.booleans(), max_size=60))
@@ -192,7 +192,7 @@ def test_the_slowdown_screen_equals_the_test_at_one_vantage_while_nothing_left_t
         window.add(Result("eu-west-1", "api", "a", float(i), ok=True, latency=0.3 if is_slow else 0.1))
         now = float(i) + 0.5
         statistic = cusum(slower({"a": window.samples(now, POLICY.window)}, {"a": 0.2}), detector.llr).statistic
-        screen = detector._screen("eu-west-1", "api", {"a": window}, {"a": 0.2}, now)
+        screen = detector._screen({"a": window}, {"a": 0.2}, now)
         assert screen == pytest.approx(statistic, abs=1e-9)
 
 
@@ -204,13 +204,28 @@ def test_the_slowdown_screen_starts_over_on_another_window_under_the_same_name()
     first = Window(POLICY.history)
     for i in range(10):
         first.add(Result("eu-west-1", "api", "a", float(i), ok=True, latency=0.1))
-    detector._screen("eu-west-1", "api", {"a": first}, {"a": 0.2}, 10.0)
+    detector._screen({"a": first}, {"a": 0.2}, 10.0)
     second = Window(POLICY.history)
     for i in range(20):
         second.add(Result("eu-west-1", "api", "a", 11.0 + i, ok=True, latency=0.3))
     statistic = cusum(slower({"a": second.samples(31.0, POLICY.window)}, {"a": 0.2}), detector.llr).statistic
     assert statistic > 30
-    assert detector._screen("eu-west-1", "api", {"a": second}, {"a": 0.2}, 31.0) >= statistic - 1e-9
+    assert detector._screen({"a": second}, {"a": 0.2}, 31.0) >= statistic - 1e-9
+
+
+def test_two_detectors_screening_one_window_each_get_their_own_tests_bound():
+    # The screen is carried in the window: a detector asking with other steps (another test) or
+    # another span, at the same limit, starts it over rather than read the other's statistic.
+    quick = SlowdownDetector(POLICY)
+    strict = SlowdownDetector(POLICY.model_copy(update={"slowdown": SlowdownTest(acceptable=0.02, unacceptable=0.2)}))
+    assert (strict.llr.bad, strict.llr.good) != (quick.llr.bad, quick.llr.good)
+    window = Window(POLICY.history)
+    for i in range(40):
+        window.add(Result("eu-west-1", "api", "a", float(i), ok=True, latency=0.3 if i % 3 == 0 else 0.1))
+        now = i + 0.5
+        for detector in (quick, strict, quick):
+            statistic = cusum(slower({"a": window.samples(now, POLICY.window)}, {"a": 0.2}), detector.llr).statistic
+            assert detector._screen({"a": window}, {"a": 0.2}, now) == pytest.approx(statistic, abs=1e-9)
 
 
 # --- detection on generated streams ----------------------------------------------------------

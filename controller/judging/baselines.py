@@ -160,6 +160,8 @@ class Baselines:
                 return self._stored(key, now)
             state = self._keys[key] = _Key(anchor=first, phase=_phase(key, p.window))
         if state.grown is not None:
+            if state.grown_from <= now < state.grown_until and state.baseline is not None:
+                return state.baseline  # `_grown`'s first look, here: most looks at most keys
             grown = self._grown(state, window, now)
             if grown is not None:
                 state.baseline = grown

@@ -16,6 +16,7 @@ from controller.judging.findings import (
 )
 from controller.judging.peers import errors_vs_peers
 from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures_of
+from controller.judging.windows import failures_in
 
 if TYPE_CHECKING:
     from controller.judging.verdicts import RegionView
@@ -54,7 +55,7 @@ class ErrorDetector(SequentialDetector):
         since_recovery = math.inf if view.cleared_at is None else now - view.cleared_at
         for test, llr, full in self.tests:
             horizon = min(full, since_recovery)
-            bad = sum(w.failures(now, horizon) for w in windows.values())
+            bad = failures_in(windows.values(), now, horizon)
             floor = LEANING if test is self.tests[0][0] else 1.0  # the quick test says what leans
             matters = floor * llr.threshold
             if bad * llr.bad < matters:  # even every failure in a row could not matter

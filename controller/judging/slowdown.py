@@ -4,9 +4,7 @@ so a region 50% slower than usual is caught even far under any fixed objective.
 
 from __future__ import annotations
 
-import math
 import statistics
-from array import array
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import mannwhitneyu
@@ -29,14 +27,6 @@ if TYPE_CHECKING:
     from controller.settings.policy import VerdictPolicy
 
 
-# A window's screen (see `SlowdownDetector._screen`): seven numbers in the detector's one array of
-# screens, from the window's own offset in it: the statistic, the limit it was carried at, how many
-# of the window's results it has seen (of `Window.added`), the window's `late` and the clock then,
-# the newest start time seen and what its slow outcomes added (see `Window.carry_slow_cusum`).
-_FIELDS = 7  # statistic, limit, seen, late, now, tie at, tie bad
-_NEW_SCREEN = (0.0, math.nan, 0.0, -1.0, -math.inf, math.nan, 0.0)  # a NaN limit never follows
-
-
 class SlowdownDetector(SequentialDetector):
     """Sequential test of each probe's latency against its own baseline: a successful result
     slower than the baseline's quantile is a 'slow' outcome, expected at 1 - quantile when
@@ -50,62 +40,30 @@ class SlowdownDetector(SequentialDetector):
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
         self.baselines = baselines if baselines is not None else Baselines(policy)
-        # The baselines each probe's evidence shows, as last shown: the same map again while they
-        # are unchanged (most passes). A new map each pass was two containers per probe that the
-        # collection after the pass walked (4,000 at 10,000 series).
-        self._shown: dict[tuple[str, str], tuple[tuple[tuple[str, Baseline], ...], dict[str, Any]]] = {}
-        # Every window's screen (see `_screen`): one array of numbers, where each window's is, and
-        # the window it was carried over (by row: a new window under the same name starts over).
-        self._screens = array("d")
-        self._screen_at: dict[tuple[str, str, str], int] = {}
-        self._screened: list[Window] = []
+        # The baselines each probe's evidence shows, as last shown, with the limits they set: the
+        # same map again while they are unchanged (most passes). A new map each pass was two
+        # containers per probe that the collection after the pass walked (4,000 at 10,000 series).
+        self._shown: dict[
+            tuple[str, str], tuple[tuple[tuple[str, Baseline], ...], dict[str, Any], dict[str, float]]
+        ] = {}
 
-    def _screen(
-        self, region: str, probe: str, windows: Mapping[str, Window], limits: Mapping[str, float], now: float
-    ) -> float:
-        """At least the slowdown statistic of these windows over the verdict window (what the
+    def _screen(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> float:
+        """At least the slowdown statistic of the windows with a limit over the verdict window (what the
         test `cusum(slower_of(...))` finds), as the sum of each window's own plain CUSUM of its
-        slow outcomes. A run of the pooled outcomes is, at each vantage, a run of that vantage's
-        outcomes, so its sum is at most the sum of their best runs; and a plain CUSUM, which
-        never forgets, is at least the best run ending at its newest outcome within any span.
-        Carried on over each window's new results: a few numbers a window, no sample made. It
-        stays below where anything starts for all but a few healthy probes (2.7% of passes at
-        1,000 series, five vantages, the shipped test): only those pay for the test, which walks
-        the window. Before the screen, the pooled statistic itself was followed as results came
-        (every vantage's outcomes in time order, a sliding CUSUM a probe): a fifth of a judge
-        pass at 10,000 series, and 2,000 objects every full garbage collection walked."""
-        return sum(self._carry((region, probe, v), w, limits[v], now) for v, w in windows.items())
-
-    def _carry(self, key: tuple[str, str, str], window: Window, limit: float, now: float) -> float:
-        """One window's plain CUSUM of its successes slower than the limit (see `_screen` and
-        `Window.carry_slow_cusum`), carried on over the results added since the last look and
-        started at or before `now`; started over, from the window's results over the verdict
-        window, when the limit moves (a plain CUSUM at a limit below the baseline's climbs: at 15%
-        below, a quarter of healthy probes were over where anything starts), a result came late,
-        the clock went back, results were trimmed before they were carried, or the window is
-        another than the one carried (a judge given another store)."""
-        state = self._screens
-        i = self._screen_at.get(key)
-        if i is None:
-            i = self._screen_at[key] = len(state)
-            state.extend(_NEW_SCREEN)
-            self._screened.append(window)
-        statistic, followed, seen, late, then, tie_at, tie_bad = state[i : i + _FIELDS]
-        if (
-            limit != followed
-            or late != window.late
-            or now < then
-            or not 0 <= window.added - seen <= len(window)
-            or self._screened[i // _FIELDS] is not window
-        ):
-            self._screened[i // _FIELDS] = window
-            statistic, tie_at, tie_bad = 0.0, math.nan, 0.0
-            seen = window.added - window.count_after(now - self.policy.window, math.inf)
-        statistic, carried, tie_at, tie_bad = window.carry_slow_cusum(
-            (statistic, int(seen), tie_at, tie_bad), now, limit, self.llr.bad, self.llr.good
-        )
-        state[i : i + _FIELDS] = array("d", (statistic, limit, carried, window.late, now, tie_at, tie_bad))
-        return statistic
+        slow outcomes (`Window.slow_cusum`). A run of the pooled outcomes is, at each vantage, a
+        run of that vantage's outcomes, so its sum is at most the sum of their best runs; and a
+        plain CUSUM, which never forgets, is at least the best run ending at its newest outcome
+        within any span. Carried on over each window's new results: a few numbers a window, no
+        sample made. It stays below where anything starts for all but a few healthy probes (2.7%
+        of passes at 1,000 series, five vantages, the shipped test): only those pay for the test,
+        which walks the window. Before the screen, the pooled statistic itself was followed as
+        results came (every vantage's outcomes in time order, a sliding CUSUM a probe): a fifth of
+        a judge pass at 10,000 series, and 2,000 objects every full garbage collection walked."""
+        span, bad, good = self.policy.window, self.llr.bad, self.llr.good
+        bound = 0.0
+        for vantage, limit in limits.items():
+            bound += windows[vantage].slow_cusum(now, span, limit, bad, good)
+        return bound
 
     def _probe_steps(
         self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]
@@ -115,28 +73,31 @@ class SlowdownDetector(SequentialDetector):
         whose screen leans was one step of 1 to 4 ms."""
         p = self.policy
         windows = view.fresh_of(probe, now, p.stale_after)
-        base = {
-            v: b for v, w in windows.items() if (b := self.baselines.of((view.region, probe, v), w, now)) is not None
-        }
-        shown = tuple(base.items())  # the same baselines (each kept until recomputed): the same map
-        last = self._shown.get((view.region, probe))
+        # The vantages with a baseline, and it: the same baselines (each kept until recomputed),
+        # the same map and limits as last shown.
+        region, baselines = view.region, self.baselines
+        shown = tuple(
+            [(v, b) for v, w in windows.items() if (b := baselines.of((region, probe, v), w, now)) is not None]
+        )
+        last = self._shown.get((region, probe))
         if last is None or last[0] != shown:
-            last = self._shown[view.region, probe] = (
+            last = self._shown[region, probe] = (
                 shown,
                 {v: {"slow": round(b[SLOW], 4), "median": round(b[MEDIAN], 4)} for v, b in shown},
+                {v: b[SLOW] for v, b in shown},
             )
         evidence["baseline"] = last[1]
-        if not base:
+        limits = last[2]
+        if not limits:
             return "ok", None
         # The effect size is looked at from where suspicion starts (see judging.suspicion).
         start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
-        limits = {v: b[SLOW] for v, b in base.items()}
-        with_base = {v: windows[v] for v in base}
-        bound = self._screen(view.region, probe, with_base, limits, now)
+        bound = self._screen(windows, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
             return "ok", None
         yield
+        with_base = {v: windows[v] for v in limits}
         run = cusum(slower_of(with_base, limits, now, p.window), self.llr)
         evidence.update(run_evidence(run, now))
         if run.statistic / run.threshold < start or run.since is None:
@@ -149,7 +110,7 @@ class SlowdownDetector(SequentialDetector):
         if effect < 1 + p.slowdown.min_effect:  # slower than usual, but not by enough to count
             return "ok", None
         evidence["slower"] = True  # by the effect size: what makes a suspect (with the statistic)
-        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(base))
+        leaning = run.statistic / run.threshold >= LEANING and self._beyond_quorum(run, len(limits))
         if not (run.tripped or leaning):
             return "ok", None
         evidence["leaning"] = True
@@ -161,7 +122,7 @@ class SlowdownDetector(SequentialDetector):
             f"{now - since:.0f}s, median {effect:.2f}x its baseline, from {vantages_text(run)}"
         )
         return self._finding(
-            view, what, run, len(base), lambda: self._vs_peers(view, probe, since, now), "slow", evidence
+            view, what, run, len(limits), lambda: self._vs_peers(view, probe, since, now), "slow", evidence
         )
 
     def _vs_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from controller.judging.sequential import Llr, fails_more, failure_cusum_bound
-from controller.judging.windows import fresh_look
+from controller.judging.windows import any_failed_within, fresh_look
 
 # What a region's view found of its probes' windows (see `RegionView.looks`): by (probe, now,
 # stale_after), the fresh windows by vantage and the age of the newest result at any vantage.
@@ -66,7 +66,7 @@ def set_aside_steps(
             # 10,000 series (100 probes a vantage: 6,000 outcomes a minute). Most see no failure
             # over the span at all, and nothing is counted for them.
             if (
-                any(w.failed_within(horizon, now) for w in probe_windows)
+                any_failed_within(probe_windows, horizon, now)
                 and failure_cusum_bound(probe_windows, now, span, llr, llr.threshold) >= llr.threshold
             ):
                 failing.setdefault(vantage, set()).add(region)

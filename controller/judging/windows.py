@@ -205,10 +205,15 @@ class Window:
         "_latency",
         "_looked",
         "_ok",
+        "_slow_as",
+        "_slow_now",
+        "_slow_seen",
+        "_slow_statistic",
+        "_slow_tie_at",
+        "_slow_tie_bad",
         "_version",
         "_view",
         "added",
-        "late",
         "span",
     )
 
@@ -225,11 +230,17 @@ class Window:
         self._version = 0  # changes whenever the samples do
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
-        # How many results were ever added, and how many of them went in before a newer one: a
-        # reader that follows new results (`carry_slow_cusum`) starts over when `late` moves.
-        self.added = 0
-        self.late = 0
+        self.added = 0  # how many results were ever added
         self._view: _SpanView | None = None  # see `view`
+        # The slow screen (`slow_cusum`): what it was carried as (limit, span, bad, good; None
+        # to start over), the clock then, how many of `added` it has seen, its statistic, and
+        # the newest start time seen with what its slow outcomes added.
+        self._slow_as: tuple[float, float, float, float] | None = None
+        self._slow_now = -math.inf
+        self._slow_seen = 0
+        self._slow_statistic = 0.0
+        self._slow_tie_at = math.nan
+        self._slow_tie_bad = 0.0
 
     def __len__(self) -> int:
         return len(self._at) - self._head
@@ -274,8 +285,8 @@ class Window:
             self._ok.insert(i, ok)
             self._latency.insert(i, _stored(result.latency))
             self._kind.insert(i, kind)
-            self.late += 1
             self._view = None  # its indices no longer hold
+            self._slow_as = None  # nor the slow screen's count of what it has seen
         else:
             self._at.append(at)
             self._ok.append(ok)
@@ -309,19 +320,28 @@ class Window:
         end = len(self._at)
         return self._samples(max(end - count, self._head), end)
 
-    def carry_slow_cusum(
-        self, carried: tuple[float, int, float, float], now: float, limit: float, bad: float, good: float
-    ) -> tuple[float, int, float, float]:
+    def slow_cusum(self, now: float, span: float, limit: float, bad: float, good: float) -> float:
         """A plain CUSUM of the successes' outcomes, `bad` for one slower than `limit` and `good`
-        for the others, carried on from `carried` (statistic, how many results it has seen of
-        `added`, the newest start time seen and what its slow outcomes added) over the results
-        added since, up to the first started after `now`: the same four, carried. Results that
-        share a start time may go in a test in another order (the slow ones last), so a run may
-        start among them and take only their slow ones: the statistic is never below that.
-        Read from the columns (what the slowdown detector's screen asks of every window, every
-        pass). The caller starts over when `late` moves or `seen` is more than a window holds."""
-        statistic, seen, tie_at, tie_bad = carried
+        for the others, over the results within (now - span, now] when first asked, then carried
+        on over the results added since the last look, up to the first started after `now`: what
+        the slowdown detector's screen asks of every window, every pass (a few numbers a window
+        kept here, no sample made; see `SlowdownDetector._screen`). A plain CUSUM never forgets:
+        it is at least the best run of outcomes ending at its newest within any span it has
+        followed. Results that share a start time may go in a test in another order (the slow
+        ones last), so a run may start among them and take only their slow ones: the statistic is
+        never below that. It starts over when asked with another limit, span or steps (a plain
+        CUSUM at a limit below the baseline's climbs: at 15% below, a quarter of healthy probes
+        were over where the slowdown test starts), when a result came late, when the clock went
+        back, or when results were trimmed before they were carried."""
         at, ok, latency = self._at, self._ok, self._latency
+        seen = self._slow_seen
+        how = (limit, span, bad, good)
+        if how != self._slow_as or now < self._slow_now or not 0 <= self.added - seen <= len(at) - self._head:
+            self._slow_as = how
+            statistic, tie_at, tie_bad = 0.0, math.nan, 0.0
+            seen = self.added - self.count_after(now - span, math.inf)
+        else:
+            statistic, tie_at, tie_bad = self._slow_statistic, self._slow_tie_at, self._slow_tie_bad
         for i in range(len(at) - (self.added - seen), len(at)):
             started = at[i]
             if started > now:  # stamped ahead of the clock: carried once the clock gets there
@@ -337,7 +357,9 @@ class Window:
             else:
                 statistic += good
                 statistic = max(statistic, tie_bad)  # tie_bad is never negative: the statistic neither
-        return statistic, seen, tie_at, tie_bad
+        self._slow_now, self._slow_seen, self._slow_statistic = now, seen, statistic
+        self._slow_tie_at, self._slow_tie_bad = tie_at, tie_bad
+        return statistic
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
@@ -524,6 +546,29 @@ class Window:
             return now - at[-1]
         newest = bisect_right(at, now, self._head)
         return now - at[newest - 1] if newest > self._head else None
+
+
+def failures_in(windows: Iterable[Window], now: float, span: float) -> int:
+    """`Window.failures(now, span)` summed over the windows: a look at each one's newest failure,
+    counted only where that is within the span (the error tests ask it of every probe, every
+    pass, and most windows have no failure that recent)."""
+    horizon = now - span
+    count = 0
+    for window in windows:
+        failed = window._failed_at  # noqa: SLF001 - the module's own windows
+        if failed and failed[-1] > horizon:
+            count += len(window.failure_times(now, span))
+    return count
+
+
+def any_failed_within(windows: Iterable[Window], after: float, now: float) -> bool:
+    """Whether any of the windows kept a failure that started within (after, now]
+    (`Window.failed_within`), looking first at each one's newest failure."""
+    for window in windows:
+        failed = window._failed_at  # noqa: SLF001 - the module's own windows
+        if failed and failed[-1] > after and window.failed_within(after, now):
+            return True
+    return False
 
 
 def fresh_look(windows: Mapping[str, Window], now: float, stale_after: float) -> tuple[dict[str, Window], float | None]:
