@@ -187,6 +187,33 @@ def test_the_tests_read_the_same_outcomes_from_the_columns_as_from_the_samples()
         assert any(bad for _, _, bad in slower(samples, limits))
 
 
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 60), st.booleans(), st.integers(1, 40)), max_size=200),
+    st.floats(0.01, 0.99),
+    st.floats(0.0, 1.0),
+)
+def test_stats_keeping_only_the_slowest_latencies_answer_every_quantile_from_there_as_the_samples_do(
+    outcomes, top, above
+):
+    # The threshold detector merges only each window's slowest latencies (as many as the pooled
+    # quantile's rank leaves above it): at that quantile and any higher one the answer must be
+    # what every sample pooled gives, ties and failures included; below it, an error, not a guess.
+    windows = {v: Window(span=120) for v in "abc"}
+    for vantage, at, ok, tenths in outcomes:
+        windows[vantage].add(Result("eu-west-1", "api", vantage, float(at), ok=ok, latency=tenths / 10))
+    now, span = 60.0, 30.0
+    every = WindowStats.pooled([s for w in windows.values() for s in w.samples(now, span)])
+    slowest = WindowStats.of(windows.values(), now, span, top=top)
+    assert (slowest.samples, slowest.failures, slowest.errors) == (every.samples, every.failures, every.errors)
+    for q in (top, top + (1 - top) * above):
+        assert slowest.latency_quantile(q) == every.latency_quantile(q)
+    lower = top / 2
+    n = len(every.latencies)
+    if n and max(1, math.ceil(lower * n)) < max(1, math.ceil(top * n)):
+        with pytest.raises(ValueError, match="below the slowest latencies"):
+            slowest.latency_quantile(lower)
+
+
 def test_latency_quantile_is_nearest_rank_over_successes_only():
     stats = WindowStats.pooled(
         Window_samples(

@@ -44,6 +44,7 @@ class ThresholdDetector:
     def __init__(self, policy: VerdictPolicy) -> None:
         self.policy = policy
         self.llr = Llr.of(policy.errors[0])  # whose steps say whether a peer fails too
+        self.q_name = f"latency_p{round(policy.latency.quantile * 100):d}"  # the quantile's name in evidence
 
     def assess(self, view: RegionView, now: float) -> Assessment:
         return finish(self.steps(view, now))
@@ -175,9 +176,9 @@ class ThresholdDetector:
         if not fresh_windows:
             what = f"no result in the last {p.stale_after:g}s" if newest_age is not None else "no result yet"
             return "unknown", what, evidence
-        stats = WindowStats.of(fresh_windows.values(), now, p.window)
+        stats = WindowStats.of(fresh_windows.values(), now, p.window, top=p.latency.quantile)
         quantile = stats.latency_quantile(p.latency.quantile)
-        q_name = f"latency_p{round(p.latency.quantile * 100):d}"
+        q_name = self.q_name
         evidence.update(
             samples=stats.samples,
             failures=stats.failures,

@@ -55,7 +55,8 @@ class WindowStats:
     samples: int
     failures: int
     errors: dict[str, int]  # error class -> count
-    latencies: tuple[float, ...]  # of successful samples, sorted
+    # Of successful samples, sorted: every one, or (`of` with `top`) the slowest from a rank on.
+    latencies: tuple[float, ...]
 
     @property
     def success_ratio(self) -> float:
@@ -63,30 +64,46 @@ class WindowStats:
 
     def latency_quantile(self, q: float) -> float | None:
         """Nearest-rank quantile of successful latencies; None without any."""
-        if not self.latencies:
+        successes = self.samples - self.failures
+        if not successes:
             return None
-        rank = max(1, math.ceil(q * len(self.latencies)))
-        return self.latencies[rank - 1]
+        rank = max(1, math.ceil(q * successes))
+        below = successes - len(self.latencies)  # the fastest ones, not kept (see `of`)
+        if rank <= below:
+            raise ValueError(f"the {q} latency quantile is below the slowest latencies these stats kept")
+        return self.latencies[rank - 1 - below]
 
     @classmethod
-    def of(cls, windows: Iterable[Window], now: float, span: float) -> WindowStats:
+    def of(cls, windows: Iterable[Window], now: float, span: float, top: float = 0.0) -> WindowStats:
         """`pooled` of every window's samples within (now - span, now], from each window's
         span view (kept as results come and go: no walk over the samples) and, only where a
-        result failed, the failed ones' error classes."""
+        result failed, the failed ones' error classes. With `top`, the latencies kept are only
+        the slowest that `latency_quantile` needs for quantiles from `top` up: the pooled
+        slowest k are among each window's slowest k (sorted already), so only those are merged
+        (at the 0.9 quantile, a tenth of them: what the threshold detector asks every pass)."""
         samples, failures = 0, 0
         errors: Counter[str] | None = None  # made only where a result failed (most probes: none)
-        latencies: list[float] = []
+        views: list[array[float]] = []
         for window in windows:
             count, ok = window.view(now, span)
             samples += count
-            latencies.extend(ok)
+            views.append(ok)
             if count > len(ok):
                 failures += count - len(ok)
                 if errors is None:
                     errors = Counter()
                 errors.update(window.error_classes(now, span))
+        successes = samples - failures
+        keep = successes - max(1, math.ceil(top * successes)) + 1 if top > 0 else successes
+        latencies: list[float] = []
+        if keep >= successes:
+            for ok in views:
+                latencies.extend(ok)
+        elif keep > 0:
+            for ok in views:
+                latencies.extend(ok[-keep:])
         latencies.sort()
-        return cls(samples, failures, dict(errors) if errors else {}, tuple(latencies))
+        return cls(samples, failures, dict(errors) if errors else {}, tuple(latencies[len(latencies) - keep :]))
 
     @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
