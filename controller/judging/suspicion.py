@@ -169,7 +169,8 @@ def _far_slower(
     until the slowdown test has what it needs (it would otherwise wait for several slowed
     results at the base interval before `slow_fraction` hastens it)."""
     out: dict[tuple[str, str], Suspicion] = {}
-    if policy.far_slower_runs <= 0:
+    runs, far, since = policy.far_slower_runs, policy.far_slower, now - policy.after_failure
+    if runs <= 0:
         return out
     by_probe = windows.by_probe(region)
     for probe, found in (evidence.get("slowdown") or {}).items():
@@ -181,11 +182,10 @@ def _far_slower(
             median = base.get("median") if isinstance(base, dict) else None
             if window is None or not median:
                 continue
-            limit, since = policy.far_slower * median, now - policy.after_failure
-            after = window.results_since_slower(limit, policy.far_slower_runs, since)
+            after = window.results_since_slower(far * median, runs, since)
             if after is not None:
-                why = f"a result over {policy.far_slower:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
-                out[probe, vantage] = Suspicion(why, policy.far_slower_runs - after, _newest(window))
+                why = f"a result over {far:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
+                out[probe, vantage] = Suspicion(why, runs - after, _newest(window))
     return out
 
 
