@@ -349,7 +349,9 @@ class Window:
         never below that. It starts over when asked with another limit, span or steps (a plain
         CUSUM at a limit below the baseline's climbs: at 15% below, a quarter of healthy probes
         were over where the slowdown test starts), when a result came late, when the clock went
-        back, or when results were trimmed before they were carried."""
+        back, or when results were trimmed before they were carried. One screen a window: a
+        daemon has one judge; two detectors with other tests asking in turn would each start it
+        over at every look (right, and as slow as the test)."""
         at, ok, latency = self._at, self._ok, self._latency
         seen = self._slow_seen
         how = (limit, span, bad, good)
