@@ -534,3 +534,21 @@ def test_the_detectors_are_shown_when_the_region_last_recovered(passes, shown):
     for now, _ in passes:
         judge.judge(WindowStore(60.0), float(now))
     assert detector.shown == shown
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.booleans()), max_size=300),
+    st.floats(0, 450),
+    st.sampled_from([10.0, 30.0]),
+)
+def test_a_windows_failure_cusum_from_its_columns_is_the_cusum_of_its_samples(outcomes, now, span):
+    # The suspects' evidence of one target, read from the outcome column: exactly what walking
+    # the samples gives, late results and shared start times included.
+    good, bad = -0.03, 3.4
+    window = Window(span=600)
+    for tenths, ok in outcomes:
+        window.add(Result("eu-west-1", "api", "controller", tenths / 10, ok=ok, latency=0.1))
+    walked = 0.0
+    for sample in window.samples(now, span):
+        walked = max(0.0, walked + (good if sample[OK] else bad))
+    assert window.failure_cusum(now, span, good, bad) == walked

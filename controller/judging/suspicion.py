@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.judging.sequential import Llr
 from controller.judging.verdicts import at_once
-from controller.judging.windows import AT, OK
+from controller.judging.windows import AT
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Generator, Mapping, Sequence
@@ -106,7 +106,9 @@ def suspect_steps(
                 or not 0 <= now - last <= policy.after_failure
             ):
                 continue
-            statistic = _statistic(window, now, policy.after_failure, llr)
+            statistic = window.failure_cusum(
+                now, policy.after_failure, llr.good, llr.bad
+            )  # a suspect's only: few, short
             if statistic <= clear:
                 continue  # the evidence decided healthy: one failure among many passes is noise
             why = f"failed {now - last:.1f}s ago at {vantage} (evidence {statistic:.1f})"
@@ -201,14 +203,6 @@ def _vantages(windows: WindowStore, region: str, probe: str, set_aside: Collecti
     """The vantages that report `probe` in `region`, in the order they first did (never a set's
     hash order: the suspects' order, and the order their extra runs start, repeat exactly)."""
     return [v for (p, v) in windows.region(region) if p == probe and v not in set_aside]
-
-
-def _statistic(window: Window, now: float, span: float, llr: Llr) -> float:
-    """The CUSUM of one target's outcomes over the last `span` (a suspect's only: few, short)."""
-    statistic = 0.0
-    for sample in window.samples(now, span):
-        statistic = max(0.0, statistic + (llr.good if sample[OK] else llr.bad))
-    return statistic
 
 
 def _slow(evidence: Mapping[str, Any], fraction: float) -> dict[str, tuple[list[str], bool]]:

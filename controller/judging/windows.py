@@ -380,6 +380,16 @@ class Window:
         self._slow_tie_at, self._slow_tie_bad = tie_at, tie_bad
         return statistic
 
+    def failure_cusum(self, now: float, span: float, good: float, bad: float) -> float:
+        """A CUSUM (floored at zero) of the outcomes within (now - span, now], oldest first: `bad`
+        for a failure, `good` for a success; read from the outcome column, no sample made (the
+        suspects ask it of every window with a recent failure, every pass)."""
+        lo, hi = self._within(now - span, now)
+        statistic = 0.0
+        for ok in self._ok[lo:hi]:
+            statistic = max(0.0, statistic + (good if ok else bad))
+        return statistic
+
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any."""
         return self._at[self._head] if len(self) else None
