@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import binom, fisher_exact
 
-from controller.judging.windows import AT, LATENCY, OK
+from controller.judging.windows import AT, LATENCY, OK, failure_times_in
 
 if TYPE_CHECKING:
+    from array import array
     from collections.abc import Iterable, Mapping, Sequence
 
     from controller.judging.windows import Sample, Window
@@ -130,12 +131,17 @@ def failure_cusum_bound(
     below `enough`, once no older failure can get there: a run from an older failure holds at
     most every failure and at least the passes after the newer one (a healthy vantage's few noise
     failures over a hundred probes: the newest one alone, not a bisect of every window for each).
-    What it answers then is that most, still at least the statistic."""
+    What it answers then is that most, still at least the statistic. The windows are read (one
+    bisect each) only until their passes after the newest failure settle that: a vantage's
+    hundred probes at a probe a second, the failure seconds old, settle it within a few."""
     kept = list(windows)
-    times = sorted(t for w in kept for t in w.failure_times(now, span))
+    times = failure_times_in(kept, now, span)
     if not times:
         return 0.0
-    columns = [w.starts_until(now) for w in kept]
+    every = len(times) * llr.bad  # a run holding every failure, at most
+    stops = enough < math.inf  # with no `enough` given, the statistic itself is asked for
+    columns: list[tuple[array[float], int, int]] = []
+    unread = iter(kept)
     best = 0.0
     for i in range(len(times) - 1, -1, -1):
         at = times[i]
@@ -144,11 +150,17 @@ def failure_cusum_bound(
         since = len(times) - i  # failures at or after `at`
         after = len(times) - bisect_right(times, at)
         passes = sum(end - bisect_right(column, at, start, end) for column, start, end in columns) - after
+        for window in unread:  # read at the newest failure: as few as settle it, or every one
+            if stops and every + passes * llr.good < enough:  # the passes read so far, at least
+                return max(best, every + passes * llr.good)
+            column, start, end = window.starts_until(now)
+            columns.append((column, start, end))
+            passes += end - bisect_right(column, at, start, end)
         best = max(best, since * llr.bad + passes * llr.good)
         if best >= enough:
             break
-        most = len(times) * llr.bad + passes * llr.good  # any run from an older failure, at most
-        if most < enough < math.inf:  # with no `enough` given, the statistic itself is asked for
+        most = every + passes * llr.good  # any run from an older failure, at most
+        if stops and most < enough:
             return max(best, most)
     return best
 

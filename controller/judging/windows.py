@@ -577,17 +577,23 @@ class Window:
         return now - at[newest - 1] if newest > self._head else None
 
 
-def failures_in(windows: Iterable[Window], now: float, span: float) -> int:
-    """`Window.failures(now, span)` summed over the windows: a look at each one's newest failure,
-    counted only where that is within the span (the error tests ask it of every probe, every
-    pass, and most windows have no failure that recent)."""
+def failure_times_in(windows: Iterable[Window], now: float, span: float) -> list[float]:
+    """Every window's `failure_times(now, span)`, together and sorted: a look at each one's newest
+    failure, its times only where that is within the span (the error tests and the vantage check
+    ask it of every probe, every pass, and most windows have no failure that recent)."""
     horizon = now - span
-    count = 0
+    times: list[float] = []
     for window in windows:
         failed = window._failed_at  # noqa: SLF001 - the module's own windows
         if failed and failed[-1] > horizon:
-            count += len(window.failure_times(now, span))
-    return count
+            times.extend(window.failure_times(now, span))
+    times.sort()
+    return times
+
+
+def failures_in(windows: Iterable[Window], now: float, span: float) -> int:
+    """`Window.failures(now, span)` summed over the windows."""
+    return len(failure_times_in(windows, now, span))
 
 
 def any_failed_within(windows: Iterable[Window], after: float, now: float) -> bool:
