@@ -333,7 +333,7 @@ class Window:
             self._head = 0
 
     def newest(self, count: int) -> list[Sample]:
-        """The last `count` samples kept (the newest `count` added, while `late` has not moved)."""
+        """The last `count` samples kept, by start time (a result that came late may be among them)."""
         end = len(self._at)
         return self._samples(max(end - count, self._head), end)
 
