@@ -106,9 +106,7 @@ def suspect_steps(
                 or not 0 <= now - last <= policy.after_failure
             ):
                 continue
-            statistic = window.failure_cusum(
-                now, policy.after_failure, llr.good, llr.bad
-            )  # a suspect's only: few, short
+            statistic = window.failure_cusum(now, policy.after_failure, llr.good, llr.bad)
             if statistic <= clear:
                 continue  # the evidence decided healthy: one failure among many passes is noise
             why = f"failed {now - last:.1f}s ago at {vantage} (evidence {statistic:.1f})"
