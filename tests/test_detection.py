@@ -236,8 +236,8 @@ def test_the_slowdown_screen_starts_over_on_another_window_under_the_same_name()
 
 
 def test_two_detectors_screening_one_window_each_get_their_own_tests_bound():
-    # The screen is carried in the window: a detector asking with other steps (another test) or
-    # another span, at the same limit, starts it over rather than read the other's statistic.
+    # The screen is carried in the window: a detector asking with other steps (another test), at
+    # the same limit and span, starts it over rather than read the other's statistic.
     quick = SlowdownDetector(POLICY)
     strict = SlowdownDetector(POLICY.model_copy(update={"slowdown": SlowdownTest(acceptable=0.02, unacceptable=0.2)}))
     assert (strict.llr.bad, strict.llr.good) != (quick.llr.bad, quick.llr.good)
