@@ -15,7 +15,16 @@ from controller.judging import windows as windows_module
 from controller.judging.sequential import failures, failures_of, slower, slower_of
 from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, collections_held, combine, finish
-from controller.judging.windows import AT, LATENCY, MAX_SAMPLES, OK, Window, WindowStats, WindowStore
+from controller.judging.windows import (
+    AT,
+    LATENCY,
+    MAX_SAMPLES,
+    OK,
+    Window,
+    WindowStats,
+    WindowStore,
+    span_view,
+)
 from controller.settings.policy import LatencyObjective, VerdictPolicy
 from probes.results import Result
 
@@ -137,9 +146,9 @@ def test_a_window_keeps_latencies_to_the_microsecond_and_a_long_lag_to_seven_dig
     assert read[:7] == given_latencies[:7]  # exact
     assert read[7:9] == pytest.approx(given_latencies[7:9], rel=1e-7)
     assert read[9] == math.inf
-    count, view = window.view(T0 + 50, 100)
-    assert count == len(given_latencies)
-    assert list(view) == sorted(read)
+    view = span_view((window,), T0 + 50, 100)
+    assert view.count() == len(given_latencies)
+    assert list(view.latencies) == sorted(read)
     assert window.results_since_slower(0.3, limit=10, since=T0) == 0  # the newest, infinite
     slower = [slow for _, _, slow in window.latency_outcomes(T0 + 50, 100, "controller", 0.3)]
     assert slower == [latency > 0.3 for latency in given_latencies]  # 0.3 itself is not slower
@@ -437,44 +446,68 @@ def test_a_window_answers_as_a_plain_filter_of_what_it_kept(outcomes, trims, now
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.floats(0, 400), st.booleans(), st.integers(1, 50)), max_size=700),
-    st.lists(st.floats(0, 450), min_size=1, max_size=30),
+    st.lists(
+        st.tuples(
+            st.sampled_from("abc"),
+            st.floats(0, 3),  # seconds since the result before
+            st.one_of(st.just(0.0), st.just(0.0), st.floats(0, 20)),  # how late it comes
+            st.booleans(),
+            st.integers(1, 50),
+        ),
+        max_size=400,
+    ),
+    st.lists(
+        st.tuples(st.integers(1, 20), st.floats(-5, 30), st.sampled_from(["abc", "abc", "abc", "ab", "a", "ca"])),
+        min_size=1,
+        max_size=40,
+    ),
     st.sampled_from([30.0, 60.0]),
 )
 def test_a_span_view_followed_as_results_come_answers_as_the_samples_do(outcomes, looks, span):
-    # The threshold detector's counts and latency quantile come from each window's span view,
-    # moved on at every look (and started over when the clock goes back or a result comes
-    # late): at every look it must hold what the samples within (now - span, now] hold.
-    window = Window(span=120)
-    looks = sorted(looks)[: len(looks) // 2] + looks[len(looks) // 2 :]  # mostly forward, then any
-    every = max(1, len(outcomes) // len(looks))
-    for i, (at, ok, tenths) in enumerate(outcomes):
-        window.add(Result("eu-west-1", "api", "controller", at, ok=ok, latency=tenths / 10))
-        if i % every == 0:
-            now = looks[(i // every) % len(looks)]
+    # The threshold detector's counts and latency quantile come from a probe's span view over
+    # its fresh windows, moved on at every look (and started over when the clock goes back, a
+    # result comes late or the windows asked change): at every look it must hold what the
+    # samples within (now - span, now] of the windows asked hold, pooled. Results come nearly
+    # in order, some late; the windows are trimmed (and compacted) at each look.
+    windows = {v: Window(span=90) for v in "abc"}
+    clock, i = 0.0, 0
+    for every, ahead, asked in looks * 3:
+        for vantage, gap, late, ok, tenths in outcomes[i : i + every]:
+            clock += gap
+            windows[vantage].add(Result("eu-west-1", "api", vantage, clock - late, ok=ok, latency=tenths / 10))
+        i = (i + every) % max(1, len(outcomes))
+        now = clock + ahead
+        for window in windows.values():
             window.trim(now)
-            samples = window.samples(now, span)
-            count, latencies = window.view(now, span)
-            assert count == len(samples)
-            assert list(latencies) == sorted(s[LATENCY] for s in samples if s[OK])
-            stats = WindowStats.of([window], now, span)
-            assert stats == WindowStats.pooled(samples)
+        samples = [s for v in asked for s in windows[v].samples(now, span)]
+        view = span_view(tuple(windows[v] for v in asked), now, span)
+        assert view.count() == len(samples)
+        assert list(view.latencies) == sorted(s[LATENCY] for s in samples if s[OK])
+        stats = WindowStats.of([windows[v] for v in asked], now, span)
+        assert stats == WindowStats.pooled(samples)
 
 
-def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches():
-    # Ten results a second for 200 s, a 60 s window trimmed and looked at every second: the
-    # trimmed front is dropped in batches (COMPACT_AFTER) under a live view.
-    window = Window(span=60)
+@pytest.mark.parametrize("look_every", [1, 100])
+def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches(look_every):
+    # Ten results a second for 200 s, a 60 s window trimmed every second and looked at every
+    # second (or every 100 s: the window trims and drops past what the view last held), and a
+    # second window the view pools with: the trimmed front is dropped in batches
+    # (COMPACT_AFTER) under a live view.
+    windows = (Window(span=60), Window(span=60))
     rng = random.Random(3)
     for second in range(200):
         for tenth in range(10):
             at = second + tenth / 10
-            window.add(Result("eu-west-1", "api", "controller", at, ok=rng.random() > 0.1, latency=rng.random()))
+            for window in windows:
+                window.add(Result("eu-west-1", "api", "controller", at, ok=rng.random() > 0.1, latency=rng.random()))
         now = second + 1.0
-        window.trim(now)
-        samples = window.samples(now, 30)
-        count, latencies = window.view(now, 30)
-        assert (count, list(latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
+        for window in windows:
+            window.trim(now)
+        if second % look_every:
+            continue
+        samples = [s for window in windows for s in window.samples(now, 30)]
+        view = span_view(windows, now, 30)
+        assert (view.count(), list(view.latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
 
 
 def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():

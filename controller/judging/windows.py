@@ -75,35 +75,23 @@ class WindowStats:
 
     @classmethod
     def of(cls, windows: Iterable[Window], now: float, span: float, top: float = 0.0) -> WindowStats:
-        """`pooled` of every window's samples within (now - span, now], from each window's
-        span view (kept as results come and go: no walk over the samples) and, only where a
+        """`pooled` of every window's samples within (now - span, now], from their span view
+        (`span_view`: kept as results come and go, no walk over the samples) and, only where a
         result failed, the failed ones' error classes. With `top`, the latencies kept are only
-        the slowest that `latency_quantile` needs for quantiles from `top` up: the pooled
-        slowest k are among each window's slowest k (sorted already), so only those are merged
-        (at the 0.9 quantile, a tenth of them: what the threshold detector asks every pass)."""
-        samples, failures = 0, 0
-        errors: Counter[str] | None = None  # made only where a result failed (most probes: none)
-        views: list[array[float]] = []
-        for window in windows:
-            count, ok = window.view(now, span)
-            samples += count
-            views.append(ok)
-            if count > len(ok):
-                failures += count - len(ok)
-                if errors is None:
-                    errors = Counter()
+        the slowest that `latency_quantile` needs for quantiles from `top` up (at the 0.9
+        quantile, a tenth of them: what the threshold detector asks every pass)."""
+        windows = tuple(windows)
+        view = span_view(windows, now, span)
+        samples, latencies = view.count(), view.latencies
+        successes = len(latencies)
+        failures = samples - successes
+        errors: Counter[str] | None = None
+        if failures:
+            errors = Counter()
+            for window in windows:
                 errors.update(window.error_classes(now, span))
-        successes = samples - failures
         keep = successes - max(1, math.ceil(top * successes)) + 1 if top > 0 else successes
-        latencies: list[float] = []
-        if keep >= successes:
-            for ok in views:
-                latencies.extend(ok)
-        elif keep > 0:
-            for ok in views:
-                latencies.extend(ok[-keep:])
-        latencies.sort()
-        return cls(samples, failures, dict(errors) if errors else {}, tuple(latencies[len(latencies) - keep :]))
+        return cls(samples, failures, dict(errors) if errors else {}, tuple(latencies[successes - keep :]))
 
     @classmethod
     def pooled(cls, samples: Iterable[Sample]) -> WindowStats:
@@ -167,38 +155,76 @@ FEW = 4
 
 
 class _SpanView:
-    """One span of a window followed as `now` moves on: the samples within (now - span, now]
-    are those from `head` to `end` of the window's columns, and `latencies` holds the successful
-    ones' latencies, sorted. Moving on adds the samples `now` has reached and drops those that
-    left, one insort or one deletion each: O(new results) a look, not O(samples in the span).
-    The latencies are an array of doubles, not a list of floats: a collection walks every float
-    a list holds (every window holds one, minutes long); an array it passes over unopened."""
+    """One span of some windows (a probe's, at its fresh vantages) followed as `now` moves on:
+    the samples within (now - span, now] are, at each window, those from its `heads` to its
+    `ends` (counted from the first sample the window ever kept: a compaction of its front moves
+    nothing here), and `latencies` holds the successful ones' latencies, pooled and sorted.
+    Moving on adds the samples `now` has reached and drops those that left, one insort or one
+    deletion each: O(new results) a look, not O(samples in the span), and one look a probe, not
+    one a window. The latencies and indices are arrays, not lists: a collection walks every
+    float a list holds; an array it passes over unopened."""
 
-    __slots__ = ("end", "head", "latencies", "now", "span")
+    __slots__ = ("ends", "heads", "latencies", "marks", "now", "span", "windows")
 
-    def __init__(self, window: Window, now: float, span: float) -> None:
-        at = window._at  # noqa: SLF001 - the window's own view
-        self.span, self.now = span, now
-        self.head = bisect_right(at, now - span, window._head)  # noqa: SLF001
-        self.end = bisect_right(at, now, self.head)
-        ok, latency = window._ok[self.head : self.end], window._latency[self.head : self.end]  # noqa: SLF001
-        self.latencies = array("d", map(_seconds, sorted(compress(latency, ok))))
+    def __init__(self, windows: tuple[Window, ...], now: float, span: float) -> None:
+        self.windows, self.span, self.now = windows, span, now
+        self.marks = array("q", [w._layout for w in windows])  # noqa: SLF001 - the windows' own view
+        self.heads, self.ends = array("q"), array("q")
+        kept: list[float] = []
+        for w in windows:
+            at = w._at  # noqa: SLF001
+            head = bisect_right(at, now - span, w._head)  # noqa: SLF001
+            end = bisect_right(at, now, head)
+            self.heads.append(w._dropped + head)  # noqa: SLF001
+            self.ends.append(w._dropped + end)  # noqa: SLF001
+            kept.extend(compress(w._latency[head:end], w._ok[head:end]))  # noqa: SLF001
+        self.latencies = array("d", map(_seconds, sorted(kept)))
 
-    def move(self, window: Window, now: float) -> None:
-        at, ok, latency = window._at, window._ok, window._latency  # noqa: SLF001 - the window's own view
-        latencies = self.latencies
-        end = self.end
-        while end < len(at) and at[end] <= now:
-            if ok[end]:
-                insort(latencies, latency[end] / US)
-            end += 1
-        self.end = end
-        head, horizon = self.head, now - self.span
-        while head < end and at[head] <= horizon:
-            if ok[head]:
-                del latencies[bisect_left(latencies, latency[head] / US)]
-            head += 1
-        self.head, self.now = head, now
+    def count(self) -> int:
+        """How many samples are within the span, failed or not."""
+        return sum(self.ends) - sum(self.heads)
+
+    def move(self, now: float) -> bool:
+        """Move on to `now`; False, having changed nothing, when it must start over instead: the
+        clock went back, a window took a result late (its indices moved), or trimmed past it."""
+        windows, marks, heads, ends = self.windows, self.marks, self.heads, self.ends
+        if now < self.now:
+            return False
+        for i, w in enumerate(windows):
+            if w._layout != marks[i] or heads[i] < w._dropped + w._head:  # noqa: SLF001
+                return False
+        latencies, horizon = self.latencies, now - self.span
+        for i, w in enumerate(windows):
+            at, ok, latency, dropped = w._at, w._ok, w._latency, w._dropped  # noqa: SLF001
+            end = ends[i] - dropped
+            while end < len(at) and at[end] <= now:
+                if ok[end]:
+                    insort(latencies, latency[end] / US)
+                end += 1
+            ends[i] = end + dropped
+            head = heads[i] - dropped
+            while head < end and at[head] <= horizon:
+                if ok[head]:
+                    del latencies[bisect_left(latencies, latency[head] / US)]
+                head += 1
+            heads[i] = head + dropped
+        self.now = now
+        return True
+
+
+def span_view(windows: tuple[Window, ...], now: float, span: float) -> _SpanView:
+    """The span view of `windows` at `now` (read its `count()` and `latencies`, the view's own:
+    do not change them). Followed from the last look while the same windows are asked with the
+    same span and `now` only moves on; started over otherwise. Kept by the first window: a
+    window is of one probe, and its fresh vantages are the same set pass after pass (asked of
+    one vantage alone, in a region found bad, the probe's view is made again next pass)."""
+    first = windows[0] if windows else None
+    view = first._view if first is not None else None  # noqa: SLF001
+    if view is None or view.windows != windows or view.span != span or not view.move(now):
+        view = _SpanView(windows, now, span)
+        if first is not None:
+            first._view = view  # noqa: SLF001
+    return view
 
 
 class Window:
@@ -216,10 +242,12 @@ class Window:
 
     __slots__ = (
         "_at",
+        "_dropped",
         "_failed_at",
         "_head",
         "_kind",
         "_latency",
+        "_layout",
         "_looked",
         "_ok",
         "_slow_as",
@@ -241,6 +269,8 @@ class Window:
         self._latency = array("f")
         self._kind = array("B")  # its error class's number (`_CLASSES`), `EXTRA` for an extra run
         self._head = 0  # the first kept sample; those before it are trimmed
+        self._dropped = 0  # how many trimmed samples were dropped from the front of the columns
+        self._layout = 0  # changes whenever a kept sample's index does (not by dropping the front)
         # When each kept sample that failed started, in order: failures are rare, so counting
         # them over a long span does not walk every sample (the error tests ask every tick).
         self._failed_at: deque[float] = deque()
@@ -248,7 +278,7 @@ class Window:
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
         self.added = 0  # how many results were ever added
-        self._view: _SpanView | None = None  # see `view`
+        self._view: _SpanView | None = None  # its probe's (see `span_view`)
         # The slow screen (`slow_cusum`): what it was carried as (limit, span, bad, good; None
         # to start over), the clock then, how many of `added` it has seen, its statistic, and
         # the newest start time seen with what its slow outcomes added.
@@ -302,7 +332,7 @@ class Window:
             self._ok.insert(i, ok)
             self._latency.insert(i, _stored(result.latency))
             self._kind.insert(i, kind)
-            self._view = None  # its indices no longer hold
+            self._layout += 1  # the span views' indices no longer hold
             self._slow_as = None  # nor the slow screen's count of what it has seen
         else:
             self._at.append(at)
@@ -317,7 +347,6 @@ class Window:
         if len(self) > MAX_SAMPLES:
             dropped_ok = self._ok[self._head]
             self._head += 1
-            self._view = None
             if not dropped_ok:
                 self._failed_at.popleft()
             self._compact()
@@ -327,9 +356,7 @@ class Window:
         if head >= COMPACT_AFTER and head * COMPACT_SHARE >= len(self._at):
             for column in (self._at, self._ok, self._latency, self._kind):
                 del column[:head]
-            if self._view is not None:
-                self._view.head -= head
-                self._view.end -= head
+            self._dropped += head
             self._head = 0
 
     def newest(self, count: int) -> list[Sample]:
@@ -453,17 +480,6 @@ class Window:
         found = self._samples(*self._within(now - span, now))
         self._looked = (now, span, self._version, found)
         return found
-
-    def view(self, now: float, span: float) -> tuple[int, array[float]]:
-        """How many samples are within (now - span, now], and the successful ones' latencies,
-        sorted (an array, the window's own: do not change it). Followed from the last look
-        while `now` only moves on and the span stays the same; started over otherwise."""
-        view = self._view
-        if view is None or view.span != span or now < view.now or view.head < self._head:
-            view = self._view = _SpanView(self, now, span)
-        else:
-            view.move(self, now)
-        return view.end - view.head, view.latencies
 
     def forget_looks(self) -> None:
         """Let go of the last `samples` answer (see `WindowStore.forget_looks`)."""
