@@ -246,7 +246,8 @@ def hold(tick: float, policy: SuspicionPolicy, took: float = 0.0) -> float:
 def judge_delay(tick: float, suspecting: bool, policy: SuspicionPolicy, took: float = 0.0) -> float:  # noqa: FBT001
     """How long the judge waits before its next pass: `judge_every` while a suspect is probed
     (extra samples are worth judging at once), the controller's tick otherwise; and never less
-    than the last pass `took`, so judging takes at most half of the event loop's time (at 10,000
-    series a pass takes about a second: back to back, probes in flight would get none)."""
+    than the last pass `took`, so judging takes at most half of the event loop's time (back to
+    back, long passes would leave probes in flight no turn: a pass at 10,000 series took about
+    a second once, a fifth of one now)."""
     wait = min(tick, policy.judge_every) if suspecting and policy.enabled else tick
     return max(wait, took)
