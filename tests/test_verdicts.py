@@ -20,6 +20,7 @@ from controller.judging.windows import (
     LATENCY,
     MAX_SAMPLES,
     OK,
+    TRIM_TURNS,
     Window,
     WindowStats,
     WindowStore,
@@ -434,7 +435,7 @@ def test_a_window_answers_as_a_plain_filter_of_what_it_kept(outcomes, trims, now
     assert len(window) == len(kept)
     assert window.first_at() == (kept[0][0] if kept else None)
     before = [k for k in kept if k[0] <= now]
-    assert window.age(now) == (now - before[-1][0] if before else None)
+    assert window.age(now) == (now - before[-1][0] if before and now - before[-1][0] < 60 else None)
     newest = [k for k in reversed(kept) if k[0] <= now]
     run = []
     for at, ok, scheduled in newest:
@@ -508,6 +509,27 @@ def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches(l
         samples = [s for window in windows for s in window.samples(now, 30)]
         view = span_view(windows, now, 30)
         assert (view.count(), list(view.latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
+
+
+def test_a_store_trims_each_window_in_its_turn_and_no_reader_sees_past_the_span():
+    # A pass trims one window in TRIM_TURNS: each holds at most that many seconds past its span
+    # (one result a second), and what a reader asks is what an eager trim would leave.
+    store = WindowStore(span=30)
+    for second in range(120):
+        for probe in range(20):
+            store.add(Result("eu-west-1", f"p{probe}", "controller", float(second), ok=second % 7 != 0, latency=0.1))
+        now = second + 0.5
+        store.trim(now)
+        held = [len(w) for w in store.region("eu-west-1").values()]
+        assert max(held) <= 30 + TRIM_TURNS
+        if second >= 30 + TRIM_TURNS:
+            assert min(held) == 30 < max(held)
+        for window in store.region("eu-west-1").values():
+            assert second - 29 - TRIM_TURNS <= (window.first_at() or 0) <= max(0, second - 29)
+            assert window.age(now) == 0.5
+            assert window.samples(now) == window.samples(now, 30)
+            assert len(window.samples(now)) == min(second + 1, 30)
+        assert store.region("eu-west-1")[("p0", "controller")].age(now + 30) is None  # nothing within the span
 
 
 def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():
