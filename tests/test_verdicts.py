@@ -17,6 +17,7 @@ from controller.judging.threshold import ThresholdDetector
 from controller.judging.verdicts import Assessment, Judge, collections_held, combine, finish
 from controller.judging.windows import (
     AT,
+    LATE_KEPT,
     LATENCY,
     MAX_SAMPLES,
     OK,
@@ -530,6 +531,48 @@ def test_a_store_trims_each_window_in_its_turn_and_no_reader_sees_past_the_span(
             assert window.samples(now) == window.samples(now, 30)
             assert len(window.samples(now)) == min(second + 1, 30)
         assert store.region("eu-west-1")[("p0", "controller")].age(now + 30) is None  # nothing within the span
+
+
+@pytest.mark.parametrize("late", [3, LATE_KEPT + 5])
+def test_a_span_view_takes_in_results_that_came_late_and_starts_over_past_what_a_window_remembers(late):
+    # Parallel runs on suspicion come back out of order: a few late results a pass are taken in
+    # where they went; past the LATE_KEPT a window remembers, the view is made again. Either
+    # way it holds what the samples do.
+    windows = (Window(span=60), Window(span=60))
+    for second in range(40):
+        for window in windows:
+            window.add(
+                Result("eu-west-1", "api", "controller", float(second), ok=second % 5 != 0, latency=second / 100)
+            )
+    before = span_view(windows, 40.0, 30)
+    for i in range(late):  # into the span, before it and on its edge, failed or not
+        at = (5.0, 10.0, 10.5, 25.0, 38.5)[i % 5] + i / 1000
+        windows[0].add(Result("eu-west-1", "api", "controller", at, ok=i % 3 != 0, latency=i / 7))
+    windows[1].add(Result("eu-west-1", "api", "controller", 40.0, ok=True, latency=0.5))  # as old as the last look
+    view = span_view(windows, 41.0, 30)
+    samples = [s for window in windows for s in window.samples(41.0, 30)]
+    assert (view.count(), list(view.latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
+    assert (view is before) == (late <= LATE_KEPT)
+
+
+def test_a_probe_s_view_stays_while_one_of_its_windows_is_asked_alone_and_keeps_no_window_alive():
+    windows = tuple(Window(span=60) for _ in range(3))
+    for second in range(30):
+        for window in windows:
+            window.add(Result("eu-west-1", "api", "controller", float(second), ok=True, latency=0.1))
+    pooled = span_view(windows, 30.0, 30)
+    alone = span_view(windows[:1], 30.0, 30)  # a vantage of a probe found bad: every pass
+    assert span_view(windows, 31.0, 30) is pooled
+    assert span_view(windows[:1], 31.0, 30) is alone
+    # A view names its windows by number: dropping them frees them without a collection (a
+    # cycle would outlive a store dropped after gc.freeze).
+    gc.collect()
+    gc.disable()
+    try:
+        del windows, pooled, alone
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():

@@ -15,6 +15,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import compress, repeat
+from itertools import count as serial_numbers
 from operator import not_
 from typing import TYPE_CHECKING, Final
 
@@ -34,6 +35,10 @@ FORGET_WINDOWS = 100
 # its span, which no reader looks at (they read within a span up to it, by bisecting from its
 # horizon), and a pass trims 1,250 windows, not 10,000 (12 ms a pass at 10,000 series).
 TRIM_TURNS = 8
+# Results that came late a window remembers for its span views (see `_SpanView`): out of order
+# from parallel runs on suspicion, a few a pass; a view that missed more starts over.
+LATE_KEPT = 32
+_SERIALS = serial_numbers()
 # Samples one window keeps at most between two trims: a probe every 10 ms for 100 s. It bounds
 # memory when results arrive faster than anyone trims; real probes never come near it.
 MAX_SAMPLES = 10_000
@@ -163,15 +168,18 @@ class _SpanView:
     the samples within (now - span, now] are, at each window, those from its `heads` to its
     `ends` (counted from the first sample the window ever kept: a compaction of its front moves
     nothing here), and `latencies` holds the successful ones' latencies, pooled and sorted.
-    Moving on adds the samples `now` has reached and drops those that left, one insort or one
-    deletion each: O(new results) a look, not O(samples in the span), and one look a probe, not
-    one a window. The latencies and indices are arrays, not lists: a collection walks every
-    float a list holds; an array it passes over unopened."""
+    Moving on takes in the results that came late (each window keeps its last `LATE_KEPT`, see
+    `Window.add`), adds the samples `now` has reached and drops those that left, one insort or
+    one deletion each: O(new results) a look, not O(samples in the span), and one look a probe,
+    not one a window. It names its windows by serial number, not by reference: a window keeps
+    its view, and a view holding the window would be a cycle that outlives a store dropped
+    after `gc.freeze`. The latencies and indices are arrays, not lists: a collection walks
+    every float a list holds; an array it passes over unopened."""
 
-    __slots__ = ("ends", "heads", "latencies", "marks", "now", "span", "windows")
+    __slots__ = ("ends", "heads", "latencies", "marks", "now", "serials", "span")
 
-    def __init__(self, windows: tuple[Window, ...], now: float, span: float) -> None:
-        self.windows, self.span, self.now = windows, span, now
+    def __init__(self, windows: tuple[Window, ...], serials: tuple[int, ...], now: float, span: float) -> None:
+        self.serials, self.span, self.now = serials, span, now
         self.marks = array("q", [w._layout for w in windows])  # noqa: SLF001 - the windows' own view
         self.heads, self.ends = array("q"), array("q")
         kept: list[float] = []
@@ -188,25 +196,26 @@ class _SpanView:
         """How many samples are within the span, failed or not."""
         return sum(self.ends) - sum(self.heads)
 
-    def move(self, now: float) -> bool:
-        """Move on to `now`; False, having changed nothing, when it must start over instead: the
-        clock went back, a window took a result late (its indices moved), or trimmed past it."""
-        windows, marks, heads, ends = self.windows, self.marks, self.heads, self.ends
+    def move(self, windows: tuple[Window, ...], now: float) -> bool:
+        """Move on to `now`; False when it must start over instead: the clock went back, a window
+        took more results late than it remembers since the last look, or was trimmed past it."""
         if now < self.now:
             return False
+        marks, heads, ends, latencies = self.marks, self.heads, self.ends, self.latencies
+        horizon = now - self.span
         for i, w in enumerate(windows):
-            if w._layout != marks[i] or heads[i] < w._dropped + w._head:  # noqa: SLF001
+            if w._layout != marks[i] and not self._take_late(i, w):  # noqa: SLF001
                 return False
-        latencies, horizon = self.latencies, now - self.span
-        for i, w in enumerate(windows):
             at, ok, latency, dropped = w._at, w._ok, w._latency, w._dropped  # noqa: SLF001
+            head = heads[i] - dropped
+            if head < w._head:  # noqa: SLF001 - trimmed past (and maybe dropped): start over
+                return False
             end = ends[i] - dropped
             while end < len(at) and at[end] <= now:
                 if ok[end]:
                     insort(latencies, latency[end] / US)
                 end += 1
             ends[i] = end + dropped
-            head = heads[i] - dropped
             while head < end and at[head] <= horizon:
                 if ok[head]:
                     del latencies[bisect_left(latencies, latency[head] / US)]
@@ -215,18 +224,46 @@ class _SpanView:
         self.now = now
         return True
 
+    def _take_late(self, i: int, w: Window) -> bool:
+        """Window `i`'s results that came late since the last look, in turn, each by where it
+        went (its index moved what followed by one): before the span's samples, it moves both
+        ends on; among them, it is counted (one as old as the span's horizon then is dropped
+        again by `move`, by its start time); after them (where results added since the last
+        look may be as old as it), it is left to `move`. False when the window no longer
+        remembers them all."""
+        start = self.marks[i] - w._late_first  # noqa: SLF001
+        if start < 0:
+            return False
+        late_index, late_ok, late_latency = w._late_index, w._late_ok, w._late_latency  # noqa: SLF001
+        heads, ends = self.heads, self.ends
+        for k in range(start, len(late_index)):
+            index = late_index[k]
+            if index < heads[i]:
+                heads[i] += 1
+                ends[i] += 1
+            elif index < ends[i]:
+                ends[i] += 1
+                if late_ok[k]:
+                    insort(self.latencies, late_latency[k] / US)
+        self.marks[i] = w._layout  # noqa: SLF001
+        return True
+
 
 def span_view(windows: tuple[Window, ...], now: float, span: float) -> _SpanView:
     """The span view of `windows` at `now` (read its `count()` and `latencies`, the view's own:
     do not change them). Followed from the last look while the same windows are asked with the
     same span and `now` only moves on; started over otherwise. Kept by the first window: a
-    window is of one probe, and its fresh vantages are the same set pass after pass (asked of
-    one vantage alone, in a region found bad, the probe's view is made again next pass)."""
+    window is of one probe, and its fresh vantages are the same set pass after pass; a window
+    asked alone (a vantage of a probe found bad, every pass while it is) keeps that view apart."""
+    serials = tuple([w._serial for w in windows])  # noqa: SLF001
     first = windows[0] if windows else None
-    view = first._view if first is not None else None  # noqa: SLF001
-    if view is None or view.windows != windows or view.span != span or not view.move(now):
-        view = _SpanView(windows, now, span)
-        if first is not None:
+    alone = len(windows) == 1
+    view = (first._alone if alone else first._view) if first is not None else None  # noqa: SLF001
+    if view is None or view.serials != serials or view.span != span or not view.move(windows, now):
+        view = _SpanView(windows, serials, now, span)
+        if first is not None and alone:
+            first._alone = view  # noqa: SLF001
+        elif first is not None:
             first._view = view  # noqa: SLF001
     return view
 
@@ -245,15 +282,21 @@ class Window:
     """
 
     __slots__ = (
+        "_alone",
         "_at",
         "_dropped",
         "_failed_at",
         "_head",
         "_kind",
+        "_late_first",
+        "_late_index",
+        "_late_latency",
+        "_late_ok",
         "_latency",
         "_layout",
         "_looked",
         "_ok",
+        "_serial",
         "_slow_as",
         "_slow_now",
         "_slow_seen",
@@ -274,7 +317,15 @@ class Window:
         self._kind = array("B")  # its error class's number (`_CLASSES`), `EXTRA` for an extra run
         self._head = 0  # the first kept sample; those before it are trimmed
         self._dropped = 0  # how many trimmed samples were dropped from the front of the columns
-        self._layout = 0  # changes whenever a kept sample's index does (not by dropping the front)
+        self._layout = 0  # how many results came late (each moved the indices after it by one)
+        # The last `LATE_KEPT` results that came late (where they went, counted as `_dropped`
+        # counts; outcome; latency as kept), the first of them the `_late_first + 1`-th: what
+        # a span view takes in (see `_SpanView`).
+        self._late_index: array[int] = array("q")
+        self._late_ok: array[int] = array("b")
+        self._late_latency: array[float] = array("f")
+        self._late_first = 0
+        self._serial = next(_SERIALS)  # names the window in span views
         # When each kept sample that failed started, in order: failures are rare, so counting
         # them over a long span does not walk every sample (the error tests ask every tick).
         self._failed_at: deque[float] = deque()
@@ -283,6 +334,7 @@ class Window:
         self._looked: tuple[float, float, int, list[Sample]] | None = None
         self.added = 0  # how many results were ever added
         self._view: _SpanView | None = None  # its probe's (see `span_view`)
+        self._alone: _SpanView | None = None  # its own, when asked alone
         # The slow screen (`slow_cusum`): what it was carried as (limit, span, bad, good; None
         # to start over), the clock then, how many of `added` it has seen, its statistic, and
         # the newest start time seen with what its slow outcomes added.
@@ -336,7 +388,14 @@ class Window:
             self._ok.insert(i, ok)
             self._latency.insert(i, _stored(result.latency))
             self._kind.insert(i, kind)
-            self._layout += 1  # the span views' indices no longer hold
+            self._layout += 1  # the span views take it in (or start over)
+            self._late_index.append(self._dropped + i)
+            self._late_ok.append(ok)
+            self._late_latency.append(self._latency[i])
+            if len(self._late_index) > LATE_KEPT:
+                for column in (self._late_index, self._late_ok, self._late_latency):
+                    del column[: LATE_KEPT // 2]
+                self._late_first += LATE_KEPT // 2
             self._slow_as = None  # nor the slow screen's count of what it has seen
         else:
             self._at.append(at)
