@@ -575,6 +575,43 @@ def test_a_probe_s_view_stays_while_one_of_its_windows_is_asked_alone_and_keeps_
         gc.enable()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["eu", "us"]),
+            st.sampled_from(["api", "home"]),
+            st.sampled_from("abc"),
+            st.floats(0, 5),  # seconds since the result before
+            st.floats(-10, 40),  # how late it comes (ahead of the clock when negative)
+            st.booleans(),
+        ),
+        max_size=300,
+    ),
+    st.lists(st.tuples(st.integers(1, 15), st.floats(-20, 10), st.sampled_from([30.0, 30.0, 10.0, 60.0])), min_size=1),
+)
+def test_the_windows_that_failed_lately_are_every_window_whose_newest_failure_is_that_recent(outcomes, looks):
+    # The suspects look only at the windows `failed_lately` gives; with results late and ahead
+    # of the clock, trims, the clock going back and the span asked about changing, those must be
+    # every window (in the region's order) whose newest failure a look at each would find that recent.
+    store = WindowStore(span=60)
+    clock, i = 0.0, 0
+    for every, ahead, within in looks * 3:
+        for region, probe, vantage, gap, late, ok in outcomes[i : i + every]:
+            clock += gap
+            store.add(Result(region, probe, vantage, clock - late, ok=ok, latency=0.1))
+        i = (i + every) % max(1, len(outcomes))
+        now = clock + ahead
+        store.trim(now)
+        for region in ("eu", "us"):
+            every_window = [
+                (key, w)
+                for key, w in store.region(region).items()
+                if (last := w.last_failure()) is not None and now - last <= within
+            ]
+            assert store.failed_lately(region, now, within) == every_window
+
+
 def test_a_judgement_holds_garbage_collection_and_gives_it_back_even_when_it_fails():
     seen = []
 

@@ -92,9 +92,10 @@ def suspect_steps(
         yield
         verdict = verdicts.get(region)
         held = _held(verdict)
-        # A copy, looked at WINDOWS_A_STEP at a time: a region of 500 windows was one step of
-        # 1.4 ms, every region, every pass (new windows may come while the loop runs between).
-        for i, ((probe, vantage), window) in enumerate(list(windows.region(region).items())):
+        # The windows with a failure that recent, looked at WINDOWS_A_STEP at a time (a list:
+        # new windows may come while the loop runs between).
+        lately = windows.failed_lately(region, now, policy.after_failure)
+        for i, ((probe, vantage), window) in enumerate(lately):
             if i and not i % WINDOWS_A_STEP:
                 yield
             last = window.last_failure()

@@ -718,6 +718,10 @@ class WindowStore:
         self._frozen = 0  # how many windows there were at the last `gc.freeze` (see `trim`)
         self._freezes = 0  # how many trims from now on freeze
         self._trims = 0  # how many passes trimmed (whose turn it is: see `trim_steps`)
+        # By region, the windows that took a failure since `failed_lately` last found their
+        # newest one older than it asks about, and what it was last asked (now, within).
+        self._failed: dict[str, dict[tuple[str, str], Window]] = {}
+        self._failed_asked: dict[str, tuple[float, float]] = {}
 
     def add(self, result: Result) -> None:
         key = (result.region, result.probe, result.vantage)
@@ -727,6 +731,8 @@ class WindowStore:
             self._by_region.setdefault(result.region, {})[(result.probe, result.vantage)] = window
             self._by_probe.setdefault(result.region, {}).setdefault(result.probe, {})[result.vantage] = window
         window.add(result)
+        if not result.ok:
+            self._failed.setdefault(result.region, {})[result.probe, result.vantage] = window
 
     def count(self) -> int:
         """How many windows there are: (region, probe, vantage) series with a result."""
@@ -735,6 +741,30 @@ class WindowStore:
     def region(self, region: str) -> dict[tuple[str, str], Window]:
         """(probe, vantage) -> window for one region."""
         return self._by_region.get(region, {})
+
+    def failed_lately(self, region: str, now: float, within: float) -> list[tuple[tuple[str, str], Window]]:
+        """(probe, vantage) and window, in the order `region` gives them, for each of the
+        region's windows whose newest kept failure started at most `within` before `now` (or
+        after it: stamped ahead of the clock). Only the windows that failed since a look found
+        their newest failure older are looked at (the suspects ask every pass; most of 10,000
+        windows have not failed in the last half minute); every window is, when the clock went
+        back or `within` grew since the last look."""
+        asked = self._failed_asked.get(region)
+        self._failed_asked[region] = (now, within)
+        if asked is not None and (now < asked[0] or within > asked[1]):
+            self._failed[region] = {k: w for k, w in self.region(region).items() if w._failed_at}  # noqa: SLF001
+        failed = self._failed.get(region)
+        if not failed:
+            return []
+        found = []
+        for key, window in list(failed.items()):
+            times = window._failed_at  # noqa: SLF001 - its newest failure, as `last_failure` reads it
+            if not times or now - times[-1] > within:
+                del failed[key]
+            else:
+                found.append((key, window))
+        found.sort(key=lambda kept: kept[1]._serial)  # noqa: SLF001 - created in the region's order
+        return found
 
     def by_probe(self, region: str) -> dict[str, dict[str, Window]]:
         """probe -> vantage -> window for one region."""
