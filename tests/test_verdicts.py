@@ -21,7 +21,7 @@ from controller.judging.windows import (
     LATENCY,
     MAX_SAMPLES,
     OK,
-    TRIM_TURNS,
+    TRIM_SECONDS,
     Window,
     WindowStats,
     WindowStore,
@@ -512,21 +512,26 @@ def test_a_span_view_holds_while_the_window_drops_its_trimmed_front_in_batches(l
         assert (view.count(), list(view.latencies)) == (len(samples), sorted(s[LATENCY] for s in samples if s[OK]))
 
 
-def test_a_store_trims_each_window_in_its_turn_and_no_reader_sees_past_the_span():
-    # A pass trims one window in TRIM_TURNS: each holds at most that many seconds past its span
-    # (one result a second), and what a reader asks is what an eager trim would leave.
+@pytest.mark.parametrize("every", [1.0, 0.25, 10.0])
+def test_a_store_trims_each_window_in_its_turn_and_no_reader_sees_past_the_span(every):
+    # A trim trims the next windows in turn, as many as its time since the last is a share of
+    # TRIM_SECONDS: each window holds at most that long past its span (and a trim's gap), and
+    # what a reader asks is what a trim of every window would leave.
     store = WindowStore(span=30)
+    late = TRIM_SECONDS + every + 1  # seconds past the span a window may hold, at one result a second
     for second in range(120):
         for probe in range(20):
             store.add(Result("eu-west-1", f"p{probe}", "controller", float(second), ok=second % 7 != 0, latency=0.1))
         now = second + 0.5
-        store.trim(now)
+        if second % every == 0 or every < 1:
+            for tick in range(max(1, round(1 / every))):
+                store.trim(now - 1 + (tick + 1) * min(1.0, every))
         held = [len(w) for w in store.region("eu-west-1").values()]
-        assert max(held) <= 30 + TRIM_TURNS
-        if second >= 30 + TRIM_TURNS:
-            assert min(held) == 30 < max(held)
+        assert max(held) <= 30 + late
+        if every < TRIM_SECONDS and second >= 30 + late:
+            assert min(held) < max(held)  # not every window trimmed at once
         for window in store.region("eu-west-1").values():
-            assert second - 29 - TRIM_TURNS <= (window.first_at() or 0) <= max(0, second - 29)
+            assert second - 29 - late <= (window.first_at() or 0) <= max(0, second - 29)
             assert window.age(now) == 0.5
             assert window.samples(now) == window.samples(now, 30)
             assert len(window.samples(now)) == min(second + 1, 30)
