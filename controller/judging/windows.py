@@ -485,8 +485,8 @@ class Window:
         return statistic
 
     def first_at(self) -> float | None:
-        """When the oldest kept sample started; None without any (a window is trimmed only every
-        few passes, see `WindowStore.trim_steps`: it may be a few passes past the span)."""
+        """When the oldest kept sample started; None without any (a window is trimmed about every
+        `TRIM_SECONDS`, see `WindowStore.trim_steps`: it may be that far past the span)."""
         return self._at[self._head] if len(self) else None
 
     def last_failure(self) -> float | None:
