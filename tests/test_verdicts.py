@@ -216,7 +216,7 @@ def test_stats_keeping_only_the_slowest_latencies_answer_every_quantile_from_the
     every = WindowStats.pooled([s for w in windows.values() for s in w.samples(now, span)])
     slowest = WindowStats.of(windows.values(), now, span, top=top)
     assert (slowest.samples, slowest.failures, slowest.errors) == (every.samples, every.failures, every.errors)
-    # Those kept are the slowest, all of them (taken from each window's only down to a floor).
+    # Those kept are the slowest, all of them, not only the quantiles asked of them.
     assert slowest.latencies == every.latencies[len(every.latencies) - len(slowest.latencies) :]
     for q in (top, top + (1 - top) * above):
         assert slowest.latency_quantile(q) == every.latency_quantile(q)
