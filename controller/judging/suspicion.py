@@ -98,14 +98,8 @@ def suspect_steps(
         for i, ((probe, vantage), window) in enumerate(lately):
             if i and not i % WINDOWS_A_STEP:
                 yield
-            last = window.last_failure()
-            if (
-                vantage in set_aside
-                or probe in held
-                or probe not in names
-                or last is None
-                or not 0 <= now - last <= policy.after_failure
-            ):
+            last = window.last_failure()  # within after_failure (failed_lately), or ahead of the clock
+            if vantage in set_aside or probe in held or probe not in names or last is None or last > now:
                 continue
             statistic = window.failure_cusum(now, policy.after_failure, llr.good, llr.bad)
             if statistic <= clear:
