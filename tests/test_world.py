@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import socket
+import warnings
+
 import aiohttp
 import pytest
 
@@ -93,3 +98,27 @@ def test_time_scaling_a_policy_scales_the_lag_trend_too():
     scaled = verdicts.time_scaled(SHIPPED_VERDICTS, 0.1)
     assert (scaled.lag.trend_over, scaled.lag.crosses_within) == (6.0, 6.0)
     assert scaled.lag.threshold == SHIPPED_VERDICTS.lag.threshold  # a limit, not a wait
+
+
+async def test_a_connection_accepted_as_the_region_stops_listening_is_closed_not_leaked(region):
+    """asyncio accepts a connection in one step and makes its transport in the next; a server
+    closed in between fails the transport's making (Python 3.11 asserts the server still listens)
+    and leaves an unclosed socket for the garbage collector. An end-to-end pacing test failed on
+    that warning once in a clean-clone run: `refuse` let the daemon's probe connect just then."""
+    client = socket.create_connection(("127.0.0.1", region.port))  # the kernel has accepted it
+    try:
+        await asyncio.sleep(0)  # the loop sees the listening socket readable: it accepts next
+        await asyncio.sleep(0)  # accepted: the transport is made at the loop's next step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await region.refuse()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            gc.collect()
+        assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    finally:
+        client.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", region.port), timeout=1).close()
+    await region.accept()
+    assert (await prober(region.url + "/healthz")()).ok
