@@ -301,3 +301,40 @@ def test_a_grown_key_looked_at_between_its_slice_changes_answers_as_a_full_look_
     # Over 30 minutes, about one full look a verdict window (a slice completes, or one leaves the
     # span, at the same share of each window here), not 18,000.
     assert 15 <= len(looked_in_full) <= 70
+
+
+def test_a_probes_baselines_answered_again_are_what_each_key_answers_as_it_grows_and_its_vantages_change():
+    # `of_each` answers again without looking at any key while every vantage's key is grown and
+    # between two slice changes. From a fresh start (young keys, then grown), with vantages going
+    # stale and coming back, steps of a few seconds and the clock going back now and then, it
+    # must answer what `of` answers for each window, every time.
+    rng = random.Random(11)
+    vantages = ("a", "b", "c")
+    windows = {}
+    for n, vantage in enumerate(vantages):
+        windows[vantage] = window = Window(POLICY.history)
+        for i in range(3 * 3600):
+            latency = 0.1 * (1 + n) * rng.uniform(0.8, 1.3) * (2 if 4000 < i < 5000 else 1)
+            window.add(Result("eu-west-1", "api", vantage, T0 + i + n / 3, ok=True, latency=latency))
+    each, full = Baselines(POLICY), Baselines(POLICY)
+    looks = 0
+    of = each.of
+
+    def counted(*args):
+        nonlocal looks
+        looks += 1
+        return of(*args)
+
+    each.of = counted
+    now, steps = T0 + 5, 0
+    while now < T0 + 3 * 3600 - 10:
+        asked = {v: w for v, w in windows.items() if rng.random() > 0.05}  # a vantage stale now and then
+        expected = tuple(
+            (v, b) for v, w in asked.items() if (b := full.of(("eu-west-1", "api", v), w, now)) is not None
+        )
+        assert each.of_each("eu-west-1", "api", asked, now) == expected, (now - T0, tuple(asked))
+        steps += 1
+        now += -7.0 if rng.random() < 0.01 else rng.uniform(0.2, 3.0)
+    assert any(b for b in expected)  # grown baselines at the end, not only young ones
+    # Most answers needed no look: fewer looks than a third of the vantages asked.
+    assert looks < steps * len(vantages) / 3, (looks, steps)

@@ -75,10 +75,8 @@ class SlowdownDetector(SequentialDetector):
         windows = view.fresh_of(probe, now, p.stale_after)
         # The vantages with a baseline, and it: the same baselines (each kept until recomputed),
         # the same map and limits as last shown.
-        region, baselines = view.region, self.baselines
-        shown = tuple(
-            [(v, b) for v, w in windows.items() if (b := baselines.of((region, probe, v), w, now)) is not None]
-        )
+        region = view.region
+        shown = self.baselines.of_each(region, probe, windows, now)
         last = self._shown.get((region, probe))
         if last is None or last[0] != shown:
             last = self._shown[region, probe] = (
