@@ -37,7 +37,7 @@ from controller.judging.findings import samples_since
 from controller.judging.windows import LATENCY, OK
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from controller.judging.windows import Window, WindowKey
     from controller.settings.policy import VerdictPolicy
@@ -75,7 +75,6 @@ class _Slice(NamedTuple):
     samples: int
     slow: float
     median: float
-    weight: float = 0.0  # seconds of the baseline's span it covers (set when it is used)
 
 
 class _Summaries:
@@ -122,6 +121,17 @@ class _Summaries:
         """The kept slices numbered `first` to `last`, in order."""
         lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
         return [_Slice(self._number[i], self._samples[i], self._slow[i], self._median[i]) for i in range(lo, hi)]
+
+    def columns(self, first: int, last: int) -> tuple[array[int], array[int], array[float], array[float]]:
+        """The kept slices numbered `first` to `last`, in order, as columns: numbers, samples,
+        slow quantiles, medians (what `Baselines._weighed` reads, no slice made)."""
+        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
+        return self._number[lo:hi], self._samples[lo:hi], self._slow[lo:hi], self._median[lo:hi]
+
+    def missing(self, first: int, last: int) -> set[int]:
+        """The slice numbers from `first` to `last` that are not kept."""
+        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
+        return set(range(first, last + 1)).difference(self._number[lo:hi])
 
     def samples_from(self, first: int) -> int:
         """How many results the kept slices numbered `first` on were summarised from."""
@@ -232,9 +242,8 @@ class Baselines:
         first_read = last_complete + 1 if missing is None else missing
         start = max(state.anchor + first_read * span, end - p.slowdown.baseline)
         # A slice summarised already, or a result before the span (by index: one rounding), is left.
-        grouped = self._by_slice(
-            state, window, start, end, lambda i, at: i >= first_read and at > end - p.slowdown.baseline
-        )
+        after = max(start - 1.0, end - p.slowdown.baseline)
+        grouped = self._by_slice(window, after, end, state.anchor, lambda i: i >= first_read)
         slices = [s for s in state.summaries.slices(first) if s.number not in grouped]
         for index, group in grouped.items():
             summary = self._summary(index, group)
@@ -248,7 +257,8 @@ class Baselines:
         if state.summaries.samples_from(first) >= p.slowdown.min_baseline_samples:
             state.grown = (-1, -1)  # its complete slices suffice from now on (see `_grown`)
             state.grown_until = -math.inf
-        return self._weighed(slices, end, state.anchor, count, now)
+        numbers, slows, medians = [s.number for s in slices], [s.slow for s in slices], [s.median for s in slices]
+        return self._weighed(numbers, slows, medians, end, state.anchor, count, now)
 
     def _grown(self, state: _Key, window: Window, now: float) -> Baseline | None:
         """A grown key's baseline: its complete slices, over the span ending `window + phase`
@@ -275,17 +285,18 @@ class Baselines:
         held = self._held(state, window, first)
         # The slice that has just completed (and any other the window still holds that no look
         # has summarised: a key left unjudged while its vantage was stale), each read once.
-        missing = {i for i in range(held, last_complete + 1) if i not in state.summaries}
+        missing = state.summaries.missing(held, last_complete)
         if missing:
             start, stop = state.anchor + min(missing) * span, state.anchor + (last_complete + 1) * span
-            for index, group in self._by_slice(state, window, start, stop, lambda i, _: i in missing).items():
+            for index, group in self._by_slice(window, start - 1.0, stop, state.anchor, missing.__contains__).items():
                 if (summary := self._summary(index, group)) is not None:
                     state.summaries.keep(summary)
-        slices = state.summaries.slices(first, last_complete)
-        count = sum(s.samples for s in slices)
+        numbers, samples, slows, medians = state.summaries.columns(first, last_complete)
+        count = sum(samples)
         if count < p.slowdown.min_baseline_samples:
             return None
-        return self._weighed(slices, state.anchor + (last_complete + 1) * span, state.anchor, count, now)
+        end = state.anchor + (last_complete + 1) * span
+        return self._weighed(numbers, slows, medians, end, state.anchor, count, now)
 
     def _held(self, state: _Key, window: Window, first: int) -> int:
         """Forget the summaries of slices before `first`; the first slice the window still holds
@@ -295,27 +306,35 @@ class Baselines:
         return first if oldest is None else max(first, math.ceil((oldest - state.anchor) / self.policy.window))
 
     def _by_slice(
-        self, state: _Key, window: Window, start: float, end: float, keep: Callable[[int, float], bool]
+        self, window: Window, after: float, end: float, anchor: float, keep: Callable[[int], bool]
     ) -> dict[int, list[float]]:
-        """The latencies of the successes among the window's samples within (start - 1 s, end]
-        that `keep` (slice index, start time), by slice (a second more: float time is coarse); a
-        slice with samples but no success maps to an empty list."""
-        return window.latencies_by_slice(start - 1.0, end, state.anchor, self.policy.window, keep)
+        """The latencies of the successes among the window's samples within (after, end], by
+        slice (counted from `anchor`), of the slices that `keep`; a slice with samples but no
+        success maps to an empty list. Callers read from a second before a slice starts: float
+        time is coarse, and the slice index says."""
+        return window.latencies_by_slice(after, end, anchor, self.policy.window, keep)
 
-    def _weighed(self, slices: list[_Slice], end: float, anchor: float, count: int, now: float) -> Baseline:
-        """The baseline of `slices`, each weighing the time it covers of the span ending `end`."""
+    def _weighed(
+        self,
+        numbers: Sequence[int],
+        slows: Sequence[float],
+        medians: Sequence[float],
+        end: float,
+        anchor: float,
+        count: int,
+        now: float,
+    ) -> Baseline:
+        """The baseline of the slices numbered `numbers` (with their slow quantiles and medians),
+        each weighing the time it covers of the span ending `end`."""
         p = self.policy
         span = p.window
         start_of = end - p.slowdown.baseline
-        weighted = [
-            s._replace(weight=min(end, at + span) - max(start_of, at))
-            for s in slices
-            for at in (anchor + s.number * span,)
-        ]
+        weights = [min(end, at + span) - max(start_of, at) for n in numbers for at in (anchor + n * span,)]
+        by_median = _ranked(medians, weights)
         return baseline(
-            _weighted_quantile(weighted, "slow", 0.5),
-            _weighted_quantile(weighted, "median", 0.5),
-            _weighted_quantile(weighted, "median", 0.25),
+            _weighted_quantile(slows, _ranked(slows, weights), 0.5),
+            _weighted_quantile(medians, by_median, 0.5),
+            _weighted_quantile(medians, by_median, 0.25),
             count,
             now,
         )
@@ -365,13 +384,21 @@ def _phase(key: WindowKey, span: float) -> float:
     return span * (zlib.crc32("/".join(key).encode()) / 2**32)
 
 
-def _weighted_quantile(slices: list[_Slice], what: str, q: float) -> float:
-    """The value (one slice's own) below which a share `q` of the covered time lies."""
-    ranked = sorted(slices, key=lambda s: getattr(s, what))
-    target = sum(s.weight for s in ranked) * q
+def _ranked(values: Sequence[float], weights: list[float]) -> tuple[list[int], list[float]]:
+    """The indices of `values` from the lowest (in their order where equal), and their weights
+    in that order (what `_weighted_quantile` walks)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order, [weights[i] for i in order]
+
+
+def _weighted_quantile(values: Sequence[float], ranked: tuple[list[int], list[float]], q: float) -> float:
+    """The value (one slice's own) below which a share `q` of the covered time lies, `ranked`
+    by `_ranked`."""
+    order, weights = ranked
+    target = sum(weights) * q
     running = 0.0
-    for s in ranked:
-        running += s.weight
+    for i, weight in zip(order, weights, strict=True):
+        running += weight
         if running >= target:
-            return float(getattr(s, what))
-    return float(getattr(ranked[-1], what))  # pragma: no cover - slices are never empty here
+            return float(values[i])
+    return float(values[order[-1]])  # pragma: no cover - slices are never empty here

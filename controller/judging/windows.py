@@ -579,22 +579,28 @@ class Window:
         return found
 
     def latencies_by_slice(
-        self, after: float, end: float, anchor: float, width: float, keep: Callable[[int, float], bool]
+        self, after: float, end: float, anchor: float, width: float, keep: Callable[[int], bool]
     ) -> dict[int, list[float]]:
         """The latencies of the successes within (after, end], by slice (`floor((at - anchor) /
-        width)`), of the samples that `keep` (slice, start time); a slice whose kept samples all
-        failed maps to an empty list. Read from the columns, no sample made: what the latency
-        baselines summarise."""
+        width)`), of the slices that `keep`; a slice whose samples all failed maps to an empty
+        list. Read from the columns, no sample made: what the latency baselines summarise. A
+        slice's samples are one run (start times are in order, and so their slices): a bisect
+        finds where the next starts, then the slice of the samples on either side of it says
+        exactly (float time may put one a rounding off the boundary the bisect looked for)."""
         lo, hi = self._within(after, end)
         at, ok, latency = self._at, self._ok, self._latency
         grouped: dict[int, list[float]] = {}
         floor = math.floor
-        for i in range(lo, hi):
-            index = floor((at[i] - anchor) / width)
-            if keep(index, at[i]):
-                successes = grouped.setdefault(index, [])
-                if ok[i]:
-                    successes.append(latency[i] / US)
+        while lo < hi:
+            index = floor((at[lo] - anchor) / width)
+            stop = bisect_left(at, anchor + (index + 1) * width, lo, hi)
+            while stop < hi and floor((at[stop] - anchor) / width) == index:
+                stop += 1
+            while stop > lo + 1 and floor((at[stop - 1] - anchor) / width) != index:
+                stop -= 1
+            if keep(index):
+                grouped[index] = list(map(_seconds, compress(latency[lo:stop], ok[lo:stop])))
+            lo = stop
         return grouped
 
     def outcomes(self, now: float, span: float, vantage: str) -> list[tuple[float, str, bool]]:
