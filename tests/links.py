@@ -10,6 +10,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Self
 
+from controller.demo.world import stop_accepting
+
 
 @dataclass
 class DelayedLink:
@@ -28,6 +30,7 @@ class DelayedLink:
 
     async def __aexit__(self, *_exc: object) -> None:
         if self._server is not None:
+            await stop_accepting(self._server)
             self._server.close()
         for task in self._tasks:
             task.cancel()

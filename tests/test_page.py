@@ -19,6 +19,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from controller.daemon import Daemon
+from controller.demo.world import stop_accepting
 from tests.browser import CHROMIUM, launch
 from tests.test_shifting import TOKEN, Running, config, make_zone, set_weight
 
@@ -276,6 +277,7 @@ class Cutter:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        await stop_accepting(self.server)
         self.server.close()
         self.cut()
         await self.server.wait_closed()

@@ -115,22 +115,13 @@ class SimulatedRegion:
             self._site = None
 
     async def refuse(self) -> None:
-        """Stop listening: new connections are refused until `accept()`.
-
-        Accepting first stops, then the loop runs once before the listening socket closes:
-        asyncio accepts a connection in one step and makes its transport in the next, and on
-        Python 3.11 a transport made after its server closed fails (the server asserts it still
-        listens) and leaves the accepted socket unclosed, for the garbage collector to warn of.
-        A probe connecting just as its region stopped did that in a clean-clone test run."""
+        """Stop listening: new connections are refused until `accept()`."""
         if self._site is None:
             return
         site, self._site = self._site, None
         server = site._server  # noqa: SLF001 - the asyncio server; aiohttp offers no pause
         if isinstance(server, asyncio.base_events.Server):
-            loop = asyncio.get_running_loop()
-            for sock in server.sockets:
-                loop.remove_reader(sock.fileno())
-            await asyncio.sleep(0)  # connections accepted already get their transport, then are served
+            await stop_accepting(server)
         await site.stop()
 
     async def accept(self) -> None:
@@ -179,6 +170,20 @@ class SimulatedRegion:
 
     async def _stats(self, _: web.Request) -> web.Response:
         return web.json_response({"region": self.name, "served": dict(self.served)})
+
+
+async def stop_accepting(server: asyncio.base_events.Server) -> None:
+    """Stop accepting connections, then let the loop run once, before `server` is closed.
+
+    asyncio accepts a connection in one step and makes its transport in the next, and on Python
+    3.11 a transport made after its server closed fails (the server asserts it still listens)
+    and leaves the accepted socket unclosed, for the garbage collector to warn of: a probe
+    connecting just as its region stopped did that in a clean-clone test run. A connection
+    accepted already so gets its transport while the server still listens, and is served."""
+    loop = asyncio.get_running_loop()
+    for sock in server.sockets:
+        loop.remove_reader(sock.fileno())
+    await asyncio.sleep(0)
 
 
 def terminate(process: subprocess.Popen[bytes], within: float = 10.0) -> None:
