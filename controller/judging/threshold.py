@@ -198,14 +198,13 @@ class ThresholdDetector:
         if stats.samples < p.min_samples:
             return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
         ratio = stats.success_ratio
-        summary = (
-            f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s "
-            f"from {', '.join(sorted(fresh_windows))}"
-        )
-        summary += errors_text(stats)
-        if ratio < p.unhealthy_below:
-            return "failing", f"{summary}, below {p.unhealthy_below:.0%}", evidence
-        if ratio < p.degraded_below:
+        if ratio < p.degraded_below:  # said only when it is (a pass judges thousands of probes)
+            summary = (
+                f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s "
+                f"from {', '.join(sorted(fresh_windows))}{errors_text(stats)}"
+            )
+            if ratio < p.unhealthy_below:
+                return "failing", f"{summary}, below {p.unhealthy_below:.0%}", evidence
             return "degraded", f"{summary}, below {p.degraded_below:.0%}", evidence
         if quantile is not None and quantile > p.latency.threshold:
             return (
