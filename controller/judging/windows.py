@@ -466,10 +466,13 @@ class Window:
                 tie_at, tie_bad = started, 0.0
             if latency[i] / US > limit:  # as `Sample` reads it
                 tie_bad += bad
-                statistic = max(tie_bad, statistic + bad)
+                statistic += bad
+                if tie_bad > statistic:  # noqa: PLR1730 - max() without the call: every window, every pass
+                    statistic = tie_bad
             else:
                 statistic += good
-                statistic = max(statistic, tie_bad)  # tie_bad is never negative: the statistic neither
+                if tie_bad > statistic:  # noqa: PLR1730 - tie_bad is never negative: the statistic neither
+                    statistic = tie_bad
         self._slow_now, self._slow_seen, self._slow_statistic = now, seen, statistic
         self._slow_tie_at, self._slow_tie_bad = tie_at, tie_bad
         return statistic
