@@ -306,8 +306,8 @@ def test_a_grown_key_looked_at_between_its_slice_changes_answers_as_a_full_look_
 def test_a_probes_baselines_answered_again_are_what_each_key_answers_as_it_grows_and_its_vantages_change():
     # `of_each` answers again without looking at any key while every vantage's key is grown and
     # between two slice changes. From a fresh start (young keys, then grown), with vantages going
-    # stale and coming back, steps of a few seconds and the clock going back now and then, it
-    # must answer what `of` answers for each window, every time.
+    # stale and coming back, steps of a few seconds, the clock going back now and then, and looks
+    # at a later time from elsewhere, it must answer what `of` answers for each window, every time.
     rng = random.Random(11)
     vantages = ("a", "b", "c")
     windows = {}
@@ -328,6 +328,14 @@ def test_a_probes_baselines_answered_again_are_what_each_key_answers_as_it_grows
     each.of = counted
     now, steps = T0 + 5, 0
     while now < T0 + 3 * 3600 - 10:
+        if rng.random() < 0.02:
+            # A look at a later time from elsewhere (a peer's region judged at another pass, a
+            # daemon whose clock then went back): it moves the keys' ranges on.
+            later = now + rng.uniform(50, 300)
+            for at in (later, now):  # and back: the keys' ranges start now again
+                for vantage, window in windows.items():
+                    of(("eu-west-1", "api", vantage), window, at)  # not counted: not of_each's look
+                    full.of(("eu-west-1", "api", vantage), window, at)
         asked = {v: w for v, w in windows.items() if rng.random() > 0.05}  # a vantage stale now and then
         expected = tuple(
             (v, b) for v, w in asked.items() if (b := full.of(("eu-west-1", "api", v), w, now)) is not None
@@ -336,5 +344,6 @@ def test_a_probes_baselines_answered_again_are_what_each_key_answers_as_it_grows
         steps += 1
         now += -7.0 if rng.random() < 0.01 else rng.uniform(0.2, 3.0)
     assert any(b for b in expected)  # grown baselines at the end, not only young ones
-    # Most answers needed no look: fewer looks than a third of the vantages asked.
-    assert looks < steps * len(vantages) / 3, (looks, steps)
+    # Most answers needed no look: fewer looks than half the vantages asked (every one is looked
+    # at through the young keys' first 40 minutes, and again after each look from elsewhere).
+    assert looks < steps * len(vantages) / 2, (looks, steps)

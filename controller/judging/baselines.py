@@ -162,20 +162,31 @@ class Baselines:
         self._keys: dict[WindowKey, _Key] = {}
         # What `of_each` last answered for a (region, probe): its vantages, from and until when
         # every one of them is a grown key between two slice changes (so `of` would answer the
-        # same), and the answer.
-        self._each: dict[tuple[str, str], tuple[tuple[str, ...], float, float, tuple[tuple[str, Baseline], ...]]] = {}
+        # same), the answer, and the era it was found in.
+        self._each: dict[
+            tuple[str, str], tuple[tuple[str, ...], float, float, tuple[tuple[str, Baseline], ...], int]
+        ] = {}
+        # The clock of the last look, and how many times a look came with an earlier one: within
+        # an era the clock never goes back, so a key looked at (by `of_each` or not) after an
+        # answer was found, and before its `until`, was looked at within the range it had then.
+        self._now = -math.inf
+        self._era = 0
 
     def of_each(
         self, region: str, probe: str, windows: Mapping[str, Window], now: float
     ) -> tuple[tuple[str, Baseline], ...]:
         """(vantage, baseline) for each of a probe's windows that has one (`of`), in their order.
         Answered again, with no look at any key, while the vantages are the same and every one
-        is a grown key between two slice changes (`_grown`'s range): most passes at most probes.
-        At 10,000 series the slowdown detector asked `of` of every window, every pass: 10,000
+        is a grown key between two slice changes (`_grown`'s range), and the clock has not gone
+        back since (a look at a later time, say a peer's, may have moved a key's range on): most
+        passes at most probes. At 10,000 series the slowdown detector asked `of` of every window, every pass: 10,000
         looks that each found the same baseline."""
+        if now < self._now:
+            self._era += 1
+        self._now = now
         vantages = tuple(windows)
         last = self._each.get((region, probe))
-        if last is not None and last[0] == vantages and last[1] <= now < last[2]:
+        if last is not None and last[0] == vantages and last[1] <= now < last[2] and last[4] == self._era:
             return last[3]
         each = tuple([(v, b) for v, w in windows.items() if (b := self.of((region, probe, v), w, now)) is not None])
         start, until = -math.inf, math.inf
@@ -185,10 +196,13 @@ class Baselines:
                 until = -math.inf  # young (or none): `of` looks again every pass
                 break
             start, until = max(start, state.grown_from), min(until, state.grown_until)
-        self._each[region, probe] = (vantages, start, until, each)
+        self._each[region, probe] = (vantages, start, until, each, self._era)
         return each
 
     def of(self, key: WindowKey, window: Window, now: float) -> Baseline | None:
+        if now < self._now:  # the clock went back: what `of_each` found before may not hold
+            self._era += 1
+        self._now = now
         p = self.policy
         state = self._keys.get(key)
         if state is None:
