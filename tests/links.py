@@ -22,6 +22,7 @@ class DelayedLink:
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _closing: bool = False  # a connection accepted as it closes is closed, not relayed
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -29,6 +30,7 @@ class DelayedLink:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
+        self._closing = True
         if self._server is not None:
             await stop_accepting(self._server)
             self._server.close()
@@ -40,10 +42,17 @@ class DelayedLink:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
             writer.close()
+            return
+        if self._closing:  # closed while it connected upstream
+            writer.close()
+            up_writer.close()
             return
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(source, sink))

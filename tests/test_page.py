@@ -270,6 +270,7 @@ class Cutter:
     def __init__(self, port: int) -> None:
         self.target = port
         self.links: set[asyncio.StreamWriter] = set()
+        self.closing = False  # a connection accepted as it closes is closed, not relayed
 
     async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -277,13 +278,21 @@ class Cutter:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        self.closing = True
         await stop_accepting(self.server)
         self.server.close()
         self.cut()
         await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closing:
+            writer.close()
+            return
         upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+        if self.closing:  # closed while it connected upstream
+            writer.close()
+            upstream.close()
+            return
         self.links |= {writer, upstream}
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

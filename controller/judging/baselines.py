@@ -179,8 +179,8 @@ class Baselines:
         Answered again, with no look at any key, while the vantages are the same and every one
         is a grown key between two slice changes (`_grown`'s range), and the clock has not gone
         back since (a look at a later time, say a peer's, may have moved a key's range on): most
-        passes at most probes. At 10,000 series the slowdown detector asked `of` of every window, every pass: 10,000
-        looks that each found the same baseline."""
+        passes at most probes. At 10,000 series the slowdown detector asked `of` of every
+        window, every pass: 10,000 looks that each found the same baseline."""
         if now < self._now:
             self._era += 1
         self._now = now
