@@ -10,7 +10,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Self
 
-from controller.demo.world import stop_accepting
+from controller.web.listening import stop_accepting
 
 
 @dataclass

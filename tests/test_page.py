@@ -19,7 +19,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from controller.daemon import Daemon
-from controller.demo.world import stop_accepting
+from controller.web.listening import stop_accepting
 from tests.browser import CHROMIUM, launch
 from tests.test_shifting import TOKEN, Running, config, make_zone, set_weight
 

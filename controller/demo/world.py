@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
+from controller.web.listening import close_runner, servers_of, stop_accepting
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
     from types import TracebackType
@@ -111,7 +113,7 @@ class SimulatedRegion:
     ) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None  # requests held over a cut path end now
-            await runner.cleanup()
+            await close_runner(runner)
             self._site = None
 
     async def refuse(self) -> None:
@@ -119,9 +121,7 @@ class SimulatedRegion:
         if self._site is None:
             return
         site, self._site = self._site, None
-        server = site._server  # noqa: SLF001 - the asyncio server; aiohttp offers no pause
-        if isinstance(server, asyncio.base_events.Server):
-            await stop_accepting(server)
+        await stop_accepting(*servers_of(site))  # no connection left half made (see the helper)
         await site.stop()
 
     async def accept(self) -> None:
@@ -170,20 +170,6 @@ class SimulatedRegion:
 
     async def _stats(self, _: web.Request) -> web.Response:
         return web.json_response({"region": self.name, "served": dict(self.served)})
-
-
-async def stop_accepting(server: asyncio.base_events.Server) -> None:
-    """Stop accepting connections, then let the loop run once, before `server` is closed.
-
-    asyncio accepts a connection in one step and makes its transport in the next, and on Python
-    3.11 a transport made after its server closed fails (the server asserts it still listens)
-    and leaves the accepted socket unclosed, for the garbage collector to warn of: a probe
-    connecting just as its region stopped did that in a clean-clone test run. A connection
-    accepted already so gets its transport while the server still listens, and is served."""
-    loop = asyncio.get_running_loop()
-    for sock in server.sockets:
-        loop.remove_reader(sock.fileno())
-    await asyncio.sleep(0)
 
 
 def terminate(process: subprocess.Popen[bytes], within: float = 10.0) -> None:

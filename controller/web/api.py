@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from controller.acting.errors import Route53Error
 from controller.planning.operator import ACTIONS, is_action
 from controller.web import views
+from controller.web.listening import close_runner
 from controller.web.stream import EventStream, StreamMetrics, StreamSettings
 from controller.web.views import Observed
 
@@ -352,7 +353,7 @@ class ApiServer:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._runner.cleanup()
+        await close_runner(self._runner)
 
 
 class ListenError(RuntimeError):
