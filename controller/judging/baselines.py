@@ -119,19 +119,21 @@ class _Summaries:
 
     def slices(self, first: int, last: float = math.inf) -> list[_Slice]:
         """The kept slices numbered `first` to `last`, in order."""
-        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
-        return [_Slice(self._number[i], self._samples[i], self._slow[i], self._median[i]) for i in range(lo, hi)]
+        return [_Slice(*kept) for kept in zip(*self.columns(first, last), strict=True)]
 
-    def columns(self, first: int, last: int) -> tuple[array[int], array[int], array[float], array[float]]:
+    def columns(self, first: int, last: float) -> tuple[array[int], array[int], array[float], array[float]]:
         """The kept slices numbered `first` to `last`, in order, as columns: numbers, samples,
         slow quantiles, medians (what `Baselines._weighed` reads, no slice made)."""
-        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
-        return self._number[lo:hi], self._samples[lo:hi], self._slow[lo:hi], self._median[lo:hi]
+        kept = self._between(first, last)
+        return self._number[kept], self._samples[kept], self._slow[kept], self._median[kept]
 
     def missing(self, first: int, last: int) -> set[int]:
         """The slice numbers from `first` to `last` that are not kept."""
-        lo, hi = bisect_left(self._number, first), bisect_right(self._number, last)
-        return set(range(first, last + 1)).difference(self._number[lo:hi])
+        return set(range(first, last + 1)).difference(self._number[self._between(first, last)])
+
+    def _between(self, first: int, last: float) -> slice:
+        """Where the kept slices numbered `first` to `last` are in the columns."""
+        return slice(bisect_left(self._number, first), bisect_right(self._number, last))
 
     def samples_from(self, first: int) -> int:
         """How many results the kept slices numbered `first` on were summarised from."""
