@@ -155,11 +155,10 @@ async def test_state_api_shows_regions_verdicts_record_sets_and_events(world):
     assert eu["verdict"]["evidence"]["threshold"]["orders"]["errors"]["status"] > 0
     assert [p["name"] for p in eu["probes"]] == ["healthz", "orders"]
     kinds = [(e["region"], e["from"], e["to"]) for e in state["events"] if e["region"] == "eu-west-1"]
-    assert kinds == [
-        ("eu-west-1", None, "unknown"),
-        ("eu-west-1", "unknown", "healthy"),
-        ("eu-west-1", "healthy", "degraded"),
-    ]
+    assert kinds[:2] == [("eu-west-1", None, "unknown"), ("eu-west-1", "unknown", "healthy")]
+    # Then degraded: at once, or through unknown while the peers' results are too few to tell the
+    # failing region apart (never healthy again in between).
+    assert [to for _, _, to in kinds[2:]] in (["degraded"], ["unknown", "degraded"]), kinds
     assert state["record_sets"] == []
     assert state["ramps"] == []
 

@@ -14,9 +14,11 @@ from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
 from controller.judging.detectors import detectors_for
+from controller.judging.findings import unconfirmed
+from controller.judging.peers import PeerCheck
 from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures, slower
 from controller.judging.slowdown import SlowdownDetector
-from controller.judging.verdicts import Judge, Verdict
+from controller.judging.verdicts import Judge, RegionView, Verdict
 from controller.judging.windows import Window, WindowStore
 from controller.settings.policy import ErrorTest, SlowdownTest, VerdictPolicy
 from probes.results import Result
@@ -461,3 +463,49 @@ def test_a_fault_is_over_only_when_twenty_results_lean_healthy_not_one_window_of
 
     assert status_after(42).status == "degraded", status_after(42).reasons
     assert status_after(56).status == "healthy", status_after(56).reasons
+
+
+@pytest.mark.parametrize("failures", [2, 6, 10])
+def test_a_region_failing_every_probe_is_never_healthy_while_its_peers_have_too_few_results(failures):
+    # A daemon's first second: eu-west-1's first result fails and it is probed harder at once
+    # (ten a second), while its peers have one or two results each. A finding the peers cannot
+    # tell apart yet is not held, but a region whose every result fails was judged healthy then
+    # (`regionshift run` on a world with one region down: healthy, then unhealthy 250 ms later).
+    windows = WindowStore(POLICY.history)
+    start = 1000.0
+    for region in REGIONS:
+        for probe in PROBES:
+            if region == "eu-west-1":
+                for k in range(failures):
+                    reason = "scheduled" if k == 0 else "suspicion"
+                    at = start + k * 0.1
+                    windows.add(Result(region, probe, "controller", at, ok=False, latency=0.01, reason=reason))
+            else:
+                windows.add(Result(region, probe, "controller", start, ok=True, latency=0.05))
+    judge = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
+    judge.judge(windows, start + 1.0)
+    verdict = judge.verdicts["eu-west-1"]
+    assert verdict.status != "healthy", verdict.reasons
+    assert all(judge.verdicts[r].status == "unknown" for r in REGIONS if r != "eu-west-1")  # one result: too few
+
+
+@pytest.mark.parametrize(
+    ("held", "peers", "never_healthy", "expected"),
+    [
+        # Too few peer results to tell: held against a region already held, else unknown.
+        (True, PeerCheck(("us-east-1",), apart=False, waiting=True), True, "failing"),
+        (False, PeerCheck(("us-east-1",), apart=False, waiting=True), True, "unknown"),
+        (False, PeerCheck(("us-east-1",), apart=False, waiting=True), False, "unknown"),
+        # Enough to tell, not set apart: a region held recovers through the judge's hysteresis
+        # (ok here); one not held is never healthy on a tripped test or a failing probe.
+        (True, PeerCheck(("us-east-1",), apart=False), True, "ok"),
+        (False, PeerCheck(("us-east-1",), apart=False), True, "unknown"),
+        (False, PeerCheck(("us-east-1",), apart=False), False, "ok"),
+        # The peers show the same trouble: a shared cause, held or not.
+        (True, PeerCheck(("us-east-1",), alike=("us-east-1",), apart=False, waiting=True), True, "shared"),
+        (False, PeerCheck(("us-east-1",), alike=("us-east-1",)), True, "shared"),
+    ],
+)
+def test_a_finding_the_peers_do_not_set_apart_is_shared_held_unknown_or_ok(held, peers, never_healthy, expected):
+    view = RegionView("eu-west-1", PROBES, {}, held=held)
+    assert unconfirmed(view, peers, "failing", never_healthy=never_healthy) == expected

@@ -190,9 +190,12 @@ async def test_a_real_daemon_streams_a_verdict_change_and_stops_promptly_with_a_
             async with asyncio.timeout(10):
                 async for event in stream:
                     if event.get("event") == "verdict" and event["data"]["region"] == "eu-west-1":
-                        assert event["data"]["to"] in ("degraded", "unhealthy")
                         assert event["id"] > snapshot["id"]
-                        break
+                        # Held at once, or unknown first while the peers' results are too few
+                        # to tell it apart; never healthy again in between.
+                        assert event["data"]["to"] in ("degraded", "unhealthy", "unknown")
+                        if event["data"]["to"] != "unknown":
+                            break
         # Running's exit stopped the daemon within 3 s with this client connected: on_shutdown
         # aborted its stream, which ends at once (cut short: an EventSource reconnects).
         async with asyncio.timeout(5):

@@ -182,8 +182,8 @@ def test_an_agent_cut_off_with_its_region_blames_the_region_and_marks_no_other()
                 for probe in PROBES:
                     world.windows.add(Result(r, probe, v, world.now, ok, 0.02, error_class=None if ok else "timeout"))
         world.at(world.now + 1.0)
-        if n < POLICY.down_after:
-            assert world.judge.verdicts["eu-west-1"].status == "healthy"
+        if n < POLICY.down_after:  # not blamed yet (not healthy either while peers cannot tell it apart)
+            assert world.judge.verdicts["eu-west-1"].status in ("healthy", "unknown")
     verdicts = world.judge.verdicts
     assert verdicts["eu-west-1"].status == "unhealthy", verdicts["eu-west-1"].reasons
     assert (verdicts["us-east-1"].status, verdicts["us-east-1"].troubles) == ("healthy", frozenset())

@@ -144,9 +144,34 @@ class SequentialDetector:
             return "ok", f"{what}: not seen beyond {', '.join(left_out)} (quorum {needed}), not held"
         check = peers()
         evidence["peers"] = check.evidence()
-        if not check.regional:
-            return ("shared" if check.shared else "ok"), f"{what}, {check.text()}, not held against {view.region}"
+        if not check.regional:  # a tripped test the peers do not explain is never healthy
+            found = unconfirmed(view, check, state, never_healthy=True)
+            return found, f"{what}, {check.text()}{held_text(view, found, state)}"
         return state, f"{what}, {check.text()}"
+
+
+def unconfirmed(view: RegionView, peers: PeerCheck, state: str, never_healthy: bool) -> str:  # noqa: FBT001
+    """A probe's state when its finding (`state`) does not set the region apart from its peers:
+    `shared` when they show the same trouble. While they have too few results to tell (a suspect
+    probed ten times a second has more in a second than its peers in ten), the finding stays
+    held against a region already held, and makes one that is not `unknown`: a region whose
+    every result fails was judged healthy in a daemon's first second, and a ramp could have
+    given it share then. Past that, a region already held is `ok` here (the judge holds it
+    recovering until it looks healthy for `recover_after`), and one that is not is `unknown`
+    when `never_healthy` (a tripped test, a probe below `unhealthy_below`), else `ok`: a milder
+    breach the peers' results explain away."""
+    if peers.shared:
+        return "shared"
+    if peers.waiting:
+        return state if view.held else "unknown"
+    return "unknown" if never_healthy and not view.held else "ok"
+
+
+def held_text(view: RegionView, found: str, state: str) -> str:
+    """What a finding's reason adds to say whether `unconfirmed` held it."""
+    if found != state:
+        return f", not held against {view.region}"
+    return ", still held: too few peer results to tell it apart yet"
 
 
 def run_start(windows: Iterable[Window], now: float, span: float, last: int) -> float:

@@ -38,6 +38,9 @@ class PeerCheck:
     # Significantly worse (by the effect size) than every compared peer's results pooled; None
     # when no peer has enough results to compare.
     apart: bool | None = None
+    # The peers have a result or more, but fewer than `MIN_PEER_SAMPLES` between them over the
+    # span compared: too few to tell anything yet (`apart` is False meanwhile).
+    waiting: bool = False
 
     @property
     def shared(self) -> bool:
@@ -65,6 +68,8 @@ class PeerCheck:
             return f"like {', '.join(self.alike)}: a shared cause"
         if not self.compared:
             return "no peer result yet to compare with" if self.apart is False else "no peer region to compare with"
+        if self.waiting:
+            return f"too few results yet from {', '.join(self.compared)} to compare with"
         if self.apart is False:
             return f"not yet significantly worse than {', '.join(self.compared)} together"
         if self.worse_than:
@@ -76,6 +81,7 @@ class PeerCheck:
             "worse_than": list(self.worse_than),
             "alike": list(self.alike),
             "apart": self.apart,
+            "waiting": self.waiting,
             "peers": self.detail,
         }
 
@@ -173,4 +179,5 @@ def outcomes_vs_peers(
         if is_worse:
             worse_than.append(name)
     apart = pooled_apart(total, lambda: worse(total, total_bad)[0])
-    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart)
+    waiting = 0 < total < MIN_PEER_SAMPLES
+    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart, waiting)

@@ -10,10 +10,12 @@ from controller.judging.findings import (
     BAD_STATES,
     TROUBLE_STATES,
     errors_text,
+    held_text,
     names,
     quorum,
     region_status,
     run_start,
+    unconfirmed,
 )
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers
 from controller.judging.sequential import Llr
@@ -105,11 +107,8 @@ class ThresholdDetector:
             peers = errors_vs_peers(view, probe, now - p.window, now, p, self.llr, p.window)
         evidence["peers"] = peers.evidence()
         if not peers.set_apart:  # a raw limit has no test of its own: the peers supply it
-            return (
-                ("shared" if peers.shared else "ok"),
-                f"{reason}, {peers.text()}, not held against {view.region}",
-                evidence,
-            )
+            found = unconfirmed(view, peers, state, never_healthy=state == "failing")
+            return found, f"{reason}, {peers.text()}{held_text(view, found, state)}", evidence
         return state, reason, evidence
 
     def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:

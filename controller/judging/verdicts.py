@@ -55,6 +55,10 @@ class RegionView:
     # before it was judged over and has been spent, so a test looking back further (the patient
     # error test's horizon) starts there. None: no recovery since the judge started.
     cleared_at: float | None = None
+    # Whether the region's verdict is degraded or unhealthy (as of the last judgement): a finding
+    # the peers cannot tell apart yet (too few of their results) stays held against a region
+    # already held, and makes one that is not `unknown`, never healthy (see `PeerCheck.waiting`).
+    held: bool = False
     # What `fresh_of` found, by (probe, now, stale_after): every detector asks it of every probe,
     # and a peer's view is asked by every region. A judge pass makes new views, so it lasts one.
     looks: Looks = field(default_factory=dict, compare=False, repr=False)
@@ -208,6 +212,7 @@ class Judge:
                 self.set_aside,
                 views[region].by_probe,
                 self._cleared_at.get(region),
+                self._held(region),
                 views[region].looks,  # what its peers found of it this pass
             )
             assessments = {}
@@ -244,6 +249,10 @@ class Judge:
             yield
         yield from windows.forget_looks_steps()
         return transitions
+
+    def _held(self, region: str) -> bool:
+        previous = self.verdicts.get(region)
+        return previous is not None and previous.status in ("degraded", "unhealthy")
 
     def _hysteresis(
         self, region: str, status: Status, reasons: tuple[str, ...], now: float
