@@ -190,7 +190,7 @@ class Running:
             if predicate():
                 return
             await asyncio.sleep(0.05)
-        ramp = self.daemon.reconciler.ramps["launch"] if self.daemon.reconciler else None
+        ramp = self.daemon.reconciler.ramps.get("launch") if self.daemon.reconciler else None
         pytest.fail(f"{what} not reached in {within}s; ramp: {ramp}")
 
     def ramp(self):
@@ -302,6 +302,47 @@ async def test_an_operator_adopts_a_hand_edit_as_the_new_baseline(two_regions, r
     ]
 
 
+async def test_a_hand_edit_before_the_first_write_is_drift_and_an_adopted_one_is_never_restored_away(
+    two_regions, route53, tmp_path
+):
+    # A new user's daemon, nothing written yet, no ramp: a console edit was not seen as drift
+    # (there was nothing "last written" to compare with) and the next restore overwrote it; and
+    # an adopted edit was undone by the next restore, which still aimed at the old home weights.
+    zone_id, name = make_zone(route53)  # use1=1, euw1=0 when the daemon first sees it
+    base = config(two_regions, route53, zone_id, name, tmp_path)
+    evacuation = base.policy.evacuation.model_copy(update={"restore_after": 0.5, "confirm_after": 0.5})
+    daemon = Daemon(
+        base.model_copy(update={"policy": base.policy.model_copy(update={"ramps": {}, "evacuation": evacuation})})
+    )
+    record = f"{name}/A"
+    async with Running(daemon) as running, watch_weights(route53, zone_id, name) as seen:
+        view = daemon.reconciler.views[record]
+        await running.until(lambda: view.observed == {"use1": 1, "euw1": 0}, what="first sight")
+        await running.until(
+            lambda: all(getattr(daemon.judge.verdicts.get(r), "status", "") == "healthy" for r in two_regions),
+            what="every region healthy",
+        )
+        set_weight(route53, zone_id, name, "use1", 7, "192.0.2.10")
+        set_weight(route53, zone_id, name, "euw1", 3, "192.0.2.20")
+        await running.until(lambda: view.drift is not None, what="drift")
+        await asyncio.sleep(1.5)  # three times restore_after, every region healthy: nothing is written
+        drift = view.drift
+        drift_metric = daemon.registry.get_sample_value("regionshift_route53_drift", {"record": record})
+        status, body = await running.post(f"/api/v1/records/{record}/adopt", reason="keep 70/30")
+        assert (status, body) == (200, {"record": record, "adopted": {"use1": 7, "euw1": 3}})
+        await running.until(lambda: view.drift is None, what="drift over")
+        await asyncio.sleep(1.5)  # the same again after the adopt: the adopted weights are home
+        audit = (await (await running.http.get(f"/api/v1/audit?record={record}")).json())["changes"]
+    assert "use1: saw 1, found 7" in drift
+    assert "first seen (none written yet)" in drift
+    assert drift_metric == 1.0
+    assert seen[-1] == {"use1": 7, "euw1": 3}  # never written back
+    assert {"use1": 1, "euw1": 0} not in seen[seen.index({"use1": 7, "euw1": 3}) :]
+    assert [(c["action"], c["from"], c["to"]) for c in audit] == [
+        ("adopt", {"use1": 1, "euw1": 0}, {"use1": 7, "euw1": 3})
+    ]
+
+
 async def test_operators_need_the_bearer_token_and_a_freeze_stops_every_write(
     two_regions, route53, tmp_path, monkeypatch
 ):
@@ -358,7 +399,7 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     async with Running(daemon) as running:
         code, _, err = await run_cli("adopt", f"{name}/A", "-c", path, "--url", daemon.url)
         refused = f"regionshift: adopt {name}/A: {name}/A has no hand edit to adopt: "
-        assert (code, err.strip()) == (1, refused + "Route 53 holds the weights regionshift last wrote")
+        assert (code, err.strip()) == (1, refused + "Route 53 holds the weights regionshift first saw")
         code, out, err = await run_cli(
             "ramp", "start", "launch", "-c", path, "--url", daemon.url, "--operator", "alice"
         )

@@ -38,14 +38,20 @@ class NoCredentialsError(TerminalError):
 class DriftError(Route53Error):
     """Route 53 holds weights other than the ones last written: someone changed them."""
 
-    def __init__(self, record: str, expected: Mapping[str, int], observed: Mapping[str, int | None]) -> None:
+    def __init__(
+        self, record: str, expected: Mapping[str, int], observed: Mapping[str, int | None], *, written: bool = True
+    ) -> None:
         changed = {
             k: (expected.get(k), observed.get(k))
             for k in sorted(set(expected) | set(observed))
             if expected.get(k) != observed.get(k)
         }
-        detail = ", ".join(f"{k}: wrote {e}, found {o}" for k, (e, o) in changed.items())
-        super().__init__(f"{record}: Route 53 holds weights other than the ones last written ({detail})")
+        # Before its first write, what regionshift compares with is what it first saw there.
+        verb, basis = (
+            ("wrote", "the ones last written") if written else ("saw", "the ones first seen (none written yet)")
+        )
+        detail = ", ".join(f"{k}: {verb} {e}, found {o}" for k, (e, o) in changed.items())
+        super().__init__(f"{record}: Route 53 holds weights other than {basis} ({detail})")
         self.record = record
         self.expected = dict(expected)
         self.observed = dict(observed)

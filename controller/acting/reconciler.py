@@ -128,9 +128,10 @@ class Reconciler:
         async with self._lock:
             group = await self.actuator.read_group(rs)  # what is there now, not what a tick saw
             raw = self.actuator.weights_of(rs, group)
-            expected = await self.store.audit.last_applied(key)
+            expected, written = await self._expected(key)
             if expected is None or raw == expected:
-                return f"{key} has no hand edit to adopt: Route 53 holds the weights regionshift last wrote", {}
+                held = "last wrote" if written else "first saw"
+                return f"{key} has no hand edit to adopt: Route 53 holds the weights regionshift {held}", {}
             missing = sorted(sid for sid, weight in raw.items() if weight is None)
             if missing:
                 return f"{key}: {', '.join(missing)} missing from Route 53: put the record back before adopting", {}
@@ -138,6 +139,9 @@ class Reconciler:
             intent = await self.store.audit.intent(key, who, "adopt", reason, expected, weights, now)
             await self.store.audit.result(intent, "applied", now)
             await self.store.audit.operator(now, who, "adopt", key, reason)
+            # Where an evacuation comes back to, too: else the next restore undid the adopted weights
+            # as soon as every region had been healthy for `restore_after`.
+            await self.store.flags.set_home(key, weights, now)
             self.publish(OperatorAction(at=now, who=who, action="adopt", target=key, reason=reason))
             log.warning("hand edit adopted: the new baseline", record=key, by=who, weights=weights, reason=reason)
             return None, weights
@@ -237,11 +241,22 @@ class Reconciler:
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error, view.last_read_at = observed, None, self.clock()
         await self._settle_open_intent(key, raw, now)
-        expected = await self.store.audit.last_applied(key)
+        expected, written = await self._expected(key)
+        if expected is None and all(w is not None for w in raw.values()):
+            # First sight, nothing written yet: what Route 53 holds now is what a hand edit is told
+            # from until regionshift writes (else an edit before its first write went unseen, and
+            # the next restore overwrote it). Kept across restarts, like what it writes.
+            expected = {sid: int(w or 0) for sid, w in raw.items()}
+            await self.store.flags.set_seen(key, expected, now)
+            log.info(
+                "first sight: hand edits are told from these weights until regionshift writes",
+                record=key,
+                weights=expected,
+            )
         # The view changes before the event is published: a client that takes a snapshot in
         # between must not see the event's id without what it says (it would skip the event).
         if expected is not None and raw != expected:
-            drift = str(DriftError(key, expected, raw))
+            drift = str(DriftError(key, expected, raw, written=written))
             new = view.drift != drift
             view.drift, view.desired, view.reason = drift, None, "holding: Route 53 was changed by hand"
             if new:
@@ -528,6 +543,15 @@ class Reconciler:
                 await self._save(
                     name, replace(state, status="paused", resume_to=state.status, reason=f"paused: {why}"), now
                 )
+
+    async def _expected(self, key: str) -> tuple[dict[str, int] | None, bool]:
+        """What Route 53 should hold for `key` (anything else is a hand edit), and whether
+        regionshift wrote it: the weights last written, else the ones it first saw there (None
+        before it has seen them)."""
+        written = await self.store.audit.last_applied(key)
+        if written is not None:
+            return written, True
+        return await self.store.flags.seen(key), False
 
     async def _home(self, rs: RecordSet, observed: Mapping[str, int], now: float) -> dict[str, int]:
         """The weights the record set holds when all is well: after the last ramp, else configured,

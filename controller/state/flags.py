@@ -1,5 +1,6 @@
 """Flags the controller keeps across restarts, each with its own type: the operators' freeze, and
-each record set's home weights (where an evacuation comes back to)."""
+each record set's home weights (where an evacuation comes back to) and the weights it held when
+regionshift first saw it (what a hand edit is told from before regionshift has written any)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ class Flags:
 
     async def set_home(self, record: str, weights: Mapping[str, int], at: float) -> None:
         await self._set(f"home:{record}", dict(weights), at)
+
+    async def seen(self, record: str) -> dict[str, int] | None:
+        """The weights `record` held when regionshift first saw it, if remembered."""
+        value = await self._get(f"seen:{record}")
+        return {str(k): int(v) for k, v in value.items()} if value is not None else None
+
+    async def set_seen(self, record: str, weights: Mapping[str, int], at: float) -> None:
+        await self._set(f"seen:{record}", dict(weights), at)
 
     async def _set(self, name: str, value: Any, at: float) -> None:
         def write() -> None:
