@@ -83,6 +83,9 @@ async def floor_prober(target: str, rate: float, seconds: float, publish_to: tup
 
 
 def main() -> int:
+    if len(sys.argv) != 4 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__, file=sys.stderr)
+        return 0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2
     target, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
     port, _, password = os.environ.get("BENCH_FLOOR_PUBLISH", "").partition(":")
     incomplete = asyncio.run(floor_prober(target, rate, seconds, (int(port), password) if port else None))

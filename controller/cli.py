@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UsageError as exc:
+        print(f"regionshift: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except FAULTS as exc:  # the environment, at run time: one sentence naming what and where
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -188,6 +191,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+
+
+class UsageError(Exception):
+    """A command asked for something the configuration does not have (a ramp, a record set, a
+    region), or without what it needs (the API token, the daemon's address): exit 2, said in
+    one sentence, not as an invalid configuration."""
+
+
+def _unreachable(url: str, exc: BaseException) -> int:
+    print(
+        redact(
+            f"regionshift: cannot reach the daemon at {url}: {exc} "
+            "(is `regionshift run` running? If it listens elsewhere, give its address with --url)"
+        ),
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
 
 
 def _demo(scenario: str, duration: float | None, listen: str) -> int:
@@ -237,6 +257,11 @@ def _daemon_url(config: Config, url: str | None) -> str:
     if url is not None:
         return url.rstrip("/")
     host, port = config.controller.host_port
+    if port == 0:
+        raise UsageError(
+            "controller.listen has port 0 (the daemon picks a free one when it starts): give its address "
+            "with --url (the daemon's log names it: 'started api=http://...')"
+        )
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104 - mapping, not binding
 
 
@@ -250,11 +275,7 @@ async def _status(url: str, *, watch: bool) -> int:
                 async with http.get(f"{url}/api/v1/state") as response:
                     state = await response.json()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                print(
-                    redact(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)"),
-                    file=sys.stderr,
-                )
-                return EXIT_FAILURE
+                return _unreachable(url, exc)
             page = text(state, url, time.time())
             if not watch:
                 print(page)
@@ -269,11 +290,11 @@ def _operation(config: Config, args: argparse.Namespace) -> tuple[str, str, dict
     if args.command == "ramp":
         if args.name not in config.policy.ramps:
             known = ", ".join(config.policy.ramps) or "none"
-            raise ConfigError(f"no ramp named {args.name!r} in the policy files; known: {known}")
+            raise UsageError(f"no ramp named {args.name!r} in the policy files; known: {known}")
         return f"{args.action} {args.name}", f"/api/v1/ramps/{args.name}/{args.action}", None
     keys = [rs.key for rs in config.record_sets]
     if args.record not in keys:
-        raise ConfigError(f"no record set {args.record!r} in the configuration; known: {', '.join(keys) or 'none'}")
+        raise UsageError(f"no record set {args.record!r} in the configuration; known: {', '.join(keys) or 'none'}")
     return f"adopt {args.record}", f"/api/v1/records/{args.record}/adopt", {"reason": args.reason}
 
 
@@ -286,7 +307,7 @@ async def _operate(
     token_env = config.controller.api_token_env
     token = os.environ.get(token_env, "").strip()
     if not token:
-        raise ConfigError(f"set {token_env} to the daemon's API token (controller.api_token_env)")
+        raise UsageError(f"set {token_env} to the daemon's API token (controller.api_token_env)")
     url = _daemon_url(config, url)
     headers = {"Authorization": f"Bearer {token}", "X-Regionshift-Operator": operator or os.environ.get("USER", "cli")}
     try:
@@ -296,11 +317,7 @@ async def _operate(
         ):
             answer = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(
-            redact(f"regionshift: cannot reach the daemon at {url}: {exc} (is `regionshift run` running?)"),
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        return _unreachable(url, exc)
     if response.status == 200:  # noqa: PLR2004 - HTTP OK
         if "ramp" in answer:
             print(f"ramp {answer['ramp']}: {answer['status']} ({answer['reason']})")
@@ -349,7 +366,7 @@ async def _probe(config: Config, once: bool, regions: list[str] | None) -> int: 
     known = [r.name for r in config.regions]
     for name in regions or []:
         if name not in known:
-            raise ConfigError(f"--region {name!r}: not in the configuration; known: {', '.join(known)}")
+            raise UsageError(f"--region {name!r}: not in the configuration; known: {', '.join(known)}")
     vantage = config.controller.vantage
     probers = [
         make_prober(spec, r.name, vantage)

@@ -429,23 +429,30 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
 async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monkeypatch):
     zone_id, name = make_zone(route53)
     path = write_files(tmp_path, zone_id, name)
+    # Usage errors, each one line (not "invalid configuration": the file is fine), exit 2.
     code, _, err = await run_cli("ramp", "start", "nope", "-c", path)
-    assert (code, err.strip().splitlines()[-1]) == (2, "no ramp named 'nope' in the policy files; known: launch")
+    assert (code, err) == (2, "regionshift: no ramp named 'nope' in the policy files; known: launch\n")
     code, _, err = await run_cli("adopt", "nope/A", "-c", path)
-    assert (code, err.strip().splitlines()[-1]) == (
-        2,
-        f"no record set 'nope/A' in the configuration; known: {name}/A",
-    )
+    assert (code, err) == (2, f"regionshift: no record set 'nope/A' in the configuration; known: {name}/A\n")
     monkeypatch.delenv("REGIONSHIFT_API_TOKEN")
     code, _, err = await run_cli("ramp", "start", "launch", "-c", path)
-    assert (code, err.strip().splitlines()[-1]) == (
+    assert (code, err) == (
         2,
-        "set REGIONSHIFT_API_TOKEN to the daemon's API token (controller.api_token_env)",
+        "regionshift: set REGIONSHIFT_API_TOKEN to the daemon's API token (controller.api_token_env)\n",
     )
     monkeypatch.setenv("REGIONSHIFT_API_TOKEN", TOKEN)
     code, _, err = await run_cli("ramp", "start", "launch", "-c", path, "--url", "http://127.0.0.1:9")
     assert code == 1
     assert "cannot reach the daemon at http://127.0.0.1:9" in err
+    assert "give its address with --url" in err
+    # A daemon told to pick a free port: the commands cannot guess it, and say what to give.
+    picked = tmp_path / "picked.yaml"
+    picked.write_text("controller:\n  listen: 127.0.0.1:0\n" + (tmp_path / "regionshift.yaml").read_text())
+    for command in (("status",), ("ramp", "start", "launch"), ("adopt", f"{name}/A")):
+        code, _, err = await run_cli(*command, "-c", str(picked))
+        assert code == 2, (command, err)
+        assert err.startswith("regionshift: controller.listen has port 0 "), err
+        assert "give its address with --url" in err, err
 
 
 async def test_plan_prints_every_step_and_touches_nothing(route53, tmp_path):

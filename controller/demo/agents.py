@@ -88,4 +88,5 @@ class DemoAgents:
             terminate(process, 5.0)
         self.broker.__exit__()
         os.environ.pop(CONTROLLER_PASSWORD_ENV, None)
-        # The agents' logs stay (the demo printed where) for a look after the demo.
+        # The agents' logs stay: the demo removes them once its story has played out, and says
+        # where they are when it has not.

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -263,7 +264,10 @@ class Story:
         online = sum(a.state == "online" for a in intake.agents.values()) if intake is not None else 0
         vantages = f"agents {online}/{len(AGENTS)} online" + (f", set aside: {', '.join(aside)}" if aside else "")
         at = f"step {step + 1}/{len(LAUNCH.steps)} ({LAUNCH.steps[step]:g}%)" if step >= 0 else "before step 1"
-        self.say(f"ramp {status:<11} {at:<17} route53 {weights:<15} traffic {traffic or '-':<36} {verdict}  {vantages}")
+        # What the clients resolved (kept for the TTL, as resolvers keep it): it trails a write by
+        # up to a TTL, so it is not called Route 53's (the `** route53` lines say what was written).
+        traffic = f"traffic {traffic or '-':<36}"
+        self.say(f"ramp {status:<11} {at:<17} resolved {weights:<15} {traffic} {verdict}  {vantages}")
 
 
 async def wait_for(predicate: Callable[[], bool], story: Story) -> None:
@@ -459,6 +463,9 @@ async def run_launch(stop: asyncio.Event, duration: float | None, listen: str, o
             "lag recovers -> ramp -> partial failure -> rollback -> recovery -> resumed -> 50% done",
             file=out,
         )
+        shutil.rmtree(agents.logs, ignore_errors=True)  # kept for a look only when something went wrong
+    else:
+        print(f"demo: the agents' logs are in {agents.logs}", file=out)
     return 1 if problems else 0
 
 

@@ -77,9 +77,8 @@ class ErrorDetector(SequentialDetector):
             in_window = sum(1 for e in events if e[0] > now - p.window)
             recent = [e[2] for e in events[-max(in_window, OVER_AFTER) :]]
             if full > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
-                what = f"{probe}: {run.bad} failures over {now - run.since:.0f}s"
-                what += f", the last {len(recent)} results lean healthy"
-                outcome = ("ok", f"{what}: over")
+                what = f"{probe}: fault over ({run.bad} failures in the last {now - run.since:.0f}s"
+                outcome = ("ok", f"{what}, but the last {len(recent)} results lean healthy)")
                 continue
             since = run.since
             what = (
