@@ -105,7 +105,12 @@ async def test_demo_plays_its_script_and_checks_the_verdicts(cli_env):
     # recover_after, and one clean-clone run at 46 s saw it still degraded at the end.
     code, out, err = await run_cli("demo", "--scenario", "verdicts", "--duration", "60", env=cli_env)
     assert code == 0, out + err
-    assert "eu-west-1: healthy -> DEGRADED" in out
+    # Degraded from healthy: at once, or through unknown while its peers have too few results to
+    # tell it apart (it is probed ten times a second once it fails; they are not, yet).
+    assert re.search(r"eu-west-1: (healthy|unknown) -> DEGRADED", out), out
+    changes = re.findall(r"eu-west-1: (\w+) -> (\w+)", out)
+    degraded = changes.index(next(c for c in changes if c[1] == "DEGRADED"))
+    assert [c[1] for c in changes[:degraded]] in (["UNKNOWN", "HEALTHY"], ["UNKNOWN", "HEALTHY", "UNKNOWN"]), changes
     # Unhealthy for refused connections, whichever detector says it first ("the last 3 results
     # all failed (refused x3)", "59% of 17 probes succeeded ... (refused x7)").
     assert re.search(r"ap-southeast-2: \w+ -> UNHEALTHY .*\(refused x\d+", out), out
