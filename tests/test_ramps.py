@@ -16,6 +16,7 @@ from controller.settings.policy import RampPolicy
 from controller.settings.schema import Member, RecordSet, Region
 
 T0 = 1_800_000_000.0
+UNKNOWN = "eu-west-1 unknown (no fresh data, or a finding its peers cannot tell apart yet)"
 TTL = 60
 REGIONS = {r.name: r for r in [Region(name="us-east-1"), Region(name="eu-west-1"), Region(name="ap-southeast-2")]}
 RS = RecordSet(
@@ -143,7 +144,7 @@ def test_a_data_gap_right_after_a_step_never_shortens_its_wait_of_insync_plus_tt
     due = sim.now + TTL + 600
     sim.tick(8)
     sim.set("eu-west-1", "unknown")  # e.g. a restart 8 s after INSYNC: no results yet
-    assert sim.tick(1) == "holding: no fresh data for eu-west-1; the bake restarts once it is healthy"
+    assert sim.tick(1) == f"holding: {UNKNOWN}; the bake restarts once it is healthy"
     assert sim.state.bake_until == due  # not now + bake, which is 51 s sooner
     sim.set("eu-west-1", "healthy")
     assert sim.tick(due - sim.now - 1) == "baking step 1 of 5: 1s left"
@@ -156,7 +157,7 @@ def test_a_target_without_fresh_data_holds_the_ramp_and_restarts_its_bake():
     sim.tick()
     sim.tick(TTL + 600)  # 5%
     sim.set("eu-west-1", "unknown")  # e.g. the controller restarted and has no results yet
-    assert sim.tick(TTL + 600) == "holding: no fresh data for eu-west-1; the bake restarts once it is healthy"
+    assert sim.tick(TTL + 600) == f"holding: {UNKNOWN}; the bake restarts once it is healthy"
     assert (sim.share(), sim.state.status) == (5.0, "baking")  # neither forward nor back
     sim.set("eu-west-1", "healthy")
     assert sim.tick(599) == "baking step 2 of 5: 1s left"  # the whole bake again, healthy throughout
@@ -170,7 +171,7 @@ def test_after_a_restart_a_pending_step_waits_for_fresh_data_and_is_dropped_if_t
     restored = RampState.from_json(asked.state.to_json())  # crashed before the write was sent
     sim.state = restored
     sim.set("eu-west-1", "unknown")  # no data yet after the restart
-    assert sim.tick(1) == "holding step 1 of 5: eu-west-1 to 1%: no fresh data for eu-west-1"
+    assert sim.tick(1) == f"holding step 1 of 5: eu-west-1 to 1%: {UNKNOWN}"
     assert sim.writes == []
     sim.set("eu-west-1", "degraded")
     sim.tick(1)

@@ -196,7 +196,7 @@ def _ask_again(policy: RampPolicy, state: RampState, pending: Pending, view: Vie
             return None
         waiting = [r for r, s in statuses.items() if s != "healthy"]
         if waiting:
-            reason = f"holding {pending.reason}: no fresh data for {', '.join(waiting)}"
+            reason = f"holding {pending.reason}: {_unknown(waiting)}"
             return Plan(replace(state, reason=reason), reason=reason)
     growing = _would_grow_unhealthy(view, pending.weights, forward=pending.action == "forward")
     if growing:
@@ -283,7 +283,7 @@ def _bake(policy: RampPolicy, state: RampState, view: View) -> Plan:
         # No fresh data is no reason to act (fail static), nor a healthy bake: hold, and count
         # the bake again from when the target is seen healthy. Never earlier than the step's own
         # bake (INSYNC + TTL + bake): a gap right after a step must not shorten its wait.
-        reason = f"holding: no fresh data for {', '.join(blind)}; the bake restarts once it is healthy"
+        reason = f"holding: {_unknown(blind)}; the bake restarts once it is healthy"
         bake_until = max(view.now + policy.bake, state.bake_until or 0.0)
         return Plan(replace(state, bake_until=bake_until, reason=reason), reason=reason)
     if state.bake_until is not None and view.now < state.bake_until:
@@ -350,3 +350,9 @@ def act(policy: RampPolicy, state: RampState, action: Action, now: float) -> tup
         return state, f"cannot abort a ramp that is {state.status}"
     # A write in flight still resolves first (its result is needed to know what Route 53 holds).
     return replace(state, abort_requested=True, reason="abort requested by an operator"), None
+
+
+def _unknown(regions: list[str]) -> str:
+    """Why a ramp waits on regions that are not judged (`unknown`): no fresh data, or a finding
+    their peers cannot tell apart yet (see `judging.findings.unconfirmed`)."""
+    return f"{', '.join(regions)} unknown (no fresh data, or a finding its peers cannot tell apart yet)"
