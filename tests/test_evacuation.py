@@ -104,6 +104,10 @@ def test_share_comes_back_only_after_restore_after_of_health():
         observed = result.weights
         result = step(observed, T0 + 700, **recovered)
     assert shares(observed) == pytest.approx(shares(HOME), abs=0.5)
+    # Back at the home shares in weights of its own: said so, not "waiting to restore nothing"
+    # (what a user saw for as long as they watched after a restore to 127/127 from home 1/1).
+    done = step({"use1": 128, "euw1": 64, "apse2": 64}, T0 + 800, **recovered)
+    assert (done.weights, done.reason) == (None, "at home shares (use1=128 euw1=64 apse2=64: the home weights' shares)")
 
 
 def test_blind_or_all_bad_holds_the_weights():

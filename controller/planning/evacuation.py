@@ -94,6 +94,9 @@ def plan_evacuation(
         return EvacuationPlan(reason="at home weights")
     home_shares = shares(home)
     deficit = {sid: home_shares[sid] - current[sid] for sid in home if home_shares[sid] > current[sid] + SHARE_EPSILON}
+    if not deficit:  # a restore ends at the home shares, in weights of its own (127/127 for 1/1)
+        held = " ".join(f"{sid}={weight}" for sid, weight in observed.items())
+        return EvacuationPlan(reason=f"at home shares ({held}: the home weights' shares)")
     ready = {sid: d for sid, d in deficit.items() if healthy_for(sid) >= policy.restore_after}
     if not ready:
         waiting = ", ".join(f"{region_of[s]} ({status(s)}, healthy {healthy_for(s):.0f}s)" for s in deficit)
