@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry
 from controller import logs
 from controller.events.bus import Bus
 from controller.judging.windows import WindowStore
-from controller.settings.schema import Config, ControllerSettings, Region
+from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region
 from controller.sinks.prometheus import Metrics
 from controller.state.store import Store
 from controller.web.api import ApiServer, make_app
+from controller.web.views import text
 from probes.spec import HttpProbe, redact
 
 TOKEN = "s3cret-token"
@@ -317,3 +318,26 @@ async def test_the_state_says_why_operators_cannot_act_here():
     assert "verdict_history" not in no_token
     assert (read_only["actions"], read_only["no_actions"]) == (False, "read-only: no actions")
     assert read_only["verdict_history"] == []
+
+
+async def test_a_record_set_whose_weights_cannot_move_says_so_in_the_state_and_the_status():
+    # A Route 53 request that hangs raises no error while it hangs: /healthz said "not read for
+    # 65s" while the state, `regionshift status` and the live page showed nothing wrong.
+    source = Source()
+    record = RecordSet(
+        zone_id="Z1",
+        name="api.example.com",
+        members=[Member(set_identifier="euw1", region="eu-west-1", value="192.0.2.1")],
+    )
+    source.config = Config(regions=[Region(name="eu-west-1")], record_sets=[record])
+    source.reconciler.views = {}
+    source.actuation = lambda: {record.key: "Route 53 not read for 65s"}
+    async with serving(source) as http, http.get("/api/v1/state") as response:
+        state = await response.json()
+    assert state["record_sets"][0]["actuation"] == "Route 53 not read for 65s"
+    assert "  ROUTE 53: not read for 65s" in text(state, "http://127.0.0.1:1", 1000.0).splitlines()
+    source.actuation = dict
+    async with serving(source) as http, http.get("/api/v1/state") as response:
+        state = await response.json()
+    assert state["record_sets"][0]["actuation"] is None
+    assert "  ROUTE 53:" not in text(state, "http://127.0.0.1:1", 1000.0)

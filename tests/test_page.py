@@ -21,6 +21,7 @@ from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from controller.daemon import Daemon
 from controller.web.listening import stop_accepting
 from tests.browser import CHROMIUM, launch
+from tests.faults import FaultProxy
 from tests.test_shifting import TOKEN, Running, config, make_zone, set_weight
 
 if TYPE_CHECKING:
@@ -177,6 +178,29 @@ async def freeze_and_unfreeze(page: Page, running: Running) -> None:
     await page.locator("#unfreeze").click()  # no confirmation needed to undo a freeze
     await running.until(lambda: reconciler.frozen is None, what="unfreeze")
     await expect(page.locator("#frozen")).to_be_hidden(timeout=LIVE)
+
+
+async def test_the_top_line_warns_while_route53_refuses_and_clears_when_it_answers(world, route53, tmp_path, browser):
+    # A new user saw "✓ all 3 regions healthy" on top while the record set could not move: the
+    # error was only in its card, further down (and, for a hung request, nowhere on the page).
+    zone_id, name = make_zone(route53)
+    record = f"{name}/A"
+    async with FaultProxy(route53.url) as proxy:
+        base = page_config(world, route53, zone_id, name, tmp_path)
+        r53 = base.controller.route53.model_copy(update={"endpoint_url": proxy.url, "max_attempts": 1})
+        daemon = Daemon(base.model_copy(update={"controller": base.controller.model_copy(update={"route53": r53})}))
+        async with Running(daemon) as running:
+            await running.until(lambda: all_healthy(daemon), what="three healthy regions")
+            page, seen = await open_page(browser, daemon.url)
+            summary = page.locator("#summary")
+            await expect(summary).to_contain_text("✓ all 3 regions healthy", timeout=LIVE)
+            proxy.fail("ListResourceRecordSets", "AccessDenied", times=10_000, status=403)
+            await expect(summary).to_contain_text(f"⚠ {record}: Route 53: AccessDenied", timeout=10_000)
+            await expect(page.locator(f'[data-record="{record}"] .error-line')).to_contain_text("AccessDenied")
+            proxy.faults.clear()
+            await expect(summary).not_to_contain_text("⚠", timeout=10_000)
+            await expect(page.locator(f'[data-record="{record}"] .error-line')).to_be_hidden()
+    assert seen.page_errors == []
 
 
 async def test_operators_act_from_the_page_with_the_token_and_typed_confirmations(world, route53, tmp_path, browser):

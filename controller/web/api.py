@@ -42,8 +42,6 @@ class StateSource(Observed, Protocol):
 
     def problems(self) -> list[str]: ...
 
-    def actuation(self) -> dict[str, str]: ...
-
 
 Body = TypeVar("Body", bound=BaseModel)
 MAX_OPERATOR = 100  # characters of an operator's name

@@ -55,6 +55,10 @@ class Observed(Protocol):
 
     def clock(self) -> float: ...
 
+    def actuation(self) -> dict[str, str]:
+        """Record sets whose actuation is impaired, and how (what `/healthz` reports)."""
+        ...
+
     def api_token(self) -> str | None: ...
 
     def agents(self) -> dict[str, Any] | None:
@@ -73,6 +77,7 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
     now = source.clock()
     no_actions = why_no_actions(source)
     agents = source.agents()
+    actuation = source.actuation()
     vantages = seen_vantages(source, agents)
     policy = source.config.policy.verdicts
     out = {
@@ -98,7 +103,7 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
             }
             for r in source.config.regions
         ],
-        "record_sets": [record_set(rs, reconciler) for rs in source.config.record_sets],
+        "record_sets": [record_set(rs, reconciler, actuation.get(rs.key)) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
         "read_only": source.config.controller.read_only,  # no operator actions: the page shows none
@@ -184,7 +189,7 @@ def cell(
     }
 
 
-def record_set(rs: RecordSet, reconciler: Reconciler | None) -> dict[str, Any]:
+def record_set(rs: RecordSet, reconciler: Reconciler | None, actuation: str | None = None) -> dict[str, Any]:
     """One record set: members with observed and desired weights and shares, its owner and why."""
     view = reconciler.views.get(rs.key) if reconciler is not None else None
     observed = dict(view.observed) if view is not None else {}
@@ -213,6 +218,9 @@ def record_set(rs: RecordSet, reconciler: Reconciler | None) -> dict[str, Any]:
         "reason": view.reason if view is not None else None,
         "drift": view.drift if view is not None else None,
         "error": view.error if view is not None else None,
+        # Whether its weights can move, as `/healthz` says: the last request's error, or how long
+        # Route 53 has not been read (a request that hangs raises no error while it hangs).
+        "actuation": actuation,
     }
 
 
@@ -285,8 +293,9 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
         lines += ["  " + row for row in table(members)]
         if rs.get("drift"):
             lines.append(f"  DRIFT: {rs['drift']}")
-        if rs.get("error"):
-            lines.append(f"  ROUTE 53: {rs['error']}")
+        trouble = rs.get("actuation") or (f"Route 53: {rs['error']}" if rs.get("error") else None)
+        if trouble:
+            lines.append(f"  ROUTE 53: {trouble.removeprefix('Route 53: ').removeprefix('Route 53 ')}")
     if state["ramps"]:
         ramps_rows = [("RAMP", "STATUS", "WAVE", "STEP", "SHARE", "BAKE LEFT", "WHY")]
         for r in state["ramps"]:

@@ -410,6 +410,7 @@ function summary(state) {
     const now = rs.members.filter((m) => m.observed_share !== null).map((m) => `${m.region} ${share(m.observed_share)}`);
     if (now.length) parts.push(` · ${rs.name}: ${now.join(", ")}`);
     if (rs.drift) parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ drift on ${rs.key}`));
+    if (rs.actuation) parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ ${rs.key}: ${rs.actuation}`));
   }
   return h("p", {}, parts);
 }
@@ -491,11 +492,17 @@ function recordCards(state) {
       h("div", { class: "reason owner", title: rs.reason || "" }, `${owner}${rs.reason ? `: ${rs.reason}` : ""}`),
       rs.drift ? h("div", { class: "drift" }, `⚠ DRIFT: ${rs.drift}. regionshift holds this record until the drift ends or it is adopted. `,
         actionable(state) ? h("button", { class: "adopt", onclick: () => act("adopt", rs.key) }, "Adopt Route 53's weights") : null) : null,
-      rs.error ? h("div", { class: "error-line" }, `✗ Route 53: ${rs.error}`) : null,
+      trouble(rs) ? h("div", { class: "error-line" }, `✗ ${trouble(rs)}`) : null,
       h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Member"), h("th", {}, "Region"),
         h("th", {}, "Route 53 now (share)"), h("th", {}, "Desired (share)"))), h("tbody", {}, rows)),
       h("div", { class: "chart-box" }));
   });
+}
+
+// Why a record set's weights cannot move now: what /healthz says (an error, or Route 53 not read
+// for long: a hung request raises no error while it hangs), else the last request's error.
+function trouble(rs) {
+  return rs.actuation || (rs.error ? `Route 53: ${rs.error}` : null);
 }
 
 function weightCell(weight, pct) {
