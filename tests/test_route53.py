@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 import pytest_asyncio
+import structlog
+import structlog.testing
 from botocore.stub import Stubber
 
 from controller.acting.errors import DriftError, RetryableError, TerminalError
@@ -18,6 +20,7 @@ from controller.acting.route53 import Actuator, make_client
 from controller.demo.world import seed_weighted_group
 from controller.planning.guardrails import GuardrailError
 from controller.settings.schema import Config, Member, RecordSet, Region
+from controller.state.store import Store
 from tests.faults import FaultProxy
 
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -313,3 +316,52 @@ def test_a_record_set_waiting_its_turn_is_in_contact_one_whose_reads_fail_is_not
     assert reconciler.actuation(now[0], stale_after=60) == {other.key: "Route 53: AccessDenied: not allowed"}
     assert reconciler.last_contact(rs.key) == 1290.0
     assert reconciler.last_contact(other.key) == 1000.0  # its own reads fail: only they count
+
+
+async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_too(tmp_path):
+    # A zone gone (or Route 53 unreachable) was logged at every reconcile: 21 error lines in 20 s,
+    # and nothing said when Route 53 answered again.
+    rs = RecordSet(
+        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
+    )
+    config = Config(regions=[Region(name="us-east-1")], record_sets=[rs])
+    answers: list[BaseException | None] = [
+        *[TerminalError("NoSuchHostedZone: no hosted zone found with ID: Z1")] * 5,
+        RetryableError("network: connection refused"),
+        RetryableError("network: connection refused"),
+        None,
+    ]
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def read_group(self, _rs):
+            answer = answers[min(self.calls, len(answers) - 1)]
+            self.calls += 1
+            if answer is not None:
+                raise answer
+            return {}
+
+        @staticmethod
+        def weights_of(_rs, _group):
+            return {}
+
+    class Lease:
+        holder = "test"
+
+    async with Store(tmp_path / "state.sqlite") as store:
+        reconciler = Reconciler(config, Flaky(), store=store, lease=Lease(), clock=lambda: 1000.0)
+        with structlog.testing.capture_logs() as logged:
+            for tick in range(len(answers)):
+                await reconciler.tick({}, 1000.0 + tick)
+    said = [(e["event"], e["log_level"]) for e in logged if e["event"].startswith("route53")]
+    assert said.count(("route53 refused a read", "debug")) == 4  # the repeats: at debug only
+    said = [(event, level) for event, level in said if level != "debug"]
+    assert said == [
+        ("route53 refused a read", "error"),  # once for five
+        ("route53 unavailable, will retry", "warning"),  # another kind of error: said again
+        ("route53 answers again", "info"),
+    ]
+    assert [e["failing_for"] for e in logged if e["event"] == "route53 answers again"] == [7.0]
+    assert reconciler.views[rs.key].errors == {"terminal": 5, "retryable": 2}

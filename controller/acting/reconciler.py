@@ -11,6 +11,7 @@ Running a tick twice does nothing more than running it once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,8 @@ class RecordView:
     held: str | None = None  # why the pacing holds the next forward step, while it does
     last_read_at: float | None = None  # the last successful read of the group from Route 53
     errors: dict[str, int] = field(default_factory=dict)  # Route 53 errors so far, by kind
+    # Since when its requests fail, and the last failure's (type, kind): said once while it lasts.
+    failing: tuple[float, tuple[str, str]] | None = None
 
 
 class Reconciler:
@@ -191,19 +194,32 @@ class Reconciler:
                 try:
                     await self._reconcile(rs, verdicts, now)
                 except RetryableError as exc:
-                    self._route53_error(key, exc)
-                    log.warning("route53 unavailable, will retry", record=key, error=str(exc))
+                    self._route53_failed(key, exc, "route53 unavailable, will retry", logging.WARNING, now)
                 except NoCredentialsError as exc:
-                    self._route53_error(key, exc)
-                    log.error("no AWS credentials: Route 53 cannot be read or written", record=key, error=str(exc))
+                    self._route53_failed(
+                        key, exc, "no AWS credentials: Route 53 cannot be read or written", logging.ERROR, now
+                    )
                 except TerminalError as exc:  # e.g. access denied: nothing moves, the daemon stays up
-                    self._route53_error(key, exc)
-                    log.error("route53 refused a read", record=key, error=str(exc))
+                    self._route53_failed(key, exc, "route53 refused a read", logging.ERROR, now)
 
     def _route53_error(self, key: str, exc: Route53Error) -> None:
         view = self.views[key]
         view.error = str(exc)
         view.errors[exc.kind] = view.errors.get(exc.kind, 0) + 1
+
+    def _route53_failed(self, key: str, exc: Route53Error, what: str, level: int, now: float) -> None:
+        """A tick that failed on Route 53: count it (`_route53_error`) and say it once while it
+        lasts: the same kind of error again, tick after tick, is logged at debug (a zone gone or
+        Route 53 unreachable said so every second, 21 lines in 20 s), and `_reconcile` says when
+        Route 53 answers again."""
+        view = self.views[key]
+        again = view.failing is not None and view.failing[1] == (type(exc).__name__, exc.kind)
+        self._route53_error(key, exc)
+        if again:
+            log.debug(what, record=key, error=str(exc))
+            return
+        view.failing = (view.failing[0] if view.failing is not None else now, (type(exc).__name__, exc.kind))
+        log.log(level, what, record=key, error=str(exc))
 
     def last_contact(self, key: str) -> float:
         """When Route 53 last answered for this record set: its own last read or, while its last
@@ -240,6 +256,9 @@ class Reconciler:
         raw = self.actuator.weights_of(rs, group)
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error, view.last_read_at = observed, None, self.clock()
+        if view.failing is not None:
+            log.info("route53 answers again", record=key, failing_for=round(now - view.failing[0], 1))
+            view.failing = None
         await self._settle_open_intent(key, raw, now)
         expected, written = await self._expected(key)
         if expected is None and all(w is not None for w in raw.values()):
