@@ -21,6 +21,7 @@ import structlog
 from controller import logs
 from controller.planning.operator import ACTIONS
 from controller.settings.loading import ConfigError, load_config
+from controller.settings.policy import record_key
 from controller.settings.schema import split_listen
 from controller.state.database import StateError
 from controller.web.api import ListenError
@@ -293,9 +294,10 @@ def _operation(config: Config, args: argparse.Namespace) -> tuple[str, str, dict
             raise UsageError(f"no ramp named {args.name!r} in the policy files; known: {known}")
         return f"{args.action} {args.name}", f"/api/v1/ramps/{args.name}/{args.action}", None
     keys = [rs.key for rs in config.record_sets]
-    if args.record not in keys:
+    key = record_key(args.record)  # a bare name is an A record's, as in a ramp's `record_set`
+    if key not in keys:
         raise UsageError(f"no record set {args.record!r} in the configuration; known: {', '.join(keys) or 'none'}")
-    return f"adopt {args.record}", f"/api/v1/records/{args.record}/adopt", {"reason": args.reason}
+    return f"adopt {key}", f"/api/v1/records/{key}/adopt", {"reason": args.reason}
 
 
 async def _operate(

@@ -361,7 +361,7 @@ class Daemon:
                 log.info("read-only: operator actions (ramps, freeze, adopt) are refused over the API")
             elif self.api_token() is None:
                 log.warning(
-                    "no API token: operator actions (ramp start, pause, resume, abort; freeze) are refused",
+                    "no API token: operator actions (ramp start, pause, resume, abort; freeze; adopt) are refused",
                     set=self.config.controller.api_token_env,
                 )
             async with asyncio.TaskGroup() as group:

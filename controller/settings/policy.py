@@ -230,7 +230,13 @@ class RampPolicy(SettingsModel):
 
     @property
     def record_key(self) -> str:
-        return self.record_set if "/" in self.record_set else f"{self.record_set.rstrip('.').lower()}/A"
+        return record_key(self.record_set)
+
+
+def record_key(name: str) -> str:
+    """A record set's key (`NAME/TYPE`) from how a ramp or a command may name it: the key, or the
+    bare name of an `A` record."""
+    return name if "/" in name else f"{name.rstrip('.').lower()}/A"
 
 
 class EvacuationPolicy(SettingsModel):
