@@ -355,9 +355,10 @@ async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_t
         with structlog.testing.capture_logs() as logged:
             for tick in range(len(answers)):
                 await reconciler.tick({}, 1000.0 + tick)
-    said = [(e["event"], e["log_level"]) for e in logged if e["event"].startswith("route53")]
-    assert said.count(("route53 refused a read", "debug")) == 4  # the repeats: at debug only
-    said = [(event, level) for event, level in said if level != "debug"]
+    # The repeats go to debug (which the daemon's log level may leave out before this sees them).
+    said = [
+        (e["event"], e["log_level"]) for e in logged if e["event"].startswith("route53") and e["log_level"] != "debug"
+    ]
     assert said == [
         ("route53 refused a read", "error"),  # once for five
         ("route53 unavailable, will retry", "warning"),  # another kind of error: said again
