@@ -183,9 +183,7 @@ class Baselines:
         back since (a look at a later time, say a peer's, may have moved a key's range on): most
         passes at most probes. At 10,000 series the slowdown detector asked `of` of every
         window, every pass: 10,000 looks that each found the same baseline."""
-        if now < self._now:
-            self._era += 1
-        self._now = now
+        self._look_at(now)
         vantages = tuple(windows)
         last = self._each.get((region, probe))
         if last is not None and last[0] == vantages and last[1] <= now < last[2] and last[4] == self._era:
@@ -201,10 +199,15 @@ class Baselines:
         self._each[region, probe] = (vantages, start, until, each, self._era)
         return each
 
-    def of(self, key: WindowKey, window: Window, now: float) -> Baseline | None:
-        if now < self._now:  # the clock went back: what `of_each` found before may not hold
+    def _look_at(self, now: float) -> None:
+        """A look at `now`: one earlier than the last starts a new era (the clock went back: what
+        `of_each` found before may not hold)."""
+        if now < self._now:
             self._era += 1
         self._now = now
+
+    def of(self, key: WindowKey, window: Window, now: float) -> Baseline | None:
+        self._look_at(now)
         p = self.policy
         state = self._keys.get(key)
         if state is None:
