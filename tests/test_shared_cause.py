@@ -191,6 +191,37 @@ def test_an_agent_cut_off_with_its_region_blames_the_region_and_marks_no_other()
     assert any(m.startswith("evacuation") for m in world.moves())
 
 
+def test_a_region_down_as_a_whole_is_no_shared_cause_for_another_failing_one_path():
+    # ap-south-1 is down (every probe refused) for a minute, then comes back; meanwhile
+    # eu-west-1 fails 2 of every 5 orders and answers healthz. ap-south-1's orders failures are
+    # its outage, not a cause it shares with eu-west-1: it fails healthz too, which eu-west-1
+    # answers. Counted as alike, they made eu-west-1 "healthy (a shared cause)" for 116 s, and
+    # a ramp could have given it share all that while.
+    world = World()
+    world.healthy(WARM_UP)
+    statuses = []
+    for second in range(120):
+        world.second(
+            {
+                "us-east-1": dict.fromkeys(PROBES, True),
+                "eu-west-1": {"healthz": True, "orders": second % 5 not in (1, 3)},
+                "ap-south-1": dict.fromkeys(PROBES, second >= 60),
+            }
+        )
+        statuses.append(world.judge.verdicts["eu-west-1"].status)
+        if second == 30:  # evacuated onto us-east-1, the one region answering; no ramp step onto it
+            moves = world.moves()
+            assert any(m.startswith("evacuation") and "eu-west-1 (degraded)" in m for m in moves), moves
+            assert not any(m.startswith("ramp forward") for m in moves), moves
+            reasons = world.judge.verdicts["eu-west-1"].reasons
+            assert any("leaving out ap-south-1: failing where this region passes too" in r for r in reasons), reasons
+            assert not any("shared cause" in r for r in reasons), reasons
+    first = statuses.index("degraded")
+    assert first <= 30, statuses
+    assert set(statuses[:first]) <= {"healthy", "unknown"}
+    assert set(statuses[first:]) == {"degraded"}, statuses  # held while ap-south-1 is down and back
+
+
 shared_round = st.tuples(
     st.booleans(),  # healthz ok, in every region
     st.booleans(),  # orders ok, in every region

@@ -41,6 +41,8 @@ class PeerCheck:
     # The peers have a result or more, but fewer than `MIN_PEER_SAMPLES` between them over the
     # span compared: too few to tell anything yet (`apart` is False meanwhile).
     waiting: bool = False
+    # Peers not compared: their trouble is wider than this region's (`wider_trouble`).
+    left_out: tuple[str, ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -64,17 +66,34 @@ class PeerCheck:
         return self.regional and len(self.worse_than) * 2 >= len(self.compared)
 
     def text(self) -> str:
+        said = self._text()
+        if self.left_out:
+            said += f" (leaving out {', '.join(self.left_out)}: failing where this region passes too)"
+        return said
+
+    def limit_text(self) -> str:
+        """`text` for a raw limit's finding, which needs `set_apart`: says why one worse than
+        the peers together is not held yet."""
+        if self.regional and self.apart and not self.set_apart:
+            fewer = ", ".join(sorted(set(self.compared) - set(self.worse_than)))
+            return f"{self.text()}, but not yet significantly worse than {fewer} one by one"
+        return self.text()
+
+    def _text(self) -> str:
         if self.shared:
             return f"like {', '.join(self.alike)}: a shared cause"
         if not self.compared:
             return "no peer result yet to compare with" if self.apart is False else "no peer region to compare with"
         if self.waiting:
             return f"too few results yet from {', '.join(self.compared)} to compare with"
+        together = " together" if len(self.compared) > 1 else ""
         if self.apart is False:
-            return f"not yet significantly worse than {', '.join(self.compared)} together"
+            return f"not yet significantly worse than {', '.join(self.compared)}{together}"
         if self.worse_than:
             return f"worse than {', '.join(self.worse_than)}"
-        return f"unlike {', '.join(sorted(set(self.compared) - set(self.alike)))}"
+        if self.apart is None:
+            return f"no result yet from {', '.join(self.compared)} to compare with"
+        return f"worse than {', '.join(self.compared)}{together}"
 
     def evidence(self) -> dict[str, Any]:
         return {
@@ -82,6 +101,7 @@ class PeerCheck:
             "alike": list(self.alike),
             "apart": self.apart,
             "waiting": self.waiting,
+            "left_out": list(self.left_out),
             "peers": self.detail,
         }
 
@@ -113,7 +133,60 @@ def errors_vs_peers(
     def alike(_peer: str, samples: int, bad: int) -> bool:
         return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, policy.peers.significance)
 
-    return outcomes_vs_peers(view, probe, since, now, policy, span, ("error_ratio", lambda s: not s[OK]), alike)
+    return outcomes_vs_peers(
+        view, probe, since, now, policy, span, ("error_ratio", failed), alike, wider_than=llr.acceptable
+    )
+
+
+def failed(sample: Sample) -> bool:
+    return not sample[OK]
+
+
+def counts(
+    view: RegionView,
+    probe: str,
+    since: float,
+    now: float,
+    policy: VerdictPolicy,
+    span: float,
+    is_bad: Callable[[Sample], bool],
+) -> tuple[int, int]:
+    """(results, bad ones) of one probe of a region since `since` (within `span`), at its fresh vantages."""
+    samples = [s for w in view.fresh_of(probe, now, policy.stale_after).values() for s in w.samples(now, span)]
+    recent = samples_since(samples, since)
+    return len(recent), sum(1 for s in recent if is_bad(s))
+
+
+def wider_trouble(
+    view: RegionView,
+    peer: RegionView,
+    probe: str,
+    since: float,
+    now: float,
+    policy: VerdictPolicy,
+    span: float,
+    acceptable: float,
+) -> str | None:
+    """A probe besides `probe` that `peer` fails beyond a healthy target's noise (at
+    `acceptable`) since `since`, and significantly more than this region does (Fisher's test
+    at `peers.significance`, with `min_error_ratio`: a fault every region shares fails each at
+    random, and one region's few failures more are not a wider trouble): the peer's trouble is wider than
+    this region's (it is down as a whole, or coming back from it), and its failures of `probe`
+    are no sign of a cause the two share. Counted as alike, a region down elsewhere made one
+    failing 40% of a path `healthy` ("a shared cause") for as long as its outage lasted and the
+    window after. None when there is none: a peer failing the same probes, or everything as
+    this region does, may well share its cause."""
+    significance = policy.peers.significance
+    for other in peer.probes:
+        if other == probe or other not in view.probes:
+            continue
+        theirs = counts(peer, other, since, now, policy, span, failed)
+        if not beyond_noise(*theirs, acceptable, significance):
+            continue
+        mine = counts(view, other, since, now, policy, span, failed)
+        if mine[0] and fails_more(theirs, mine, significance, policy.peers.min_error_ratio)[0]:
+            return other
+    return None
 
 
 def slower_vs_peers(
@@ -142,32 +215,34 @@ def outcomes_vs_peers(
     span: float,
     bad_outcome: tuple[str, Callable[[Sample], bool]],
     alike: Callable[[str, int, int], bool],
+    wider_than: float | None = None,
 ) -> PeerCheck:
     """Fisher's exact test (one-sided) of this region's bad outcomes (`bad_outcome`: the name
     of their ratio in the evidence, and which results are bad) against each peer's since
     `since` (within `span`), with an effect size: worse means significant and
     `min_error_ratio` times theirs; and against the peers pooled (`apart`). `alike(peer,
-    samples, bad)` says whether a peer shows the same trouble."""
+    samples, bad)` says whether a peer shows the same trouble. With `wider_than` (a healthy
+    target's error ratio), a peer whose trouble is wider than this region's is left out
+    (`wider_trouble`)."""
     ratio_name, is_bad = bad_outcome
-
-    def counts(v: RegionView) -> tuple[int, int]:
-        samples = [s for w in v.fresh_of(probe, now, policy.stale_after).values() for s in w.samples(now, span)]
-        recent = samples_since(samples, since)
-        return len(recent), sum(1 for s in recent if is_bad(s))
-
-    n, bad = counts(view)
+    n, bad = counts(view, probe, since, now, policy, span, is_bad)
     if n == 0:
         return PeerCheck()
 
     def worse(theirs: int, their_bad: int) -> tuple[bool, float]:
         return fails_more((n, bad), (theirs, their_bad), policy.peers.significance, policy.peers.min_error_ratio)
 
-    compared, worse_than, alike_peers, detail = [], [], [], {}
+    compared, worse_than, alike_peers, left_out = [], [], [], []
+    detail: dict[str, Any] = {}
     total, total_bad = 0, 0
     for name, peer in sorted(view.peers.items()):
         if probe not in peer.probes:
             continue
-        pn, pbad = counts(peer)
+        if wider_than is not None and (other := wider_trouble(view, peer, probe, since, now, policy, span, wider_than)):
+            left_out.append(name)
+            detail[name] = {"left_out": f"fails {other} too, which {view.region} answers"}
+            continue
+        pn, pbad = counts(peer, probe, since, now, policy, span, is_bad)
         compared.append(name)
         total, total_bad = total + pn, total_bad + pbad
         if pn < MIN_PEER_SAMPLES:
@@ -180,4 +255,4 @@ def outcomes_vs_peers(
             worse_than.append(name)
     apart = pooled_apart(total, lambda: worse(total, total_bad)[0])
     waiting = 0 < total < MIN_PEER_SAMPLES
-    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart, waiting)
+    return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart, waiting, tuple(left_out))

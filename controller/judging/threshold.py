@@ -17,7 +17,7 @@ from controller.judging.findings import (
     run_start,
     unconfirmed,
 )
-from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers
+from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers, wider_trouble
 from controller.judging.sequential import Llr
 from controller.judging.verdicts import Assessment, RegionView, finish
 from controller.judging.windows import AT, OK, WindowStats
@@ -108,7 +108,7 @@ class ThresholdDetector:
         evidence["peers"] = peers.evidence()
         if not peers.set_apart:  # a raw limit has no test of its own: the peers supply it
             found = unconfirmed(view, peers, state, never_healthy=state == "failing")
-            return found, f"{reason}, {peers.text()}{held_text(view, found, state)}", evidence
+            return found, f"{reason}, {peers.limit_text()}{held_text(view, found, state)}", evidence
         return state, reason, evidence
 
     def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
@@ -119,17 +119,24 @@ class ThresholdDetector:
         out its quorum - 1 vantages that fail most, as a vantage's own bad path is not the
         peer's trouble. A peer with no result in
         the span cannot vouch and is not compared; when peers run the probe but none can vouch
-        yet, nothing is held (`apart` False) until they report."""
+        yet, nothing is held (`apart` False) until they report. A peer whose trouble is wider
+        (`wider_trouble`: it fails another probe that this region answers) is left out."""
         p = self.policy
         compared: list[str] = []
         clean: list[str] = []
         alike: list[str] = []
+        left_out: list[str] = []
         detail: dict[str, Any] = {}
         running = 0
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
                 continue
             running += 1
+            other = wider_trouble(view, peer, probe, since, now, p, p.window, self.llr.acceptable)
+            if other is not None:  # down as a whole: its failures here say nothing of a shared cause
+                left_out.append(name)
+                detail[name] = {"left_out": f"fails {other} too, which {view.region} answers"}
+                continue
             windows = peer.fresh_of(probe, now, p.stale_after)
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
             if not any(s[AT] >= since for seq in samples.values() for s in seq):
@@ -145,8 +152,8 @@ class ThresholdDetector:
             noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
             detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
             (alike if failed or noise < p.peers.significance else clean).append(name)
-        apart = False if running and not compared else None
-        return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart)
+        apart = False if running > len(left_out) and not compared else None
+        return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out))
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
         """Peers over the same fixed objective, by the count of results over its threshold: a
