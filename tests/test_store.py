@@ -7,7 +7,9 @@ import hashlib
 import re
 import shutil
 import sqlite3
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,6 +151,21 @@ async def test_a_predecessor_on_this_host_whose_process_is_gone_hands_over_the_l
         if sleeper.returncode is None:
             sleeper.kill()
             await sleeper.wait()
+
+
+def test_a_predecessor_that_exited_unreaped_is_gone():
+    # A daemon SIGKILLed under a parent that does not reap it stays a zombie: it holds nothing.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        start = stat.read_text().rsplit(")", 1)[1].split()[19]
+        assert provably_gone(str(replace(this_process(), pid=child.pid, start=start)))
+    finally:
+        child.wait()
 
 
 def test_only_a_holder_provably_gone_from_this_host_counts_as_gone():

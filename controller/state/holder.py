@@ -37,14 +37,19 @@ def _pid_namespace() -> str:
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot; None when there is no such process.
-    Raises PermissionError when it may not be looked at (/proc mounted with hidepid)."""
+    """The process's start time in clock ticks since boot; None when there is no such process,
+    or only its zombie (state Z or X: it has exited, and its parent has not reaped it yet; a
+    daemon killed under a parent that does not reap, such as a container's shell, stays one,
+    and a restart waited out the whole lease for it). Raises PermissionError when it may not be
+    looked at (/proc mounted with hidepid)."""
     try:
         stat = (_PROC / str(pid) / "stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may hold spaces and parentheses: count from its closing one.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # field 3 of the whole line: the state
+        return None
     return fields[19]  # field 22 of the whole line
 
 
