@@ -270,3 +270,29 @@ async def test_a_rollback_is_not_paced_it_goes_back_at_once(route53, tmp_path):
     rollback = next(e for e in events if e["phase"] == "intent" and e["action"] == "rollback")
     assert rollback["at"] - stepped == 6.0
     assert weights == {sids[r]: w for r, w in home.items()}
+
+
+async def test_a_ramp_does_not_start_while_an_evacuation_or_its_restore_is_under_way(route53, tmp_path):
+    # Started during a restore, a ramp stepped from the half-restored weights and made its last
+    # step the new home: ap-south-1 stayed at 22.5% of the 50% it came back to, and nothing said so.
+    home = {"us-east-1": 100, "eu-west-1": 0, "ap-south-1": 100}
+    config, zone_id, name, sids = shipped_config(route53, tmp_path, home)
+    async with Virtual(config) as world:
+        await world.run(5)
+        world.set("ap-south-1", "degraded", frozenset({"orders"}))
+        await world.run(200)
+        refused = await world.reconciler.act("launch", "start", world.now, "test")
+        assert refused == (
+            f"{world.key} is away from its home weights (us-east-1 100.0% of its 50.0%, ap-south-1 0.0% of its"
+            " 50.0%): an evacuation or its restore is under way; start the ramp once the record set is back home"
+        )
+        world.set("ap-south-1", "healthy")
+        await world.run(620, every=5)  # the first restore step is sent 800 s in, the second 860 s in
+        assert shares(read_weights(route53, zone_id, name))[sids["ap-south-1"]] == pytest.approx(25.0, abs=0.5)
+        refused = await world.reconciler.act("launch", "start", world.now, "test")
+        assert refused is not None
+        assert "ap-south-1 25.0% of its 50.0%" in refused
+        assert world.reconciler.ramps["launch"].status == "pending"
+        await world.run(120, every=5)  # the last restore step: home again
+        assert await world.reconciler.act("launch", "start", world.now, "test") is None
+        assert world.reconciler.ramps["launch"].status == "running"

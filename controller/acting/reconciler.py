@@ -112,6 +112,8 @@ class Reconciler:
             return f"no ramp named {name!r}; known: {', '.join(self.policy.ramps) or 'none'}"
         async with self._lock:
             state, refused = ramps.act(policy, self.ramps[name], action, now)
+            if refused is None and action == "start":
+                refused = await self._away_from_home(policy.record_key, now)
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
                 await self.store.audit.operator(now, who, action, f"ramp:{name}", state.reason)
@@ -571,6 +573,34 @@ class Reconciler:
         if written is not None:
             return written, True
         return await self.store.flags.seen(key), False
+
+    async def _away_from_home(self, key: str, now: float) -> str | None:
+        """Why a ramp on `key` must not start now: the record set is away from its home shares (an
+        evacuation or its restore under way). A ramp steps from the weights it starts on and
+        makes its last step the new home: started during a restore, it left a region at 22.5%
+        of the 50% it came back to, and nothing said so. None when it is home, or not read yet
+        (the ramp then waits for its first read like any other)."""
+        observed = self.views[key].observed
+        rs = self.record_sets.get(key)
+        if rs is None or not observed or not any(observed.values()):
+            return None
+        home = await self._home(rs, observed, now)
+        if not any(home.values()):
+            return None
+        now_shares, home_shares = shares(observed), shares(home)
+        pairs = [
+            (m.region, now_shares.get(m.set_identifier, 0.0), home_shares.get(m.set_identifier, 0.0))
+            for m in rs.members
+        ]
+        away = [
+            f"{region} {held:.1f}% of its {due:.1f}%" for region, held, due in pairs if abs(held - due) > SHARE_EPSILON
+        ]
+        if not away:
+            return None
+        return (
+            f"{key} is away from its home weights ({', '.join(away)}): an evacuation or its restore is under"
+            " way; start the ramp once the record set is back home"
+        )
 
     async def _home(self, rs: RecordSet, observed: Mapping[str, int], now: float) -> dict[str, int]:
         """The weights the record set holds when all is well: after the last ramp, else configured,
