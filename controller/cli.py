@@ -26,7 +26,7 @@ from controller.settings.schema import split_listen
 from controller.state.database import StateError
 from controller.web.api import ListenError
 from controller.web.views import line, table, text
-from probes.spec import redact
+from probes.spec import redact, unreadable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["read_only"] = True
         if overrides:
             config = config.model_copy(update={"controller": config.controller.model_copy(update=overrides)})
+        _agents_ready(config)
         return asyncio.run(_until_signal(lambda stop: _run(config, stop)))
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
@@ -339,6 +340,25 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(chosen, BaseExceptionGroup):
         chosen = chosen.exceptions[0]
     return chosen
+
+
+def _agents_ready(config: Config) -> None:
+    """The agents' broker password and TLS files, read before anything starts: without them the
+    daemon came up, then stopped with "unexpected LookupError (a bug)" (the password) or retried
+    for ever as "broker unreachable" (a missing CA file). A UsageError naming the field."""
+    agents = config.agents
+    if agents is None:
+        return
+    if agents.password is not None:
+        try:
+            agents.password.read()
+        except LookupError as exc:
+            raise UsageError(f"agents.password: {exc}") from exc
+    if agents.tls is not None:
+        tls = agents.tls
+        files = unreadable(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file)
+        if files is not None:
+            raise UsageError(f"agents.tls.{files}")
 
 
 async def _run(config: Config, stop: asyncio.Event) -> int:

@@ -28,7 +28,7 @@ import aiomqtt
 import structlog
 
 from probes import wire
-from probes.agent import acked, backoff, cancel_all
+from probes.agent import acked, backoff, broker_trouble, cancel_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -106,6 +106,11 @@ class AgentView:
         }
 
 
+# Kinds of dropped message (vantage, reason) told as a warning, at most: the vantage of a message
+# from an unknown agent is what its topic says, and the set must not grow with what strangers send.
+TOLD_KEPT = 256
+
+
 class Intake:
     def __init__(
         self,
@@ -128,6 +133,7 @@ class Intake:
         self.connected = False
         self.rng = random.Random()  # noqa: S311 - reconnect jitter
         self._outbox: dict[str, bytes] = {}  # vantage -> the newest suspicion not yet sent
+        self._told: set[tuple[str, str]] = set()  # (vantage, reason) of drops logged as a warning
         self._send = asyncio.Event()
         self.hurries_sent = 0
 
@@ -225,7 +231,19 @@ class Intake:
             agent.dropped[reason] = agent.dropped.get(reason, 0) + 1
         if self._dropped is not None:
             self._dropped(label, reason)
-        log.debug("agent message dropped", vantage=label, reason=reason, detail=detail)
+        # The first of each kind from each vantage is a warning: an agent whose every result is
+        # refused (its clock minutes off, a vantage name the configuration does not list) looked
+        # merely "stale" on the page, and said so nowhere. The rest are counted (the metric
+        # regionshift_agent_messages_dropped_total), and logged at debug.
+        first = (vantage, reason) not in self._told
+        if first and len(self._told) < TOLD_KEPT:
+            self._told.add((vantage, reason))
+        (log.warning if first else log.debug)(
+            "agent message dropped" + (" (the first of its kind from this vantage)" if first else ""),
+            vantage=vantage,
+            reason=reason,
+            detail=detail,
+        )
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -271,11 +289,12 @@ class Intake:
                         await cancel_all(tasks)
                     for task in done - {stopping}:
                         task.result()  # raises MqttError: the connection broke
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, LookupError) as exc:  # LookupError: the password (`Secret.read`)
                 attempt += 1
                 wait = backoff(attempt, self.rng)
                 if self.connected or attempt == 1:
-                    log.warning("agents' broker unreachable", broker=self.settings.broker, error=str(exc))
+                    trouble = f"agents' {broker_trouble(exc)}"
+                    log.warning(trouble, broker=self.settings.broker, error=str(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait)
             finally:

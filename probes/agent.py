@@ -40,7 +40,7 @@ import structlog
 
 from probes import wire
 from probes.scheduler import Scheduler, make_prober
-from probes.spec import Secret
+from probes.spec import Secret, unreadable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -62,6 +62,24 @@ def backoff(attempt: int, rng: random.Random) -> float:
     """Seconds to wait before reconnect `attempt` (1, 2, ...): exponential, capped, and jittered
     over its whole range ("full jitter") so agents cut off together do not return together."""
     return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (attempt - 1)))
+
+
+# What an MQTT client's connect error says when the broker answered and refused the login
+# (CONNACK "not authorised", or "bad user name or password" in MQTT 3.1.1's words).
+_REFUSED = ("not authori", "bad user name or password")
+
+
+def broker_trouble(exc: Exception) -> str:
+    """What went wrong with a broker connection, for its log line: a password that cannot be
+    read (it was there at the start: a rotated file, an unset variable), a login the broker
+    refused (it is reachable: a wrong password said "broker unreachable ... Not authorized"), or
+    the broker not reached."""
+    if isinstance(exc, LookupError):
+        return "broker password unreadable"
+    said = f"{exc} {getattr(exc, 'rc', '')} {exc.args}".lower()  # the CONNACK's reason, however told
+    if any(word in said for word in _REFUSED):
+        return "broker refused the login"
+    return "broker unreachable"
 
 
 @dataclass(slots=True)
@@ -332,12 +350,12 @@ class Agent:
                     except aiomqtt.MqttError as exc:
                         log.warning("offline status not sent", vantage=self.settings.vantage, error=str(exc))
                     break
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, LookupError) as exc:  # LookupError: the password (`Secret.read`)
                 self._connected = False
                 attempt += 1
                 wait = backoff(attempt, self.rng)
                 log.warning(
-                    "broker unreachable",
+                    broker_trouble(exc),
                     vantage=self.settings.vantage,
                     broker=self._where(),
                     error=str(exc),
@@ -431,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.password.read()  # missing or empty: say so now, not at the first connect
     except (ValueError, LookupError) as exc:
         print(f"regionshift agent: {exc}", file=sys.stderr)
+        return 2
+    files = unreadable(
+        **{"--ca-file": settings.ca_file, "--cert-file": settings.cert_file, "--key-file": settings.key_file}
+    )
+    if files is not None:  # said now: a missing file was retried for ever as "broker unreachable"
+        print(f"regionshift agent: {files}", file=sys.stderr)
         return 2
     agent = Agent(settings)
 

@@ -167,6 +167,21 @@ class Secret(StrictModel):
         return value
 
 
+def unreadable(**paths: str | None) -> str | None:
+    """'NAME PATH: why' for the first of these files (by name) that cannot be read; None when
+    each given one can. What a broker connection needs at its first connect is looked at before
+    it: a missing CA file was retried for ever as 'broker unreachable', naming no file."""
+    for name, path in paths.items():
+        if path is None:
+            continue
+        try:
+            with Path(path).open("rb"):
+                pass
+        except OSError as exc:
+            return f"{name} {path}: {exc.strerror or exc}"
+    return None
+
+
 class TlsSettings(StrictModel):
     """How a probe checks the server's certificate."""
 

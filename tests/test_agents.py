@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 
 from controller.daemon import Daemon
 from controller.demo.broker import ACL, CONTROLLER_USER, Broker, BrokerTlsFiles
@@ -26,7 +27,8 @@ from controller.judging.suspicion import Suspicion
 from controller.settings.policy import SuspicionPolicy
 from controller.settings.schema import AgentsSettings
 from probes import wire
-from probes.agent import Agent, AgentSettings, backoff
+from probes.agent import Agent, AgentSettings, backoff, broker_trouble
+from probes.agent import main as agent_main
 from probes.results import Result
 from probes.spec import HttpProbe, Secret
 from tests.conftest import REGIONSHIFT
@@ -99,6 +101,16 @@ def test_a_result_goes_over_the_wire_and_comes_back_the_same():
 
 
 def test_the_intake_drops_what_it_cannot_trust_and_counts_each_by_reason():
+    with capture_logs() as logs:
+        cases = _drop_every_kind()
+    # The first drop of each kind from each vantage is a warning (an agent whose clock is off
+    # had every result dropped, and only the debug log said so); a repeat is not.
+    told = [e for e in logs if e["log_level"] == "warning" and e["event"].startswith("agent message dropped")]
+    assert len(told) == len(cases)  # "duplicate" came twice, told once
+    assert {(e["vantage"], e["reason"]) for e in told} >= {("agent-a", "clock_skew"), ("agent-z", "unknown_vantage")}
+
+
+def _drop_every_kind():
     intake, dropped, _ = make_intake()
     now = time.time()
     good = wire.encode_result(result(at=now - 1), SESSION, 1)
@@ -131,6 +143,24 @@ def test_the_intake_drops_what_it_cannot_trust_and_counts_each_by_reason():
     late = wire.encode_result(result(at=now - 400), SESSION, 10, late=True)
     assert intake.accept(topic(), late, now) is not None
     assert set(DROP_REASONS) >= {r for _, r in dropped}
+    return cases
+
+
+def test_a_broker_connection_s_trouble_is_named_for_what_it_is():
+    assert broker_trouble(LookupError("$X is empty or not set")) == "broker password unreadable"
+    assert broker_trouble(aiomqtt.MqttCodeError(5, "Connection refused: Not authorised")) == "broker refused the login"
+    assert broker_trouble(aiomqtt.MqttCodeError(4, "no connection")) == "broker unreachable"
+    assert broker_trouble(aiomqtt.MqttError("[code:135] Not authorized")) == "broker refused the login"
+    assert broker_trouble(aiomqtt.MqttError("[Errno 111] Connection refused")) == "broker unreachable"
+
+
+def test_the_agent_command_names_a_tls_file_it_cannot_read(capsys):
+    # It was retried for ever as "broker unreachable", naming no file.
+    args = ["--vantage", "a", "--broker", "127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"]
+    assert agent_main(args) == 2
+    assert (
+        capsys.readouterr().err.strip() == "regionshift agent: --ca-file /nonexistent/ca.pem: No such file or directory"
+    )
 
 
 def _fuzzed(rng: random.Random, now: float) -> tuple[str, bytes]:
@@ -394,6 +424,18 @@ async def test_the_broker_refuses_a_wrong_password_and_a_topic_of_another_vantag
     intake, dropped, _ = make_intake(broker, sink=received.append, plans=plan_for(region))
     wrong = agent_for(broker, password_env="TEST_MQTT_WRONG_PASSWORD")
     stop = asyncio.Event()
+    with capture_logs() as logs:
+        await _forge_beside(intake, wrong, stop, broker, received)
+    assert [(r.vantage, r.region) for r in received] == [("agent-a", "eu-west-1")]
+    assert dropped == Counter({("agent-a", "vantage_mismatch"): 1})
+    assert wrong.stats.connects == 0
+    assert intake.agents["agent-a"].state == "never seen"  # the wrong password never said hello
+    assert "not authorised" in broker.log
+    # Said as what it is: the broker answered (it said "broker unreachable ... Not authorized").
+    assert any(e["event"] == "broker refused the login" for e in logs), [e["event"] for e in logs]
+
+
+async def _forge_beside(intake, wrong, stop, broker, received):
     async with asyncio.TaskGroup() as group:
         group.create_task(intake.run(stop))
         group.create_task(wrong.run(stop))
@@ -409,11 +451,6 @@ async def test_the_broker_refuses_a_wrong_password_and_a_topic_of_another_vantag
         await until(lambda: received, what="agent-a's own result")
         await asyncio.sleep(0.3)
         stop.set()
-    assert [(r.vantage, r.region) for r in received] == [("agent-a", "eu-west-1")]
-    assert dropped == Counter({("agent-a", "vantage_mismatch"): 1})
-    assert wrong.stats.connects == 0
-    assert intake.agents["agent-a"].state == "never seen"  # the wrong password never said hello
-    assert "not authorised" in broker.log
 
 
 @pytest.fixture

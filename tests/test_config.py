@@ -453,3 +453,34 @@ def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
     err = capsys.readouterr().err
     assert "'https://***@a.example:99999/' has an invalid port" in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("agents", "expected"),
+    [
+        (
+            "password: {env: RS_TEST_UNSET_PASSWORD}",
+            "regionshift: agents.password: $RS_TEST_UNSET_PASSWORD is empty or not set",
+        ),
+        (
+            "tls: {ca_file: /nonexistent/ca.pem}",
+            "regionshift: agents.tls.ca_file /nonexistent/ca.pem: No such file or directory",
+        ),
+    ],
+)
+def test_run_refuses_agents_it_could_never_reach_before_it_starts(agents, expected, write, capsys, monkeypatch):
+    # It started, served its API, then stopped with "unexpected LookupError (a bug)", or retried
+    # a missing CA file for ever as "broker unreachable".
+    monkeypatch.delenv("RS_TEST_UNSET_PASSWORD", raising=False)
+    text = (
+        "controller: {listen: '127.0.0.1:0'}\n"
+        "regions:\n  - name: us-east-1\n    probes: [{kind: tcp, name: port, target: '127.0.0.1:9'}]\n"
+        f"agents:\n  broker: 127.0.0.1:1\n  vantages: [agent-a]\n  {agents}\n"
+    )
+    path = write("regionshift.yaml", text)
+    assert main(["validate", "-c", str(path)]) == 0  # the file is fine; what it names is missing
+    capsys.readouterr()
+    assert main(["run", "-c", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.err.strip() == expected
+    assert "started" not in out.out + out.err
