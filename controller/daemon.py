@@ -193,6 +193,8 @@ class Daemon:
         return self._announce(await finish_async(self.judge.steps(self.windows, now)), now)
 
     def _announce(self, transitions: list[Transition], now: float) -> list[Transition]:
+        for region, verdict in self.judge.verdicts.items():  # every pass: troubles move without a transition
+            self.metrics.set_troubles(region, len(verdict.troubles))
         for t in transitions:
             v = t.verdict
             self.metrics.set_status(t.region, v.status)

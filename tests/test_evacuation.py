@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -113,7 +115,16 @@ def test_share_comes_back_only_after_restore_after_of_health():
 def test_blind_or_all_bad_holds_the_weights():
     blind = step(dict(HOME), T0, us_east_1=("unknown", T0), eu_west_1=("unknown", T0))
     assert (blind.weights, blind.blind) == (None, True)
-    assert blind.reason.startswith("blind: no fresh data for 2 of 3 regions")
+    assert blind.reason == "blind: 2 of 3 regions unknown (no fresh data for eu-west-1, us-east-1); holding the weights"
+    # Unknown for a trouble they show alike (every probe failing everywhere): said so, not "no data".
+    v = verdicts(T0, us_east_1=("unknown", T0), eu_west_1=("unknown", T0))
+    v["us-east-1"] = replace(v["us-east-1"], troubles=frozenset({"orders"}))
+    alike = plan_evacuation(RS, HOME, dict(HOME), v, REGIONS, POLICY, MAX_STEP, T0)
+    assert (alike.weights, alike.blind) == (None, True)
+    assert alike.reason == (
+        "blind: 2 of 3 regions unknown (no fresh data for eu-west-1; us-east-1 failing alike (a cause they share));"
+        " holding the weights"
+    )
     all_bad = step(
         dict(HOME), T0, us_east_1=("degraded", T0), eu_west_1=("unhealthy", T0), ap_southeast_2=("degraded", T0)
     )

@@ -56,6 +56,7 @@ SUBJECTS = {
     "RegionshiftRegionDegraded": "region",
     "RegionshiftRegionUnknown": "region",
     "RegionshiftBlind": "instance",
+    "RegionshiftMostRegionsTroubled": "instance",
     "RegionshiftProbeTimeouts": "region",
     "RegionshiftJudgeBehind": "instance",
     "RegionshiftRoute53Drift": "record",

@@ -43,11 +43,18 @@ class PeerCheck:
     waiting: bool = False
     # Peers not compared: their trouble is wider than this region's (`wider_trouble`).
     left_out: tuple[str, ...] = ()
+    # A shared cause needs every compared peer alike, not half of them: for a region down (its
+    # last results all failed), whose peers fail or answer beyond doubt. Two of three regions
+    # refusing every request were each "a shared cause" with the other, neither was evacuated,
+    # and two thirds of the traffic stayed on them while the third region answered.
+    every: bool = False
 
     @property
     def shared(self) -> bool:
         """At least half of the peers show the same trouble: a shared cause (or the prober) is
         likelier than several regions failing apart, and evacuating one region would not help."""
+        if self.every:
+            return bool(self.compared) and len(self.alike) == len(self.compared)
         return bool(self.compared) and len(self.alike) * 2 >= len(self.compared)
 
     @property
@@ -68,7 +75,7 @@ class PeerCheck:
     def text(self) -> str:
         said = self._text()
         if self.left_out:
-            said += f" (leaving out {', '.join(self.left_out)}: failing where this region passes too)"
+            said += f" (leaving out {', '.join(self.left_out)}: down, or failing where this region answers)"
         return said
 
     def limit_text(self) -> str:
@@ -167,8 +174,9 @@ def wider_trouble(
     span: float,
     acceptable: float,
 ) -> str | None:
-    """A probe besides `probe` that `peer` fails beyond a healthy target's noise (at
-    `acceptable`) since `since`, and significantly more than this region does (Fisher's test
+    """Why `peer`'s trouble is wider than this region's, or None: a probe besides `probe` that it
+    fails beyond a healthy target's noise (at `acceptable`) since `since`, and significantly more
+    than this region does (Fisher's test
     at `peers.significance`, with `min_error_ratio`: a fault every region shares fails each at
     random, and one region's few failures more are not a wider trouble): the peer's trouble is wider than
     this region's (it is down as a whole, or coming back from it), and its failures of `probe`
@@ -176,7 +184,7 @@ def wider_trouble(
     failing 40% of a path `healthy` ("a shared cause") for as long as its outage lasted and the
     window after. None when there is none: a peer failing the same probes, or everything as
     this region does, may well share its cause."""
-    significance = policy.peers.significance
+    significance, ratio = policy.peers.significance, policy.peers.min_error_ratio
     for other in peer.probes:
         if other == probe or other not in view.probes:
             continue
@@ -184,8 +192,17 @@ def wider_trouble(
         if not beyond_noise(*theirs, acceptable, significance):
             continue
         mine = counts(view, other, since, now, policy, span, failed)
-        if mine[0] and fails_more(theirs, mine, significance, policy.peers.min_error_ratio)[0]:
-            return other
+        if mine[0] and fails_more(theirs, mine, significance, ratio)[0]:
+            return f"fails {other} too, which {view.region} answers"
+    # The same probe, down there (its last results all failed, at every vantage) and failing
+    # significantly more than here: a region down with one probe (a single-path service) made
+    # another failing half of it "a shared cause" for as long as it was down.
+    fresh = peer.fresh_of(probe, now, policy.stale_after)
+    if fresh and all(w.last_failed(policy.down_after, now, span) for w in fresh.values()):
+        theirs = counts(peer, probe, since, now, policy, span, failed)
+        mine = counts(view, probe, since, now, policy, span, failed)
+        if mine[0] and fails_more(theirs, mine, significance, ratio)[0]:
+            return f"down: fails {probe} far more often than {view.region}"
     return None
 
 
@@ -240,7 +257,7 @@ def outcomes_vs_peers(
             continue
         if wider_than is not None and (other := wider_trouble(view, peer, probe, since, now, policy, span, wider_than)):
             left_out.append(name)
-            detail[name] = {"left_out": f"fails {other} too, which {view.region} answers"}
+            detail[name] = {"left_out": other}
             continue
         pn, pbad = counts(peer, probe, since, now, policy, span, is_bad)
         compared.append(name)

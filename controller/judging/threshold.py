@@ -135,7 +135,7 @@ class ThresholdDetector:
             other = wider_trouble(view, peer, probe, since, now, p, p.window, self.llr.acceptable)
             if other is not None:  # down as a whole: its failures here say nothing of a shared cause
                 left_out.append(name)
-                detail[name] = {"left_out": f"fails {other} too, which {view.region} answers"}
+                detail[name] = {"left_out": other}
                 continue
             windows = peer.fresh_of(probe, now, p.stale_after)
             samples = {v: w.samples(now, p.window) for v, w in windows.items()}
@@ -153,7 +153,9 @@ class ThresholdDetector:
             detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
             (alike if failed or noise < p.peers.significance else clean).append(name)
         apart = False if running > len(left_out) and not compared else None
-        return PeerCheck(tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out))
+        return PeerCheck(
+            tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out), every=True
+        )
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
         """Peers over the same fixed objective, by the count of results over its threshold: a

@@ -60,9 +60,18 @@ def plan_evacuation(
     member_regions = sorted(set(region_of.values()))
     unknown = [r for r in member_regions if (verdicts[r].status if r in verdicts else "unknown") == "unknown"]
     if len(unknown) > policy.blind_fraction * len(member_regions):
+        # Unknown for want of data, or for a trouble their peers show alike (every probe failing
+        # everywhere: fresh results, and "no fresh data" sent on-call after the wrong thing).
+        alike = [r for r in unknown if r in verdicts and verdicts[r].troubles]
+        why = (
+            [f"no fresh data for {', '.join(r for r in unknown if r not in alike)}"]
+            if len(alike) < len(unknown)
+            else []
+        )
+        why += [f"{', '.join(alike)} failing alike (a cause they share)"] if alike else []
         return EvacuationPlan(
-            reason=f"blind: no fresh data for {len(unknown)} of {len(member_regions)} regions "
-            f"({', '.join(unknown)}); holding the weights",
+            reason=f"blind: {len(unknown)} of {len(member_regions)} regions unknown ({'; '.join(why)}); "
+            "holding the weights",
             blind=True,
         )
     current = shares(observed)

@@ -74,6 +74,14 @@ class Metrics:
             buckets=JUDGE_BUCKETS,
             registry=registry,
         )
+        self.region_troubles = Gauge(
+            "regionshift_region_troubles",
+            "How many of the region's probes show trouble, held against it or not: a finding, a cause its "
+            "peers share, or evidence leaning bad. A trouble every region shows blames none of them (their "
+            "verdicts stay healthy or unknown), and shows here.",
+            ["region"],
+            registry=registry,
+        )
         self.region_status = Gauge(
             "regionshift_region_status",
             "1 for the region's current verdict status, 0 for the others.",
@@ -194,6 +202,7 @@ class Metrics:
             self._subject(*subject)
         for region in regions:
             self.set_status(region, "unknown")
+            self.region_troubles.labels(region).set(0)
 
     def _subject(self, region: str, probe: str, vantage: str) -> _Children:
         key = (region, probe, vantage)
@@ -239,6 +248,9 @@ class Metrics:
     def set_lag(self, region: str, source: str, result: Result) -> None:
         measured = result.error_class in (None, "lagging", "stalled") and math.isfinite(result.latency)
         self.replication_lag.labels(region, source).set(result.latency if measured else math.nan)
+
+    def set_troubles(self, region: str, probes: int) -> None:
+        self.region_troubles.labels(region).set(probes)
 
     def set_status(self, region: str, status: Status) -> None:
         for s in STATUSES:
