@@ -62,13 +62,13 @@ def plan_evacuation(
     if len(unknown) > policy.blind_fraction * len(member_regions):
         # Unknown for want of data, or for a trouble their peers show alike (every probe failing
         # everywhere: fresh results, and "no fresh data" sent on-call after the wrong thing).
-        alike = [r for r in unknown if r in verdicts and verdicts[r].troubles]
+        sharing = [r for r in unknown if r in verdicts and verdicts[r].troubles]
         why = (
-            [f"no fresh data for {', '.join(r for r in unknown if r not in alike)}"]
-            if len(alike) < len(unknown)
+            [f"no fresh data for {', '.join(r for r in unknown if r not in sharing)}"]
+            if len(sharing) < len(unknown)
             else []
         )
-        why += [f"{', '.join(alike)} failing alike (a cause they share)"] if alike else []
+        why += [f"{', '.join(sharing)} failing alike (a cause they share)"] if sharing else []
         return EvacuationPlan(
             reason=f"blind: {len(unknown)} of {len(member_regions)} regions unknown ({'; '.join(why)}); "
             "holding the weights",
