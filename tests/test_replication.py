@@ -105,6 +105,29 @@ async def test_paused_replay_is_growing_lag_then_stalled_never_zero_and_recovers
     assert resumed[-1].extra["lag_seconds"] < 0.45
 
 
+async def test_a_primary_back_from_an_outage_is_lagging_before_it_is_stalled(env, monkeypatch):
+    # While the primary is away nothing is written, so the replica has nothing new to show: the
+    # stall counts from the first heartbeat written after it returns, not from the last one seen.
+    prober = PostgresLagProber(spec(), "eu-west-1", "controller")
+    replica = await asyncpg.connect(env.replica)
+    try:
+        assert (await prober()).ok
+        monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://rs@127.0.0.1:1/none")  # refused
+        await prober.close()
+        away = await runs(prober, 3, pause=0.6)  # longer than stalled_after with nothing written
+        monkeypatch.setenv("RS_PG_PRIMARY", env.primary)
+        await replica.execute("SELECT pg_wal_replay_pause()")  # the replica has not caught up yet
+        back = await prober()
+        later = await runs(prober, 3, pause=0.3)
+    finally:
+        await replica.execute("SELECT pg_wal_replay_resume()")
+        await replica.close()
+        await prober.close()
+    assert [r.error_class for r in away] == ["connect"] * 3
+    assert back.error_class == "lagging", back.error
+    assert later[-1].error_class == "stalled", [r.error for r in later]
+
+
 async def test_connection_strings_come_from_outside_the_configuration_and_never_show(monkeypatch, tmp_path):
     monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://app:s3cret-pass@127.0.0.1:1/orders")  # port 1: refused
     monkeypatch.setenv("RS_PG_REPLICA", "")

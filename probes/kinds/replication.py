@@ -72,7 +72,11 @@ class PostgresLagProber:
         now = time.monotonic()
         oldest = min(self._unseen.values(), default=written)
         extra["lag_at_least"] = round(now - oldest, 3)
-        since = self._advanced_at if self._advanced_at is not None else oldest
+        # Stalled counts from when a heartbeat was waiting to be shown: the oldest unseen one's
+        # write, or the replica's last move after it. From its last move alone, a primary away
+        # for longer than `stalled_after` (nothing written, nothing to show) came back "stalled"
+        # at its first heartbeat the replica had not caught up to yet, and held the region.
+        since = max(self._advanced_at, oldest) if self._advanced_at is not None else oldest
         if now - since >= self.spec.stalled_after:
             extra["stalled"] = True
             message = (
