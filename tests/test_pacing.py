@@ -296,3 +296,36 @@ async def test_a_ramp_does_not_start_while_an_evacuation_or_its_restore_is_under
         await world.run(120, every=5)  # the last restore step: home again
         assert await world.reconciler.act("launch", "start", world.now, "test") is None
         assert world.reconciler.ramps["launch"].status == "running"
+
+
+async def test_a_write_that_lands_after_a_restart_settled_it_not_applied_is_regionshift_s_own_not_drift(
+    route53, tmp_path
+):
+    # A step's request still in flight when the daemon was SIGKILLed landed 12 s later, after the
+    # restart had settled its intent "not applied": it was taken for a hand edit, the audit blamed
+    # an operator, and the failing region kept the share that step gave it.
+    home = {"us-east-1": 100, "eu-west-1": 100, "ap-south-1": 100}
+    config, zone_id, name, sids = shipped_config(route53, tmp_path, home)
+    async with Virtual(config) as world:
+        await world.run(5)
+        audit = world.reconciler.store.audit
+        before = {sids[r]: w for r, w in home.items()}
+        sent = {**before, sids["ap-south-1"]: 50}
+        intent = await audit.intent(world.key, "regionshift", "evacuation", "a step", before, sent, world.now)
+        await world.start()  # the restart: Route 53 still holds what was there, so not applied
+        audit = world.reconciler.store.audit
+        await world.run(1)
+        assert await audit.open_intent(world.key) is None
+        set_weight(route53, zone_id, name, sids["ap-south-1"], 50, "192.0.2.3", ttl=TTL)  # it lands
+        await world.run(1)
+        view = world.reconciler.views[world.key]
+        assert view.drift is None, view.drift
+        assert await audit.last_applied(world.key) == sent
+        (change,) = [c for c in await audit.changes(record=world.key) if c["id"] == intent]
+        assert (change["outcome"], change["error"]) == (
+            "applied",
+            "landed after a restart settled it as not applied: sent before the stop",
+        )
+        # The record set is regionshift's again: with every region healthy, back home it goes.
+        await world.run(900, every=5)
+        assert shares(read_weights(route53, zone_id, name)) == pytest.approx(shares(before), abs=0.5)

@@ -27,6 +27,7 @@ from controller.planning.evacuation import plan_evacuation
 from controller.planning.guardrails import FORWARD_KINDS, GuardrailError, Proposal, check
 from controller.planning.weights import shares
 from controller.settings.limits import SHARE_EPSILON
+from controller.state.audit import NOT_APPLIED_LATER
 from controller.state.flags import Freeze
 
 if TYPE_CHECKING:
@@ -274,6 +275,8 @@ class Reconciler:
                 record=key,
                 weights=expected,
             )
+        if expected is not None and raw != expected and await self._landed_late(key, raw, now):
+            expected, written = await self._expected(key)
         # The view changes before the event is published: a client that takes a snapshot in
         # between must not see the event's id without what it says (it would skip the event).
         if expected is not None and raw != expected:
@@ -554,8 +557,24 @@ class Reconciler:
             await self.store.audit.result(intent.id, "applied", now, error="result recorded later: found applied")
             log.warning("settled an open intent: it was applied", record=key, intent=intent.id)
         elif dict(raw) == intent.from_weights:
-            await self.store.audit.result(intent.id, "not_applied", now, error="result recorded later: not applied")
+            await self.store.audit.result(intent.id, "not_applied", now, error=NOT_APPLIED_LATER)
             log.warning("settled an open intent: it was not applied", record=key, intent=intent.id)
+
+    async def _landed_late(self, key: str, raw: Mapping[str, int | None], now: float) -> bool:
+        """Whether what Route 53 holds is a write of regionshift's own that landed after a restart
+        settled it as not applied (its request was still in flight when the process stopped),
+        within `insync_timeout` of its intent: recorded applied now, so it is not drift. It was
+        taken for a hand edit, the audit trail blamed an operator, and a failing region kept the
+        25% that step gave it until someone adopted the "edit"."""
+        since = now - self.config.controller.route53.insync_timeout
+        late = await self.store.audit.settled_unsent(key, raw, since)
+        if late is None:
+            return False
+        await self.store.audit.result(
+            late.id, "applied", now, error="landed after a restart settled it as not applied: sent before the stop"
+        )
+        log.warning("an earlier write landed late", record=key, intent=late.id, weights=dict(raw))
+        return True
 
     async def _pause_ramps(self, key: str, why: str, now: float) -> None:
         for name, policy in self.policy.ramps.items():

@@ -101,6 +101,10 @@ class ForwardChange:
     insync_at: float | None  # when it was seen INSYNC; None while that is not known
 
 
+# The result a restart records for an open intent whose weights Route 53 does not hold.
+NOT_APPLIED_LATER = "result recorded later: not applied"
+
+
 class AuditLog:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -210,6 +214,36 @@ class AuditLog:
 
         return await self._db.run(read)
 
+    async def settled_unsent(self, record: str, weights: Mapping[str, int | None], since: float) -> Intent | None:
+        """The newest intent for `record` since `since` that a restart settled as not applied
+        (`NOT_APPLIED_LATER`) and that would have written exactly `weights`: a request still in
+        flight when its process stopped may land after that (the intent is then told from a
+        hand edit by what it wrote)."""
+
+        def read() -> Intent | None:
+            rows = self._db.db.execute(
+                "SELECT i.* FROM audit i JOIN audit r ON r.intent_id = i.id AND r.phase = 'result'"
+                " WHERE i.record = ? AND i.phase = 'intent' AND i.at >= ? AND r.outcome = 'not_applied'"
+                " AND r.error = ? AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.intent_id = i.id"
+                " AND a.outcome = 'applied') ORDER BY i.id DESC",
+                (record, since, NOT_APPLIED_LATER),
+            ).fetchall()
+            for row in rows:
+                if json.loads(row["to_weights"]) == dict(weights):
+                    return Intent(
+                        row["id"],
+                        row["at"],
+                        row["record"],
+                        row["actor"],
+                        row["action"],
+                        row["reason"],
+                        json.loads(row["from_weights"]),
+                        json.loads(row["to_weights"]),
+                    )
+            return None
+
+        return await self._db.run(read)
+
     async def submitted(self, intent_id: int, change_id: str, at: float) -> None:
         """Route 53 accepted the intent's batch as `change_id`: durable before the INSYNC wait."""
         await self._change(intent_id, "submitted", change_id, at)
@@ -281,7 +315,9 @@ class AuditLog:
             rows = self._db.db.execute(
                 "SELECT i.id, i.at, i.record, i.actor, i.action, i.reason, i.from_weights, i.to_weights,"
                 " r.outcome, r.at AS settled_at, r.change_id, r.insync_at, r.error"
-                " FROM audit i LEFT JOIN audit r ON r.intent_id = i.id AND r.phase = 'result'"
+                # Its newest result: a write that landed after a restart settled it has two.
+                " FROM audit i LEFT JOIN audit r ON r.id ="
+                " (SELECT max(id) FROM audit WHERE intent_id = i.id AND phase = 'result')"
                 " WHERE i.phase = 'intent' AND (:record IS NULL OR i.record = :record)"
                 " AND (:since IS NULL OR i.at >= :since) AND (:until IS NULL OR i.at < :until)"
                 " AND (:before IS NULL OR i.id < :before) ORDER BY i.id DESC LIMIT :limit",
