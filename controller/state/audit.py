@@ -199,18 +199,7 @@ class AuditLog:
                 " (SELECT 1 FROM audit r WHERE r.intent_id = i.id) ORDER BY i.id DESC LIMIT 1",
                 (record,),
             ).fetchone()
-            if row is None:
-                return None
-            return Intent(
-                row["id"],
-                row["at"],
-                row["record"],
-                row["actor"],
-                row["action"],
-                row["reason"],
-                json.loads(row["from_weights"]),
-                json.loads(row["to_weights"]),
-            )
+            return None if row is None else _intent(row)
 
         return await self._db.run(read)
 
@@ -230,16 +219,7 @@ class AuditLog:
             ).fetchall()
             for row in rows:
                 if json.loads(row["to_weights"]) == dict(weights):
-                    return Intent(
-                        row["id"],
-                        row["at"],
-                        row["record"],
-                        row["actor"],
-                        row["action"],
-                        row["reason"],
-                        json.loads(row["from_weights"]),
-                        json.loads(row["to_weights"]),
-                    )
+                    return _intent(row)
             return None
 
         return await self._db.run(read)
@@ -357,6 +337,20 @@ class AuditLog:
             return out
 
         return await self._db.run(read)
+
+
+def _intent(row: Any) -> Intent:
+    """An intent row as an `Intent`."""
+    return Intent(
+        row["id"],
+        row["at"],
+        row["record"],
+        row["actor"],
+        row["action"],
+        row["reason"],
+        json.loads(row["from_weights"]),
+        json.loads(row["to_weights"]),
+    )
 
 
 def _known(change_id: str | None, insync_at: float | None, changes: Iterable[Any]) -> tuple[str | None, float | None]:
