@@ -183,6 +183,12 @@ class Intake:
             self._drop(message.vantage, "unknown_target", f"{message.region}/{message.probe} is not configured")
             return None
         ended = message.started_at + (message.latency or 0.0)
+        if not message.late:
+            # Before the clock checks: an agent whose clock is off has every result dropped by
+            # them, and its skew (and lag) must show it (they stayed at the last accepted
+            # result's, -0.001 s, while all of them were dropped, and no alert could fire).
+            agent.lag = max(0.0, now - ended)
+            agent.skew = ended - now
         if message.started_at > now + self.settings.max_skew:
             self._drop(message.vantage, "clock_skew", f"started {message.started_at - now:.1f}s ahead of this clock")
             return None
@@ -197,9 +203,6 @@ class Intake:
         agent.received += 1
         agent.late += message.late
         agent.last_result = now
-        if not message.late:
-            agent.lag = max(0.0, now - ended)
-            agent.skew = ended - now
         return message.result()
 
     def presence(self, topic: str, payload: bytes, now: float) -> None:

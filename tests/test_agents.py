@@ -110,6 +110,20 @@ def test_the_intake_drops_what_it_cannot_trust_and_counts_each_by_reason():
     assert {(e["vantage"], e["reason"]) for e in told} >= {("agent-a", "clock_skew"), ("agent-z", "unknown_vantage")}
 
 
+def test_an_agent_whose_clock_is_off_shows_its_skew_though_every_result_is_dropped():
+    # The skew (and lag) stayed at the last accepted result's while every result was dropped:
+    # regionshift_agent_clock_skew_seconds read -0.001 and RegionshiftAgentClockAhead never fired.
+    intake, dropped, _ = make_intake()
+    now = time.time()
+    assert intake.accept(topic(), wire.encode_result(result(at=now - 0.5), SESSION, 1), now) is not None
+    assert intake.accept(topic(), wire.encode_result(result(at=now + 60), SESSION, 2), now) is None
+    assert intake.agents["agent-a"].skew == pytest.approx(60, abs=1)
+    assert intake.accept(topic(), wire.encode_result(result(at=now - 300), SESSION, 3), now) is None
+    assert intake.agents["agent-a"].skew == pytest.approx(-300, abs=1)
+    assert intake.agents["agent-a"].lag == pytest.approx(300, abs=1)
+    assert dropped == Counter({("agent-a", "clock_skew"): 1, ("agent-a", "too_old"): 1})
+
+
 def _drop_every_kind():
     intake, dropped, _ = make_intake()
     now = time.time()
