@@ -273,6 +273,44 @@ async def test_quiesce_waits_for_a_request_whose_task_was_cancelled(record_set):
     assert await actuator.quiesce(within=5)
 
 
+class SlowChanges:
+    """A Route 53 that takes its time to accept a batch (then holds it PENDING)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def change_resource_record_sets(self, **_):
+        self.entered.set()
+        self.release.wait(10)
+        return {"ChangeInfo": {"Id": "/change/C42", "Status": "PENDING"}}
+
+
+async def test_a_stop_during_a_batch_s_send_still_hears_its_change_id():
+    # SIGTERM while Route 53 was taking a batch: the stop waited for the request, which was
+    # applied, but the writer had been cancelled, so its change id was never recorded.
+    rs = RecordSet(
+        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
+    )
+    client = SlowChanges()
+    actuator = Actuator(client)
+    heard: list[tuple[str, float]] = []
+
+    async def submitted(change_id: str, at: float) -> None:
+        heard.append((change_id, at))
+
+    writing = asyncio.create_task(actuator.apply(rs, {"a": 5}, expected=None, group={}, on_submitted=submitted))
+    await asyncio.to_thread(client.entered.wait, 5)
+    writing.cancel()  # the stop
+    with contextlib.suppress(asyncio.CancelledError):
+        await writing
+    assert not await actuator.quiesce(within=0.2)  # still on its way
+    client.release.set()
+    assert await actuator.quiesce(within=5)
+    assert [change_id for change_id, _ in heard] == ["/change/C42"]
+    actuator.close()
+
+
 async def test_a_request_cancelled_before_its_thread_took_it_is_not_waited_for(record_set):
     # CI, stop 26: a daemon stopped just as a read was handed to a thread; the read was dropped
     # unsent, but still counted as in flight, and the stop waited 25 s for it.

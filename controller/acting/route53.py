@@ -150,6 +150,13 @@ def _weights(record_set: RecordSet, group: Mapping[str, Mapping[str, Any]]) -> d
     }
 
 
+def _heard(sending: asyncio.Future[dict[str, Any]]) -> None:
+    """A batch's send is done: its error was raised to the writer, or (its writer cancelled
+    meanwhile, by a stop) is logged here, not left to "never retrieved"."""
+    if not sending.cancelled() and sending.exception() is not None:
+        log.debug("a batch sent before a stop failed", error=str(sending.exception()))
+
+
 class Actuator:
     """Reads and writes one account's weighted groups; one instance per Route 53 client."""
 
@@ -188,6 +195,7 @@ class Actuator:
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="regionshift-route53")
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
+        self._submitting: set[asyncio.Future[dict[str, Any]]] = set()  # batches sent, answer not heard yet
 
     async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         """One API operation off the event loop, retried with full jitter while retryable."""
@@ -232,12 +240,13 @@ class Actuator:
 
     async def quiesce(self, within: float) -> bool:
         """Wait until no request is in flight (a batch sent by a cancelled task has landed or
-        failed); False when one still runs after `within` seconds."""
-        if self._in_flight == 0 or self._idle is None:
-            return True
+        failed, and its change id was told); False when one still runs after `within` seconds."""
         try:
             async with asyncio.timeout(within):
-                await self._idle.wait()
+                if self._submitting:
+                    await asyncio.wait(set(self._submitting))
+                if self._in_flight and self._idle is not None:
+                    await self._idle.wait()
         except TimeoutError:
             return False
         return True
@@ -310,18 +319,37 @@ class Actuator:
         if self.dry_run:
             log.info("dry run: batch not sent", record=record_set.key, comment=comment, weights=dict(weights))
             return ChangeResult(None, submitted, None, batch, dry_run=True)
+        # Sent and heard out whatever comes meanwhile: a stop (SIGTERM) cancelled the wait for
+        # Route 53's answer while the batch was on its way, so the change it applied never had
+        # its id recorded. The stop waits for it (`quiesce`) before the store closes.
+        sending = asyncio.ensure_future(self._submit(record_set, batch, comment, submitted, on_submitted))
+        self._submitting.add(sending)
+        sending.add_done_callback(self._submitting.discard)
+        sending.add_done_callback(_heard)
+        response = await asyncio.shield(sending)
+        change_id = str(response["ChangeInfo"]["Id"])
+        insync_at = None if response["ChangeInfo"]["Status"] != "INSYNC" else self._clock()
+        if insync_at is None:
+            insync_at = await self.wait_insync(change_id)
+        return ChangeResult(change_id, submitted, insync_at, batch)
+
+    async def _submit(
+        self,
+        record_set: RecordSet,
+        batch: list[dict[str, Any]],
+        comment: str,
+        submitted: float,
+        on_submitted: Callable[[str, float], Awaitable[None]] | None,
+    ) -> dict[str, Any]:
+        """Send the batch, and tell `on_submitted` the change id Route 53 gave it."""
         response = await self._call(
             "change_resource_record_sets",
             HostedZoneId=record_set.zone_id,
             ChangeBatch={"Comment": comment[:256], "Changes": batch},
         )
-        change_id = str(response["ChangeInfo"]["Id"])
         if on_submitted is not None:
-            await on_submitted(change_id, submitted)
-        insync_at = None if response["ChangeInfo"]["Status"] != "INSYNC" else self._clock()
-        if insync_at is None:
-            insync_at = await self.wait_insync(change_id)
-        return ChangeResult(change_id, submitted, insync_at, batch)
+            await on_submitted(str(response["ChangeInfo"]["Id"]), submitted)
+        return response
 
     async def wait_insync(self, change_id: str) -> float | None:
         """Poll GetChange until INSYNC; the time it was seen, or None after `insync_timeout`."""
