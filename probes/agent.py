@@ -58,6 +58,11 @@ BACKOFF_CAP = 30.0  # and at most this long between two
 INFLIGHT = 20
 
 
+# Seconds after a connect with no plan for this vantage before the agent says so: a vantage the
+# controller's configuration does not list gets none, and the agent idled, saying nothing.
+PLAN_WAIT = 10.0
+
+
 def backoff(attempt: int, rng: random.Random) -> float:
     """Seconds to wait before reconnect `attempt` (1, 2, ...): exponential, capped, and jittered
     over its whole range ("full jitter") so agents cut off together do not return together."""
@@ -305,16 +310,35 @@ class Agent:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         hurry = wire.hurry_topic(self.settings.vantage)
-        async for message in client.messages:
-            if not isinstance(message.payload, bytes | bytearray):
-                continue
-            try:
-                if message.topic.value == hurry:
-                    self._hurry(hurry, bytes(message.payload))
-                else:
-                    self._apply(bytes(message.payload))
-            except Exception as exc:  # noqa: BLE001 - one message, however made, never stops the agent
-                log.warning("message from the controller ignored", topic=message.topic.value, error=repr(exc))
+        waiting = asyncio.get_running_loop().call_later(PLAN_WAIT, self._no_plan_yet)
+        try:
+            async for message in client.messages:
+                if not isinstance(message.payload, bytes | bytearray):
+                    continue
+                running = self.stats.plan_version
+                try:
+                    if message.topic.value == hurry:
+                        self._hurry(hurry, bytes(message.payload))
+                    else:
+                        self._apply(bytes(message.payload))
+                except Exception as exc:  # noqa: BLE001 - one message, however made, never stops the agent
+                    log.warning("message from the controller ignored", topic=message.topic.value, error=repr(exc))
+                if self.stats.plan_version != running:
+                    # Which plan runs now, in its presence: said only at connect, before the plan
+                    # came, the controller showed none (or the one before a change).
+                    status = wire.status_topic(self.settings.vantage)
+                    await acked(client.publish(status, self._presence("online", at=time.time()), qos=1, retain=True))
+        finally:
+            waiting.cancel()
+
+    def _no_plan_yet(self) -> None:
+        if self.plan is None:
+            log.warning(
+                "no plan from the controller yet: it probes nothing until one comes",
+                vantage=self.settings.vantage,
+                waited=PLAN_WAIT,
+                check="is this vantage among agents.vantages in the controller's configuration?",
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, probe and publish until `stop` is set; then say "offline" in order."""

@@ -26,6 +26,7 @@ from controller.intake import DROP_REASONS, Intake
 from controller.judging.suspicion import Suspicion
 from controller.settings.policy import SuspicionPolicy
 from controller.settings.schema import AgentsSettings
+from probes import agent as agent_module
 from probes import wire
 from probes.agent import Agent, AgentSettings, backoff, broker_trouble
 from probes.agent import main as agent_main
@@ -364,7 +365,8 @@ async def test_an_agent_takes_its_plan_from_the_controller_and_its_results_reach
         view = intake.agents["agent-a"]
         assert view.state == "online"
         assert view.session == agent.session
-        assert view.plan_version is None or view.plan_version == 1
+        # Which plan runs, said once it does (at connect it had none yet: the state showed null).
+        await until(lambda: view.plan_version == 1, what="the plan's version in the agent's presence")
         assert {r.vantage for r in received} == {"agent-a"}
         assert all(r.ok for r in received)
         assert view.lag is not None
@@ -375,6 +377,22 @@ async def test_an_agent_takes_its_plan_from_the_controller_and_its_results_reach
     assert agent.plan is not None
     assert agent.plan.version == 1
     assert not dropped
+
+
+async def test_an_agent_that_gets_no_plan_says_so(broker, monkeypatch):
+    # A vantage the controller's configuration does not list gets no plan: the agent said
+    # "connected" and then idled, probing nothing and saying nothing.
+    monkeypatch.setattr(agent_module, "PLAN_WAIT", 0.3)
+    agent = agent_for(broker)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        running = asyncio.create_task(agent.run(stop))
+        await until(lambda: any(e["event"].startswith("no plan from the controller yet") for e in logs), what="it")
+        stop.set()
+        await running
+    (told,) = [e for e in logs if e["event"].startswith("no plan from the controller yet")]
+    assert (told["vantage"], told["log_level"]) == ("agent-a", "warning")
+    assert "agents.vantages" in told["check"]
 
 
 async def test_an_agent_probes_the_controllers_suspects_harder_while_it_is_asked_to(broker, region):
