@@ -244,6 +244,21 @@ def test_two_of_three_regions_down_are_evacuated_onto_the_one_that_answers():
     assert any(m.startswith("evacuation") and "'ap-south-1': 175" in m for m in moves), moves  # 25% a step
 
 
+def test_a_shared_fault_that_is_over_leaves_no_trouble_behind():
+    # Every region failed orders together (never held against one), then healed: the patient
+    # error test kept each probe "leaning" for its 10-minute horizon, and a restore between
+    # regions healthy for minutes waited all that while on "a shared cause".
+    world = World()
+    world.healthy(WARM_UP)
+    for _ in range(20):
+        world.second({r: {"healthz": True, "orders": False} for r in REGIONS})
+    assert all(v.troubles == {"orders"} for v in world.judge.verdicts.values())
+    world.healthy(round(2 * POLICY.window))
+    verdicts = world.judge.verdicts
+    assert {r: (v.status, v.troubles) for r, v in verdicts.items()} == dict.fromkeys(REGIONS, ("healthy", frozenset()))
+    assert all(any("fault over" in reason for reason in v.reasons) for v in verdicts.values())
+
+
 shared_round = st.tuples(
     st.booleans(),  # healthz ok, in every region
     st.booleans(),  # orders ok, in every region

@@ -64,12 +64,13 @@ class ErrorDetector(SequentialDetector):
                 continue  # the failures are too far apart to matter (without walking the results)
             events = failures_of(windows, now, horizon)
             run = cusum(events, llr)
-            if run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows)):
-                evidence["leaning"] = True
+            leans = run.statistic / run.threshold >= floor and self._beyond_quorum(run, len(windows))
             if run.statistic / run.threshold > best:
                 best = run.statistic / run.threshold
                 evidence.update(run_evidence(run, now), acceptable=test.acceptable, unacceptable=test.unacceptable)
             if not run.tripped or run.since is None:
+                if leans:
+                    evidence["leaning"] = True
                 continue
             # A fault that has stopped is not held: a long run's evidence would otherwise take
             # as long to fade as it took to build. The last verdict window (`OVER_AFTER` results
@@ -77,9 +78,14 @@ class ErrorDetector(SequentialDetector):
             in_window = sum(1 for e in events if e[0] > now - p.window)
             recent = [e[2] for e in events[-max(in_window, OVER_AFTER) :]]
             if full > p.window and llr.of_counts(len(recent), sum(recent)) <= 0:
+                # Over, and no trouble either: a fault every region shared, never held against
+                # one, kept its probe "leaning" for the patient test's 10 minutes, and a restore
+                # waited all that while on "a shared cause" between regions healthy for minutes.
                 what = f"{probe}: fault over ({run.bad} failures in the last {now - run.since:.0f}s"
                 outcome = ("ok", f"{what}, but the last {len(recent)} results lean healthy)")
                 continue
+            if leans:
+                evidence["leaning"] = True
             since = run.since
             what = (
                 f"{probe}: {run.bad} of {run.events} probes failed in the last {now - since:.0f}s "
