@@ -404,3 +404,39 @@ async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_t
     ]
     assert [e["failing_for"] for e in logged if e["event"] == "route53 answers again"] == [7.0]
     assert reconciler.views[rs.key].errors == {"terminal": 5, "retryable": 2}
+
+
+async def test_route53_answers_again_only_when_a_whole_tick_went_through(tmp_path, monkeypatch):
+    # GetChange kept failing while reads answered: "route53 answers again" came after every read,
+    # between two "route53 unavailable" lines, for a minute and a half.
+    rs = RecordSet(
+        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
+    )
+    config = Config(regions=[Region(name="us-east-1")], record_sets=[rs])
+    failing = [RetryableError("GetChange: 500"), RetryableError("GetChange: 500"), None]
+
+    class Reads:
+        async def read_group(self, _rs):
+            return {}
+
+        @staticmethod
+        def weights_of(_rs, _group):
+            return {}
+
+    class Lease:
+        holder = "test"
+
+    async with Store(tmp_path / "state.sqlite") as store:
+        reconciler = Reconciler(config, Reads(), store=store, lease=Lease(), clock=lambda: 1000.0)
+
+        async def later_in_the_tick(*_args):
+            if (error := failing.pop(0)) is not None:
+                raise error
+
+        monkeypatch.setattr(reconciler, "_settle_open_intent", later_in_the_tick)
+        with structlog.testing.capture_logs() as logged:
+            for tick in range(3):
+                await reconciler.tick({}, 1000.0 + tick)
+    said = [e["event"] for e in logged if e["event"].startswith("route53") and e["log_level"] != "debug"]
+    assert said == ["route53 unavailable, will retry", "route53 answers again"]
+    assert [e["failing_for"] for e in logged if e["event"] == "route53 answers again"] == [2.0]

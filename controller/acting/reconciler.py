@@ -196,6 +196,7 @@ class Reconciler:
             for key, rs in self.record_sets.items():
                 try:
                     await self._reconcile(rs, verdicts, now)
+                    self._route53_answers(key, now)
                 except RetryableError as exc:
                     self._route53_failed(key, exc, "route53 unavailable, will retry", logging.WARNING, now)
                 except NoCredentialsError as exc:
@@ -223,6 +224,15 @@ class Reconciler:
             return
         view.failing = (view.failing[0] if view.failing is not None else now, (type(exc).__name__, exc.kind))
         log.log(level, what, record=key, error=str(exc))
+
+    def _route53_answers(self, key: str, now: float) -> None:
+        """A tick that went through without a Route 53 error: said once, when it follows failed ones
+        (said after the read alone, it came every tick while GetChange kept failing, between two
+        "route53 unavailable" lines)."""
+        view = self.views[key]
+        if view.failing is not None:
+            log.info("route53 answers again", record=key, failing_for=round(now - view.failing[0], 1))
+            view.failing = None
 
     def last_contact(self, key: str) -> float:
         """When Route 53 last answered for this record set: its own last read or, while its last
@@ -259,9 +269,6 @@ class Reconciler:
         raw = self.actuator.weights_of(rs, group)
         observed = {sid: w or 0 for sid, w in raw.items()}
         view.observed, view.error, view.last_read_at = observed, None, self.clock()
-        if view.failing is not None:
-            log.info("route53 answers again", record=key, failing_for=round(now - view.failing[0], 1))
-            view.failing = None
         await self._settle_open_intent(key, raw, now)
         expected, written = await self._expected(key)
         if expected is None and all(w is not None for w in raw.values()):
