@@ -90,6 +90,10 @@ class AgentView:
     received: int = 0
     late: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # The sessions whose live results came lately, the newest last, and how many times an older
+    # one reported again after a newer one had: two agents run under this one vantage name.
+    sessions: list[str] = field(default_factory=list)
+    twins: int = 0
 
     def state_view(self, now: float) -> dict[str, object]:
         return {
@@ -105,6 +109,11 @@ class AgentView:
             "dropped": dict(self.dropped),
         }
 
+
+# Sessions of one vantage remembered, and how often an older one must report again after a newer
+# one before two agents under one name are told (once: a restart's in-flight results may cross).
+SESSIONS_KEPT = 4
+TWINS_TOLD = 3
 
 # Kinds of dropped message (vantage, reason) told as a warning, at most: the vantage of a message
 # from an unknown agent is what its topic says, and the set must not grow with what strangers send.
@@ -202,8 +211,28 @@ class Intake:
             return None
         agent.received += 1
         agent.late += message.late
+        if not message.late:
+            self._one_agent_each(agent, message.session)
         agent.last_result = now
         return message.result()
+
+    def _one_agent_each(self, agent: AgentView, session: str) -> None:
+        """Say (once) when two agents report under one vantage name: an older session's live
+        results go on after a newer one's began (a restarted agent's never do). Merged, their
+        results counted as one vantage's, and the first to stop marked the other offline."""
+        sessions = agent.sessions
+        if sessions and sessions[-1] != session and session in sessions:
+            agent.twins += 1
+            if agent.twins == TWINS_TOLD:
+                log.warning(
+                    "two agents report as one vantage: give each its own --vantage and broker user",
+                    vantage=agent.vantage,
+                    sessions=sorted(set(sessions[-2:]) | {session}),
+                )
+        if session in sessions:
+            sessions.remove(session)
+        sessions.append(session)
+        del sessions[:-SESSIONS_KEPT]
 
     def presence(self, topic: str, payload: bytes, now: float) -> None:
         vantage = _vantage_of(topic, 3)

@@ -125,6 +125,26 @@ def test_an_agent_whose_clock_is_off_shows_its_skew_though_every_result_is_dropp
     assert dropped == Counter({("agent-a", "clock_skew"): 1, ("agent-a", "too_old"): 1})
 
 
+def test_two_agents_under_one_vantage_name_are_told_a_restarted_one_is_not():
+    # Merged in silence: the vantage showed three times the results, and the first to stop
+    # marked the other offline while it still reported.
+    intake, _, _ = make_intake()
+    now = time.time()
+    other = "fedcba9876543210"
+    with capture_logs() as logs:
+        for seq in range(1, 6):  # a restart: the old session stops, the new one goes on
+            intake.accept(topic(), wire.encode_result(result(at=now - 2), SESSION, seq), now)
+        for seq in range(1, 6):
+            intake.accept(topic(), wire.encode_result(result(at=now - 1), other, seq), now)
+    assert not [e for e in logs if e["event"].startswith("two agents")]
+    with capture_logs() as logs:
+        for seq in range(6, 10):  # then both, in turn
+            intake.accept(topic(), wire.encode_result(result(at=now), SESSION, seq), now)
+            intake.accept(topic(), wire.encode_result(result(at=now), other, seq), now)
+    (told,) = [e for e in logs if e["event"].startswith("two agents report as one vantage")]
+    assert (told["vantage"], told["sessions"], told["log_level"]) == ("agent-a", sorted([SESSION, other]), "warning")
+
+
 def _drop_every_kind():
     intake, dropped, _ = make_intake()
     now = time.time()
