@@ -126,6 +126,7 @@ class Daemon:
         self.bus = Bus()
         # The verdict changes of the last hour at least (the live page charts them).
         self.verdict_log: deque[VerdictChanged] = deque(maxlen=VERDICT_LOG)
+        self._aside: dict[str, str] = {}  # the vantages set aside as of the last pass, and why
         self.started = asyncio.Event()
         self.started_at = clock()  # when this daemon began (the live page's chart starts no earlier)
         self.url: str | None = None
@@ -195,6 +196,12 @@ class Daemon:
     def _announce(self, transitions: list[Transition], now: float) -> list[Transition]:
         for region, verdict in self.judge.verdicts.items():  # every pass: troubles move without a transition
             self.metrics.set_troubles(region, len(verdict.troubles))
+        aside = dict(self.judge.set_aside)  # said as it changes (only the verdicts' evidence named it)
+        for vantage in sorted(aside.keys() - self._aside.keys()):
+            log.warning("vantage set aside", vantage=vantage, why=aside[vantage])
+        for vantage in sorted(self._aside.keys() - aside.keys()):
+            log.info("vantage counts again", vantage=vantage)
+        self._aside = aside
         for t in transitions:
             v = t.verdict
             self.metrics.set_status(t.region, v.status)

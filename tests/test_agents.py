@@ -665,9 +665,14 @@ async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_c
 
         # agent-c loses its network to every region (its broker link stays): its vantage is set
         # aside, named in the evidence, and no region is blamed meanwhile.
-        for region in world.values():
-            region.set(cut_vantages=("agent-c",))
-        await until(lambda: "agent-c" in daemon.judge.set_aside, within=20, what="agent-c set aside")
+        with capture_logs() as logs:
+            for region in world.values():
+                region.set(cut_vantages=("agent-c",))
+            await until(lambda: "agent-c" in daemon.judge.set_aside, within=20, what="agent-c set aside")
+            await asyncio.sleep(0.2)  # the pass that set it aside has announced it
+        (told,) = [e for e in logs if e["event"] == "vantage set aside"]
+        assert (told["vantage"], told["log_level"]) == ("agent-c", "warning")
+        assert "sees all 3 regions failing" in told["why"]
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             blamed = {r: (v.status, v.reasons) for r, v in daemon.judge.verdicts.items() if v.status != "healthy"}
