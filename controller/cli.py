@@ -139,12 +139,30 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+LOG_OPTIONS = ("--log-level", "--log-format")
+
+
+def _agent_command(argv: list[str]) -> int | None:
+    """Where `agent` is in `argv` when it is the command: first, or after global log options
+    only (`regionshift --log-format json agent ...` was "unrecognized arguments")."""
+    i = 0
+    while i < len(argv) and argv[i] != "agent":
+        if argv[i] in LOG_OPTIONS:
+            i += 2
+        elif argv[i].split("=", 1)[0] in LOG_OPTIONS:
+            i += 1
+        else:
+            return None
+    return i if i < len(argv) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["agent"]:  # called as the controller's CLI: the agent is still its own program
+    at = _agent_command(argv)
+    if at is not None:  # called as the controller's CLI: the agent is still its own program
         from probes.agent import main as agent  # noqa: PLC0415
 
-        return agent(argv[1:])
+        return agent(argv[at + 1 :] + argv[:at])  # the global log options, as the agent's own
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import aiomqtt
 import structlog
 
-from probes import wire
+from probes import logs, wire
 from probes.scheduler import Scheduler, make_prober
 from probes.spec import Secret, unreadable
 
@@ -433,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-file", help="PEM client certificate (with --key-file)")
     p.add_argument("--key-file", help="PEM key of the client certificate")
     p.add_argument("--buffer", type=int, default=10_000, help="results kept while the broker is unreachable")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="console", choices=["console", "json"], help="to stderr, one event a line")
     return p
 
 
@@ -467,6 +469,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)  # the controller's lines, on stderr (not stdout)
     try:
         settings = settings_from(args)
         if settings.password is not None:

@@ -650,6 +650,28 @@ def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller
     assert loaded.stdout.strip() == "['controller', 'controller.entry']"
 
 
+def test_the_agent_takes_the_global_log_options_and_logs_to_stderr():
+    # `regionshift --log-format json agent ...` was "unrecognized arguments", and the agent's
+    # lines went to stdout in another format than the controller's.
+    regionshift = str(Path(sys.executable).with_name("regionshift"))
+    agent = subprocess.Popen(
+        [regionshift, "--log-format", "json", "agent", "--vantage", "a", "--broker", "127.0.0.1:1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # it tries the broker (nothing listens on port 1) and says so
+    finally:
+        agent.terminate()
+        out, err = agent.communicate(timeout=30)
+    assert out == ""
+    events = [json.loads(line) for line in err.splitlines()]
+    assert events[0]["event"] == "broker unreachable"
+    assert events[0]["level"] == "warning"
+    assert events[-1]["event"] == "stopped"
+
+
 async def test_three_agents_feed_the_daemon_a_shared_fault_blames_the_region_a_cut_agent_is_set_aside(broker, world):
     agents = ("agent-a", "agent-b", "agent-c")
     daemon, running_agents = daemon_with_agents(broker, world, agents)
