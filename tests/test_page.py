@@ -19,6 +19,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from controller.daemon import Daemon
+from controller.settings.schema import AgentsSettings
 from controller.web.listening import stop_accepting
 from tests.browser import CHROMIUM, launch
 from tests.faults import FaultProxy
@@ -200,6 +201,22 @@ async def test_the_top_line_warns_while_route53_refuses_and_clears_when_it_answe
             proxy.faults.clear()
             await expect(summary).not_to_contain_text("⚠", timeout=10_000)
             await expect(page.locator(f'[data-record="{record}"] .error-line')).to_be_hidden()
+    assert seen.page_errors == []
+
+
+async def test_the_top_line_says_when_the_agents_broker_is_not_connected(world, route53, tmp_path, browser):
+    # A broker outage left "✓ all 3 regions healthy" alone on top: the verdicts stood on the
+    # controller's vantage only, and the page said nothing of the agents.
+    zone_id, name = make_zone(route53)
+    base = page_config(world, route53, zone_id, name, tmp_path)
+    agents = AgentsSettings(broker="127.0.0.1:1", vantages=["agent-a"])  # nothing listens there
+    daemon = Daemon(base.model_copy(update={"agents": agents}))
+    async with Running(daemon) as running:
+        await running.until(lambda: all_healthy(daemon), what="three healthy regions")
+        page, seen = await open_page(browser, daemon.url)
+        summary = page.locator("#summary")
+        await expect(summary).to_contain_text("✓ all 3 regions healthy", timeout=LIVE)
+        await expect(summary).to_contain_text("⚠ agents' broker 127.0.0.1:1 not connected", timeout=LIVE)
     assert seen.page_errors == []
 
 

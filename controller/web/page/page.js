@@ -412,6 +412,18 @@ function summary(state) {
     if (rs.drift) parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ drift on ${rs.key}`));
     if (rs.actuation) parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ ${rs.key}: ${rs.actuation}`));
   }
+  // The agents' vantages, when any: a broker gone or an agent away left "all regions healthy"
+  // on top while the verdicts stood on fewer vantages than configured.
+  const agents = state.agents;
+  if (agents && !agents.connected) {
+    parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ agents' broker ${agents.broker} not connected`));
+  } else if (agents) {
+    const away = Object.entries(agents.vantages || {}).filter(([, a]) => a.state !== "online");
+    if (away.length) {
+      const said = away.map(([vantage, a]) => `${vantage} ${a.state}`).join(", ");
+      parts.push(" · ", h("span", { class: "status s-degraded" }, `⚠ agents: ${said}`));
+    }
+  }
   return h("p", {}, parts);
 }
 
