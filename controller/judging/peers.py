@@ -43,10 +43,8 @@ class PeerCheck:
     waiting: bool = False
     # Peers not compared: their trouble is wider than this region's (`wider_trouble`).
     left_out: tuple[str, ...] = ()
-    # A shared cause needs every compared peer alike, not half of them: for a region down (its
-    # last results all failed), whose peers fail or answer beyond doubt. Two of three regions
-    # refusing every request were each "a shared cause" with the other, neither was evacuated,
-    # and two thirds of the traffic stayed on them while the third region answered.
+    # A shared cause needs every compared peer alike, not half of them: for a region down as a
+    # whole (every probe's last results failed; see `ThresholdDetector._down_as_a_whole`).
     every: bool = False
 
     @property

@@ -73,9 +73,36 @@ class ThresholdDetector:
         # even where a peer happens to fail one of the same probes (that probe alone would be
         # a shared cause, not the region as a whole).
         down = all(e.get("consecutive_failures") for e in evidence.values())
+        if down and "failing" not in states.values():
+            found = self._down_as_a_whole(view, now, evidence)
+            if found is not None:
+                probe, reason = found
+                states[probe] = "failing"
+                reasons = [r for r in reasons if not r.startswith(f"{probe}: ")] + [f"{probe}: {reason}"]
         if down and "failing" in states.values():
             states = dict.fromkeys(states, "failing")
         return Assessment(region_status(states), tuple(reasons), evidence, troubles)
+
+    def _down_as_a_whole(self, view: RegionView, now: float, evidence: dict[str, Any]) -> tuple[str, str] | None:
+        """A region whose every probe is down is a shared cause only when every peer fails too,
+        not half of them: two regions of three refusing every request were each the other's
+        "shared cause", never evacuated, and two thirds of the traffic stayed on them while the
+        third answered. (Half stands for a probe down alone: under a fault every region shares,
+        one that failed three in a row while a peer happened to answer was blamed.) The first
+        probe that this sets apart, and its reason; None when none."""
+        p = self.policy
+        for probe in view.probes:
+            windows = view.fresh_of(probe, now, p.stale_after)
+            start = run_start(windows.values(), now, p.window, p.down_after)
+            check = self._down_peers(view, probe, start - (now - start), now, every=True)
+            if check.set_apart:
+                evidence[probe]["peers"] = check.evidence()
+                vantages = ", ".join(sorted(windows))
+                errors = evidence[probe].get("errors") or {}
+                said = f" ({', '.join(f'{k} x{n}' for k, n in sorted(errors.items()))})" if errors else ""
+                failed = f"the last {p.down_after} results from {vantages} all failed{said}"
+                return probe, f"{failed}, down as a whole, {check.text()}"
+        return None
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)
@@ -111,7 +138,7 @@ class ThresholdDetector:
             return found, f"{reason}, {peers.limit_text()}{held_text(view, found, state)}", evidence
         return state, reason, evidence
 
-    def _down_peers(self, view: RegionView, probe: str, since: float, now: float) -> PeerCheck:
+    def _down_peers(self, view: RegionView, probe: str, since: float, now: float, *, every: bool = False) -> PeerCheck:
         """Peers since `since` (the caller's span slides as an outage goes on, so one stray
         failure of a peer holds nothing for long). A peer is alike when it failed in that span
         too, or when its failures over the verdict window are more than a healthy target's noise
@@ -154,7 +181,7 @@ class ThresholdDetector:
             (alike if failed or noise < p.peers.significance else clean).append(name)
         apart = False if running > len(left_out) and not compared else None
         return PeerCheck(
-            tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out), every=True
+            tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out), every=every
         )
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
