@@ -172,16 +172,15 @@ def wider_trouble(
     span: float,
     acceptable: float,
 ) -> str | None:
-    """Why `peer`'s trouble is wider than this region's, or None: a probe besides `probe` that it
-    fails beyond a healthy target's noise (at `acceptable`) since `since`, and significantly more
-    than this region does (Fisher's test
-    at `peers.significance`, with `min_error_ratio`: a fault every region shares fails each at
-    random, and one region's few failures more are not a wider trouble): the peer's trouble is wider than
-    this region's (it is down as a whole, or coming back from it), and its failures of `probe`
-    are no sign of a cause the two share. Counted as alike, a region down elsewhere made one
-    failing 40% of a path `healthy` ("a shared cause") for as long as its outage lasted and the
-    window after. None when there is none: a peer failing the same probes, or everything as
-    this region does, may well share its cause."""
+    """Why `peer`'s trouble is wider than this region's, or None. Wider: it fails a probe besides
+    `probe` beyond a healthy target's noise (at `acceptable`) since `since`, and significantly
+    more often than this region, which answers it (Fisher's test at `peers.significance`, with
+    `min_error_ratio`: under a fault every region shares, one region's few failures more are
+    not a wider trouble); or it is down on `probe` itself and fails it significantly more often.
+    A region down as a whole, or coming back from it, shows nothing of a cause the two share:
+    counted as alike, one made another failing 40% of a path `healthy` ("a shared cause") for
+    as long as its outage lasted and the window after. None for a peer failing the same probes
+    as this region, or everything as this region does: it may well share its cause."""
     significance, ratio = policy.peers.significance, policy.peers.min_error_ratio
     for other in peer.probes:
         if other == probe or other not in view.probes:
