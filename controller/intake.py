@@ -64,8 +64,12 @@ class _Session:
     highest: int = 0
     seen: set[int] = field(default_factory=set)
 
+    def saw(self, seq: int) -> bool:
+        """Whether `seq` came before (or is too old to tell): a redelivery."""
+        return seq in self.seen or seq <= self.highest - SEQ_MEMORY
+
     def first_time(self, seq: int) -> bool:
-        if seq in self.seen or seq <= self.highest - SEQ_MEMORY:
+        if self.saw(seq):
             return False
         self.seen.add(seq)
         if seq > self.highest:
@@ -192,10 +196,12 @@ class Intake:
             self._drop(message.vantage, "unknown_target", f"{message.region}/{message.probe} is not configured")
             return None
         ended = message.started_at + (message.latency or 0.0)
-        if not message.late:
+        known = self._sessions.get((message.vantage, message.session))
+        if not message.late and (known is None or not known.saw(message.seq)):
             # Before the clock checks: an agent whose clock is off has every result dropped by
             # them, and its skew (and lag) must show it (they stayed at the last accepted
-            # result's, -0.001 s, while all of them were dropped, and no alert could fire).
+            # result's, -0.001 s, while all of them were dropped, and no alert could fire). Not
+            # from a redelivery: its lag is the broker's, not the agent's.
             agent.lag = max(0.0, now - ended)
             agent.skew = ended - now
         if message.started_at > now + self.settings.max_skew:
@@ -267,8 +273,8 @@ class Intake:
         # refused (its clock minutes off, a vantage name the configuration does not list) looked
         # merely "stale" on the page, and said so nowhere. The rest are counted (the metric
         # regionshift_agent_messages_dropped_total), and logged at debug.
-        first = (vantage, reason) not in self._told
-        if first and len(self._told) < TOLD_KEPT:
+        first = (vantage, reason) not in self._told and len(self._told) < TOLD_KEPT
+        if first:
             self._told.add((vantage, reason))
         (log.warning if first else log.debug)(
             "agent message dropped" + (" (the first of its kind from this vantage)" if first else ""),
