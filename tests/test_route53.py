@@ -356,23 +356,17 @@ def test_a_record_set_waiting_its_turn_is_in_contact_one_whose_reads_fail_is_not
     assert reconciler.last_contact(other.key) == 1000.0  # its own reads fail: only they count
 
 
-async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_too(tmp_path):
-    # A zone gone (or Route 53 unreachable) was logged at every reconcile: 21 error lines in 20 s,
-    # and nothing said when Route 53 answered again.
-    rs = RecordSet(
-        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
-    )
-    config = Config(regions=[Region(name="us-east-1")], record_sets=[rs])
-    answers: list[BaseException | None] = [
-        *[TerminalError("NoSuchHostedZone: no hosted zone found with ID: Z1")] * 5,
-        RetryableError("network: connection refused"),
-        RetryableError("network: connection refused"),
-        None,
-    ]
+ONE_MEMBER = RecordSet(
+    zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
+)
 
-    class Flaky:
-        def __init__(self) -> None:
-            self.calls = 0
+
+def reads_only(store: Store, answers: list[BaseException | None]) -> Reconciler:
+    """A reconciler of `ONE_MEMBER` over a Route 53 whose reads answer `answers` in turn (an error
+    raised, or None: an empty group), the last one for ever after."""
+
+    class Reads:
+        calls = 0
 
         async def read_group(self, _rs):
             answer = answers[min(self.calls, len(answers) - 1)]
@@ -388,8 +382,21 @@ async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_t
     class Lease:
         holder = "test"
 
+    config = Config(regions=[Region(name="us-east-1")], record_sets=[ONE_MEMBER])
+    return Reconciler(config, Reads(), store=store, lease=Lease(), clock=lambda: 1000.0)
+
+
+async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_too(tmp_path):
+    # A zone gone (or Route 53 unreachable) was logged at every reconcile: 21 error lines in 20 s,
+    # and nothing said when Route 53 answered again.
+    answers: list[BaseException | None] = [
+        *[TerminalError("NoSuchHostedZone: no hosted zone found with ID: Z1")] * 5,
+        RetryableError("network: connection refused"),
+        RetryableError("network: connection refused"),
+        None,
+    ]
     async with Store(tmp_path / "state.sqlite") as store:
-        reconciler = Reconciler(config, Flaky(), store=store, lease=Lease(), clock=lambda: 1000.0)
+        reconciler = reads_only(store, answers)
         with structlog.testing.capture_logs() as logged:
             for tick in range(len(answers)):
                 await reconciler.tick({}, 1000.0 + tick)
@@ -403,31 +410,15 @@ async def test_a_route53_error_that_lasts_is_logged_once_and_its_end_is_logged_t
         ("route53 answers again", "info"),
     ]
     assert [e["failing_for"] for e in logged if e["event"] == "route53 answers again"] == [7.0]
-    assert reconciler.views[rs.key].errors == {"terminal": 5, "retryable": 2}
+    assert reconciler.views[ONE_MEMBER.key].errors == {"terminal": 5, "retryable": 2}
 
 
 async def test_route53_answers_again_only_when_a_whole_tick_went_through(tmp_path, monkeypatch):
     # GetChange kept failing while reads answered: "route53 answers again" came after every read,
     # between two "route53 unavailable" lines, for a minute and a half.
-    rs = RecordSet(
-        zone_id="Z1", name="a.example.com", members=[Member(set_identifier="a", region="us-east-1", value="192.0.2.1")]
-    )
-    config = Config(regions=[Region(name="us-east-1")], record_sets=[rs])
     failing = [RetryableError("GetChange: 500"), RetryableError("GetChange: 500"), None]
-
-    class Reads:
-        async def read_group(self, _rs):
-            return {}
-
-        @staticmethod
-        def weights_of(_rs, _group):
-            return {}
-
-    class Lease:
-        holder = "test"
-
     async with Store(tmp_path / "state.sqlite") as store:
-        reconciler = Reconciler(config, Reads(), store=store, lease=Lease(), clock=lambda: 1000.0)
+        reconciler = reads_only(store, [None])
 
         async def later_in_the_tick(*_args):
             if (error := failing.pop(0)) is not None:
