@@ -347,6 +347,17 @@ def test_vantages_are_pooled_and_listed():
     assert verdict.evidence["threshold"]["api"]["samples"] == 10
 
 
+def test_a_breach_no_vantage_shows_alone_is_not_held_and_says_so():
+    # Pooled, 3 of 24 failed (87.5%); alone, the agent's 4 results are too few to judge and the
+    # controller's 19 of 20 are not below 95%: no vantage shows the breach by itself.
+    results = [result(T0 + i, ok=i >= 2, vantage="agent-eu-west-1", error_class="status") for i in range(4)]
+    results += [result(T0 + i, ok=i != 7, error_class="status") for i in range(20)]
+    verdict = judge_once(results, T0 + 20)
+    assert verdict.status == "healthy"
+    said = "api: 88% of 24 probes succeeded over 60s from agent-eu-west-1, controller (status x3), below 95%"
+    assert verdict.reasons == (f"{said}: seen at no vantage alone, 2 vantages needed, not held",)
+
+
 def test_a_failing_probe_outweighs_a_stale_one():
     results = [result(T0 + i, probe="orders", ok=False, error_class="status") for i in range(10)]
     results += [result(T0 - 100, probe="healthz")]

@@ -127,7 +127,8 @@ class ThresholdDetector:
         agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now, w.age(now))[0] == state)
         needed = quorum(p, len(windows))
         if len(agreeing) < needed:
-            return "ok", f"{reason}: only {len(agreeing)} of {needed} vantages needed agree, not held", evidence
+            seen = f"seen alone at {', '.join(agreeing)}" if agreeing else "seen at no vantage alone"
+            return "ok", f"{reason}: {seen}, {needed} vantages needed, not held", evidence
         if state == "slow":
             peers = self._slow_peers(view, probe, now)
         else:
