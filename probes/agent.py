@@ -140,6 +140,7 @@ class Agent:
         self._suspected: set[tuple[str, str]] = set()  # the targets of the last hurry, for the log
         self._targets: frozenset[tuple[str, str]] = frozenset()  # (region, probe) of the plan running
         self._connected = False
+        self._overflowing = False  # the buffer dropped results, and has not drained to half since
         self.plan: wire.Plan | None = None
 
     # -- results ----------------------------------------------------------------------------
@@ -156,6 +157,16 @@ class Agent:
                 self._unsent.popleft()
             dropped.dropped = True
             self.stats.dropped += 1
+            if not self._overflowing:  # once per overflow: the count is in the stop and connect lines
+                self._overflowing = True
+                log.warning(
+                    "result buffer full: the oldest results are dropped until the broker takes them",
+                    vantage=self.settings.vantage,
+                    buffer=self.settings.buffer,
+                    oldest_kept=round(buffer[0].result.started_at, 3) if buffer else None,
+                )
+        elif self._overflowing and len(buffer) < self.settings.buffer // 2:
+            self._overflowing = False
         pending = _Pending(self._seq, result, late=not self._connected)
         self._buffer.append(pending)
         self._unsent.append(pending)
@@ -357,7 +368,14 @@ class Agent:
                 async with client:
                     self.stats.connects += 1
                     attempt = 0
-                    log.info("connected", vantage=self.settings.vantage, broker=self._where(), session=self.session)
+                    log.info(
+                        "connected",
+                        vantage=self.settings.vantage,
+                        broker=self._where(),
+                        session=self.session,
+                        to_replay=len(self._buffer),
+                        dropped=self.stats.dropped,
+                    )
                     session = asyncio.create_task(self._session(client))
                     stopping = asyncio.create_task(stop.wait())
                     try:
@@ -385,6 +403,7 @@ class Agent:
                     error=str(exc),
                     retry_in=round(wait, 2),
                     buffered=len(self._buffer),
+                    dropped=self.stats.dropped,
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait)

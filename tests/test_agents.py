@@ -307,9 +307,13 @@ async def test_a_full_buffer_drops_the_oldest_and_counts_only_what_never_arrived
         agent.record(result(at=1_800_000_000 + i))
     publishing = asyncio.create_task(agent._publish_all(broker))  # type: ignore[arg-type]
     await until(lambda: broker.sent == [1], what="the first result on its way")
-    agent.record(result(at=1_800_000_003))  # full: 1 (on its way) goes
-    agent.record(result(at=1_800_000_004))  # full: 2 (never sent) goes
+    with capture_logs() as logs:
+        agent.record(result(at=1_800_000_003))  # full: 1 (on its way) goes
+        agent.record(result(at=1_800_000_004))  # full: 2 (never sent) goes
     assert agent.stats.dropped == 2
+    # Told once, not at every result that pushes one out.
+    told = [e for e in logs if e["event"].startswith("result buffer full")]
+    assert [(e["log_level"], e["buffer"], e["oldest_kept"]) for e in told] == [("warning", 3, 1_800_000_001)]
     broker.release.set()
     await until(lambda: agent.stats.published == 4, what="every result still held published")
     publishing.cancel()
