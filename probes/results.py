@@ -41,7 +41,8 @@ class Result:
     def outcome(self) -> Outcome:
         if self.ok:
             return "success"
-        return "timeout" if self.error_class == "timeout" else "failure"
+        timed_out = self.error_class == "timeout" or (self.error_class or "").endswith(" timeout")  # "primary timeout"
+        return "timeout" if timed_out else "failure"
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,16 +123,40 @@ async def test_a_primary_back_from_an_outage_is_lagging_before_it_is_stalled(env
         await replica.execute("SELECT pg_wal_replay_resume()")
         await replica.close()
         await prober.close()
-    assert [r.error_class for r in away] == ["connect"] * 3
+    assert [r.error_class for r in away] == ["primary connect"] * 3
     assert back.error_class == "lagging", back.error
     assert later[-1].error_class == "stalled", [r.error for r in later]
+
+
+async def test_a_dead_replica_and_a_dead_primary_are_told_apart(env, monkeypatch):
+    # Both were "connect": a verdict said "not measured (connect)", and the page did not say
+    # whether writes or the standby's reads were gone.
+    monkeypatch.setenv("RS_PG_REPLICA", "postgresql://rs@127.0.0.1:1/none")  # refused
+    prober = PostgresLagProber(spec(), "eu-west-1", "controller")
+    try:
+        replica_down = await prober()
+        monkeypatch.setenv("RS_PG_REPLICA", env.replica)
+        monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://rs@127.0.0.1:1/none")
+        await prober.close()
+        primary_down = await prober()
+    finally:
+        await prober.close()
+    assert (replica_down.error_class, replica_down.outcome) == ("replica connect", "failure")
+    assert "cannot connect to the replica" in (replica_down.error or "")
+    assert (primary_down.error_class, primary_down.outcome) == ("primary connect", "failure")
+
+
+def test_a_side_s_timeout_is_counted_as_a_timeout():
+    subject = PostgresLagProber(spec(), "eu-west-1", "controller").subject
+    timed_out = subject.lag_result(1.0, 0.5, {}, "primary timeout", "connecting to the primary timed out")
+    assert timed_out.outcome == "timeout"
 
 
 async def test_connection_strings_come_from_outside_the_configuration_and_never_show(monkeypatch, tmp_path):
     monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://app:s3cret-pass@127.0.0.1:1/orders")  # port 1: refused
     monkeypatch.setenv("RS_PG_REPLICA", "")
     result = await PostgresLagProber(spec(), "eu-west-1", "controller")()
-    assert (result.ok, result.error_class) == (False, "connect")
+    assert (result.ok, result.error_class) == (False, "primary connect")
     assert "s3cret" not in repr(result)
 
     dsn_file = tmp_path / "primary.dsn"
@@ -140,7 +164,7 @@ async def test_connection_strings_come_from_outside_the_configuration_and_never_
     result = await PostgresLagProber(
         spec(primary=Secret(file=str(tmp_path / "missing.dsn"))), "eu-west-1", "controller"
     )()
-    assert (result.ok, result.error_class) == (False, "config")
+    assert (result.ok, result.error_class) == (False, "primary config")
     assert "missing.dsn" in (result.error or "")
 
     monkeypatch.setenv("RS_PG_PRIMARY", "")
@@ -149,7 +173,7 @@ async def test_connection_strings_come_from_outside_the_configuration_and_never_
 
     monkeypatch.setenv("RS_PG_PRIMARY", "postgresql://app:s3cret-pass@127.0.0.1:notaport/orders?sslmode=bogus")
     result = await PostgresLagProber(spec(), "eu-west-1", "controller")()
-    assert (result.ok, result.error_class) == (False, "connect")
+    assert (result.ok, result.error_class) == (False, "primary connect")
     assert "s3cret" not in repr(result)
     assert "$RS_PG_PRIMARY" in (result.error or "")
 

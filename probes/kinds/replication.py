@@ -208,9 +208,13 @@ class PostgresLagProber:
 
 
 class _RunError(Exception):
-    def __init__(self, error_class: str, message: str, side: str | None) -> None:
+    """A run that measured nothing: `what` went wrong (config, connect, query, timeout) on
+    `side`. Its error class names the side ("replica connect"): a verdict's reason shows the
+    class, and a dead primary and a dead replica are different pages."""
+
+    def __init__(self, what: str, message: str, side: str) -> None:
         super().__init__(message)
-        self.error_class, self.message, self.side = error_class, message, side
+        self.error_class, self.message, self.side = f"{side} {what}", message, side
 
 
 def _describe(exc: BaseException) -> str:
