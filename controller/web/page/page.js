@@ -468,8 +468,8 @@ function vantageCell(state, cell) {
   const newestAt = cell.newest_age === null ? null : state.generated_at - cell.newest_age;
   return h("td", { class: "cell", "data-status": cell.status },
     statusLabel(cell.status, CELL_SYMBOLS), h("br"),
-    h("span", { class: "muted" }, "newest ", newestAt === null ? "-" : ageOf(newestAt), " ago"),
-    h("br"),
+    newestAt === null ? null : h("span", { class: "muted" }, `newest ${ageOf(newestAt)} ago`),
+    newestAt === null ? null : h("br"),
     h("span", { class: "muted" }, `${cell.results} results/min`),
     failing.length ? h("div", { class: cell.status === "failing" ? null : "muted" },
       failing.map(([probe, n]) => `${probe}: ${n} failed`).join(", ")) : null,
