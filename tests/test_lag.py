@@ -78,6 +78,8 @@ def test_no_fresh_lag_result_is_unknown_and_a_connection_failure_is_not_a_lag():
     refused = assess([lag_result(0, 0.05), lag_result(1, 0.002, "connect")])
     assert refused.status == "unknown"
     assert refused.reasons == ("db (postgres lag): not measured (connect)",)
+    # How long the refused run took is no lag: the evidence showed 0.002 s while the metric was NaN.
+    assert (refused.evidence["db"]["lag"], refused.evidence["db"]["measured"]) == (None, False)
 
 
 @pytest.mark.slow

@@ -75,8 +75,11 @@ class LagDetector:
             return "unknown", f"{probe} ({source} lag): no result in the last {p.stale_after:g}s", evidence
         newest = samples[-1]
         lag = newest[LATENCY]
+        measured = newest[ERROR_CLASS] in (None, "lagging", "stalled")  # the lag, or a bound on it
         evidence.update(
-            lag=round(lag, 4) if math.isfinite(lag) else None,
+            # A run that measured nothing (its latency is how long it tried) shows no lag, as
+            # `regionshift_replication_lag_seconds` shows NaN then.
+            lag=round(lag, 4) if measured and math.isfinite(lag) else None,
             measured=newest[OK],
             stalled=newest[ERROR_CLASS] == "stalled",
         )
