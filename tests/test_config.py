@@ -126,6 +126,16 @@ BROKEN = [
         ("record_sets[0].members[0].region", "read-only", "takes_writes: false"),
     ),
     (
+        "configured weights over a lightweight region's max_share",
+        (
+            "regions:\n  - name: us-east-1\n  - name: ap-1\n    type: lightweight\n    max_share: 20\n"
+            "record_sets:\n  - zone_id: Z1ABC\n    name: api.example.com\n    members:\n"
+            "      - {set_identifier: a, region: us-east-1, value: 192.0.2.1, weight: 100}\n"
+            "      - {set_identifier: b, region: ap-1, value: 192.0.2.2, weight: 200}\n"
+        ),
+        (":11:", "record_sets[0].members[1].weight", "gives 'ap-1' 66.7%", "over its max_share of 20%"),
+    ),
+    (
         "bad duration",
         probe("kind: http\nname: h\ntarget: http://a/\ninterval: 5 parsecs\n"),
         (":7:", "regions[0].probes[0].interval", "'5 parsecs' is not a duration", "e.g. '500ms'"),

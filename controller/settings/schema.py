@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS
+from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS, SHARE_EPSILON
 from controller.settings.model import LocatedError, SettingsModel, no_duplicates
 from controller.settings.policy import Policy
 from probes.spec import Duration, Interval, ProbeSpec, Secret, split_host_port
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 RegionType = Literal["full", "lightweight", "read-only"]
 
@@ -226,7 +229,29 @@ class Config(SettingsModel):
                         f"region {region.name!r} is read-only and {rs.name!r} takes writes; "
                         "set takes_writes: false or use another region",
                     )
+            self._configured_shares_fit(i, rs, regions)
         return self
+
+    @staticmethod
+    def _configured_shares_fit(i: int, rs: RecordSet, regions: Mapping[str, Region]) -> None:
+        """A lightweight region's configured weight keeps it within its `max_share` (guardrail 5:
+        the planners never write more, and a configuration asking for more is a mistake)."""
+        weights = [m.weight for m in rs.members]
+        if any(w is None for w in weights) or not any(weights):
+            return
+        total = sum(w or 0 for w in weights)
+        by_region: dict[str, float] = {}
+        for member in rs.members:
+            by_region[member.region] = by_region.get(member.region, 0.0) + 100.0 * (member.weight or 0) / total
+        for j, member in enumerate(rs.members):
+            region = regions[member.region]
+            share = by_region[member.region]
+            if region.type == "lightweight" and share > region.max_share + SHARE_EPSILON:
+                raise LocatedError(
+                    f"record_sets[{i}].members[{j}].weight",
+                    f"gives {region.name!r} {share:.1f}% of {rs.name!r}, over its max_share of "
+                    f"{region.max_share:g}% (a lightweight region)",
+                )
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
