@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args.scenario, args.duration, args.listen)
         config = load_config(args.config)
+        if args.command in ("validate", "plan", "run"):
+            from controller.planning.preview import check_ramps  # noqa: PLC0415
+
+            check_ramps(config)
         if args.command == "validate":
             return _validate(args.config, config)
         if args.command == "probe":

@@ -457,6 +457,26 @@ def test_ramp_policies_must_fit_the_configuration_and_the_guardrails(ramp, expec
         assert part in err, (part, err)
 
 
+@pytest.mark.parametrize("command", [["validate"], ["plan", "--ramp", "launch"], ["run"]])
+def test_a_ramp_whose_steps_from_the_configured_weights_move_too_much_is_refused(command, write, capsys):
+    # Its steps from 0% are fine; but eu-west-1 is configured at 50%, so the first step (to 1%)
+    # moves 49% onto us-east-1 at once. validate and plan said ok and the daemon refused every step.
+    write(
+        "ramp.yaml",
+        "guardrails: {max_step: 25}\nramps:\n  launch:\n    record_set: api.example.com\n    waves: [[eu-west-1]]\n",
+    )
+    weighted = RAMP_CONFIG.replace("192.0.2.1}", "192.0.2.1, weight: 100}").replace(
+        "192.0.2.2}", "192.0.2.2, weight: 100}"
+    )
+    path = write("regionshift.yaml", weighted.replace("192.0.2.3}", "192.0.2.3, weight: 0}"))
+    assert main([command[0], "-c", str(path), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "ramps.launch: step 1.1 (to 1%) moves 49.0% of traffic at once from the configured weights of "
+        "api.example.com/A (a=100 b=100 c=0), more than guardrails.max_step 25%"
+    ) in err
+
+
 def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
     path = write("regionshift.yaml", probe("kind: http\nname: h\ntarget: 'https://u:hunter2@a.example:99999/'\n"))
     assert main(["validate", "-c", str(path)]) == 2

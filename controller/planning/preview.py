@@ -7,10 +7,14 @@ from typing import TYPE_CHECKING
 from controller.planning.guardrails import moved_share
 from controller.planning.ramps import step_weights
 from controller.planning.weights import shares
+from controller.settings.limits import SHARE_EPSILON
 from controller.settings.loading import ConfigError
 
 if TYPE_CHECKING:
-    from controller.settings.schema import Config
+    from collections.abc import Iterator, Mapping
+
+    from controller.settings.policy import RampPolicy
+    from controller.settings.schema import Config, RecordSet
 
 
 def _duration(seconds: float) -> str:
@@ -18,6 +22,42 @@ def _duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+
+
+def ramp_steps(
+    policy: RampPolicy, rs: RecordSet, weights: Mapping[str, int]
+) -> Iterator[tuple[int, int, dict[str, int], float]]:
+    """Every step of a ramp from `weights`, in order: (wave, step, its weights, the share it moves)."""
+    current = dict(weights)
+    for w in range(len(policy.waves)):
+        base = dict(current)
+        for i in range(len(policy.steps)):
+            new = step_weights(policy, rs, base, w, i)
+            yield w, i, new, moved_share(current, new)
+            current = new
+
+
+def check_ramps(config: Config) -> None:
+    """Each ramp, stepped from its record set's configured weights (where every member has one),
+    moves at most `guardrails.max_step` a step: the load-time check counts from a target at 0%,
+    and a target configured with share already (its first step takes that share away, onto the
+    others) passed `validate` and `plan`, then had every step refused once started."""
+    max_step = config.policy.guardrails.max_step
+    for name, policy in config.policy.ramps.items():
+        rs = next(r for r in config.record_sets if r.key == policy.record_key)
+        configured = {m.set_identifier: m.weight for m in rs.members}
+        if any(w is None for w in configured.values()) or not any(configured.values()):
+            continue
+        weights = {sid: int(w or 0) for sid, w in configured.items()}
+        for w, i, _new, moved in ramp_steps(policy, rs, weights):
+            if moved > max_step + SHARE_EPSILON:
+                held = " ".join(f"{sid}={weight}" for sid, weight in weights.items())
+                raise ConfigError(
+                    f"ramps.{name}: step {w + 1}.{i + 1} (to {policy.steps[i]:g}%) moves {moved:.1f}% of traffic "
+                    f"at once from the configured weights of {rs.key} ({held}), more than guardrails.max_step "
+                    f"{max_step:g}%: a target that holds share already gives it up at its first step; "
+                    "see `regionshift plan`"
+                )
 
 
 def format_plan(config: Config, name: str) -> str:
@@ -63,20 +103,13 @@ def format_plan(config: Config, name: str) -> str:
 
     rows.append(row("baseline", "-", weights, {}, "-", "now"))
     elapsed = 0.0
-    for w, wave in enumerate(policy.waves):
-        base = dict(weights)
-        elapsed += policy.start_gate if w == 0 else policy.wave_bake
-        for i, share in enumerate(policy.steps):
-            new = step_weights(policy, rs, base, w, i)
-            intended = {sid: share for sid in sids if region_of[sid] in wave}
-            when = f"+{_duration(elapsed)}" + (
-                " (start gate)" if i == 0 and w == 0 else " (wave bake)" if i == 0 else ""
-            )
-            rows.append(
-                row(f"{w + 1}.{i + 1}", ", ".join(wave), new, intended, f"{moved_share(weights, new):.1f}%", when)
-            )
-            weights = new
-            elapsed += rs.ttl + policy.bake
+    for w, i, new, moved in ramp_steps(policy, rs, weights):
+        wave, share = policy.waves[w], policy.steps[i]
+        elapsed += (policy.start_gate if w == 0 else policy.wave_bake) if i == 0 else 0.0
+        intended = {sid: share for sid in sids if region_of[sid] in wave}
+        when = f"+{_duration(elapsed)}" + (" (start gate)" if i == 0 and w == 0 else " (wave bake)" if i == 0 else "")
+        rows.append(row(f"{w + 1}.{i + 1}", ", ".join(wave), new, intended, f"{moved:.1f}%", when))
+        elapsed += rs.ttl + policy.bake
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(
