@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args.config, config)
         if args.command == "probe":
+            _files_ready(config)
             return asyncio.run(_probe(config, args.once, args.region))
         if args.command == "plan":
             from controller.planning.preview import format_plan  # noqa: PLC0415
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["read_only"] = True
         if overrides:
             config = config.model_copy(update={"controller": config.controller.model_copy(update=overrides)})
-        _agents_ready(config)
+        _files_ready(config)
         return asyncio.run(_until_signal(lambda stop: _run(config, stop)))
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
@@ -364,10 +365,17 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return chosen
 
 
-def _agents_ready(config: Config) -> None:
-    """The agents' broker password and TLS files, read before anything starts: without them the
+def _files_ready(config: Config) -> None:
+    """The probes' CA files and the agents' broker password and TLS files, read before anything
+    starts (`run`, `probe`; not `validate`, which may run where they are not): without them the
     daemon came up, then stopped with "unexpected LookupError (a bug)" (the password) or retried
     for ever as "broker unreachable" (a missing CA file). A UsageError naming the field."""
+    for i, region in enumerate(config.regions):  # the probes' CA files too: each run failed "config" else
+        for j, spec in enumerate(region.probes):
+            checked = getattr(spec, "tls", None)
+            files = unreadable(ca_file=checked.ca_file) if checked is not None else None
+            if files is not None:
+                raise UsageError(f"regions[{i}].probes[{j}].tls.{files} (probe {region.name}/{spec.name})")
     agents = config.agents
     if agents is None:
         return

@@ -95,6 +95,13 @@ async def open_connection(
 ) -> tuple[asyncio.Transport, P]:
     """Resolve, connect and (when `tls` is given) handshake, recording each phase in `phases`."""
     loop = asyncio.get_running_loop()
+    context = None
+    if tls is not None:  # before connecting: a CA file that cannot be loaded is the setting's fault
+        try:
+            context = tls_context(tls.ca_file, tls.insecure_skip_verify)
+        except (OSError, ssl.SSLError) as exc:  # not cached: a file put back is read at the next run
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise ProbeError("config", f"tls.ca_file {tls.ca_file}: cannot load it: {why}") from exc
     address = host
     if not _is_ip(host):
         try:
@@ -110,8 +117,7 @@ async def open_connection(
     except OSError as exc:
         raise ProbeError("connect", f"cannot connect to {address}:{port}: {exc.strerror or exc}") from exc
     phases.done("connect", "tls" if tls is not None else "first_byte")
-    if tls is not None:
-        context = tls_context(tls.ca_file, tls.insecure_skip_verify)
+    if tls is not None and context is not None:
         try:
             upgraded = await loop.start_tls(
                 transport, protocol, context, server_hostname=tls.server_name or server_name or host

@@ -67,6 +67,21 @@ async def test_probe_rejects_an_unknown_region_with_exit_2(world, write, cli_env
     assert "--region 'mars-1': not in the configuration" in err
 
 
+@pytest.mark.parametrize("command", [["probe", "--once"], ["run"]])
+def test_a_probe_s_missing_ca_file_is_exit_2_naming_it_before_anything_runs(command, write, capsys):
+    # It passed and each run printed a FileNotFoundError traceback.
+    path = write(
+        "regionshift.yaml",
+        "regions:\n  - name: eu-west-1\n    probes:\n"
+        "      - {kind: http, name: api, target: 'https://127.0.0.1:1/', tls: {ca_file: /nonexistent/ca.pem}}\n",
+    )
+    assert main([command[0], "-c", str(path), *command[1:]]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "regionshift: regions[0].probes[0].tls.ca_file /nonexistent/ca.pem: No such file or directory "
+        "(probe eu-west-1/api)"
+    )
+
+
 async def test_demo_prints_its_api_and_stops_on_ctrl_c_saying_the_script_was_not_checked(cli_env):
     proc = await asyncio.create_subprocess_exec(
         REGIONSHIFT, "demo", "--scenario", "verdicts", stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env

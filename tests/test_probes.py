@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import shutil
 
 import pytest
 import pytest_asyncio
@@ -162,6 +163,20 @@ async def test_https_probe_rejects_an_untrusted_certificate(tls_server):
     ok = await http(tls_server.url + "/", tls=TlsSettings(insecure_skip_verify=True))()
     assert ok.ok, ok.error
     assert ok.extra["cert_not_after"] == tls_server.not_after.isoformat()  # still read, unverified
+
+
+async def test_a_ca_file_that_cannot_be_loaded_fails_the_run_naming_it(tls_server, tmp_path):
+    # A missing CA file raised FileNotFoundError out of the probe: a traceback at every run.
+    missing = await http(tls_server.url + "/", tls=TlsSettings(ca_file=str(tmp_path / "nope.pem")))()
+    assert (missing.ok, missing.error_class) == (False, "config")
+    assert missing.error == f"tls.ca_file {tmp_path / 'nope.pem'}: cannot load it: No such file or directory"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    bad = await http(tls_server.url + "/", tls=TlsSettings(ca_file=str(garbage)))()
+    assert (bad.ok, bad.error_class) == (False, "config")
+    assert (bad.error or "").startswith(f"tls.ca_file {garbage}: cannot load it: ")
+    shutil.copyfile(tls_server.ca_file, garbage)  # put right: read again at the next run
+    assert (await http(tls_server.url + "/", tls=TlsSettings(ca_file=str(garbage)))()).ok
 
 
 async def test_https_probe_checks_the_name_it_was_given(tls_server):
