@@ -551,6 +551,14 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
             "regionshift_actions_total", {"action": "evacuation", "region": "eu-west-1", "reason": "evacuation"}
         )
         restores = restores_counted()
+        # Counted under the region it is about, not the one whose share moved with it: the
+        # evacuation paged "traffic is being moved away from us-east-1" too.
+        other = {
+            action: daemon.registry.get_sample_value(
+                "regionshift_actions_total", {"action": action, "region": "us-east-1", "reason": "evacuation"}
+            )
+            for action in ("evacuation", "restore")
+        }
     steps = [shares(w)["euw1"] for w in evacuation]
     assert steps[0] == 50.0
     assert steps[-1] == 0.0
@@ -560,6 +568,7 @@ async def test_a_degraded_region_is_evacuated_step_by_step_and_restored_after_su
     # state it saw was one evacuation write, and no write moved more than max_step.
     assert evacuations >= len(steps) - 1
     assert restores >= 3
+    assert other == {"evacuation": 0.0, "restore": 0.0}
 
 
 async def test_a_change_whose_answer_was_lost_is_settled_from_route53_not_taken_for_drift(

@@ -489,12 +489,16 @@ class Reconciler:
         actor: str,
     ) -> None:
         before, after = shares({k: v or 0 for k, v in raw.items()}) if any(raw.values()) else {}, shares(weights)
+        # The regions the action is about: those it takes share from (an evacuation, a rollback) or
+        # gives share to (a ramp step, a restore). Every region whose share changed was counted,
+        # and RegionshiftEvacuating paged for the region the traffic went to as well.
+        sign = -1.0 if kind in ("evacuation", "rollback") else 1.0
         changed = tuple(
             sorted(
                 {
                     m.region
                     for m in rs.members
-                    if abs(after[m.set_identifier] - before.get(m.set_identifier, 0.0)) > SHARE_EPSILON
+                    if sign * (after[m.set_identifier] - before.get(m.set_identifier, 0.0)) > SHARE_EPSILON
                 }
             )
         )

@@ -48,7 +48,8 @@ class ActionTaken(Event):
     outcome: str
     reason: str
     weights: dict[str, int]
-    regions: tuple[str, ...]  # regions whose share changed
+    # The regions it is about: losing share (evacuation, rollback) or gaining it (forward, restore).
+    regions: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
