@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_SECONDS ?= 150
 # Debian packages: what the tests and the demo need, and what the benchmarks compare against.
-TEST_DEBS := prometheus postgresql mosquitto chromium
+TEST_DEBS := prometheus prometheus-alertmanager postgresql mosquitto chromium
 DEMO_DEBS := mosquitto
 BENCH_DEBS := prometheus-blackbox-exporter postgresql mosquitto chromium
 

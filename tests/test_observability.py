@@ -29,12 +29,15 @@ from tests.test_shifting import make_zone
 RULES = REPO / "deploy" / "prometheus" / "regionshift-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "regionshift-alerts.test.yml"
 DASHBOARD = REPO / "dashboards" / "regionshift-regions.json"
+PROMETHEUS_EXAMPLE = REPO / "deploy" / "prometheus" / "prometheus.example.yml"
+ALERTMANAGER_EXAMPLE = REPO / "deploy" / "alertmanager" / "alertmanager.example.yml"
 
 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed; `make test` installs it (Debian package prometheus)")
+        package = "prometheus-alertmanager" if name == "amtool" else "prometheus"
+        pytest.fail(f"{name} is not installed; `make test` installs it (Debian package {package})")
     return path
 
 
@@ -51,7 +54,9 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass():
 
 
 # What each alert is about, and so which label its summary must name.
-SUBJECTS = {
+SUBJECTS: dict[str, str | None] = {
+    "RegionshiftDown": "instance",
+    "RegionshiftAbsent": None,  # no target at all: nothing to name
     "RegionshiftRegionUnhealthy": "region",
     "RegionshiftRegionDegraded": "region",
     "RegionshiftRegionUnknown": "region",
@@ -79,7 +84,44 @@ def test_every_alert_has_a_routable_severity_and_names_its_subject():
     assert [r["alert"] for r in rules] == list(SUBJECTS)
     for rule in rules:
         assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
-        assert f"$labels.{SUBJECTS[rule['alert']]}" in rule["annotations"]["summary"], rule["alert"]
+        subject = SUBJECTS[rule["alert"]]
+        assert subject is None or f"$labels.{subject}" in rule["annotations"]["summary"], rule["alert"]
+
+
+def test_the_example_prometheus_configuration_loads_the_rules_and_scrapes_the_job_the_rules_watch():
+    check = subprocess.run(
+        [tool("promtool"), "check", "config", str(PROMETHEUS_EXAMPLE)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    jobs = [c["job_name"] for c in yaml.safe_load(PROMETHEUS_EXAMPLE.read_text())["scrape_configs"]]
+    assert jobs == ["regionshift"]
+    assert 'up{job="regionshift"}' in RULES.read_text()
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        ("alertname=RegionshiftEvacuating severity=page region=eu-west-1", "eu-pager"),
+        ("alertname=RegionshiftRegionDegraded severity=page region=ap-southeast-2", "regions-pager"),
+        ("alertname=RegionshiftDown severity=page instance=c1:9181", "platform-pager"),
+        ("alertname=RegionshiftBlind severity=page instance=c1:9181", "platform-pager"),
+        ("alertname=RegionshiftRoute53Drift severity=page record=api.example.com/A", "platform-pager"),
+        ("alertname=RegionshiftAgentDown severity=ticket vantage=agent-a", "tickets"),
+    ],
+)
+def test_the_example_alertmanager_routing_pages_a_region_s_team_and_the_platform_for_the_rest(labels, receiver):
+    amtool = tool("amtool")
+    check = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER_EXAMPLE)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    routed = subprocess.run(
+        [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_EXAMPLE}", *labels.split()],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (routed.returncode, routed.stdout.strip()) == (0, receiver), routed.stderr
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
