@@ -68,7 +68,7 @@ class DemoAgents:
             ]
             with (self.logs / f"{vantage}.log").open("wb") as log:
                 self._processes[vantage] = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
 
     def __enter__(self) -> Self:

@@ -115,7 +115,13 @@ class Broker:
     def start(self) -> None:
         conf = self._configure()
         self._process = subprocess.Popen(  # noqa: S603 - a fixed program and its configuration
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            # A session of its own, as each process of the world: a Ctrl-C at the terminal goes to
+            # the whole foreground group, and the world stopped under the daemon before the demo
+            # stopped it in order (the launch demo then failed reading Route 53: "a bug").
+            [MOSQUITTO, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -228,6 +228,7 @@ class LocalRoute53:
             [str(server), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # stopped in order by the demo, not by a Ctrl-C (see `Broker.start`)
         )
         deadline = time.monotonic() + within
         while True:
