@@ -365,6 +365,29 @@ def test_a_failing_probe_outweighs_a_stale_one():
     assert verdict.status == "degraded"  # known bad beats unknown; not unhealthy while healthz is unjudged
 
 
+def test_the_reasons_that_make_the_verdict_come_first():
+    # The page and `status` show the first reason: "... not held against eu-west-1" (the threshold
+    # detector's) was shown for a region the next detector's finding held degraded.
+    class Says:
+        def __init__(self, name: str, status: str, *reasons: str) -> None:
+            self.name, self.status, self.reasons = name, status, reasons
+
+        def assess(self, _view, _now):
+            return Assessment(self.status, self.reasons)
+
+    unheld = Says("threshold", "healthy", "orders: 90% of 40 probes succeeded, like us-east-1, not held")
+    held = Says("errors", "degraded", "payments: 12 of 40 failed, not held against eu-west-1", "orders: 9 of 40 failed")
+    judge = Judge([unheld, held], {"eu-west-1": ("orders", "payments")})
+    judge.judge(WindowStore(60), T0)
+    verdict = judge.verdicts["eu-west-1"]
+    assert verdict.status == "degraded"
+    assert verdict.reasons == (
+        "orders: 9 of 40 failed",
+        "payments: 12 of 40 failed, not held against eu-west-1",
+        "orders: 90% of 40 probes succeeded, like us-east-1, not held",
+    )
+
+
 def test_judge_keeps_since_and_reports_only_transitions():
     store = WindowStore(POLICY.window)
     judge = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)})

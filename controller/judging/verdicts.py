@@ -150,6 +150,16 @@ def combine(assessments: Iterable[Assessment]) -> Status:
     return max(statuses, key=_PRECEDENCE.__getitem__) if statuses else "unknown"
 
 
+def _holding_first(assessments: Iterable[Assessment]) -> tuple[str, ...]:
+    """Every assessment's reasons, those that make the verdict first: the worst assessment's
+    before the others', and a finding held before one that says it is not ("..., not held").
+    The page and `status` show the first reason: it was "not held against eu-west-1" beside a
+    region held degraded by the next detector's finding."""
+    ranked = sorted(assessments, key=lambda a: -_PRECEDENCE[a.status])
+    reasons = [r for a in ranked for r in a.reasons]
+    return tuple(sorted(reasons, key=lambda r: "not held" in r))
+
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     region: str
@@ -223,7 +233,7 @@ class Judge:
                     (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
                 )
             status = combine(assessments.values())
-            reasons = tuple(r for a in assessments.values() for r in a.reasons)
+            reasons = _holding_first(assessments.values())
             status, reasons = self._hysteresis(region, status, reasons, now)
             previous = self.verdicts.get(region)
             since = previous.since if previous is not None and previous.status == status else now
@@ -264,7 +274,8 @@ class Judge:
         hold = self.policy.recover_after if self.policy is not None else 0.0
         if status == "healthy" and failing_at is not None and now - failing_at < hold:
             healthy_for = now - failing_at
-            return "degraded", (*reasons, f"recovering: healthy for {healthy_for:.0f}s of the {hold:g}s required")
+            # First: it is what holds the region now (the page and `status` show the first reason).
+            return "degraded", (f"recovering: healthy for {healthy_for:.0f}s of the {hold:g}s required", *reasons)
         return status, reasons
 
 
