@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from controller.acting.reconciler import Reconciler
 from controller.acting.route53 import Actuator, make_client
@@ -329,3 +330,25 @@ async def test_a_write_that_lands_after_a_restart_settled_it_not_applied_is_regi
         # The record set is regionshift's again: with every region healthy, back home it goes.
         await world.run(900, every=5)
         assert shares(read_weights(route53, zone_id, name)) == pytest.approx(shares(before), abs=0.5)
+
+
+async def test_configured_weights_other_than_route53_s_are_said_never_restored_to(route53, tmp_path):
+    # Home was the configured weights: a daemon whose configuration said 1:1:1 over a record set
+    # holding 1:0:1 "restored" eu-west-1 to a third of the traffic on its own, nothing evacuated.
+    held = {"us-east-1": 100, "eu-west-1": 0, "ap-south-1": 100}
+    config, zone_id, name, sids = shipped_config(route53, tmp_path, held)
+    rs = config.record_sets[0]
+    configured = [m.model_copy(update={"weight": 100}) for m in rs.members]
+    config = config.model_copy(update={"record_sets": [rs.model_copy(update={"members": configured})]})
+    with capture_logs() as logs:
+        async with Virtual(config) as world:
+            await world.run(1800, every=10)  # far past restore_after (10 m), every region healthy
+            reason = world.reconciler.views[world.key].reason
+            steps = world.steps()
+    assert steps == []
+    assert read_weights(route53, zone_id, name) == {sids[r]: w for r, w in held.items()}
+    assert reason == "at home weights", reason
+    told = [e for e in logs if e["event"].startswith("Route 53 holds other weights than the configuration")]
+    assert [(e["log_level"], e["route53"], e["configured"]) for e in told] == [
+        ("warning", {sids[r]: w for r, w in held.items()}, dict.fromkeys(sids.values(), 100))
+    ]

@@ -633,15 +633,27 @@ class Reconciler:
         )
 
     async def _home(self, rs: RecordSet, observed: Mapping[str, int], now: float) -> dict[str, int]:
-        """The weights the record set holds when all is well: after the last ramp, else configured,
-        else what Route 53 held when regionshift first saw it (remembered, so that an evacuation
-        knows where to come back to)."""
+        """The weights the record set holds when all is well: after the last ramp (or an adopted
+        hand edit), else what Route 53 held when regionshift first saw it (remembered, so that an
+        evacuation knows where to come back to). Configured weights that differ from those are
+        said, never restored to: taken as home, they had a daemon's first minutes move traffic
+        toward them ("restoring ...") with nothing ever evacuated."""
         stored = await self.store.flags.home(rs.key)
         if stored is not None:
             return stored
         configured = {m.set_identifier: m.weight for m in rs.members}
-        if all(w is not None for w in configured.values()):
-            return {k: int(v or 0) for k, v in configured.items()}
+        if all(w is not None for w in configured.values()) and any(configured.values()):
+            weights = {k: int(v or 0) for k, v in configured.items()}
+            now_shares, configured_shares = shares(observed), shares(weights)
+            if any(abs(now_shares.get(k, 0.0) - v) > SHARE_EPSILON for k, v in configured_shares.items()):
+                log.warning(
+                    "Route 53 holds other weights than the configuration: taken as home, nothing is moved "
+                    "toward the configured ones",
+                    record=rs.key,
+                    route53=dict(observed),
+                    configured=weights,
+                    fix="give the configuration Route 53's weights; a ramp moves them",
+                )
         await self.store.flags.set_home(rs.key, observed, now)
         return dict(observed)
 
