@@ -196,6 +196,11 @@ BROKEN = [
         ONE_REGION + "policies: [nope.yaml]\n",
         (":3:", "policies[0]", "policy file 'nope.yaml' not found"),
     ),
+    (
+        "a policy file that is a directory",
+        ONE_REGION + "policies: ['.']\n",
+        (":3:", "policies[0]", "policy file '.' is a directory, not a file"),
+    ),
     ("policy written inline", ONE_REGION + "policy: {}\n", (":3:", "list policy files under `policies:`")),
     (
         "bad listen address",

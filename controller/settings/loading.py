@@ -301,7 +301,8 @@ def load_config(path: str | Path) -> Config:
         policy_path = (path.parent / name).resolve()
         if not policy_path.is_file():
             line = _line_of(node, ["policies", i])
-            raise ConfigError(f"{path}:{line}: policies[{i}]: policy file {name!r} not found (looked at {policy_path})")
+            what = "is a directory, not a file" if policy_path.is_dir() else "not found"
+            raise ConfigError(f"{path}:{line}: policies[{i}]: policy file {name!r} {what} (looked at {policy_path})")
         policy_paths.append(policy_path)
     policy, sources = load_policy(policy_paths)
     _check_ramps(config, policy, sources)
