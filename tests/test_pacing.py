@@ -352,3 +352,19 @@ async def test_configured_weights_other_than_route53_s_are_said_never_restored_t
     assert [(e["log_level"], e["route53"], e["configured"]) for e in told] == [
         ("warning", {sids[r]: w for r, w in held.items()}, dict.fromkeys(sids.values(), 100))
     ]
+
+
+async def test_a_ramp_does_not_start_while_another_ramp_holds_its_record_set(route53, tmp_path):
+    # It was refused as "an evacuation or its restore is under way": none was.
+    home = {"us-east-1": 100, "eu-west-1": 0, "ap-south-1": 100}
+    config, _zone_id, _name, _sids = shipped_config(route53, tmp_path, home)
+    ramps = config.policy.ramps
+    policy = config.policy.model_copy(update={"ramps": {**ramps, "again": ramps["launch"]}})
+    config = config.model_copy(update={"policy": policy})
+    async with Virtual(config) as world:
+        await world.run(5)
+        assert await world.reconciler.act("launch", "start", world.now, "test") is None
+        await world.run(400, every=5)  # past the start gate: the first step is out, baking
+        refused = await world.reconciler.act("again", "start", world.now, "test")
+        assert refused == (f"ramp launch holds {world.key} (baking): abort it or let it finish before starting again")
+        assert world.reconciler.ramps["again"].status == "pending"

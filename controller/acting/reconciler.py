@@ -114,6 +114,14 @@ class Reconciler:
         async with self._lock:
             state, refused = ramps.act(policy, self.ramps[name], action, now)
             if refused is None and action == "start":
+                owner = self._ramp_for(policy.record_key)
+                if owner is not None and owner[0] != name:  # it was called an evacuation under way
+                    other = self.ramps[owner[0]]
+                    refused = (
+                        f"ramp {owner[0]} holds {policy.record_key} ({other.status}): abort it or let it "
+                        f"finish before starting {name}"
+                    )
+            if refused is None and action == "start":
                 refused = await self._away_from_home(policy.record_key, now)
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
