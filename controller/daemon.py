@@ -79,6 +79,7 @@ class Daemon:
         lag_probes: dict[str, dict[str, str]] = {}
         for (region, probe), source in self.lag_sources.items():
             lag_probes.setdefault(region, {})[probe] = source
+            self.metrics.set_lag_limit(region, source, verdict_policy.lag.limit(region, source))
         self.baselines = Baselines(verdict_policy)
         self.judge = Judge(
             [

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -114,6 +115,12 @@ async def test_metrics_carry_the_fixed_names_with_region_labels(world):
     duration = families["regionshift_probe_duration_seconds"].samples
     counts = [s for s in duration if s.name == "regionshift_probe_duration_seconds_count"]
     assert {s.labels["region"] for s in counts} == set(world)
+    # Buckets fine enough to tell a 52 ms region from a 92 ms one (0.05, 0.1 did not).
+    bounds = sorted({float(s.labels["le"]) for s in duration if s.name.endswith("_bucket")} - {math.inf})
+    assert any(0.052 <= b < 0.092 for b in bounds), bounds
+    assert all(b / a <= 1.5 + 1e-9 for a, b in itertools.pairwise(bounds) if 0.02 <= a < 1.0), bounds
+    # No `_created` series (a quarter of the exposition, which Prometheus does not ingest).
+    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
 
     status = {(s.labels["region"], s.labels["status"]): s.value for s in families["regionshift_region_status"].samples}
     assert status[("us-east-1", "healthy")] == 1

@@ -112,6 +112,11 @@ async def test_daemon_turns_a_paused_replica_s_region_degraded_exports_the_lag_a
             )
             assert lag is not None
             assert 0 <= lag < 0.2
+            # The limit it is held to, beside it (RegionshiftReplicationLagHigh compares the two).
+            limit = daemon.registry.get_sample_value(
+                "regionshift_replication_lag_limit_seconds", {"region": "eu-west-1", "source": "postgres"}
+            )
+            assert limit == 1.0
             await replica.execute("SELECT pg_wal_replay_pause()")
             paused = time.monotonic()
             await status_becomes(daemon, "degraded", 10)

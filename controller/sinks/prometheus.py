@@ -11,7 +11,7 @@ import math
 from functools import partial
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from controller.acting.errors import ERROR_KINDS
 from controller.events.kinds import ActionTaken
@@ -32,10 +32,19 @@ if TYPE_CHECKING:
     from controller.settings.schema import RecordSet
     from probes.results import Result
 
+# No `_created` series beside every counter and histogram (a quarter of the exposition's lines,
+# which Prometheus does not ingest by default): the process's start time is in
+# `process_start_time_seconds`.
+disable_created_metrics()
+
 STREAM_DROP_REASONS = ("behind", "stalled")  # why an event stream client was disconnected
 # Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in
-# a few hundred, and timeouts sit at seconds.
-PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# a few hundred, and timeouts sit at seconds. Between 20 ms and a second (where regions are) no
+# bucket is more than 1.5 times the one below: with 50, 100, 250 a region answering in 52 ms
+# and one in 92 ms showed the same p50, and a doubling went unseen on the dashboard.
+PROBE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
 
 # A judge pass: under a millisecond for a few regions, a second at 10,000 series.
 JUDGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -92,6 +101,13 @@ class Metrics:
             "regionshift_replication_lag_seconds",
             "Replication lag by region and source: measured, or its lower bound while the heartbeat "
             "is not on the replica yet (growing when stalled); NaN when it could not be measured.",
+            ["region", "source"],
+            registry=registry,
+        )
+        self.replication_lag_limit = Gauge(
+            "regionshift_replication_lag_limit_seconds",
+            "The lag policy's limit for each region and source (lag.sources, lag.regions, else "
+            "lag.threshold): what RegionshiftReplicationLagHigh compares the lag with.",
             ["region", "source"],
             registry=registry,
         )
@@ -244,6 +260,9 @@ class Metrics:
 
     def drop(self, vantage: str, reason: str) -> None:
         self.agent_dropped.labels(vantage, reason).inc()
+
+    def set_lag_limit(self, region: str, source: str, limit: float) -> None:
+        self.replication_lag_limit.labels(region, source).set(limit)
 
     def set_lag(self, region: str, source: str, result: Result) -> None:
         measured = result.error_class in (None, "lagging", "stalled") and math.isfinite(result.latency)
