@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # No `_created` series beside every counter and histogram (a quarter of the exposition's lines,
 # which Prometheus does not ingest by default): the process's start time is in
 # `process_start_time_seconds`.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STREAM_DROP_REASONS = ("behind", "stalled")  # why an event stream client was disconnected
 # Probe latency buckets: loopback answers in about a millisecond, a cross-ocean TLS request in
