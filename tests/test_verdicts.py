@@ -339,6 +339,15 @@ def test_slow_probe_is_degraded():
     assert verdict.reasons == ("api: latency_p90 800ms over 60s exceeds 500ms",)
 
 
+def test_a_run_of_failures_says_which_errors_are_the_window_s_not_the_run_s():
+    # "the last 3 results ... all failed (status x52)" read as 52 failures in a run of 3.
+    results = [result(T0 + i, ok=i % 2 == 0 or i >= 17, error_class="status") for i in range(20)]
+    results += [result(T0 + 20 + i, ok=False, error_class="status") for i in range(3)]
+    verdict = judge_once(results[:17] + results[20:], T0 + 23)
+    (reason,) = verdict.reasons
+    assert reason.startswith("api: the last 3 results from controller all failed (status x11 in 60s)"), reason
+
+
 def test_vantages_are_pooled_and_listed():
     results = [result(T0 + i, vantage=v) for v in ("controller", "agent-eu-west-1") for i in range(5)]
     verdict = judge_once(results, T0 + 5)

@@ -188,5 +188,15 @@ def run_start(windows: Iterable[Window], now: float, span: float, last: int) -> 
     return start
 
 
-def errors_text(stats: WindowStats) -> str:
-    return " (" + ", ".join(f"{k} x{n}" for k, n in sorted(stats.errors.items())) + ")" if stats.errors else ""
+def errors_text(stats: WindowStats, run: int | None = None, span: float | None = None) -> str:
+    """' (status x3)': the errors by class over the window. Beside a run of the last `run`
+    results, errors beyond it say they are the window's ('status x52 in 60s'), not the run's."""
+    beyond = span if run is not None and stats.failures > run else None
+    return classes_text(stats.errors, beyond)
+
+
+def classes_text(errors: Mapping[str, int], span: float | None = None) -> str:
+    if not errors:
+        return ""
+    said = ", ".join(f"{k} x{n}" for k, n in sorted(errors.items()))
+    return f" ({said} in {span:g}s)" if span else f" ({said})"

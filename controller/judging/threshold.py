@@ -9,6 +9,7 @@ from scipy.stats import binom
 from controller.judging.findings import (
     BAD_STATES,
     TROUBLE_STATES,
+    classes_text,
     errors_text,
     held_text,
     names,
@@ -99,8 +100,8 @@ class ThresholdDetector:
                 evidence[probe]["peers"] = check.evidence()
                 vantages = ", ".join(sorted(windows))
                 errors = evidence[probe].get("errors") or {}
-                said = f" ({', '.join(f'{k} x{n}' for k, n in sorted(errors.items()))})" if errors else ""
-                failed = f"the last {p.down_after} results from {vantages} all failed{said}"
+                beyond = p.window if evidence[probe].get("failures", 0) > p.down_after else None
+                failed = f"the last {p.down_after} results from {vantages} all failed{classes_text(errors, beyond)}"
                 return probe, f"{failed}, down as a whole, {check.text()}"
         return None
 
@@ -226,11 +227,8 @@ class ThresholdDetector:
         if all(w.last_failed(p.down_after, now, p.window) for w in fresh_windows.values()):
             evidence["consecutive_failures"] = True
             vantages = ", ".join(sorted(fresh_windows))
-            return (
-                "failing",
-                f"the last {p.down_after} results from {vantages} all failed{errors_text(stats)}",
-                evidence,
-            )
+            errors = errors_text(stats, p.down_after, p.window)
+            return "failing", f"the last {p.down_after} results from {vantages} all failed{errors}", evidence
         if stats.samples < p.min_samples:
             return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
         ratio = stats.success_ratio
