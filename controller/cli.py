@@ -294,18 +294,27 @@ async def _status(url: str, *, watch: bool) -> int:
     """Print the daemon's state as text; with `watch`, redraw every 2 s until interrupted."""
     import aiohttp  # noqa: PLC0415 - only the commands that talk to a daemon are HTTP clients
 
+    # Home and clear before each redraw on a terminal; into a file or a pipe, one page after another.
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
             try:
                 async with http.get(f"{url}/api/v1/state") as response:
                     state = await response.json()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                return _unreachable(url, exc)
+                if not watch:
+                    return _unreachable(url, exc)
+                # A watch outlives a daemon's restart: it says so and tries again (it ended at
+                # the first failed fetch). Ctrl-C ends it.
+                said = redact(f"{time.strftime('%H:%M:%S')} no answer from {url} ({exc or type(exc).__name__})")
+                print(f"{clear}{said}; trying again every 2s", flush=True)
+                await asyncio.sleep(2.0)
+                continue
             page = text(state, url, time.time())
             if not watch:
                 print(page)
                 return EXIT_OK
-            print("\x1b[H\x1b[2J" + page, flush=True)  # home and clear: one screen, redrawn
+            print(clear + page, flush=True)
             await asyncio.sleep(2.0)
 
 

@@ -427,6 +427,26 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     assert "cannot reach the daemon at http://127.0.0.1:9" in err
 
 
+async def test_status_watch_outlives_a_daemon_that_is_away_and_writes_no_screen_codes_into_a_pipe(route53, tmp_path):
+    # It ended at the first failed fetch (a daemon's restart ended the watch), and cleared the
+    # screen with escape codes in a file it was redirected to.
+    zone_id, name = make_zone(route53)
+    path = write_files(tmp_path, zone_id, name)
+    proc = await asyncio.create_subprocess_exec(
+        REGIONSHIFT, "status", "-c", path, "--url", "http://127.0.0.1:9", "--watch",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(20):
+            lines = [await proc.stdout.readline() for _ in range(2)]  # two tries, 2 s apart
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert all(b"no answer from http://127.0.0.1:9" in line for line in lines), lines
+    assert all(line.endswith(b"; trying again every 2s\n") for line in lines), lines
+    assert not [line for line in lines if b"\x1b" in line]
+
+
 async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monkeypatch):
     zone_id, name = make_zone(route53)
     path = write_files(tmp_path, zone_id, name)

@@ -326,7 +326,7 @@ def _weight(member: Mapping[str, Any], which: str) -> str:
     weight, share = member.get(f"{which}_weight"), member.get(f"{which}_share")
     if weight is None:
         return "-"
-    return f"{weight} ({share:g}%)" if share is not None else str(weight)
+    return f"{weight} ({round(share, 1):g}%)" if share is not None else str(weight)  # 96.2%, 50%
 
 
 def _age(seconds: float | None) -> str:
