@@ -181,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plan":
             from controller.planning.preview import format_plan  # noqa: PLC0415
 
+            _known_ramp(config, args.ramp)
+
             print(format_plan(config, args.ramp))
             return EXIT_OK
         if args.command == "status":
@@ -354,7 +356,12 @@ async def _operate(
     except (aiohttp.ClientError, TimeoutError) as exc:
         return _unreachable(url, exc)
     if response.status == 200:  # noqa: PLR2004 - HTTP OK
-        if "ramp" in answer:
+        if "ramp" in answer and str(answer["reason"]).startswith("abort requested"):
+            # Taken at the daemon's next reconcile: "paused (abort requested ...)" read as if the
+            # abort had left it paused, while the log said aborted.
+            was = answer["status"]
+            print(f"ramp {answer['ramp']}: abort requested (it was {was}); the daemon aborts it at its next reconcile")
+        elif "ramp" in answer:
             print(f"ramp {answer['ramp']}: {answer['status']} ({answer['reason']})")
         else:
             weights = ", ".join(f"{sid}={weight}" for sid, weight in answer["adopted"].items())
@@ -372,6 +379,13 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(chosen, BaseExceptionGroup):
         chosen = chosen.exceptions[0]
     return chosen
+
+
+def _known_ramp(config: Config, name: str) -> None:
+    """`plan --ramp NAME` of a ramp no policy file has: a usage error (the files are fine)."""
+    if name not in config.policy.ramps:
+        known = ", ".join(config.policy.ramps) or "none"
+        raise UsageError(f"--ramp {name!r}: no such ramp in the policy files; known: {known}")
 
 
 def _files_ready(config: Config) -> None:
@@ -461,7 +475,7 @@ def _ms(value: float | None) -> str:
 def _cells(r: Result) -> tuple[str, ...]:
     detail = r.error or ""
     expires = r.extra.get("cert_expires_in_seconds")
-    if expires is not None:
+    if expires is not None and r.error_class != "cert_expiry":  # that error says it already
         detail = (detail + "; " if detail else "") + f"cert expires in {expires / 86400:.0f}d"
     return (
         r.region,

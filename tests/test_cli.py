@@ -223,3 +223,17 @@ def test_without_moto_the_launch_demo_says_what_to_install(monkeypatch, capsys):
         err
         == "regionshift: the launch demo needs moto's server as its local Route 53: pip install 'regionshift[demo]'\n"
     )
+
+
+def test_the_probe_table_says_a_certificate_s_expiry_once():
+    # "... 14.0 days required; cert expires in 3d": the error says it already.
+    from controller.cli import _cells  # noqa: PLC0415 - the table's own cells
+    from probes.results import Result  # noqa: PLC0415
+
+    extra = {"cert_expires_in_seconds": 3 * 86400.0}
+    error = "certificate expires 2026-12-07T00:00:00+00:00, in 3.0 days; at least 14.0 days required"
+    expiring = Result("eu-west-1", "api", "controller", 0.0, ok=False, latency=0.01, error_class="cert_expiry",
+                      error=error, extra=extra)  # fmt: skip
+    fine = Result("eu-west-1", "api", "controller", 0.0, ok=True, latency=0.01, extra=extra)
+    assert _cells(expiring)[-1] == error
+    assert _cells(fine)[-1] == "cert expires in 3d"

@@ -427,6 +427,22 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     assert "cannot reach the daemon at http://127.0.0.1:9" in err
 
 
+async def test_ramp_abort_says_it_is_requested_not_that_the_ramp_is_paused(two_regions, route53, tmp_path):
+    # It printed "ramp launch: paused (abort requested by an operator)" while the log said aborted.
+    zone_id, name = make_zone(route53)
+    path = write_files(tmp_path, zone_id, name)
+    daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path, bake=30.0))
+    async with Running(daemon) as running:
+        await running.post("/api/v1/ramps/launch/start")
+        await running.until(lambda: running.ramp().status == "baking", what="the first step baking")
+        code, out, err = await run_cli("ramp", "abort", "launch", "-c", path, "--url", daemon.url)
+        assert (code, out) == (
+            0,
+            "ramp launch: abort requested (it was baking); the daemon aborts it at its next reconcile\n",
+        ), err
+        await running.until(lambda: running.ramp().status == "aborted", what="aborted")
+
+
 async def test_status_watch_outlives_a_daemon_that_is_away_and_writes_no_screen_codes_into_a_pipe(route53, tmp_path):
     # It ended at the first failed fetch (a daemon's restart ended the watch), and cleared the
     # screen with escape codes in a file it was redirected to.
@@ -496,6 +512,8 @@ async def test_plan_prints_every_step_and_touches_nothing(route53, tmp_path):
     code, _, err = await run_cli("plan", "-c", no_weights, "--ramp", "launch")
     assert code == 2
     assert "give every member a weight (use1, euw1)" in err
+    code, _, err = await run_cli("plan", "-c", path, "--ramp", "nope")  # not "invalid configuration"
+    assert (code, err) == (2, "regionshift: --ramp 'nope': no such ramp in the policy files; known: launch\n")
 
 
 async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_higher_token(

@@ -280,7 +280,8 @@ def _check_ramps(config: Config, policy: Policy, sources: Mapping[str, tuple[Pat
                         name,
                         f"steps[{i}]",
                         f"step to {share:g}% moves {moved:g}% of traffic at once (wave {w + 1} has "
-                        f"{len(wave)} regions), more than guardrails.max_step {max_step:g}%: add a step in between",
+                        f"{len(wave)} region{'s' if len(wave) != 1 else ''}), more than guardrails.max_step "
+                        f"{max_step:g}%: add a step in between",
                     )
                 previous = share
 
