@@ -160,6 +160,19 @@ def test_share_starts_to_move_only_once_the_region_has_been_bad_for_confirm_afte
     policy = EvacuationPolicy(restore_after=600, confirm_after=30)
     bad = {"eu_west_1": ("unhealthy", T0)}
     waiting = plan_evacuation(RS, HOME, dict(HOME), verdicts(T0 + 29, **bad), REGIONS, policy, MAX_STEP, T0 + 29)
-    assert (waiting.weights, waiting.reason) == (None, "confirming eu-west-1 (unhealthy): 30s before share moves")
+    assert (waiting.weights, waiting.reason) == (
+        None,
+        "confirming eu-west-1 (unhealthy, bad for 29s): 30s before share moves",
+    )
     moving = plan_evacuation(RS, HOME, dict(HOME), verdicts(T0 + 30, **bad), REGIONS, policy, MAX_STEP, T0 + 30)
     assert moving.action == "evacuation"
+
+
+def test_a_region_moving_between_degraded_and_unhealthy_is_confirmed_from_when_it_first_went_bad():
+    # A region failing about half its requests moves between the two every few seconds; each
+    # move restarted `since`, and with confirm_after 30 s it kept half the traffic for good.
+    policy = EvacuationPolicy(restore_after=600, confirm_after=30)
+    now = T0 + 40
+    flipping = {**verdicts(now), "eu-west-1": Verdict("eu-west-1", "degraded", (), {}, now - 4, now, bad_since=T0)}
+    moving = plan_evacuation(RS, HOME, dict(HOME), flipping, REGIONS, policy, MAX_STEP, now)
+    assert moving.action == "evacuation", moving.reason

@@ -397,6 +397,33 @@ def test_the_reasons_that_make_the_verdict_come_first():
     )
 
 
+def test_a_region_moving_between_degraded_and_unhealthy_keeps_when_it_went_bad():
+    class Flips:
+        name = "flips"
+
+        def __init__(self) -> None:
+            self.statuses = iter(["healthy", "degraded", "unhealthy", "degraded", "unhealthy", "healthy", "degraded"])
+
+        def assess(self, _view, _now):
+            return Assessment(next(self.statuses))
+
+    judge = Judge([Flips()], {"eu-west-1": ("api",)})
+    seen = []
+    for t in range(7):
+        judge.judge(WindowStore(60), T0 + t)
+        v = judge.verdicts["eu-west-1"]
+        seen.append((v.status, v.since - T0, None if v.bad_since is None else v.bad_since - T0))
+    assert seen == [
+        ("healthy", 0, None),
+        ("degraded", 1, 1),
+        ("unhealthy", 2, 1),  # `since` restarts at each move; `bad_since` does not
+        ("degraded", 3, 1),
+        ("unhealthy", 4, 1),
+        ("healthy", 5, None),
+        ("degraded", 6, 6),
+    ]
+
+
 def test_judge_keeps_since_and_reports_only_transitions():
     store = WindowStore(POLICY.window)
     judge = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)})

@@ -118,6 +118,10 @@ class Verdict:
     since: float  # when the region entered this status
     at: float  # when this verdict was computed
     troubles: frozenset[str] = frozenset()  # probes showing trouble (see Assessment)
+    # Since when it has been degraded or unhealthy without a break (None while it is neither): a
+    # region failing about half its requests moves between the two, and each move restarts
+    # `since`; an evacuation's `confirm_after` counted from `since` was never reached.
+    bad_since: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,7 @@ class Verdict:
             "reasons": list(self.reasons),
             "evidence": self.evidence,
             "since": self.since,
+            "bad_since": self.bad_since,
             "at": self.at,
             "troubles": sorted(self.troubles),
         }
@@ -241,7 +246,11 @@ class Judge:
             if self.set_aside:
                 evidence["set_aside"] = dict(self.set_aside)
             troubles = frozenset().union(*(a.troubles for a in assessments.values()))
-            verdict = Verdict(region, status, reasons, evidence, since, now, troubles)
+            bad_since = None
+            if status in ("degraded", "unhealthy"):
+                was_bad = previous is not None and previous.status in ("degraded", "unhealthy")
+                bad_since = (previous.bad_since or previous.since) if was_bad and previous is not None else now
+            verdict = Verdict(region, status, reasons, evidence, since, now, troubles, bad_since)
             judged[region] = verdict
             if previous is None or previous.status != status:
                 transitions.append(Transition(region, previous.status if previous else None, verdict))

@@ -77,9 +77,16 @@ def plan_evacuation(
     current = shares(observed)
     caps = {m.set_identifier: _cap(regions[m.region]) for m in record_set.members}
     bad = [sid for sid in observed if current[sid] > SHARE_EPSILON and status(sid) in ("degraded", "unhealthy")]
-    unconfirmed = [sid for sid in bad if now - verdicts[region_of[sid]].since < policy.confirm_after]
+
+    def bad_for(sid: str) -> float:
+        """How long the region has been degraded or unhealthy without a break (a move between the
+        two is no break: counted from `since`, a region flipping between them never confirmed)."""
+        verdict = verdicts[region_of[sid]]
+        return now - (verdict.bad_since if verdict.bad_since is not None else verdict.since)
+
+    unconfirmed = [sid for sid in bad if bad_for(sid) < policy.confirm_after]
     if unconfirmed and len(unconfirmed) == len(bad):
-        names = ", ".join(sorted(f"{region_of[s]} ({status(s)})" for s in bad))
+        names = ", ".join(sorted(f"{region_of[s]} ({status(s)}, bad for {bad_for(s):.0f}s)" for s in bad))
         return EvacuationPlan(reason=f"confirming {names}: {policy.confirm_after:g}s before share moves")
     bad = [sid for sid in bad if sid not in unconfirmed]
     if bad:
