@@ -345,7 +345,19 @@ class Daemon:
                     insync_timeout=r53.insync_timeout,
                     max_attempts=r53.max_attempts,
                     clock=self.clock,
+                    max_rate=r53.max_requests_per_second,
                 )
+                reads = len(self.config.record_sets) / r53.reconcile_every
+                if reads > r53.max_requests_per_second:
+                    log.warning(
+                        "Route 53 reads alone need more than route53.max_requests_per_second: each reconcile "
+                        "takes longer than reconcile_every",
+                        record_sets=len(self.config.record_sets),
+                        reconcile_every=r53.reconcile_every,
+                        reads_per_second=round(reads, 2),
+                        max_requests_per_second=r53.max_requests_per_second,
+                        fix="reconcile less often, or split the record sets between controllers",
+                    )
                 stack.callback(actuator.close)  # after the stop has waited for its requests
                 lease = store.lease(str(this_process()), r53.lease_ttl)
                 self.reconciler = Reconciler(

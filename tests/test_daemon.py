@@ -327,7 +327,9 @@ def cut_off_config(world, tmp_path, endpoint: str) -> Config:
     settings = config.controller.model_copy(
         update={
             "state_path": str(tmp_path / "state.sqlite"),
-            "route53": Route53Settings(endpoint_url=endpoint, reconcile_every=0.1, max_attempts=1),
+            "route53": Route53Settings(
+                endpoint_url=endpoint, reconcile_every=0.1, max_attempts=1, max_requests_per_second=400
+            ),
         }
     )
     return config.model_copy(update={"record_sets": [rs], "controller": settings})
@@ -515,3 +517,16 @@ async def test_a_judge_pass_longer_than_the_tick_is_followed_by_as_long_a_wait(w
     events = [e["event"] for e in logs if e["event"].startswith("judge")]
     assert events == ["judge behind its tick", "judge keeps pace again"], events
     assert daemon.metrics.registry.get_sample_value("regionshift_judge_duration_seconds_count") >= 6
+
+
+async def test_a_daemon_whose_reads_alone_need_more_than_the_request_rate_says_so_at_start(world, tmp_path):
+    config = cut_off_config(world, tmp_path, f"http://127.0.0.1:{closed_port()}")
+    r53 = config.controller.route53.model_copy(update={"max_requests_per_second": 4.0})  # reads: 10 a second
+    config = config.model_copy(update={"controller": config.controller.model_copy(update={"route53": r53})})
+    with structlog.testing.capture_logs() as logs:
+        async with Running(Daemon(config)):
+            pass
+    told = [e for e in logs if e["event"].startswith("Route 53 reads alone need more")]
+    assert [(e["log_level"], e["reads_per_second"], e["max_requests_per_second"]) for e in told] == [
+        ("warning", 10.0, 4.0)
+    ]

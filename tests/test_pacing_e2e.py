@@ -59,7 +59,12 @@ def write_config(tmp_path: Path, world, endpoint: str, zone_id: str, name: str, 
             "listen": f"127.0.0.1:{port}",
             "tick": "100ms",
             "state_path": "state.sqlite",
-            "route53": {"endpoint_url": endpoint, "reconcile_every": "100ms", "poll_interval": "50ms"},
+            "route53": {
+                "endpoint_url": endpoint,
+                "reconcile_every": "100ms",
+                "poll_interval": "50ms",
+                "max_requests_per_second": 400,  # 4 a second on the world's time (100 times as fast)
+            },
         },
         "policies": ["policy.yaml"],
         "regions": [

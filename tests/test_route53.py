@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 import uuid
@@ -110,6 +111,20 @@ async def test_writes_every_member_in_one_upsert_batch_and_keeps_their_values(ac
         "use1": (19, "192.0.2.10", 60),
         "euw1": (1, "192.0.2.20", 60),
     }
+
+
+async def test_requests_are_paced_to_the_rate_allowed_retries_included(proxy, record_set):
+    # Nothing limited the request rate: 15 record sets read every second sent 14 requests a
+    # second, 48 in a burst, against Route 53's 5 a second per account.
+    actuator = Actuator(make_client(proxy.url, **CREDENTIALS), max_rate=20.0, base_delay=0.0)
+    proxy.fail("ListResourceRecordSets", "Throttling", times=2)  # two retries, paced as well
+    reads = [asyncio.create_task(actuator.read_group(record_set)) for _ in range(4)]
+    await asyncio.gather(*reads)
+    arrived = sorted(s.at for s in proxy.seen if s.operation == "ListResourceRecordSets")
+    assert len(arrived) == 6
+    gaps = [b - a for a, b in itertools.pairwise(arrived)]
+    assert min(gaps) >= 1 / 20.0 - 0.01, gaps  # never closer than the rate allows (a lower bound only)
+    assert actuator.paced > 0
 
 
 @pytest.mark.parametrize(

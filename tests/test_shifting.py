@@ -151,7 +151,11 @@ def config(
             read_only=read_only,
             state_path=str(tmp_path / "state.sqlite"),
             route53=Route53Settings(
-                endpoint_url=route53.url, reconcile_every=0.1, poll_interval=0.05, insync_timeout=INSYNC_TIMEOUT
+                endpoint_url=route53.url,
+                reconcile_every=0.1,
+                poll_interval=0.05,
+                insync_timeout=INSYNC_TIMEOUT,
+                max_requests_per_second=400,  # 4 a second, on the world's time (reconciles 100 times as often)
             ),
         ),
         regions=probed,

@@ -174,6 +174,7 @@ class Actuator:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         threads: int = 4,
+        max_rate: float | None = None,
     ) -> None:
         self.client = client
         self.dry_run = dry_run
@@ -186,6 +187,14 @@ class Actuator:
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter
         self._clock = clock
         self.calls = 0  # API requests sent, retries included
+        # At most `max_rate` requests a second, every operation and retry counted: Route 53 allows
+        # 5 a second per account, and 15 record sets read every second sent 14 a second, 48 in a
+        # burst, each over the limit answered `Throttling` and retried, holding every other
+        # record set's evacuation behind its backoff. Requests keep their order; a request waits
+        # for its slot (on the monotonic clock: `clock` may be a test's).
+        self.max_rate = max_rate
+        self._next_slot = 0.0
+        self.paced = 0.0  # seconds requests waited for their slot, in all
         self.last_success_at: float | None = None  # when Route 53 last answered any request
         # Requests sent and not yet done: cancelling the task that awaits one stops nobody
         # waiting, not the request. `quiesce` waits for them before the lease is given up. A
@@ -201,6 +210,7 @@ class Actuator:
         """One API operation off the event loop, retried with full jitter while retryable."""
         method = getattr(self.client, operation)
         for attempt in range(1, self.max_attempts + 1):
+            await self._pace()
             self.calls += 1
             try:
                 response: dict[str, Any] = await self._in_thread(method, params)
@@ -215,6 +225,17 @@ class Actuator:
                 self.last_success_at = self._clock()
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pace(self) -> None:
+        """Wait for this request's slot under `max_rate`."""
+        if self.max_rate is None:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + 1.0 / self.max_rate
+        if slot > now:
+            self.paced += slot - now
+            await self._sleep(slot - now)
 
     async def _in_thread(self, method: Callable[..., dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -344,7 +344,7 @@ def ramp_config(
     path.write_text(
         f"controller:\n  listen: 127.0.0.1:{port}\n  tick: 100ms\n  state_path: state.sqlite\n"
         f"  route53: {{endpoint_url: '{endpoint}', reconcile_every: 100ms, poll_interval: 50ms,"
-        f" insync_timeout: {insync_timeout}s}}\n"
+        f" insync_timeout: {insync_timeout}s, max_requests_per_second: 400}}\n"
         f"policies: [policy.yaml]\nregions:\n{probes}"
         f"record_sets:\n  - zone_id: {zone_id}\n    name: {name}\n    ttl: {ttl}\n    members:\n"
         "      - {set_identifier: use1, region: us-east-1, value: 192.0.2.10}\n"

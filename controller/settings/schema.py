@@ -87,6 +87,13 @@ class Route53Settings(SettingsModel):
     poll_interval: Interval = 2.0
     insync_timeout: Duration = 300.0
     max_attempts: int = Field(default=8, ge=1, le=50, description="tries per Route 53 request while retryable")
+    max_requests_per_second: float = Field(
+        default=4.0,
+        gt=0,
+        le=1000,
+        description="Route 53 requests this controller sends at most, every kind and retry counted (Route 53 "
+        "allows 5 a second per account, shared with every other tool in it)",
+    )
     lease_ttl: Duration = Field(default=30.0, description="writer lease lifetime; a standby takes over after it")
 
 
