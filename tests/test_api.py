@@ -27,6 +27,7 @@ class FakeReconciler:
         self.frozen = None
         self.ramps: dict = {}
         self.calls: list[tuple] = []
+        self.holder, self.lease_token, self.writer = "here:1", 1, ("here:1", 1)  # the writer
 
     async def freeze(self, frozen, now, who, reason) -> None:
         self.calls.append((frozen, who, reason))

@@ -12,6 +12,7 @@ import uuid
 
 import aiohttp
 import pytest
+import structlog
 
 from controller.acting.route53 import make_client
 from controller.daemon import STOP_WAITS_FOR_ROUTE53, Daemon
@@ -20,6 +21,7 @@ from controller.planning.weights import shares
 from controller.settings.policy import GuardrailPolicy, Policy, RampPolicy
 from controller.settings.schema import Config, ControllerSettings, Member, RecordSet, Region, Route53Settings
 from controller.state.store import Store
+from controller.web.views import text
 from probes.spec import HttpProbe
 from tests import policies
 from tests.conftest import REGIONSHIFT
@@ -199,6 +201,10 @@ class Running:
 
     def ramp(self):
         return self.daemon.reconciler.ramps["launch"]
+
+    async def state(self) -> dict:
+        async with self.http.get("/api/v1/state") as response:
+            return await response.json()
 
 
 async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every_change(two_regions, route53, tmp_path):
@@ -532,9 +538,20 @@ async def test_only_the_lease_holder_writes_and_a_standby_takes_over_with_a_high
     await leader.__aenter__()
     try:
         await leader.until(lambda: first.reconciler.lease_token == 1, what="lease")
-        async with Running(second) as standby:
-            await asyncio.sleep(1.5)
+        async with contextlib.AsyncExitStack() as stack:
+            with structlog.testing.capture_logs() as logs:
+                standby = await stack.enter_async_context(Running(second))
+                await asyncio.sleep(1.5)
             assert second.reconciler.lease_token is None
+            # A standby says so from its start, naming the writer; it said nothing until it had
+            # held the lease once, and its state and status looked like the leader's.
+            told = [e for e in logs if e["event"] == "standby: another controller holds the writer lease"]
+            assert [(e["writer"], e["writer_token"]) for e in told] == [(first.reconciler.holder, 1)]
+            state = await standby.state()
+            assert state["writer"] == {"this": False, "holder": first.reconciler.holder, "token": 1,
+                                       "me": second.reconciler.holder}  # fmt: skip
+            assert f"STANDBY: the writer is {first.reconciler.holder} (token 1)" in text(state, second.url, time.time())
+            assert (await leader.state())["writer"]["this"] is True
             await leader.post("/api/v1/ramps/launch/start")
             await leader.until(lambda: first.reconciler.ramps["launch"].step == 1, what="two steps by the leader")
             assert second.reconciler.lease_token is None  # still standby; the audit log below shows it wrote nothing

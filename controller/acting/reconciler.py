@@ -94,6 +94,8 @@ class Reconciler:
         self.lease = lease
         self.holder = lease.holder
         self.lease_token: int | None = None
+        self.writer: tuple[str, int] | None = None  # who holds the writer lease, as last looked (this side or another)
+        self._lease_told = False
 
     async def load(self) -> None:
         """Resume from the store: ramp states (new ramps start `pending`) and the freeze flag."""
@@ -168,12 +170,22 @@ class Reconciler:
                 # A predecessor on this host whose process is gone (a crash, a SIGKILL) hands over
                 # at once; any other holder keeps the lease until it expires.
                 token = await self.lease.acquire(clock())
-            if token != self.lease_token:
+            writer = await self.lease.held_by(clock()) if token is None else (self.holder, token)
+            if token != self.lease_token or not self._lease_told:
                 self.publish(LeaseChanged(at=clock(), holder=self.holder, token=token))
                 if token is None:
-                    log.warning("standby: another controller holds the writer lease", holder=self.holder)
+                    # Said at start too: a controller started second said nothing, and nothing
+                    # told an operator which of two was writing.
+                    log.warning(
+                        "standby: another controller holds the writer lease",
+                        holder=self.holder,
+                        writer=writer[0] if writer else None,
+                        writer_token=writer[1] if writer else None,
+                    )
                 else:
                     log.info("writer lease acquired", holder=self.holder, fencing_token=token)
+                self._lease_told = True
+            self.writer = writer
             if token is None or token != self.lease_token:
                 # A standby mirrors the writer's progress; a new writer starts from where it left.
                 async with self._lock:

@@ -33,6 +33,10 @@ class Lease(Protocol):
         """Give the lease up at once (an orderly stop), if still held with `token`."""
         ...
 
+    async def held_by(self, now: float) -> tuple[str, int] | None:
+        """Who holds the lease now and with which token (this side or another); None when nobody does."""
+        ...
+
     async def holds(self, token: int, now: float) -> bool:
         """Whether this holder still has the lease with `token`: checked right before every write."""
         ...

@@ -106,6 +106,8 @@ def state(source: Observed, *, history: bool = True) -> dict[str, Any]:
         "record_sets": [record_set(rs, reconciler, actuation.get(rs.key)) for rs in source.config.record_sets],
         "ramps": ramps(source.config, reconciler),
         "frozen": reconciler.frozen if reconciler is not None else None,
+        # Which controller writes (guardrail 9): this one, or which other one while this stands by.
+        "writer": _writer(reconciler),
         "read_only": source.config.controller.read_only,  # no operator actions: the page shows none
         # Whether operators may act here (the page offers actions), and if not, why.
         "actions": no_actions is None,
@@ -259,6 +261,15 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
 
 # --- the same state as text, for `regionshift status` ------------------------------------------
 
+
+def _writer(reconciler: Reconciler | None) -> dict[str, Any] | None:
+    """This controller's part in the writer lease; None with no record set (nothing to write)."""
+    if reconciler is None:
+        return None
+    holder, token = reconciler.writer if reconciler.writer is not None else (None, None)
+    return {"this": reconciler.lease_token is not None, "holder": holder, "token": token, "me": reconciler.holder}
+
+
 SYMBOLS = {"healthy": "✓", "degraded": "▲", "unhealthy": "✗", "unknown": "?"}  # never colour alone
 CELL_SYMBOLS = {"ok": "✓", "failing": "✗", "stale": "?", "set aside": "⊘", "no data": "-"}
 
@@ -270,6 +281,10 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
     if state.get("frozen"):
         frozen = state["frozen"]
         head.append(f"FROZEN by {frozen.get('by')}: {frozen.get('reason')}")
+    writer = state.get("writer")
+    if writer and not writer.get("this"):
+        held = f"{writer['holder']} (token {writer['token']})" if writer.get("holder") else "nobody yet"
+        head.append(f"STANDBY: the writer is {held}")
     if state.get("read_only"):
         head.append("read-only")
     lines = [" · ".join(head), ""]

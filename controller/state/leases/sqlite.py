@@ -93,6 +93,15 @@ class SqliteLease:
 
         await self._db.run(expire)
 
+    async def held_by(self, now: float) -> tuple[str, int] | None:
+        def read() -> tuple[str, int] | None:
+            row = self._db.db.execute(
+                "SELECT holder, token, expires_at FROM lease WHERE name = ?", (self.name,)
+            ).fetchone()
+            return (str(row["holder"]), int(row["token"])) if row is not None and row["expires_at"] > now else None
+
+        return await self._db.run(read)
+
     async def holds(self, token: int, now: float) -> bool:
         def read() -> bool:
             row = self._db.db.execute(
