@@ -429,7 +429,9 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
         "eu-west-1": ["✓", "healthy"],
     }
     assert all("controller ✓" in line for line in lines[3:5])  # each region as seen from the vantage
-    assert f"RECORD SET {name}/A  owner: evacuation (at home weights)" in out, out  # the ramp is done
+    assert f"RECORD SET {name}/A  owner: nobody (at home weights)" in out, (
+        out
+    )  # the ramp is done, nothing else moves it
     assert any(line.split()[:2] == ["euw1", "eu-west-1"] and "(50%)" in line for line in lines)
     assert any(line.split()[:4] == ["launch", "done", "1/1", "5/5"] for line in lines)
     code, _, err = await run_cli("status", "-c", path, "--url", "http://127.0.0.1:9")

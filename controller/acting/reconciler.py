@@ -333,6 +333,8 @@ class Reconciler:
             rs, home, observed, verdicts, self.regions, self.policy.evacuation, self.policy.guardrails.max_step, now
         )
         view.desired, view.reason = evac.weights, evac.reason
+        if evac.weights is None and observed == home:
+            view.owner = None  # at home with nothing to do: "owner: evacuation" read as one under way
         if evac.weights is not None and evac.action is not None:
             await self._write(rs, group, expected, evac.weights, evac.action, evac.reason, "evacuation", verdicts, now)
 
