@@ -277,6 +277,28 @@ def test_tripled_latency_is_caught_within_thirty_seconds_against_the_region_s_ow
     assert any("slower than usual" in r and "worse than" in r for r in verdict.reasons), verdict.reasons
 
 
+@pytest.mark.parametrize("vantages", [(VANTAGES[0],), VANTAGES])
+def test_a_slowdown_is_not_excused_by_peers_a_little_slower_than_usual(vantages):
+    # Peers 15% slower (under the 25% effect size; in a trial, the suspects' own extra probes
+    # loaded them) were "alike" by their count of slow results: a +200% slowdown, far worse than
+    # them beyond doubt, was "a shared cause, not held" for the whole fault.
+    def peers_a_little_slower(r: Result, t: float) -> Result:
+        return replace(r, latency=r.latency * 1.15) if r.region != "eu-west-1" and t >= ONSET and r.ok else r
+
+    t, verdict = first_verdict(
+        SCENARIOS["latency +200%"], ONSET + 60, "eu-west-1", vantages=vantages, edit=peers_a_little_slower
+    )
+    assert t is not None
+    assert t <= ONSET + 15
+    assert any("slower than usual" in r and "worse than" in r for r in verdict.reasons), verdict.reasons
+
+
+def test_a_slowdown_every_region_shares_blames_none():
+    everywhere = Scenario("every region 3x slower", None, REGIONS, latency_factor=3.0)
+    for vantages in ((VANTAGES[0],), VANTAGES):
+        assert flagged_regions(everywhere, ONSET + 240, vantages=vantages) == []
+
+
 def test_a_region_that_goes_down_is_unhealthy_within_a_few_probe_rounds():
     t, verdict = first_verdict(SCENARIOS["region down"], ONSET + 30, "eu-west-1", statuses=("unhealthy",))
     assert t is not None

@@ -148,11 +148,16 @@ class SlowdownDetector(SequentialDetector):
             pooled.extend(theirs)
             if len(theirs) < MIN_PEER_SAMPLES or len(mine) < MIN_PEER_SAMPLES:
                 continue
-            if self.llr.of_counts(len(theirs), slow) > 0 or statistics.median(theirs) >= 1 + p.slowdown.min_effect:
-                alike.append(name)  # the peer is slower than usual too, or than its own floor
             is_worse, p_value, their_median = worse(theirs)
             detail[name] = {"relative_median": round(their_median, 3), "p_value": round(p_value, 6)}
             if is_worse:
                 worse_than.append(name)
+            # The peer is slower than its own floor by the effect size, or slower than usual beyond
+            # noise and not by far less than this region: a peer 15% slower (its count of slow
+            # results over the test's threshold) excused a region three times as slow, worse than
+            # it beyond doubt, as "a shared cause" for a whole +200% fault.
+            slower = self.llr.of_counts(len(theirs), slow) > 0 and not is_worse
+            if slower or their_median >= 1 + p.slowdown.min_effect:
+                alike.append(name)
         apart = pooled_apart(min(len(pooled), len(mine)), lambda: worse(pooled)[0])
         return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike), detail, apart)
