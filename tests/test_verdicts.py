@@ -356,6 +356,13 @@ def test_vantages_are_pooled_and_listed():
     assert verdict.evidence["threshold"]["api"]["samples"] == 10
 
 
+def test_a_ratio_that_rounds_to_its_limit_is_shown_to_a_tenth():
+    # "95% of 74 probes succeeded ... below 95%" (70 of 74 is 94.6%).
+    results = [result(T0 + i * 0.5, ok=i not in (3, 20, 40, 60), error_class="status") for i in range(74)]
+    verdict = judge_once(results, T0 + 37)
+    assert verdict.reasons[0].startswith("api: 94.6% of 74 probes succeeded over 60s"), verdict.reasons
+
+
 def test_a_breach_no_vantage_shows_alone_is_not_held_and_says_so():
     # Pooled, 3 of 24 failed (87.5%); alone, the agent's 4 results are too few to judge and the
     # controller's 19 of 20 are not below 95%: no vantage shows the breach by itself.

@@ -233,8 +233,14 @@ class ThresholdDetector:
             return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
         ratio = stats.success_ratio
         if ratio < p.degraded_below:  # said only when it is (a pass judges thousands of probes)
+            # One decimal where the whole percent would read as the limit ("95% ... below 95%").
+            shown = (
+                f"{ratio:.0%}"
+                if f"{ratio:.0%}" not in (f"{p.degraded_below:.0%}", f"{p.unhealthy_below:.0%}")
+                else f"{ratio:.1%}"
+            )
             summary = (
-                f"{ratio:.0%} of {stats.samples} probes succeeded over {p.window:g}s "
+                f"{shown} of {stats.samples} probes succeeded over {p.window:g}s "
                 f"from {', '.join(sorted(fresh_windows))}{errors_text(stats)}"
             )
             if ratio < p.unhealthy_below:
