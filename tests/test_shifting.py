@@ -661,6 +661,6 @@ async def test_without_configured_weights_home_is_what_route53_held_first_and_is
     zone_id, name = make_zone(route53)  # use1=1, euw1=0 in Route 53, no weights in the configuration
     daemon = Daemon(config(two_regions, route53, zone_id, name, tmp_path))
     async with Running(daemon) as running:
-        await running.until(lambda: daemon.reconciler.views[f"{name}/A"].owner == "evacuation", what="first tick")
+        await running.until(lambda: daemon.reconciler.views[f"{name}/A"].reason != "", what="first tick")
         async with Store(tmp_path / "state.sqlite") as store:
             assert await store.flags.home(f"{name}/A") == {"use1": 1, "euw1": 0}

@@ -55,7 +55,7 @@ class RecordView:
     reason: str = ""
     drift: str | None = None
     error: str | None = None
-    owner: str = "none"  # "ramp:NAME", "evacuation" or "none"
+    owner: str | None = None  # "ramp:NAME", "evacuation" or None: nobody moves it
     held: str | None = None  # why the pacing holds the next forward step, while it does
     last_read_at: float | None = None  # the last successful read of the group from Route 53
     errors: dict[str, int] = field(default_factory=dict)  # Route 53 errors so far, by kind
