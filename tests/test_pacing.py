@@ -368,3 +368,14 @@ async def test_a_ramp_does_not_start_while_another_ramp_holds_its_record_set(rou
         refused = await world.reconciler.act("again", "start", world.now, "test")
         assert refused == (f"ramp launch holds {world.key} (baking): abort it or let it finish before starting again")
         assert world.reconciler.ramps["again"].status == "pending"
+
+
+async def test_an_all_zero_group_is_no_home_to_remember(route53, tmp_path):
+    # Remembered at first sight, an all-zero group (Route 53 answers it as equal shares) would stay
+    # the record set's home for good: "no home weights", and no evacuation would ever move it.
+    zeros = {"us-east-1": 0, "eu-west-1": 0, "ap-south-1": 0}
+    config, _zone_id, _name, _sids = shipped_config(route53, tmp_path, zeros)
+    async with Virtual(config) as world:
+        await world.run(3)
+        assert await world.reconciler.store.flags.home(world.key) is None
+        assert world.reconciler.views[world.key].reason == "no ramp; evacuation off or no home weights"

@@ -663,6 +663,8 @@ class Reconciler:
         stored = await self.store.flags.home(rs.key)
         if stored is not None:
             return stored
+        if not any(observed.values()):  # an empty or all-zero group is no home to remember (not yet)
+            return dict(observed)
         configured = {m.set_identifier: m.weight for m in rs.members}
         if all(w is not None for w in configured.values()) and any(configured.values()):
             weights = {k: int(v or 0) for k, v in configured.items()}
