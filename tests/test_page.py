@@ -256,7 +256,8 @@ async def test_operators_act_from_the_page_with_the_token_and_typed_confirmation
 
         await freeze_and_unfreeze(page, running)
 
-        await running.until(lambda: daemon.reconciler.views[record].owner is not None, what="weights settled")
+        # Back at the weights before the ramp, and the reconciler has looked again (nobody owns it now).
+        await running.until(lambda: daemon.reconciler.views[record].reason == "at home weights", what="weights settled")
         await asyncio.to_thread(set_weight, route53, zone_id, name, "euw1", 7, "192.0.2.20")  # a hand edit
         card = page.locator(f'[data-record="{record}"]')
         await expect(card.locator(".drift")).to_contain_text("DRIFT", timeout=10_000)
