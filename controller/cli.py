@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args.scenario, args.duration, args.listen)
         config = load_config(args.config)
-        if args.command in ("validate", "plan", "run"):
+        if args.command in ("validate", "run"):
             from controller.planning.preview import check_ramps  # noqa: PLC0415
 
             check_ramps(config)
@@ -179,11 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _files_ready(config)
             return asyncio.run(_probe(config, args.once, args.region))
         if args.command == "plan":
-            from controller.planning.preview import format_plan  # noqa: PLC0415
+            from controller.planning.preview import check_ramps, format_plan  # noqa: PLC0415
 
             _known_ramp(config, args.ramp)
-
             print(format_plan(config, args.ramp))
+            check_ramps(config)  # after the plan: the steps that move too much are in it to see
             return EXIT_OK
         if args.command == "status":
             return asyncio.run(_status(_daemon_url(config, args.url), watch=args.watch))
