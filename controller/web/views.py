@@ -259,15 +259,15 @@ def ramps(config: Config, reconciler: Reconciler | None) -> list[dict[str, Any]]
     return out
 
 
-# --- the same state as text, for `regionshift status` ------------------------------------------
-
-
 def _writer(reconciler: Reconciler | None) -> dict[str, Any] | None:
     """This controller's part in the writer lease; None with no record set (nothing to write)."""
     if reconciler is None:
         return None
     holder, token = reconciler.writer if reconciler.writer is not None else (None, None)
     return {"this": reconciler.lease_token is not None, "holder": holder, "token": token, "me": reconciler.holder}
+
+
+# --- the same state as text, for `regionshift status` ------------------------------------------
 
 
 SYMBOLS = {"healthy": "✓", "degraded": "▲", "unhealthy": "✗", "unknown": "?"}  # never colour alone
@@ -282,9 +282,9 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
         frozen = state["frozen"]
         head.append(f"FROZEN by {frozen.get('by')}: {frozen.get('reason')}")
     writer = state.get("writer")
-    if writer and not writer.get("this"):
-        held = f"{writer['holder']} (token {writer['token']})" if writer.get("holder") else "nobody yet"
-        head.append(f"STANDBY: the writer is {held}")
+    if writer and not writer.get("this"):  # before its first look at the lease, it says only that
+        holder = writer.get("holder")
+        head.append(f"STANDBY: the writer is {holder} (token {writer['token']})" if holder else "writer lease not held")
     if state.get("read_only"):
         head.append("read-only")
     lines = [" · ".join(head), ""]
