@@ -141,6 +141,10 @@ async def test_retryable_errors_are_retried_with_jittered_backoff(actuator, reco
     assert len(sleeps.delays) == 3
     for attempt, delay in enumerate(sleeps.delays, start=1):
         assert 0 <= delay <= min(actuator.max_delay, actuator.base_delay * 2 ** (attempt - 1))
+    # Counted by cause (regionshift_route53_retries_total): only a request that fails after
+    # every try was counted as an error, and a throttling storm hardly showed.
+    cause = {"Throttling": "throttling", "PriorRequestNotComplete": "prior_request", None: "server"}[code]
+    assert actuator.retries == {("change_resource_record_sets", cause): 3}
 
 
 async def test_giving_up_after_max_attempts_raises_retryable(proxy, record_set, sleeps):

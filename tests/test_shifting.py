@@ -646,6 +646,12 @@ async def test_a_change_whose_answer_was_lost_is_settled_from_route53_not_taken_
             proxy.lose_answer("ChangeResourceRecordSets", times=2)  # step 2 lands; both answers are lost
             await running.until(lambda: running.ramp().step >= 2, what="past the second step")
             drift = daemon.reconciler.views[f"{name}/A"].drift
+            labels = {"operation": "change_resource_record_sets", "cause": "server"}  # the first lost answer
+
+            def retried() -> float:
+                return daemon.registry.get_sample_value("regionshift_route53_retries_total", labels) or 0.0
+
+            await running.until(lambda: retried() >= 1, what="the retry counted")
     async with Store(tmp_path / "state.sqlite") as store:
         second = [e for e in await store.audit.events() if e["reason"].startswith("step 2 ")]
     assert drift is None  # its own write, found later, is not a hand edit

@@ -59,3 +59,23 @@ class DriftError(Route53Error):
 
 # How a Route 53 error is counted (regionshift_route53_errors_total{kind}).
 ERROR_KINDS = tuple(e.kind for e in (RetryableError, TerminalError, NoCredentialsError))
+
+
+# Why a request was tried again, as `regionshift_route53_retries_total` counts it (a few causes:
+# the raw codes would be a label without bound).
+RETRY_CAUSES = ("throttling", "prior_request", "server", "network", "timeout")
+OPERATIONS = ("list_resource_record_sets", "change_resource_record_sets", "get_change")
+
+
+def retry_cause(error: Route53Error) -> str:
+    """The cause of a retryable error, one of `RETRY_CAUSES`."""
+    said = str(error)
+    if said.startswith(("Throttling", "429")):
+        return "throttling"
+    if said.startswith("PriorRequestNotComplete"):
+        return "prior_request"
+    if said.startswith("network"):
+        return "timeout" if "timeout" in said.lower() or "timed out" in said.lower() else "network"
+    if "Timeout" in said.split(":", 1)[0]:
+        return "timeout"
+    return "server"

@@ -18,6 +18,7 @@ import contextvars
 import functools
 import random
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,14 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import NoCredentialsError as BotoNoCredentialsError
 
-from controller.acting.errors import DriftError, NoCredentialsError, RetryableError, Route53Error, TerminalError
+from controller.acting.errors import (
+    DriftError,
+    NoCredentialsError,
+    RetryableError,
+    Route53Error,
+    TerminalError,
+    retry_cause,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -49,6 +57,7 @@ if TYPE_CHECKING:
     from controller.settings.schema import RecordSet
 
 log = structlog.get_logger("regionshift.route53")
+
 
 RETRYABLE_CODES = frozenset(
     {
@@ -187,6 +196,9 @@ class Actuator:
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter
         self._clock = clock
         self.calls = 0  # API requests sent, retries included
+        # Requests tried again, by (operation, cause): only what failed after every try shows as
+        # an error, and a throttling storm of 51 answers counted 7.
+        self.retries: Counter[tuple[str, str]] = Counter()
         # At most `max_rate` requests a second, every operation and retry counted: Route 53 allows
         # 5 a second per account, and 15 record sets read every second sent 14 a second, 48 in a
         # burst, each over the limit answered `Throttling` and retried, holding every other
@@ -218,6 +230,7 @@ class Actuator:
                 error = classify(exc)
                 if isinstance(error, TerminalError) or attempt == self.max_attempts:
                     raise error from exc
+                self.retries[operation, retry_cause(error)] += 1
                 delay = self._rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
                 log.info("route53 retry", operation=operation, attempt=attempt, error=str(error), delay=round(delay, 3))
                 await self._sleep(delay)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from controller.acting.errors import ERROR_KINDS
+from controller.acting.errors import ERROR_KINDS, OPERATIONS, RETRY_CAUSES
 from controller.events.kinds import ActionTaken
 from controller.judging.verdicts import STATUSES
 from controller.planning.ramps import RAMP_STATUSES
@@ -148,6 +148,17 @@ class Metrics:
             ["record", "kind"],
             registry=registry,
         )
+        self.route53_retries = Counter(
+            "regionshift_route53_retries",
+            "Route 53 requests tried again, by operation and cause (throttling, prior_request, server, "
+            "network, timeout): a throttling storm shows here long before any request fails for good.",
+            ["operation", "cause"],
+            registry=registry,
+        )
+        for operation in OPERATIONS:
+            for cause in RETRY_CAUSES:
+                self.route53_retries.labels(operation, cause)
+        self._retries_counted: dict[tuple[str, str], int] = {}
         self.route53_read_age = Gauge(
             "regionshift_route53_last_read_age_seconds",
             "Seconds since Route 53 last answered for the record set: its last read, or any answer while "
@@ -320,6 +331,11 @@ class Metrics:
                         view.observed[member.set_identifier]
                     )
             self.route53_drift.labels(rs.key).set(1 if view.drift else 0)
+        for (operation, cause), count in list(reconciler.actuator.retries.items()):
+            counted = self._retries_counted.get((operation, cause), 0)
+            if count > counted:
+                self.route53_retries.labels(operation, cause).inc(count - counted)
+                self._retries_counted[operation, cause] = count
         for name, state in reconciler.ramps.items():
             self.set_ramp(name, state.step, state.status)
 
