@@ -379,3 +379,45 @@ async def test_an_all_zero_group_is_no_home_to_remember(route53, tmp_path):
         await world.run(3)
         assert await world.reconciler.store.flags.home(world.key) is None
         assert world.reconciler.views[world.key].reason == "no ramp; evacuation off or no home weights"
+
+
+async def test_a_standby_looks_at_the_writer_lease_every_second_the_writer_every_third_of_its_ttl(
+    route53, tmp_path, monkeypatch
+):
+    # At a third of a 30 s lease, a standby beside a SIGKILLed writer took over 7 s after the kill.
+    config, _zone_id, _name, _sids = shipped_config(
+        route53, tmp_path, {"us-east-1": 1, "eu-west-1": 0, "ap-south-1": 1}
+    )
+
+    class Held:
+        holder = "standby"
+
+        def __init__(self, token: int | None) -> None:
+            self.token = token
+
+        async def acquire(self, _now: float) -> int | None:
+            return self.token
+
+        async def renew(self, token: int, _now: float) -> bool:
+            return token == self.token
+
+        async def held_by(self, _now: float) -> tuple[str, int]:
+            return ("writer", 1)
+
+    class SleptError(Exception):
+        pass
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        raise SleptError
+
+    async with Virtual(config) as world:
+        reconciler = world.reconciler
+        monkeypatch.setattr("controller.acting.reconciler.asyncio.sleep", sleep)
+        for token in (None, 7):
+            reconciler.lease, reconciler.lease_token = Held(token), None
+            with pytest.raises(SleptError):
+                await reconciler.keep_lease(10.0, lambda: world.now)
+    assert waits == [1.0, 10.0]
