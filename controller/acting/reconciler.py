@@ -24,7 +24,7 @@ from controller.acting.errors import DriftError, NoCredentialsError, RetryableEr
 from controller.events.kinds import ActionTaken, DriftFound, Event, LeaseChanged, OperatorAction, RampChanged
 from controller.planning import ramps
 from controller.planning.evacuation import plan_evacuation
-from controller.planning.guardrails import FORWARD_KINDS, GuardrailError, Proposal, check
+from controller.planning.guardrails import FORWARD_KINDS, GuardrailError, Proposal, check, moved_share
 from controller.planning.weights import shares
 from controller.settings.limits import SHARE_EPSILON
 from controller.state.audit import NOT_APPLIED_LATER
@@ -119,15 +119,9 @@ class Reconciler:
         async with self._lock:
             state, refused = ramps.act(policy, self.ramps[name], action, now)
             if refused is None and action == "start":
-                owner = self._ramp_for(policy.record_key)
-                if owner is not None and owner[0] != name:  # it was called an evacuation under way
-                    other = self.ramps[owner[0]]
-                    refused = (
-                        f"ramp {owner[0]} holds {policy.record_key} ({other.status}): abort it or let it "
-                        f"finish before starting {name}"
-                    )
-            if refused is None and action == "start":
-                refused = await self._away_from_home(policy.record_key, now)
+                refused = self._held_by_another_ramp(name, policy.record_key) or await self._away_from_home(
+                    policy.record_key, now
+                )
             if refused is None:
                 state = replace(state, reason=f"{state.reason} ({who})")
                 await self.store.audit.operator(now, who, action, f"ramp:{name}", state.reason)
@@ -631,6 +625,15 @@ class Reconciler:
             return written, True
         return await self.store.flags.seen(key), False
 
+    def _held_by_another_ramp(self, name: str, key: str) -> str | None:
+        """Why ramp `name` must not start: another ramp holds `key` (it was called "an evacuation
+        or its restore under way")."""
+        owner = self._ramp_for(key)
+        if owner is None or owner[0] == name:
+            return None
+        other = self.ramps[owner[0]]
+        return f"ramp {owner[0]} holds {key} ({other.status}): abort it or let it finish before starting {name}"
+
     async def _away_from_home(self, key: str, now: float) -> str | None:
         """Why a ramp on `key` must not start now: the record set is away from its home shares (an
         evacuation or its restore under way). A ramp steps from the weights it starts on and
@@ -670,19 +673,16 @@ class Reconciler:
             return stored
         if not any(observed.values()):  # an empty or all-zero group is no home to remember (not yet)
             return dict(observed)
-        configured = {m.set_identifier: m.weight for m in rs.members}
-        if all(w is not None for w in configured.values()) and any(configured.values()):
-            weights = {k: int(v or 0) for k, v in configured.items()}
-            now_shares, configured_shares = shares(observed), shares(weights)
-            if any(abs(now_shares.get(k, 0.0) - v) > SHARE_EPSILON for k, v in configured_shares.items()):
-                log.warning(
-                    "Route 53 holds other weights than the configuration: taken as home, nothing is moved "
-                    "toward the configured ones",
-                    record=rs.key,
-                    route53=dict(observed),
-                    configured=weights,
-                    fix="give the configuration Route 53's weights; a ramp moves them",
-                )
+        configured = rs.configured_weights
+        if configured is not None and moved_share(observed, configured) > SHARE_EPSILON:
+            log.warning(
+                "Route 53 holds other weights than the configuration: taken as home, nothing is moved "
+                "toward the configured ones",
+                record=rs.key,
+                route53=dict(observed),
+                configured=configured,
+                fix="give the configuration Route 53's weights; a ramp moves them",
+            )
         await self.store.flags.set_home(rs.key, observed, now)
         return dict(observed)
 

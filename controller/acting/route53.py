@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("regionshift.route53")
 
-
 RETRYABLE_CODES = frozenset(
     {
         "Throttling",

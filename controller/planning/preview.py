@@ -45,10 +45,9 @@ def check_ramps(config: Config) -> None:
     max_step = config.policy.guardrails.max_step
     for name, policy in config.policy.ramps.items():
         rs = next(r for r in config.record_sets if r.key == policy.record_key)
-        configured = {m.set_identifier: m.weight for m in rs.members}
-        if any(w is None for w in configured.values()) or not any(configured.values()):
+        weights = rs.configured_weights
+        if weights is None:
             continue
-        weights = {sid: int(w or 0) for sid, w in configured.items()}
         for w, i, _new, moved in ramp_steps(policy, rs, weights):
             if moved > max_step + SHARE_EPSILON:
                 held = " ".join(f"{sid}={weight}" for sid, weight in weights.items())
@@ -66,11 +65,11 @@ def format_plan(config: Config, name: str) -> str:
         known = ", ".join(config.policy.ramps) or "none"
         raise ConfigError(f"no ramp named {name!r} in the policy files; known: {known}")
     rs = next(r for r in config.record_sets if r.key == policy.record_key)
-    baseline = {m.set_identifier: m.weight for m in rs.members}
-    if any(w is None for w in baseline.values()) or not any(baseline.values()):
-        missing = ", ".join(sid for sid, w in baseline.items() if w is None)
+    configured = rs.configured_weights
+    if configured is None:
+        missing = ", ".join(m.set_identifier for m in rs.members if m.weight is None)
         raise ConfigError(f"{rs.key}: plan starts from the configured weights; give every member a weight ({missing})")
-    weights: dict[str, int] = {k: int(v or 0) for k, v in baseline.items()}
+    weights = configured
     sids = [m.set_identifier for m in rs.members]
     region_of = {m.set_identifier: m.region for m in rs.members}
     lines = [

@@ -77,6 +77,14 @@ class RecordSet(SettingsModel):
     def key(self) -> str:
         return f"{self.name}/{self.type}"
 
+    @property
+    def configured_weights(self) -> dict[str, int] | None:
+        """Every member's configured weight, by set identifier; None unless every member has one
+        (and not all 0: `_members` refuses that)."""
+        if any(m.weight is None for m in self.members):
+            return None
+        return {m.set_identifier: m.weight or 0 for m in self.members}
+
 
 class Route53Settings(SettingsModel):
     """How the actuator reaches Route 53."""
@@ -243,13 +251,15 @@ class Config(SettingsModel):
     def _configured_shares_fit(i: int, rs: RecordSet, regions: Mapping[str, Region]) -> None:
         """A lightweight region's configured weight keeps it within its `max_share` (guardrail 5:
         the planners never write more, and a configuration asking for more is a mistake)."""
-        weights = [m.weight for m in rs.members]
-        if any(w is None for w in weights) or not any(weights):
+        weights = rs.configured_weights
+        if weights is None:
             return
-        total = sum(w or 0 for w in weights)
+        total = sum(weights.values())
         by_region: dict[str, float] = {}
         for member in rs.members:
-            by_region[member.region] = by_region.get(member.region, 0.0) + 100.0 * (member.weight or 0) / total
+            by_region[member.region] = (
+                by_region.get(member.region, 0.0) + 100.0 * weights[member.set_identifier] / total
+            )
         for j, member in enumerate(rs.members):
             region = regions[member.region]
             share = by_region[member.region]

@@ -321,21 +321,15 @@ class Metrics:
         for rs in record_sets:
             view = reconciler.views[rs.key]
             for kind, count in view.errors.items():
-                counted = self._route53_counted.get((rs.key, kind), 0)
-                if count > counted:
-                    self.route53_errors.labels(rs.key, kind).inc(count - counted)
-                    self._route53_counted[rs.key, kind] = count
+                _count_up(self.route53_errors, (rs.key, kind), count, self._route53_counted)
             for member in rs.members:
                 if member.set_identifier in view.observed:
                     self.route53_weight.labels(rs.key, member.set_identifier, member.region).set(
                         view.observed[member.set_identifier]
                     )
             self.route53_drift.labels(rs.key).set(1 if view.drift else 0)
-        for (operation, cause), count in list(reconciler.actuator.retries.items()):
-            counted = self._retries_counted.get((operation, cause), 0)
-            if count > counted:
-                self.route53_retries.labels(operation, cause).inc(count - counted)
-                self._retries_counted[operation, cause] = count
+        for labels, count in list(reconciler.actuator.retries.items()):
+            _count_up(self.route53_retries, labels, count, self._retries_counted)
         for name, state in reconciler.ramps.items():
             self.set_ramp(name, state.step, state.status)
 
@@ -345,6 +339,14 @@ class Metrics:
             if isinstance(event, ActionTaken) and event.outcome in ("applied", "dry_run"):
                 for region in event.regions:
                     self.actions.labels(event.action, region, event.actor).inc()
+
+
+def _count_up(counter: Counter, labels: tuple[str, str], count: int, counted: dict[tuple[str, str], int]) -> None:
+    """Bring `counter`'s series for `labels` up to `count`, a running total kept elsewhere;
+    `counted` remembers what was added so far."""
+    if count > counted.get(labels, 0):
+        counter.labels(*labels).inc(count - counted.get(labels, 0))
+        counted[labels] = count
 
 
 def _look(looks: Callable[[str], tuple[bool, float | None, float | None]], vantage: str, i: int) -> float:
