@@ -164,8 +164,10 @@ def with_replica_lag(config: Config, endpoint_url: str, seconds: float) -> Confi
         aws_region="eu-west-1",
         dimensions=dimensions,
         endpoint_url=endpoint_url,
-        interval=1.0,
-        timeout=1.0,
+        # Under the policy's 1 s `stale_after`: at 1 s its newest result was a second old at times,
+        # eu-west-1 "unknown", and a ramp step due then refused (the ramp paused, the test hung).
+        interval=0.5,
+        timeout=0.5,
     )
     regions = [
         r.model_copy(update={"probes": [*r.probes, lag]}) if r.name == "eu-west-1" else r for r in config.regions
