@@ -146,6 +146,17 @@ BROKEN = [
         ("regions[0].probes[0]", "timeout (2s) is longer than interval (1s)", "shorten the timeout"),
     ),
     (
+        "a probe whose results come further apart than stale_after",
+        probe("kind: http\nname: h\ntarget: http://a/\ninterval: 25s\ntimeout: 5s\n"),
+        (
+            ":7:",
+            "regions[0].probes[0].interval",
+            "probe 'h' of eu-west-1 every 25s (up to 27.5s with controller.jitter 0.1) and its timeout 5s",
+            "up to 32.5s between its results, longer than verdicts.stale_after 30s",
+            "eu-west-1 would be unknown between runs",
+        ),
+    ),
+    (
         "unknown probe kind",
         probe("kind: icmp\nname: h\n"),
         (":4:", "regions[0].probes[0]", "unknown probe kind 'icmp'", "http, tcp"),

@@ -235,6 +235,29 @@ def load_policy(paths: Sequence[Path]) -> tuple[Policy, dict[str, tuple[Path, ya
     return Policy(**merged), sources
 
 
+def _check_freshness(config: Config, policy: Policy, path: Path, node: yaml.Node | None) -> None:
+    """Every probe's results must come closer together than `verdicts.stale_after`: a run starts up
+    to `interval` x (1 + `controller.jitter`) after the last one and its result comes up to its
+    `timeout` later, and a probe whose newest result is older than `stale_after` is not judged.
+    Further apart, its region went `unknown` between runs while it answered (a replication lag
+    probe read every 60 s under the shipped 30 s), and a ramp step or a restore due then was refused."""
+    stale_after = policy.verdicts.stale_after
+    stretch = 1 + config.controller.jitter
+    for i, region in enumerate(config.regions):
+        for j, probe in enumerate(region.probes):
+            gap = probe.interval * stretch + probe.timeout
+            if gap > stale_after:
+                loc: list[int | str] = ["regions", i, "probes", j, "interval"]
+                raise ConfigError(
+                    f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: probe {probe.name!r} of {region.name} "
+                    f"every {probe.interval:g}s (up to {probe.interval * stretch:g}s with "
+                    f"controller.jitter {config.controller.jitter:g}) and its timeout {probe.timeout:g}s "
+                    f"leave up to {gap:g}s between its results, longer than verdicts.stale_after "
+                    f"{stale_after:g}s: {region.name} would be unknown between runs; probe more often, "
+                    "shorten the timeout or raise stale_after"
+                )
+
+
 def _check_ramps(config: Config, policy: Policy, sources: Mapping[str, tuple[Path, yaml.Node | None]]) -> None:
     """Ramps must fit the configuration they move and the guardrails they run under."""
     if not policy.ramps:
@@ -306,5 +329,6 @@ def load_config(path: str | Path) -> Config:
             raise ConfigError(f"{path}:{line}: policies[{i}]: policy file {name!r} {what} (looked at {policy_path})")
         policy_paths.append(policy_path)
     policy, sources = load_policy(policy_paths)
+    _check_freshness(config, policy, path, node)
     _check_ramps(config, policy, sources)
     return config.model_copy(update={"policy": policy, "base_dir": str(path.parent)})
