@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="configuration file (YAML)")
+    def with_config(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+        p.add_argument("-c", "--config", required=required, metavar="FILE", help="configuration file (YAML)")
 
     run = commands.add_parser("run", help="run the daemon: probe, judge, serve the API")
     with_config(run)
@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     ramp.add_argument("--operator", help="your name, for the audit log (default: $USER)")
 
     status = commands.add_parser("status", help="the running daemon's regions, record sets, ramps and agents")
-    with_config(status)
-    status.add_argument("--url", help="the daemon's API (default: from controller.listen)")
+    with_config(status, required=False)
+    status.add_argument("--url", help="the daemon's API (default: from the configuration's controller.listen)")
     status.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C")
 
     adopt = commands.add_parser(
@@ -168,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args.scenario, args.duration, args.listen)
+        if args.command == "status" and args.config is None:  # the address alone is enough
+            return asyncio.run(_status(_daemon_url(None, args.url), watch=args.watch))
         config = load_config(args.config)
         if args.command in ("validate", "run"):
             from controller.planning.preview import check_ramps  # noqa: PLC0415
@@ -280,9 +282,11 @@ async def _until_signal(body: Callable[[asyncio.Event], Awaitable[int]]) -> int:
             loop.remove_signal_handler(sig)
 
 
-def _daemon_url(config: Config, url: str | None) -> str:
+def _daemon_url(config: Config | None, url: str | None) -> str:
     if url is not None:
         return url.rstrip("/")
+    if config is None:
+        raise UsageError("status needs the daemon's address: give --url URL, or -c FILE to read it from")
     host, port = config.controller.host_port
     if port == 0:
         raise UsageError(

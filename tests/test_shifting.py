@@ -420,8 +420,12 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
         assert "regionshift: start launch: cannot start a ramp that is " in err  # running or already baking
         await running.until(lambda: running.ramp().status == "done", what="done")
         code, out, err = await run_cli("status", "-c", path, "--url", daemon.url)
+        # The address alone is enough: an on-call laptop has the URL, not the daemon's configuration.
+        bare = await run_cli("status", "--url", daemon.url)
     assert code == 0, err
     lines = out.splitlines()
+    assert bare[0] == 0, bare[2]
+    assert [line.split()[:3] for line in bare[1].splitlines()[2:5]] == [line.split()[:3] for line in lines[2:5]]
     assert lines[0].startswith(f"regionshift at {daemon.url} · ")
     assert lines[2].split() == ["REGION", "VERDICT", "FOR", "VANTAGES", "REASON"]
     assert {line.split()[0]: line.split()[1:3] for line in lines[3:5]} == {
@@ -437,6 +441,11 @@ async def test_the_ramp_command_acts_on_the_running_daemon(two_regions, route53,
     code, _, err = await run_cli("status", "-c", path, "--url", "http://127.0.0.1:9")
     assert code == 1
     assert "cannot reach the daemon at http://127.0.0.1:9" in err
+    code, _, err = await run_cli("status")
+    assert (code, err) == (
+        2,
+        "regionshift: status needs the daemon's address: give --url URL, or -c FILE to read it from\n",
+    )
 
 
 async def test_ramp_abort_says_it_is_requested_not_that_the_ramp_is_paused(two_regions, route53, tmp_path):
