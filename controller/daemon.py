@@ -91,6 +91,8 @@ class Daemon:
                 for r in config.regions
             },
             verdict_policy,
+            # With agents, a finding needs its quorum of these, not of whichever still report.
+            (config.controller.vantage, *config.agents.vantages) if config.agents is not None else None,
         )
         # Agents (over MQTT) feed the same windows; each gets a plan of every region's probes.
         self.intake: Intake | None = None

@@ -26,6 +26,7 @@ from controller.intake import DROP_REASONS, Intake
 from controller.judging.suspicion import Suspicion
 from controller.settings.policy import SuspicionPolicy
 from controller.settings.schema import AgentsSettings
+from controller.web.views import text
 from probes import agent as agent_module
 from probes import wire
 from probes.agent import Agent, AgentSettings, backoff, broker_trouble
@@ -777,6 +778,26 @@ async def test_with_the_broker_gone_the_agents_stop_counting_and_with_every_path
             assert not any(a in json.dumps(verdict.evidence) for a in agents), verdict.evidence
         metrics = await (await running.http.get("/metrics")).text()
         assert 'regionshift_agent_up{vantage="agent-a"} 0.0' in metrics
+        state = await (await running.http.get("/api/v1/state")).json()
+        said = f"AGENTS' BROKER NOT CONNECTED ({daemon.config.agents.broker})"
+        assert said in text(state, daemon.url, time.time()).splitlines()[0]
+
+        # The controller's own path to one region breaks while the agents are away: one vantage
+        # is short of the quorum of two, so the region is unknown, never blamed (trial G: with
+        # the broker stopped, a controller-only path fault evacuated a healthy region).
+        first, cut = next(iter(world.items()))
+        cut.set(cut_vantages=("controller",))
+        seen = set()
+        for _ in range(int(4 * stale / 0.1)):
+            seen.add(daemon.judge.verdicts[first].status)
+            await asyncio.sleep(0.1)
+        assert seen - {"healthy"} == {"unknown"}, seen
+        verdict = daemon.judge.verdicts[first]
+        assert verdict.status == "unknown"
+        assert verdict.reasons[0].startswith("only controller reports (agent-a, agent-b: no result in the last")
+        assert verdict.reasons[0].endswith("2 vantages needed to hold a finding: not held, and not healthy either")
+        cut.heal()
+        await running.status_becomes(first, "healthy", within=15)
 
         # Then the controller's own path to every region goes too: every region fails alike at the
         # one vantage left, a shared cause held against none, so every region is unknown: what the

@@ -374,6 +374,33 @@ def test_a_breach_no_vantage_shows_alone_is_not_held_and_says_so():
     assert verdict.reasons == (f"{said}: seen at no vantage alone, 2 vantages needed, not held",)
 
 
+def test_with_agents_a_finding_short_of_its_quorum_is_unknown_and_held_once_they_report():
+    # The broker down, or every agent stopped: the controller alone is one vantage of the two
+    # the quorum needs, and its own bad path must not blame the region (trial G: it evacuated it).
+    failing = [result(T0 + i, ok=False, error_class="timeout") for i in range(10)]
+    store = WindowStore(POLICY.window)
+    feed(store, failing)
+    judge = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)}, POLICY, ("controller", "agent-a"))
+    judge.judge(store, T0 + 10)
+    verdict = judge.verdicts["eu-west-1"]
+    assert verdict.status == "unknown"
+    assert verdict.reasons[0] == (
+        "only controller reports (agent-a: no result in the last 30s), 2 vantages needed to hold a "
+        "finding: not held, and not healthy either"
+    )
+    assert verdict.reasons[1].startswith("api: the last 3 results from controller all failed")
+    # The agent reports the same: two vantages agree, and the region is held unhealthy.
+    feed(store, [result(T0 + i, ok=False, vantage="agent-a", error_class="timeout") for i in range(10)])
+    judge.judge(store, T0 + 10)
+    assert judge.verdicts["eu-west-1"].status == "unhealthy"
+    # Without agents (no vantages named), the controller's quorum is itself, as before.
+    alone = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)}, POLICY)
+    alone_store = WindowStore(POLICY.window)
+    feed(alone_store, failing)
+    alone.judge(alone_store, T0 + 10)
+    assert alone.verdicts["eu-west-1"].status == "unhealthy"
+
+
 def test_a_failing_probe_outweighs_a_stale_one():
     results = [result(T0 + i, probe="orders", ok=False, error_class="status") for i in range(10)]
     results += [result(T0 - 100, probe="healthz")]

@@ -16,7 +16,7 @@ import gc
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from controller.judging.vantages import Looks, set_aside_steps
@@ -150,6 +150,12 @@ def shared_trouble(
     return None
 
 
+# Detectors whose findings need no quorum: replication lag is the data's, the same read from
+# anywhere, and the controller alone measures it.
+ONE_VANTAGE = frozenset({"lag"})
+BAD: frozenset[Status] = frozenset({"degraded", "unhealthy"})
+
+
 def combine(assessments: Iterable[Assessment]) -> Status:
     statuses = [a.status for a in assessments]
     return max(statuses, key=_PRECEDENCE.__getitem__) if statuses else "unknown"
@@ -182,10 +188,14 @@ class Judge:
         detectors: Sequence[Detector],
         probes: Mapping[str, tuple[str, ...]],
         policy: VerdictPolicy | None = None,
+        vantages: Iterable[str] | None = None,
     ) -> None:
         self.detectors = list(detectors)
         self.probes = dict(probes)  # region -> configured probe names
         self.policy = policy
+        # Every vantage that should report (the controller's and the configured agents'); None:
+        # whichever report (see `_short_of_quorum`).
+        self.vantages = frozenset(vantages) if vantages is not None else None
         self.verdicts: dict[str, Verdict] = {}
         self.set_aside: dict[str, str] = {}  # vantage -> why, as of the last judgement
         self._failing_at: dict[str, float] = {}  # region -> when it last looked degraded or worse
@@ -237,8 +247,14 @@ class Judge:
                 assessments[detector.name] = (
                     (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
                 )
+            short = self._short_of_quorum(view, now)
+            held = {n: a for n, a in assessments.items() if n not in ONE_VANTAGE and a.status in BAD}
+            if short is not None and held:  # unknown, saying why first
+                assessments |= {n: replace(a, status="unknown") for n, a in held.items()}
             status = combine(assessments.values())
             reasons = _holding_first(assessments.values())
+            if short is not None and held:
+                reasons = (short, *reasons)
             status, reasons = self._hysteresis(region, status, reasons, now)
             previous = self.verdicts.get(region)
             since = previous.since if previous is not None and previous.status == status else now
@@ -268,6 +284,27 @@ class Judge:
             yield
         yield from windows.forget_looks_steps()
         return transitions
+
+    def _short_of_quorum(self, view: RegionView, now: float) -> str | None:
+        """Why no finding can be held against the region, when fewer vantages report on it than
+        the quorum needs of those that should (`vantages`, but the set-aside); None when enough
+        do. Each detector's quorum counts the vantages with fresh results, and with the broker
+        down or every agent stopped that was the controller alone: its own bad path to a region
+        evacuated the region, the one thing the agents are there to prevent."""
+        if self.vantages is None or self.policy is None:
+            return None
+        expected = self.vantages - self.set_aside.keys()
+        needed = max(1, min(self.policy.vantages.quorum, len(expected)))
+        stale_after = self.policy.stale_after
+        reporting = {v for probe in view.probes for v in view.fresh_of(probe, now, stale_after)}
+        if len(reporting) >= needed:
+            return None
+        missing = ", ".join(sorted(expected - reporting))
+        seen = f"only {', '.join(sorted(reporting))} reports" if reporting else "no vantage reports"
+        return (
+            f"{seen} ({missing}: no result in the last {stale_after:g}s), {needed} vantages needed "
+            "to hold a finding: not held, and not healthy either"
+        )
 
     def _held(self, region: str) -> bool:
         previous = self.verdicts.get(region)

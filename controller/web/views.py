@@ -287,6 +287,9 @@ def text(state: Mapping[str, Any], url: str, now: float) -> str:
         head.append(f"STANDBY: the writer is {holder} (token {writer['token']})" if holder else "writer lease not held")
     if state.get("read_only"):
         head.append("read-only")
+    broker = state.get("agents") or {}
+    if broker and not broker.get("connected"):  # the agents' vantages drop out of every quorum
+        head.append(f"AGENTS' BROKER NOT CONNECTED ({broker.get('broker')})")
     lines = [" · ".join(head), ""]
     rows = [("REGION", "VERDICT", "FOR", "VANTAGES", "REASON")]
     for region in state["regions"]:
