@@ -207,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`status | head`): nothing more to say to it
+        # Python's advice: point stdout at devnull, or the flush at exit raises again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except FAULTS as exc:  # the environment, at run time: one sentence naming what and where
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import subprocess
 import time
 import uuid
 
@@ -482,6 +483,16 @@ async def test_status_watch_outlives_a_daemon_that_is_away_and_writes_no_screen_
     assert all(b"no answer from http://127.0.0.1:9" in line for line in lines), lines
     assert all(line.endswith(b"; trying again every 2s\n") for line in lines), lines
     assert not [line for line in lines if b"\x1b" in line]
+
+
+def test_status_into_a_pipe_its_reader_closes_ends_quietly(tmp_path):
+    # `status | head -1` ended "unexpected BrokenPipeError ... (a bug ...)", exit 1 (trial G).
+    err = tmp_path / "err"
+    shell = f"{REGIONSHIFT} status --url http://127.0.0.1:9 --watch 2>{err} | head -1; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=30, check=True)  # noqa: S607
+    first, code = done.stdout.splitlines()
+    assert "no answer from http://127.0.0.1:9" in first
+    assert (code, err.read_text()) == ("0", "")
 
 
 async def test_the_ramp_command_explains_what_is_missing(route53, tmp_path, monkeypatch):
