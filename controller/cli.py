@@ -26,7 +26,8 @@ from controller.settings.schema import split_listen
 from controller.state.database import StateError
 from controller.web.api import ListenError
 from controller.web.views import line, table, text
-from probes.spec import redact, unreadable
+from probes.connection import tls_trouble
+from probes.spec import redact
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -404,7 +405,7 @@ def _files_ready(config: Config) -> None:
     for i, region in enumerate(config.regions):  # the probes' CA files too: each run failed "config" else
         for j, spec in enumerate(region.probes):
             checked = getattr(spec, "tls", None)
-            files = unreadable(ca_file=checked.ca_file) if checked is not None else None
+            files = tls_trouble(("ca_file", checked.ca_file)) if checked is not None else None
             if files is not None:
                 raise UsageError(f"regions[{i}].probes[{j}].tls.{files} (probe {region.name}/{spec.name})")
     agents = config.agents
@@ -417,7 +418,7 @@ def _files_ready(config: Config) -> None:
             raise UsageError(f"agents.password: {exc}") from exc
     if agents.tls is not None:
         tls = agents.tls
-        files = unreadable(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file)
+        files = tls_trouble(("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file))
         if files is not None:
             raise UsageError(f"agents.tls.{files}")
 

@@ -39,8 +39,9 @@ import aiomqtt
 import structlog
 
 from probes import logs, wire
+from probes.connection import tls_trouble
 from probes.scheduler import Scheduler, make_prober
-from probes.spec import Secret, unreadable
+from probes.spec import Secret
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -496,10 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, LookupError) as exc:
         print(f"regionshift agent: {exc}", file=sys.stderr)
         return 2
-    files = unreadable(
-        **{"--ca-file": settings.ca_file, "--cert-file": settings.cert_file, "--key-file": settings.key_file}
+    files = tls_trouble(
+        ("--ca-file", settings.ca_file), ("--cert-file", settings.cert_file), ("--key-file", settings.key_file)
     )
-    if files is not None:  # said now: a missing file was retried for ever as "broker unreachable"
+    if files is not None:  # said now: a missing or wrong file was retried for ever as "broker unreachable"
         print(f"regionshift agent: {files}", file=sys.stderr)
         return 2
     agent = Agent(settings)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, TypeVar
 
+from probes.spec import unreadable
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -153,3 +155,34 @@ def check_certificate(transport: asyncio.Transport, tls: TlsSettings, extra: dic
             f"certificate expires {not_after.isoformat()}, in {remaining / 86400:.1f} days; "
             f"at least {tls.min_validity / 86400:.1f} days required",
         )
+
+
+Named = tuple[str, str | None]  # (what the user called it, its path)
+
+
+def tls_trouble(ca: Named, cert: Named = ("", None), key: Named = ("", None)) -> str | None:
+    """'NAME PATH: why' for TLS files that cannot be read (`unreadable`) or are not what TLS
+    takes (a CA bundle, a certificate and its key, in PEM); None when they are. A readable file
+    that is no certificate was retried for ever as "broker unreachable" (`[X509:
+    NO_CERTIFICATE_OR_CRL_FOUND]`), the network blamed for a wrong file mounted."""
+    found = unreadable(**dict([ca, cert, key]))
+    if found is not None:
+        return found
+    context = ssl.create_default_context()
+    if ca[1] is not None:
+        try:
+            context.load_verify_locations(cafile=ca[1])
+        except ssl.SSLError as exc:
+            return f"{ca[0]} {ca[1]}: no CA certificate in it (PEM){_why(exc)}"
+    if cert[1] is not None:
+        try:
+            context.load_cert_chain(cert[1], key[1])
+        except ssl.SSLError as exc:
+            keyed = f" with {key[0]} {key[1]}" if key[1] is not None else ""
+            return f"{cert[0]} {cert[1]}{keyed}: not a certificate and its private key (PEM){_why(exc)}"
+    return None
+
+
+def _why(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason, when it gives one (' (NO_CERTIFICATE_OR_CRL_FOUND)'); "PEM lib" names none."""
+    return f" ({exc.reason})" if exc.reason else ""

@@ -199,6 +199,23 @@ def test_the_agent_command_names_a_tls_file_it_cannot_read(capsys):
     )
 
 
+def test_tls_files_that_are_no_certificates_are_refused_before_the_first_connect(capsys, tmp_path):
+    # A readable file that is no certificate (a wrong secret mounted) was retried for ever as
+    # "broker unreachable", by the agent and by the controller alike (trial G).
+    wrong = tmp_path / "hostname"
+    wrong.write_text("a-host\n")
+    base = ["--vantage", "a", "--broker", "127.0.0.1:1"]
+    assert agent_main([*base, "--ca-file", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"regionshift agent: --ca-file {wrong}: no CA certificate in it (PEM) (NO_CERTIFICATE_OR_CRL_FOUND)"
+    assert agent_main([*base, "--cert-file", str(wrong), "--key-file", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    said = (
+        f"regionshift agent: --cert-file {wrong} with --key-file {wrong}: not a certificate and its private key (PEM)"
+    )
+    assert err == said
+
+
 def _fuzzed(rng: random.Random, now: float) -> tuple[str, bytes]:
     base = json.loads(wire.encode_result(result(at=now - rng.uniform(0, 5)), SESSION, rng.randint(1, 50)))
     choice = rng.randrange(8)

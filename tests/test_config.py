@@ -514,6 +514,10 @@ def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
             "tls: {ca_file: /nonexistent/ca.pem}",
             "regionshift: agents.tls.ca_file /nonexistent/ca.pem: No such file or directory",
         ),
+        (
+            "tls: {ca_file: /etc/passwd}",
+            "regionshift: agents.tls.ca_file /etc/passwd: no CA certificate in it (PEM) (NO_CERTIFICATE_OR_CRL_FOUND)",
+        ),
     ],
 )
 def test_run_refuses_agents_it_could_never_reach_before_it_starts(agents, expected, write, capsys, monkeypatch):
