@@ -219,6 +219,13 @@ class Intake:
         agent.late += message.late
         if not message.late:
             self._one_agent_each(agent, message.session)
+            if agent.state == "offline" and agent.session != message.session:
+                # Another agent under this name said goodbye (or its will came) while this one
+                # goes on: the vantage reports. Trial G: a second agent started by hand under a
+                # running one's name and stopped left the vantage offline while results came.
+                log.info("agent presence", state="online", vantage=agent.vantage, session=message.session,
+                         why=f"session {agent.session} went offline, this one reports")  # fmt: skip
+                agent.state, agent.session, agent.since = "online", message.session, now
         agent.last_result = now
         return message.result()
 

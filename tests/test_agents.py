@@ -297,6 +297,35 @@ def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
     assert intake.agents["agent-a"].state == "online"
 
 
+def test_a_second_agent_under_one_name_that_stops_leaves_the_one_still_reporting_online():
+    # Trial G: an agent started by hand under a running one's name, then stopped: its goodbye
+    # marked the vantage offline (agent_up 0, the AgentDown alert) while the first kept reporting.
+    intake, _, _ = make_intake()
+    status, now = wire.status_topic("agent-a"), time.time()
+    running, second = SESSION, "fedcba9876543210"
+    intake.presence(
+        status, wire.encode_presence(wire.Presence(vantage="agent-a", session=running, state="online", at=now)), now
+    )
+    intake.accept(topic(), wire.encode_result(result(at=now - 1), running, 1), now)
+    intake.presence(
+        status, wire.encode_presence(wire.Presence(vantage="agent-a", session=second, state="online", at=now)), now
+    )
+    intake.accept(topic(), wire.encode_result(result(at=now - 1), second, 1), now)
+    intake.presence(
+        status, wire.encode_presence(wire.Presence(vantage="agent-a", session=second, state="offline")), now + 1
+    )
+    assert intake.agents["agent-a"].state == "offline"  # what the broker said, until a result says otherwise
+    intake.accept(topic(), wire.encode_result(result(at=now + 1), running, 2), now + 2)
+    agent = intake.agents["agent-a"]
+    assert (agent.state, agent.session) == ("online", running)
+    # A late result (replayed after an outage) says nothing of who is alive now.
+    intake.presence(
+        status, wire.encode_presence(wire.Presence(vantage="agent-a", session=running, state="offline")), now + 3
+    )
+    intake.accept(topic(), wire.encode_result(result(at=now - 5), second, 2, late=True), now + 4)
+    assert intake.agents["agent-a"].state == "offline"
+
+
 def test_reconnect_backoff_is_jittered_and_capped():
     rng = random.Random(1)
     waits = [backoff(attempt, rng) for attempt in range(1, 40)]
