@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 
 import aiohttp
 import pytest
@@ -173,6 +175,25 @@ def test_no_log_line_carries_a_password_in_a_url(capsys):
     assert "hunter2" not in err
     assert "u:p@" not in err
     assert "postgres://***@db/x" in err
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_library_s_log_line_comes_in_the_same_format_with_its_logger(capsys, fmt):
+    # Trial G: paho's "failed to receive on socket" came bare (no time, no level) at every broker
+    # loss, and broke `--log-format json` readers.
+    logs.configure("info", fmt)
+    logging.getLogger("mqtt").error("failed to receive on socket: %s", "[Errno 104] Connection reset by https://u:p@h/")
+    logging.getLogger("mqtt").debug("below the level: not shown")
+    (line,) = capsys.readouterr().err.splitlines()
+    if fmt == "json":
+        event = json.loads(line)
+        assert (event["level"], event["logger"]) == ("error", "mqtt")
+        assert event["event"] == "failed to receive on socket: [Errno 104] Connection reset by https://***@h/"
+        assert event["timestamp"].endswith("Z")
+    else:
+        assert "[error    ] failed to receive on socket: [Errno 104] Connection reset by https://***@h/" in line
+        assert line.endswith(" [mqtt]")  # the console renderer names the logger so
+        assert line[:4].isdigit()  # the time first, as every line
 
 
 @pytest.mark.parametrize(
