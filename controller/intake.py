@@ -280,10 +280,11 @@ class Intake:
         # refused (its clock minutes off, a vantage name the configuration does not list) looked
         # merely "stale" on the page, and said so nowhere. The rest are counted (the metric
         # regionshift_agent_messages_dropped_total), and logged at debug.
+        # A duplicate is QoS 1 doing its work after a reconnect (the alert leaves it out too): info.
         first = (vantage, reason) not in self._told and len(self._told) < TOLD_KEPT
         if first:
             self._told.add((vantage, reason))
-        (log.warning if first else log.debug)(
+        (log.debug if not first else log.info if reason == "duplicate" else log.warning)(
             "agent message dropped" + (" (the first of its kind from this vantage)" if first else ""),
             vantage=vantage,
             reason=reason,

@@ -297,6 +297,19 @@ def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
     assert intake.agents["agent-a"].state == "online"
 
 
+def test_a_redelivered_duplicate_is_told_as_info_a_refused_result_as_a_warning():
+    # Trial G: QoS 1 redelivering after a broker restart, the designed path, was a warning.
+    intake, _, _ = make_intake()
+    now = time.time()
+    good = wire.encode_result(result(at=now - 1), SESSION, 1)
+    with capture_logs() as logs:
+        intake.accept(topic(), good, now)
+        intake.accept(topic(), good, now)
+        intake.accept(topic(), wire.encode_result(result(at=now + 120), SESSION, 2), now)
+    told = [(e["reason"], e["log_level"]) for e in logs if e["event"].startswith("agent message dropped")]
+    assert told == [("duplicate", "info"), ("clock_skew", "warning")]
+
+
 def test_a_second_agent_under_one_name_that_stops_leaves_the_one_still_reporting_online():
     # Trial G: an agent started by hand under a running one's name, then stopped: its goodbye
     # marked the vantage offline (agent_up 0, the AgentDown alert) while the first kept reporting.
