@@ -25,12 +25,13 @@ class LocatedError(ValueError):
         self.path = path
 
 
-def no_duplicates(names: Sequence[str], what: str, field: str = "name") -> None:
-    """Raise at the second occurrence, located relative to the list (e.g. `[2].name`)."""
+def no_duplicates(names: Sequence[str], what: str, field: str | None = "name") -> None:
+    """Raise at the second occurrence, located relative to the list (e.g. `[2].name`; `[2]` for
+    a list of plain names, `field` None)."""
     first: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in first:
             raise LocatedError(
-                f"[{index}].{field}", f"duplicate {what} {name!r} (also at [{first[name]}]): each must appear once"
+                f"[{index}]" + (f".{field}" if field else ""), f"duplicate {what} {name!r} (also at [{first[name]}]): each must appear once"
             )
         first[name] = index

@@ -181,7 +181,7 @@ class AgentsSettings(SettingsModel):
         for v in vantages:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
                 raise ValueError(f"vantage {v!r}: letters, digits, '.', '_' or '-', at most 63")
-        no_duplicates(vantages, "vantage")
+        no_duplicates(vantages, "vantage", None)  # plain names: agents.vantages[1], no `.name`
         return vantages
 
     @property
