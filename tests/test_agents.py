@@ -885,7 +885,8 @@ def test_a_configuration_with_agents_is_checked_where_it_is_wrong(write, cli_env
     cases = {
         "agents:\n  broker: 'no-port'\n  vantages: [agent-a]\n": "agents.broker",
         "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [controller]\n": "agents.vantages",
-        "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [a, a]\n": "agents.vantages[1]: duplicate vantage 'a' (also at [0])",  # no `.name`: plain names
+        # Plain names: no `.name` after the index.
+        "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [a, a]\n": "agents.vantages[1]: duplicate vantage 'a'",
         "agents:\n  broker: '127.0.0.1:1883'\n  vantages: [agent-a]\n  password: 'hunter2'\n": "agents.password",
     }
     for i, (agents, where) in enumerate(cases.items()):

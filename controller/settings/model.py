@@ -31,7 +31,6 @@ def no_duplicates(names: Sequence[str], what: str, field: str | None = "name") -
     first: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in first:
-            raise LocatedError(
-                f"[{index}]" + (f".{field}" if field else ""), f"duplicate {what} {name!r} (also at [{first[name]}]): each must appear once"
-            )
+            at = f"[{index}]" + (f".{field}" if field else "")
+            raise LocatedError(at, f"duplicate {what} {name!r} (also at [{first[name]}]): each must appear once")
         first[name] = index
