@@ -398,8 +398,9 @@ def run(scenario: Scenario, seed: int, setup: Setup, duration: float, policy: Ve
         arrived: list[tuple[float, Result]] = []
         t = loop.run_until(t + delay, arrived, wake_after, wakes)
         for at, result in arrived:
-            fault = scenario.active(result.region, result.probe, result.vantage, result.started_at - stream.start)
-            if fault and result_of.first_fault is None and faulty(scenario, result):
+            started = result.started_at - stream.start
+            fault = scenario.active(result.region, result.probe, result.vantage, started)
+            if fault and started >= onset and result_of.first_fault is None and faulty(scenario, result):
                 result_of.first_fault = at - onset
             for m in methods:
                 watching = outcomes[m.name].detected_at is None or observe_flaps

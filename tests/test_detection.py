@@ -336,6 +336,34 @@ def test_every_region_degrading_together_is_a_shared_cause_held_against_none():
     assert shared_reasons
 
 
+def test_a_region_that_does_not_come_back_from_a_fault_every_region_shared_is_caught_within_seconds():
+    # A minute of 40% api errors on every region (a cause they share: none blamed), then only
+    # eu-west-1 goes on failing. Its run and its window still held the shared failures, and it
+    # was "like ap-southeast-2, us-east-1: a shared cause" for the whole window: 56 to 58 s.
+    scenario = SCENARIOS["40% on api after a shared minute"]
+    for seed in (1, 3, 5):
+        history = [(t, dict(j.verdicts)) for t, j in replay(scenario, ONSET + 60, seed=seed)]
+        assert all(
+            v.status not in ("degraded", "unhealthy")
+            for t, verdicts in history
+            if t <= ONSET
+            for v in verdicts.values()
+        )
+        caught = next(t for t, verdicts in history if verdicts["eu-west-1"].status in ("degraded", "unhealthy"))
+        assert caught - ONSET <= 15, (seed, caught - ONSET)
+        reasons = next(v for t, v in ((t, vs["eu-west-1"]) for t, vs in history) if t == caught).reasons
+        assert any("stopped failing" in r for r in reasons), reasons
+
+
+def test_a_small_fault_every_region_shares_for_a_quarter_hour_blames_none_at_one_vantage():
+    # 5% api errors on every region at one vantage: a burst of one region's failures, where its
+    # run is worst, beside two peers that happened to fail less there was "worse than
+    # ap-southeast-2, eu-west-1 together": us-east-1 blamed 804 s in on this seed.
+    one = ("controller",)
+    scenario = replace(SCENARIOS["every region failing 5% on api"], vantages=one)
+    assert flagged_regions(scenario, ONSET + 900, seed=1, vantages=one) == []
+
+
 def test_one_vantage_alone_cannot_blame_a_region():
     # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
     scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)

@@ -31,7 +31,9 @@ class Scenario:
     """A fault: from `onset` (seconds after the stream starts), results of the affected
     regions, probes and vantages fail with `error_ratio` (timeouts when `down`) and take
     `latency_factor` times as long; with `flap`, the fault is on for `flap` seconds, off for
-    as long, and so on. `culprit` is the region a detector should name (None: no region)."""
+    as long, and so on; with `shared_before`, every region has it for that long before the onset
+    (a fault every region shared, then one region that did not come back). `culprit` is the
+    region a detector should name (None: no region)."""
 
     name: str
     culprit: str | None = None
@@ -43,8 +45,11 @@ class Scenario:
     down: bool = False
     flap: float | None = None
     onset: float = 600.0
+    shared_before: float = 0.0
 
     def active(self, region: str, probe: str, vantage: str, t: float) -> bool:
+        if self.onset - self.shared_before <= t < self.onset:
+            return probe in self.probes and vantage in self.vantages
         if t < self.onset or region not in self.regions or probe not in self.probes or vantage not in self.vantages:
             return False
         return self.flap is None or int((t - self.onset) // self.flap) % 2 == 0
@@ -68,6 +73,9 @@ def scenarios(culprit: str = "eu-west-1") -> list[Scenario]:
         Scenario("flapping 40% (30s on/off)", culprit, one, ("api",), error_ratio=0.40, flap=30.0),
         Scenario("one vantage loses network", None, REGIONS, vantages=(VANTAGES[1],), error_ratio=1.0, down=True),
         Scenario("every region degrading", None, REGIONS, ("api",), error_ratio=0.10, latency_factor=2.0),
+        Scenario("every region failing 5% on api", None, REGIONS, ("api",), error_ratio=0.05),
+        Scenario("every region failing 40% on api", None, REGIONS, ("api",), error_ratio=0.40),
+        Scenario("40% on api after a shared minute", culprit, one, ("api",), error_ratio=0.40, shared_before=60.0),
     ]
 
 

@@ -5,7 +5,7 @@ region shares is not held against one of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import binom
@@ -14,10 +14,10 @@ from controller.judging.findings import (
     samples_since,
 )
 from controller.judging.sequential import Llr, fails_more
-from controller.judging.windows import LATENCY, OK, any_failed_within
+from controller.judging.windows import AT, LATENCY, OK, any_failed_within
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from controller.judging.verdicts import RegionView
     from controller.judging.windows import Sample
@@ -47,6 +47,9 @@ class PeerCheck:
     # A shared cause needs every compared peer alike, not half of them: for a region down as a
     # whole (every probe's last results failed; see `ThresholdDetector._down_as_a_whole`).
     every: bool = False
+    # Peers alike over the whole span whose own failures stopped while this region's went on: the
+    # check is of the span since their newest failure (`errors_vs_peers`).
+    recovered: tuple[str, ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -73,6 +76,8 @@ class PeerCheck:
 
     def text(self) -> str:
         said = self._text()
+        if self.recovered:
+            said += f" since {', '.join(self.recovered)} stopped failing"
         if self.left_out:
             said += f" (leaving out {', '.join(self.left_out)}: down, or failing where this region answers)"
         return said
@@ -108,6 +113,7 @@ class PeerCheck:
             "apart": self.apart,
             "waiting": self.waiting,
             "left_out": list(self.left_out),
+            "recovered": list(self.recovered),
             "peers": self.detail,
         }
 
@@ -133,15 +139,74 @@ def errors_vs_peers(
     `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
     times theirs. A peer is alike when its own failures lean bad on the test `llr` steps and are
     more than a healthy target's noise (binomial tail at the acceptable ratio under
-    `peers.significance`): one noise failure among a hastened peer's few dozen results is not a
-    shared cause."""
+    `peers.significance`), since `since` or over the verdict window: one noise failure among a
+    hastened peer's few dozen results is not a shared cause; a peer sharing a fault is alike,
+    even where this region's run starts at a burst of its own. Unless the peers that are alike
+    have come back while this region has not (`_recovered`)."""
+    significance = policy.peers.significance
 
-    def alike(_peer: str, samples: int, bad: int) -> bool:
-        return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, policy.peers.significance)
+    def failing(samples: int, bad: int) -> bool:
+        return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, significance)
 
-    return outcomes_vs_peers(
-        view, probe, since, now, policy, span, ("error_ratio", failed), alike, wider_than=llr.acceptable
-    )
+    def alike(peer: str, samples: int, bad: int) -> bool:
+        # The span since `since` is where this region's run is worst (where its test found
+        # it): under a fault every region shares, a burst of this region's failures there beside
+        # two peers that happened to fail less was "worse than ap-southeast-2, eu-west-1
+        # together" (a 5% fault on every region, one vantage: 2 of 4 streams blamed a region
+        # within 20 minutes). The verdict window is chosen by no one's failures.
+        wide = min(since, now - policy.window)
+        return failing(samples, bad) or (
+            wide < since and failing(*counts(view.peers[peer], probe, wide, now, policy, span, failed))
+        )
+
+    def compare(start: float, alike: Callable[[str, int, int], bool]) -> PeerCheck:
+        return outcomes_vs_peers(
+            view, probe, start, now, policy, span, ("error_ratio", failed), alike, wider_than=llr.acceptable
+        )
+
+    check = compare(since, alike)
+    if not check.shared:
+        return check
+    start = _recovered(view, probe, check.alike, now, policy, span)
+    if start is None:
+        return check
+    # The peers that came back are not alike there (their failing tail is in the span); the others
+    # as ever.
+    lately = compare(start, lambda peer, samples, bad: peer not in check.alike and failing(samples, bad))
+    if not lately.set_apart or lately.apart is not True:
+        return check
+    return replace(lately, recovered=check.alike)
+
+
+def _recovered(
+    view: RegionView, probe: str, alike: Iterable[str], now: float, policy: VerdictPolicy, span: float
+) -> float | None:
+    """When the peers' trouble was last seen (the earliest of their newest failures), if every
+    peer in `alike` has come back while this region has not; else None.
+
+    A fault every region shared, then one region that did not come back: its run and its window
+    still held the shared failures, so it was "a shared cause" for a whole window (57 s at three
+    vantages, against 3 s for the same fault alone). A peer has come back when its results since
+    its newest failure, all successes, would be that many less than one time in
+    `1 / peers.significance` if it still failed as often as this region over the verdict window
+    (a ratio no one's failures chose: this region's worst run, a burst under a fault they
+    share, made peers look recovered). The span from the earliest of their newest failures holds
+    a failure of every one of them: from after the newest, the peers were clean by that choice."""
+    mine, my_bad = counts(view, probe, now - policy.window, now, policy, span, failed)
+    if not my_bad:
+        return None
+    answers = 1 - my_bad / mine
+    start = math.inf
+    for name in alike:
+        windows = view.peers[name].fresh_of(probe, now, policy.stale_after).values()
+        last = max((at for w in windows if (at := w.last_failure()) is not None), default=None)
+        if last is None:
+            return None
+        clean = sum(1 for w in windows for s in w.samples(now, span) if s[AT] > last)
+        if answers**clean >= policy.peers.significance:
+            return None
+        start = min(start, last)
+    return start if start < math.inf else None
 
 
 def failed(sample: Sample) -> bool:
