@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args.config, config)
         if args.command == "probe":
-            _files_ready(config)
+            _files_ready(config, args.config)
             return asyncio.run(_probe(config, args.once, args.region))
         if args.command == "plan":
             from controller.planning.preview import check_ramps, format_plan  # noqa: PLC0415
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["read_only"] = True
         if overrides:
             config = config.model_copy(update={"controller": config.controller.model_copy(update=overrides)})
-        _files_ready(config)
+        _files_ready(config, args.config)
         return asyncio.run(_until_signal(lambda stop: _run(config, stop)))
     except ConfigError as exc:
         print(f"regionshift: invalid configuration\n{exc}", file=sys.stderr)
@@ -397,7 +397,16 @@ def _known_ramp(config: Config, name: str) -> None:
         raise UsageError(f"--ramp {name!r}: no such ramp in the policy files; known: {known}")
 
 
-def _files_ready(config: Config) -> None:
+def _files_ready(config: Config, path: str) -> None:
+    """`_files_needed`, its error naming the configuration file (`path`) first, as every
+    configuration error does."""
+    try:
+        _files_needed(config)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _files_needed(config: Config) -> None:
     """The probes' CA files and the agents' broker password and TLS files, read before anything
     starts (`run`, `probe`; not `validate`, which may run where they are not): without them the
     daemon came up, then stopped with "unexpected LookupError (a bug)" (the password) or retried

@@ -78,7 +78,7 @@ def test_a_probe_s_missing_ca_file_is_exit_2_naming_it_before_anything_runs(comm
     )
     assert main([command[0], "-c", str(path), *command[1:]]) == 2
     assert capsys.readouterr().err.strip() == (
-        "regionshift: regions[0].probes[0].tls.ca_file /nonexistent/ca.pem: No such file or directory "
+        f"regionshift: {path}: regions[0].probes[0].tls.ca_file /nonexistent/ca.pem: No such file or directory "
         "(probe eu-west-1/api)"
     )
 

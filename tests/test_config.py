@@ -508,15 +508,15 @@ def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
     [
         (
             "password: {env: RS_TEST_UNSET_PASSWORD}",
-            "regionshift: agents.password: $RS_TEST_UNSET_PASSWORD is empty or not set",
+            "regionshift: {path}: agents.password: $RS_TEST_UNSET_PASSWORD is empty or not set",
         ),
         (
             "tls: {ca_file: /nonexistent/ca.pem}",
-            "regionshift: agents.tls.ca_file /nonexistent/ca.pem: No such file or directory",
+            "regionshift: {path}: agents.tls.ca_file /nonexistent/ca.pem: No such file or directory",
         ),
         (
             "tls: {ca_file: /etc/passwd}",
-            "regionshift: agents.tls.ca_file /etc/passwd: no CA certificate in it (PEM) (NO_CERTIFICATE_OR_CRL_FOUND)",
+            "regionshift: {path}: agents.tls.ca_file /etc/passwd: no CA certificate in it (PEM) (NO_CERTIFICATE_OR_CRL_FOUND)",
         ),
     ],
 )
@@ -534,5 +534,5 @@ def test_run_refuses_agents_it_could_never_reach_before_it_starts(agents, expect
     capsys.readouterr()
     assert main(["run", "-c", str(path)]) == 2
     out = capsys.readouterr()
-    assert out.err.strip() == expected
+    assert out.err.strip() == expected.format(path=path)
     assert "started" not in out.out + out.err
