@@ -516,8 +516,10 @@ def test_a_configuration_error_never_echoes_a_password_in_a_url(write, capsys):
         ),
         (
             "tls: {ca_file: /etc/passwd}",
-            "regionshift: {path}: agents.tls.ca_file /etc/passwd: no CA certificate in it (PEM) "
-            "(NO_CERTIFICATE_OR_CRL_FOUND)",
+            (
+                "regionshift: {path}: agents.tls.ca_file /etc/passwd: no CA certificate in it (PEM) "
+                "(NO_CERTIFICATE_OR_CRL_FOUND)"
+            ),
         ),
     ],
 )
