@@ -247,13 +247,13 @@ class Judge:
                 assessments[detector.name] = (
                     (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
                 )
-            short = self._short_of_quorum(view, now)
             held = {n: a for n, a in assessments.items() if n not in ONE_VANTAGE and a.status in BAD}
-            if short is not None and held:  # unknown, saying why first
+            short = self._short_of_quorum(view, now) if held else None  # looked at only then
+            if short is not None:  # unknown, saying why first
                 assessments |= {n: replace(a, status="unknown") for n, a in held.items()}
             status = combine(assessments.values())
             reasons = _holding_first(assessments.values())
-            if short is not None and held:
+            if short is not None:
                 reasons = (short, *reasons)
             status, reasons = self._hysteresis(region, status, reasons, now)
             previous = self.verdicts.get(region)
