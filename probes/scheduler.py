@@ -165,6 +165,11 @@ async def run_guarded(prober: Prober) -> Result:
     )
 
 
+# How far a run moves from its tick, either way, as a fraction of the interval: the agents' (and
+# the default of `controller.jitter`).
+JITTER = 0.1
+
+
 class Scheduler:
     def __init__(
         self,
@@ -172,7 +177,7 @@ class Scheduler:
         sink: Callable[[Result], None],
         *,
         max_concurrency: int = 64,
-        jitter: float = 0.1,
+        jitter: float = JITTER,
         rng: random.Random | None = None,
     ) -> None:
         self.probers = list(probers)

@@ -17,6 +17,7 @@ from controller.settings.limits import SHARE_EPSILON
 from controller.settings.model import LocatedError
 from controller.settings.policy import Policy
 from controller.settings.schema import Config
+from probes.scheduler import JITTER as AGENT_JITTER
 from probes.spec import PROBE_KINDS, PROBE_TAGS, redact
 
 if TYPE_CHECKING:
@@ -236,13 +237,14 @@ def load_policy(paths: Sequence[Path]) -> tuple[Policy, dict[str, tuple[Path, ya
 
 
 def _check_freshness(config: Config, policy: Policy, path: Path, node: yaml.Node | None) -> None:
-    """Every probe's results must come closer together than `verdicts.stale_after`: a run starts up
-    to `interval` x (1 + `controller.jitter`) after the last one and its result comes up to its
-    `timeout` later, and a probe whose newest result is older than `stale_after` is not judged.
+    """Every probe's results must come closer together than `verdicts.stale_after`: each run is
+    moved by up to `controller.jitter` of the interval either way, so one starts up to `interval` x
+    (1 + 2 x `jitter`) after the last (agents move theirs by 0.1), and its result comes up to its
+    `timeout` later; a probe whose newest result is older than `stale_after` is not judged.
     Further apart, its region went `unknown` between runs while it answered (a replication lag
     probe read every 60 s under the shipped 30 s), and a ramp step or a restore due then was refused."""
     stale_after = policy.verdicts.stale_after
-    stretch = 1 + config.controller.jitter
+    stretch = 1 + 2 * max(config.controller.jitter, AGENT_JITTER if config.agents is not None else 0.0)
     for i, region in enumerate(config.regions):
         for j, probe in enumerate(region.probes):
             gap = probe.interval * stretch + probe.timeout
@@ -250,8 +252,8 @@ def _check_freshness(config: Config, policy: Policy, path: Path, node: yaml.Node
                 loc: list[int | str] = ["regions", i, "probes", j, "interval"]
                 raise ConfigError(
                     f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: probe {probe.name!r} of {region.name} "
-                    f"every {probe.interval:g}s (up to {probe.interval * stretch:g}s with "
-                    f"controller.jitter {config.controller.jitter:g}) and its timeout {probe.timeout:g}s "
+                    f"every {probe.interval:g}s (up to {probe.interval * stretch:g}s apart, moved by up to "
+                    f"{(stretch - 1) / 2:g} of it either way) and its timeout {probe.timeout:g}s "
                     f"leave up to {gap:g}s between its results, longer than verdicts.stale_after "
                     f"{stale_after:g}s: {region.name} would be unknown between runs; probe more often, "
                     "shorten the timeout or raise stale_after"
