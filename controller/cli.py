@@ -211,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`status | head`): nothing more to say to it
         # Python's advice: point stdout at devnull, or the flush at exit raises again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        # A command that only prints is done; the daemon (its log's reader gone) did stop early.
+        return EXIT_OK if args.command in ("status", "plan", "validate") else EXIT_FAILURE
     except FAULTS as exc:  # the environment, at run time: one sentence naming what and where
         print(f"regionshift: {exc}", file=sys.stderr)
         return EXIT_FAILURE

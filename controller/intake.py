@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -219,10 +220,16 @@ class Intake:
         agent.late += message.late
         if not message.late:
             self._one_agent_each(agent, message.session)
-            if agent.state == "offline" and agent.session != message.session:
+            if (
+                agent.state == "offline"
+                and agent.session != message.session
+                and message.started_at > (agent.since if agent.since is not None else -math.inf)
+            ):
                 # Another agent under this name said goodbye (or its will came) while this one
                 # goes on: the vantage reports. Trial G: a second agent started by hand under a
                 # running one's name and stopped left the vantage offline while results came.
+                # Only a result started after the goodbye: one queued by a dead session says
+                # nothing of who is alive now.
                 log.info("agent presence", state="online", vantage=agent.vantage, session=message.session,
                          why=f"session {agent.session} went offline, this one reports")  # fmt: skip
                 agent.state, agent.session, agent.since = "online", message.session, now

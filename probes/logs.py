@@ -70,3 +70,5 @@ def configure(level: str = "info", fmt: LogFormat = "console") -> None:
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _Ours)] + [handler]
     root.setLevel(numeric if numeric == logging.DEBUG else max(numeric, logging.WARNING))
+    for chatty in ("botocore", "boto3", "urllib3"):  # at debug, botocore logs requests' signed headers
+        logging.getLogger(chatty).setLevel(max(numeric, logging.INFO))

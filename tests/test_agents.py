@@ -330,14 +330,17 @@ def test_a_second_agent_under_one_name_that_stops_leaves_the_one_still_reporting
         status, wire.encode_presence(wire.Presence(vantage="agent-a", session=second, state="offline")), now + 1
     )
     assert intake.agents["agent-a"].state == "offline"  # what the broker said, until a result says otherwise
-    intake.accept(topic(), wire.encode_result(result(at=now + 1), running, 2), now + 2)
+    # One started before the goodbye (queued, perhaps by a session now dead) says nothing of now.
+    intake.accept(topic(), wire.encode_result(result(at=now + 0.5), running, 2), now + 1.5)
+    assert intake.agents["agent-a"].state == "offline"
+    intake.accept(topic(), wire.encode_result(result(at=now + 1.5), running, 3), now + 2)
     agent = intake.agents["agent-a"]
     assert (agent.state, agent.session) == ("online", running)
     # A late result (replayed after an outage) says nothing of who is alive now.
     intake.presence(
         status, wire.encode_presence(wire.Presence(vantage="agent-a", session=running, state="offline")), now + 3
     )
-    intake.accept(topic(), wire.encode_result(result(at=now - 5), second, 2, late=True), now + 4)
+    intake.accept(topic(), wire.encode_result(result(at=now + 3.5), second, 2, late=True), now + 4)
     assert intake.agents["agent-a"].state == "offline"
 
 

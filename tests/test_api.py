@@ -184,6 +184,9 @@ def test_a_library_s_log_line_comes_in_the_same_format_with_its_logger(capsys, f
     logs.configure("info", fmt)
     logging.getLogger("mqtt").error("failed to receive on socket: %s", "[Errno 104] Connection reset by https://u:p@h/")
     logging.getLogger("mqtt").debug("below the level: not shown")
+    logs.configure("debug", fmt)
+    assert logging.getLogger("botocore").getEffectiveLevel() == logging.INFO  # its debug signs requests
+    logs.configure("info", fmt)
     (line,) = capsys.readouterr().err.splitlines()
     if fmt == "json":
         event = json.loads(line)

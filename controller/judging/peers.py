@@ -14,7 +14,7 @@ from controller.judging.findings import (
     samples_since,
 )
 from controller.judging.sequential import Llr, fails_more
-from controller.judging.windows import AT, LATENCY, OK, any_failed_within
+from controller.judging.windows import LATENCY, OK, any_failed_within
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -202,7 +202,7 @@ def _recovered(
         last = max((at for w in windows if (at := w.last_failure()) is not None), default=None)
         if last is None:
             return None
-        clean = sum(1 for w in windows for s in w.samples(now, span) if s[AT] > last)
+        clean = sum(w.count_after(last, now) for w in windows)
         if answers**clean >= policy.peers.significance:
             return None
         start = min(start, last)
