@@ -393,6 +393,32 @@ def test_with_agents_a_finding_short_of_its_quorum_is_unknown_and_held_once_they
     feed(store, [result(T0 + i, ok=False, vantage="agent-a", error_class="timeout") for i in range(10)])
     judge.judge(store, T0 + 10)
     assert judge.verdicts["eu-west-1"].status == "unhealthy"
+    # An agent reporting only another probe does not make up the quorum of the one failing.
+    two = WindowStore(POLICY.window)
+    feed(
+        two,
+        failing + [result(T0 + i, probe="healthz", vantage=v) for i in range(10) for v in ("controller", "agent-a")],
+    )
+    both = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api", "healthz")}, POLICY, ("controller", "agent-a"))
+    both.judge(two, T0 + 10)
+    assert both.verdicts["eu-west-1"].status == "unknown"
+    assert both.verdicts["eu-west-1"].reasons[0].startswith("only controller reports (agent-a: no result")
+    # Replication lag needs no quorum: a region it holds stays degraded, its reason first.
+
+    class Lag:
+        name = "lag"
+
+        def assess(self, _view, _now):
+            return Assessment("degraded", ("orders-db (postgres lag): 12s over 5s",))
+
+    lagging = Judge([ThresholdDetector(POLICY), Lag()], {"eu-west-1": ("api",)}, POLICY, ("controller", "agent-a"))
+    lag_store = WindowStore(POLICY.window)
+    feed(lag_store, failing)
+    lagging.judge(lag_store, T0 + 10)
+    held = lagging.verdicts["eu-west-1"]
+    assert held.status == "degraded"
+    assert held.reasons[0] == "orders-db (postgres lag): 12s over 5s"
+    assert held.reasons[-1].startswith("only controller reports (agent-a: no result")
     # Without agents (no vantages named), the controller's quorum is itself, as before.
     alone = Judge([ThresholdDetector(POLICY)], {"eu-west-1": ("api",)}, POLICY)
     alone_store = WindowStore(POLICY.window)

@@ -248,13 +248,13 @@ class Judge:
                     (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
                 )
             held = {n: a for n, a in assessments.items() if n not in ONE_VANTAGE and a.status in BAD}
-            short = self._short_of_quorum(view, now) if held else None  # looked at only then
-            if short is not None:  # unknown, saying why first
+            short = self._short_of_quorum(view, held.values(), now) if held else None  # looked at only then
+            if short is not None:
                 assessments |= {n: replace(a, status="unknown") for n, a in held.items()}
             status = combine(assessments.values())
             reasons = _holding_first(assessments.values())
-            if short is not None:
-                reasons = (short, *reasons)
+            if short is not None:  # first when it is what makes the region unknown (not when lag holds it)
+                reasons = (short, *reasons) if status == "unknown" else (*reasons, short)
             status, reasons = self._hysteresis(region, status, reasons, now)
             previous = self.verdicts.get(region)
             since = previous.since if previous is not None and previous.status == status else now
@@ -285,20 +285,25 @@ class Judge:
         yield from windows.forget_looks_steps()
         return transitions
 
-    def _short_of_quorum(self, view: RegionView, now: float) -> str | None:
-        """Why no finding can be held against the region, when fewer vantages report on it than
-        the quorum needs of those that should (`vantages`, but the set-aside); None when enough
-        do. Each detector's quorum counts the vantages with fresh results, and with the broker
-        down or every agent stopped that was the controller alone: its own bad path to a region
-        evacuated the region, the one thing the agents are there to prevent."""
+    def _short_of_quorum(self, view: RegionView, held: Iterable[Assessment], now: float) -> str | None:
+        """Why the findings (`held`) cannot hold the region, when at each probe they show trouble
+        on fewer vantages report than the quorum needs of those that should (`vantages`, but the
+        set-aside); None when one such probe has enough. Each detector's quorum counts the
+        vantages with fresh results, and with the broker down or every agent stopped that was
+        the controller alone: its own bad path to a region evacuated the region, the one thing
+        the agents are there to prevent."""
         if self.vantages is None or self.policy is None:
             return None
         expected = self.vantages - self.set_aside.keys()
         needed = max(1, min(self.policy.vantages.quorum, len(expected)))
         stale_after = self.policy.stale_after
-        reporting = {v for probe in view.probes for v in view.fresh_of(probe, now, stale_after)}
-        if len(reporting) >= needed:
-            return None
+        probes = sorted(frozenset().union(*(a.troubles for a in held)) & set(view.probes)) or view.probes
+        reporting: set[str] = set()
+        for probe in probes:
+            fresh = view.fresh_of(probe, now, stale_after)
+            if len(fresh) >= needed:
+                return None
+            reporting.update(fresh)
         missing = ", ".join(sorted(expected - reporting))
         seen = f"only {', '.join(sorted(reporting))} reports" if reporting else "no vantage reports"
         return (
