@@ -148,16 +148,23 @@ def errors_vs_peers(
     def failing(samples: int, bad: int) -> bool:
         return llr.of_counts(samples, bad) > 0 and beyond_noise(samples, bad, llr.acceptable, significance)
 
+    look = max(policy.horizon(test) for test in policy.errors)
+
     def alike(peer: str, samples: int, bad: int) -> bool:
         # The span since `since` is where this region's run is worst (where its test found
         # it): under a fault every region shares, a burst of this region's failures there beside
         # two peers that happened to fail less was "worse than ap-southeast-2, eu-west-1
         # together" (a 5% fault on every region, one vantage: 2 of 4 streams blamed a region
-        # within 20 minutes). The verdict window is chosen by no one's failures.
-        wide = min(since, now - policy.window)
-        return failing(samples, bad) or (
-            wide < since and failing(*counts(view.peers[peer], probe, wide, now, policy, span, failed))
-        )
+        # within 20 minutes). Over the longest error test's horizon, chosen by no one's failures,
+        # a peer failing beyond noise is alike too, unless this region fails significantly more
+        # there as well (a peer's own mild trouble is no shared cause of a region's fault).
+        if failing(samples, bad):
+            return True
+        theirs = counts(view.peers[peer], probe, now - look, now, policy, look, failed)
+        if not failing(*theirs):
+            return False
+        mine = counts(view, probe, now - look, now, policy, look, failed)
+        return not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]
 
     def compare(start: float, alike: Callable[[str, int, int], bool]) -> PeerCheck:
         return outcomes_vs_peers(
