@@ -155,16 +155,18 @@ def errors_vs_peers(
         # it): under a fault every region shares, a burst of this region's failures there beside
         # two peers that happened to fail less was "worse than ap-southeast-2, eu-west-1
         # together" (a 5% fault on every region, one vantage: 2 of 4 streams blamed a region
-        # within 20 minutes). Over the longest error test's horizon, chosen by no one's failures,
-        # a peer failing beyond noise is alike too, unless this region fails significantly more
-        # there as well (a peer's own mild trouble is no shared cause of a region's fault).
+        # within 20 minutes). Over the verdict window and the longest error test's horizon, chosen
+        # by no one's failures, a peer failing beyond noise is alike too, unless this region fails
+        # significantly more there as well (a peer's own mild trouble is no shared cause).
         if failing(samples, bad):
             return True
-        theirs = counts(view.peers[peer], probe, now - look, now, policy, look, failed)
-        if not failing(*theirs):
-            return False
-        mine = counts(view, probe, now - look, now, policy, look, failed)
-        return not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]
+        for wide in (policy.window, look):  # the window early in a fault, the horizon later
+            theirs = counts(view.peers[peer], probe, now - wide, now, policy, wide, failed)
+            if failing(*theirs):
+                mine = counts(view, probe, now - wide, now, policy, wide, failed)
+                if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
+                    return True
+        return False
 
     def compare(start: float, alike: Callable[[str, int, int], bool]) -> PeerCheck:
         return outcomes_vs_peers(
