@@ -14,7 +14,7 @@ from controller.judging.findings import (
     samples_since,
 )
 from controller.judging.sequential import Llr, fails_more
-from controller.judging.windows import LATENCY, OK, any_failed_within
+from controller.judging.windows import LATENCY, OK, any_failed_within, failures_in
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -161,9 +161,9 @@ def errors_vs_peers(
         if failing(samples, bad):
             return True
         for wide in (policy.window, look):  # the window early in a fault, the horizon later
-            theirs = counts(view.peers[peer], probe, now - wide, now, policy, wide, failed)
+            theirs = tally(view.peers[peer], probe, wide, now, policy)
             if failing(*theirs):
-                mine = counts(view, probe, now - wide, now, policy, wide, failed)
+                mine = tally(view, probe, wide, now, policy)
                 if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
                     return True
         return False
@@ -216,6 +216,14 @@ def _recovered(
             return None
         start = min(start, last)
     return start if start < math.inf else None
+
+
+def tally(view: RegionView, probe: str, span: float, now: float, policy: VerdictPolicy) -> tuple[int, int]:
+    """(results, failures) of one probe of a region within (now - span, now], at its fresh
+    vantages: `counts` of failures over a whole span, from each window's failure times and its
+    count (no sample made: a finding asks it of every peer, over up to the longest horizon)."""
+    windows = view.fresh_of(probe, now, policy.stale_after).values()
+    return sum(w.count_after(now - span, now) for w in windows), failures_in(windows, now, span)
 
 
 def failed(sample: Sample) -> bool:
