@@ -407,6 +407,7 @@ def test_with_agents_a_finding_short_of_its_quorum_is_unknown_and_held_once_they
 
     class Lag:
         name = "lag"
+        one_vantage = True
 
         def assess(self, _view, _now):
             return Assessment("degraded", ("orders-db (postgres lag): 12s over 5s",))

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 class LagDetector:
     name = "lag"
+    one_vantage = True  # no quorum (see `Judge`): the controller alone measures the lag
 
     def __init__(
         self,

@@ -139,7 +139,8 @@ def errors_vs_peers(
     `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
     times theirs. A peer is alike when its own failures lean bad on the test `llr` steps and are
     more than a healthy target's noise (binomial tail at the acceptable ratio under
-    `peers.significance`), since `since` or over the verdict window: one noise failure among a
+    `peers.significance`), since `since`, or over the verdict window or the longest error
+    horizon unless this region fails significantly more there: one noise failure among a
     hastened peer's few dozen results is not a shared cause; a peer sharing a fault is alike,
     even where this region's run starts at a burst of its own. Unless the peers that are alike
     have come back while this region has not (`_recovered`)."""
@@ -176,7 +177,7 @@ def errors_vs_peers(
     check = compare(since, alike)
     if not check.shared:
         return check
-    start = _recovered(view, probe, check.alike, now, policy, span)
+    start = _recovered(view, probe, check.alike, now, policy)
     if start is None:
         return check
     # The peers that came back are not alike there (their failing tail is in the span); the others
@@ -187,9 +188,7 @@ def errors_vs_peers(
     return replace(lately, recovered=check.alike)
 
 
-def _recovered(
-    view: RegionView, probe: str, alike: Iterable[str], now: float, policy: VerdictPolicy, span: float
-) -> float | None:
+def _recovered(view: RegionView, probe: str, alike: Iterable[str], now: float, policy: VerdictPolicy) -> float | None:
     """When the peers' trouble was last seen (the earliest of their newest failures), if every
     peer in `alike` has come back while this region has not; else None.
 
@@ -201,7 +200,7 @@ def _recovered(
     (a ratio no one's failures chose: this region's worst run, a burst under a fault they
     share, made peers look recovered). The span from the earliest of their newest failures holds
     a failure of every one of them: from after the newest, the peers were clean by that choice."""
-    mine, my_bad = counts(view, probe, now - policy.window, now, policy, span, failed)
+    mine, my_bad = tally(view, probe, policy.window, now, policy)
     if not my_bad:
         return None
     answers = 1 - my_bad / mine

@@ -150,9 +150,6 @@ def shared_trouble(
     return None
 
 
-# Detectors whose findings need no quorum: replication lag is the data's, the same read from
-# anywhere, and the controller alone measures it.
-ONE_VANTAGE = frozenset({"lag"})
 BAD: frozenset[Status] = frozenset({"degraded", "unhealthy"})
 
 
@@ -191,6 +188,9 @@ class Judge:
         vantages: Iterable[str] | None = None,
     ) -> None:
         self.detectors = list(detectors)
+        # Detectors whose findings need no quorum (`one_vantage`: replication lag, the data's, the
+        # same read from anywhere, which the controller alone measures).
+        self._one_vantage = frozenset(d.name for d in self.detectors if getattr(d, "one_vantage", False))
         self.probes = dict(probes)  # region -> configured probe names
         self.policy = policy
         # Every vantage that should report (the controller's and the configured agents'); None:
@@ -247,7 +247,7 @@ class Judge:
                 assessments[detector.name] = (
                     (yield from by_probe(view, now)) if by_probe is not None else detector.assess(view, now)
                 )
-            held = {n: a for n, a in assessments.items() if n not in ONE_VANTAGE and a.status in BAD}
+            held = {n: a for n, a in assessments.items() if n not in self._one_vantage and a.status in BAD}
             short = self._short_of_quorum(view, held.values(), now) if held else None  # looked at only then
             if short is not None:
                 assessments |= {n: replace(a, status="unknown") for n, a in held.items()}
@@ -263,8 +263,8 @@ class Judge:
                 evidence["set_aside"] = dict(self.set_aside)
             troubles = frozenset().union(*(a.troubles for a in assessments.values()))
             bad_since = None
-            if status in ("degraded", "unhealthy"):
-                was_bad = previous is not None and previous.status in ("degraded", "unhealthy")
+            if status in BAD:
+                was_bad = previous is not None and previous.status in BAD
                 bad_since = (previous.bad_since or previous.since) if was_bad and previous is not None else now
             verdict = Verdict(region, status, reasons, evidence, since, now, troubles, bad_since)
             judged[region] = verdict
@@ -313,12 +313,12 @@ class Judge:
 
     def _held(self, region: str) -> bool:
         previous = self.verdicts.get(region)
-        return previous is not None and previous.status in ("degraded", "unhealthy")
+        return previous is not None and previous.status in BAD
 
     def _hysteresis(
         self, region: str, status: Status, reasons: tuple[str, ...], now: float
     ) -> tuple[Status, tuple[str, ...]]:
-        if status in ("degraded", "unhealthy"):
+        if status in BAD:
             self._failing_at[region] = now
             return status, reasons
         failing_at = self._failing_at.get(region)

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from controller.settings.limits import MAX_TTL, MAX_WEIGHT, MAX_WEIGHTED_RECORDS, SHARE_EPSILON
 from controller.settings.model import LocatedError, SettingsModel, no_duplicates
 from controller.settings.policy import Policy
+from probes.scheduler import JITTER
 from probes.spec import Duration, Interval, ProbeSpec, Secret, split_host_port
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class ControllerSettings(SettingsModel):
     listen: str = Field(default="127.0.0.1:9181", description="host:port of the HTTP API; port 0 picks one")
     tick: Interval = Field(default=1.0, description="how often verdicts are recomputed")
     max_concurrency: int = Field(default=64, ge=1, le=10_000)
-    jitter: float = Field(default=0.1, ge=0, lt=0.5, description="fraction of the interval")
+    jitter: float = Field(default=JITTER, ge=0, lt=0.5, description="fraction of the interval")
     state_path: str = Field(default="regionshift.sqlite", description="SQLite state, relative to this file")
     api_token_env: str = Field(
         default="REGIONSHIFT_API_TOKEN", description="environment variable holding the operators' bearer token"
