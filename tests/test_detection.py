@@ -368,6 +368,22 @@ def test_a_small_fault_every_region_shares_for_a_quarter_hour_blames_none_at_one
         assert flagged_regions(scenario, ONSET + 900, seed=seed, vantages=one) == [], seed
 
 
+def test_three_failures_in_a_row_under_a_fault_every_region_shares_blame_none_at_one_vantage():
+    # 40% api errors on every region at one vantage: seven seconds in, eu-west-1 failed three
+    # in a row while both peers happened to answer their last six, and each clean peer counted
+    # as one it was "worse than" with no test (seed 4; about one in 500 a second). Each must
+    # now fail significantly less than the run (Fisher); a region down on every probe still
+    # shows it after three results, as its probes' runs are pooled.
+    one = ("controller",)
+    scenario = replace(SCENARIOS["every region failing 40% on api"], vantages=one)
+    for seed in (4, 5):
+        assert flagged_regions(scenario, ONSET + 60, seed=seed, vantages=one) == [], seed
+    t, verdict = first_verdict(SCENARIOS["region down"], ONSET + 30, "eu-west-1", statuses=("unhealthy",), vantages=one)
+    assert t is not None
+    assert t <= ONSET + 4, t
+    assert any("down as a whole" in r for r in verdict.reasons), verdict.reasons
+
+
 def test_one_vantage_alone_cannot_blame_a_region():
     # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
     scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)

@@ -124,10 +124,11 @@ def beyond_noise(samples: int, failures: int, acceptable: float, significance: f
     return failures > 0 and float(binom.sf(failures - 1, samples, acceptable)) < significance
 
 
-def pooled_apart(samples: int, test: Callable[[], bool]) -> bool | None:
-    """The pooled comparison: None without any peer result (nothing to compare with: the
-    finding stands), False while there are too few to tell (a run a second old waits a moment)."""
-    if samples == 0:
+def pooled_apart(samples: int, test: Callable[[], bool], *, reporting: bool = False) -> bool | None:
+    """The pooled comparison: None without any peer result when no peer is `reporting` (none
+    has a fresh result: nothing to compare with, the finding stands), False while there are too
+    few to tell (a run a second old waits a moment for its peers' results over the same span)."""
+    if samples == 0 and not reporting:
         return None
     return samples >= MIN_PEER_SAMPLES and test()
 
@@ -338,6 +339,7 @@ def outcomes_vs_peers(
     compared, worse_than, alike_peers, left_out = [], [], [], []
     detail: dict[str, Any] = {}
     total, total_bad = 0, 0
+    reporting = False  # a peer has fresh results, though maybe none since `since` yet
     for name, peer in sorted(view.peers.items()):
         if probe not in peer.probes:
             continue
@@ -348,6 +350,7 @@ def outcomes_vs_peers(
         pn, pbad = counts(peer, probe, since, now, policy, span, is_bad)
         compared.append(name)
         total, total_bad = total + pn, total_bad + pbad
+        reporting = reporting or bool(pn or peer.fresh_of(probe, now, policy.stale_after))
         if pn < MIN_PEER_SAMPLES:
             continue
         if alike(name, pn, pbad):
@@ -356,6 +359,10 @@ def outcomes_vs_peers(
         detail[name] = {ratio_name: round(pbad / pn, 4), "samples": pn, "p_value": round(p_value, 6)}
         if is_worse:
             worse_than.append(name)
-    apart = pooled_apart(total, lambda: worse(total, total_bad)[0])
-    waiting = 0 < total < MIN_PEER_SAMPLES
+    # A run of this region's that began a moment ago, its extra runs close together, may hold
+    # no peer result yet: it waits for them (the peers of a suspect leaning bad are probed
+    # harder too), as a peer that has not failed yet may be about to. Held at once, a shared
+    # 40% fault had the first region to fail three times in a row blamed 0.7 s after its onset.
+    apart = pooled_apart(total, lambda: worse(total, total_bad)[0], reporting=reporting)
+    waiting = total < MIN_PEER_SAMPLES and reporting
     return PeerCheck(tuple(compared), tuple(worse_than), tuple(alike_peers), detail, apart, waiting, tuple(left_out))

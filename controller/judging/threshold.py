@@ -19,7 +19,7 @@ from controller.judging.findings import (
     unconfirmed,
 )
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers, wider_trouble
-from controller.judging.sequential import Llr
+from controller.judging.sequential import Llr, fails_more
 from controller.judging.verdicts import Assessment, RegionView, finish
 from controller.judging.windows import AT, OK, WindowStats
 
@@ -89,13 +89,17 @@ class ThresholdDetector:
         not half of them: two regions of three refusing every request were each the other's
         "shared cause", never evacuated, and two thirds of the traffic stayed on them while the
         third answered. (Half stands for a probe down alone: under a fault every region shares,
-        one that failed three in a row while a peer happened to answer was blamed.) The first
-        probe that this sets apart, and its reason; None when none."""
+        one that failed three in a row while a peer happened to answer was blamed.) Whether it
+        fails significantly more than a peer pools every probe's run: a region down at one
+        vantage shows it after `down_after` results, where one probe alone needs four or five. The
+        first probe that this sets apart, and its reason; None when none."""
         p = self.policy
+        runs = {}
         for probe in view.probes:
             windows = view.fresh_of(probe, now, p.stale_after)
-            start = run_start(windows.values(), now, p.window, p.down_after)
-            check = self._down_peers(view, probe, start - (now - start), now, every=True)
+            runs[probe] = (windows, run_start(windows.values(), now, p.window, p.down_after))
+        for probe, (windows, _start) in runs.items():
+            check = self._down_peers(view, probe, runs, now, every=True)
             if check.set_apart:
                 evidence[probe]["peers"] = check.evidence()
                 vantages = ", ".join(sorted(windows))
@@ -119,10 +123,14 @@ class ThresholdDetector:
             # fault every region shares fails each at random, and a peer that happened to
             # answer a few times in a row would otherwise vouch for a shared fault's first seconds.
             start = run_start(windows.values(), now, p.window, p.down_after)
-            down = self._down_peers(view, probe, start - (now - start), now)
+            down = self._down_peers(view, probe, {probe: (windows, start)}, now)
             evidence["peers"] = down.evidence()
             if not down.set_apart:
-                return ("shared-down" if down.shared else "unknown"), f"{reason}, {down.text()}, not held", evidence
+                return (
+                    ("shared-down" if down.shared else "unknown"),
+                    f"{reason}, {down.limit_text()}, not held",
+                    evidence,
+                )
             return state, f"{reason}, {down.text()}", evidence
         # A ratio or latency finding must hold at a quorum of vantages and set the region apart.
         agreeing = sorted(v for v, w in windows.items() if self._limits({v: w}, now, w.age(now))[0] == state)
@@ -140,22 +148,48 @@ class ThresholdDetector:
             return found, f"{reason}, {peers.limit_text()}{held_text(view, found, state)}", evidence
         return state, reason, evidence
 
-    def _down_peers(self, view: RegionView, probe: str, since: float, now: float, *, every: bool = False) -> PeerCheck:
-        """Peers since `since` (the caller's span slides as an outage goes on, so one stray
-        failure of a peer holds nothing for long). A peer is alike when it failed in that span
-        too, or when its failures over the verdict window are more than a healthy target's noise
-        (binomial tail at the acceptable ratio under `peers.significance`); either after leaving
-        out its quorum - 1 vantages that fail most, as a vantage's own bad path is not the
-        peer's trouble. A peer with no result in
-        the span cannot vouch and is not compared; when peers run the probe but none can vouch
-        yet, nothing is held (`apart` False) until they report. A peer whose trouble is wider
-        (`wider_trouble`: it fails another probe that this region answers) is left out."""
+    def _down_peers(
+        self,
+        view: RegionView,
+        probe: str,
+        runs: Mapping[str, tuple[Mapping[str, Window], float]],
+        now: float,
+        *,
+        every: bool = False,
+    ) -> PeerCheck:
+        """Peers on `probe` against this region's run of failures: `runs` maps `probe` (and, for
+        a region down as a whole, its other probes) to the region's fresh windows and when the
+        run began. Each peer is looked at over twice the run's span, which slides as an outage
+        goes on, so one stray failure of a peer holds nothing for long. A peer is alike when it
+        failed on `probe` in that span too, or when its failures over the verdict window are
+        more than a healthy target's noise (binomial tail at the acceptable ratio under
+        `peers.significance`); either after leaving out its quorum - 1 vantages that fail most,
+        as a vantage's own bad path is not the peer's trouble. A peer that did not fail is one
+        this region is worse than only when the runs fail significantly more than the peer's
+        results over the same spans (Fisher's test at `peers.significance`): under a fault
+        every region shares, three failures in a row at one vantage beside two peers that
+        happened to answer six times each is a chance of about one in 500 a second, and it was
+        blamed. A peer with no result in the span cannot vouch and is not compared; when peers
+        run the probe but none can vouch yet, nothing is held (`apart` False) until they
+        report. A peer whose trouble is wider (`wider_trouble`: it fails another probe that
+        this region answers) is left out."""
         p = self.policy
+        significance, ratio = p.peers.significance, p.peers.min_error_ratio
+        run = [
+            s
+            for windows, start in runs.values()
+            for w in windows.values()
+            for s in w.samples(now, p.window)
+            if s[AT] >= start
+        ]
+        mine = (len(run), sum(not s[OK] for s in run))
+        since = runs[probe][1] - (now - runs[probe][1])
         compared: list[str] = []
-        clean: list[str] = []
+        worse_than: list[str] = []
         alike: list[str] = []
         left_out: list[str] = []
         detail: dict[str, Any] = {}
+        pooled = [0, 0]
         running = 0
         for name, peer in sorted(view.peers.items()):
             if probe not in peer.probes:
@@ -166,25 +200,48 @@ class ThresholdDetector:
                 left_out.append(name)
                 detail[name] = {"left_out": other}
                 continue
-            windows = peer.fresh_of(probe, now, p.stale_after)
-            samples = {v: w.samples(now, p.window) for v, w in windows.items()}
-            if not any(s[AT] >= since for seq in samples.values() for s in seq):
+            looks = {o: self._peer_look(peer, o, start - (now - start), now) for o, (_w, start) in runs.items()}
+            recent, failed, noise = looks[probe]
+            if not recent:
                 continue
             compared.append(name)
-            # The quorum - 1 vantages that fail this peer most are left out, in both counts.
-            ranked = sorted(samples, key=lambda v: -sum(not s[OK] for s in samples[v]))
-            kept = ranked[quorum(p, len(samples)) - 1 :]
-            recent = [s for v in kept for s in samples[v] if s[AT] >= since]
-            window = [s for v in kept for s in samples[v]]
-            failed = sum(not s[OK] for s in recent)
-            bad = sum(not s[OK] for s in window)
-            noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
-            detail[name] = {"samples": len(recent), "failures": failed, "window_p": round(noise, 6)}
-            (alike if failed or noise < p.peers.significance else clean).append(name)
-        apart = False if running > len(left_out) and not compared else None
+            theirs = (sum(look[0] for look in looks.values()), sum(look[1] for look in looks.values()))
+            pooled[0] += theirs[0]
+            pooled[1] += theirs[1]
+            worse, p_value = fails_more(mine, theirs, significance, ratio)
+            detail[name] = {
+                "samples": recent,
+                "failures": failed,
+                "window_p": round(noise, 6),
+                "p_value": round(p_value, 6),
+            }
+            if failed or noise < significance:
+                alike.append(name)
+            elif worse:
+                worse_than.append(name)
+        if compared:
+            apart: bool | None = fails_more(mine, (pooled[0], pooled[1]), significance, ratio)[0]
+        else:
+            apart = False if running > len(left_out) else None
         return PeerCheck(
-            tuple(compared), tuple(clean), tuple(alike), detail, apart, left_out=tuple(left_out), every=every
+            tuple(compared), tuple(worse_than), tuple(alike), detail, apart, left_out=tuple(left_out), every=every
         )
+
+    def _peer_look(self, peer: RegionView, probe: str, since: float, now: float) -> tuple[int, int, float]:
+        """A peer's results on `probe` since `since`, its failures among them, and how likely its
+        failures over the verdict window are as a healthy target's noise (binomial tail at the
+        acceptable ratio); all after leaving out its quorum - 1 vantages that fail it most.
+        (0, 0, 1.0) for a probe the peer does not run."""
+        p = self.policy
+        windows = peer.fresh_of(probe, now, p.stale_after) if probe in peer.probes else {}
+        samples = {v: w.samples(now, p.window) for v, w in windows.items()}
+        ranked = sorted(samples, key=lambda v: -sum(not s[OK] for s in samples[v]))
+        kept = ranked[quorum(p, len(samples)) - 1 :] if samples else []
+        recent = [s for v in kept for s in samples[v] if s[AT] >= since]
+        window = [s for v in kept for s in samples[v]]
+        bad = sum(not s[OK] for s in window)
+        noise = float(binom.sf(bad - 1, len(window), self.llr.acceptable)) if window else 1.0
+        return len(recent), sum(not s[OK] for s in recent), noise
 
     def _slow_peers(self, view: RegionView, probe: str, now: float) -> PeerCheck:
         """Peers over the same fixed objective, by the count of results over its threshold: a
