@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("regionshift.agent")
 T = TypeVar("T")
 
+# The most results `--buffer` keeps while the broker is away: each is about 0.7 KB in memory (a
+# failed HTTP result with its phases and error sentence), so the bound is about 700 MB, not an
+# agent that grows until the host kills it. At 10 probes a second it is a day of results.
+MAX_BUFFER = 1_000_000
 BACKOFF_FIRST = 0.5  # seconds before the first reconnect
 BACKOFF_CAP = 30.0  # and at most this long between two
 # Results published at once, each awaiting its PUBACK: paho's and mosquitto's default window of
@@ -452,7 +456,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", help="PEM CA bundle: connect with TLS and trust it")
     p.add_argument("--cert-file", help="PEM client certificate (with --key-file)")
     p.add_argument("--key-file", help="PEM key of the client certificate")
-    p.add_argument("--buffer", type=int, default=10_000, help="results kept while the broker is unreachable")
+    p.add_argument(
+        "--buffer",
+        type=int,
+        default=10_000,
+        help=f"results kept while the broker is unreachable (about 0.7 KB each; at most {MAX_BUFFER:,})",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"], help="to stderr, one event a line")
     return p
@@ -467,8 +476,9 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         raise ValueError(f"--broker {args.broker!r} is not HOST:PORT (e.g. 'mqtt.internal:8883')")
     if (args.cert_file is None) != (args.key_file is None):
         raise ValueError("--cert-file and --key-file go together")
-    if args.buffer < 1:
-        raise ValueError("--buffer must be at least 1")
+    if not 1 <= args.buffer <= MAX_BUFFER:
+        most = f"{MAX_BUFFER:,} results (about 0.7 KB each, {MAX_BUFFER * 7 // 10_000:,} MB)"
+        raise ValueError(f"--buffer {args.buffer}: from 1 to {most}")
     password = None
     if args.password_env is not None:
         password = Secret(env=args.password_env)

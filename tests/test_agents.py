@@ -682,26 +682,22 @@ async def test_a_broker_restart_loses_nothing_and_counts_nothing_twice(broker, r
 
 def test_the_agent_command_checks_its_arguments_and_loads_none_of_the_controller():
     regionshift = str(Path(sys.executable).with_name("regionshift"))
-    bad = subprocess.run(
-        [regionshift, "agent", "--vantage", "a/b", "--broker", "127.0.0.1:1883"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+
+    def agent(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "NOPE_NOT_SET"}
+        command = [regionshift, "agent", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False, env=env)
+
+    bad = agent("--vantage", "a/b", "--broker", "127.0.0.1:1883")
     assert bad.returncode == 2
     assert "--vantage 'a/b'" in bad.stderr
     assert "Traceback" not in bad.stderr
-    missing = subprocess.run(
-        [regionshift, "agent", "--vantage", "a", "--broker", "127.0.0.1:1883", "--password-env", "NOPE_NOT_SET"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "NOPE_NOT_SET"},
-    )
+    missing = agent("--vantage", "a", "--broker", "127.0.0.1:1883", "--password-env", "NOPE_NOT_SET")
     assert missing.returncode == 2
     assert "$NOPE_NOT_SET is empty or not set" in missing.stderr
+    huge = agent("--vantage", "a", "--broker", "127.0.0.1:1883", "--buffer", "50000000")
+    assert huge.returncode == 2
+    assert "--buffer 50000000: from 1 to 1,000,000 results" in huge.stderr, huge.stderr
     loaded = subprocess.run(
         [
             sys.executable,
@@ -842,6 +838,11 @@ async def test_with_the_broker_gone_the_agents_stop_counting_and_with_every_path
             assert not any(a in json.dumps(verdict.evidence) for a in agents), verdict.evidence
         metrics = await (await running.http.get("/metrics")).text()
         assert 'regionshift_agent_up{vantage="agent-a"} 0.0' in metrics
+        async with running.http.get("/healthz") as response:  # up, but short of its agents: not "ok"
+            assert response.status == 200
+            health = await response.json()
+        assert health["status"] == "degraded", health
+        assert health["agents"].startswith(f"not connected to the agents' broker {daemon.config.agents.broker}")
         state = await (await running.http.get("/api/v1/state")).json()
         said = f"AGENTS' BROKER NOT CONNECTED ({daemon.config.agents.broker})"
         assert said in text(state, daemon.url, time.time()).splitlines()[0]

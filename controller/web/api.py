@@ -264,9 +264,19 @@ def make_app(source: StateSource, stream: StreamSettings | None = None) -> web.A
             return web.json_response({"status": "failing", "problems": problems}, status=503)
         # Cut off from Route 53, the daemon still probes and judges: 200, so that an orchestrator
         # does not restart it for what a restart cannot fix; the body and the metrics say it.
+        # So too with the agents' broker gone: the agents' vantages count toward no quorum, and
+        # a region short of one is unknown; reconnecting is the intake's own work.
+        body: dict[str, Any] = {}
         actuation = source.actuation()
         if actuation:
-            return web.json_response({"status": "degraded", "actuation": actuation})
+            body["actuation"] = actuation
+        agents = source.agents()
+        if agents is not None and not agents["connected"]:
+            body["agents"] = (
+                f"not connected to the agents' broker {agents['broker']}: only the controller's own results count"
+            )
+        if body:
+            return web.json_response({"status": "degraded", **body})
         return web.json_response({"status": "ok"})
 
     async def metrics(_: web.Request) -> web.Response:
