@@ -384,6 +384,36 @@ def test_three_failures_in_a_row_under_a_fault_every_region_shares_blame_none_at
     assert any("down as a whole" in r for r in verdict.reasons), verdict.reasons
 
 
+@pytest.mark.parametrize(
+    ("mine", "peer_fails", "clean", "recovered"),
+    [
+        # A 5% fault every region shares, probed 5 times a second: eu-west-1's own burst made
+        # it 8.3% over the window, and at that ratio the peers' clean runs of 70 (a chance of
+        # 2.4% each at their own 5%) were taken for a recovery: "worse than us-east-1 since
+        # eu-west-1, us-east-1 stopped failing" (closed loop, 1x10s, seed 3, 139 s in).
+        (lambda i: i % 12 == 5, lambda i: i % 20 == 9, 70, False),
+        # Peers that failed 40% as this region does, then answered 30 times in a row, are back.
+        (lambda i: i % 5 < 2, lambda i: i % 5 < 2, 30, True),
+    ],
+    ids=["5%-shared-peers-clean-70", "40%-peers-clean-30"],
+)
+def test_peers_come_back_from_a_shared_fault_only_by_a_clean_run_rare_at_their_own_ratio(
+    mine, peer_fails, clean, recovered
+):
+    from controller.judging.peers import _recovered  # noqa: PLC0415 - the one function under test
+
+    start, every, count = 1000.1, 0.2, 300
+    store = WindowStore(POLICY.history)
+    for region in REGIONS:
+        for i in range(count):
+            fails = mine(i) if region == "eu-west-1" else i < count - clean and peer_fails(i)
+            store.add(Result(region, "api", "controller", start + i * every, not fails, 0.05))
+    now = start + count * every
+    peers = {r: RegionView(r, ("api",), store.region(r)) for r in REGIONS if r != "eu-west-1"}
+    view = RegionView("eu-west-1", ("api",), store.region("eu-west-1"), peers=peers)
+    assert (_recovered(view, "api", sorted(peers), now, POLICY) is not None) == recovered
+
+
 def test_one_vantage_alone_cannot_blame_a_region():
     # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
     scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)

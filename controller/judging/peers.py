@@ -197,22 +197,30 @@ def _recovered(view: RegionView, probe: str, alike: Iterable[str], now: float, p
     still held the shared failures, so it was "a shared cause" for a whole window (57 s at three
     vantages, against 3 s for the same fault alone). A peer has come back when its results since
     its newest failure, all successes, would be that many less than one time in
-    `1 / peers.significance` if it still failed as often as this region over the verdict window
-    (a ratio no one's failures chose: this region's worst run, a burst under a fault they
-    share, made peers look recovered). The span from the earliest of their newest failures holds
+    `1 / peers.significance` if it still failed as often as this region over the verdict window,
+    or as the peer did there until its newest failure, whichever is less (ratios no one's
+    failures chose: this region's worst run, a burst under a fault they share, made peers look
+    recovered). The span from the earliest of their newest failures holds
     a failure of every one of them: from after the newest, the peers were clean by that choice."""
     mine, my_bad = tally(view, probe, policy.window, now, policy)
     if not my_bad:
         return None
-    answers = 1 - my_bad / mine
+    horizon = now - policy.window
     start = math.inf
     for name in alike:
         windows = view.peers[name].fresh_of(probe, now, policy.stale_after).values()
         last = max((at for w in windows if (at := w.last_failure()) is not None), default=None)
         if last is None:
             return None
+        # As often as the peer itself failed over the window up to its newest failure, if that
+        # is less: a 5% fault every region shared, at 1x10s, had a region whose own burst
+        # made 8.5% "worse than us-east-1 since eu-west-1, us-east-1 stopped failing", its
+        # peers' clean runs of 67 (a chance of 3% each at 5%) taken for a recovery.
+        theirs = sum(w.count_after(horizon, last) for w in windows)
+        their_bad = failures_in(windows, last, last - horizon)
+        ratio = min(my_bad / mine, their_bad / theirs if theirs else 1.0)
         clean = sum(w.count_after(last, now) for w in windows)
-        if answers**clean >= policy.peers.significance:
+        if (1 - ratio) ** clean >= policy.peers.significance:
             return None
         start = min(start, last)
     return start if start < math.inf else None
