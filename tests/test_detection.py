@@ -414,6 +414,30 @@ def test_peers_come_back_from_a_shared_fault_only_by_a_clean_run_rare_at_their_o
     assert (_recovered(view, "api", sorted(peers), now, POLICY) is not None) == recovered
 
 
+def test_a_burst_of_extra_runs_with_no_peer_result_in_its_span_waits_for_the_peers():
+    # eu-west-1 fails five extra runs in half a second; its peers, probed every second, have no
+    # result in that half second yet. Held at once ("no result yet from ... to compare with"),
+    # a 40% fault every region shared blamed the first region to fail, 0.7 s after its onset.
+    from controller.judging.peers import errors_vs_peers  # noqa: PLC0415 - the one function under test
+
+    store = WindowStore(POLICY.history)
+    for region in REGIONS:
+        for i in range(60):
+            store.add(Result(region, "api", "controller", 1000.0 + i, ok=True, latency=0.05))
+    burst = [1059.2 + 0.1 * k for k in range(5)]
+    for at in burst:
+        store.add(Result("eu-west-1", "api", "controller", at, ok=False, latency=0.05))
+    now = burst[-1] + 0.05
+    peers = {r: RegionView(r, ("api",), store.region(r)) for r in REGIONS if r != "eu-west-1"}
+    view = RegionView("eu-west-1", ("api",), store.region("eu-west-1"), peers=peers)
+    check = errors_vs_peers(view, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window)
+    assert (check.apart, check.waiting, check.set_apart) == (False, True, False), check
+    assert check.text() == f"too few results yet from {', '.join(sorted(peers))} to compare with"
+    # With no peer reporting the probe at all, the finding stands.
+    alone = RegionView("eu-west-1", ("api",), store.region("eu-west-1"))
+    assert errors_vs_peers(alone, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window).set_apart
+
+
 def test_one_vantage_alone_cannot_blame_a_region():
     # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
     scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)

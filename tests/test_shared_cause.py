@@ -116,9 +116,9 @@ def test_a_region_down_while_its_peers_answer_turns_unhealthy_within_down_after_
         assert status == ("unhealthy" if n == POLICY.down_after else "healthy"), (n, world.judge.verdicts["eu-west-1"])
     reasons = world.judge.verdicts["eu-west-1"].reasons
     assert (
-        "healthz: the last 3 results from controller all failed (status x3), worse than ap-south-1, us-east-1"
-        in reasons
-    )
+        "healthz: the last 3 results from controller all failed (status x3), down as a whole, "
+        "worse than ap-south-1, us-east-1"
+    ) in reasons
     assert world.moves()  # evacuation and rollback both act on it
 
 
@@ -243,6 +243,15 @@ def test_two_of_three_regions_down_are_evacuated_onto_the_one_that_answers():
     )
     moves = world.moves()
     assert any(m.startswith("evacuation") and "'ap-south-1': 175" in m for m in moves), moves  # 25% a step
+    # And they stay held while they are down: the peers pooled against one of them were those
+    # that answer, not the other one down (pooled with it, the two went "unknown" a second
+    # later, "like eu-west-1: a shared cause", and the evacuation stopped).
+    for _ in range(round(POLICY.window)):
+        world.second({"us-east-1": down, "eu-west-1": down, "ap-south-1": dict.fromkeys(PROBES, True)})
+        now = world.judge.verdicts
+        assert [now[r].status for r in REGIONS] == ["unhealthy", "unhealthy", "healthy"], {
+            r: v.reasons for r, v in now.items()
+        }
 
 
 def test_a_shared_fault_that_is_over_leaves_no_trouble_behind():

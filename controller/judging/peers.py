@@ -36,11 +36,13 @@ class PeerCheck:
     worse_than: tuple[str, ...] = ()  # significantly worse, by at least the effect size
     alike: tuple[str, ...] = ()  # elevated themselves: failing or slow more than a healthy peer
     detail: dict[str, Any] = field(default_factory=dict)
-    # Significantly worse (by the effect size) than every compared peer's results pooled; None
-    # when no peer has enough results to compare.
+    # Significantly worse (by the effect size) than the compared peers' results pooled (in the
+    # threshold's down check, those of the peers not alike); None when no peer reports the
+    # probe (nothing to compare with: the finding stands), or when every one compared is alike.
     apart: bool | None = None
-    # The peers have a result or more, but fewer than `MIN_PEER_SAMPLES` between them over the
-    # span compared: too few to tell anything yet (`apart` is False meanwhile).
+    # The peers report the probe but have fewer than `MIN_PEER_SAMPLES` results between them
+    # over the span compared, none maybe (a run of extra runs a second old): too few to tell
+    # anything yet (`apart` is False meanwhile).
     waiting: bool = False
     # Peers not compared: their trouble is wider than this region's (`wider_trouble`).
     left_out: tuple[str, ...] = ()

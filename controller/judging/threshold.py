@@ -24,7 +24,7 @@ from controller.judging.verdicts import Assessment, RegionView, finish
 from controller.judging.windows import AT, OK, WindowStats
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Mapping
+    from collections.abc import Generator, Iterable, Mapping
 
     from controller.judging.windows import Window
     from controller.settings.policy import VerdictPolicy
@@ -75,39 +75,47 @@ class ThresholdDetector:
         # a shared cause, not the region as a whole).
         down = all(e.get("consecutive_failures") for e in evidence.values())
         if down and "failing" not in states.values():
-            found = self._down_as_a_whole(view, now, evidence)
-            if found is not None:
-                probe, reason = found
-                states[probe] = "failing"
-                reasons = [r for r in reasons if not r.startswith(f"{probe}: ")] + [f"{probe}: {reason}"]
+            check = self._down_as_a_whole(view, now)
+            if check is not None:  # every probe's reason says it, in place of its own "not held"
+                states = dict.fromkeys(states, "failing")
+                reasons = [r for r in reasons if r.split(": ", 1)[0] not in evidence]
+                for probe in view.probes:
+                    evidence[probe]["peers"] = check.evidence()
+                    reasons.append(
+                        f"{probe}: {self._run_text(view, probe, now, evidence[probe])}, down as a whole, {check.text()}"
+                    )
         if down and "failing" in states.values():
             states = dict.fromkeys(states, "failing")
         return Assessment(region_status(states), tuple(reasons), evidence, troubles)
 
-    def _down_as_a_whole(self, view: RegionView, now: float, evidence: dict[str, Any]) -> tuple[str, str] | None:
+    def _down_as_a_whole(self, view: RegionView, now: float) -> PeerCheck | None:
         """A region whose every probe is down is a shared cause only when every peer fails too,
         not half of them: two regions of three refusing every request were each the other's
         "shared cause", never evacuated, and two thirds of the traffic stayed on them while the
         third answered. (Half stands for a probe down alone: under a fault every region shares,
         one that failed three in a row while a peer happened to answer was blamed.) Whether it
         fails significantly more than a peer pools every probe's run: a region down at one
-        vantage shows it after `down_after` results, where one probe alone needs four or five. The
-        first probe that this sets apart, and its reason; None when none."""
+        vantage shows it after `down_after` results, where one probe alone needs four or five.
+        The check of the first probe that this sets apart; None when none."""
         p = self.policy
         runs = {}
         for probe in view.probes:
             windows = view.fresh_of(probe, now, p.stale_after)
             runs[probe] = (windows, run_start(windows.values(), now, p.window, p.down_after))
-        for probe, (windows, _start) in runs.items():
+        for probe in runs:
             check = self._down_peers(view, probe, runs, now, every=True)
             if check.set_apart:
-                evidence[probe]["peers"] = check.evidence()
-                vantages = ", ".join(sorted(windows))
-                errors = evidence[probe].get("errors") or {}
-                beyond = p.window if evidence[probe].get("failures", 0) > p.down_after else None
-                failed = f"the last {p.down_after} results from {vantages} all failed{classes_text(errors, beyond)}"
-                return probe, f"{failed}, down as a whole, {check.text()}"
+                return check
         return None
+
+    def _run_text(self, view: RegionView, probe: str, now: float, evidence: Mapping[str, Any]) -> str:
+        """'the last 3 results from controller all failed (status x3)', of a probe whose last
+        `down_after` results failed at every fresh vantage."""
+        p = self.policy
+        vantages = ", ".join(sorted(view.fresh_of(probe, now, p.stale_after)))
+        beyond = p.window if evidence.get("failures", 0) > p.down_after else None
+        errors = classes_text(evidence.get("errors") or {}, beyond)
+        return f"the last {p.down_after} results from {vantages} all failed{errors}"
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)
@@ -158,31 +166,33 @@ class ThresholdDetector:
         every: bool = False,
     ) -> PeerCheck:
         """Peers on `probe` against this region's run of failures: `runs` maps `probe` (and, for
-        a region down as a whole, its other probes) to the region's fresh windows and when the
-        run began. Each peer is looked at over twice the run's span, which slides as an outage
-        goes on, so one stray failure of a peer holds nothing for long. A peer is alike when it
-        failed on `probe` in that span too, or when its failures over the verdict window are
-        more than a healthy target's noise (binomial tail at the acceptable ratio under
+        a region down as a whole, its other probes) to the region's fresh windows and when its
+        last `down_after` failures began. A peer is alike when it failed on `probe` over twice
+        the span of those (which slides as an outage goes on, so one stray failure of a peer
+        holds nothing for long), or when its failures over the verdict window are more than a
+        healthy target's noise (binomial tail at the acceptable ratio under
         `peers.significance`); either after leaving out its quorum - 1 vantages that fail most,
-        as a vantage's own bad path is not the peer's trouble. A peer that did not fail is one
-        this region is worse than only when the runs fail significantly more than the peer's
-        results over the same spans (Fisher's test at `peers.significance`): under a fault
-        every region shares, three failures in a row at one vantage beside two peers that
+        as a vantage's own bad path is not the peer's trouble. A peer that is not alike is one
+        this region is worse than only when the region's whole runs of failures (since each
+        vantage's last success) fail significantly more than the peer's results over twice
+        their spans (Fisher's test at `peers.significance`, with `min_error_ratio`): under a
+        fault every region shares, three failures in a row at one vantage beside two peers that
         happened to answer six times each is a chance of about one in 500 a second, and it was
-        blamed. A peer with no result in the span cannot vouch and is not compared; when peers
-        run the probe but none can vouch yet, nothing is held (`apart` False) until they
-        report. A peer whose trouble is wider (`wider_trouble`: it fails another probe that
-        this region answers) is left out."""
+        blamed. `apart` pools the peers that are not alike. A peer with no result in the span
+        cannot vouch and is not compared; when peers run the probe but none can vouch yet,
+        nothing is held (`apart` False) until they report. A peer whose trouble is wider
+        (`wider_trouble`: it fails another probe that this region answers) is left out."""
         p = self.policy
         significance, ratio = p.peers.significance, p.peers.min_error_ratio
-        run = [
-            s
-            for windows, start in runs.values()
-            for w in windows.values()
-            for s in w.samples(now, p.window)
-            if s[AT] >= start
-        ]
-        mine = (len(run), sum(not s[OK] for s in run))
+        # The whole run of failures since each vantage's last success, not only the last
+        # `down_after`, against the peers' results over twice its span: a probe down for a
+        # minute is that much evidence (its last three beside the peers' six answers never
+        # were, 1 in 84, and a single-probe region at one vantage was held only by its error
+        # test). Whether a peer failed too is asked over twice the span of the last
+        # `down_after` only, so one stray failure of a peer holds nothing for long.
+        whole = {o: _failed_in_a_row(windows.values(), now, p.window) for o, (windows, _s) in runs.items()}
+        failed_run = sum(count for count, _at in whole.values())
+        mine = (failed_run, failed_run)
         since = runs[probe][1] - (now - runs[probe][1])
         compared: list[str] = []
         worse_than: list[str] = []
@@ -200,14 +210,12 @@ class ThresholdDetector:
                 left_out.append(name)
                 detail[name] = {"left_out": other}
                 continue
-            looks = {o: self._peer_look(peer, o, start - (now - start), now) for o, (_w, start) in runs.items()}
-            recent, failed, noise = looks[probe]
+            looks = {o: self._peer_look(peer, o, start - (now - start), now) for o, (_n, start) in whole.items()}
+            recent, failed, noise = self._peer_look(peer, probe, since, now)
             if not recent:
                 continue
             compared.append(name)
             theirs = (sum(look[0] for look in looks.values()), sum(look[1] for look in looks.values()))
-            pooled[0] += theirs[0]
-            pooled[1] += theirs[1]
             worse, p_value = fails_more(mine, theirs, significance, ratio)
             detail[name] = {
                 "samples": recent,
@@ -217,10 +225,15 @@ class ThresholdDetector:
             }
             if failed or noise < significance:
                 alike.append(name)
-            elif worse:
+                continue
+            pooled[0] += theirs[0]
+            pooled[1] += theirs[1]
+            if worse:
                 worse_than.append(name)
-        if compared:
+        if pooled[0]:  # the peers that answer, together (one down too is alike, not a contrast)
             apart: bool | None = fails_more(mine, (pooled[0], pooled[1]), significance, ratio)[0]
+        elif compared:
+            apart = None  # every peer compared is alike: `shared` says it
         else:
             apart = False if running > len(left_out) else None
         return PeerCheck(
@@ -310,3 +323,16 @@ class ThresholdDetector:
                 evidence,
             )
         return "ok", None, evidence
+
+
+def _failed_in_a_row(windows: Iterable[Window], now: float, span: float) -> tuple[int, float]:
+    """How many of the windows' newest samples within (now - span, now] failed in a row (since
+    each one's last success), and when the oldest of them started (`now` when none)."""
+    count, start = 0, now
+    for window in windows:
+        for sample in reversed(window.samples(now, span)):
+            if sample[OK]:
+                break
+            count += 1
+            start = min(start, sample[AT])
+    return count, start
