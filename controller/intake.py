@@ -264,8 +264,10 @@ class Intake:
             self._drop(vantage, exc.reason, str(exc))
             return
         agent = self.agents.get(presence.vantage)
-        if agent is None:
-            self._drop(vantage, "unknown_vantage", f"vantage {presence.vantage!r} is not a configured agent")
+        if agent is None:  # a decommissioned agent's retained presence says so at every start
+            topic = wire.status_topic(presence.vantage)
+            clear = f"if it is gone for good, clear its retained presence: mosquitto_pub -r -n -t {topic}"
+            self._drop(vantage, "unknown_vantage", f"vantage {presence.vantage!r} is not a configured agent; {clear}")
             return
         if presence.state == "offline" and agent.session not in (None, presence.session):
             return  # the will of an older session, delivered after a newer one said hello

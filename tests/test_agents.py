@@ -299,6 +299,16 @@ def test_a_will_from_an_older_session_does_not_mark_a_newer_one_offline():
     assert intake.agents["agent-a"].state == "online"
 
 
+def test_a_decommissioned_agent_s_retained_presence_says_how_to_clear_it():
+    intake, _, _ = make_intake()
+    gone = wire.Presence(vantage="agent-old", session="cccccccccccccccc", state="offline")
+    with capture_logs() as logs:
+        intake.presence(wire.status_topic("agent-old"), wire.encode_presence(gone), time.time())
+    [told] = [e for e in logs if e["event"].startswith("agent message dropped")]
+    assert told["reason"] == "unknown_vantage"
+    assert told["detail"].endswith("mosquitto_pub -r -n -t regionshift/v1/agents/agent-old/status"), told
+
+
 def test_a_redelivered_duplicate_is_told_as_info_a_refused_result_as_a_warning():
     # Trial G: QoS 1 redelivering after a broker restart, the designed path, was a warning.
     intake, _, _ = make_intake()
