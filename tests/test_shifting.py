@@ -220,13 +220,16 @@ async def test_a_ramp_started_over_the_api_steps_to_its_target_and_records_every
         await asyncio.sleep(0.1)  # the watcher's last read
         state = await (await running.http.get("/api/v1/state")).json()
         value = daemon.registry.get_sample_value("regionshift_ramp_step", {"ramp": "launch"})
+        done = daemon.registry.get_sample_value(  # the ramp alerts' region tag
+            "regionshift_ramp_status", {"ramp": "launch", "regions": "eu-west-1", "status": "done"}
+        )
         forward = daemon.registry.get_sample_value(
             "regionshift_actions_total", {"action": "forward", "region": "eu-west-1", "reason": "ramp:launch"}
         )
     final = read_weights(route53, zone_id, name)
     assert final == {"use1": 1, "euw1": 1}  # 50%
     assert all(w in PLANNED for w in seen), seen  # Route 53 only ever held planned weights
-    assert (value, forward) == (5.0, 5.0)
+    assert (value, forward, done) == (5.0, 5.0, 1.0)
     record = state["record_sets"][0]
     assert [(m["set_identifier"], m["observed_weight"], m["observed_share"]) for m in record["members"]] == [
         ("use1", 1, 50.0),

@@ -131,8 +131,9 @@ class Metrics:
         )
         self.ramp_status = Gauge(
             "regionshift_ramp_status",
-            "1 for the ramp's current status, 0 for the others.",
-            ["ramp", "status"],
+            "1 for the ramp's current status, 0 for the others; regions: those it moves traffic to, "
+            "comma-separated (what its alerts are tagged with).",
+            ["ramp", "regions", "status"],
             registry=registry,
         )
         self.actions = Counter(
@@ -211,6 +212,7 @@ class Metrics:
             registry=registry,
         )
         self._route53_counted: dict[tuple[str, str], int] = {}
+        self._ramp_regions: dict[str, str] = {}  # ramp -> the regions it moves traffic to, comma-separated
         # Label lookups cost more than the increment: keep each subject's children at hand.
         self._children: dict[tuple[str, str, str], _Children] = {}
 
@@ -288,12 +290,14 @@ class Metrics:
 
     def set_ramp(self, ramp: str, step: int, status: str) -> None:
         self.ramp_step.labels(ramp).set(step + 1)
+        regions = self._ramp_regions.get(ramp, "")
         for s in RAMP_STATUSES:
-            self.ramp_status.labels(ramp, s).set(1 if s == status else 0)
+            self.ramp_status.labels(ramp, regions, s).set(1 if s == status else 0)
 
     def precreate_shifting(self, policy: Policy, record_sets: Iterable[RecordSet]) -> None:
         """The series the shifting alerts and panels read, before the first action."""
         for name, ramp in policy.ramps.items():
+            self._ramp_regions[name] = ",".join(r for wave in ramp.waves for r in wave)
             for region in (r for wave in ramp.waves for r in wave):
                 for action in ("forward", "rollback"):
                     self.actions.labels(action, region, f"ramp:{name}")
