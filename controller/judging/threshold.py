@@ -81,9 +81,9 @@ class ThresholdDetector:
                 reasons = [r for r in reasons if r.split(": ", 1)[0] not in evidence]
                 for probe in view.probes:
                     evidence[probe]["peers"] = check.evidence()
-                    reasons.append(
-                        f"{probe}: {self._run_text(view, probe, now, evidence[probe])}, down as a whole, {check.text()}"
-                    )
+                    found = evidence[probe]
+                    failed = _run_text(self.policy, found["vantages"], found["failures"], found.get("errors") or {})
+                    reasons.append(f"{probe}: {failed}, down as a whole, {check.text()}")
         if down and "failing" in states.values():
             states = dict.fromkeys(states, "failing")
         return Assessment(region_status(states), tuple(reasons), evidence, troubles)
@@ -107,15 +107,6 @@ class ThresholdDetector:
             if check.set_apart:
                 return check
         return None
-
-    def _run_text(self, view: RegionView, probe: str, now: float, evidence: Mapping[str, Any]) -> str:
-        """'the last 3 results from controller all failed (status x3)', of a probe whose last
-        `down_after` results failed at every fresh vantage."""
-        p = self.policy
-        vantages = ", ".join(sorted(view.fresh_of(probe, now, p.stale_after)))
-        beyond = p.window if evidence.get("failures", 0) > p.down_after else None
-        errors = classes_text(evidence.get("errors") or {}, beyond)
-        return f"the last {p.down_after} results from {vantages} all failed{errors}"
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)
@@ -296,9 +287,7 @@ class ThresholdDetector:
         evidence[q_name] = round(quantile, 4) if quantile is not None else None
         if all(w.last_failed(p.down_after, now, p.window) for w in fresh_windows.values()):
             evidence["consecutive_failures"] = True
-            vantages = ", ".join(sorted(fresh_windows))
-            errors = errors_text(stats, p.down_after, p.window)
-            return "failing", f"the last {p.down_after} results from {vantages} all failed{errors}", evidence
+            return "failing", _run_text(p, fresh_windows, stats.failures, stats.errors), evidence
         if stats.samples < p.min_samples:
             return "unknown", f"only {stats.samples} of {p.min_samples} results needed to judge", evidence
         ratio = stats.success_ratio
@@ -323,6 +312,15 @@ class ThresholdDetector:
                 evidence,
             )
         return "ok", None, evidence
+
+
+def _run_text(policy: VerdictPolicy, vantages: Iterable[str], failures: int, errors: Mapping[str, int]) -> str:
+    """'the last 3 results from controller all failed (status x3)', of a probe whose last
+    `down_after` results failed at every fresh vantage; errors beyond the run are said to be the
+    window's ('status x52 in 60s')."""
+    beyond = policy.window if failures > policy.down_after else None
+    failed = f"the last {policy.down_after} results from {', '.join(sorted(vantages))} all failed"
+    return failed + classes_text(errors, beyond)
 
 
 def _failed_in_a_row(windows: Iterable[Window], now: float, span: float) -> tuple[int, float]:
