@@ -65,6 +65,7 @@ bench: install debs-bench
 	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/replication_lag.py
 	$(BIN)/python bench/detection.py
+	$(BIN)/python bench/false_alarms.py
 	$(BIN)/python bench/judge_scale.py
 	$(BIN)/python bench/mqtt_ingest.py
 	$(BIN)/python bench/agent_publish.py

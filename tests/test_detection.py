@@ -524,6 +524,55 @@ def test_false_alarm_rate_of_the_error_test_stays_under_the_policy_bound_on_long
     assert flagged_ticks / ticks <= 0.01
 
 
+def _burst_world(policy: VerdictPolicy) -> Judge:
+    """Ten minutes of healthy results (1/s at three vantages), then the 4.5 s cluster of noise
+    failures traced in the closed-loop bench (3x1s, healthy day seed 10002, 26,641 s in): every
+    region hastened (about 70 results per vantage), us-east-1 api failing 7 of 208 at the world's
+    0.1%, a peer 1 of 207. Judged at the cluster's end."""
+    windows = WindowStore(policy.history)
+    end = 1600.0
+    failed = {
+        ("us-east-1", "controller"): (-1.12, -0.2),
+        ("us-east-1", "agent-us-east-1"): (-1.91,),
+        ("us-east-1", "agent-eu-west-1"): (-4.46, -3.96, -3.55, -2.51),
+        ("eu-west-1", "agent-eu-west-1"): (-2.02,),
+    }
+    for region in REGIONS:
+        for probe in PROBES:
+            for vantage in VANTAGES:
+                times = [1000.0 + i for i in range(596)]
+                if probe == "api":  # hastened: one result every 65 ms for the last 4.5 s
+                    times += [end - 4.5 + 0.065 * k for k in range(69)]
+                bad = {round(end + d, 3) for d in failed.get((region, vantage), ())} if probe == "api" else set()
+                times = sorted({*(round(t, 3) for t in times), *bad})
+                for t in times:
+                    windows.add(Result(region, probe, vantage, t, ok=t not in bad, latency=0.05))
+    judge = Judge(detectors_for(policy), dict.fromkeys(REGIONS, PROBES), policy)
+    judge.judge(windows, end)
+    return judge
+
+
+def test_a_cluster_of_noise_failures_while_hastened_is_not_held_by_the_patient_error_test():
+    # At 1e-6 the patient test (0.1% against 3%) crossed ln(0.99/1e-6) = 13.8 with 7 failures in
+    # 208 results (7 x ln 30 - 201 x 0.0304 = 17.7), and the quorum and peer checks held it: one
+    # false verdict in 7 simulated days at 3x1s. Its average run to a false trip is about 1e8
+    # results (`bench/false_alarms.py`), and the bench's 3x1s world makes 1.1e7 a week: 0.11
+    # false trips a week, more in a deployment with more regions and probes. At 1e-8 (18.4) it
+    # is about 8e9; the quick test's (1e-7 against 10%) 3.5e8.
+    patient = POLICY.errors[-1]
+    assert patient.unacceptable == 0.03
+    assert patient.false_alarm_rate <= 1e-8
+    verdict = _burst_world(POLICY).verdicts["us-east-1"]
+    assert verdict.status == "healthy", verdict.reasons
+    # The same cluster under the old threshold: held, as the bench saw it.
+    old = POLICY.model_copy(
+        update={"errors": [POLICY.errors[0], patient.model_copy(update={"false_alarm_rate": 1e-6})]}
+    )
+    held = _burst_world(old).verdicts["us-east-1"]
+    assert held.status == "degraded", held.reasons
+    assert "7 of" in held.reasons[0], held.reasons
+
+
 def test_consecutive_failures_count_scheduled_runs_so_extra_runs_do_not_make_a_partial_fault_down():
     def window(*runs: tuple[bool, str]) -> Window:
         w = Window(60.0)

@@ -56,7 +56,7 @@ def _default_error_tests() -> list[ErrorTest]:
     """A quick test for big faults and a patient one for small faults (see policies/verdicts.yaml)."""
     return [
         ErrorTest(unacceptable=0.1, false_alarm_rate=1e-7),
-        ErrorTest(unacceptable=0.03, false_alarm_rate=1e-6, horizon=600.0),
+        ErrorTest(unacceptable=0.03, false_alarm_rate=1e-8, horizon=600.0),
     ]
 
 
