@@ -438,6 +438,60 @@ def test_a_burst_of_extra_runs_with_no_peer_result_in_its_span_waits_for_the_pee
     assert errors_vs_peers(alone, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window).set_apart
 
 
+def _hastened(store: WindowStore, region: str, start: float, count: int, failed: set[int], every: float = 0.018):
+    """`count` api results of `region` from `start`, one every `every` s in turn at each vantage,
+    the `failed` ones (by index) failing."""
+    for k in range(count):
+        vantage = VANTAGES[k % len(VANTAGES)]
+        store.add(Result(region, "api", vantage, start + every * k, ok=k not in failed, latency=0.05))
+
+
+def _errors_check(store: WindowStore, region: str, since: float, now: float) -> PeerCheck:
+    from controller.judging.peers import errors_vs_peers  # noqa: PLC0415 - the one function under test
+
+    peers = {r: RegionView(r, ("api",), store.region(r)) for r in REGIONS if r != region}
+    view = RegionView(region, ("api",), store.region(region), peers=peers)
+    return errors_vs_peers(view, "api", since, now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window)
+
+
+def _a_minute_at_one_a_second(store: WindowStore) -> None:
+    for region in REGIONS:
+        for i in range(60):
+            for vantage in VANTAGES:
+                store.add(Result(region, "api", vantage, 1000.0 + i, ok=True, latency=0.05))
+
+
+def test_a_peer_whose_own_test_leans_bad_just_before_this_region_s_burst_is_alike():
+    # A 5% fault every region shared (closed-loop bench, 3x1s, seed 4, 5.6 s after the onset):
+    # ap-southeast-2 failed 4 of 29 in half a second, eu-west-1 8 of 28 in the next, where the
+    # peers had none; over the window both were diluted by the healthy minute before. eu-west-1
+    # was held "worse than ap-southeast-2, us-east-1 together".
+    store = WindowStore(POLICY.history)
+    _a_minute_at_one_a_second(store)
+    _hastened(store, "ap-southeast-2", 1060.0, 29, {0, 9, 17, 24})
+    _hastened(store, "ap-southeast-2", 1060.5, 25, set())
+    _hastened(store, "us-east-1", 1060.0, 54, set())
+    _hastened(store, "eu-west-1", 1060.0, 27, set())
+    _hastened(store, "eu-west-1", 1060.5, 28, {0, 3, 7, 11, 15, 19, 23, 27})
+    check = _errors_check(store, "eu-west-1", 1060.5, 1061.1)
+    assert "ap-southeast-2" in check.alike, check.evidence()
+    assert not check.set_apart, check.text()
+
+
+def test_a_regional_fault_stays_worse_than_a_peer_with_two_noise_failures_close_together():
+    # The other side: eu-west-1 failing 40% for three seconds, ap-southeast-2 with two noise
+    # failures a few results apart (its quick test at 8.7 of 16.1: leaning). From the earlier
+    # of the two runs' starts, eu-west-1 fails far more: not alike, eu-west-1 is set apart.
+    store = WindowStore(POLICY.history)
+    _a_minute_at_one_a_second(store)
+    _hastened(store, "eu-west-1", 1060.0, 150, {k for k in range(150) if k % 5 in (1, 3)}, every=0.02)
+    _hastened(store, "ap-southeast-2", 1060.0, 150, {140, 144}, every=0.02)
+    _hastened(store, "us-east-1", 1060.0, 150, set(), every=0.02)
+    check = _errors_check(store, "eu-west-1", 1060.0, 1063.0)
+    assert check.alike == (), check.evidence()
+    assert check.set_apart, check.text()
+
+
 def test_one_vantage_alone_cannot_blame_a_region():
     # Only the controller's path to eu-west-1 breaks: the other two vantages see it working.
     scenario = Scenario("one path", None, ("eu-west-1",), vantages=("controller",), error_ratio=1.0, down=True)

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from scipy.stats import binom
 
 from controller.judging.findings import (
+    LEANING,
     samples_since,
 )
-from controller.judging.sequential import Llr, fails_more
+from controller.judging.sequential import Llr, cusum, fails_more, failures_of
 from controller.judging.windows import LATENCY, OK, any_failed_within, failures_in
 
 if TYPE_CHECKING:
@@ -142,8 +143,10 @@ def errors_vs_peers(
     `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
     times theirs. A peer is alike when its own failures lean bad on the test `llr` steps and are
     more than a healthy target's noise (binomial tail at the acceptable ratio under
-    `peers.significance`), since `since`, or over the verdict window or the longest error
-    horizon unless this region fails significantly more there: one noise failure among a
+    `peers.significance`), since `since`; or when its own test over `span` leans bad (`LEANING`
+    of the threshold), or its failures over the verdict window or the longest error horizon are
+    more than noise, unless this region fails significantly more there (from the earlier of the
+    two runs' starts, for a leaning test): one noise failure among a
     hastened peer's few dozen results is not a shared cause; a peer sharing a fault is alike,
     even where this region's run starts at a burst of its own. Unless the peers that are alike
     have come back while this region has not (`_recovered`)."""
@@ -164,6 +167,20 @@ def errors_vs_peers(
         # significantly more there as well (a peer's own mild trouble is no shared cause).
         if failing(samples, bad):
             return True
+        # The peer's own test leaning bad (its newest run, over the test's horizon, at least
+        # `LEANING` of the threshold: it shows the trouble too), unless this region fails
+        # significantly more from the earlier of the two runs' starts. A 5% fault every region
+        # shared, three vantages at 1 s: ap-southeast-2 failed 4 of 29 in half a second, then
+        # eu-west-1 8 of 28 in the next, and eu-west-1 was "worse than" both over its own run
+        # (where the peer had 0 of 25) and not alike over the window (diluted by the minute
+        # before the onset). From the earlier start, a region failing 40% for seconds is still
+        # worse than a peer with two noise failures close together.
+        run = cusum(failures_of(view.peers[peer].fresh_of(probe, now, policy.stale_after), now, span), llr)
+        if run.statistic >= LEANING * run.threshold and run.since is not None:
+            both = now - math.nextafter(min(run.since, since), -math.inf)
+            mine, theirs = tally(view, probe, both, now, policy), tally(view.peers[peer], probe, both, now, policy)
+            if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
+                return True
         for wide in (policy.window, look):  # the window early in a fault, the horizon later
             theirs = tally(view.peers[peer], probe, wide, now, policy)
             if failing(*theirs):
