@@ -14,7 +14,7 @@ from controller.judging.findings import (
     LEANING,
     samples_since,
 )
-from controller.judging.sequential import Llr, cusum, fails_more, failures_of
+from controller.judging.sequential import Llr, cusum, fails_more, failure_cusum_bound, failures_of
 from controller.judging.windows import LATENCY, OK, any_failed_within, failures_in
 
 if TYPE_CHECKING:
@@ -175,8 +175,15 @@ def errors_vs_peers(
         # (where the peer had 0 of 25) and not alike over the window (diluted by the minute
         # before the onset). From the earlier start, a region failing 40% for seconds is still
         # worse than a peer with two noise failures close together.
-        run = cusum(failures_of(view.peers[peer].fresh_of(probe, now, policy.stale_after), now, span), llr)
-        if run.statistic >= LEANING * run.threshold and run.since is not None:
+        leans = LEANING * llr.threshold
+        windows = view.peers[peer].fresh_of(probe, now, policy.stale_after)
+        # Walked only where its failures come close enough together to lean (most peers: none).
+        run = (
+            cusum(failures_of(windows, now, span), llr)
+            if failure_cusum_bound(windows.values(), now, span, llr, leans) >= leans
+            else None
+        )
+        if run is not None and run.statistic >= leans and run.since is not None:
             both = now - math.nextafter(min(run.since, since), -math.inf)
             mine, theirs = tally(view, probe, both, now, policy), tally(view.peers[peer], probe, both, now, policy)
             if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
