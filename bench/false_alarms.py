@@ -40,24 +40,28 @@ WEEK = 7 * 86_400
 
 def trips(llr: Llr, failures: int, rng: np.random.Generator) -> tuple[int, int]:
     """(trips, results) over `failures` failures of healthy noise."""
-    reach = llr.threshold / -llr.good  # a gap this long leaves no statistic behind it
-    found, results, drawn = 0, 0, 0
+    reach = llr.threshold / -llr.good  # this many successes leave no statistic behind them
+    need = math.ceil(llr.threshold / llr.bad)  # fewer failures in a run cannot trip
+    found, results, drawn, carried = 0, 0, 0, 0.0
     while drawn < failures:
         gaps = rng.geometric(llr.acceptable, size=min(CHUNK, failures - drawn))  # results to the next failure
         drawn += len(gaps)
         results += int(gaps.sum())
-        # Runs of failures, each from one that starts with nothing behind it to the next such
-        # (the first of a chunk taken as one: at most one run a chunk is cut short).
-        starts = np.union1d([0], np.flatnonzero(gaps > reach))
+        # Runs of failures, each from one with at least `reach` successes before it (nothing
+        # behind it) to the next such; the first and last runs of a chunk are walked whatever
+        # their length, the statistic carried from one chunk to the next.
+        starts = np.union1d([0], np.flatnonzero(gaps - 1 >= reach))
         ends = np.append(starts[1:], len(gaps))
-        long = ends - starts >= math.ceil(llr.threshold / llr.bad)  # fewer failures cannot trip
-        for start, end in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
-            statistic = 0.0
+        walked = ends - starts >= need
+        walked[0] = walked[-1] = True
+        for start, end in zip(starts[walked].tolist(), ends[walked].tolist(), strict=True):
+            statistic = carried if start == 0 else 0.0
             for gap in gaps[start:end].tolist():
                 statistic = max(0.0, statistic + llr.good * (gap - 1)) + llr.bad
                 if statistic >= llr.threshold:
                     found += 1
                     statistic = 0.0
+            carried = statistic
     return found, results
 
 
@@ -69,8 +73,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--policy", type=Path, default=POLICY_FILE, help="a policy file (default: the shipped one)")
     args = parser.parse_args()
-    if args.failures < 1 or args.rate <= 0 or args.tests < 1:
-        parser.error("--failures and --tests must be at least 1, --rate above 0")
+    if args.failures < 1 or args.tests < 1 or args.seed < 0 or not (0 < args.rate < math.inf):
+        parser.error("--failures and --tests must be at least 1, --seed at least 0, --rate a number above 0")
     try:
         policy = load_policy([args.policy])[0].verdicts
     except ConfigError as error:
@@ -85,7 +89,8 @@ def main() -> None:
         run = results / found if found else math.inf
         name = f"{test.acceptable:g} vs {test.unacceptable:g} at {test.false_alarm_rate:g}"
         shown = f"{run:.2g}" if found else f"> {results:.2g}"
-        print(f"{name:<26} {llr.threshold:>9.2f} {found:>6} {results:>9.2g} {shown:>14} {week / run:>8.3f}")
+        a_week = f"{week / run:.2g}" if found else f"< {week / results:.2g}"  # none: fewer than one in all
+        print(f"{name:<26} {llr.threshold:>9.2f} {found:>6} {results:>9.2g} {shown:>14} {a_week:>8}")
     print(f"a week: {week:.3g} results ({args.rate:g}/s per probe x {args.tests} probes), before quorum and peers")
 
 

@@ -167,34 +167,36 @@ def errors_vs_peers(
         # significantly more there as well (a peer's own mild trouble is no shared cause).
         if failing(samples, bad):
             return True
-        # The peer's own test leaning bad (its newest run, over the test's horizon, at least
-        # `LEANING` of the threshold: it shows the trouble too), unless this region fails
-        # significantly more from the earlier of the two runs' starts. A 5% fault every region
-        # shared, three vantages at 1 s: ap-southeast-2 failed 4 of 29 in half a second, then
-        # eu-west-1 8 of 28 in the next, and eu-west-1 was "worse than" both over its own run
-        # (where the peer had 0 of 25) and not alike over the window (diluted by the minute
-        # before the onset). From the earlier start, a region failing 40% for seconds is still
-        # worse than a peer with two noise failures close together.
-        leans = LEANING * llr.threshold
-        windows = view.peers[peer].fresh_of(probe, now, policy.stale_after)
-        # Walked only where its failures come close enough together to lean (most peers: none).
-        run = (
-            cusum(failures_of(windows, now, span), llr)
-            if failure_cusum_bound(windows.values(), now, span, llr, leans) >= leans
-            else None
-        )
-        if run is not None and run.statistic >= leans and run.since is not None:
-            both = now - math.nextafter(min(run.since, since), -math.inf)
-            mine, theirs = tally(view, probe, both, now, policy), tally(view.peers[peer], probe, both, now, policy)
-            if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
-                return True
         for wide in (policy.window, look):  # the window early in a fault, the horizon later
             theirs = tally(view.peers[peer], probe, wide, now, policy)
             if failing(*theirs):
                 mine = tally(view, probe, wide, now, policy)
                 if not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]:
                     return True
-        return False
+        return leaning(peer)
+
+    def leaning(peer: str) -> bool:
+        # The peer's own test leaning bad (its newest run, over the test's horizon, at least
+        # `LEANING` of the threshold: it shows the trouble too) from at most a verdict window
+        # before this region's run, unless this region fails significantly more from the
+        # earlier of the two runs' starts. A 5% fault every region shared, three vantages at
+        # 1 s: ap-southeast-2 failed 4 of 29 in half a second, then eu-west-1 8 of 28 in the
+        # next, and eu-west-1 was "worse than" both over its own run (where the peer had 0 of
+        # 25) and not alike over the window (diluted by the minute before the onset). From the
+        # earlier start, a region failing 40% for seconds is still worse than a peer with two
+        # noise failures close together; and a peer's run from minutes before (a burst of its
+        # own, leaning for minutes after) does not excuse a small fault that came later.
+        leans = LEANING * llr.threshold
+        windows = view.peers[peer].fresh_of(probe, now, policy.stale_after)
+        # Walked only where its failures come close enough together to lean (most peers: none).
+        if failure_cusum_bound(windows.values(), now, span, llr, leans) < leans:
+            return False
+        run = cusum(failures_of(windows, now, span), llr)
+        if run.statistic < leans or run.since is None or run.since < since - policy.window:
+            return False
+        both = now - math.nextafter(min(run.since, since), -math.inf)
+        mine, theirs = tally(view, probe, both, now, policy), tally(view.peers[peer], probe, both, now, policy)
+        return not fails_more(mine, theirs, significance, policy.peers.min_error_ratio)[0]
 
     def compare(start: float, alike: Callable[[str, int, int], bool]) -> PeerCheck:
         return outcomes_vs_peers(
@@ -222,8 +224,8 @@ def _recovered(view: RegionView, probe: str, alike: Iterable[str], now: float, p
     A fault every region shared, then one region that did not come back: its run and its window
     still held the shared failures, so it was "a shared cause" for a whole window (57 s at three
     vantages, against 3 s for the same fault alone). A peer has come back when its results since
-    its newest failure, all successes, would be that many less than one time in
-    `1 / peers.significance` if it still failed as often as this region over the verdict window,
+    its newest failure, all successes, would be that many less than the error tests'
+    `false_alarm_rate` (the least) if it still failed as often as this region over the verdict window,
     or as the peer did there until its newest failure, whichever is less (ratios no one's
     failures chose: this region's worst run, a burst under a fault they share, made peers look
     recovered). The span from the earliest of their newest failures holds
@@ -231,6 +233,13 @@ def _recovered(view: RegionView, probe: str, alike: Iterable[str], now: float, p
     mine, my_bad = tally(view, probe, policy.window, now, policy)
     if not my_bad:
         return None
+    # As rare as the error tests ask of a finding: the check runs every pass, and a peer under a
+    # fault every region shares, probed 20 times a second, has thousands of failures each
+    # followed by a chance of a long clean run. At `peers.significance` (0.003) a 10% fault on
+    # every region, 1x10s, took both peers' runs of 55 for a recovery, and a region's burst (8
+    # of 33 in 3 s) was "worse than us-east-1 since ap-southeast-2, us-east-1 stopped failing"
+    # (closed loop, every region degrading, seed 2, 1,237 s in).
+    rare = min(test.false_alarm_rate for test in policy.errors)
     horizon = now - policy.window
     start = math.inf
     for name in alike:
@@ -246,7 +255,7 @@ def _recovered(view: RegionView, probe: str, alike: Iterable[str], now: float, p
         their_bad = failures_in(windows, last, last - horizon)
         ratio = min(my_bad / mine, their_bad / theirs if theirs else 1.0)
         clean = sum(w.count_after(last, now) for w in windows)
-        if (1 - ratio) ** clean >= policy.peers.significance:
+        if (1 - ratio) ** clean >= rare:
             return None
         start = min(start, last)
     return start if start < math.inf else None
