@@ -143,12 +143,13 @@ def errors_vs_peers(
     `since` (within `span`), with an effect size: worse means significant and `min_error_ratio`
     times theirs. A peer is alike when its own failures lean bad on the test `llr` steps and are
     more than a healthy target's noise (binomial tail at the acceptable ratio under
-    `peers.significance`), since `since`; or when its own test over `span` leans bad (`LEANING`
-    of the threshold), or its failures over the verdict window or the longest error horizon are
-    more than noise, unless this region fails significantly more there (from the earlier of the
-    two runs' starts, for a leaning test): one noise failure among a
-    hastened peer's few dozen results is not a shared cause; a peer sharing a fault is alike,
-    even where this region's run starts at a burst of its own. Unless the peers that are alike
+    `peers.significance`), since `since`; or when its failures over the verdict window or the
+    longest error horizon are more than noise, or its own test over `span` leans bad (`LEANING`
+    of the threshold, its run begun at most a verdict window before this region's), unless this
+    region fails significantly more there (from the earlier of the two runs' starts, for a
+    leaning test): one noise failure among a hastened peer's few dozen results is not a shared
+    cause; a peer sharing a fault is alike, even where this region's run starts at a burst of
+    its own. Unless the peers that are alike
     have come back while this region has not (`_recovered`)."""
     significance = policy.peers.significance
 
