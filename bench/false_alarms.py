@@ -8,10 +8,11 @@ Run:  .venv/bin/python bench/false_alarms.py [--failures 100000000] [--rate 3] [
 Each test of `policies/verdicts.yaml`'s `errors` is run on `--failures` failures of a target
 failing at the test's `acceptable` ratio at random (the gaps between failures drawn at once,
 geometric), its statistic carried from failure to failure (a success takes `good` off, never
-below zero, a failure adds `bad`) and started over at each trip. A gap longer than the threshold
-over `-good` leaves nothing of what came before it, so only runs of failures with shorter gaps
-between them are walked one by one. The judge's tests look back over a horizon (the verdict
-window, the patient test's 10 minutes), which can only drop trips: the figures are upper bounds.
+below zero, a failure adds `bad`) and started over at each trip. At least threshold / -good
+successes in a row leave nothing of what came before them, so only runs of failures with fewer
+between them are walked one by one (exact: the statistic is never cut short). The judge's tests
+look back over a horizon (the verdict window, the patient test's 10 minutes), which can only
+drop trips: the figures are upper bounds.
 Printed per test: its threshold, the trips, the results simulated, the average run to a trip,
 and the false trips a week at `--rate` results a second per probe (3: three vantages, each
 probing once a second) over `--tests` probes (6: the detection bench's 3 regions x 2 probes),

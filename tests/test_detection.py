@@ -421,30 +421,6 @@ def test_peers_come_back_from_a_shared_fault_only_by_a_clean_run_rare_at_their_o
     assert (_recovered(view, "api", sorted(peers), now, POLICY) is not None) == recovered
 
 
-def test_a_burst_of_extra_runs_with_no_peer_result_in_its_span_waits_for_the_peers():
-    # eu-west-1 fails five extra runs in half a second; its peers, probed every second, have no
-    # result in that half second yet. Held at once ("no result yet from ... to compare with"),
-    # a 40% fault every region shared blamed the first region to fail, 0.7 s after its onset.
-    from controller.judging.peers import errors_vs_peers  # noqa: PLC0415 - the one function under test
-
-    store = WindowStore(POLICY.history)
-    for region in REGIONS:
-        for i in range(60):
-            store.add(Result(region, "api", "controller", 1000.0 + i, ok=True, latency=0.05))
-    burst = [1059.2 + 0.1 * k for k in range(5)]
-    for at in burst:
-        store.add(Result("eu-west-1", "api", "controller", at, ok=False, latency=0.05))
-    now = burst[-1] + 0.05
-    peers = {r: RegionView(r, ("api",), store.region(r)) for r in REGIONS if r != "eu-west-1"}
-    view = RegionView("eu-west-1", ("api",), store.region("eu-west-1"), peers=peers)
-    check = errors_vs_peers(view, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window)
-    assert (check.apart, check.waiting, check.set_apart) == (False, True, False), check
-    assert check.text() == f"too few results yet from {', '.join(sorted(peers))} to compare with"
-    # With no peer reporting the probe at all, the finding stands.
-    alone = RegionView("eu-west-1", ("api",), store.region("eu-west-1"))
-    assert errors_vs_peers(alone, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window).set_apart
-
-
 def _hastened(store: WindowStore, region: str, start: float, count: int, failed: set[int], every: float = 0.018):
     """`count` api results of `region` from `start`, one every `every` s in turn at each vantage,
     the `failed` ones (by index) failing."""
@@ -459,6 +435,29 @@ def _errors_check(store: WindowStore, region: str, since: float, now: float) -> 
     peers = {r: RegionView(r, ("api",), store.region(r)) for r in REGIONS if r != region}
     view = RegionView(region, ("api",), store.region(region), peers=peers)
     return errors_vs_peers(view, "api", since, now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window)
+
+
+def test_a_burst_of_extra_runs_with_no_peer_result_in_its_span_waits_for_the_peers():
+    # eu-west-1 fails five extra runs in half a second; its peers, probed every second, have no
+    # result in that half second yet. Held at once ("no result yet from ... to compare with"),
+    # a 40% fault every region shared blamed the first region to fail, 0.7 s after its onset.
+    from controller.judging.peers import errors_vs_peers  # noqa: PLC0415 - the one function under test
+
+    store = WindowStore(POLICY.history)
+    for region in REGIONS:
+        for i in range(60):
+            store.add(Result(region, "api", "controller", 1000.0 + i, ok=True, latency=0.05))
+    burst = [1059.2 + 0.1 * k for k in range(5)]
+    for at in burst:
+        store.add(Result("eu-west-1", "api", "controller", at, ok=False, latency=0.05))
+    now = burst[-1] + 0.05
+    check = _errors_check(store, "eu-west-1", burst[0], now)
+    assert (check.apart, check.waiting, check.set_apart) == (False, True, False), check
+    peers = sorted(r for r in REGIONS if r != "eu-west-1")
+    assert check.text() == f"too few results yet from {', '.join(peers)} to compare with"
+    # With no peer reporting the probe at all, the finding stands.
+    alone = RegionView("eu-west-1", ("api",), store.region("eu-west-1"))
+    assert errors_vs_peers(alone, "api", burst[0], now, POLICY, Llr.of(POLICY.errors[0]), POLICY.window).set_apart
 
 
 def _a_minute_at_one_a_second(store: WindowStore) -> None:
@@ -615,7 +614,7 @@ def _burst_world(policy: VerdictPolicy) -> Judge:
 
 def test_a_cluster_of_noise_failures_while_hastened_is_not_held_by_the_patient_error_test():
     # At 1e-6 the patient test (0.1% against 3%) crossed ln(0.99/1e-6) = 13.8 with 7 failures in
-    # 208 results (17.9 in the bench's evidence; 18.4 at 1e-8), and the quorum and peer checks held it: one
+    # 208 results (17.9 in the bench's evidence), and the quorum and peer checks held it: one
     # false verdict in 7 simulated days at 3x1s. Its average run to a false trip is about 1e8
     # results (`bench/false_alarms.py`), and the bench's 3x1s world makes 1.1e7 a week: 0.11
     # false trips a week, more in a deployment with more regions and probes. At 1e-8 (18.4) it
