@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
+from controller.judging.baselines import Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.findings import unconfirmed
 from controller.judging.peers import PeerCheck
@@ -742,3 +743,80 @@ def test_a_region_failing_every_probe_is_never_healthy_while_its_peers_have_too_
 def test_a_finding_the_peers_do_not_set_apart_is_shared_held_unknown_or_ok(held, peers, never_healthy, expected):
     view = RegionView("eu-west-1", PROBES, {}, held=held)
     assert unconfirmed(view, peers, "failing", never_healthy=never_healthy) == expected
+
+
+# --- quiet probes ------------------------------------------------------------------------------
+
+
+def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_looks_say_every_pass():
+    # Each detector answers a probe it found nothing at from that look while nothing since can
+    # change it (`findings.Quiet`, the slowdown screen's bound). Beside a judge whose detectors
+    # are new every pass (a full look at every probe, every pass, on a store of its own fed the
+    # same results), every status, reason and trouble must be the same at every pass: through
+    # healthy noise; a path failing 15% and slow; the region down; a vantage that stops reporting
+    # for a while, then its results arriving late; the recovery; a probe whose results thin out
+    # to a tenth after a failure, so that its window's success ratio falls with no new result
+    # failing (what `ThresholdDetector._quiet_until` bounds); and a probe that stops reporting.
+    scenario = Scenario(
+        "failing and slow", "eu-west-1", ("eu-west-1",), ("api",), error_ratio=0.15, latency_factor=3.0, onset=600.0
+    )
+    late: list[Result] = []
+    thinned = [0]  # healthz results since 780; past a million once the failure is in
+
+    def edit(result: Result, t: float) -> Result | None:
+        ours = result.region == "eu-west-1"
+        if result.vantage == VANTAGES[2] and 640 <= t < 700:
+            late.append(result)  # held back: they come at t >= 700, late
+            return None
+        if result.region == "us-east-1" and result.probe == "healthz" and t >= 850:
+            return None  # no more results: unknown once they are stale
+        if ours and 660 <= t < 720:  # down
+            return replace(result, ok=False, latency=2.0, error_class="timeout", status=None)
+        if ours and result.probe == "api" and t >= 720:  # the fault is over
+            return replace(result, ok=True, latency=result.latency / 3, error_class=None, status=200)
+        if ours and result.probe == "healthz" and t >= 780:  # one in ten kept, the first after 785 failed
+            thinned[0] += 1
+            if thinned[0] % 10:
+                return None
+            if t >= 785 and thinned[0] < 10**6:
+                thinned[0] = 10**6
+                return replace(result, ok=False, error_class="status", status=503)
+        return result
+
+    stream = Stream(scenario, seed=3)
+    stores = WindowStore(POLICY.history), WindowStore(POLICY.history)
+    keeping = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
+    baselines = Baselines(POLICY)
+    looking = Judge(detectors_for(POLICY, baselines), dict.fromkeys(REGIONS, PROBES), POLICY)
+    tick, quiet_answers, seen = stream.start + 1.0, 0, set()
+    for result in stream.results(920):
+        while result.started_at >= tick:
+            looking.detectors = detectors_for(POLICY, baselines)
+            for store, judge in zip(stores, (keeping, looking), strict=True):
+                store.trim(tick)
+                judge.judge(store, tick)
+            for region in REGIONS:
+                kept, looked = keeping.verdicts[region], looking.verdicts[region]
+                assert (kept.status, kept.reasons, kept.troubles) == (looked.status, looked.reasons, looked.troubles)
+                quiet_answers += sum(
+                    "counted_ago" in e for e in kept.evidence["threshold"].values() if isinstance(e, dict)
+                )
+                seen.update((tick - stream.start, kept.status, reason) for reason in kept.reasons or ("",))
+            tick += 1.0
+        t = result.started_at - stream.start
+        edited = edit(result, t)
+        arriving = [edited] if edited is not None else []
+        if t >= 700 and late:
+            arriving += late
+            late.clear()
+        for store in stores:
+            for one in arriving:
+                store.add(one)
+    # The world did what it says (the path failing found, the region down, the thinned probe's
+    # ratio below the limit with no new failure, the silent probe unknown), and most answers
+    # were the last look's.
+    assert any(600 < t < 660 and status == "degraded" and "api: " in r for t, status, r in seen)
+    assert any(660 < t < 720 and status == "unhealthy" and "the last 3 results" in r for t, status, r in seen)
+    assert any(t > 800 and r.startswith("healthz: ") and "below 95%" in r for t, _status, r in seen)
+    assert any(t > 880 and status == "unknown" and "no result in the last 30s" in r for t, status, r in seen)
+    assert quiet_answers > 1000

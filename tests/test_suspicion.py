@@ -234,6 +234,25 @@ def test_a_result_far_slower_than_usual_earns_one_extra_run_and_each_such_result
     assert suspects(windows, PROBES, healthy, T0 + 60, with_suspicion(far_slower_runs=0)) == {}
 
 
+@pytest.mark.parametrize("screen_limit", [0.015, 0.03])
+def test_a_far_slower_result_is_found_after_passes_that_found_none_whatever_the_slow_screen_s_limit(screen_limit):
+    # The suspects look again at a window only when a success slower than the slow screen's limit
+    # came since they found none (`Window.far_seen`): with the screen's limit under twice the
+    # median (0.015) such a success is counted; over it (0.03), one at 0.025 is not, and they
+    # must look anyway.
+    healthy = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=slow_evidence())}
+    windows = store()
+    window = windows.region("eu-west-1")["orders", "controller"]
+    window.slow_cusum(T0 + 60, 60.0, screen_limit, 1.6, -0.6)
+    for i in range(3):  # passes that find nothing far slower, and results that are not
+        assert suspects(windows, PROBES, healthy, T0 + 60 + i, POLICY) == {}
+        windows.add(Result("eu-west-1", "orders", "controller", T0 + 60.5 + i, ok=True, latency=0.012))
+    assert window.far_seen is not None
+    windows.add(Result("eu-west-1", "orders", "controller", T0 + 63.5, ok=True, latency=0.025))
+    found = suspects(windows, PROBES, healthy, T0 + 64, POLICY)
+    assert list(found) == [("eu-west-1", "orders", "controller")]
+
+
 def test_results_since_slower_matches_a_plain_walk_back():
     rng = random.Random(7)
     for _ in range(200):

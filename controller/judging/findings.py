@@ -5,6 +5,8 @@ then against the peers). Which vantages are fresh: `windows.fresh_look`.
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.verdicts import Assessment, RegionView, Status, finish
@@ -31,6 +33,44 @@ TROUBLE_STATES = BAD_STATES | {"shared", "shared-down"}
 # nothing is held against it. For errors that is two close failures (one is noise); for latency,
 # slow outcomes that also clear the effect size.
 LEANING = 0.5
+
+
+# A probe a detector found nothing at is looked at in full again at least this often (seconds).
+# In between, while nothing has come that could change what it found (`Quiet.holds`), the
+# detector answers what it found then: at 10,000 series most probes are quiet most passes, and a
+# full look at each, every pass, was most of the judge's time. Its evidence says how many seconds
+# old its figures are (`counted_ago`).
+QUIET_FOR = 10.0
+
+
+def quiet_until(now: float, region: str, probe: str) -> float:
+    """When a probe found quiet at `now` is looked at in full again at the latest: `QUIET_FOR` on,
+    less up to half of it by the probe (the same every run): probes first seen together, as at
+    a start, come due in different passes, not all in one."""
+    spread = zlib.crc32(f"{region}\0{probe}".encode()) % 1024 / 2048
+    return now + QUIET_FOR * (1 - spread)
+
+
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """What a detector found nothing at: when it looked (`at`), until when that holds at most,
+    the probe's fresh vantages then, a count its windows keep that grows with whatever could
+    change it (failures added, say: see `Window.failed_added`), that count then, and the evidence."""
+
+    at: float
+    until: float
+    vantages: tuple[str, ...]
+    count: int
+    evidence: dict[str, Any]
+
+    def holds(self, fresh: Mapping[str, Window], now: float, count: int) -> bool:
+        """Whether what it found still holds at `now`: the same fresh vantages, nothing counted
+        since, the clock between `at` and `until`."""
+        return self.count == count and self.at <= now < self.until and tuple(fresh) == self.vantages
+
+    def evidence_at(self, now: float) -> dict[str, Any]:
+        """The evidence found then, and how old its figures are at `now`."""
+        return {**self.evidence, "counted_ago": round(now - self.at, 3)}
 
 
 # One tuple per distinct set of names shown in evidence (vantages), kept: the collector untracks a

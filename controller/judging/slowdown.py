@@ -46,6 +46,24 @@ class SlowdownDetector(SequentialDetector):
         self._shown: dict[
             tuple[str, str], tuple[tuple[tuple[str, Baseline], ...], dict[str, Any], dict[str, float]]
         ] = {}
+        # Where the screen last stood below where anything starts, by (region, probe): the
+        # baselines then, when, the fresh vantages, their windows' `slow_added`, the screen, and
+        # how each window's screen counted (`Window.slow_screen`: the same while it carries on). A
+        # slow outcome adds at most `llr.bad` to it, and nothing else raises it (a result that
+        # came late, or the screen's limit lost, counts as slow: see `Window.add`), so while
+        # that many more would still leave it below, the screen need not look (`_probe_steps`):
+        # it then answers at most that, and looks when it could be more.
+        self._quiet: dict[
+            tuple[str, str],
+            tuple[
+                tuple[tuple[str, Baseline], ...],
+                float,
+                tuple[str, ...],
+                int,
+                float,
+                tuple[tuple[str, tuple[float, float, float, float] | None], ...],
+            ],
+        ] = {}
 
     def _screen(self, windows: Mapping[str, Window], limits: Mapping[str, float], now: float) -> float:
         """At least the slowdown statistic of the windows with a limit over the verdict window (what the
@@ -90,10 +108,28 @@ class SlowdownDetector(SequentialDetector):
             return "ok", None
         # The effect size is looked at from where suspicion starts (see judging.suspicion).
         start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
+        # The screen as it stood, and what slow outcomes came since could have added at most.
+        slow = sum([windows[v].slow_added for v in limits])
+        quiet = self._quiet.get((region, probe))
+        if (
+            quiet is not None
+            and quiet[0] is shown
+            and quiet[1] <= now
+            and quiet[2] == tuple(windows)
+            and all(windows[v].slow_screen is screen for v, screen in quiet[5])  # no other screen since
+        ):
+            bound = quiet[4] + (slow - quiet[3]) * self.llr.bad
+            if bound < start * self.llr.threshold:
+                evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
+                return "ok", None
         bound = self._screen(windows, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
+            if not any(w.stamped_after(now) for w in windows.values()):  # all carried by the screen
+                screens = tuple([(v, windows[v].slow_screen) for v in limits])
+                self._quiet[region, probe] = (shown, now, tuple(windows), slow, bound, screens)
             return "ok", None
+        self._quiet.pop((region, probe), None)
         yield
         with_base = {v: windows[v] for v in limits}
         run = cusum(slower_of(with_base, limits, now, p.window), self.llr)

@@ -177,7 +177,18 @@ def _far_slower(
             median = base.get("median") if isinstance(base, dict) else None
             if window is None or not median:
                 continue
-            after = window.results_since_slower(far * median, runs, since)
+            slower = far * median
+            seen, screen = window.far_seen, window.slow_screen
+            if (
+                seen is not None
+                and seen[0] == slower
+                and seen[1] == window.slow_added
+                and seen[2] is screen
+                and (screen is None or screen[0] <= slower)
+            ):
+                continue  # none found last time, and no success since slower than the screen's limit
+            after = window.results_since_slower(slower, runs, since)
+            window.far_seen = (slower, window.slow_added, screen) if after is None else None
             if after is not None:
                 why = f"a result over {far:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
                 out[probe, vantage] = Suspicion(why, runs - after, _newest(window))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import binom
@@ -9,10 +10,12 @@ from scipy.stats import binom
 from controller.judging.findings import (
     BAD_STATES,
     TROUBLE_STATES,
+    Quiet,
     classes_text,
     errors_text,
     held_text,
     names,
+    quiet_until,
     quorum,
     region_status,
     run_start,
@@ -21,7 +24,7 @@ from controller.judging.findings import (
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers, wider_trouble
 from controller.judging.sequential import Llr, fails_more
 from controller.judging.verdicts import Assessment, RegionView, finish
-from controller.judging.windows import AT, OK, WindowStats
+from controller.judging.windows import AT, OK, WindowStats, span_view
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterable, Mapping
@@ -48,6 +51,7 @@ class ThresholdDetector:
         self.policy = policy
         self.llr = Llr.of(policy.errors[0])  # whose steps say whether a peer fails too
         self.q_name = f"latency_p{round(policy.latency.quantile * 100):d}"  # the quantile's name in evidence
+        self._quiet: dict[tuple[str, str], Quiet] = {}  # (region, probe) -> what it found nothing at
 
     def assess(self, view: RegionView, now: float) -> Assessment:
         return finish(self.steps(view, now))
@@ -65,7 +69,7 @@ class ThresholdDetector:
         evidence: dict[str, Any] = {}
         for probe in view.probes:
             yield
-            state, reason, evidence[probe] = self._probe(view, probe, now)
+            state, reason, evidence[probe] = self._quietly(view, probe, now)
             states[probe] = state
             if reason:
                 reasons.append(f"{probe}: {reason}")
@@ -107,6 +111,57 @@ class ThresholdDetector:
             if check.set_apart:
                 return check
         return None
+
+    def _quietly(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
+        """`_probe`, or what it found last where that holds (`Quiet`): it found nothing; no
+        result since failed or took longer than the objective (those are all that can break it
+        while its figures last: `_quiet_until`); the same vantages are fresh."""
+        p = self.policy
+        fresh = view.fresh_of(probe, now, p.stale_after)
+        count = sum([w.failed_added + w.over_watch for w in fresh.values()])
+        key = (view.region, probe)
+        quiet = self._quiet.get(key)
+        if quiet is not None and quiet.holds(fresh, now, count):
+            evidence = quiet.evidence_at(now)
+            evidence["last_result_age"] = round(view.newest_age(probe, now, p.stale_after) or 0.0, 3)
+            return "ok", None, evidence
+        state, reason, evidence = self._probe(view, probe, now)
+        until = self._quiet_until(view, probe, fresh, now, evidence) if state == "ok" and reason is None else now
+        if until > now:
+            for window in fresh.values():  # from now on, a result slower than it is counted
+                if not window.watch <= p.latency.threshold or window.watch == -math.inf:
+                    window.watch = p.latency.threshold  # lowered only (another objective may watch)
+            self._quiet[key] = Quiet(now, until, tuple(fresh), count, evidence)
+        else:
+            self._quiet.pop(key, None)
+        return state, reason, evidence
+
+    def _quiet_until(
+        self, view: RegionView, probe: str, fresh: Mapping[str, Window], now: float, evidence: Mapping[str, Any]
+    ) -> float:
+        """Until when a probe found `ok` stays so while no result fails or takes longer than the
+        objective (`now` when it may not): its quantile cannot pass the objective while none of
+        its successes over the window did (the slowest of them is within it), and its success
+        ratio and count hold while enough of its results are within the window, the failures
+        counted now being the most it can have. Whichever comes first of that and `quiet_until`."""
+        p = self.policy
+        if not fresh:
+            return now
+        latencies = span_view(tuple(fresh.values()), now, p.window).latencies  # `_probe` moved it to `now`
+        if latencies and latencies[-1] > p.latency.threshold:
+            return now
+        failures = evidence.get("failures") or 0
+        needed = max(p.min_samples, math.ceil(failures / (1 - p.degraded_below)) if p.degraded_below < 1 else 0)
+        while (needed - failures) / needed < p.degraded_below:  # the ratio `_limits` compares, exactly
+            needed += 1
+        newest: list[float] = []
+        for window in fresh.values():
+            newest.extend(window.starts_within(now - p.window, now, needed))
+        if len(newest) < needed:
+            return now
+        newest.sort()
+        # Absent new results, `needed` of them are within the window while the needed-th newest is.
+        return min(quiet_until(now, view.region, probe), newest[-needed] + p.window)
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)

@@ -310,7 +310,12 @@ class Window:
         "_version",
         "_view",
         "added",
+        "failed_added",
+        "far_seen",
+        "over_watch",
+        "slow_added",
         "span",
+        "watch",
     )
 
     def __init__(self, span: float) -> None:
@@ -337,6 +342,18 @@ class Window:
         # The last answer of `samples`: (now, span, version, samples).
         self._looked: tuple[float, float, int, list[Sample]] | None = None
         self.added = 0  # how many results were ever added
+        # What tells a detector that found nothing here whether anything added since can change
+        # that (see `findings.Quiet`), each counted as results are added: how many failed; how
+        # many succeeded slower than `watch` (the latency objective, set by the threshold
+        # detector; every success counts until then); how many succeeded slower than the slow
+        # screen's limit (`slow_cusum`; every success while it has none).
+        self.watch = -math.inf
+        self.failed_added = 0
+        self.over_watch = 0
+        self.slow_added = 0
+        # What the suspects found of it last (`suspicion._far_slower`): no success slower than a
+        # latency among its newest results, as of its `slow_added`, with the screen then.
+        self.far_seen: tuple[float, int, tuple[float, float, float, float] | None] | None = None
         self._view: _SpanView | None = None  # its probe's (see `span_view`)
         self._alone: _SpanView | None = None  # its own, when asked alone
         # The slow screen (`slow_cusum`): what it was carried as (limit, span, bad, good; None
@@ -407,10 +424,19 @@ class Window:
             self._latency.append(_stored(result.latency))
             self._kind.append(kind)
         if not ok:
+            self.failed_added += 1
             if self._failed_at and at < self._failed_at[-1]:
                 self._failed_at = deque(sorted([*self._failed_at, at]))
             else:
                 self._failed_at.append(at)
+        else:
+            latency = result.latency
+            if latency > self.watch:
+                self.over_watch += 1
+            screen = self._slow_as
+            # Over the limit as the screen reads it (kept to the microsecond, see `US`), or near it.
+            if screen is None or latency * (1 + 1e-6) + 1e-6 > screen[0]:
+                self.slow_added += 1
         if len(self) > MAX_SAMPLES:
             dropped_ok = self._ok[self._head]
             self._head += 1
@@ -486,6 +512,17 @@ class Window:
         for ok in self._ok[lo:hi]:
             statistic = max(0.0, statistic + (good if ok else bad))
         return statistic
+
+    @property
+    def slow_screen(self) -> tuple[float, float, float, float] | None:
+        """How the slow screen counts (limit, span, bad, good; see `slow_cusum`), as one object
+        while it carries on (a new one when it starts over); None while it has none. While it
+        is the same object, `slow_added` counted every success slower than its limit."""
+        return self._slow_as
+
+    def stamped_after(self, now: float) -> bool:
+        """Whether a kept sample started after `now` (an agent's clock ahead of this one)."""
+        return len(self) > 0 and self._at[-1] > now
 
     def first_at(self) -> float | None:
         """When the oldest kept sample started; None without any (a window is trimmed about every
@@ -639,6 +676,11 @@ class Window:
         for any `at` up to `now`, one bisect (the error tests ask it of every failure time)."""
         end = bisect_right(self._at, now, self._head)
         return self._at, self._head, end
+
+    def starts_within(self, after: float, now: float, count: int) -> array[float]:
+        """When the newest `count` samples within (after, now] started (fewer when fewer are)."""
+        lo, hi = self._within(after, now)
+        return self._at[max(lo, hi - count) : hi]
 
     def count_after(self, at: float, now: float) -> int:
         """How many samples started within (at, now]."""
