@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 from controller.judging.findings import (
     BAD_STATES,
     LEANING,
+    Quiet,
     SequentialDetector,
+    quiet_until,
     run_evidence,
     vantages_text,
 )
@@ -41,12 +43,21 @@ class ErrorDetector(SequentialDetector):
     def __init__(self, policy: VerdictPolicy) -> None:
         self.policy = policy
         self.tests = [(test, Llr.of(test), policy.horizon(test)) for test in policy.errors]
+        self._quiet: dict[tuple[str, str], Quiet] = {}  # (region, probe) -> what it found nothing at
 
     def _probe(self, view: RegionView, probe: str, now: float, evidence: dict[str, Any]) -> tuple[str, str | None]:
         p = self.policy
         windows = view.fresh_of(probe, now, p.stale_after)
         if not windows:
             return "unknown", None
+        # Found nothing at its last look, and no failure since: still nothing (no test's statistic
+        # grows without a failure: successes lower it, and results leaving a horizon take runs away).
+        count = sum([w.failed_added for w in windows.values()])
+        key = (view.region, probe)
+        quiet = self._quiet.get(key)
+        if quiet is not None and quiet.holds(windows, now, count):
+            evidence.update(quiet.evidence_at(now))
+            return "ok", None
         outcome: tuple[str, str | None] = ("ok", None)
         best = 0.0
         # Nothing from before the region's last recovery: one stray failure after it must not
@@ -104,4 +115,8 @@ class ErrorDetector(SequentialDetector):
             if outcome[0] in BAD_STATES or outcome[0] == "shared":
                 break
         evidence.setdefault("llr", 0.0)
+        if outcome == ("ok", None) and not evidence.get("leaning"):
+            self._quiet[key] = Quiet(now, quiet_until(now, view.region, probe), tuple(windows), count, dict(evidence))
+        else:
+            self._quiet.pop(key, None)
         return outcome

@@ -40,7 +40,7 @@ LEANING = 0.5
 # detector answers what it found then: at 10,000 series most probes are quiet most passes, and a
 # full look at each, every pass, was most of the judge's time. Its evidence says how many seconds
 # old its figures are (`counted_ago`).
-QUIET_FOR = 10.0
+QUIET_FOR = 30.0
 
 
 def quiet_until(now: float, region: str, probe: str) -> float:

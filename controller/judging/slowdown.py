@@ -39,6 +39,7 @@ class SlowdownDetector(SequentialDetector):
     def __init__(self, policy: VerdictPolicy, baselines: Baselines | None = None) -> None:
         self.policy = policy
         self.llr = Llr.of(policy.slowdown)
+        self._threshold = round(self.llr.threshold, 3)  # as evidence shows it
         self.baselines = baselines if baselines is not None else Baselines(policy)
         # The baselines each probe's evidence shows, as last shown, with the limits they set: the
         # same map again while they are unchanged (most passes). A new map each pass was two
@@ -48,7 +49,7 @@ class SlowdownDetector(SequentialDetector):
         ] = {}
         # Where the screen last stood below where anything starts, by (region, probe): the
         # baselines then, when, the fresh vantages, their windows' `slow_added`, the screen, and
-        # how each window's screen counted (`Window.slow_screen`: the same while it carries on). A
+        # their `slow_restarts` (while the same, each screen carried on at the same limit). A
         # slow outcome adds at most `llr.bad` to it, and nothing else raises it (a result that
         # came late, or the screen's limit lost, counts as slow: see `Window.add`), so while
         # that many more would still leave it below, the screen need not look (`_probe_steps`):
@@ -61,7 +62,7 @@ class SlowdownDetector(SequentialDetector):
                 tuple[str, ...],
                 int,
                 float,
-                tuple[tuple[str, tuple[float, float, float, float] | None], ...],
+                int,
             ],
         ] = {}
 
@@ -110,24 +111,25 @@ class SlowdownDetector(SequentialDetector):
         start = min(LEANING, p.suspicion.slow_fraction) if p.suspicion.enabled else LEANING
         # The screen as it stood, and what slow outcomes came since could have added at most.
         slow = sum([windows[v].slow_added for v in limits])
+        restarts = sum([windows[v].slow_restarts for v in limits])
         quiet = self._quiet.get((region, probe))
         if (
             quiet is not None
             and quiet[0] is shown
             and quiet[1] <= now
+            and quiet[5] == restarts  # no screen started over since (another limit, a late result)
             and quiet[2] == tuple(windows)
-            and all(windows[v].slow_screen is screen for v, screen in quiet[5])  # no other screen since
         ):
             bound = quiet[4] + (slow - quiet[3]) * self.llr.bad
             if bound < start * self.llr.threshold:
-                evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
+                evidence.update(llr_at_most=round(bound, 3), threshold=self._threshold)
                 return "ok", None
         bound = self._screen(windows, limits, now)
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
-            evidence.update(llr_at_most=round(bound, 3), threshold=round(self.llr.threshold, 3))
+            evidence.update(llr_at_most=round(bound, 3), threshold=self._threshold)
             if not any(w.stamped_after(now) for w in windows.values()):  # all carried by the screen
-                screens = tuple([(v, windows[v].slow_screen) for v in limits])
-                self._quiet[region, probe] = (shown, now, tuple(windows), slow, bound, screens)
+                restarts = sum([windows[v].slow_restarts for v in limits])  # the screen's own, if any
+                self._quiet[region, probe] = (shown, now, tuple(windows), slow, bound, restarts)
             return "ok", None
         self._quiet.pop((region, probe), None)
         yield

@@ -168,30 +168,47 @@ def _far_slower(
     if runs <= 0:
         return out
     by_probe = windows.by_probe(region)
+    # By probe, where none of its windows had one: the baselines shown then (the same map while
+    # they are unchanged) and its windows' `slow_added` and `slow_restarts`, summed.
+    notes: dict[tuple[str, str], tuple[Any, int, int]] = windows.notes.setdefault("far_slower", {})
     for probe, found in (evidence.get("slowdown") or {}).items():
         vantages = by_probe.get(probe)
         if not isinstance(found, dict) or not vantages:
             continue
-        for vantage, base in (found.get("baseline") or {}).items():
+        baselines = found.get("baseline") or {}
+        added = sum([w.slow_added for w in vantages.values()])
+        restarts = sum([w.slow_restarts for w in vantages.values()])
+        note = notes.get((region, probe))
+        if note is not None and note[0] is baselines and note[1] == added and note[2] == restarts:
+            continue  # none last time, and no success since slower than any screen's limit
+        none = True
+        for vantage, base in baselines.items():
             window = vantages.get(vantage)
             median = base.get("median") if isinstance(base, dict) else None
             if window is None or not median:
                 continue
             slower = far * median
             seen, screen = window.far_seen, window.slow_screen
+            counted = screen is None or screen[0] <= slower  # every success slower is in `slow_added`
+            none = none and counted
             if (
                 seen is not None
                 and seen[0] == slower
                 and seen[1] == window.slow_added
-                and seen[2] is screen
-                and (screen is None or screen[0] <= slower)
+                and seen[2] == window.slow_restarts
+                and counted
             ):
-                continue  # none found last time, and no success since slower than the screen's limit
+                continue  # the same for one window
             after = window.results_since_slower(slower, runs, since)
-            window.far_seen = (slower, window.slow_added, screen) if after is None else None
+            window.far_seen = (slower, window.slow_added, window.slow_restarts) if after is None else None
             if after is not None:
+                none = False
                 why = f"a result over {far:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
                 out[probe, vantage] = Suspicion(why, runs - after, _newest(window))
+        if none and baselines:
+            notes[region, probe] = (baselines, added, restarts)
+        else:
+            notes.pop((region, probe), None)
     return out
 
 

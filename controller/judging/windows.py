@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import compress, repeat
 from itertools import count as serial_numbers
 from operator import not_
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Iterable, Mapping
@@ -43,6 +43,9 @@ TRIM_SECONDS = 8.0
 # from parallel runs on suspicion, a few a pass; a view that missed more starts over.
 LATE_KEPT = 32
 _SERIALS = serial_numbers()
+# The windows holding the answer of a `samples` look, whatever their store: what
+# `WindowStore.forget_looks_steps` lets go of (a window may be in it twice, or already let go).
+_LOOKED: list[Window] = []
 # Samples one window keeps at most between two trims: a probe every 10 ms for 100 s. It bounds
 # memory when results arrive faster than anyone trims; real probes never come near it.
 MAX_SAMPLES = 10_000
@@ -162,6 +165,11 @@ def _class_number(error_class: str | None) -> int:
     return number
 
 
+# A span view this many seconds behind is started over rather than moved on (see `span_view`): a
+# move costs a sorted insertion and a deletion per result, starting over one sort of the span's
+# latencies, about what a move over 8 s of results costs (5 vantages, a result a second each).
+REBUILD_AFTER = 8.0
+
 # Up to this many samples are read one by one (the newest few, each tick), more by slicing the
 # columns at once.
 FEW = 4
@@ -263,7 +271,13 @@ def span_view(windows: tuple[Window, ...], now: float, span: float) -> _SpanView
     first = windows[0] if windows else None
     alone = len(windows) == 1
     view = (first._alone if alone else first._view) if first is not None else None  # noqa: SLF001
-    if view is None or view.serials != serials or view.span != span or not view.move(windows, now):
+    if (
+        view is None
+        or view.serials != serials
+        or view.span != span
+        or now - view.now > REBUILD_AFTER  # further behind than starting over costs
+        or not view.move(windows, now)
+    ):
         view = _SpanView(windows, serials, now, span)
         if first is not None and alone:
             first._alone = view  # noqa: SLF001
@@ -301,7 +315,6 @@ class Window:
         "_looked",
         "_ok",
         "_serial",
-        "_slow_as",
         "_slow_now",
         "_slow_seen",
         "_slow_statistic",
@@ -314,6 +327,8 @@ class Window:
         "far_seen",
         "over_watch",
         "slow_added",
+        "slow_restarts",
+        "slow_screen",
         "span",
         "watch",
     )
@@ -352,14 +367,17 @@ class Window:
         self.over_watch = 0
         self.slow_added = 0
         # What the suspects found of it last (`suspicion._far_slower`): no success slower than a
-        # latency among its newest results, as of its `slow_added`, with the screen then.
-        self.far_seen: tuple[float, int, tuple[float, float, float, float] | None] | None = None
+        # latency among its newest results, as of its `slow_added` and `slow_restarts`.
+        self.far_seen: tuple[float, int, int] | None = None
         self._view: _SpanView | None = None  # its probe's (see `span_view`)
         self._alone: _SpanView | None = None  # its own, when asked alone
-        # The slow screen (`slow_cusum`): what it was carried as (limit, span, bad, good; None
-        # to start over), the clock then, how many of `added` it has seen, its statistic, and
+        # The slow screen (`slow_cusum`): what it is carried as (limit, span, bad, good; None
+        # to start over; read it, do not change it), how many times it started over or was
+        # told to (while that count is the same, `slow_added` counted every success slower
+        # than its limit), the clock then, how many of `added` it has seen, its statistic, and
         # the newest start time seen with what its slow outcomes added.
-        self._slow_as: tuple[float, float, float, float] | None = None
+        self.slow_screen: tuple[float, float, float, float] | None = None
+        self.slow_restarts = 0
         self._slow_now = -math.inf
         self._slow_seen = 0
         self._slow_statistic = 0.0
@@ -417,7 +435,8 @@ class Window:
                 for column in (self._late_index, self._late_ok, self._late_latency):
                     del column[: LATE_KEPT // 2]
                 self._late_first += LATE_KEPT // 2
-            self._slow_as = None  # nor the slow screen's count of what it has seen
+            self.slow_screen = None  # nor the slow screen's count of what it has seen
+            self.slow_restarts += 1
         else:
             self._at.append(at)
             self._ok.append(ok)
@@ -433,7 +452,7 @@ class Window:
             latency = result.latency
             if latency > self.watch:
                 self.over_watch += 1
-            screen = self._slow_as
+            screen = self.slow_screen
             # Over the limit as the screen reads it (kept to the microsecond, see `US`), or near it.
             if screen is None or latency * (1 + 1e-6) + 1e-6 > screen[0]:
                 self.slow_added += 1
@@ -475,8 +494,9 @@ class Window:
         at, ok, latency = self._at, self._ok, self._latency
         seen = self._slow_seen
         how = (limit, span, bad, good)
-        if how != self._slow_as or now < self._slow_now or not 0 <= self.added - seen <= len(at) - self._head:
-            self._slow_as = how
+        if how != self.slow_screen or now < self._slow_now or not 0 <= self.added - seen <= len(at) - self._head:
+            self.slow_screen = how
+            self.slow_restarts += 1
             statistic, tie_at, tie_bad = 0.0, math.nan, 0.0
             seen = self.added - self.count_after(now - span, math.inf)
         else:
@@ -512,13 +532,6 @@ class Window:
         for ok in self._ok[lo:hi]:
             statistic = max(0.0, statistic + (good if ok else bad))
         return statistic
-
-    @property
-    def slow_screen(self) -> tuple[float, float, float, float] | None:
-        """How the slow screen counts (limit, span, bad, good; see `slow_cusum`), as one object
-        while it carries on (a new one when it starts over); None while it has none. While it
-        is the same object, `slow_added` counted every success slower than its limit."""
-        return self._slow_as
 
     def stamped_after(self, now: float) -> bool:
         """Whether a kept sample started after `now` (an agent's clock ahead of this one)."""
@@ -586,6 +599,8 @@ class Window:
         if looked is not None and looked[0] == now and looked[1] == span and looked[2] == self._version:
             return looked[3]
         found = self._samples(*self._within(now - span, now))
+        if looked is None:
+            _LOOKED.append(self)
         self._looked = (now, span, self._version, found)
         return found
 
@@ -752,7 +767,11 @@ def fresh_look(windows: Mapping[str, Window], now: float, stale_after: float) ->
     fresh: dict[str, Window] = {}
     newest = None
     for name, window in windows.items():
-        age = window.age(now)
+        at = window._at  # noqa: SLF001 - `age`'s usual case, without the call: every window, every pass
+        if window._head < len(at) and at[-1] <= now and now - at[-1] < window.span:  # noqa: SLF001
+            age: float | None = now - at[-1]
+        else:
+            age = window.age(now)
         if age is None:
             continue
         if newest is None or age < newest:
@@ -778,6 +797,9 @@ class WindowStore:
         # newest one older than it asks about, and what it was last asked (now, within).
         self._failed: dict[str, dict[tuple[str, str], Window]] = {}
         self._failed_asked: dict[str, tuple[float, float]] = {}
+        # What a reader keeps between passes about these windows, by the reader's name (the
+        # suspects' look for results far slower than usual: `suspicion._far_slower`).
+        self.notes: dict[str, Any] = {}
 
     def add(self, result: Result) -> None:
         key = (result.region, result.probe, result.vantage)
@@ -835,12 +857,16 @@ class WindowStore:
         """Let every window go of the last `samples` answer it remembers: the judge does this
         when a judgement is done. Those answers are lists of samples (ten thousand windows hold
         six million references in them), and a list alive between two judgements is a container
-        every garbage collection walks. Yields every `FORGET_WINDOWS` windows, and first."""
+        every garbage collection walks. Only the windows that hold one are looked at (`_LOOKED`:
+        most probes are quiet, and their windows were not read). Yields every `FORGET_WINDOWS`
+        windows, and first."""
         yield
-        for count, window in enumerate(list(self._windows.values()), 1):
-            window.forget_looks()
-            if count % FORGET_WINDOWS == 0:
-                yield
+        while _LOOKED:
+            batch = _LOOKED[-FORGET_WINDOWS:]
+            del _LOOKED[-FORGET_WINDOWS:]
+            for window in batch:
+                window.forget_looks()
+            yield
 
     def trim(self, now: float) -> None:
         """`trim_steps` at once."""
