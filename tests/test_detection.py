@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom
 
 from controller.demo.streams import HEALTHY, PROBES, REGIONS, VANTAGES, Scenario, Stream, scenarios
+from controller.judging import findings
 from controller.judging.baselines import Baselines
 from controller.judging.detectors import detectors_for
 from controller.judging.findings import unconfirmed
@@ -748,7 +749,7 @@ def test_a_finding_the_peers_do_not_set_apart_is_shared_held_unknown_or_ok(held,
 # --- quiet probes ------------------------------------------------------------------------------
 
 
-def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_looks_say_every_pass():
+def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_looks_say_every_pass(monkeypatch):
     # Each detector answers a probe it found nothing at from that look while nothing since can
     # change it (`findings.Quiet`, the slowdown screen's bound). Beside a judge whose detectors
     # are new every pass (a full look at every probe, every pass, on a store of its own fed the
@@ -756,18 +757,29 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
     # healthy noise; a path failing 15% and slow; the region down; a vantage that stops reporting
     # for a while, then its results arriving late; the recovery; a probe whose results thin out
     # to a tenth after a failure, so that its window's success ratio falls with no new result
-    # failing (what `ThresholdDetector._quiet_until` bounds); and a probe that stops reporting.
+    # failing, and one after a few results over the latency objective, so that its quantile
+    # rises over it with no new one (what `ThresholdDetector._quiet_until` bounds); and a probe
+    # that stops reporting.
+    # Quiet answers last as long as their bounds allow, not QUIET_FOR: what a bound leaves out shows.
+    monkeypatch.setattr(findings, "QUIET_FOR", 3600.0)
     scenario = Scenario(
         "failing and slow", "eu-west-1", ("eu-west-1",), ("api",), error_ratio=0.15, latency_factor=3.0, onset=600.0
     )
     late: list[Result] = []
     thinned = [0]  # healthz results since 780; past a million once the failure is in
+    slowed = [0]
 
     def edit(result: Result, t: float) -> Result | None:
         ours = result.region == "eu-west-1"
         if result.vantage == VANTAGES[2] and 640 <= t < 700:
             late.append(result)  # held back: they come at t >= 700, late
             return None
+        if result.region == "ap-southeast-2" and result.probe == "healthz" and t >= 800:
+            if t < 808 and result.vantage == VANTAGES[0]:  # over the objective, a few
+                return replace(result, latency=1.5)
+            if t >= 808:  # then one in ten kept: the few become more than a tenth of the successes
+                slowed[0] += 1
+                return result if slowed[0] % 10 == 0 else None
         if result.region == "us-east-1" and result.probe == "healthz" and t >= 850:
             return None  # no more results: unknown once they are stale
         if ours and 660 <= t < 720:  # down
@@ -801,7 +813,7 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
                 quiet_answers += sum(
                     "counted_ago" in e for e in kept.evidence["threshold"].values() if isinstance(e, dict)
                 )
-                seen.update((tick - stream.start, kept.status, reason) for reason in kept.reasons or ("",))
+                seen.update((tick - stream.start, region, kept.status, r) for r in kept.reasons or ("",))
             tick += 1.0
         t = result.started_at - stream.start
         edited = edit(result, t)
@@ -815,8 +827,20 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
     # The world did what it says (the path failing found, the region down, the thinned probe's
     # ratio below the limit with no new failure, the silent probe unknown), and most answers
     # were the last look's.
-    assert any(600 < t < 660 and status == "degraded" and "api: " in r for t, status, r in seen)
-    assert any(660 < t < 720 and status == "unhealthy" and "the last 3 results" in r for t, status, r in seen)
-    assert any(t > 800 and r.startswith("healthz: ") and "below 95%" in r for t, _status, r in seen)
-    assert any(t > 880 and status == "unknown" and "no result in the last 30s" in r for t, status, r in seen)
+    by = {
+        (region, status): [(t, r) for t, g, s, r in seen if (g, s) == (region, status)]
+        for region, status in [
+            ("eu-west-1", "degraded"),
+            ("eu-west-1", "unhealthy"),
+            ("us-east-1", "unknown"),
+            ("ap-southeast-2", "healthy"),
+        ]
+    }
+    assert any(600 < t < 660 and "api: " in r for t, r in by["eu-west-1", "degraded"])
+    assert any(660 < t < 720 and "the last 3 results" in r for t, r in by["eu-west-1", "unhealthy"])
+    assert any(t > 800 and r.startswith("healthz: ") and "below 95%" in r for t, r in by["eu-west-1", "degraded"])
+    assert any(t > 880 and "no result in the last 30s" in r for t, r in by["us-east-1", "unknown"])
+    assert any(
+        845 < t < 868 and r.startswith("healthz: latency_p90 1500ms") for t, r in by["ap-southeast-2", "healthy"]
+    )
     assert quiet_answers > 1000

@@ -116,7 +116,9 @@ class ErrorDetector(SequentialDetector):
                 break
         evidence.setdefault("llr", 0.0)
         if outcome == ("ok", None) and not evidence.get("leaning"):
-            self._quiet[key] = Quiet(now, quiet_until(now, view.region, probe), tuple(windows), count, dict(evidence))
+            self._quiet[key] = Quiet(
+                now, quiet_until(now, view.region, probe, self.name), tuple(windows), count, dict(evidence)
+            )
         else:
             self._quiet.pop(key, None)
         return outcome

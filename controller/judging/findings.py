@@ -43,11 +43,13 @@ LEANING = 0.5
 QUIET_FOR = 30.0
 
 
-def quiet_until(now: float, region: str, probe: str) -> float:
-    """When a probe found quiet at `now` is looked at in full again at the latest: `QUIET_FOR` on,
-    less up to half of it by the probe (the same every run): probes first seen together, as at
-    a start, come due in different passes, not all in one."""
-    spread = zlib.crc32(f"{region}\0{probe}".encode()) % 1024 / 2048
+def quiet_until(now: float, region: str, probe: str, detector: str) -> float:
+    """When a probe a detector found quiet at `now` is looked at in full again at the latest:
+    `QUIET_FOR` on, less up to half of it by the probe, the detector and the time (the same in
+    every run): probes first seen together, as at a start, come due in different passes, and
+    the more so each time (a share fixed by the probe alone kept those found in one pass due
+    together in every pass after), and one probe's detectors not all in the same pass."""
+    spread = zlib.crc32(f"{region}\0{probe}\0{detector}\0{now!r}".encode()) % 1024 / 2048
     return now + QUIET_FOR * (1 - spread)
 
 

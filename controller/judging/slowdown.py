@@ -125,18 +125,27 @@ class SlowdownDetector(SequentialDetector):
                 evidence.update(llr_at_most=round(bound, 3), threshold=self._threshold)
                 return "ok", None
         bound = self._screen(windows, limits, now)
+        # Results stamped after `now` are not in the screen or the test yet, but counted already.
+        ahead = any(w.stamped_after(now) for w in windows.values())
+        restarts = sum([windows[v].slow_restarts for v in limits])  # the screen's own, if any
         if bound < start * self.llr.threshold:  # the test could not reach where anything starts
             evidence.update(llr_at_most=round(bound, 3), threshold=self._threshold)
-            if not any(w.stamped_after(now) for w in windows.values()):  # all carried by the screen
-                restarts = sum([windows[v].slow_restarts for v in limits])  # the screen's own, if any
+            if not ahead:
                 self._quiet[region, probe] = (shown, now, tuple(windows), slow, bound, restarts)
             return "ok", None
         self._quiet.pop((region, probe), None)
-        yield
+        yield  # results that come meanwhile are in the test and counted after `slow`: more, not less
         with_base = {v: windows[v] for v in limits}
         run = cusum(slower_of(with_base, limits, now, p.window), self.llr)
         evidence.update(run_evidence(run, now))
-        if run.statistic / run.threshold < start or run.since is None:
+        if run.statistic / run.threshold < start:
+            # The test's statistic is a bound as the screen is (a slow outcome adds at most
+            # `llr.bad`, nothing else raises it), and tighter: it stands for the screen until
+            # slow outcomes could take it to where anything starts.
+            if not ahead:
+                self._quiet[region, probe] = (shown, now, tuple(windows), slow, run.statistic, restarts)
+            return "ok", None
+        if run.since is None:
             return "ok", None
         since = run.since
         yield

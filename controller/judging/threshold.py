@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
 from scipy.stats import binom
@@ -140,20 +141,26 @@ class ThresholdDetector:
         self, view: RegionView, probe: str, fresh: Mapping[str, Window], now: float, evidence: Mapping[str, Any]
     ) -> float:
         """Until when a probe found `ok` stays so while no result fails or takes longer than the
-        objective (`now` when it may not): its quantile cannot pass the objective while none of
-        its successes over the window did (the slowest of them is within it), and its success
-        ratio and count hold while enough of its results are within the window, the failures
-        counted now being the most it can have. Whichever comes first of that and `quiet_until`."""
+        objective (`now` when it may not): the failures and the successes over the objective
+        counted now are the most it can have, and its success ratio, count and latency quantile
+        hold while enough of its results are within the window. Whichever comes first of that
+        and `quiet_until`."""
         p = self.policy
         if not fresh:
             return now
         latencies = span_view(tuple(fresh.values()), now, p.window).latencies  # `_probe` moved it to `now`
-        if latencies and latencies[-1] > p.latency.threshold:
-            return now
+        over = len(latencies) - bisect_right(latencies, p.latency.threshold)  # at most that many, from now on
         failures = evidence.get("failures") or 0
         needed = max(p.min_samples, math.ceil(failures / (1 - p.degraded_below)) if p.degraded_below < 1 else 0)
         while (needed - failures) / needed < p.degraded_below:  # the ratio `_limits` compares, exactly
             needed += 1
+        if over:
+            # The quantile is over the objective when more successes are than rank it
+            # (`WindowStats.latency_quantile`): with `over` of them, enough successes keep it under.
+            successes = over
+            while successes - max(1, math.ceil(p.latency.quantile * successes)) < over:
+                successes += 1
+            needed = max(needed, successes + failures)
         newest: list[float] = []
         for window in fresh.values():
             newest.extend(window.starts_within(now - p.window, now, needed))
@@ -161,7 +168,7 @@ class ThresholdDetector:
             return now
         newest.sort()
         # Absent new results, `needed` of them are within the window while the needed-th newest is.
-        return min(quiet_until(now, view.region, probe), newest[-needed] + p.window)
+        return min(quiet_until(now, view.region, probe, self.name), newest[-needed] + p.window)
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)
