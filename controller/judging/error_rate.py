@@ -12,8 +12,11 @@ from controller.judging.findings import (
     LEANING,
     Quiet,
     SequentialDetector,
+    quiet,
+    quiet_evidence,
     quiet_until,
     run_evidence,
+    still_quiet,
     vantages_text,
 )
 from controller.judging.peers import errors_vs_peers
@@ -54,9 +57,9 @@ class ErrorDetector(SequentialDetector):
         # grows without a failure: successes lower it, and results leaving a horizon take runs away).
         count = sum([w.failed_added for w in windows.values()])
         key = (view.region, probe)
-        quiet = self._quiet.get(key)
-        if quiet is not None and quiet.holds(windows, now, count):
-            evidence.update(quiet.evidence_at(now))
+        last = self._quiet.get(key)
+        if last is not None and still_quiet(last, windows, now, count):
+            evidence.update(quiet_evidence(last, now))
             return "ok", None
         outcome: tuple[str, str | None] = ("ok", None)
         best = 0.0
@@ -116,9 +119,7 @@ class ErrorDetector(SequentialDetector):
                 break
         evidence.setdefault("llr", 0.0)
         if outcome == ("ok", None) and not evidence.get("leaning"):
-            self._quiet[key] = Quiet(
-                now, quiet_until(now, view.region, probe, self.name), tuple(windows), count, dict(evidence)
-            )
+            self._quiet[key] = quiet(now, quiet_until(now, view.region, probe, self.name), windows, count, evidence)
         else:
             self._quiet.pop(key, None)
         return outcome

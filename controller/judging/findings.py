@@ -6,7 +6,6 @@ then against the peers). Which vantages are fresh: `windows.fresh_look`.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.judging.verdicts import Assessment, RegionView, Status, finish
@@ -36,7 +35,7 @@ LEANING = 0.5
 
 
 # A probe a detector found nothing at is looked at in full again at least this often (seconds).
-# In between, while nothing has come that could change what it found (`Quiet.holds`), the
+# In between, while nothing has come that could change what it found (`still_quiet`), the
 # detector answers what it found then: at 10,000 series most probes are quiet most passes, and a
 # full look at each, every pass, was most of the judge's time. Its evidence says how many seconds
 # old its figures are (`counted_ago`).
@@ -53,26 +52,31 @@ def quiet_until(now: float, region: str, probe: str, detector: str) -> float:
     return now + QUIET_FOR * (1 - spread)
 
 
-@dataclass(frozen=True, slots=True)
-class Quiet:
-    """What a detector found nothing at: when it looked (`at`), until when that holds at most,
-    the probe's fresh vantages then, a count its windows keep that grows with whatever could
-    change it (failures added, say: see `Window.failed_added`), that count then, and the evidence."""
+# What a detector found nothing at: when it looked, until when that holds at most, the probe's
+# fresh vantages then, a count its windows keep that grows with whatever could change it
+# (failures added, say: see `Window.failed_added`) as it was then, and the evidence's items
+# (`quiet`). Tuples: the garbage collector stops tracking a tuple that holds only numbers,
+# strings and such tuples, where it walks an instance of a class, or a dict, at every full
+# collection (4,000 of them at 10,000 series).
+Quiet = tuple[float, float, tuple[str, ...], int, tuple[tuple[str, Any], ...]]
 
-    at: float
-    until: float
-    vantages: tuple[str, ...]
-    count: int
-    evidence: dict[str, Any]
 
-    def holds(self, fresh: Mapping[str, Window], now: float, count: int) -> bool:
-        """Whether what it found still holds at `now`: the same fresh vantages, nothing counted
-        since, the clock between `at` and `until`."""
-        return self.count == count and self.at <= now < self.until and tuple(fresh) == self.vantages
+def quiet(now: float, until: float, fresh: Mapping[str, Window], count: int, evidence: dict[str, Any]) -> Quiet:
+    """What a detector found nothing at, at `now` (see `Quiet`)."""
+    return (now, until, tuple(fresh), count, tuple(evidence.items()))
 
-    def evidence_at(self, now: float) -> dict[str, Any]:
-        """The evidence found then, and how old its figures are at `now`."""
-        return {**self.evidence, "counted_ago": round(now - self.at, 3)}
+
+def still_quiet(quiet: Quiet, fresh: Mapping[str, Window], now: float, count: int) -> bool:
+    """Whether what a detector found (`quiet`) still holds at `now`: the same fresh vantages,
+    nothing counted since, the clock between when it looked and `until`."""
+    return quiet[3] == count and quiet[0] <= now < quiet[1] and tuple(fresh) == quiet[2]
+
+
+def quiet_evidence(quiet: Quiet, now: float) -> dict[str, Any]:
+    """The evidence found then, and how old its figures are at `now`."""
+    found = dict(quiet[4])
+    found["counted_ago"] = round(now - quiet[0], 3)
+    return found
 
 
 # One tuple per distinct set of names shown in evidence (vantages), kept: the collector untracks a

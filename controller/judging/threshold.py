@@ -16,10 +16,13 @@ from controller.judging.findings import (
     errors_text,
     held_text,
     names,
+    quiet,
+    quiet_evidence,
     quiet_until,
     quorum,
     region_status,
     run_start,
+    still_quiet,
     unconfirmed,
 )
 from controller.judging.peers import PeerCheck, errors_vs_peers, slower_vs_peers, wider_trouble
@@ -121,9 +124,9 @@ class ThresholdDetector:
         fresh = view.fresh_of(probe, now, p.stale_after)
         count = sum([w.failed_added + w.over_watch for w in fresh.values()])
         key = (view.region, probe)
-        quiet = self._quiet.get(key)
-        if quiet is not None and quiet.holds(fresh, now, count):
-            evidence = quiet.evidence_at(now)
+        last = self._quiet.get(key)
+        if last is not None and still_quiet(last, fresh, now, count):
+            evidence = quiet_evidence(last, now)
             evidence["last_result_age"] = round(view.newest_age(probe, now, p.stale_after) or 0.0, 3)
             return "ok", None, evidence
         state, reason, evidence = self._probe(view, probe, now)
@@ -132,7 +135,7 @@ class ThresholdDetector:
             for window in fresh.values():  # from now on, a result slower than it is counted
                 if not window.watch <= p.latency.threshold or window.watch == -math.inf:
                     window.watch = p.latency.threshold  # lowered only (another objective may watch)
-            self._quiet[key] = Quiet(now, until, tuple(fresh), count, evidence)
+            self._quiet[key] = quiet(now, until, fresh, count, evidence)
         else:
             self._quiet.pop(key, None)
         return state, reason, evidence

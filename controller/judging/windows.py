@@ -191,18 +191,26 @@ class _SpanView:
     __slots__ = ("ends", "heads", "latencies", "marks", "now", "serials", "span")
 
     def __init__(self, windows: tuple[Window, ...], serials: tuple[int, ...], now: float, span: float) -> None:
+        self.marks, self.heads, self.ends, self.latencies = array("q"), array("q"), array("q"), array("d")
+        self.start(windows, serials, now, span)
+
+    def start(self, windows: tuple[Window, ...], serials: tuple[int, ...], now: float, span: float) -> None:
+        """Follow `windows` from `now` afresh, in the arrays it has: new ones would be objects
+        the collector walks at every full collection until the next `gc.freeze` (at 10,000
+        series, a view started over every 15 to 30 s a probe was 10,000 of them)."""
         self.serials, self.span, self.now = serials, span, now
-        self.marks = array("q", [w._layout for w in windows])  # noqa: SLF001 - the windows' own view
-        self.heads, self.ends = array("q"), array("q")
+        self.marks[:] = array("q", [w._layout for w in windows])  # noqa: SLF001 - the windows' own view
+        heads, ends = array("q"), array("q")
         kept: list[float] = []
         for w in windows:
             at = w._at  # noqa: SLF001
             head = bisect_right(at, now - span, w._head)  # noqa: SLF001
             end = bisect_right(at, now, head)
-            self.heads.append(w._dropped + head)  # noqa: SLF001
-            self.ends.append(w._dropped + end)  # noqa: SLF001
+            heads.append(w._dropped + head)  # noqa: SLF001
+            ends.append(w._dropped + end)  # noqa: SLF001
             kept.extend(compress(w._latency[head:end], w._ok[head:end]))  # noqa: SLF001
-        self.latencies = array("d", map(_seconds, sorted(kept)))
+        self.heads[:], self.ends[:] = heads, ends
+        self.latencies[:] = array("d", map(_seconds, sorted(kept)))
 
     def count(self) -> int:
         """How many samples are within the span, failed or not."""
@@ -271,18 +279,14 @@ def span_view(windows: tuple[Window, ...], now: float, span: float) -> _SpanView
     first = windows[0] if windows else None
     alone = len(windows) == 1
     view = (first._alone if alone else first._view) if first is not None else None  # noqa: SLF001
-    if (
-        view is None
-        or view.serials != serials
-        or view.span != span
-        or now - view.now > REBUILD_AFTER  # further behind than starting over costs
-        or not view.move(windows, now)
-    ):
+    if view is None or view.serials != serials or view.span != span:
         view = _SpanView(windows, serials, now, span)
         if first is not None and alone:
             first._alone = view  # noqa: SLF001
         elif first is not None:
             first._view = view  # noqa: SLF001
+    elif now - view.now > REBUILD_AFTER or not view.move(windows, now):  # further behind than starting over costs
+        view.start(windows, serials, now, span)
     return view
 
 
