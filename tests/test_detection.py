@@ -21,7 +21,7 @@ from controller.judging.peers import PeerCheck
 from controller.judging.sequential import Llr, cusum, failure_cusum_bound, failures, slower
 from controller.judging.slowdown import SlowdownDetector
 from controller.judging.verdicts import Judge, RegionView, Verdict
-from controller.judging.windows import Window, WindowStore
+from controller.judging.windows import LATENCY, Window, WindowStore
 from controller.settings.policy import ErrorTest, SlowdownTest, VerdictPolicy
 from probes.results import Result
 from tests.conftest import SHIPPED_VERDICTS
@@ -749,22 +749,9 @@ def test_a_finding_the_peers_do_not_set_apart_is_shared_held_unknown_or_ok(held,
 # --- quiet probes ------------------------------------------------------------------------------
 
 
-def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_looks_say_every_pass(monkeypatch):
-    # Each detector answers a probe it found nothing at from that look while nothing since can
-    # change it (`findings.Quiet`, the slowdown screen's bound). Beside a judge whose detectors
-    # are new every pass (a full look at every probe, every pass, on a store of its own fed the
-    # same results), every status, reason and trouble must be the same at every pass: through
-    # healthy noise; a path failing 15% and slow; the region down; a vantage that stops reporting
-    # for a while, then its results arriving late; the recovery; a probe whose results thin out
-    # to a tenth after a failure, so that its window's success ratio falls with no new result
-    # failing, and one after a few results over the latency objective, so that its quantile
-    # rises over it with no new one (what `ThresholdDetector._quiet_until` bounds); and a probe
-    # that stops reporting.
-    # Quiet answers last as long as their bounds allow, not QUIET_FOR: what a bound leaves out shows.
-    monkeypatch.setattr(findings, "QUIET_FOR", 3600.0)
-    scenario = Scenario(
-        "failing and slow", "eu-west-1", ("eu-west-1",), ("api",), error_ratio=0.15, latency_factor=3.0, onset=600.0
-    )
+def _unkind_world() -> Callable[[Result, float], list[Result]]:
+    """What arrives when the quiet-answers test's stream yields a result `t` seconds in (see that
+    test): the result as the world changed it, or nothing, and results held back until then."""
     late: list[Result] = []
     thinned = [0]  # healthz results since 780; past a million once the failure is in
     slowed = [0]
@@ -774,6 +761,11 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
         if result.vantage == VANTAGES[2] and 640 <= t < 700:
             late.append(result)  # held back: they come at t >= 700, late
             return None
+        if result.region == "us-east-1" and result.vantage == VANTAGES[1] and 500 <= t < 560:
+            skewed = replace(result, started_at=result.started_at + 3.0)  # its clock 3 s ahead
+            if result.probe == "api" and 520 <= t < 524:
+                return replace(skewed, ok=False, error_class="status", status=503)
+            return skewed
         if result.region == "ap-southeast-2" and result.probe == "healthz" and t >= 800:
             if t < 808 and result.vantage == VANTAGES[0]:  # over the objective, a few
                 return replace(result, latency=1.5)
@@ -795,6 +787,35 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
                 return replace(result, ok=False, error_class="status", status=503)
         return result
 
+    def arriving(result: Result, t: float) -> list[Result]:
+        edited = edit(result, t)
+        now = [edited] if edited is not None else []
+        if t >= 700 and late:
+            now += late
+            late.clear()
+        return now
+
+    return arriving
+
+
+def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_looks_say_every_pass(monkeypatch):
+    # Each detector answers a probe it found nothing at from that look while nothing since can
+    # change it (`findings.Quiet`, the slowdown screen's bound). Beside a judge whose detectors
+    # are new every pass (a full look at every probe, every pass, on a store of its own fed the
+    # same results), every status, reason and trouble must be the same at every pass, through
+    # the world of `_unkind_world`: healthy noise; a vantage whose clock runs ahead, failing a few
+    # times (results counted as they come, read once the clock gets to them); a path failing 15%
+    # and slow; the region down; a vantage that stops reporting for a while, then its results
+    # arriving late; the recovery; a probe whose results thin out to a tenth after a failure, so
+    # that its window's success ratio falls with no new result failing, and one after a few
+    # results over the latency objective, so that its quantile rises over it with no new one
+    # (what `ThresholdDetector._quiet_until` bounds); and a probe that stops reporting.
+    # Quiet answers last as long as their bounds allow, not QUIET_FOR: what a bound leaves out shows.
+    monkeypatch.setattr(findings, "QUIET_FOR", 3600.0)
+    scenario = Scenario(
+        "failing and slow", "eu-west-1", ("eu-west-1",), ("api",), error_ratio=0.15, latency_factor=3.0, onset=600.0
+    )
+    arrive = _unkind_world()
     stream = Stream(scenario, seed=3)
     stores = WindowStore(POLICY.history), WindowStore(POLICY.history)
     keeping = Judge(detectors_for(POLICY), dict.fromkeys(REGIONS, PROBES), POLICY)
@@ -815,12 +836,7 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
                 )
                 seen.update((tick - stream.start, region, kept.status, r) for r in kept.reasons or ("",))
             tick += 1.0
-        t = result.started_at - stream.start
-        edited = edit(result, t)
-        arriving = [edited] if edited is not None else []
-        if t >= 700 and late:
-            arriving += late
-            late.clear()
+        arriving = arrive(result, result.started_at - stream.start)
         for store in stores:
             for one in arriving:
                 store.add(one)
@@ -840,7 +856,18 @@ def test_a_judge_answering_quiet_probes_from_their_last_look_says_what_full_look
     assert any(660 < t < 720 and "the last 3 results" in r for t, r in by["eu-west-1", "unhealthy"])
     assert any(t > 800 and r.startswith("healthz: ") and "below 95%" in r for t, r in by["eu-west-1", "degraded"])
     assert any(t > 880 and "no result in the last 30s" in r for t, r in by["us-east-1", "unknown"])
+    assert any(520 < t < 600 and "not held" in r for t, g, _s, r in seen if g == "us-east-1")
     assert any(
         845 < t < 868 and r.startswith("healthz: latency_p90 1500ms") for t, r in by["ap-southeast-2", "healthy"]
     )
     assert quiet_answers > 1000
+
+
+def test_a_success_is_counted_over_the_objective_as_every_reader_reads_its_latency():
+    # A window keeps latencies to the microsecond: one given just under an objective that is
+    # not on that grid is read back over it, and counted so (a quiet answer would miss it).
+    window = Window(60.0)
+    window.watch = 0.5000007
+    window.add(Result("eu-west-1", "api", "a", 1.0, ok=True, latency=0.5000006))
+    assert window.samples(2.0)[0][LATENCY] > window.watch
+    assert window.over_watch == 1

@@ -253,6 +253,17 @@ def test_a_far_slower_result_is_found_after_passes_that_found_none_whatever_the_
     assert list(found) == [("eu-west-1", "orders", "controller")]
 
 
+def test_a_far_slower_result_back_in_reach_after_the_clock_went_back_is_found_again():
+    # What the suspects found of a window depends on the clock too (only results within
+    # after_failure count): one that found none must look again when the clock went back.
+    healthy = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=slow_evidence())}
+    windows = store()
+    windows.add(Result("eu-west-1", "orders", "controller", T0 + 60, ok=True, latency=0.03))
+    assert suspects(windows, PROBES, healthy, T0 + 95, POLICY) == {}  # 35 s old: out of reach
+    found = suspects(windows, PROBES, healthy, T0 + 85, POLICY)
+    assert list(found) == [("eu-west-1", "orders", "controller")]
+
+
 def test_results_since_slower_matches_a_plain_walk_back():
     rng = random.Random(7)
     for _ in range(200):

@@ -119,7 +119,10 @@ class ErrorDetector(SequentialDetector):
                 break
         evidence.setdefault("llr", 0.0)
         if outcome == ("ok", None) and not evidence.get("leaning"):
-            self._quiet[key] = quiet(now, quiet_until(now, view.region, probe, self.name), windows, count, evidence)
+            # Until the clock reaches a failure stamped after `now` (counted already, not read yet).
+            ahead = [at for w in windows.values() if (at := w.first_flagged_after(now)) is not None]
+            until = min([quiet_until(now, view.region, probe, self.name), *ahead])
+            self._quiet[key] = quiet(now, until, windows, count, evidence)
         else:
             self._quiet.pop(key, None)
         return outcome

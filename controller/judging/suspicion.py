@@ -169,8 +169,8 @@ def _far_slower(
         return out
     by_probe = windows.by_probe(region)
     # By probe, where none of its windows had one: the baselines shown then (the same map while
-    # they are unchanged) and its windows' `slow_added` and `slow_restarts`, summed.
-    notes: dict[tuple[str, str], tuple[Any, int, int]] = windows.notes.setdefault("far_slower", {})
+    # they are unchanged), its windows' `slow_added` and `slow_restarts`, summed, and the clock.
+    notes: dict[tuple[str, str], tuple[Any, int, int, float]] = windows.notes.setdefault("far_slower", {})
     for probe, found in (evidence.get("slowdown") or {}).items():
         vantages = by_probe.get(probe)
         if not isinstance(found, dict) or not vantages:
@@ -179,7 +179,7 @@ def _far_slower(
         added = sum([w.slow_added for w in vantages.values()])
         restarts = sum([w.slow_restarts for w in vantages.values()])
         note = notes.get((region, probe))
-        if note is not None and note[0] is baselines and note[1] == added and note[2] == restarts:
+        if note is not None and note[0] is baselines and note[1] == added and note[2] == restarts and now >= note[3]:
             continue  # none last time, and no success since slower than any screen's limit
         none = True
         for vantage, base in baselines.items():
@@ -196,17 +196,18 @@ def _far_slower(
                 and seen[0] == slower
                 and seen[1] == window.slow_added
                 and seen[2] == window.slow_restarts
+                and now >= seen[3]  # the clock gone back takes results that far back into reach again
                 and counted
             ):
                 continue  # the same for one window
             after = window.results_since_slower(slower, runs, since)
-            window.far_seen = (slower, window.slow_added, window.slow_restarts) if after is None else None
+            window.far_seen = (slower, window.slow_added, window.slow_restarts, now) if after is None else None
             if after is not None:
                 none = False
                 why = f"a result over {far:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"
                 out[probe, vantage] = Suspicion(why, runs - after, _newest(window))
         if none and baselines:
-            notes[region, probe] = (baselines, added, restarts)
+            notes[region, probe] = (baselines, added, restarts, now)
         else:
             notes.pop((region, probe), None)
     return out

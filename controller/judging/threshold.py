@@ -159,8 +159,9 @@ class ThresholdDetector:
             needed += 1
         if over:
             # The quantile is over the objective when more successes are than rank it
-            # (`WindowStats.latency_quantile`): with `over` of them, enough successes keep it under.
-            successes = over
+            # (`WindowStats.latency_quantile`): with `over` of them, enough successes keep it under
+            # (about over / (1 - quantile), the policy's quantile being below 1).
+            successes = max(over, int(over / (1 - p.latency.quantile)) - 2)
             while successes - max(1, math.ceil(p.latency.quantile * successes)) < over:
                 successes += 1
             needed = max(needed, successes + failures)
@@ -170,8 +171,14 @@ class ThresholdDetector:
         if len(newest) < needed:
             return now
         newest.sort()
-        # Absent new results, `needed` of them are within the window while the needed-th newest is.
-        return min(quiet_until(now, view.region, probe, self.name), newest[-needed] + p.window)
+        # Absent new results, `needed` of them are within the window while the needed-th newest is;
+        # and a failure or a slow success stamped after `now`, counted already, is not read yet.
+        until = min(quiet_until(now, view.region, probe, self.name), newest[-needed] + p.window)
+        for window in fresh.values():
+            ahead = window.first_flagged_after(now, p.latency.threshold)
+            if ahead is not None:
+                until = min(until, ahead)
+        return until
 
     def _probe(self, view: RegionView, probe: str, now: float) -> tuple[str, str | None, dict[str, Any]]:
         state, reason, evidence = self._of(view, probe, now)

@@ -371,8 +371,8 @@ class Window:
         self.over_watch = 0
         self.slow_added = 0
         # What the suspects found of it last (`suspicion._far_slower`): no success slower than a
-        # latency among its newest results, as of its `slow_added` and `slow_restarts`.
-        self.far_seen: tuple[float, int, int] | None = None
+        # latency among its newest results, as of its `slow_added` and `slow_restarts`, and when.
+        self.far_seen: tuple[float, int, int, float] | None = None
         self._view: _SpanView | None = None  # its probe's (see `span_view`)
         self._alone: _SpanView | None = None  # its own, when asked alone
         # The slow screen (`slow_cusum`): what it is carried as (limit, span, bad, good; None
@@ -426,7 +426,7 @@ class Window:
         # Results arrive nearly in order; one that is older than the newest goes in its place so
         # trimming from the front stays correct.
         if len(self) and at < self._at[-1]:
-            i = bisect_right(self._at, at, self._head)
+            i = kept = bisect_right(self._at, at, self._head)
             self._at.insert(i, at)
             self._ok.insert(i, ok)
             self._latency.insert(i, _stored(result.latency))
@@ -442,6 +442,7 @@ class Window:
             self.slow_screen = None  # nor the slow screen's count of what it has seen
             self.slow_restarts += 1
         else:
+            kept = len(self._at)
             self._at.append(at)
             self._ok.append(ok)
             self._latency.append(_stored(result.latency))
@@ -453,12 +454,11 @@ class Window:
             else:
                 self._failed_at.append(at)
         else:
-            latency = result.latency
+            latency = self._latency[kept] / US  # as every reader reads it (see `US`), not as given
             if latency > self.watch:
                 self.over_watch += 1
             screen = self.slow_screen
-            # Over the limit as the screen reads it (kept to the microsecond, see `US`), or near it.
-            if screen is None or latency * (1 + 1e-6) + 1e-6 > screen[0]:
+            if screen is None or latency > screen[0]:
                 self.slow_added += 1
         if len(self) > MAX_SAMPLES:
             dropped_ok = self._ok[self._head]
@@ -536,6 +536,17 @@ class Window:
         for ok in self._ok[lo:hi]:
             statistic = max(0.0, statistic + (good if ok else bad))
         return statistic
+
+    def first_flagged_after(self, now: float, over: float = math.inf) -> float | None:
+        """When the first kept sample started after `now` that failed, or succeeded slower than
+        `over`; None without one. Counted when added (`failed_added`, `over_watch`), such a
+        result is not within what a look at `now` reads: a look that found nothing holds only
+        until the clock reaches it."""
+        at, ok, latency = self._at, self._ok, self._latency
+        for i in range(bisect_right(at, now, self._head), len(at)):
+            if not ok[i] or latency[i] / US > over:
+                return at[i]
+        return None
 
     def stamped_after(self, now: float) -> bool:
         """Whether a kept sample started after `now` (an agent's clock ahead of this one)."""
