@@ -236,10 +236,10 @@ def test_a_result_far_slower_than_usual_earns_one_extra_run_and_each_such_result
 
 @pytest.mark.parametrize("screen_limit", [0.015, 0.03])
 def test_a_far_slower_result_is_found_after_passes_that_found_none_whatever_the_slow_screen_s_limit(screen_limit):
-    # The suspects look again at a window only when a success slower than the slow screen's limit
-    # came since they found none (`Window.far_seen`): with the screen's limit under twice the
-    # median (0.015) such a success is counted; over it (0.03), one at 0.025 is not, and they
-    # must look anyway.
+    # The suspects look again at a probe only when a success slower than the slow screen's limit
+    # came since they found none (their note in `WindowStore.notes`): with the screen's limit
+    # under twice the median (0.015) such a success is counted; over it (0.03), one at 0.025 is
+    # not, and they must look anyway.
     healthy = {"eu-west-1": verdict("eu-west-1", "healthy", evidence=slow_evidence())}
     windows = store()
     window = windows.region("eu-west-1")["orders", "controller"]
@@ -247,7 +247,7 @@ def test_a_far_slower_result_is_found_after_passes_that_found_none_whatever_the_
     for i in range(3):  # passes that find nothing far slower, and results that are not
         assert suspects(windows, PROBES, healthy, T0 + 60 + i, POLICY) == {}
         windows.add(Result("eu-west-1", "orders", "controller", T0 + 60.5 + i, ok=True, latency=0.012))
-    assert window.far_seen is not None
+    assert (("eu-west-1", "orders") in windows.notes["far_slower"]) == (screen_limit < 0.02)
     windows.add(Result("eu-west-1", "orders", "controller", T0 + 63.5, ok=True, latency=0.025))
     found = suspects(windows, PROBES, healthy, T0 + 64, POLICY)
     assert list(found) == [("eu-west-1", "orders", "controller")]

@@ -180,7 +180,9 @@ def _far_slower(
         restarts = sum([w.slow_restarts for w in vantages.values()])
         note = notes.get((region, probe))
         if note is not None and note[0] is baselines and note[1] == added and note[2] == restarts and now >= note[3]:
-            continue  # none last time, and no success since slower than any screen's limit
+            # None last time, no success since slower than any screen's limit, and the clock
+            # has not gone back (which takes results that far back into reach again).
+            continue
         none = True
         for vantage, base in baselines.items():
             window = vantages.get(vantage)
@@ -188,20 +190,9 @@ def _far_slower(
             if window is None or not median:
                 continue
             slower = far * median
-            seen, screen = window.far_seen, window.slow_screen
-            counted = screen is None or screen[0] <= slower  # every success slower is in `slow_added`
-            none = none and counted
-            if (
-                seen is not None
-                and seen[0] == slower
-                and seen[1] == window.slow_added
-                and seen[2] == window.slow_restarts
-                and now >= seen[3]  # the clock gone back takes results that far back into reach again
-                and counted
-            ):
-                continue  # the same for one window
+            screen = window.slow_screen
+            none = none and (screen is None or screen[0] <= slower)  # every success slower is in `slow_added`
             after = window.results_since_slower(slower, runs, since)
-            window.far_seen = (slower, window.slow_added, window.slow_restarts, now) if after is None else None
             if after is not None:
                 none = False
                 why = f"a result over {far:g}x its usual median ({median * 1000:.0f} ms) at {vantage}"

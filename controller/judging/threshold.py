@@ -133,7 +133,7 @@ class ThresholdDetector:
         until = self._quiet_until(view, probe, fresh, now, evidence) if state == "ok" and reason is None else now
         if until > now:
             for window in fresh.values():  # from now on, a result slower than it is counted
-                if not window.watch <= p.latency.threshold or window.watch == -math.inf:
+                if window.watch == -math.inf or window.watch > p.latency.threshold:
                     window.watch = p.latency.threshold  # lowered only (another objective may watch)
             self._quiet[key] = quiet(now, until, fresh, count, evidence)
         else:

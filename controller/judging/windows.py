@@ -328,7 +328,6 @@ class Window:
         "_view",
         "added",
         "failed_added",
-        "far_seen",
         "over_watch",
         "slow_added",
         "slow_restarts",
@@ -370,9 +369,6 @@ class Window:
         self.failed_added = 0
         self.over_watch = 0
         self.slow_added = 0
-        # What the suspects found of it last (`suspicion._far_slower`): no success slower than a
-        # latency among its newest results, as of its `slow_added` and `slow_restarts`, and when.
-        self.far_seen: tuple[float, int, int, float] | None = None
         self._view: _SpanView | None = None  # its probe's (see `span_view`)
         self._alone: _SpanView | None = None  # its own, when asked alone
         # The slow screen (`slow_cusum`): what it is carried as (limit, span, bad, good; None
